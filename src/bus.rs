@@ -1,0 +1,186 @@
+//! The one fan-out point for task events.
+//!
+//! The store publishes every committed event here, in `seq` order. A watcher
+//! subscribes *before* it reads the backlog from the store, then drops live
+//! events the backlog already covered. Each watcher has its own bounded output
+//! channel, so a slow one never slows the hub or other watchers: when it falls
+//! behind the live buffer it is caught up from the store, without gaps.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc};
+
+use crate::error::{Error, Result};
+use crate::model::{EventFilter, Seq, TaskEvent};
+use crate::store::Store;
+
+/// Events read from the store per catch-up query.
+const CATCH_UP_PAGE: usize = 2048;
+/// Events queued per watcher between its task and its gRPC stream.
+const WATCHER_QUEUE: usize = 256;
+
+/// Broadcasts committed events to watchers.
+pub struct EventBus {
+    tx: broadcast::Sender<Arc<TaskEvent>>,
+    watchers: Arc<AtomicUsize>,
+}
+
+/// What a watcher's stream yields.
+pub type WatchItem = Result<Arc<TaskEvent>>;
+
+impl EventBus {
+    pub fn new(capacity: usize) -> EventBus {
+        let (tx, _) = broadcast::channel(capacity);
+        EventBus {
+            tx,
+            watchers: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Called by the store right after a commit.
+    pub fn publish(&self, events: &[Arc<TaskEvent>]) {
+        for ev in events {
+            // No receivers is fine: nobody is watching.
+            let _ = self.tx.send(ev.clone());
+        }
+    }
+
+    /// Number of open watch streams.
+    pub fn watcher_count(&self) -> usize {
+        self.watchers.load(Ordering::Relaxed)
+    }
+
+    /// Start a watcher. `after = None`: live events from now on. `Some(n)`:
+    /// every stored event with `seq > n`, then live events.
+    pub fn watch(
+        &self,
+        store: Arc<dyn Store>,
+        after: Option<Seq>,
+        filter: EventFilter,
+    ) -> Result<mpsc::Receiver<WatchItem>> {
+        // Subscribe before anything is read from the store.
+        let live = self.tx.subscribe();
+        let cursor = match after {
+            Some(n) => {
+                check_retained(&*store, n)?;
+                n
+            }
+            None => store.durable_seq(),
+        };
+        let (out, rx) = mpsc::channel(WATCHER_QUEUE);
+        let guard = WatcherGuard::new(self.watchers.clone());
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut w = Watcher {
+                store,
+                filter,
+                cursor,
+                out,
+            };
+            if let Err(e) = w.run(live).await {
+                let _ = w.out.send(Err(e)).await;
+            }
+        });
+        Ok(rx)
+    }
+}
+
+fn check_retained(store: &dyn Store, after: Seq) -> Result<()> {
+    let first = store.first_retained_seq();
+    if after + 1 < first {
+        return Err(Error::OutOfRange {
+            after_seq: after,
+            first,
+        });
+    }
+    Ok(())
+}
+
+struct WatcherGuard(Arc<AtomicUsize>);
+
+impl WatcherGuard {
+    fn new(count: Arc<AtomicUsize>) -> WatcherGuard {
+        count.fetch_add(1, Ordering::Relaxed);
+        WatcherGuard(count)
+    }
+}
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why a watcher stopped sending.
+enum Stop {
+    /// The client went away.
+    Gone,
+}
+
+struct Watcher {
+    store: Arc<dyn Store>,
+    filter: EventFilter,
+    /// Last seq handled (sent or filtered out).
+    cursor: Seq,
+    out: mpsc::Sender<WatchItem>,
+}
+
+impl Watcher {
+    async fn run(&mut self, mut live: broadcast::Receiver<Arc<TaskEvent>>) -> Result<()> {
+        loop {
+            if let Err(Stop::Gone) = self.catch_up().await? {
+                return Ok(());
+            }
+            loop {
+                match live.recv().await {
+                    Ok(ev) => {
+                        if let Err(Stop::Gone) = self.offer(ev).await {
+                            return Ok(());
+                        }
+                    }
+                    // Fell behind the live buffer: read the missed part from the store.
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                }
+            }
+        }
+    }
+
+    /// Send every stored event after the cursor.
+    async fn catch_up(&mut self) -> Result<std::result::Result<(), Stop>> {
+        loop {
+            let store = self.store.clone();
+            let after = self.cursor;
+            let page = tokio::task::spawn_blocking(move || {
+                let page = store.read_events(after, CATCH_UP_PAGE)?;
+                // Pruned under our feet: the stream would have a hole.
+                if page.first().is_some_and(|e| e.seq != after + 1) {
+                    check_retained(&*store, after)?;
+                }
+                Ok::<_, Error>(page)
+            })
+            .await
+            .map_err(|e| Error::Store(e.to_string()))??;
+            if page.is_empty() {
+                return Ok(Ok(()));
+            }
+            for ev in page {
+                if let Err(stop) = self.offer(Arc::new(ev)).await {
+                    return Ok(Err(stop));
+                }
+            }
+        }
+    }
+
+    async fn offer(&mut self, ev: Arc<TaskEvent>) -> std::result::Result<(), Stop> {
+        if ev.seq <= self.cursor {
+            return Ok(());
+        }
+        self.cursor = ev.seq;
+        if self.filter.matches(&ev) {
+            self.out.send(Ok(ev)).await.map_err(|_| Stop::Gone)?;
+        }
+        Ok(())
+    }
+}

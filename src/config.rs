@@ -1,0 +1,111 @@
+//! Hub configuration: defaults, validation. Built before anything binds; tests
+//! construct it directly (`Config::for_data_dir`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+pub const DEFAULT_WS_ADDR: &str = "127.0.0.1:4000";
+pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:50051";
+pub const DEFAULT_DATA_DIR: &str = "./agenthub-data";
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_IDENTIFY_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_OUTBOUND_QUEUE: usize = 1024;
+pub const DEFAULT_WS_PING_INTERVAL: Duration = Duration::from_secs(20);
+pub const DEFAULT_WS_PING_TIMEOUT: Duration = Duration::from_secs(20);
+pub const DEFAULT_ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_RECONNECT_GRACE: Duration = Duration::from_secs(60);
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+pub const DEFAULT_WATCH_BUFFER: usize = 16 * 1024;
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Everything a hub needs to start.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// WebSocket + HTTP listener (`/ws`, `/health`, `/metrics`, `/api/...`).
+    pub ws_addr: SocketAddr,
+    /// gRPC listener.
+    pub grpc_addr: SocketAddr,
+    /// Embedded store and admin token.
+    pub data_dir: PathBuf,
+    /// Largest WebSocket message accepted; bigger ones close the socket (1009).
+    pub max_message_bytes: usize,
+    /// A socket that has not identified within this is closed (1008).
+    pub identify_timeout: Duration,
+    /// Messages queued for one sidecar; a sidecar that lets it fill is disconnected.
+    pub outbound_queue: usize,
+    /// The hub pings every sidecar this often...
+    pub ws_ping_interval: Duration,
+    /// ...and closes a socket silent for `ws_ping_interval + ws_ping_timeout`.
+    pub ws_ping_timeout: Duration,
+    /// No `task_accepted` within this after `task_assign`: the task is reclaimed.
+    pub accept_timeout: Duration,
+    /// No report within this while running: the task is reclaimed. `None`: off.
+    pub progress_timeout: Option<Duration>,
+    /// A disconnected agent keeps its tasks this long.
+    pub reconnect_grace: Duration,
+    /// Attempts per task when `PushTask` does not say.
+    pub default_max_attempts: u32,
+    /// Keep at most this many events (oldest pruned). `None`: keep all.
+    pub event_retention: Option<u64>,
+    /// Live events buffered for watchers before a slow one is caught up from the store.
+    pub watch_buffer: usize,
+    /// How long shutdown waits for in-flight work.
+    pub shutdown_grace: Duration,
+    /// Create `<data-dir>/admin.token` on first start with an empty token table.
+    pub bootstrap_admin_token: bool,
+}
+
+impl Config {
+    /// Defaults with the given data directory.
+    pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            ws_addr: DEFAULT_WS_ADDR.parse().expect("valid default"),
+            grpc_addr: DEFAULT_GRPC_ADDR.parse().expect("valid default"),
+            data_dir: data_dir.into(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            identify_timeout: DEFAULT_IDENTIFY_TIMEOUT,
+            outbound_queue: DEFAULT_OUTBOUND_QUEUE,
+            ws_ping_interval: DEFAULT_WS_PING_INTERVAL,
+            ws_ping_timeout: DEFAULT_WS_PING_TIMEOUT,
+            accept_timeout: DEFAULT_ACCEPT_TIMEOUT,
+            progress_timeout: None,
+            reconnect_grace: DEFAULT_RECONNECT_GRACE,
+            default_max_attempts: DEFAULT_MAX_ATTEMPTS,
+            event_retention: None,
+            watch_buffer: DEFAULT_WATCH_BUFFER,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            bootstrap_admin_token: true,
+        }
+    }
+
+    /// Reject settings that cannot work, before anything binds.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::InvalidArgument(m.to_string()));
+        if self.max_message_bytes < 1024 {
+            return bad("max message size must be at least 1024 bytes");
+        }
+        if self.outbound_queue == 0 {
+            return bad("outbound queue must hold at least one message");
+        }
+        if self.watch_buffer < 16 {
+            return bad("watch buffer must hold at least 16 events");
+        }
+        if self.default_max_attempts == 0 {
+            return bad("max attempts must be at least 1");
+        }
+        if self.identify_timeout.is_zero()
+            || self.ws_ping_interval.is_zero()
+            || self.ws_ping_timeout.is_zero()
+            || self.accept_timeout.is_zero()
+        {
+            return bad("timeouts must be greater than zero");
+        }
+        if self.event_retention == Some(0) {
+            return bad("event retention must keep at least one event");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,186 @@
+//! The `agenthub.v1.TaskHub` gRPC service: decode, authorize, call the hub,
+//! encode. No business rules here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::{Stream, StreamExt};
+use tokio::sync::watch;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::auth::{Access, Principal};
+use crate::error::Error;
+use crate::hub::{Hub, ListQuery, PushRequest};
+use crate::model::EventFilter;
+use crate::pb::{self, task_hub_server::TaskHub};
+
+pub use pb::task_hub_server::TaskHubServer;
+
+/// The service; authentication happens in [`auth_interceptor`].
+pub struct TaskHubService {
+    hub: Arc<Hub>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl TaskHubService {
+    /// Watch streams end when `shutdown` turns true.
+    pub fn new(hub: Arc<Hub>, shutdown: watch::Receiver<bool>) -> TaskHubService {
+        TaskHubService { hub, shutdown }
+    }
+}
+
+/// Verify `authorization: Bearer <token>` and attach the [`Principal`].
+pub fn auth_interceptor(
+    hub: Arc<Hub>,
+) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |mut req: Request<()>| {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let principal = hub.verifier().verify_bearer(header)?;
+        req.extensions_mut().insert(principal);
+        Ok(req)
+    }
+}
+
+fn allow<T>(req: &Request<T>, access: Access) -> Result<(), Status> {
+    let principal = req
+        .extensions()
+        .get::<Principal>()
+        .ok_or(Error::Unauthenticated)?;
+    Ok(principal.allow(access)?)
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::TaskEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl TaskHub for TaskHubService {
+    async fn push_task(
+        &self,
+        req: Request<pb::PushTaskRequest>,
+    ) -> Result<Response<pb::PushTaskResponse>, Status> {
+        allow(&req, Access::Write)?;
+        let r = req.into_inner();
+        let priority = pb::Priority::try_from(r.priority)
+            .map_err(|_| Error::InvalidArgument(format!("unknown priority {}", r.priority)))?;
+        let push = PushRequest {
+            agent_id: non_empty(r.agent_id),
+            description: r.description,
+            metadata: r.metadata.as_ref().map(pb::struct_to_json).unwrap_or_default(),
+            task_id: non_empty(r.task_id),
+            needed_capabilities: r.needed_capabilities,
+            priority: priority.to_model(),
+            queue_if_offline: r.queue_if_offline,
+            max_attempts: r.max_attempts,
+        };
+        let out = self.hub.push_task(push).await?;
+        Ok(Response::new(pb::PushTaskResponse {
+            task_id: out.task.task_id.clone(),
+            agent_id: out.task.agent_id.clone().unwrap_or_default(),
+            state: pb::task::State::from(out.task.state) as i32,
+            created: out.created,
+        }))
+    }
+
+    type WatchTaskEventsStream = EventStream;
+
+    async fn watch_task_events(
+        &self,
+        req: Request<pb::WatchTaskEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        allow(&req, Access::Read)?;
+        let r = req.into_inner();
+        let kinds = r
+            .kinds
+            .iter()
+            .map(|k| {
+                pb::task_event::Kind::try_from(*k)
+                    .ok()
+                    .and_then(|k| k.to_model())
+                    .ok_or_else(|| Error::InvalidArgument(format!("unknown event kind {k}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let filter = EventFilter {
+            task_id: non_empty(r.task_id),
+            agent_id: non_empty(r.agent_id),
+            kinds,
+        };
+        let rx = self.hub.watch(r.after_seq, filter)?;
+        let mut shutdown = self.shutdown.clone();
+        let stream = ReceiverStream::new(rx)
+            .map(|item| match item {
+                Ok(ev) => Ok(pb::TaskEvent::from(&*ev)),
+                Err(e) => Err(Status::from(e)),
+            })
+            .take_until(async move {
+                let _ = shutdown.wait_for(|s| *s).await;
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_task(&self, req: Request<pb::GetTaskRequest>) -> Result<Response<pb::Task>, Status> {
+        allow(&req, Access::Read)?;
+        let task = self.hub.get_task(&req.into_inner().task_id).await?;
+        Ok(Response::new(pb::Task::from(&task)))
+    }
+
+    async fn list_tasks(
+        &self,
+        req: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        allow(&req, Access::Read)?;
+        let r = req.into_inner();
+        let state = pb::task::State::try_from(r.state)
+            .map_err(|_| Error::InvalidArgument(format!("unknown state {}", r.state)))?
+            .to_model();
+        let page = self
+            .hub
+            .list_tasks(ListQuery {
+                state,
+                agent_id: non_empty(r.agent_id),
+                page_size: r.page_size as usize,
+                page_token: non_empty(r.page_token),
+            })
+            .await?;
+        Ok(Response::new(pb::ListTasksResponse {
+            tasks: page.tasks.iter().map(pb::Task::from).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+            as_of_seq: page.as_of_seq,
+        }))
+    }
+
+    async fn cancel_task(
+        &self,
+        req: Request<pb::CancelTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        allow(&req, Access::Write)?;
+        let task = self.hub.cancel_task(&req.into_inner().task_id).await?;
+        Ok(Response::new(pb::Task::from(&task)))
+    }
+
+    async fn retry_task(
+        &self,
+        req: Request<pb::RetryTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        allow(&req, Access::Write)?;
+        let task = self.hub.retry_task(&req.into_inner().task_id).await?;
+        Ok(Response::new(pb::Task::from(&task)))
+    }
+
+    async fn list_agents(
+        &self,
+        req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        allow(&req, Access::Read)?;
+        let agents = self.hub.list_agents();
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: agents.iter().map(pb::Agent::from).collect(),
+        }))
+    }
+}

@@ -1,0 +1,121 @@
+//! The HTTP listener: `/ws` (sidecars), `/health`, `/metrics`, and
+//! `POST /api/admin/push-task` (the original HTTP push endpoint).
+
+use std::sync::Arc;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::auth::Access;
+use crate::error::Error;
+use crate::hub::{Hub, PushRequest};
+use crate::model::JsonObject;
+
+/// tungstenite's default read buffer is 128 KiB per connection; sidecar
+/// frames are small.
+pub const WS_READ_BUFFER: usize = 4 * 1024;
+pub const WS_WRITE_BUFFER: usize = 4 * 1024;
+
+#[derive(Clone)]
+struct AppState {
+    hub: Arc<Hub>,
+    shutdown: watch::Receiver<bool>,
+}
+
+pub fn router(hub: Arc<Hub>, shutdown: watch::Receiver<bool>) -> Router {
+    Router::new()
+        .route("/ws", get(ws_upgrade))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/api/admin/push-task", post(push_task))
+        .with_state(AppState { hub, shutdown })
+}
+
+async fn ws_upgrade(State(st): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    let max = st.hub.config().max_message_bytes;
+    let max_out = st.hub.config().outbound_queue.max(16) * 1024;
+    ws.read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
+        .max_write_buffer_size(max_out.max(max * 2))
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| crate::ws::session::run(socket, st.hub, st.shutdown))
+}
+
+async fn health(State(st): State<AppState>) -> Json<Value> {
+    let (agents, queued, last_seq) = st.hub.health();
+    Json(json!({
+        "status": "ok",
+        "agents_connected": agents,
+        "tasks_queued": queued,
+        "last_seq": last_seq,
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.hub.render_metrics(),
+    )
+}
+
+#[derive(Deserialize)]
+struct PushBody {
+    agent_id: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    metadata: Option<JsonObject>,
+    #[serde(default)]
+    task_id: Option<String>,
+}
+
+fn error_response(e: Error) -> Response {
+    let (status, msg) = e.http();
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(json!({"error": msg}))).into_response()
+}
+
+async fn push_task(State(st): State<AppState>, headers: HeaderMap, body: String) -> Response {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let principal = match st.hub.verifier().verify_bearer(auth) {
+        Ok(p) => p,
+        Err(e) => return error_response(e),
+    };
+    if let Err(e) = principal.allow(Access::Write) {
+        return error_response(e);
+    }
+    let body: PushBody = match serde_json::from_str(&body) {
+        Ok(b) => b,
+        Err(e) => return error_response(Error::InvalidArgument(format!("invalid body: {e}"))),
+    };
+    if body.agent_id.is_empty() {
+        return error_response(Error::InvalidArgument("agent_id is required".into()));
+    }
+    let req = PushRequest {
+        agent_id: Some(body.agent_id),
+        description: body.description,
+        metadata: body.metadata.unwrap_or_default(),
+        task_id: body.task_id,
+        ..PushRequest::default()
+    };
+    match st.hub.push_task(req).await {
+        Ok(out) => Json(json!({
+            "status": "pushed",
+            "task_id": out.task.task_id,
+            "agent_id": out.task.agent_id,
+        }))
+        .into_response(),
+        Err(e) => error_response(e),
+    }
+}

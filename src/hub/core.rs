@@ -1,0 +1,394 @@
+//! The hub's in-memory state and every task state transition. Only `Hub`
+//! touches it, under one `std::sync::Mutex` that is never held across an
+//! `.await`. Each operation builds a [`Txn`]; its events get their `seq` here,
+//! so the store receives batches in `seq` order.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::session::SessionHandle;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::model::{EventKind, Generation, JsonObject, Priority, Seq, Task, TaskEvent, TaskState};
+use crate::store::{Batch, TaskWrite};
+use crate::ws::protocol;
+
+/// A queued task's place: priority first, then creation order.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct QueueKey {
+    priority: Reverse<Priority>,
+    created_seq: Seq,
+    task_id: String,
+}
+
+impl QueueKey {
+    pub fn task_id(&self) -> &str {
+        &self.task_id
+    }
+
+    pub fn of(task: &Task) -> QueueKey {
+        QueueKey {
+            priority: Reverse(task.priority),
+            created_seq: task.created_seq,
+            task_id: task.task_id.clone(),
+        }
+    }
+}
+
+/// Something the hub must check at a given instant.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Timer {
+    /// Reclaim if the task is still ASSIGNED at this generation.
+    Accept(String, Generation),
+    /// Reclaim if the task, RUNNING at this generation, has been silent too long.
+    Progress(String, Generation),
+    /// Reclaim the agent's tasks if it is still away after this disconnect.
+    Grace(String, u64),
+}
+
+/// An agent the hub knows: connected, or holding tasks while away.
+pub(crate) struct Agent {
+    pub agent_id: String,
+    pub name: String,
+    pub status: String,
+    pub capabilities: Vec<String>,
+    pub max_concurrency: u32,
+    pub session: Option<SessionHandle>,
+    pub connected_at: i64,
+    pub active: BTreeSet<String>,
+    /// Assignment counter value of its last assignment (smaller = idle longer).
+    pub last_assigned: u64,
+    /// Bumped on every disconnect and identify; fences stale grace timers.
+    pub epoch: u64,
+}
+
+impl Agent {
+    pub fn new(agent_id: &str) -> Agent {
+        Agent {
+            agent_id: agent_id.to_string(),
+            name: String::new(),
+            status: String::new(),
+            capabilities: Vec::new(),
+            max_concurrency: 1,
+            session: None,
+            connected_at: 0,
+            active: BTreeSet::new(),
+            last_assigned: 0,
+            epoch: 0,
+        }
+    }
+
+    fn has_free_slot(&self) -> bool {
+        self.session.is_some() && (self.active.len() as u64) < self.max_concurrency as u64
+    }
+
+    fn can_run(&self, task: &Task) -> bool {
+        task.needed_capabilities
+            .iter()
+            .all(|c| self.capabilities.contains(c))
+    }
+}
+
+/// One atomic change: task writes, events and after-commit callbacks.
+pub(crate) struct Txn {
+    pub batch: Batch,
+    touched: Vec<(String, Option<Seq>)>,
+    pub now: i64,
+    pub timers_added: bool,
+}
+
+impl Txn {
+    pub fn new() -> Txn {
+        Txn {
+            batch: Batch::default(),
+            touched: Vec::new(),
+            now: crate::model::now_ms(),
+            timers_added: false,
+        }
+    }
+
+    fn touch(&mut self, task_id: &str, expected: Option<Seq>) {
+        if !self.touched.iter().any(|(id, _)| id == task_id) {
+            self.touched.push((task_id.to_string(), expected));
+        }
+    }
+
+    /// Send `msg` to a sidecar once the transaction is durable.
+    pub fn send_after_commit(&mut self, session: &SessionHandle, msg: String) {
+        let session = session.clone();
+        self.batch.then(move |r| {
+            if r.is_ok() {
+                session.send(msg);
+            }
+        });
+    }
+}
+
+/// All mutable hub state.
+#[derive(Default)]
+pub(crate) struct Core {
+    pub tasks: HashMap<String, Task>,
+    /// Creation order: created_seq → task_id.
+    pub order: BTreeMap<Seq, String>,
+    pub queue: BTreeSet<QueueKey>,
+    pub agents: HashMap<String, Agent>,
+    pub last_seq: Seq,
+    pub timers: BTreeSet<(Instant, u64, Timer)>,
+    /// Agents that rejected a task: the scheduler prefers others.
+    pub rejected_by: HashMap<String, Vec<String>>,
+    timer_nonce: u64,
+    assign_counter: u64,
+}
+
+impl Core {
+    /// Rebuild from the store at start.
+    pub fn restore(tasks: Vec<Task>, last_seq: Seq) -> Core {
+        let mut core = Core {
+            last_seq,
+            ..Core::default()
+        };
+        for task in tasks {
+            core.order.insert(task.created_seq, task.task_id.clone());
+            if task.state == TaskState::Queued {
+                core.queue.insert(QueueKey::of(&task));
+            }
+            if task.state.is_active() {
+                if let Some(a) = &task.agent_id {
+                    core.agents
+                        .entry(a.clone())
+                        .or_insert_with(|| Agent::new(a))
+                        .active
+                        .insert(task.task_id.clone());
+                }
+            }
+            core.tasks.insert(task.task_id.clone(), task);
+        }
+        core
+    }
+
+    pub fn add_timer(&mut self, txn: &mut Txn, at: Instant, timer: Timer) {
+        self.timer_nonce += 1;
+        self.timers.insert((at, self.timer_nonce, timer));
+        txn.timers_added = true;
+    }
+
+    /// Insert a new task (not yet evented).
+    pub fn insert_new(&mut self, txn: &mut Txn, task: Task) {
+        txn.touch(&task.task_id, None);
+        self.tasks.insert(task.task_id.clone(), task);
+    }
+
+    /// Record one event for `task_id` (whose fields are already updated).
+    pub fn emit(
+        &mut self,
+        txn: &mut Txn,
+        task_id: &str,
+        kind: EventKind,
+        agent_id: &str,
+        payload: JsonObject,
+    ) -> Seq {
+        self.last_seq += 1;
+        let seq = self.last_seq;
+        let task = self.tasks.get_mut(task_id).expect("emit for a known task");
+        txn.touch(task_id, Some(task.last_seq));
+        task.last_seq = seq;
+        task.updated_at_ms = txn.now;
+        if kind == EventKind::Created {
+            task.created_seq = seq;
+            self.order.insert(seq, task_id.to_string());
+        }
+        txn.batch.events.push(Arc::new(TaskEvent {
+            seq,
+            task_id: task_id.to_string(),
+            agent_id: agent_id.to_string(),
+            kind,
+            generation: task.generation,
+            payload,
+            timestamp_ms: txn.now,
+            state: task.state,
+        }));
+        seq
+    }
+
+    /// Turn the transaction into a store batch.
+    pub fn finish(&self, mut txn: Txn) -> Batch {
+        for (id, expected) in txn.touched.drain(..) {
+            if let Some(task) = self.tasks.get(&id) {
+                txn.batch.tasks.push(TaskWrite {
+                    task: task.clone(),
+                    expected_last_seq: expected,
+                });
+            }
+        }
+        txn.batch
+    }
+
+    pub fn enqueue(&mut self, task_id: &str) {
+        if let Some(t) = self.tasks.get(task_id) {
+            self.queue.insert(QueueKey::of(t));
+        }
+    }
+
+    pub fn dequeue(&mut self, task_id: &str) {
+        if let Some(t) = self.tasks.get(task_id) {
+            self.queue.remove(&QueueKey::of(t));
+        }
+    }
+
+    /// Assign queued tasks to agents with free slots: highest priority first,
+    /// FIFO within a priority; among capable agents the least loaded, then
+    /// the longest idle, preferring agents that did not reject the task.
+    pub fn schedule(&mut self, txn: &mut Txn, cfg: &Config, metrics: &Metrics) {
+        let mut free: Vec<String> = self
+            .agents
+            .values()
+            .filter(|a| a.has_free_slot())
+            .map(|a| a.agent_id.clone())
+            .collect();
+        let mut next = self.queue.first().cloned();
+        while let Some(key) = next {
+            if free.is_empty() {
+                break;
+            }
+            next = self
+                .queue
+                .range((Bound::Excluded(&key), Bound::Unbounded))
+                .next()
+                .cloned();
+            let task = &self.tasks[&key.task_id];
+            let rejected = self.rejected_by.get(&task.task_id);
+            let pick = if task.pinned {
+                free.iter().find(|a| Some(*a) == task.agent_id.as_ref())
+            } else {
+                free.iter()
+                    .filter(|a| self.agents[*a].can_run(task))
+                    .min_by_key(|a| {
+                        let agent = &self.agents[*a];
+                        (
+                            rejected.is_some_and(|r| r.contains(a)),
+                            agent.active.len(),
+                            agent.last_assigned,
+                        )
+                    })
+            };
+            let Some(agent_id) = pick.cloned() else {
+                continue;
+            };
+            self.assign(txn, cfg, metrics, &key.task_id, &agent_id);
+            if !self.agents[&agent_id].has_free_slot() {
+                free.retain(|a| *a != agent_id);
+            }
+        }
+    }
+
+    fn assign(
+        &mut self,
+        txn: &mut Txn,
+        cfg: &Config,
+        metrics: &Metrics,
+        task_id: &str,
+        agent_id: &str,
+    ) {
+        self.dequeue(task_id);
+        self.assign_counter += 1;
+        let agent = self.agents.get_mut(agent_id).expect("known agent");
+        agent.active.insert(task_id.to_string());
+        agent.last_assigned = self.assign_counter;
+        let session = agent.session.clone();
+        let task = self.tasks.get_mut(task_id).expect("known task");
+        metrics.assigned_after(txn.now.saturating_sub(task.updated_at_ms) as u64);
+        task.state = TaskState::Assigned;
+        task.agent_id = Some(agent_id.to_string());
+        task.generation += 1;
+        task.attempts += 1;
+        let (generation, attempt) = (task.generation, task.attempts);
+        self.emit(
+            txn,
+            task_id,
+            EventKind::Assigned,
+            agent_id,
+            obj(json!({"attempt": attempt})),
+        );
+        self.add_timer(
+            txn,
+            Instant::now() + cfg.accept_timeout,
+            Timer::Accept(task_id.to_string(), generation),
+        );
+        if let Some(session) = session {
+            let msg = protocol::task_assign(&self.tasks[task_id], txn.now);
+            txn.send_after_commit(&session, msg);
+        }
+    }
+
+    /// Release the task's slot on its assignee (if any).
+    fn release(&mut self, task_id: &str) -> Option<String> {
+        let agent_id = self.tasks.get(task_id)?.agent_id.clone()?;
+        if let Some(agent) = self.agents.get_mut(&agent_id) {
+            agent.active.remove(task_id);
+        }
+        Some(agent_id)
+    }
+
+    /// End the current attempt: back to the queue, or FAILED for good once
+    /// `max_attempts` attempts are used up. Returns the agent it was taken from.
+    pub fn end_attempt(&mut self, task_id: &str, error: Value) -> Option<String> {
+        let from = self.release(task_id);
+        let task = self.tasks.get_mut(task_id).expect("known task");
+        task.error = Some(error);
+        if task.attempts >= task.max_attempts {
+            task.state = TaskState::Failed;
+            self.rejected_by.remove(task_id);
+        } else {
+            task.state = TaskState::Queued;
+            if !task.pinned {
+                task.agent_id = None;
+            }
+            self.enqueue(task_id);
+        }
+        from
+    }
+
+    /// Take an active task back from its agent (`RECLAIMED`), telling a
+    /// still-connected agent to stop (`task_cancelled`).
+    pub fn reclaim(&mut self, txn: &mut Txn, metrics: &Metrics, task_id: &str, reason: &str) {
+        let from = self.end_attempt(task_id, json!({ "reason": reason }));
+        let agent_id = from.unwrap_or_default();
+        self.emit(
+            txn,
+            task_id,
+            EventKind::Reclaimed,
+            &agent_id,
+            obj(json!({ "reason": reason })),
+        );
+        metrics.reclaimed(reason);
+        if let Some(session) = self.agents.get(&agent_id).and_then(|a| a.session.clone()) {
+            txn.send_after_commit(&session, protocol::task_cancelled(task_id, reason));
+        }
+    }
+
+    /// Finish a task for good (COMPLETED or CANCELLED), freeing its slot.
+    pub fn finalize(&mut self, task_id: &str, state: TaskState) -> Option<String> {
+        self.dequeue(task_id);
+        let from = if self.tasks[task_id].state.is_active() {
+            self.release(task_id)
+        } else {
+            None
+        };
+        self.rejected_by.remove(task_id);
+        self.tasks.get_mut(task_id).expect("known task").state = state;
+        from
+    }
+}
+
+/// A `json!` object literal as a map.
+pub(crate) fn obj(v: Value) -> JsonObject {
+    match v {
+        Value::Object(m) => m,
+        _ => JsonObject::new(),
+    }
+}

@@ -1,0 +1,579 @@
+//! The hub: owns task state, the registry of sidecar sessions and the
+//! scheduler. `grpc`, `http` and `ws` call it; it is the only caller of the
+//! store's write side.
+
+mod core;
+mod reports;
+pub mod session;
+mod timers;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use self::core::{obj, Core, Txn};
+use crate::auth::{issue_token, Role, TokenVerifier};
+use crate::bus::{EventBus, WatchItem};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::metrics::{self, Metrics};
+use crate::model::{
+    new_task_id, AgentInfo, EventFilter, EventKind, JsonObject, Priority, Seq, Task, TaskState,
+};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Batch, Store};
+use crate::ws::protocol;
+
+/// Longest caller-supplied task id.
+pub const MAX_TASK_ID_LEN: usize = 128;
+/// Largest `max_attempts` a task may ask for.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
+/// Default and largest `ListTasks` page.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// A request to create a task (gRPC `PushTask`, HTTP push, CLI).
+#[derive(Clone, Debug, Default)]
+pub struct PushRequest {
+    pub agent_id: Option<String>,
+    pub description: String,
+    pub metadata: JsonObject,
+    pub task_id: Option<String>,
+    pub needed_capabilities: Vec<String>,
+    pub priority: Priority,
+    pub queue_if_offline: bool,
+    /// 0: the configured default.
+    pub max_attempts: u32,
+}
+
+/// What `push_task` did.
+#[derive(Clone, Debug)]
+pub struct PushOutcome {
+    pub task: Task,
+    pub created: bool,
+}
+
+/// A `ListTasks` query.
+#[derive(Clone, Debug, Default)]
+pub struct ListQuery {
+    pub state: Option<TaskState>,
+    pub agent_id: Option<String>,
+    pub page_size: usize,
+    pub page_token: Option<String>,
+}
+
+/// One page of tasks.
+#[derive(Clone, Debug)]
+pub struct TaskPage {
+    pub tasks: Vec<Task>,
+    pub next_page_token: Option<String>,
+    pub as_of_seq: Seq,
+}
+
+/// The hub core. Cheap to share: `Arc<Hub>`.
+pub struct Hub {
+    config: Config,
+    store: Arc<dyn Store>,
+    bus: Arc<EventBus>,
+    verifier: TokenVerifier,
+    core: Mutex<Core>,
+    timer_wake: Notify,
+    metrics: Metrics,
+    closing: AtomicBool,
+    /// The admin token created on first start, to print once.
+    bootstrap_token: Mutex<Option<String>>,
+}
+
+impl Hub {
+    /// Open the store in `config.data_dir` and rebuild state from it.
+    pub fn open(config: Config) -> Result<Arc<Hub>> {
+        config.validate()?;
+        let bus = Arc::new(EventBus::new(config.watch_buffer));
+        let publisher = {
+            let bus = bus.clone();
+            Box::new(move |evs: &[Arc<crate::model::TaskEvent>]| bus.publish(evs))
+        };
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(
+            &config.data_dir,
+            config.event_retention,
+            Some(publisher),
+        )?);
+        let bootstrap_token = if config.bootstrap_admin_token && store.list_tokens()?.is_empty() {
+            let (secret, _) = issue_token(&*store, Role::Admin, None)?;
+            write_secret_file(&config.data_dir.join("admin.token"), &secret)?;
+            Some(secret)
+        } else {
+            None
+        };
+        let loaded = store.load()?;
+        let mut core = Core::restore(loaded.tasks, loaded.last_seq);
+        // Agents holding tasks are all away after a restart: give them the grace.
+        let mut txn = Txn::new();
+        let away: Vec<String> = core
+            .agents
+            .values()
+            .filter(|a| !a.active.is_empty())
+            .map(|a| a.agent_id.clone())
+            .collect();
+        for agent_id in away {
+            core.add_timer(
+                &mut txn,
+                std::time::Instant::now() + config.reconnect_grace,
+                core::Timer::Grace(agent_id, 0),
+            );
+        }
+        Ok(Arc::new(Hub {
+            verifier: TokenVerifier::new(store.clone()),
+            config,
+            store,
+            bus,
+            core: Mutex::new(core),
+            timer_wake: Notify::new(),
+            metrics: Metrics::default(),
+            closing: AtomicBool::new(false),
+            bootstrap_token: Mutex::new(bootstrap_token),
+        }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn verifier(&self) -> &TokenVerifier {
+        &self.verifier
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The admin token created on first start (returned once).
+    pub fn take_bootstrap_token(&self) -> Option<String> {
+        self.bootstrap_token.lock().expect("bootstrap").take()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().expect("hub state")
+    }
+
+    /// Hand a transaction to the store (call with the core lock held, so
+    /// batches reach the store in `seq` order).
+    fn submit(&self, core: &Core, txn: Txn) {
+        if txn.timers_added {
+            self.timer_wake.notify_one();
+        }
+        let batch = core.finish(txn);
+        if !batch.is_empty() {
+            self.store.submit(batch);
+        }
+    }
+
+    /// Add a "durable" signal to a transaction.
+    fn durable_signal(txn: &mut Txn) -> oneshot::Receiver<Result<()>> {
+        let (tx, rx) = oneshot::channel();
+        txn.batch.then(move |r| {
+            let _ = tx.send(r.as_ref().map(|_| ()).map_err(|e| Error::Store(e.to_string())));
+        });
+        rx
+    }
+
+    async fn wait(rx: oneshot::Receiver<Result<()>>) -> Result<()> {
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Wait until everything submitted so far is durable.
+    async fn barrier(&self) -> Result<()> {
+        let mut batch = Batch::default();
+        let (tx, rx) = oneshot::channel();
+        batch.then(move |r| {
+            let _ = tx.send(r.as_ref().map(|_| ()).map_err(|e| Error::Store(e.to_string())));
+        });
+        self.store.submit(batch);
+        Self::wait(rx).await
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closing.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    // ---- orchestrator side -------------------------------------------------
+
+    /// Create a task (or return the identical existing one).
+    pub async fn push_task(&self, req: PushRequest) -> Result<PushOutcome> {
+        self.check_open()?;
+        validate_push(&req)?;
+        let max_attempts = match req.max_attempts {
+            0 => self.config.default_max_attempts,
+            n => n,
+        };
+        let (rx, task, created) = {
+            let mut core = self.lock();
+            let mut txn = Txn::new();
+            match req.task_id.as_ref().and_then(|id| core.tasks.get(id)) {
+                Some(existing) if !same_request(existing, &req, max_attempts) => {
+                    return Err(Error::AlreadyExists(existing.task_id.clone()));
+                }
+                Some(existing) => {
+                    // A safe retry: answer once the original is durable.
+                    let task = existing.clone();
+                    let rx = Self::durable_signal(&mut txn);
+                    self.submit(&core, txn);
+                    (rx, task, false)
+                }
+                None => {
+                    let (rx, task) = self.create_task(&mut core, txn, &req, max_attempts)?;
+                    (rx, task, true)
+                }
+            }
+        };
+        Self::wait(rx).await?;
+        if created {
+            Metrics::inc(&self.metrics.tasks_pushed);
+        }
+        Ok(PushOutcome { task, created })
+    }
+
+    fn create_task(
+        &self,
+        core: &mut Core,
+        mut txn: Txn,
+        req: &PushRequest,
+        max_attempts: u32,
+    ) -> Result<(oneshot::Receiver<Result<()>>, Task)> {
+        {
+            if let Some(agent_id) = &req.agent_id {
+                let connected = core
+                    .agents
+                    .get(agent_id)
+                    .is_some_and(|a| a.session.is_some());
+                if !connected && !req.queue_if_offline {
+                    return Err(Error::AgentNotConnected(agent_id.clone()));
+                }
+            }
+            let task_id = req.task_id.clone().unwrap_or_else(new_task_id);
+            let task = Task {
+                task_id: task_id.clone(),
+                agent_id: req.agent_id.clone(),
+                pinned: req.agent_id.is_some(),
+                description: req.description.clone(),
+                metadata: req.metadata.clone(),
+                state: TaskState::Queued,
+                generation: 0,
+                attempts: 0,
+                max_attempts,
+                needed_capabilities: req.needed_capabilities.clone(),
+                priority: req.priority,
+                result: None,
+                error: None,
+                created_at_ms: txn.now,
+                updated_at_ms: txn.now,
+                last_seq: 0,
+                created_seq: 0,
+            };
+            core.insert_new(&mut txn, task);
+            let payload = obj(json!({
+                "description": req.description,
+                "priority": req.priority.as_str(),
+                "needed_capabilities": req.needed_capabilities,
+                "max_attempts": max_attempts,
+                "pinned": req.agent_id.is_some(),
+            }));
+            let agent = req.agent_id.clone().unwrap_or_default();
+            core.emit(&mut txn, &task_id, EventKind::Created, &agent, payload);
+            core.enqueue(&task_id);
+            core.schedule(&mut txn, &self.config, &self.metrics);
+            let rx = Self::durable_signal(&mut txn);
+            let task = core.tasks[&task_id].clone();
+            self.submit(core, txn);
+            Ok((rx, task))
+        }
+    }
+
+    /// One task, as durably stored.
+    pub async fn get_task(&self, task_id: &str) -> Result<Task> {
+        let task = self
+            .lock()
+            .tasks
+            .get(task_id)
+            .cloned()
+            .ok_or_else(|| Error::UnknownTask(task_id.to_string()))?;
+        if task.last_seq > self.store.durable_seq() {
+            self.barrier().await?;
+        }
+        Ok(task)
+    }
+
+    /// Tasks in creation order, filtered and paged, with the seq they reflect.
+    pub async fn list_tasks(&self, q: ListQuery) -> Result<TaskPage> {
+        let page_size = match q.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let after: Seq = match q.page_token.as_deref() {
+            None | Some("") => 0,
+            Some(t) => t
+                .parse()
+                .map_err(|_| Error::InvalidArgument("invalid page_token".into()))?,
+        };
+        let page = {
+            let core = self.lock();
+            let mut tasks = Vec::new();
+            let mut next = None;
+            for (seq, id) in core.order.range(after + 1..) {
+                let t = &core.tasks[id];
+                if q.state.is_some_and(|s| s != t.state)
+                    || q.agent_id.as_ref().is_some_and(|a| Some(a) != t.agent_id.as_ref())
+                {
+                    continue;
+                }
+                if tasks.len() == page_size {
+                    next = Some((tasks.last().map(|t: &Task| t.created_seq).unwrap_or(*seq)).to_string());
+                    break;
+                }
+                tasks.push(t.clone());
+            }
+            TaskPage {
+                tasks,
+                next_page_token: next,
+                as_of_seq: core.last_seq,
+            }
+        };
+        if page.as_of_seq > self.store.durable_seq() {
+            self.barrier().await?;
+        }
+        Ok(page)
+    }
+
+    /// Cancel a non-final task; its assignee is told.
+    pub async fn cancel_task(&self, task_id: &str) -> Result<Task> {
+        self.check_open()?;
+        let (rx, task) = {
+            let mut core = self.lock();
+            let task = core
+                .tasks
+                .get(task_id)
+                .ok_or_else(|| Error::UnknownTask(task_id.to_string()))?;
+            if task.state.is_final() {
+                return Err(Error::FailedPrecondition(format!(
+                    "task {task_id} is already {}",
+                    task.state.as_str()
+                )));
+            }
+            let mut txn = Txn::new();
+            let from = core.finalize(task_id, TaskState::Cancelled);
+            let agent = core.tasks[task_id].agent_id.clone().unwrap_or_default();
+            core.emit(
+                &mut txn,
+                task_id,
+                EventKind::Cancelled,
+                &agent,
+                obj(json!({"reason": "cancelled"})),
+            );
+            if let Some(session) = from
+                .and_then(|a| core.agents.get(&a))
+                .and_then(|a| a.session.clone())
+            {
+                txn.send_after_commit(&session, protocol::task_cancelled(task_id, "cancelled"));
+            }
+            core.schedule(&mut txn, &self.config, &self.metrics);
+            let rx = Self::durable_signal(&mut txn);
+            let task = core.tasks[task_id].clone();
+            self.submit(&core, txn);
+            (rx, task)
+        };
+        Self::wait(rx).await?;
+        Ok(task)
+    }
+
+    /// Re-queue a FAILED or CANCELLED task with its attempts reset.
+    pub async fn retry_task(&self, task_id: &str) -> Result<Task> {
+        self.check_open()?;
+        let (rx, task) = {
+            let mut core = self.lock();
+            let task = core
+                .tasks
+                .get_mut(task_id)
+                .ok_or_else(|| Error::UnknownTask(task_id.to_string()))?;
+            if !matches!(task.state, TaskState::Failed | TaskState::Cancelled) {
+                return Err(Error::FailedPrecondition(format!(
+                    "only FAILED or CANCELLED tasks can be retried; task {task_id} is {}",
+                    task.state.as_str()
+                )));
+            }
+            task.state = TaskState::Queued;
+            task.attempts = 0;
+            task.result = None;
+            if !task.pinned {
+                task.agent_id = None;
+            }
+            let agent = task.agent_id.clone().unwrap_or_default();
+            let mut txn = Txn::new();
+            core.emit(
+                &mut txn,
+                task_id,
+                EventKind::Retried,
+                &agent,
+                obj(json!({"reason": "retry"})),
+            );
+            core.enqueue(task_id);
+            core.schedule(&mut txn, &self.config, &self.metrics);
+            let rx = Self::durable_signal(&mut txn);
+            let task = core.tasks[task_id].clone();
+            self.submit(&core, txn);
+            (rx, task)
+        };
+        Self::wait(rx).await?;
+        Ok(task)
+    }
+
+    /// Every agent the hub knows.
+    pub fn list_agents(&self) -> Vec<AgentInfo> {
+        let core = self.lock();
+        let mut agents: Vec<AgentInfo> = core
+            .agents
+            .values()
+            .map(|a| AgentInfo {
+                agent_id: a.agent_id.clone(),
+                name: a.name.clone(),
+                capabilities: a.capabilities.clone(),
+                status: a.status.clone(),
+                connected: a.session.is_some(),
+                connected_at: a.connected_at,
+                active_task_ids: a.active.iter().cloned().collect(),
+                max_concurrency: a.max_concurrency,
+            })
+            .collect();
+        agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        agents
+    }
+
+    /// Follow events (see [`EventBus::watch`]).
+    pub fn watch(
+        &self,
+        after: Option<Seq>,
+        filter: EventFilter,
+    ) -> Result<mpsc::Receiver<WatchItem>> {
+        self.bus.watch(self.store.clone(), after, filter)
+    }
+
+    /// `/health` figures: (agents connected, tasks queued, last seq).
+    pub fn health(&self) -> (usize, usize, Seq) {
+        let core = self.lock();
+        let connected = core.agents.values().filter(|a| a.session.is_some()).count();
+        (connected, core.queue.len(), core.last_seq)
+    }
+
+    /// Prometheus text for `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        let mut out = String::new();
+        {
+            let core = self.lock();
+            let connected = core.agents.values().filter(|a| a.session.is_some()).count();
+            metrics::gauge(
+                &mut out,
+                "agenthub_agents_connected",
+                "Sidecars connected and identified.",
+                connected as u64,
+            );
+            out.push_str("# HELP agenthub_tasks Tasks by state.\n# TYPE agenthub_tasks gauge\n");
+            for state in TaskState::ALL {
+                let n = core.tasks.values().filter(|t| t.state == state).count();
+                out.push_str(&format!("agenthub_tasks{{state=\"{}\"}} {n}\n", state.as_str()));
+            }
+            out.push_str(
+                "# HELP agenthub_queue_depth Queued tasks by priority.\n# TYPE agenthub_queue_depth gauge\n",
+            );
+            for p in Priority::ALL {
+                let n = core
+                    .queue
+                    .iter()
+                    .filter(|k| core.tasks[k.task_id()].priority == p)
+                    .count();
+                out.push_str(&format!("agenthub_queue_depth{{priority=\"{}\"}} {n}\n", p.as_str()));
+            }
+            metrics::gauge(
+                &mut out,
+                "agenthub_last_event_seq",
+                "Highest event seq assigned.",
+                core.last_seq,
+            );
+        }
+        metrics::gauge(
+            &mut out,
+            "agenthub_events_stored",
+            "Events currently in the store.",
+            self.store.event_count(),
+        );
+        metrics::gauge(
+            &mut out,
+            "agenthub_watchers",
+            "Open WatchTaskEvents streams.",
+            self.bus.watcher_count() as u64,
+        );
+        self.metrics.render(&mut out);
+        out
+    }
+
+    /// Stop taking writes, finish the queued ones, close the store.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.store.close();
+    }
+}
+
+fn validate_push(req: &PushRequest) -> Result<()> {
+    let bad = |m: String| Err(Error::InvalidArgument(m));
+    if let Some(id) = &req.task_id {
+        if id.is_empty()
+            || id.len() > MAX_TASK_ID_LEN
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
+        {
+            return bad(format!(
+                "task_id must be 1-{MAX_TASK_ID_LEN} characters of [A-Za-z0-9-_.:/]"
+            ));
+        }
+    }
+    if req.agent_id.as_deref().is_some_and(str::is_empty) {
+        return bad("agent_id must not be empty".into());
+    }
+    if req.max_attempts > MAX_ATTEMPTS_LIMIT {
+        return bad(format!("max_attempts must be at most {MAX_ATTEMPTS_LIMIT}"));
+    }
+    if req.needed_capabilities.iter().any(String::is_empty) {
+        return bad("needed_capabilities must not contain empty strings".into());
+    }
+    Ok(())
+}
+
+/// Is `req` the request that created `task` (a safe retry)?
+fn same_request(task: &Task, req: &PushRequest, max_attempts: u32) -> bool {
+    task.pinned == req.agent_id.is_some()
+        && (!task.pinned || task.agent_id == req.agent_id)
+        && task.description == req.description
+        && task.metadata == req.metadata
+        && task.needed_capabilities == req.needed_capabilities
+        && task.priority == req.priority
+        && task.max_attempts == max_attempts
+}
+
+/// Write a secret to a file only its owner can read.
+pub fn write_secret_file(path: &std::path::Path, secret: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::Store(format!("write {}: {e}", path.display())))?;
+    writeln!(f, "{secret}").map_err(|e| Error::Store(e.to_string()))?;
+    Ok(())
+}

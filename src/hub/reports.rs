@@ -1,0 +1,268 @@
+//! The sidecar side of the hub: identify, lifecycle reports, disconnects.
+//! Replies that follow a change are sent only after the change is durable.
+
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::core::{obj, Agent, Core, Timer, Txn};
+use super::session::SessionHandle;
+use super::Hub;
+use crate::auth::Role;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::model::{now_ms, EventKind, TaskState};
+use crate::ws::protocol::{self, Identify, Inbound, Report};
+
+/// Close code sent to a socket replaced by a newer identify for the same agent.
+pub const CLOSE_SESSION_REPLACED: u16 = 4000;
+
+impl Hub {
+    /// Register a sidecar session. The agent id comes from the token.
+    pub fn identify(&self, ident: &Identify, session: &SessionHandle) -> Result<String> {
+        let principal = self
+            .verifier
+            .verify(&ident.token)
+            .map_err(|_| Error::InvalidToken)?;
+        let agent_id = match (principal.role, principal.agent_id) {
+            (Role::Agent, Some(a)) => a,
+            _ => return Err(Error::InvalidToken),
+        };
+        if agent_id != ident.agent_id {
+            return Err(Error::TokenAgentMismatch);
+        }
+        let mut core = self.lock();
+        let agent = core
+            .agents
+            .entry(agent_id.clone())
+            .or_insert_with(|| Agent::new(&agent_id));
+        if let Some(old) = agent.session.replace(session.clone()) {
+            if old.id != session.id {
+                old.send(protocol::error("session_replaced", None, None));
+                old.close(CLOSE_SESSION_REPLACED, "session replaced");
+            }
+        }
+        agent.name = ident.name.clone().unwrap_or_else(|| agent_id.clone());
+        agent.status = ident.status.clone().unwrap_or_default();
+        agent.capabilities = ident.capabilities.clone();
+        agent.max_concurrency = ident.max_concurrency;
+        agent.connected_at = now_ms();
+        agent.epoch += 1;
+        let active: Vec<String> = agent.active.iter().cloned().collect();
+        session.send(protocol::identified(&agent_id));
+
+        let mut txn = Txn::new();
+        // Tasks it still holds: re-send the ones it may never have received.
+        for task_id in active {
+            let task = &core.tasks[&task_id];
+            let generation = task.generation;
+            match task.state {
+                TaskState::Assigned => {
+                    let msg = protocol::task_assign(task, txn.now);
+                    txn.send_after_commit(session, msg);
+                    let at = Instant::now() + self.config.accept_timeout;
+                    core.add_timer(&mut txn, at, Timer::Accept(task_id, generation));
+                }
+                TaskState::Running => {
+                    if let Some(t) = self.config.progress_timeout {
+                        core.add_timer(&mut txn, Instant::now() + t, Timer::Progress(task_id, generation));
+                    }
+                }
+                _ => {}
+            }
+        }
+        core.schedule(&mut txn, &self.config, &self.metrics);
+        self.submit(&core, txn);
+        tracing::info!(agent = %agent_id, session = session.id, "sidecar identified");
+        Ok(agent_id)
+    }
+
+    /// A socket ended. Its agent keeps its tasks for the reconnect grace.
+    pub fn session_closed(&self, agent_id: &str, session_id: u64) {
+        let mut core = self.lock();
+        let Some(agent) = core.agents.get_mut(agent_id) else {
+            return;
+        };
+        if agent.session.as_ref().is_none_or(|s| s.id != session_id) {
+            return; // Already replaced by a newer session.
+        }
+        agent.session = None;
+        agent.epoch += 1;
+        let epoch = agent.epoch;
+        let holds_tasks = !agent.active.is_empty();
+        tracing::info!(agent = %agent_id, session = session_id, "sidecar disconnected");
+        if holds_tasks {
+            let mut txn = Txn::new();
+            let at = Instant::now() + self.config.reconnect_grace;
+            core.add_timer(&mut txn, at, Timer::Grace(agent_id.to_string(), epoch));
+            self.submit(&core, txn);
+        }
+    }
+
+    /// Apply one lifecycle report from an identified sidecar. The reply (ack
+    /// or error) goes to `session`.
+    pub fn report(&self, agent_id: &str, session: &SessionHandle, msg: Inbound) {
+        Metrics::inc(&self.metrics.reports);
+        let mut core = self.lock();
+        let mut txn = Txn::new();
+        let outcome = match msg {
+            Inbound::Accepted(r) => self.on_accepted(&mut core, &mut txn, agent_id, session, r),
+            Inbound::Progress(r) => self.on_progress(&mut core, &mut txn, agent_id, r),
+            Inbound::Complete(r) => self.on_complete(&mut core, &mut txn, agent_id, session, r),
+            Inbound::Failed(r) => self.on_failed(&mut core, &mut txn, agent_id, session, r),
+            Inbound::Rejected(r) => self.on_rejected(&mut core, &mut txn, agent_id, session, r),
+            Inbound::Recovering(r) => self.on_recovering(&mut core, &mut txn, agent_id, session, r),
+            Inbound::Identify(_) | Inbound::Ping => Ok(()),
+        };
+        if let Err(e) = outcome {
+            session.send(protocol::error(e.ws_code(), e.task_id(), None));
+            return;
+        }
+        core.schedule(&mut txn, &self.config, &self.metrics);
+        self.submit(&core, txn);
+    }
+
+    fn on_accepted(
+        &self,
+        core: &mut Core,
+        txn: &mut Txn,
+        agent_id: &str,
+        session: &SessionHandle,
+        r: Report,
+    ) -> Result<()> {
+        fence(core, agent_id, &r)?;
+        let task = core.tasks.get_mut(&r.task_id).expect("fenced");
+        if task.state == TaskState::Assigned {
+            task.state = TaskState::Running;
+            let generation = task.generation;
+            core.emit(txn, &r.task_id, EventKind::Accepted, agent_id, r.payload);
+            if let Some(t) = self.config.progress_timeout {
+                core.add_timer(txn, Instant::now() + t, Timer::Progress(r.task_id.clone(), generation));
+            }
+        }
+        txn.send_after_commit(session, protocol::task_ack(&r.task_id, "accepted"));
+        Ok(())
+    }
+
+    fn on_progress(&self, core: &mut Core, txn: &mut Txn, agent_id: &str, r: Report) -> Result<()> {
+        fence(core, agent_id, &r)?;
+        let task = core.tasks.get_mut(&r.task_id).expect("fenced");
+        // Progress implies the sidecar took the task.
+        task.state = TaskState::Running;
+        core.emit(txn, &r.task_id, EventKind::Progress, agent_id, r.payload);
+        Ok(())
+    }
+
+    fn on_complete(
+        &self,
+        core: &mut Core,
+        txn: &mut Txn,
+        agent_id: &str,
+        session: &SessionHandle,
+        r: Report,
+    ) -> Result<()> {
+        fence(core, agent_id, &r)?;
+        core.finalize(&r.task_id, TaskState::Completed);
+        let task = core.tasks.get_mut(&r.task_id).expect("fenced");
+        task.result = Some(r.payload.get("result").cloned().unwrap_or(Value::Null));
+        core.emit(txn, &r.task_id, EventKind::Completed, agent_id, r.payload);
+        txn.send_after_commit(session, protocol::task_ack(&r.task_id, "complete"));
+        Ok(())
+    }
+
+    fn on_failed(
+        &self,
+        core: &mut Core,
+        txn: &mut Txn,
+        agent_id: &str,
+        session: &SessionHandle,
+        r: Report,
+    ) -> Result<()> {
+        fence(core, agent_id, &r)?;
+        let error = r
+            .payload
+            .get("error")
+            .or_else(|| r.payload.get("reason"))
+            .cloned()
+            .unwrap_or_else(|| json!("unknown error"));
+        core.end_attempt(&r.task_id, error);
+        core.emit(txn, &r.task_id, EventKind::Failed, agent_id, r.payload);
+        txn.send_after_commit(session, protocol::task_ack(&r.task_id, "failed"));
+        Ok(())
+    }
+
+    fn on_rejected(
+        &self,
+        core: &mut Core,
+        txn: &mut Txn,
+        agent_id: &str,
+        session: &SessionHandle,
+        r: Report,
+    ) -> Result<()> {
+        fence(core, agent_id, &r)?;
+        let reason = r.payload.get("reason").cloned().unwrap_or(json!("rejected"));
+        core.rejected_by
+            .entry(r.task_id.clone())
+            .or_default()
+            .push(agent_id.to_string());
+        core.end_attempt(&r.task_id, json!({"reason": "rejected", "detail": reason}));
+        core.emit(txn, &r.task_id, EventKind::Rejected, agent_id, r.payload);
+        self.metrics.reclaimed("rejected");
+        txn.send_after_commit(session, protocol::task_ack(&r.task_id, "rejected"));
+        Ok(())
+    }
+
+    fn on_recovering(
+        &self,
+        core: &mut Core,
+        txn: &mut Txn,
+        agent_id: &str,
+        session: &SessionHandle,
+        r: Report,
+    ) -> Result<()> {
+        let holds = core.tasks.get(&r.task_id).and_then(|t| {
+            (t.agent_id.as_deref() == Some(agent_id) && t.state.is_active()).then_some(t.generation)
+        });
+        match holds {
+            Some(generation) if r.generation.is_none_or(|g| g == generation) => {
+                core.emit(txn, &r.task_id, EventKind::Recovering, agent_id, r.payload);
+                core.emit(txn, &r.task_id, EventKind::Continued, agent_id, obj(json!({})));
+                txn.send_after_commit(session, protocol::task_continue(&r.task_id, generation));
+            }
+            Some(_) => {
+                // It holds an older generation of a task that is still its own:
+                // the hub no longer trusts that run.
+                core.emit(txn, &r.task_id, EventKind::Recovering, agent_id, r.payload);
+                core.reclaim(txn, &self.metrics, &r.task_id, "recovering_stale");
+                txn.send_after_commit(session, protocol::task_reassign(&r.task_id));
+            }
+            None => txn.send_after_commit(session, protocol::task_reassign(&r.task_id)),
+        }
+        Ok(())
+    }
+}
+
+/// A report is applied only if the reporter is the task's current assignee
+/// and, when it gives a generation, that generation is current.
+fn fence(core: &Core, agent_id: &str, r: &Report) -> Result<()> {
+    let task = core
+        .tasks
+        .get(&r.task_id)
+        .ok_or_else(|| Error::UnknownTask(r.task_id.clone()))?;
+    if r.generation.is_some_and(|g| g != task.generation) {
+        return Err(Error::StaleGeneration {
+            task_id: r.task_id.clone(),
+            current: task.generation,
+        });
+    }
+    if task.agent_id.as_deref() != Some(agent_id) {
+        return Err(Error::NotTaskOwner(r.task_id.clone()));
+    }
+    if task.state.is_final() {
+        return Err(Error::TaskFinished(r.task_id.clone()));
+    }
+    if !task.state.is_active() {
+        return Err(Error::NotTaskOwner(r.task_id.clone()));
+    }
+    Ok(())
+}

@@ -1,0 +1,82 @@
+//! Time-based reclaims: accept timeout, progress timeout, reconnect grace.
+//! One task sleeps until the earliest deadline; every timer re-checks the
+//! task's state when it fires, so stale timers are harmless.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::core::{Timer, Txn};
+use super::Hub;
+use crate::model::{now_ms, TaskState};
+
+impl Hub {
+    /// Run until `shutdown` turns true.
+    pub async fn run_timers(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let next = self.lock().timers.first().map(|(at, _, _)| *at);
+            let deadline = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+                _ = self.timer_wake.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+            self.fire_due_timers();
+        }
+    }
+
+    fn fire_due_timers(&self) {
+        let now = Instant::now();
+        let mut core = self.lock();
+        let mut txn = Txn::new();
+        while core.timers.first().is_some_and(|(at, _, _)| *at <= now) {
+            let (_, _, timer) = core.timers.pop_first().expect("non-empty");
+            match timer {
+                Timer::Accept(task_id, generation) => {
+                    let due = core.tasks.get(&task_id).is_some_and(|t| {
+                        t.state == TaskState::Assigned && t.generation == generation
+                    });
+                    if due {
+                        core.reclaim(&mut txn, &self.metrics, &task_id, "accept_timeout");
+                    }
+                }
+                Timer::Progress(task_id, generation) => {
+                    let Some(limit) = self.config.progress_timeout else {
+                        continue;
+                    };
+                    let Some(task) = core.tasks.get(&task_id) else {
+                        continue;
+                    };
+                    if task.state != TaskState::Running || task.generation != generation {
+                        continue;
+                    }
+                    let silent = Duration::from_millis(now_ms().saturating_sub(task.updated_at_ms) as u64);
+                    if silent >= limit {
+                        core.reclaim(&mut txn, &self.metrics, &task_id, "progress_timeout");
+                    } else {
+                        let at = now + (limit - silent);
+                        core.add_timer(&mut txn, at, Timer::Progress(task_id, generation));
+                    }
+                }
+                Timer::Grace(agent_id, epoch) => {
+                    let Some(agent) = core.agents.get(&agent_id) else {
+                        continue;
+                    };
+                    if agent.session.is_some() || agent.epoch != epoch {
+                        continue;
+                    }
+                    let held: Vec<String> = agent.active.iter().cloned().collect();
+                    for task_id in held {
+                        core.reclaim(&mut txn, &self.metrics, &task_id, "agent_disconnected");
+                    }
+                }
+            }
+        }
+        core.schedule(&mut txn, &self.config, &self.metrics);
+        self.submit(&core, txn);
+    }
+}

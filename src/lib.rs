@@ -1,0 +1,39 @@
+//! agenthub: a durable task hub for AI-agent sidecars.
+//!
+//! Sidecars hold a WebSocket to the hub; orchestrators push tasks over gRPC;
+//! dashboards follow every task event. Every change is stored before anyone
+//! is told about it.
+//!
+//! # Layout
+//! - [`config`]: `Config`, defaults, validation.
+//! - [`error`]: the one error type and its mapping to gRPC / WebSocket / HTTP.
+//! - [`model`]: tasks, events, agents: plain data.
+//! - [`hub`]: task state transitions, sessions registry, scheduler, timers.
+//! - [`bus`]: event fan-out to watchers; catch-up from the store.
+//! - [`store`]: the `Store` trait and the embedded SQLite backend.
+//! - [`auth`]: tokens and roles.
+//! - [`grpc`], [`pb`]: the `agenthub.v1.TaskHub` service and its types.
+//! - [`http`], [`ws`]: the HTTP listener and the sidecar WebSocket protocol.
+//! - [`server`]: binds and runs both listeners.
+//! - [`client`]: a gRPC client for the CLI and tests.
+//! - [`sidecar`]: the reference sidecar.
+
+pub mod auth;
+pub mod bus;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod model;
+pub mod pb;
+pub mod server;
+pub mod store;
+pub mod ws;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use hub::Hub;
+pub use server::Server;

@@ -1,0 +1,243 @@
+//! Tasks, events and agents as plain data: no I/O here.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Global event sequence number: unique and strictly increasing across the hub.
+pub type Seq = u64;
+/// Assignment counter of a task; fences stale sidecar reports.
+pub type Generation = u64;
+/// A JSON object (task metadata, event payloads).
+pub type JsonObject = Map<String, Value>;
+
+/// Where a task stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TaskState {
+    Queued,
+    Assigned,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 6] = [
+        TaskState::Queued,
+        TaskState::Assigned,
+        TaskState::Running,
+        TaskState::Completed,
+        TaskState::Failed,
+        TaskState::Cancelled,
+    ];
+
+    /// Completed, failed for good, or cancelled: no report changes it any more.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            TaskState::Completed | TaskState::Failed | TaskState::Cancelled
+        )
+    }
+
+    /// Held by an agent (counts against its `max_concurrency`).
+    pub fn is_active(self) -> bool {
+        matches!(self, TaskState::Assigned | TaskState::Running)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Queued => "QUEUED",
+            TaskState::Assigned => "ASSIGNED",
+            TaskState::Running => "RUNNING",
+            TaskState::Completed => "COMPLETED",
+            TaskState::Failed => "FAILED",
+            TaskState::Cancelled => "CANCELLED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TaskState> {
+        TaskState::ALL
+            .into_iter()
+            .find(|st| st.as_str().eq_ignore_ascii_case(s))
+    }
+}
+
+/// What happened to a task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EventKind {
+    Created,
+    Assigned,
+    Accepted,
+    Progress,
+    Completed,
+    Failed,
+    Rejected,
+    Recovering,
+    Continued,
+    Reclaimed,
+    Cancelled,
+    /// A FAILED or CANCELLED task was re-queued by `RetryTask`.
+    Retried,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 12] = [
+        EventKind::Created,
+        EventKind::Assigned,
+        EventKind::Accepted,
+        EventKind::Progress,
+        EventKind::Completed,
+        EventKind::Failed,
+        EventKind::Rejected,
+        EventKind::Recovering,
+        EventKind::Continued,
+        EventKind::Reclaimed,
+        EventKind::Cancelled,
+        EventKind::Retried,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Created => "CREATED",
+            EventKind::Assigned => "ASSIGNED",
+            EventKind::Accepted => "ACCEPTED",
+            EventKind::Progress => "PROGRESS",
+            EventKind::Completed => "COMPLETED",
+            EventKind::Failed => "FAILED",
+            EventKind::Rejected => "REJECTED",
+            EventKind::Recovering => "RECOVERING",
+            EventKind::Continued => "CONTINUED",
+            EventKind::Reclaimed => "RECLAIMED",
+            EventKind::Cancelled => "CANCELLED",
+            EventKind::Retried => "RETRIED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EventKind> {
+        EventKind::ALL
+            .into_iter()
+            .find(|k| k.as_str().eq_ignore_ascii_case(s))
+    }
+}
+
+/// Scheduling priority: `Urgent > High > Normal > Low`.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Priority {
+    Low = 1,
+    #[default]
+    Normal = 2,
+    High = 3,
+    Urgent = 4,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 4] = [
+        Priority::Low,
+        Priority::Normal,
+        Priority::High,
+        Priority::Urgent,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "LOW",
+            Priority::Normal => "NORMAL",
+            Priority::High => "HIGH",
+            Priority::Urgent => "URGENT",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Priority> {
+        Priority::ALL
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(s))
+    }
+}
+
+/// One task as the hub stores it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub task_id: String,
+    /// Current (or last) assignee; for a queued pinned task, the pinned agent.
+    pub agent_id: Option<String>,
+    /// The task may only run on `agent_id`.
+    pub pinned: bool,
+    pub description: String,
+    pub metadata: JsonObject,
+    pub state: TaskState,
+    pub generation: Generation,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub needed_capabilities: Vec<String>,
+    pub priority: Priority,
+    pub result: Option<serde_json::Value>,
+    pub error: Option<serde_json::Value>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// Seq of the last event that changed this task.
+    pub last_seq: Seq,
+    /// Seq of the CREATED event: the task's place in creation order.
+    pub created_seq: Seq,
+}
+
+/// One durable, sequenced change to a task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskEvent {
+    pub seq: Seq,
+    pub task_id: String,
+    pub agent_id: String,
+    pub kind: EventKind,
+    pub generation: Generation,
+    pub payload: JsonObject,
+    pub timestamp_ms: i64,
+    /// The task's state right after this event.
+    pub state: TaskState,
+}
+
+/// What a watcher wants to see.
+#[derive(Clone, Debug, Default)]
+pub struct EventFilter {
+    pub task_id: Option<String>,
+    pub agent_id: Option<String>,
+    pub kinds: Vec<EventKind>,
+}
+
+impl EventFilter {
+    pub fn matches(&self, ev: &TaskEvent) -> bool {
+        self.task_id.as_deref().is_none_or(|t| t == ev.task_id)
+            && self.agent_id.as_deref().is_none_or(|a| a == ev.agent_id)
+            && (self.kinds.is_empty() || self.kinds.contains(&ev.kind))
+    }
+}
+
+/// A public view of an agent (ListAgents).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AgentInfo {
+    pub agent_id: String,
+    pub name: String,
+    pub capabilities: Vec<String>,
+    pub status: String,
+    pub connected: bool,
+    pub connected_at: i64,
+    pub active_task_ids: Vec<String>,
+    pub max_concurrency: u32,
+}
+
+/// Current Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A fresh task id: `task-` + 16 lowercase hex from the OS CSPRNG.
+pub fn new_task_id() -> String {
+    let bytes: [u8; 8] = rand::random();
+    format!("task-{}", hex::encode(bytes))
+}

@@ -1,0 +1,206 @@
+//! Generated gRPC types (`agenthub.v1`) and their conversions to and from the
+//! hub's model. JSON objects travel as `google.protobuf.Struct`.
+
+#![allow(clippy::all, missing_docs)]
+
+tonic::include_proto!("agenthub.v1");
+
+/// The encoded descriptor set, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/agenthub_descriptor.bin"));
+
+use prost_types::value::Kind;
+use serde_json::{Map, Number, Value as Json};
+
+use crate::model::{self, JsonObject};
+
+/// JSON value → protobuf Value. Numbers become doubles (as in any Struct).
+pub fn json_to_value(v: &Json) -> prost_types::Value {
+    let kind = match v {
+        Json::Null => Kind::NullValue(0),
+        Json::Bool(b) => Kind::BoolValue(*b),
+        Json::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        Json::String(s) => Kind::StringValue(s.clone()),
+        Json::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.iter().map(json_to_value).collect(),
+        }),
+        Json::Object(o) => Kind::StructValue(json_to_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+pub fn json_to_struct(o: &JsonObject) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: o.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect(),
+    }
+}
+
+/// protobuf Value → JSON. Whole doubles within ±2^53 become JSON integers.
+pub fn value_to_json(v: &prost_types::Value) -> Json {
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => Json::Null,
+        Some(Kind::BoolValue(b)) => Json::Bool(*b),
+        Some(Kind::NumberValue(n)) => number_to_json(*n),
+        Some(Kind::StringValue(s)) => Json::String(s.clone()),
+        Some(Kind::ListValue(l)) => Json::Array(l.values.iter().map(value_to_json).collect()),
+        Some(Kind::StructValue(s)) => Json::Object(struct_to_json(s)),
+    }
+}
+
+fn number_to_json(n: f64) -> Json {
+    const MAX_SAFE: f64 = 9_007_199_254_740_992.0;
+    if n.fract() == 0.0 && n.abs() <= MAX_SAFE {
+        Json::Number(Number::from(n as i64))
+    } else {
+        Number::from_f64(n).map(Json::Number).unwrap_or(Json::Null)
+    }
+}
+
+pub fn struct_to_json(s: &prost_types::Struct) -> JsonObject {
+    s.fields
+        .iter()
+        .map(|(k, v)| (k.clone(), value_to_json(v)))
+        .collect::<Map<_, _>>()
+}
+
+impl From<model::TaskState> for task::State {
+    fn from(s: model::TaskState) -> Self {
+        use model::TaskState as S;
+        match s {
+            S::Queued => task::State::Queued,
+            S::Assigned => task::State::Assigned,
+            S::Running => task::State::Running,
+            S::Completed => task::State::Completed,
+            S::Failed => task::State::Failed,
+            S::Cancelled => task::State::Cancelled,
+        }
+    }
+}
+
+impl task::State {
+    pub fn to_model(self) -> Option<model::TaskState> {
+        use model::TaskState as S;
+        Some(match self {
+            task::State::Unspecified => return None,
+            task::State::Queued => S::Queued,
+            task::State::Assigned => S::Assigned,
+            task::State::Running => S::Running,
+            task::State::Completed => S::Completed,
+            task::State::Failed => S::Failed,
+            task::State::Cancelled => S::Cancelled,
+        })
+    }
+}
+
+impl From<model::EventKind> for task_event::Kind {
+    fn from(k: model::EventKind) -> Self {
+        task_event::Kind::from_str_name(k.as_str()).unwrap_or(task_event::Kind::Unspecified)
+    }
+}
+
+impl task_event::Kind {
+    pub fn to_model(self) -> Option<model::EventKind> {
+        model::EventKind::parse(self.as_str_name())
+    }
+}
+
+impl From<model::Priority> for Priority {
+    fn from(p: model::Priority) -> Self {
+        Priority::from_str_name(p.as_str()).unwrap_or(Priority::Normal)
+    }
+}
+
+impl Priority {
+    pub fn to_model(self) -> model::Priority {
+        model::Priority::parse(self.as_str_name()).unwrap_or_default()
+    }
+}
+
+impl From<&model::Task> for Task {
+    fn from(t: &model::Task) -> Self {
+        Task {
+            task_id: t.task_id.clone(),
+            agent_id: t.agent_id.clone().unwrap_or_default(),
+            description: t.description.clone(),
+            metadata: Some(json_to_struct(&t.metadata)),
+            state: task::State::from(t.state) as i32,
+            generation: t.generation,
+            attempts: t.attempts,
+            max_attempts: t.max_attempts,
+            needed_capabilities: t.needed_capabilities.clone(),
+            priority: Priority::from(t.priority) as i32,
+            result: t.result.as_ref().map(json_to_value),
+            error: t.error.as_ref().map(json_to_value),
+            created_at_ms: t.created_at_ms,
+            updated_at_ms: t.updated_at_ms,
+            last_seq: t.last_seq,
+            pinned: t.pinned,
+        }
+    }
+}
+
+impl From<&model::TaskEvent> for TaskEvent {
+    fn from(e: &model::TaskEvent) -> Self {
+        TaskEvent {
+            seq: e.seq,
+            task_id: e.task_id.clone(),
+            agent_id: e.agent_id.clone(),
+            kind: task_event::Kind::from(e.kind) as i32,
+            generation: e.generation,
+            payload: Some(json_to_struct(&e.payload)),
+            timestamp_ms: e.timestamp_ms,
+            state: task::State::from(e.state) as i32,
+        }
+    }
+}
+
+impl From<&model::AgentInfo> for Agent {
+    fn from(a: &model::AgentInfo) -> Self {
+        Agent {
+            agent_id: a.agent_id.clone(),
+            name: a.name.clone(),
+            capabilities: a.capabilities.clone(),
+            status: a.status.clone(),
+            connected: a.connected,
+            connected_at: a.connected_at,
+            active_task_ids: a.active_task_ids.clone(),
+            max_concurrency: a.max_concurrency,
+        }
+    }
+}
+
+/// A proto TaskEvent as JSON (for `agenthub watch`).
+pub fn event_to_json(e: &TaskEvent) -> Json {
+    serde_json::json!({
+        "seq": e.seq,
+        "task_id": e.task_id,
+        "agent_id": e.agent_id,
+        "kind": task_event::Kind::try_from(e.kind).map(|k| k.as_str_name()).unwrap_or("UNKNOWN"),
+        "generation": e.generation,
+        "state": task::State::try_from(e.state).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"),
+        "payload": e.payload.as_ref().map(struct_to_json).unwrap_or_default(),
+        "timestamp_ms": e.timestamp_ms,
+    })
+}
+
+/// A proto Task as JSON (for `agenthub tasks`).
+pub fn task_to_json(t: &Task) -> Json {
+    serde_json::json!({
+        "task_id": t.task_id,
+        "agent_id": t.agent_id,
+        "pinned": t.pinned,
+        "description": t.description,
+        "metadata": t.metadata.as_ref().map(struct_to_json).unwrap_or_default(),
+        "state": task::State::try_from(t.state).map(|s| s.as_str_name()).unwrap_or("UNKNOWN"),
+        "generation": t.generation,
+        "attempts": t.attempts,
+        "max_attempts": t.max_attempts,
+        "needed_capabilities": t.needed_capabilities,
+        "priority": Priority::try_from(t.priority).map(|p| p.as_str_name()).unwrap_or("NORMAL"),
+        "result": t.result.as_ref().map(value_to_json),
+        "error": t.error.as_ref().map(value_to_json),
+        "created_at_ms": t.created_at_ms,
+        "updated_at_ms": t.updated_at_ms,
+        "last_seq": t.last_seq,
+    })
+}

@@ -1,0 +1,130 @@
+//! Binding and running both listeners around one [`Hub`].
+//!
+//! `Server::build` binds (port 0 picks a free port) and reports the bound
+//! addresses; `run` serves until the shutdown future resolves, then closes
+//! sockets with a close frame, lets in-flight writes finish and closes the store.
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::grpc::{auth_interceptor, TaskHubServer, TaskHubService};
+use crate::hub::Hub;
+
+/// A hub with its listeners bound.
+pub struct Server {
+    hub: Arc<Hub>,
+    ws_listener: TcpListener,
+    grpc_listener: TcpListener,
+    ws_addr: SocketAddr,
+    grpc_addr: SocketAddr,
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::InvalidArgument(format!("cannot bind {what} address {addr}: {e}")))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    Ok((listener, local))
+}
+
+impl Server {
+    /// Open the store and bind both listeners.
+    pub async fn build(config: Config) -> Result<Server> {
+        let (ws_listener, ws_addr) = bind(config.ws_addr, "WebSocket").await?;
+        let (grpc_listener, grpc_addr) = bind(config.grpc_addr, "gRPC").await?;
+        let hub = Hub::open(config)?;
+        Ok(Server {
+            hub,
+            ws_listener,
+            grpc_listener,
+            ws_addr,
+            grpc_addr,
+        })
+    }
+
+    pub fn ws_addr(&self) -> SocketAddr {
+        self.ws_addr
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Serve until `shutdown` resolves.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+        let Server {
+            hub,
+            ws_listener,
+            grpc_listener,
+            ..
+        } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let timers = tokio::spawn(hub.clone().run_timers(stop_rx.clone()));
+
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+
+        use axum::serve::ListenerExt;
+        let app = crate::http::router(hub.clone(), stop_rx.clone());
+        let ws_listener = ws_listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let http = tokio::spawn(
+            axum::serve(ws_listener, app)
+                .with_graceful_shutdown(stopped(stop_rx.clone()))
+                .into_future(),
+        );
+
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<TaskHubServer<TaskHubService>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let svc = TaskHubServer::with_interceptor(
+            TaskHubService::new(hub.clone(), stop_rx.clone()),
+            auth_interceptor(hub.clone()),
+        );
+        let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+        let grpc = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_svc)
+                .add_service(reflection)
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
+        );
+
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        let grace = hub.config().shutdown_grace;
+        let _ = tokio::time::timeout(grace, async {
+            let _ = http.await;
+            let _ = grpc.await;
+            let _ = timers.await;
+        })
+        .await;
+        // Let sockets flush their close frames, then finish queued writes.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let closing = hub.clone();
+        let _ = tokio::task::spawn_blocking(move || closing.close()).await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,342 @@
+//! The embedded store: SQLite in WAL mode with `synchronous=FULL`.
+//!
+//! One writer thread owns the write connection and commits every batch queued
+//! while the previous commit was in flight as one transaction (group commit).
+//! Reads use a small pool of separate connections.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{Batch, Loaded, Publisher, Store};
+use crate::auth::{Role, TokenRecord};
+use crate::error::{Error, Result};
+use crate::model::{Seq, Task, TaskEvent};
+
+/// Most batches folded into one transaction.
+const MAX_GROUP: usize = 4096;
+/// Prune old events at most once per this many commits.
+const PRUNE_EVERY: u64 = 64;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    hash TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    agent_id TEXT,
+    created_at_ms INTEGER NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+";
+
+struct Shared {
+    durable_seq: AtomicU64,
+    first_seq: AtomicU64,
+    event_count: AtomicU64,
+}
+
+/// SQLite-backed [`Store`].
+pub struct SqliteStore {
+    path: std::path::PathBuf,
+    tx: Mutex<Option<mpsc::Sender<Batch>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    readers: Mutex<Vec<Connection>>,
+    shared: Arc<Shared>,
+}
+
+fn open_conn(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Open (or create) `<dir>/agenthub.db`. Without a publisher the store only
+    /// serves reads and token commands (`agenthub token ...`).
+    pub fn open(
+        dir: &Path,
+        retention: Option<u64>,
+        publisher: Option<Publisher>,
+    ) -> Result<SqliteStore> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Store(format!("create {}: {e}", dir.display())))?;
+        let path = dir.join("agenthub.db");
+        let conn = open_conn(&path)?;
+        conn.execute_batch(SCHEMA)?;
+        let (first, last, count): (Option<u64>, Option<u64>, u64) = conn.query_row(
+            "SELECT MIN(seq), MAX(seq), COUNT(*) FROM events",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        let shared = Arc::new(Shared {
+            durable_seq: AtomicU64::new(last.unwrap_or(0)),
+            first_seq: AtomicU64::new(first.unwrap_or(last.unwrap_or(0) + 1)),
+            event_count: AtomicU64::new(count),
+        });
+        let (tx, rx) = mpsc::channel::<Batch>();
+        let writer = match publisher {
+            Some(publish) => {
+                let shared = shared.clone();
+                let handle = std::thread::Builder::new()
+                    .name("agenthub-store".into())
+                    .spawn(move || writer_loop(conn, rx, publish, retention, shared))
+                    .map_err(|e| Error::Store(e.to_string()))?;
+                Some(handle)
+            }
+            None => None,
+        };
+        Ok(SqliteStore {
+            path,
+            tx: Mutex::new(writer.as_ref().map(|_| tx)),
+            writer: Mutex::new(writer),
+            readers: Mutex::new(Vec::new()),
+            shared,
+        })
+    }
+
+    fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.readers.lock().expect("reader pool").pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => open_conn(&self.path)?,
+        };
+        let out = f(&conn);
+        let mut pool = self.readers.lock().expect("reader pool");
+        if pool.len() < 8 {
+            pool.push(conn);
+        }
+        out
+    }
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Batch>,
+    publish: Publisher,
+    retention: Option<u64>,
+    shared: Arc<Shared>,
+) {
+    let mut commits: u64 = 0;
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(b) => group.push(b),
+                Err(_) => break,
+            }
+        }
+        let result = write_group(&mut conn, &group);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "commit failed");
+        }
+        commits += 1;
+        for batch in group {
+            if result.is_ok() && !batch.events.is_empty() {
+                let last = batch.events.last().map(|e| e.seq).unwrap_or(0);
+                shared.event_count.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+                shared.durable_seq.store(last, Ordering::Release);
+                publish(&batch.events);
+            }
+            for cb in batch.callbacks {
+                cb(&result);
+            }
+        }
+        if let (Some(keep), true) = (retention, commits % PRUNE_EVERY == 0) {
+            if let Err(e) = prune(&conn, keep, &shared) {
+                tracing::warn!(error = %e, "event pruning failed");
+            }
+        }
+    }
+}
+
+fn write_group(conn: &mut Connection, group: &[Batch]) -> Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut insert_task =
+            tx.prepare_cached("INSERT INTO tasks (task_id, last_seq, body) VALUES (?1, ?2, ?3)")?;
+        let mut update_task = tx.prepare_cached(
+            "UPDATE tasks SET last_seq = ?2, body = ?3 WHERE task_id = ?1 AND last_seq = ?4",
+        )?;
+        let mut insert_event = tx.prepare_cached("INSERT INTO events (seq, body) VALUES (?1, ?2)")?;
+        for batch in group {
+            for ev in &batch.events {
+                let body = serde_json::to_string(&**ev).map_err(|e| Error::Store(e.to_string()))?;
+                insert_event.execute(params![ev.seq as i64, body])?;
+            }
+            for w in &batch.tasks {
+                let body =
+                    serde_json::to_string(&w.task).map_err(|e| Error::Store(e.to_string()))?;
+                let t = &w.task;
+                let changed = match w.expected_last_seq {
+                    None => insert_task.execute(params![t.task_id, t.last_seq as i64, body])?,
+                    Some(prev) => update_task.execute(params![
+                        t.task_id,
+                        t.last_seq as i64,
+                        body,
+                        prev as i64
+                    ])?,
+                };
+                if changed != 1 {
+                    return Err(Error::Store(format!(
+                        "compare-and-set failed for task {}",
+                        t.task_id
+                    )));
+                }
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn prune(conn: &Connection, keep: u64, shared: &Shared) -> Result<()> {
+    let last = shared.durable_seq.load(Ordering::Acquire);
+    let first = shared.first_seq.load(Ordering::Acquire);
+    if last < keep || last - keep < first {
+        return Ok(());
+    }
+    let new_first = last - keep + 1;
+    let n = conn.execute("DELETE FROM events WHERE seq < ?1", params![new_first as i64])?;
+    shared.first_seq.store(new_first, Ordering::Release);
+    shared.event_count.fetch_sub(n as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+fn token_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
+    let role: String = r.get(2)?;
+    Ok(TokenRecord {
+        id: r.get(0)?,
+        hash: r.get(1)?,
+        role: Role::parse(&role).unwrap_or(Role::Viewer),
+        agent_id: r.get(3)?,
+        created_at_ms: r.get(4)?,
+        revoked: r.get::<_, i64>(5)? != 0,
+    })
+}
+
+const TOKEN_COLS: &str = "id, hash, role, agent_id, created_at_ms, revoked";
+
+impl Store for SqliteStore {
+    fn submit(&self, batch: Batch) {
+        let tx = self.tx.lock().expect("store sender");
+        let unsent = match tx.as_ref() {
+            Some(tx) => tx.send(batch).err().map(|e| e.0),
+            None => Some(batch),
+        };
+        if let Some(batch) = unsent {
+            let err = Err(Error::ShuttingDown);
+            for cb in batch.callbacks {
+                cb(&err);
+            }
+        }
+    }
+
+    fn load(&self) -> Result<Loaded> {
+        self.with_reader(|conn| {
+            let mut stmt = conn.prepare("SELECT body FROM tasks")?;
+            let tasks = stmt
+                .query_map([], |r| r.get::<_, String>(0))?
+                .map(|body| {
+                    let body = body?;
+                    serde_json::from_str::<Task>(&body).map_err(|e| Error::Store(e.to_string()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let last_seq: Option<u64> =
+                conn.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
+            Ok(Loaded {
+                tasks,
+                last_seq: last_seq.unwrap_or(0),
+            })
+        })
+    }
+
+    fn read_events(&self, after: Seq, limit: usize) -> Result<Vec<TaskEvent>> {
+        self.with_reader(|conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT body FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+            let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
+                r.get::<_, String>(0)
+            })?;
+            rows.map(|body| {
+                serde_json::from_str::<TaskEvent>(&body?).map_err(|e| Error::Store(e.to_string()))
+            })
+            .collect()
+        })
+    }
+
+    fn first_retained_seq(&self) -> Seq {
+        self.shared.first_seq.load(Ordering::Acquire).max(1)
+    }
+
+    fn durable_seq(&self) -> Seq {
+        self.shared.durable_seq.load(Ordering::Acquire)
+    }
+
+    fn event_count(&self) -> u64 {
+        self.shared.event_count.load(Ordering::Relaxed)
+    }
+
+    fn insert_token(&self, t: &TokenRecord) -> Result<()> {
+        self.with_reader(|conn| {
+            conn.execute(
+                "INSERT INTO tokens (id, hash, role, agent_id, created_at_ms, revoked) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    t.id,
+                    t.hash,
+                    t.role.as_str(),
+                    t.agent_id,
+                    t.created_at_ms,
+                    t.revoked as i64
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>> {
+        self.with_reader(|conn| {
+            let mut stmt =
+                conn.prepare_cached(&format!("SELECT {TOKEN_COLS} FROM tokens WHERE hash = ?1"))?;
+            Ok(stmt.query_row(params![hash], token_from_row).optional()?)
+        })
+    }
+
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.with_reader(|conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {TOKEN_COLS} FROM tokens ORDER BY created_at_ms, id"
+            ))?;
+            let rows = stmt.query_map([], token_from_row)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+    }
+
+    fn revoke_token(&self, id: &str) -> Result<bool> {
+        self.with_reader(|conn| {
+            Ok(conn.execute("UPDATE tokens SET revoked = 1 WHERE id = ?1", params![id])? == 1)
+        })
+    }
+
+    fn close(&self) {
+        drop(self.tx.lock().expect("store sender").take());
+        if let Some(handle) = self.writer.lock().expect("store writer").take() {
+            let _ = handle.join();
+        }
+    }
+}
