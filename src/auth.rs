@@ -154,7 +154,10 @@ impl TokenVerifier {
                 return Ok(p.clone());
             }
         }
-        let record = self.store.find_token(&hash)?.ok_or(Error::Unauthenticated)?;
+        let record = self
+            .store
+            .find_token(&hash)?
+            .ok_or(Error::Unauthenticated)?;
         // The lookup is by hash; compare the full stored hash in constant time anyway.
         if !bool::from(record.hash.as_bytes().ct_eq(hash.as_bytes())) || record.revoked {
             return Err(Error::Unauthenticated);
@@ -175,7 +178,10 @@ impl TokenVerifier {
     /// Parse `Bearer <token>` and verify it.
     pub fn verify_bearer(&self, header: Option<&str>) -> Result<Principal> {
         let token = header
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .ok_or(Error::Unauthenticated)?;
         self.verify(token)

@@ -72,7 +72,11 @@ impl TaskHub for TaskHubService {
         let push = PushRequest {
             agent_id: non_empty(r.agent_id),
             description: r.description,
-            metadata: r.metadata.as_ref().map(pb::struct_to_json).unwrap_or_default(),
+            metadata: r
+                .metadata
+                .as_ref()
+                .map(pb::struct_to_json)
+                .unwrap_or_default(),
             task_id: non_empty(r.task_id),
             needed_capabilities: r.needed_capabilities,
             priority: priority.to_model(),
@@ -124,7 +128,10 @@ impl TaskHub for TaskHubService {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn get_task(&self, req: Request<pb::GetTaskRequest>) -> Result<Response<pb::Task>, Status> {
+    async fn get_task(
+        &self,
+        req: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
         allow(&req, Access::Read)?;
         let task = self.hub.get_task(&req.into_inner().task_id).await?;
         Ok(Response::new(pb::Task::from(&task)))

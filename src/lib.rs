@@ -20,6 +20,7 @@
 
 pub mod auth;
 pub mod bus;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;

@@ -1,1 +1,275 @@
-fn main() {}
+//! The `agenthub` binary: parse the command line, set up logging, dispatch.
+
+use std::io::Write;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use serde_json::Value;
+
+use agenthub::auth::{issue_token, Role};
+use agenthub::cli::{Cli, ClientArgs, Command, PushArgs, TasksCommand, TokenCommand, WatchArgs};
+use agenthub::client::{connect, HubClient};
+use agenthub::pb;
+use agenthub::store::sqlite::SqliteStore;
+use agenthub::store::Store;
+use agenthub::Server;
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Token(cmd) => token(cmd),
+        Command::Push(args) => push(args).await,
+        Command::Watch(args) => watch(args).await,
+        Command::Tasks(cmd) => tasks(cmd).await,
+        Command::Agents(args) => agents(args).await,
+    }
+}
+
+async fn serve(args: agenthub::cli::ServeArgs) -> Result<()> {
+    let config = args.to_config();
+    let server = Server::build(config.clone()).await?;
+    if let Some(token) = server.hub().take_bootstrap_token() {
+        println!(
+            "admin token (shown once; also in {}): {token}",
+            config.data_dir.join("admin.token").display()
+        );
+    }
+    tracing::info!(ws = %server.ws_addr(), grpc = %server.grpc_addr(), data_dir = %config.data_dir.display(), "agenthub listening");
+    if args.print_addrs {
+        println!("ws={} grpc={}", server.ws_addr(), server.grpc_addr());
+    }
+    std::io::stdout().flush()?;
+    server.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn token(cmd: TokenCommand) -> Result<()> {
+    match cmd {
+        TokenCommand::Issue {
+            agent,
+            role,
+            data_dir,
+        } => {
+            let store = SqliteStore::open(&data_dir, None, None)?;
+            let role = match (&agent, role.as_deref()) {
+                (Some(_), None | Some("agent")) => Role::Agent,
+                (None, Some(r)) => Role::parse(r).ok_or_else(|| {
+                    anyhow!("unknown role `{r}` (agent, orchestrator, viewer, admin)")
+                })?,
+                (None, None) => bail!("give --agent ID or --role ROLE"),
+                (Some(_), Some(_)) => bail!("--agent issues an agent token; drop --role"),
+            };
+            let (secret, _) = issue_token(&store, role, agent)?;
+            println!("{secret}");
+        }
+        TokenCommand::List { data_dir } => {
+            let store = SqliteStore::open(&data_dir, None, None)?;
+            for t in store.list_tokens()? {
+                println!("{}", serde_json::to_string(&t)?);
+            }
+        }
+        TokenCommand::Revoke { id, data_dir } => {
+            let store = SqliteStore::open(&data_dir, None, None)?;
+            if !store.revoke_token(&id)? {
+                bail!("no token with id {id}");
+            }
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
+}
+
+async fn client(args: &ClientArgs) -> Result<HubClient> {
+    connect(&args.grpc_addr, &args.token)
+        .await
+        .with_context(|| format!("connect to {}", args.grpc_addr))
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow!("{}: {}", s.code(), s.message())
+}
+
+async fn push(args: PushArgs) -> Result<()> {
+    let metadata = match &args.metadata {
+        Some(m) => match serde_json::from_str::<Value>(m).context("--metadata must be JSON")? {
+            Value::Object(o) => Some(pb::json_to_struct(&o)),
+            _ => bail!("--metadata must be a JSON object"),
+        },
+        None => None,
+    };
+    let priority = pb::Priority::from_str_name(&args.priority.to_uppercase())
+        .ok_or_else(|| anyhow!("unknown priority `{}`", args.priority))?;
+    let mut c = client(&args.client).await?;
+    let resp = c
+        .push_task(pb::PushTaskRequest {
+            agent_id: args.agent.unwrap_or_default(),
+            description: args.description,
+            metadata,
+            task_id: args.task_id.unwrap_or_default(),
+            needed_capabilities: args.capabilities,
+            priority: priority as i32,
+            queue_if_offline: args.queue_if_offline,
+            max_attempts: args.max_attempts,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let state = pb::task::State::try_from(resp.state)
+        .map(|s| s.as_str_name())
+        .unwrap_or("?");
+    println!(
+        "{}",
+        serde_json::json!({"task_id": resp.task_id, "agent_id": resp.agent_id, "state": state, "created": resp.created})
+    );
+    Ok(())
+}
+
+async fn watch(args: WatchArgs) -> Result<()> {
+    let kinds = args
+        .kinds
+        .iter()
+        .map(|k| {
+            pb::task_event::Kind::from_str_name(&k.to_uppercase())
+                .map(|k| k as i32)
+                .ok_or_else(|| anyhow!("unknown event kind `{k}`"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut c = client(&args.client).await?;
+    let mut stream = c
+        .watch_task_events(pb::WatchTaskEventsRequest {
+            after_seq: args.after,
+            task_id: args.task.unwrap_or_default(),
+            agent_id: args.agent.unwrap_or_default(),
+            kinds,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    while let Some(ev) = stream.message().await.map_err(status_err)? {
+        writeln!(out, "{}", pb::event_to_json(&ev))?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+async fn tasks(cmd: TasksCommand) -> Result<()> {
+    match cmd {
+        TasksCommand::List {
+            client: ca,
+            state,
+            agent,
+            limit,
+        } => {
+            let state = match state {
+                Some(s) => pb::task::State::from_str_name(&s.to_uppercase())
+                    .ok_or_else(|| anyhow!("unknown state `{s}`"))?
+                    as i32,
+                None => 0,
+            };
+            let mut c = client(&ca).await?;
+            let mut token = String::new();
+            let mut shown = 0;
+            loop {
+                let page = c
+                    .list_tasks(pb::ListTasksRequest {
+                        state,
+                        agent_id: agent.clone().unwrap_or_default(),
+                        page_size: 500,
+                        page_token: token,
+                    })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                for t in &page.tasks {
+                    if limit > 0 && shown == limit {
+                        return Ok(());
+                    }
+                    println!("{}", pb::task_to_json(t));
+                    shown += 1;
+                }
+                if page.next_page_token.is_empty() {
+                    return Ok(());
+                }
+                token = page.next_page_token;
+            }
+        }
+        TasksCommand::Get {
+            client: ca,
+            task_id,
+        } => {
+            let t = client(&ca)
+                .await?
+                .get_task(pb::GetTaskRequest { task_id })
+                .await
+                .map_err(status_err)?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&pb::task_to_json(t.get_ref()))?
+            );
+        }
+        TasksCommand::Cancel {
+            client: ca,
+            task_id,
+        } => {
+            let t = client(&ca)
+                .await?
+                .cancel_task(pb::CancelTaskRequest { task_id })
+                .await
+                .map_err(status_err)?;
+            println!("{}", pb::task_to_json(t.get_ref()));
+        }
+        TasksCommand::Retry {
+            client: ca,
+            task_id,
+        } => {
+            let t = client(&ca)
+                .await?
+                .retry_task(pb::RetryTaskRequest { task_id })
+                .await
+                .map_err(status_err)?;
+            println!("{}", pb::task_to_json(t.get_ref()));
+        }
+    }
+    Ok(())
+}
+
+async fn agents(args: ClientArgs) -> Result<()> {
+    let resp = client(&args)
+        .await?
+        .list_agents(pb::ListAgentsRequest {})
+        .await
+        .map_err(status_err)?;
+    for a in &resp.get_ref().agents {
+        println!(
+            "{}",
+            serde_json::json!({
+                "agent_id": a.agent_id, "name": a.name, "capabilities": a.capabilities,
+                "status": a.status, "connected": a.connected, "connected_at": a.connected_at,
+                "active_task_ids": a.active_task_ids, "max_concurrency": a.max_concurrency,
+            })
+        );
+    }
+    Ok(())
+}

@@ -31,7 +31,10 @@ pub fn json_to_value(v: &Json) -> prost_types::Value {
 
 pub fn json_to_struct(o: &JsonObject) -> prost_types::Struct {
     prost_types::Struct {
-        fields: o.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect(),
+        fields: o
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_value(v)))
+            .collect(),
     }
 }
 

@@ -90,9 +90,7 @@ impl Server {
         );
 
         let (health, health_svc) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<TaskHubServer<TaskHubService>>()
-            .await;
+        health.set_serving::<TaskHubServer<TaskHubService>>().await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
             .build_v1()

@@ -174,7 +174,11 @@ impl Hub {
     fn durable_signal(txn: &mut Txn) -> oneshot::Receiver<Result<()>> {
         let (tx, rx) = oneshot::channel();
         txn.batch.then(move |r| {
-            let _ = tx.send(r.as_ref().map(|_| ()).map_err(|e| Error::Store(e.to_string())));
+            let _ = tx.send(
+                r.as_ref()
+                    .map(|_| ())
+                    .map_err(|e| Error::Store(e.to_string())),
+            );
         });
         rx
     }
@@ -188,7 +192,11 @@ impl Hub {
         let mut batch = Batch::default();
         let (tx, rx) = oneshot::channel();
         batch.then(move |r| {
-            let _ = tx.send(r.as_ref().map(|_| ()).map_err(|e| Error::Store(e.to_string())));
+            let _ = tx.send(
+                r.as_ref()
+                    .map(|_| ())
+                    .map_err(|e| Error::Store(e.to_string())),
+            );
         });
         self.store.submit(batch);
         Self::wait(rx).await
@@ -327,12 +335,16 @@ impl Hub {
             for (seq, id) in core.order.range(after + 1..) {
                 let t = &core.tasks[id];
                 if q.state.is_some_and(|s| s != t.state)
-                    || q.agent_id.as_ref().is_some_and(|a| Some(a) != t.agent_id.as_ref())
+                    || q.agent_id
+                        .as_ref()
+                        .is_some_and(|a| Some(a) != t.agent_id.as_ref())
                 {
                     continue;
                 }
                 if tasks.len() == page_size {
-                    next = Some((tasks.last().map(|t: &Task| t.created_seq).unwrap_or(*seq)).to_string());
+                    next = Some(
+                        (tasks.last().map(|t: &Task| t.created_seq).unwrap_or(*seq)).to_string(),
+                    );
                     break;
                 }
                 tasks.push(t.clone());
@@ -483,7 +495,10 @@ impl Hub {
             out.push_str("# HELP agenthub_tasks Tasks by state.\n# TYPE agenthub_tasks gauge\n");
             for state in TaskState::ALL {
                 let n = core.tasks.values().filter(|t| t.state == state).count();
-                out.push_str(&format!("agenthub_tasks{{state=\"{}\"}} {n}\n", state.as_str()));
+                out.push_str(&format!(
+                    "agenthub_tasks{{state=\"{}\"}} {n}\n",
+                    state.as_str()
+                ));
             }
             out.push_str(
                 "# HELP agenthub_queue_depth Queued tasks by priority.\n# TYPE agenthub_queue_depth gauge\n",
@@ -494,7 +509,10 @@ impl Hub {
                     .iter()
                     .filter(|k| core.tasks[k.task_id()].priority == p)
                     .count();
-                out.push_str(&format!("agenthub_queue_depth{{priority=\"{}\"}} {n}\n", p.as_str()));
+                out.push_str(&format!(
+                    "agenthub_queue_depth{{priority=\"{}\"}} {n}\n",
+                    p.as_str()
+                ));
             }
             metrics::gauge(
                 &mut out,

@@ -65,7 +65,11 @@ impl Hub {
                 }
                 TaskState::Running => {
                     if let Some(t) = self.config.progress_timeout {
-                        core.add_timer(&mut txn, Instant::now() + t, Timer::Progress(task_id, generation));
+                        core.add_timer(
+                            &mut txn,
+                            Instant::now() + t,
+                            Timer::Progress(task_id, generation),
+                        );
                     }
                 }
                 _ => {}
@@ -137,7 +141,11 @@ impl Hub {
             let generation = task.generation;
             core.emit(txn, &r.task_id, EventKind::Accepted, agent_id, r.payload);
             if let Some(t) = self.config.progress_timeout {
-                core.add_timer(txn, Instant::now() + t, Timer::Progress(r.task_id.clone(), generation));
+                core.add_timer(
+                    txn,
+                    Instant::now() + t,
+                    Timer::Progress(r.task_id.clone(), generation),
+                );
             }
         }
         txn.send_after_commit(session, protocol::task_ack(&r.task_id, "accepted"));
@@ -200,7 +208,11 @@ impl Hub {
         r: Report,
     ) -> Result<()> {
         fence(core, agent_id, &r)?;
-        let reason = r.payload.get("reason").cloned().unwrap_or(json!("rejected"));
+        let reason = r
+            .payload
+            .get("reason")
+            .cloned()
+            .unwrap_or(json!("rejected"));
         core.rejected_by
             .entry(r.task_id.clone())
             .or_default()
@@ -226,7 +238,13 @@ impl Hub {
         match holds {
             Some(generation) if r.generation.is_none_or(|g| g == generation) => {
                 core.emit(txn, &r.task_id, EventKind::Recovering, agent_id, r.payload);
-                core.emit(txn, &r.task_id, EventKind::Continued, agent_id, obj(json!({})));
+                core.emit(
+                    txn,
+                    &r.task_id,
+                    EventKind::Continued,
+                    agent_id,
+                    obj(json!({})),
+                );
                 txn.send_after_commit(session, protocol::task_continue(&r.task_id, generation));
             }
             Some(_) => {

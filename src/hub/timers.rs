@@ -54,7 +54,8 @@ impl Hub {
                     if task.state != TaskState::Running || task.generation != generation {
                         continue;
                     }
-                    let silent = Duration::from_millis(now_ms().saturating_sub(task.updated_at_ms) as u64);
+                    let silent =
+                        Duration::from_millis(now_ms().saturating_sub(task.updated_at_ms) as u64);
                     if silent >= limit {
                         core.reclaim(&mut txn, &self.metrics, &task_id, "progress_timeout");
                     } else {

@@ -78,11 +78,10 @@ impl SqliteStore {
         let path = dir.join("agenthub.db");
         let conn = open_conn(&path)?;
         conn.execute_batch(SCHEMA)?;
-        let (first, last, count): (Option<u64>, Option<u64>, u64) = conn.query_row(
-            "SELECT MIN(seq), MAX(seq), COUNT(*) FROM events",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )?;
+        let (first, last, count): (Option<u64>, Option<u64>, u64) =
+            conn.query_row("SELECT MIN(seq), MAX(seq), COUNT(*) FROM events", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
         let shared = Arc::new(Shared {
             durable_seq: AtomicU64::new(last.unwrap_or(0)),
             first_seq: AtomicU64::new(first.unwrap_or(last.unwrap_or(0) + 1)),
@@ -148,7 +147,9 @@ fn writer_loop(
         for batch in group {
             if result.is_ok() && !batch.events.is_empty() {
                 let last = batch.events.last().map(|e| e.seq).unwrap_or(0);
-                shared.event_count.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+                shared
+                    .event_count
+                    .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
                 shared.durable_seq.store(last, Ordering::Release);
                 publish(&batch.events);
             }
@@ -172,7 +173,8 @@ fn write_group(conn: &mut Connection, group: &[Batch]) -> Result<()> {
         let mut update_task = tx.prepare_cached(
             "UPDATE tasks SET last_seq = ?2, body = ?3 WHERE task_id = ?1 AND last_seq = ?4",
         )?;
-        let mut insert_event = tx.prepare_cached("INSERT INTO events (seq, body) VALUES (?1, ?2)")?;
+        let mut insert_event =
+            tx.prepare_cached("INSERT INTO events (seq, body) VALUES (?1, ?2)")?;
         for batch in group {
             for ev in &batch.events {
                 let body = serde_json::to_string(&**ev).map_err(|e| Error::Store(e.to_string()))?;
@@ -211,7 +213,10 @@ fn prune(conn: &Connection, keep: u64, shared: &Shared) -> Result<()> {
         return Ok(());
     }
     let new_first = last - keep + 1;
-    let n = conn.execute("DELETE FROM events WHERE seq < ?1", params![new_first as i64])?;
+    let n = conn.execute(
+        "DELETE FROM events WHERE seq < ?1",
+        params![new_first as i64],
+    )?;
     shared.first_seq.store(new_first, Ordering::Release);
     shared.event_count.fetch_sub(n as u64, Ordering::Relaxed);
     Ok(())
@@ -267,8 +272,8 @@ impl Store for SqliteStore {
 
     fn read_events(&self, after: Seq, limit: usize) -> Result<Vec<TaskEvent>> {
         self.with_reader(|conn| {
-            let mut stmt =
-                conn.prepare_cached("SELECT body FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+            let mut stmt = conn
+                .prepare_cached("SELECT body FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
             let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
                 r.get::<_, String>(0)
             })?;

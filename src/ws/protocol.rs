@@ -105,7 +105,9 @@ fn required_str(obj: &JsonObject, field: &str) -> Result<String, ProtocolError> 
     match obj.get(field) {
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
         Some(Value::String(_)) => Err(ProtocolError::invalid(format!("`{field}` is empty"))),
-        Some(_) => Err(ProtocolError::invalid(format!("`{field}` must be a string"))),
+        Some(_) => Err(ProtocolError::invalid(format!(
+            "`{field}` must be a string"
+        ))),
         None => Err(ProtocolError::invalid(format!("missing field `{field}`"))),
     }
 }
@@ -114,7 +116,9 @@ fn optional_str(obj: &JsonObject, field: &str) -> Result<Option<String>, Protoco
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(ProtocolError::invalid(format!("`{field}` must be a string"))),
+        Some(_) => Err(ProtocolError::invalid(format!(
+            "`{field}` must be a string"
+        ))),
     }
 }
 
@@ -241,8 +245,8 @@ mod tests {
 
     #[test]
     fn report_payload_drops_type_and_token() {
-        let m = parse(r#"{"type":"task_progress","task_id":"t1","token":"x","progress":50}"#)
-            .unwrap();
+        let m =
+            parse(r#"{"type":"task_progress","task_id":"t1","token":"x","progress":50}"#).unwrap();
         let Inbound::Progress(r) = m else { panic!() };
         assert_eq!(r.payload.get("progress"), Some(&json!(50)));
         assert!(!r.payload.contains_key("token") && !r.payload.contains_key("type"));
@@ -251,8 +255,14 @@ mod tests {
     #[test]
     fn error_codes_for_bad_frames() {
         assert_eq!(parse("{nope").unwrap_err().code, "invalid_json");
-        assert_eq!(parse(r#"{"type":"x"}"#).unwrap_err().code, "unknown_message_type");
-        assert_eq!(parse(r#"{"type":"task_complete"}"#).unwrap_err().code, "invalid_message");
+        assert_eq!(
+            parse(r#"{"type":"x"}"#).unwrap_err().code,
+            "unknown_message_type"
+        );
+        assert_eq!(
+            parse(r#"{"type":"task_complete"}"#).unwrap_err().code,
+            "invalid_message"
+        );
         assert_eq!(parse("[1]").unwrap_err().code, "invalid_message");
         assert_eq!(
             parse(r#"{"type":"task_accepted","task_id":"t","generation":-1}"#)

@@ -1,0 +1,230 @@
+//! Command line: clap definitions with env fallbacks. Secrets are never shown
+//! in `--help` (`hide_env_values`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, Config};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "agenthub",
+    version,
+    about = "A durable task hub for AI-agent sidecars"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the hub (WebSocket + HTTP and gRPC listeners, embedded store).
+    Serve(ServeArgs),
+    /// Manage tokens directly in the data directory (no server needed).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Push a task (gRPC PushTask).
+    Push(PushArgs),
+    /// Follow task events as JSON lines (gRPC WatchTaskEvents).
+    Watch(WatchArgs),
+    /// List or show tasks.
+    #[command(subcommand)]
+    Tasks(TasksCommand),
+    /// List agents.
+    Agents(ClientArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[arg(long, env = "AGENTHUB_WS_ADDR", default_value = config::DEFAULT_WS_ADDR)]
+    pub ws_addr: SocketAddr,
+    #[arg(long, env = "AGENTHUB_GRPC_ADDR", default_value = config::DEFAULT_GRPC_ADDR)]
+    pub grpc_addr: SocketAddr,
+    #[arg(long, env = "AGENTHUB_DATA_DIR", default_value = config::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// Print the bound addresses as `ws=ADDR grpc=ADDR` on stdout once listening.
+    #[arg(long)]
+    pub print_addrs: bool,
+    /// Reclaim a task not accepted within this (e.g. 60s, 500ms).
+    #[arg(long, env = "AGENTHUB_ACCEPT_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
+    pub accept_timeout: Duration,
+    /// Reclaim a running task silent for this long; 0 = off.
+    #[arg(long, env = "AGENTHUB_PROGRESS_TIMEOUT", value_parser = parse_duration, default_value = "0")]
+    pub progress_timeout: Duration,
+    /// How long a disconnected agent keeps its tasks.
+    #[arg(long, env = "AGENTHUB_RECONNECT_GRACE", value_parser = parse_duration, default_value = "60s")]
+    pub reconnect_grace: Duration,
+    /// Close sockets that do not identify within this.
+    #[arg(long, env = "AGENTHUB_IDENTIFY_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub identify_timeout: Duration,
+    /// WebSocket ping interval; a socket silent for interval + ping timeout is closed.
+    #[arg(long, env = "AGENTHUB_PING_INTERVAL", value_parser = parse_duration, default_value = "20s")]
+    pub ping_interval: Duration,
+    #[arg(long, env = "AGENTHUB_PING_TIMEOUT", value_parser = parse_duration, default_value = "20s")]
+    pub ping_timeout: Duration,
+    /// Attempts per task when PushTask does not say.
+    #[arg(long, env = "AGENTHUB_MAX_ATTEMPTS", default_value_t = config::DEFAULT_MAX_ATTEMPTS)]
+    pub max_attempts: u32,
+    /// Largest WebSocket message in bytes.
+    #[arg(long, env = "AGENTHUB_MAX_MESSAGE_BYTES", default_value_t = config::DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+    /// Messages queued per sidecar before it is disconnected as too slow.
+    #[arg(long, env = "AGENTHUB_OUTBOUND_QUEUE", default_value_t = config::DEFAULT_OUTBOUND_QUEUE)]
+    pub outbound_queue: usize,
+    /// Keep only the newest N events (0 = keep all).
+    #[arg(long, env = "AGENTHUB_EVENT_RETENTION", default_value_t = 0)]
+    pub event_retention: u64,
+}
+
+impl ServeArgs {
+    pub fn to_config(&self) -> Config {
+        let mut c = Config::for_data_dir(&self.data_dir);
+        c.ws_addr = self.ws_addr;
+        c.grpc_addr = self.grpc_addr;
+        c.accept_timeout = self.accept_timeout;
+        c.progress_timeout = (!self.progress_timeout.is_zero()).then_some(self.progress_timeout);
+        c.reconnect_grace = self.reconnect_grace;
+        c.identify_timeout = self.identify_timeout;
+        c.ws_ping_interval = self.ping_interval;
+        c.ws_ping_timeout = self.ping_timeout;
+        c.default_max_attempts = self.max_attempts;
+        c.max_message_bytes = self.max_message_bytes;
+        c.outbound_queue = self.outbound_queue;
+        c.event_retention = (self.event_retention > 0).then_some(self.event_retention);
+        c
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Issue a token; prints the token alone on stdout (it is not stored).
+    Issue {
+        /// An agent token bound to this agent id.
+        #[arg(long, conflicts_with = "role")]
+        agent: Option<String>,
+        /// orchestrator, viewer or admin.
+        #[arg(long)]
+        role: Option<String>,
+        #[arg(long, env = "AGENTHUB_DATA_DIR", default_value = config::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+    /// List tokens (ids, roles, agents; never the secrets).
+    List {
+        #[arg(long, env = "AGENTHUB_DATA_DIR", default_value = config::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+    /// Revoke a token by id (takes effect within 2 s on a running hub).
+    Revoke {
+        id: String,
+        #[arg(long, env = "AGENTHUB_DATA_DIR", default_value = config::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// gRPC address of the hub.
+    #[arg(long = "grpc-addr", env = "AGENTHUB_GRPC_ADDR", default_value = config::DEFAULT_GRPC_ADDR)]
+    pub grpc_addr: String,
+    /// Bearer token (orchestrator, viewer or admin).
+    #[arg(long, env = "AGENTHUB_TOKEN", hide_env_values = true)]
+    pub token: String,
+}
+
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Pin to this agent; omit to let the scheduler pick.
+    #[arg(long)]
+    pub agent: Option<String>,
+    #[arg(long, short = 'd', default_value = "")]
+    pub description: String,
+    /// Metadata as a JSON object.
+    #[arg(long)]
+    pub metadata: Option<String>,
+    #[arg(long)]
+    pub task_id: Option<String>,
+    /// Needed capability (repeatable or comma-separated).
+    #[arg(long = "capability", value_delimiter = ',')]
+    pub capabilities: Vec<String>,
+    /// low, normal, high or urgent.
+    #[arg(long, default_value = "normal")]
+    pub priority: String,
+    #[arg(long)]
+    pub queue_if_offline: bool,
+    #[arg(long, default_value_t = 0)]
+    pub max_attempts: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Replay every stored event after this seq first.
+    #[arg(long)]
+    pub after: Option<u64>,
+    #[arg(long)]
+    pub task: Option<String>,
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// Only these kinds (repeatable or comma-separated), e.g. COMPLETED,FAILED.
+    #[arg(long = "kind", value_delimiter = ',')]
+    pub kinds: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TasksCommand {
+    /// List tasks as JSON lines.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+        /// Stop after this many tasks (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+    },
+    /// Show one task as JSON.
+    Get {
+        #[command(flatten)]
+        client: ClientArgs,
+        task_id: String,
+    },
+    /// Cancel a task.
+    Cancel {
+        #[command(flatten)]
+        client: ClientArgs,
+        task_id: String,
+    },
+    /// Re-queue a FAILED or CANCELLED task.
+    Retry {
+        #[command(flatten)]
+        client: ClientArgs,
+        task_id: String,
+    },
+}
+
+/// `500ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration `{s}`"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration unit in `{s}` (use ms, s, m, h)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}

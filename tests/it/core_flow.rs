@@ -1,0 +1,638 @@
+//! The core contract: lifecycle over a real WebSocket + gRPC, pinned push,
+//! idempotency, watch replay, bad input, roles, HTTP endpoints.
+
+use std::time::Duration;
+
+use agenthub::auth::Role;
+use agenthub::pb;
+use serde_json::{json, Value};
+use tonic::Code;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn full_lifecycle_is_acked_and_watched_in_order() {
+    let hub = TestHub::start().await;
+    let mut client = hub.client().await;
+    let mut watch = client
+        .watch_task_events(pb::WatchTaskEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut sc = hub.sidecar("agent-1").await;
+
+    let mut req = pinned("agent-1", "write a haiku");
+    req.metadata = Some(pb::json_to_struct(
+        json!({"repo": "x/y", "n": 3, "nested": {"list": [1, "two", null, true]}})
+            .as_object()
+            .unwrap(),
+    ));
+    let resp = client.push_task(req).await.unwrap().into_inner();
+    assert!(resp.created);
+    assert!(resp.task_id.starts_with("task-") && resp.task_id.len() == 21);
+
+    let assign = sc.recv_type("task_assign").await;
+    assert_eq!(assign["task_id"], resp.task_id.as_str());
+    assert_eq!(assign["description"], "write a haiku");
+    assert_eq!(assign["generation"], 1);
+    assert_eq!(
+        assign["metadata"],
+        json!({"repo": "x/y", "n": 3, "nested": {"list": [1, "two", null, true]}})
+    );
+    assert!(assign["assigned_at"].as_i64().unwrap() > 0);
+
+    let id = resp.task_id.as_str();
+    sc.accept(id, 1).await;
+    sc.send(json!({"type": "task_progress", "task_id": id, "generation": 1, "progress": 50, "note": "half"}))
+        .await;
+    sc.complete(id, 1, json!({"text": "done"})).await;
+
+    let events = take_events(&mut watch, 5).await;
+    let kinds: Vec<_> = events.iter().map(kind).collect();
+    use pb::task_event::Kind as K;
+    assert_eq!(
+        kinds,
+        [
+            K::Created,
+            K::Assigned,
+            K::Accepted,
+            K::Progress,
+            K::Completed
+        ]
+    );
+    assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
+    let progress = pb::struct_to_json(events[3].payload.as_ref().unwrap());
+    assert_eq!(progress["progress"], 50);
+    assert_eq!(progress["note"], "half");
+    assert!(!progress.contains_key("type"));
+    let done = pb::struct_to_json(events[4].payload.as_ref().unwrap());
+    assert_eq!(done["result"], json!({"text": "done"}));
+
+    let task = client
+        .get_task(pb::GetTaskRequest { task_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state_of(&task), pb::task::State::Completed);
+    assert_eq!(
+        pb::value_to_json(task.result.as_ref().unwrap()),
+        json!({"text": "done"})
+    );
+    assert_eq!(task.last_seq, events[4].seq);
+    assert_eq!(task.generation, 1);
+    assert_eq!(
+        pb::struct_to_json(task.metadata.as_ref().unwrap())["nested"],
+        json!({"list": [1, "two", null, true]})
+    );
+}
+
+#[tokio::test]
+async fn push_to_offline_agent_is_not_found_and_stores_nothing() {
+    let hub = TestHub::start().await;
+    let mut client = hub.client().await;
+    let err = client.push_task(pinned("ghost", "x")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        err.message().contains("agent_not_connected"),
+        "{}",
+        err.message()
+    );
+    let list = client
+        .list_tasks(pb::ListTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.tasks.is_empty());
+    assert_eq!(list.as_of_seq, 0);
+}
+
+#[tokio::test]
+async fn queued_if_offline_task_is_delivered_when_agent_identifies() {
+    let hub = TestHub::start().await;
+    let mut client = hub.client().await;
+    let mut req = pinned("later", "wait for me");
+    req.queue_if_offline = true;
+    let resp = client.push_task(req).await.unwrap().into_inner();
+    assert_eq!(resp.state, pb::task::State::Queued as i32);
+    let mut sc = hub.sidecar("later").await;
+    let (task_id, generation) = sc.next_assign().await;
+    assert_eq!(task_id, resp.task_id);
+    assert_eq!(generation, 1);
+}
+
+#[tokio::test]
+async fn caller_task_id_makes_push_idempotent() {
+    let hub = TestHub::start().await;
+    let _sc = hub.sidecar("a").await;
+    let mut client = hub.client().await;
+    let mut req = pinned("a", "same");
+    req.task_id = "order-42".into();
+    let first = client.push_task(req.clone()).await.unwrap().into_inner();
+    assert!(first.created);
+    let again = client.push_task(req.clone()).await.unwrap().into_inner();
+    assert!(!again.created);
+    assert_eq!(again.task_id, "order-42");
+    req.description = "different".into();
+    let err = client.push_task(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    let list = client
+        .list_tasks(pb::ListTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.tasks.len(), 1);
+}
+
+#[tokio::test]
+async fn watch_from_cursor_while_events_flow_has_no_gap_or_duplicate() {
+    let hub = TestHub::start().await;
+    let mut sc = hub.sidecar_with("w", json!({"max_concurrency": 1})).await;
+    let mut client = hub.client().await;
+    let id = client
+        .push_task(pinned("w", "t"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    let (_, g) = sc.next_assign().await;
+    sc.accept(&id, g).await;
+    // Keep events flowing from the sidecar while watchers join at various cursors.
+    let total = 3000u64;
+    let producer = tokio::spawn(async move {
+        for i in 0..total {
+            sc.send(json!({"type": "task_progress", "task_id": id, "progress": i}))
+                .await;
+            if i % 200 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        sc
+    });
+    let mut watchers = Vec::new();
+    for cursor in [0u64, 1, 2, 3] {
+        let mut c = hub.client().await;
+        watchers.push(tokio::spawn(async move {
+            let mut s = c
+                .watch_task_events(pb::WatchTaskEventsRequest {
+                    after_seq: Some(cursor),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let want = 3 + total - cursor; // CREATED, ASSIGNED, ACCEPTED + progress
+            let evs = take_events(&mut s, want as usize).await;
+            let seqs: Vec<u64> = evs.iter().map(|e| e.seq).collect();
+            let expect: Vec<u64> = (cursor + 1..=cursor + want).collect();
+            assert_eq!(seqs, expect, "watcher after {cursor}");
+        }));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    producer.await.unwrap();
+    for w in watchers {
+        w.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn stalled_watcher_does_not_block_the_hub_and_later_gets_everything() {
+    let hub = TestHub::start_with(|c| c.watch_buffer = 1024).await;
+    let mut sc = hub.sidecar("fast").await;
+    let mut client = hub.client().await;
+    // A watcher that does not read at all while >=100k events flow.
+    let mut stalled = hub
+        .client()
+        .await
+        .watch_task_events(pb::WatchTaskEventsRequest {
+            after_seq: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = client
+        .push_task(pinned("fast", "t"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    let (_, g) = sc.next_assign().await;
+    sc.accept(&id, g).await;
+    let progress = 100_000u64;
+    for i in 0..progress {
+        sc.send(json!({"type": "task_progress", "task_id": id, "progress": i}))
+            .await;
+    }
+    // The hub still answers pushes promptly while the watcher is stalled.
+    let pushed = tokio::time::timeout(WAIT, client.push_task(pinned("fast", "after")))
+        .await
+        .expect("push not blocked by a stalled watcher")
+        .unwrap()
+        .into_inner();
+    assert!(pushed.created);
+    sc.complete(&id, g, json!(null)).await;
+    let last = eventually(|| {
+        let mut c = client.clone();
+        async move {
+            let page = c
+                .list_tasks(pb::ListTasksRequest::default())
+                .await
+                .ok()?
+                .into_inner();
+            (page.as_of_seq >= 3 + progress + 3).then_some(page.as_of_seq)
+        }
+    })
+    .await;
+    // Now read everything: every seq from 1 to last, in order, once.
+    let evs = take_events(&mut stalled, last as usize).await;
+    for (i, e) in evs.iter().enumerate() {
+        assert_eq!(e.seq, i as u64 + 1);
+    }
+}
+
+#[tokio::test]
+async fn cursor_older_than_retention_is_out_of_range() {
+    let hub = TestHub::start_with(|c| c.event_retention = Some(10)).await;
+    let mut sc = hub.sidecar("r").await;
+    let mut client = hub.client().await;
+    let id = client
+        .push_task(pinned("r", "t"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    let (_, g) = sc.next_assign().await;
+    sc.accept(&id, g).await;
+    // Enough commits for the pruner to run (it runs every 64 commits).
+    for i in 0..300 {
+        sc.send(json!({"type": "task_progress", "task_id": id, "progress": i}))
+            .await;
+        if i % 3 == 0 {
+            sc.send(json!({"type": "ping"})).await;
+            sc.recv_type("pong").await;
+        }
+    }
+    let mut status = None;
+    for _ in 0..100 {
+        let r = client
+            .watch_task_events(pb::WatchTaskEventsRequest {
+                after_seq: Some(0),
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Err(s) => {
+                status = Some(s);
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let status = status.expect("old cursor refused once history is pruned");
+    assert_eq!(status.code(), Code::OutOfRange);
+    // A recent cursor still works.
+    let page = client
+        .list_tasks(pb::ListTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut s = client
+        .watch_task_events(pb::WatchTaskEventsRequest {
+            after_seq: Some(page.as_of_seq - 2),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let evs = take_events(&mut s, 2).await;
+    assert_eq!(evs[1].seq, page.as_of_seq);
+}
+
+/// Send `msg` and expect `{"type":"error","error":code}`.
+async fn expect_error(sc: &mut Sidecar, msg: &str, code: &str) -> Value {
+    sc.send_text(msg).await;
+    let reply = sc.recv().await;
+    assert_eq!(reply["type"], "error", "{msg} -> {reply}");
+    assert_eq!(reply["error"], code, "{msg} -> {reply}");
+    reply
+}
+
+#[tokio::test]
+async fn bad_input_gets_its_error_and_changes_nothing() {
+    let hub = TestHub::start().await;
+    let mut client = hub.client().await;
+    let mut owner = hub.sidecar("owner").await;
+    let id = client
+        .push_task(pinned("owner", "t"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    let (_, g) = owner.next_assign().await;
+    let before = client
+        .get_task(pb::GetTaskRequest {
+            task_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Not identified yet.
+    let mut anon = Sidecar::connect(&hub.ws_url()).await;
+    expect_error(
+        &mut anon,
+        &json!({"type": "task_accepted", "task_id": id}).to_string(),
+        "not_identified",
+    )
+    .await;
+    expect_error(&mut anon, "{not json", "invalid_json").await;
+    // Wrong token, token for another agent.
+    expect_error(
+        &mut anon,
+        r#"{"type":"identify","agent_id":"owner","token":"nope"}"#,
+        "invalid_token",
+    )
+    .await;
+    let other_token = hub.agent_token("other");
+    expect_error(
+        &mut anon,
+        &json!({"type": "identify", "agent_id": "owner", "token": other_token}).to_string(),
+        "token_agent_mismatch",
+    )
+    .await;
+    let viewer = hub.token(Role::Viewer, None);
+    expect_error(
+        &mut anon,
+        &json!({"type": "identify", "agent_id": "owner", "token": viewer}).to_string(),
+        "invalid_token",
+    )
+    .await;
+
+    let mut other = hub.sidecar("other").await;
+    expect_error(&mut other, "{not json", "invalid_json").await;
+    expect_error(
+        &mut other,
+        r#"{"type":"launch_missiles"}"#,
+        "unknown_message_type",
+    )
+    .await;
+    let r = expect_error(
+        &mut other,
+        r#"{"type":"task_complete","result":1}"#,
+        "invalid_message",
+    )
+    .await;
+    assert!(r["detail"].as_str().unwrap().contains("task_id"));
+    expect_error(&mut other, r#"{"no_type":1}"#, "invalid_message").await;
+    expect_error(
+        &mut other,
+        r#"{"type":"task_accepted","task_id":"task-0000000000000000"}"#,
+        "unknown_task",
+    )
+    .await;
+    let r = expect_error(
+        &mut other,
+        &json!({"type": "task_complete", "task_id": id, "result": 1}).to_string(),
+        "not_task_owner",
+    )
+    .await;
+    assert_eq!(r["task_id"], id.as_str());
+    // The owner with a stale generation.
+    expect_error(
+        &mut owner,
+        &json!({"type": "task_complete", "task_id": id, "generation": g + 5, "result": 1})
+            .to_string(),
+        "stale_generation",
+    )
+    .await;
+    // The socket stays open and usable after errors.
+    other.send(json!({"type": "ping"})).await;
+    assert_eq!(other.recv().await["type"], "pong");
+
+    let after = client
+        .get_task(pb::GetTaskRequest {
+            task_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(before, after, "bad input changed the task");
+
+    // A finished task refuses further reports.
+    owner.accept(&id, g).await;
+    owner.complete(&id, g, json!("ok")).await;
+    expect_error(
+        &mut owner,
+        &json!({"type": "task_failed", "task_id": id, "generation": g, "error": "late"})
+            .to_string(),
+        "task_finished",
+    )
+    .await;
+    let done = client
+        .get_task(pb::GetTaskRequest { task_id: id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state_of(&done), pb::task::State::Completed);
+    assert_eq!(
+        pb::value_to_json(done.result.as_ref().unwrap()),
+        json!("ok")
+    );
+}
+
+#[tokio::test]
+async fn oversized_frame_closes_with_1009() {
+    let hub = TestHub::start_with(|c| c.max_message_bytes = 64 * 1024).await;
+    let mut sc = hub.sidecar("big").await;
+    let huge = "x".repeat(65 * 1024);
+    sc.send(json!({"type": "task_progress", "task_id": "t", "progress": huge}))
+        .await;
+    assert_eq!(sc.recv_close().await, Some(1009));
+    // The hub itself is fine.
+    let mut again = hub.sidecar("big").await;
+    again.send(json!({"type": "ping"})).await;
+    assert_eq!(again.recv().await["type"], "pong");
+}
+
+#[tokio::test]
+async fn socket_without_identify_is_closed_with_1008() {
+    let hub = TestHub::start_with(|c| c.identify_timeout = Duration::from_millis(300)).await;
+    let mut sc = Sidecar::connect(&hub.ws_url()).await;
+    sc.send(json!({"type": "ping"})).await;
+    assert_eq!(sc.recv().await["type"], "pong");
+    assert_eq!(sc.recv_close().await, Some(1008));
+}
+
+#[tokio::test]
+async fn second_identify_replaces_the_session_and_keeps_tasks() {
+    let hub = TestHub::start().await;
+    let mut client = hub.client().await;
+    let mut first = hub.sidecar("dup").await;
+    let id = client
+        .push_task(pinned("dup", "t"))
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    let (_, g) = first.next_assign().await;
+    first.accept(&id, g).await;
+    let mut second = hub.sidecar("dup").await;
+    let err = first.recv().await;
+    assert_eq!(err["error"], "session_replaced");
+    assert!(first.recv_close().await.is_some());
+    second.complete(&id, g, json!(1)).await;
+    let agents = client
+        .list_agents(pb::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(agents.agents.len(), 1);
+    assert!(agents.agents[0].connected);
+}
+
+#[tokio::test]
+async fn roles_are_enforced_on_grpc() {
+    let hub = TestHub::start().await;
+    let _sc = hub.sidecar("a").await;
+    let mut anon = hub.client_with("").await;
+    let e = anon
+        .list_agents(pb::ListAgentsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let mut bad = hub.client_with("deadbeef").await;
+    let e = bad.push_task(pinned("a", "x")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    let mut viewer = hub.client_with(&hub.token(Role::Viewer, None)).await;
+    let e = viewer.push_task(pinned("a", "x")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    viewer
+        .list_tasks(pb::ListTasksRequest::default())
+        .await
+        .unwrap();
+
+    let mut agent = hub.client_with(&hub.agent_token("a")).await;
+    let e = agent
+        .list_tasks(pb::ListTasksRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    let mut orch = hub.client_with(&hub.token(Role::Orchestrator, None)).await;
+    orch.push_task(pinned("a", "x")).await.unwrap();
+    assert_eq!(
+        orch.list_tasks(pb::ListTasksRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .tasks
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn http_push_endpoint_status_codes_and_health_metrics() {
+    let hub = TestHub::start().await;
+    let _sc = hub.sidecar("h").await;
+    let http = Http::new(hub.ws_addr);
+    let body =
+        json!({"agent_id": "h", "description": "via http", "metadata": {"k": 1}}).to_string();
+    let auth = format!("Bearer {}", hub.admin_token);
+    let (code, v) = http.post("/api/admin/push-task", Some(&auth), &body).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["status"], "pushed");
+    assert_eq!(v["agent_id"], "h");
+    assert!(v["task_id"].as_str().unwrap().starts_with("task-"));
+
+    let offline = json!({"agent_id": "nobody", "description": "x"}).to_string();
+    let (code, v) = http
+        .post("/api/admin/push-task", Some(&auth), &offline)
+        .await;
+    assert_eq!(
+        (code, v["error"].as_str()),
+        (404, Some("agent_not_connected"))
+    );
+    let (code, v) = http
+        .post("/api/admin/push-task", Some(&auth), "{oops")
+        .await;
+    assert_eq!(code, 400, "{v}");
+    assert!(v["error"].is_string());
+    let (code, _) = http.post("/api/admin/push-task", None, &body).await;
+    assert_eq!(code, 401);
+    let viewer = format!("Bearer {}", hub.token(Role::Viewer, None));
+    let (code, _) = http
+        .post("/api/admin/push-task", Some(&viewer), &body)
+        .await;
+    assert_eq!(code, 403);
+
+    let (code, v) = http.get("/health").await;
+    assert_eq!(code, 200);
+    assert_eq!(v["status"], "ok");
+    assert_eq!(v["agents_connected"], 1);
+    let (code, text) = http.get_text("/metrics").await;
+    assert_eq!(code, 200);
+    for name in [
+        "agenthub_agents_connected 1",
+        "agenthub_tasks{state=\"ASSIGNED\"} 1",
+        "agenthub_events_stored 2",
+        "agenthub_watchers 0",
+    ] {
+        assert!(text.contains(name), "metrics lack `{name}`:\n{text}");
+    }
+}
+
+/// Bare-bones HTTP/1.1 client (one request per connection).
+pub struct Http {
+    addr: std::net::SocketAddr,
+}
+
+impl Http {
+    pub fn new(addr: std::net::SocketAddr) -> Http {
+        Http { addr }
+    }
+
+    async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        body: &str,
+    ) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let auth = auth
+            .map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let code = text[9..12].parse().unwrap();
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|x| x.1)
+            .unwrap_or("")
+            .to_string();
+        (code, body)
+    }
+
+    pub async fn post(&self, path: &str, auth: Option<&str>, body: &str) -> (u16, Value) {
+        let (code, body) = self.request("POST", path, auth, body).await;
+        (code, serde_json::from_str(&body).unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let (code, body) = self.request("GET", path, None, "").await;
+        (code, serde_json::from_str(&body).unwrap_or(Value::Null))
+    }
+
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        self.request("GET", path, None, "").await
+    }
+}
