@@ -358,6 +358,13 @@ impl Core {
     pub fn reclaim(&mut self, txn: &mut Txn, metrics: &Metrics, task_id: &str, reason: &str) {
         let from = self.end_attempt(task_id, json!({ "reason": reason }));
         let agent_id = from.unwrap_or_default();
+        if !self.tasks[task_id].state.is_final() {
+            // Prefer someone else next time.
+            self.rejected_by
+                .entry(task_id.to_string())
+                .or_default()
+                .push(agent_id.clone());
+        }
         self.emit(
             txn,
             task_id,

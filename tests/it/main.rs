@@ -4,3 +4,5 @@
 mod helpers;
 
 mod core_flow;
+mod durability;
+mod scheduler;

@@ -1,0 +1,208 @@
+//! SIGKILL the hub process mid-traffic: nothing acknowledged is lost, and
+//! sequence numbers continue without reuse.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use agenthub::client::connect;
+use agenthub::pb;
+use serde_json::json;
+
+use crate::helpers::*;
+
+fn issue_agent_token(dir: &std::path::Path, agent: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agenthub"))
+        .args(["token", "issue", "--agent", agent, "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[tokio::test]
+async fn sigkill_loses_nothing_acknowledged_and_seq_continues() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut proc = HubProcess::spawn(dir, &[]).await;
+    let admin = admin_token(dir);
+    let token = issue_agent_token(dir, "dur");
+
+    let mut sc = Sidecar::connect(&format!("ws://{}/ws", proc.ws_addr)).await;
+    sc.send(
+        json!({"type": "identify", "agent_id": "dur", "token": token, "max_concurrency": 10000}),
+    )
+    .await;
+    assert_eq!(sc.recv().await["type"], "identified");
+
+    let pushed: Arc<Mutex<HashSet<String>>> = Default::default();
+    // task_id -> strongest acked report ("accepted" < "complete").
+    let acked: Arc<Mutex<HashMap<String, String>>> = Default::default();
+    let max_seen_seq = Arc::new(Mutex::new(0u64));
+
+    // The sidecar accepts every task and completes every other one, as fast as it can.
+    let acked2 = acked.clone();
+    let sidecar = tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Some(msg) = sc.try_recv(std::time::Duration::from_secs(5)).await {
+            match msg["type"].as_str() {
+                Some("task_assign") => {
+                    let id = msg["task_id"].as_str().unwrap().to_string();
+                    let g = msg["generation"].as_u64().unwrap();
+                    sc.send(json!({"type": "task_accepted", "task_id": id, "generation": g}))
+                        .await;
+                    n += 1;
+                    if n % 2 == 0 {
+                        sc.send(json!({"type": "task_complete", "task_id": id, "generation": g, "result": n}))
+                            .await;
+                    }
+                }
+                Some("task_ack") => {
+                    let id = msg["task_id"].as_str().unwrap().to_string();
+                    let status = msg["status"].as_str().unwrap().to_string();
+                    let mut a = acked2.lock().unwrap();
+                    let e = a.entry(id).or_default();
+                    if status == "complete" || e.is_empty() {
+                        *e = status;
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+
+    // 4 concurrent orchestrators push 1000 tasks in all.
+    let grpc = proc.grpc_addr.to_string();
+    let mut pushers = Vec::new();
+    for p in 0..4 {
+        let (grpc, admin, pushed) = (grpc.clone(), admin.clone(), pushed.clone());
+        pushers.push(tokio::spawn(async move {
+            let mut c = connect(&grpc, &admin).await.unwrap();
+            for i in 0..250 {
+                let mut req = pinned("dur", "d");
+                req.task_id = format!("dur-{p}-{i}");
+                match c.push_task(req).await {
+                    Ok(r) => {
+                        pushed.lock().unwrap().insert(r.into_inner().task_id);
+                    }
+                    Err(_) => return, // the hub died under us
+                }
+            }
+        }));
+    }
+    // Kill once a good share of the work is acknowledged.
+    eventually(|| {
+        let n = pushed.lock().unwrap().len();
+        let done = acked
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|s| *s == "complete")
+            .count();
+        async move { (n >= 400 && done >= 100).then_some(()) }
+    })
+    .await;
+    {
+        let mut c = connect(&grpc, &admin).await.unwrap();
+        let page = c
+            .list_tasks(pb::ListTasksRequest {
+                page_size: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        *max_seen_seq.lock().unwrap() = page.into_inner().as_of_seq;
+    }
+    proc.kill9();
+    proc.wait_exit().await;
+    for p in pushers {
+        let _ = p.await;
+    }
+    let _ = sidecar.await;
+
+    let pushed = pushed.lock().unwrap().clone();
+    let acked = acked.lock().unwrap().clone();
+    assert!(pushed.len() >= 400);
+    eprintln!(
+        "killed after {} pushes returned, {} reports acked",
+        pushed.len(),
+        acked.len()
+    );
+
+    let mut proc = HubProcess::spawn(dir, &[]).await;
+    let mut c = connect(&proc.grpc_addr.to_string(), &admin).await.unwrap();
+    // Every pushed task is there; every acked report is reflected.
+    let mut tasks = HashMap::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_tasks(pb::ListTasksRequest {
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for t in page.tasks {
+            tasks.insert(t.task_id.clone(), t);
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    for id in &pushed {
+        assert!(tasks.contains_key(id), "pushed task {id} lost");
+    }
+    for (id, status) in &acked {
+        let state = state_of(&tasks[id]);
+        match status.as_str() {
+            "complete" => assert_eq!(state, pb::task::State::Completed, "{id}"),
+            _ => assert!(
+                matches!(state, pb::task::State::Running | pb::task::State::Completed),
+                "{id} acked accepted but is {state:?}"
+            ),
+        }
+    }
+    // The stored history is gap-free and seq continues after it.
+    let mut watch = c
+        .watch_task_events(pb::WatchTaskEventsRequest {
+            after_seq: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let page = c
+        .list_tasks(pb::ListTasksRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let last = page.as_of_seq;
+    assert!(last >= *max_seen_seq.lock().unwrap());
+    let evs = take_events(&mut watch, last as usize).await;
+    for (i, e) in evs.iter().enumerate() {
+        assert_eq!(e.seq, i as u64 + 1);
+    }
+    let mut req = pinned("dur", "after restart");
+    req.queue_if_offline = true;
+    let fresh = c.push_task(req).await.unwrap().into_inner();
+    let t = c
+        .get_task(pb::GetTaskRequest {
+            task_id: fresh.task_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.last_seq, last + 1, "seq continues without reuse");
+    proc.kill9();
+    proc.wait_exit().await;
+}
