@@ -157,7 +157,7 @@ fn writer_loop(
                 cb(&result);
             }
         }
-        if let (Some(keep), true) = (retention, commits % PRUNE_EVERY == 0) {
+        if let (Some(keep), true) = (retention, commits.is_multiple_of(PRUNE_EVERY)) {
             if let Err(e) = prune(&conn, keep, &shared) {
                 tracing::warn!(error = %e, "event pruning failed");
             }

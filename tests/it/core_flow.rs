@@ -162,7 +162,7 @@ async fn watch_from_cursor_while_events_flow_has_no_gap_or_duplicate() {
         for i in 0..total {
             sc.send(json!({"type": "task_progress", "task_id": id, "progress": i}))
                 .await;
-            if i % 200 == 0 {
+            if i.is_multiple_of(200) {
                 tokio::task::yield_now().await;
             }
         }
@@ -264,10 +264,10 @@ async fn cursor_older_than_retention_is_out_of_range() {
     let (_, g) = sc.next_assign().await;
     sc.accept(&id, g).await;
     // Enough commits for the pruner to run (it runs every 64 commits).
-    for i in 0..300 {
+    for i in 0..300u32 {
         sc.send(json!({"type": "task_progress", "task_id": id, "progress": i}))
             .await;
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             sc.send(json!({"type": "ping"})).await;
             sc.recv_type("pong").await;
         }

@@ -56,7 +56,7 @@ async fn sigkill_loses_nothing_acknowledged_and_seq_continues() {
                     sc.send(json!({"type": "task_accepted", "task_id": id, "generation": g}))
                         .await;
                     n += 1;
-                    if n % 2 == 0 {
+                    if n.is_multiple_of(2) {
                         sc.send(json!({"type": "task_complete", "task_id": id, "generation": g, "result": n}))
                             .await;
                     }
