@@ -91,9 +91,16 @@ impl Server {
 
         let (health, health_svc) = tonic_health::server::health_reporter();
         health.set_serving::<TaskHubServer<TaskHubService>>().await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        // Both reflection versions: v1 for current tools, v1alpha for older ones.
+        let reflection_builder = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection = reflection_builder()
             .build_v1()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let reflection_alpha = reflection_builder()
+            .build_v1alpha()
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let svc = TaskHubServer::with_interceptor(
             TaskHubService::new(hub.clone(), stop_rx.clone()),
@@ -104,6 +111,7 @@ impl Server {
             tonic::transport::Server::builder()
                 .add_service(health_svc)
                 .add_service(reflection)
+                .add_service(reflection_alpha)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
         );

@@ -636,3 +636,69 @@ impl Http {
         self.request("GET", path, None, "").await
     }
 }
+
+#[tokio::test]
+async fn grpc_health_and_reflection_work_for_stock_tools() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let hub = TestHub::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", hub.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: "agenthub.v1.TaskHub".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.status, 1, "SERVING");
+
+    let mut refl = ServerReflectionClient::new(channel);
+    let ask = |m: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(m),
+    };
+    let reqs = vec![
+        ask(MessageRequest::ListServices(String::new())),
+        ask(MessageRequest::FileContainingSymbol(
+            "agenthub.v1.TaskHub".into(),
+        )),
+        ask(MessageRequest::FileByFilename(
+            "google/protobuf/struct.proto".into(),
+        )),
+    ];
+    let mut resp = refl
+        .server_reflection_info(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answers = Vec::new();
+    while let Some(r) = resp.message().await.unwrap() {
+        answers.push(r.message_response.unwrap());
+    }
+    match &answers[0] {
+        MessageResponse::ListServicesResponse(l) => {
+            assert!(
+                l.service.iter().any(|s| s.name == "agenthub.v1.TaskHub"),
+                "{l:?}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    for a in &answers[1..] {
+        match a {
+            MessageResponse::FileDescriptorResponse(f) => {
+                assert!(!f.file_descriptor_proto.is_empty())
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

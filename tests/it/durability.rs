@@ -206,3 +206,41 @@ async fn sigkill_loses_nothing_acknowledged_and_seq_continues() {
     proc.kill9();
     proc.wait_exit().await;
 }
+
+#[tokio::test]
+async fn sigterm_closes_sockets_with_a_close_frame_and_exits_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut proc = HubProcess::spawn(tmp.path(), &[]).await;
+    let token = issue_agent_token(tmp.path(), "s");
+    let mut sc = Sidecar::connect(&format!("ws://{}/ws", proc.ws_addr)).await;
+    sc.send(json!({"type": "identify", "agent_id": "s", "token": token}))
+        .await;
+    assert_eq!(sc.recv().await["type"], "identified");
+    let admin = admin_token(tmp.path());
+    let mut c = connect(&proc.grpc_addr.to_string(), &admin).await.unwrap();
+    let t = c.push_task(pinned("s", "x")).await.unwrap().into_inner();
+    let (id, g) = sc.next_assign().await;
+    sc.accept(&id, g).await;
+
+    let pid = proc.child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert_eq!(sc.recv_close().await, Some(1001));
+    let status = tokio::time::timeout(WAIT, proc.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+
+    // Everything acked before the shutdown is there after a restart.
+    let proc = HubProcess::spawn(tmp.path(), &[]).await;
+    let mut c = connect(&proc.grpc_addr.to_string(), &admin).await.unwrap();
+    let task = c
+        .get_task(pb::GetTaskRequest { task_id: t.task_id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state_of(&task), pb::task::State::Running);
+}

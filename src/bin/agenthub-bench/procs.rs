@@ -1,0 +1,220 @@
+//! Servers under test, each started as its own process on loopback: the hub
+//! (`agenthub serve`), `nats-server` (JetStream, `sync_interval: always`) and
+//! the raw WebSocket echo server (`agenthub-bench echo-server`).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use agenthub::auth::{issue_token, Role};
+use agenthub::store::sqlite::SqliteStore;
+
+/// How long a server may take to print its address or accept connections.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a server may take to exit after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running server process. Stopped (SIGTERM, then SIGKILL) by [`Server::stop`]
+/// or killed on drop.
+pub struct Server {
+    child: Child,
+    pub pid: u32,
+}
+
+impl Server {
+    fn spawn(mut cmd: Command, log: &Path) -> Result<Server> {
+        let log_file = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .kill_on_drop(true);
+        let child = cmd.spawn().context("spawn server")?;
+        let pid = child.id().context("server pid")?;
+        Ok(Server { child, pid })
+    }
+
+    /// Wait for a stdout line starting with `prefix`; returns the line.
+    async fn stdout_line(&mut self, prefix: &str) -> Result<String> {
+        let stdout = self.child.stdout.take().context("stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let found = tokio::time::timeout(START_TIMEOUT, async {
+            while let Some(line) = lines.next_line().await? {
+                if line.starts_with(prefix) {
+                    return Ok::<_, anyhow::Error>(line);
+                }
+            }
+            bail!("server exited before printing `{prefix}`")
+        })
+        .await
+        .context("server start timed out")??;
+        // Keep draining stdout so the server never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(found)
+    }
+
+    /// SIGTERM, wait, then SIGKILL.
+    pub async fn stop(mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status();
+        if tokio::time::timeout(STOP_TIMEOUT, self.child.wait()).await.is_err() {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// A hub process and what clients need to reach it.
+pub struct Hub {
+    pub server: Server,
+    pub ws_addr: String,
+    pub grpc_addr: String,
+    /// Admin token (orchestrator rights and more).
+    pub admin: String,
+}
+
+/// Tokens issued into a data directory before its hub starts.
+pub struct Tokens {
+    pub admin: String,
+    /// `(agent_id, token)`.
+    pub agents: Vec<(String, String)>,
+}
+
+/// Issue an admin token and one agent token per id into `data_dir` (no hub
+/// running), the same operation as `agenthub token issue`.
+pub fn issue_tokens(data_dir: &Path, agent_ids: &[String]) -> Result<Tokens> {
+    let store = SqliteStore::open(data_dir, None, None)?;
+    let (admin, _) = issue_token(&store, Role::Admin, None)?;
+    let mut agents = Vec::with_capacity(agent_ids.len());
+    for id in agent_ids {
+        let (t, _) = issue_token(&store, Role::Agent, Some(id.clone()))?;
+        agents.push((id.clone(), t));
+    }
+    Ok(Tokens { admin, agents })
+}
+
+impl Hub {
+    /// `agenthub serve` on `127.0.0.1:0` with `RUST_LOG=warn` on `data_dir`.
+    pub async fn start(bin: &Path, data_dir: &Path, admin: &str, log: &Path, extra: &[&str]) -> Result<Hub> {
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve")
+            .args(["--ws-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--print-addrs"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn");
+        let mut server = Server::spawn(cmd, log)?;
+        let line = server.stdout_line("ws=").await?;
+        let mut ws_addr = None;
+        let mut grpc_addr = None;
+        for part in line.split_whitespace() {
+            if let Some(a) = part.strip_prefix("ws=") {
+                ws_addr = Some(a.to_string());
+            } else if let Some(a) = part.strip_prefix("grpc=") {
+                grpc_addr = Some(a.to_string());
+            }
+        }
+        Ok(Hub {
+            server,
+            ws_addr: ws_addr.context("no ws= address")?,
+            grpc_addr: grpc_addr.context("no grpc= address")?,
+            admin: admin.to_string(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.server.pid
+    }
+
+    pub async fn stop(self) {
+        self.server.stop().await
+    }
+}
+
+/// A `nats-server` process with JetStream.
+pub struct Nats {
+    pub server: Server,
+    pub url: String,
+}
+
+impl Nats {
+    /// Start with JetStream storing in `store_dir`; `sync_always` sets
+    /// `sync_interval: always` (every write fsynced before it is acked).
+    pub async fn start(bin: &Path, store_dir: &Path, sync_always: bool, log: &Path) -> Result<Nats> {
+        std::fs::create_dir_all(store_dir)?;
+        let port = free_port()?;
+        let conf: PathBuf = store_dir.with_extension("conf");
+        let sync = if sync_always { "\n  sync_interval: always" } else { "" };
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{port}\nmax_payload: 1MB\njetstream {{\n  store_dir: \"{}\"\n  max_memory_store: 1GB\n  max_file_store: 20GB{sync}\n}}\n",
+                store_dir.display()
+            ),
+        )?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("-c").arg(&conf);
+        let server = Server::spawn(cmd, log)?;
+        let addr = format!("127.0.0.1:{port}");
+        wait_for_port(&addr).await?;
+        Ok(Nats {
+            server,
+            url: format!("nats://{addr}"),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.server.pid
+    }
+
+    pub async fn stop(self) {
+        self.server.stop().await
+    }
+}
+
+/// The raw tokio-tungstenite echo server, as its own process.
+pub struct Echo {
+    pub server: Server,
+    pub addr: String,
+}
+
+impl Echo {
+    pub async fn start(log: &Path) -> Result<Echo> {
+        let exe = std::env::current_exe().context("current exe")?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("echo-server");
+        let mut server = Server::spawn(cmd, log)?;
+        let line = server.stdout_line("addr=").await?;
+        let addr = line.trim_start_matches("addr=").trim().to_string();
+        Ok(Echo { server, addr })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.server.pid
+    }
+
+    pub async fn stop(self) {
+        self.server.stop().await
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+async fn wait_for_port(addr: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("nothing listening on {addr}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
