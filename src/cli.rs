@@ -36,6 +36,8 @@ pub enum Command {
     Tasks(TasksCommand),
     /// List agents.
     Agents(ClientArgs),
+    /// Run the reference sidecar: connect to a hub and run CMD for every task.
+    Sidecar(crate::sidecar::SidecarArgs),
 }
 
 #[derive(Args, Debug)]

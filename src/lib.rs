@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod model;
 pub mod pb;
 pub mod server;
+pub mod sidecar;
 pub mod store;
 pub mod ws;
 

@@ -34,6 +34,7 @@ async fn main() -> Result<()> {
         Command::Watch(args) => watch(args).await,
         Command::Tasks(cmd) => tasks(cmd).await,
         Command::Agents(args) => agents(args).await,
+        Command::Sidecar(args) => agenthub::sidecar::run(args).await,
     }
 }
 

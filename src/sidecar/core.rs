@@ -1,0 +1,402 @@
+//! The sidecar's one owner of mutable state: the task table (mirrored in the
+//! state file), the watchers of running commands, and the current
+//! connection's outbound queue. The main loop in `mod.rs` feeds it hub frames
+//! and watcher events, one at a time.
+
+use std::collections::HashMap;
+
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::runner::{self, Outcome, RunConfig, RunEvent, RunHandle, StopReason};
+use super::state::{StateFile, TaskRecord};
+use crate::model::now_ms;
+
+/// Hub errors after which a pending report can never be applied.
+const REPORT_DEAD_ERRORS: [&str; 4] = [
+    "task_finished",
+    "not_task_owner",
+    "stale_generation",
+    "unknown_task",
+];
+
+pub(crate) struct Sidecar {
+    run_cfg: RunConfig,
+    max_concurrency: u32,
+    pub state: StateFile,
+    /// Watchers of commands this process follows: task_id → (generation, handle).
+    runs: HashMap<String, (u64, RunHandle)>,
+    /// Frames for the hub; `None` while disconnected.
+    out: Option<mpsc::Sender<String>>,
+    /// Given to every watcher; the main loop owns the receiver.
+    run_tx: mpsc::UnboundedSender<RunEvent>,
+    /// SIGTERM received: no new tasks.
+    pub draining: bool,
+}
+
+impl Sidecar {
+    pub fn new(
+        run_cfg: RunConfig,
+        max_concurrency: u32,
+        state: StateFile,
+        run_tx: mpsc::UnboundedSender<RunEvent>,
+    ) -> Sidecar {
+        Sidecar {
+            run_cfg,
+            max_concurrency,
+            state,
+            runs: HashMap::new(),
+            out: None,
+            run_tx,
+            draining: false,
+        }
+    }
+
+    /// Commands this process is following.
+    pub fn running(&self) -> usize {
+        self.runs.len()
+    }
+
+    /// Tasks held at all (running, or waiting for an ack or a recovery answer).
+    pub fn held(&self) -> usize {
+        self.state.data.tasks.len()
+    }
+
+    fn send(&self, msg: Value) {
+        match &self.out {
+            Some(out) => {
+                if out.try_send(msg.to_string()).is_err() {
+                    tracing::warn!(msg = %msg["type"], "connection queue full or closed; frame dropped");
+                }
+            }
+            None => tracing::debug!(msg = %msg["type"], "not connected; frame not sent"),
+        }
+    }
+
+    async fn save(&self) -> bool {
+        match self.state.save().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(path = %self.state.path().display(), error = %e, "cannot write the state file");
+                false
+            }
+        }
+    }
+
+    /// Identified (again): resend final reports the hub has not acked, and
+    /// ask about every task still running (`task_recovering`): the hub may
+    /// have taken it back while we were away.
+    pub fn on_connected(&mut self, out: mpsc::Sender<String>) {
+        self.out = Some(out);
+        for rec in self.state.data.tasks.values() {
+            match &rec.report {
+                Some(report) => self.send(report.clone()),
+                None => self.send(json!({
+                    "type": "task_recovering",
+                    "task_id": rec.task_id,
+                    "generation": rec.generation,
+                    "last_status": "running",
+                    "description": rec.description,
+                    "process_followed": self.runs.contains_key(&rec.task_id),
+                })),
+            }
+        }
+    }
+
+    pub fn on_disconnected(&mut self) {
+        self.out = None;
+    }
+
+    /// One frame from the hub.
+    pub async fn on_frame(&mut self, v: Value) {
+        let task_id = v["task_id"].as_str().unwrap_or_default().to_string();
+        match v["type"].as_str().unwrap_or_default() {
+            "task_assign" => self.on_assign(&v).await,
+            "task_cancelled" => {
+                let reason = v["reason"].as_str().unwrap_or("cancelled");
+                tracing::info!(task_id = %task_id, reason, "hub cancelled the task");
+                self.stop_or_forget(&task_id, StopReason::Cancelled).await;
+            }
+            "task_continue" => self.on_continue(&task_id, v["generation"].as_u64()),
+            "task_reassign" => {
+                tracing::info!(task_id = %task_id, "hub reassigned the task; dropping it");
+                self.stop_or_forget(&task_id, StopReason::Dropped).await;
+            }
+            "task_ack" => {
+                let status = v["status"].as_str().unwrap_or_default();
+                let final_ack = matches!(status, "complete" | "failed" | "rejected");
+                if final_ack
+                    && self
+                        .state
+                        .data
+                        .tasks
+                        .get(&task_id)
+                        .is_some_and(|r| r.report.is_some())
+                {
+                    tracing::info!(task_id = %task_id, status, "hub stored the report");
+                    self.forget(&task_id).await;
+                }
+            }
+            "error" => {
+                let code = v["error"].as_str().unwrap_or_default();
+                let pending = self
+                    .state
+                    .data
+                    .tasks
+                    .get(&task_id)
+                    .is_some_and(|r| r.report.is_some());
+                if pending && REPORT_DEAD_ERRORS.contains(&code) {
+                    tracing::warn!(task_id = %task_id, error = code, "hub will not take this report; dropping it");
+                    self.forget(&task_id).await;
+                } else {
+                    tracing::warn!(task_id = %task_id, error = code, detail = %v["detail"], "hub error");
+                }
+            }
+            other => tracing::debug!(r#type = other, "frame ignored"),
+        }
+    }
+
+    async fn on_assign(&mut self, v: &Value) {
+        let (Some(task_id), Some(generation)) = (v["task_id"].as_str(), v["generation"].as_u64())
+        else {
+            tracing::warn!(frame = %v, "task_assign without task_id or generation");
+            return;
+        };
+        let accepted =
+            json!({"type": "task_accepted", "task_id": task_id, "generation": generation});
+        if let Some(rec) = self.state.data.tasks.get(task_id) {
+            if rec.generation == generation {
+                // The hub re-sends assignments it has no accept for: answer again.
+                match &rec.report {
+                    Some(report) => self.send(report.clone()),
+                    None => self.send(accepted),
+                }
+                return;
+            }
+            if rec.generation > generation {
+                tracing::debug!(task_id, generation, "stale task_assign ignored");
+                return;
+            }
+            // A newer generation: our run is stale.
+            self.stop_or_forget(task_id, StopReason::Dropped).await;
+            self.state.data.tasks.remove(task_id);
+        }
+        let reject = |reason: &str| json!({"type": "task_rejected", "task_id": task_id, "generation": generation, "reason": reason});
+        if self.draining {
+            self.send(reject("shutting_down"));
+            return;
+        }
+        let running = self
+            .state
+            .data
+            .tasks
+            .values()
+            .filter(|r| r.is_running())
+            .count();
+        if running >= self.max_concurrency as usize {
+            tracing::warn!(task_id, running, "at capacity; rejecting");
+            self.send(reject("at_capacity"));
+            return;
+        }
+        let rec = TaskRecord {
+            task_id: task_id.to_string(),
+            generation,
+            description: v["description"].as_str().unwrap_or_default().to_string(),
+            metadata: v.get("metadata").cloned().unwrap_or(json!({})),
+            assigned_at: v["assigned_at"].as_i64().unwrap_or_default(),
+            accepted_at: now_ms(),
+            pid: None,
+            pid_start: None,
+            report: None,
+        };
+        self.state.data.tasks.insert(task_id.to_string(), rec);
+        // Durable before the hub hears we took it.
+        if !self.save().await {
+            self.state.data.tasks.remove(task_id);
+            self.send(reject("state_file_error"));
+            return;
+        }
+        self.send(accepted);
+        tracing::info!(task_id, generation, "task accepted");
+        self.launch(task_id).await;
+    }
+
+    async fn launch(&mut self, task_id: &str) {
+        let Some(rec) = self.state.data.tasks.get(task_id) else {
+            return;
+        };
+        let generation = rec.generation;
+        let dir = self.state.task_dir(task_id, generation);
+        match runner::start(&self.run_cfg, rec, &dir, self.run_tx.clone()) {
+            Ok(started) => {
+                tracing::info!(task_id, generation, pid = started.pid, "command started");
+                self.runs
+                    .insert(task_id.to_string(), (generation, started.handle));
+                if let Some(rec) = self.state.data.tasks.get_mut(task_id) {
+                    rec.pid = Some(started.pid);
+                    rec.pid_start = started.pid_start;
+                }
+                self.save().await;
+            }
+            Err(e) => {
+                tracing::error!(task_id, error = %e, "cannot start the command");
+                let error = json!({"reason": "spawn_failed", "detail": e.to_string()});
+                self.finish(task_id, generation, Outcome::Failed(error))
+                    .await;
+            }
+        }
+    }
+
+    /// `task_continue`: keep the task. After a restart nobody follows its
+    /// command yet: adopt it (or report how it ended).
+    fn on_continue(&mut self, task_id: &str, generation: Option<u64>) {
+        let Some(rec) = self.state.data.tasks.get(task_id) else {
+            return;
+        };
+        if rec.report.is_some() || self.runs.contains_key(task_id) {
+            return;
+        }
+        if generation.is_some_and(|g| g != rec.generation) {
+            tracing::warn!(task_id, "task_continue for another generation ignored");
+            return;
+        }
+        let alive = rec.pid.is_some_and(|p| runner::alive(p, rec.pid_start));
+        tracing::info!(task_id, pid = ?rec.pid, alive, "hub says continue; following the command");
+        let dir = self.state.task_dir(task_id, rec.generation);
+        let handle = runner::adopt(&self.run_cfg, rec, &dir, self.run_tx.clone());
+        self.runs
+            .insert(task_id.to_string(), (rec.generation, handle));
+    }
+
+    /// The task is no longer ours: stop its command (the watcher reports
+    /// back), or forget it at once if nothing runs.
+    async fn stop_or_forget(&mut self, task_id: &str, why: StopReason) {
+        let Some(rec) = self.state.data.tasks.get(task_id) else {
+            return;
+        };
+        if let Some((_, run)) = self.runs.get_mut(task_id) {
+            run.stop(why);
+        } else if rec.is_running() && rec.pid.is_some_and(|p| runner::alive(p, rec.pid_start)) {
+            // A command left by an earlier run of the sidecar: stop it too.
+            let dir = self.state.task_dir(task_id, rec.generation);
+            let mut handle = runner::adopt(&self.run_cfg, rec, &dir, self.run_tx.clone());
+            handle.stop(why);
+            self.runs
+                .insert(task_id.to_string(), (rec.generation, handle));
+        } else {
+            self.forget(task_id).await;
+        }
+    }
+
+    /// Drop a task: state file, watcher, task directory.
+    async fn forget(&mut self, task_id: &str) {
+        let Some(rec) = self.state.data.tasks.remove(task_id) else {
+            return;
+        };
+        self.runs.remove(task_id);
+        self.save().await;
+        self.remove_dir(task_id, rec.generation).await;
+    }
+
+    async fn remove_dir(&self, task_id: &str, generation: u64) {
+        let dir = self.state.task_dir(task_id, generation);
+        if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove task directory");
+            }
+        }
+    }
+
+    /// An event from a command's watcher.
+    pub async fn on_run_event(&mut self, ev: RunEvent) {
+        match ev {
+            RunEvent::Progress {
+                task_id,
+                generation,
+                progress,
+            } => {
+                let current = self
+                    .state
+                    .data
+                    .tasks
+                    .get(&task_id)
+                    .is_some_and(|r| r.generation == generation && r.is_running());
+                if current {
+                    self.send(json!({
+                        "type": "task_progress",
+                        "task_id": task_id,
+                        "generation": generation,
+                        "progress": progress,
+                    }));
+                }
+            }
+            RunEvent::Exited {
+                task_id,
+                generation,
+                outcome,
+            } => {
+                if self
+                    .runs
+                    .get(&task_id)
+                    .is_some_and(|(g, _)| *g == generation)
+                {
+                    self.runs.remove(&task_id);
+                }
+                let current = self
+                    .state
+                    .data
+                    .tasks
+                    .get(&task_id)
+                    .is_some_and(|r| r.generation == generation);
+                if current {
+                    self.finish(&task_id, generation, outcome).await;
+                } else {
+                    self.remove_dir(&task_id, generation).await;
+                }
+            }
+        }
+    }
+
+    /// Record the final report durably, then send it (resent on every
+    /// reconnect until the hub acks it).
+    async fn finish(&mut self, task_id: &str, generation: u64, outcome: Outcome) {
+        let report = match outcome {
+            Outcome::Completed(result) => {
+                tracing::info!(task_id, generation, "command succeeded");
+                json!({"type": "task_complete", "task_id": task_id, "generation": generation, "result": result})
+            }
+            Outcome::Failed(error) => {
+                tracing::warn!(task_id, generation, error = %error["reason"], exit_code = %error["exit_code"], "command failed");
+                json!({"type": "task_failed", "task_id": task_id, "generation": generation, "error": error})
+            }
+            Outcome::Stopped(StopReason::Shutdown) => {
+                tracing::warn!(
+                    task_id,
+                    generation,
+                    "command stopped: sidecar shutting down"
+                );
+                let error = json!({"reason": "sidecar_shutdown"});
+                json!({"type": "task_failed", "task_id": task_id, "generation": generation, "error": error})
+            }
+            Outcome::Stopped(why) => {
+                // Cancelled or no longer ours: the hub already knows; nothing to report.
+                tracing::info!(task_id, generation, reason = ?why, "command stopped");
+                self.forget(task_id).await;
+                return;
+            }
+        };
+        if let Some(rec) = self.state.data.tasks.get_mut(task_id) {
+            rec.report = Some(report.clone());
+        }
+        self.save().await;
+        self.send(report);
+    }
+
+    /// Shutdown grace is over: stop every command still running.
+    pub fn stop_all(&mut self) {
+        for (task_id, (_, run)) in self.runs.iter_mut() {
+            tracing::warn!(task_id = %task_id, "shutdown grace over; stopping the command");
+            run.stop(StopReason::Shutdown);
+        }
+    }
+}

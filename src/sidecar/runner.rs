@@ -1,0 +1,561 @@
+//! Running one task's command as a child process, watched by its own tokio
+//! task.
+//!
+//! The command runs under a tiny wrapper shell in a new process group:
+//! `sh -c 'f=$1; shift; "$@"; c=$?; echo "$c" > "$f"; exit "$c"'`. Its
+//! stdout and stderr go to files in the task directory, and the wrapper writes
+//! the exit code to `exit` there. So a sidecar restarted after `kill -9` can
+//! still follow a command that outlived it, or read how it ended. Cancelling
+//! signals the whole process group: SIGTERM, then SIGKILL after a grace.
+
+use std::io::SeekFrom;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::process::Child;
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+use super::state::TaskRecord;
+use crate::model::now_ms;
+
+/// The wrapper shell script: run the command, record its exit code.
+const WRAPPER: &str = r#"f=$1; shift; "$@"; c=$?; echo "$c" > "$f"; exit "$c""#;
+/// How often stdout is scanned for progress lines, and how often a process
+/// that is not our child is checked for liveness.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest progress line kept; longer lines are skipped.
+const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// How the sidecar runs commands.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// `CMD ARGS...` from the command line.
+    pub command: Vec<String>,
+    /// Bytes of stdout / stderr kept in the report (the last ones).
+    pub tail_bytes: usize,
+    /// SIGTERM → SIGKILL grace when a run is stopped.
+    pub kill_grace: Duration,
+}
+
+/// Why a run was stopped from outside.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The hub cancelled or reclaimed the task (`task_cancelled`).
+    Cancelled,
+    /// The task is no longer ours (`task_reassign`, a newer generation).
+    Dropped,
+    /// The sidecar is shutting down and its grace ran out.
+    Shutdown,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Exit code 0; the `result` of `task_complete`.
+    Completed(Value),
+    /// Anything else; the `error` of `task_failed`.
+    Failed(Value),
+    /// Stopped from outside; nothing to report for Cancelled and Dropped.
+    Stopped(StopReason),
+}
+
+/// What a watcher tells the sidecar's main loop.
+#[derive(Debug)]
+pub enum RunEvent {
+    Progress {
+        task_id: String,
+        generation: u64,
+        progress: Value,
+    },
+    Exited {
+        task_id: String,
+        generation: u64,
+        outcome: Outcome,
+    },
+}
+
+/// The main loop's handle on a watcher; `stop` ends the run.
+pub struct RunHandle {
+    /// Tells the watcher to terminate the process group.
+    stop: Option<oneshot::Sender<StopReason>>,
+}
+
+impl RunHandle {
+    /// Stop the run; the watcher reports `Outcome::Stopped(why)` when done.
+    pub fn stop(&mut self, why: StopReason) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(why);
+        }
+    }
+}
+
+/// A started command.
+pub struct Started {
+    pub pid: u32,
+    pub pid_start: Option<u64>,
+    pub handle: RunHandle,
+}
+
+/// The process being watched.
+enum Proc {
+    /// Started by this sidecar.
+    Child(Child),
+    /// Started by an earlier run of the sidecar and still alive.
+    Orphan { pid: u32, start: Option<u64> },
+    /// Nothing left to watch.
+    Gone,
+}
+
+impl Proc {
+    fn pgid(&self) -> Option<u32> {
+        match self {
+            Proc::Child(c) => c.id(),
+            Proc::Orphan { pid, .. } => Some(*pid),
+            Proc::Gone => None,
+        }
+    }
+
+    /// Wait for the process to end; the exit status when it is our child.
+    async fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        match self {
+            Proc::Child(c) => c.wait().await.ok(),
+            Proc::Orphan { pid, start } => {
+                while alive(*pid, *start) {
+                    tokio::time::sleep(POLL_INTERVAL).await;
+                }
+                None
+            }
+            Proc::Gone => None,
+        }
+    }
+}
+
+/// Start `cfg.command` for this task, its output going to `dir`.
+pub fn start(
+    cfg: &RunConfig,
+    rec: &TaskRecord,
+    dir: &Path,
+    events: mpsc::UnboundedSender<RunEvent>,
+) -> std::io::Result<Started> {
+    std::fs::create_dir_all(dir)?;
+    let exit_path = dir.join("exit");
+    match std::fs::remove_file(&exit_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let stdout = std::fs::File::create(dir.join("stdout"))?;
+    let stderr = std::fs::File::create(dir.join("stderr"))?;
+    let metadata = match &rec.metadata {
+        Value::Null => "{}".to_string(),
+        m => m.to_string(),
+    };
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(WRAPPER)
+        .arg("agenthub-task")
+        .arg(&exit_path)
+        .args(&cfg.command)
+        .env("AGENTHUB_TASK_ID", &rec.task_id)
+        .env("AGENTHUB_TASK_DESCRIPTION", &rec.description)
+        .env("AGENTHUB_TASK_METADATA", metadata)
+        .env("AGENTHUB_TASK_GENERATION", rec.generation.to_string())
+        .env_remove("AGENTHUB_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .process_group(0)
+        .kill_on_drop(false)
+        .spawn()?;
+    let pid = child
+        .id()
+        .ok_or_else(|| std::io::Error::other("child has no pid"))?;
+    let pid_start = proc_stat(pid).map(|(_, start)| start);
+    let tail = LineTail::new(dir.join("stdout"), false);
+    let handle = spawn_watcher(cfg, rec, dir, Proc::Child(child), tail, events);
+    Ok(Started {
+        pid,
+        pid_start,
+        handle,
+    })
+}
+
+/// Take over a task started by an earlier run of the sidecar: follow its
+/// process if it is still alive, else report how it ended (its `exit` file),
+/// or a failure (`lost`) when it left nothing.
+pub fn adopt(
+    cfg: &RunConfig,
+    rec: &TaskRecord,
+    dir: &Path,
+    events: mpsc::UnboundedSender<RunEvent>,
+) -> RunHandle {
+    let proc = match rec.pid {
+        Some(pid) if alive(pid, rec.pid_start) => Proc::Orphan {
+            pid,
+            start: rec.pid_start,
+        },
+        _ => Proc::Gone,
+    };
+    let tail = LineTail::new(dir.join("stdout"), true);
+    spawn_watcher(cfg, rec, dir, proc, tail, events)
+}
+
+fn spawn_watcher(
+    cfg: &RunConfig,
+    rec: &TaskRecord,
+    dir: &Path,
+    proc: Proc,
+    tail: LineTail,
+    events: mpsc::UnboundedSender<RunEvent>,
+) -> RunHandle {
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let watcher = Watcher {
+        task_id: rec.task_id.clone(),
+        generation: rec.generation,
+        accepted_at: rec.accepted_at,
+        dir: dir.to_path_buf(),
+        cfg: cfg.clone(),
+        events,
+    };
+    let span = tracing::info_span!("task", task_id = %rec.task_id, generation = rec.generation);
+    tokio::spawn(watcher.run(proc, tail, stop_rx).instrument(span));
+    RunHandle {
+        stop: Some(stop_tx),
+    }
+}
+
+/// Follows one run until it ends, then sends `RunEvent::Exited`.
+struct Watcher {
+    task_id: String,
+    generation: u64,
+    accepted_at: i64,
+    dir: PathBuf,
+    cfg: RunConfig,
+    events: mpsc::UnboundedSender<RunEvent>,
+}
+
+impl Watcher {
+    async fn run(
+        self,
+        mut proc: Proc,
+        mut tail: LineTail,
+        mut stop: oneshot::Receiver<StopReason>,
+    ) {
+        let span =
+            tracing::info_span!("task", task_id = %self.task_id, generation = self.generation);
+        let _enter = span.enter();
+        let mut tick = tokio::time::interval(POLL_INTERVAL);
+        let stopped = loop {
+            tokio::select! {
+                status = proc.exited() => break Err(status),
+                why = &mut stop => {
+                    let why = why.unwrap_or(StopReason::Dropped);
+                    tracing::info!(reason = ?why, "stopping the command");
+                    terminate(&mut proc, self.cfg.kill_grace).await;
+                    break Ok(why);
+                }
+                _ = tick.tick() => tail.poll(|p| self.progress(p)).await,
+            }
+        };
+        let outcome = match stopped {
+            Ok(why) => Outcome::Stopped(why),
+            Err(status) => {
+                tail.poll(|p| self.progress(p)).await;
+                self.outcome(status).await
+            }
+        };
+        let _ = self.events.send(RunEvent::Exited {
+            task_id: self.task_id.clone(),
+            generation: self.generation,
+            outcome,
+        });
+    }
+
+    fn progress(&self, progress: Value) {
+        let _ = self.events.send(RunEvent::Progress {
+            task_id: self.task_id.clone(),
+            generation: self.generation,
+            progress,
+        });
+    }
+
+    /// How the command ended, from its `exit` file (or exit status).
+    async fn outcome(&self, status: Option<std::process::ExitStatus>) -> Outcome {
+        use std::os::unix::process::ExitStatusExt;
+        let duration_ms = now_ms().saturating_sub(self.accepted_at).max(0);
+        let code = match tokio::fs::read_to_string(self.dir.join("exit")).await {
+            Ok(s) => s.trim().parse::<i32>().ok(),
+            Err(_) => None,
+        };
+        let code = code.or_else(|| status.and_then(|s| s.code()));
+        let tail = self.cfg.tail_bytes;
+        match code {
+            Some(0) => {
+                let (stdout, truncated) = read_tail(&self.dir.join("stdout"), tail).await;
+                Outcome::Completed(json!({
+                    "exit_code": 0,
+                    "stdout": stdout,
+                    "stdout_truncated": truncated,
+                    "duration_ms": duration_ms,
+                }))
+            }
+            Some(code) => {
+                let (stderr, truncated) = read_tail(&self.dir.join("stderr"), tail).await;
+                Outcome::Failed(json!({
+                    "reason": "exit_code",
+                    "exit_code": code,
+                    "stderr": stderr,
+                    "stderr_truncated": truncated,
+                    "duration_ms": duration_ms,
+                }))
+            }
+            None => {
+                let (stderr, truncated) = read_tail(&self.dir.join("stderr"), tail).await;
+                let detail = match status.and_then(|s| s.signal()) {
+                    Some(sig) => format!("the command was killed by signal {sig}"),
+                    None => "the command's process is gone and left no exit code".to_string(),
+                };
+                Outcome::Failed(json!({
+                    "reason": "lost",
+                    "detail": detail,
+                    "stderr": stderr,
+                    "stderr_truncated": truncated,
+                    "duration_ms": duration_ms,
+                }))
+            }
+        }
+    }
+}
+
+/// SIGTERM to the process group, SIGKILL after `grace`.
+async fn terminate(proc: &mut Proc, grace: Duration) {
+    let Some(pgid) = proc.pgid() else {
+        return;
+    };
+    signal_group(pgid, "TERM").await;
+    if tokio::time::timeout(grace, proc.exited()).await.is_ok() {
+        return;
+    }
+    tracing::warn!(pgid, ?grace, "command ignored SIGTERM; sending SIGKILL");
+    signal_group(pgid, "KILL").await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), proc.exited()).await;
+}
+
+/// Signal a whole process group through the shell's `kill` builtin (no
+/// `unsafe`, no extra crate, works wherever `sh` does).
+async fn signal_group(pgid: u32, signal: &str) {
+    if pgid <= 1 {
+        return; // Never `kill -- -1` (every process) or `-0` (our own group).
+    }
+    let status = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"kill -s "$0" -- "-$1" 2>/dev/null"#)
+        .arg(signal)
+        .arg(pgid.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+    tracing::debug!(pgid, signal, ?status, "signalled process group");
+}
+
+/// `(state, start time)` from `/proc/PID/stat`.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: skip past the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // `rest` starts at field 3 (state); the start time is field 22.
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// Is `pid` still the process we started (same start time), and not a zombie?
+pub fn alive(pid: u32, start: Option<u64>) -> bool {
+    match proc_stat(pid) {
+        Some((state, started)) => {
+            !matches!(state, 'Z' | 'X' | 'x') && start.is_none_or(|s| s == started)
+        }
+        None => false,
+    }
+}
+
+/// A `::progress <number or JSON>` line's value. Anything after
+/// `::progress ` that is not a number or a JSON object is sent as
+/// `{"message": text}`.
+pub fn parse_progress(line: &str) -> Option<Value> {
+    let rest = line.strip_prefix("::progress")?;
+    if !rest.starts_with([' ', '\t']) {
+        return None;
+    }
+    let rest = rest.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    Some(match serde_json::from_str::<Value>(rest) {
+        Ok(v @ (Value::Number(_) | Value::Object(_))) => v,
+        _ => json!({ "message": rest }),
+    })
+}
+
+/// Reads new complete lines from a file another process appends to.
+struct LineTail {
+    path: PathBuf,
+    file: Option<tokio::fs::File>,
+    /// Start at the current end (an adopted run: older lines were handled).
+    from_end: bool,
+    partial: Vec<u8>,
+    /// The current line is over `MAX_LINE_BYTES`: drop it up to its newline.
+    skipping: bool,
+}
+
+impl LineTail {
+    fn new(path: PathBuf, from_end: bool) -> LineTail {
+        LineTail {
+            path,
+            file: None,
+            from_end,
+            partial: Vec::new(),
+            skipping: false,
+        }
+    }
+
+    /// Read what was appended since the last call; call `on_progress` for
+    /// every complete progress line.
+    async fn poll(&mut self, mut on_progress: impl FnMut(Value)) {
+        if self.file.is_none() {
+            let Ok(mut f) = tokio::fs::File::open(&self.path).await else {
+                return;
+            };
+            if self.from_end && f.seek(SeekFrom::End(0)).await.is_err() {
+                return;
+            }
+            self.file = Some(f);
+        }
+        let Some(file) = self.file.as_mut() else {
+            return;
+        };
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match file.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            for &b in &buf[..n] {
+                if b == b'\n' {
+                    if !self.skipping {
+                        let line = String::from_utf8_lossy(&self.partial);
+                        if let Some(p) = parse_progress(line.trim_end_matches('\r')) {
+                            on_progress(p);
+                        }
+                    }
+                    self.partial.clear();
+                    self.skipping = false;
+                } else if !self.skipping {
+                    self.partial.push(b);
+                    if self.partial.len() > MAX_LINE_BYTES {
+                        self.partial.clear();
+                        self.skipping = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The last `cap` bytes of a file as text, and whether it was cut.
+async fn read_tail(path: &Path, cap: usize) -> (String, bool) {
+    let Ok(mut f) = tokio::fs::File::open(path).await else {
+        return (String::new(), false);
+    };
+    let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(cap as u64);
+    if f.seek(SeekFrom::Start(start)).await.is_err() {
+        return (String::new(), false);
+    }
+    let mut bytes = Vec::with_capacity(cap.min(len as usize));
+    let _ = f.take(cap as u64).read_to_end(&mut bytes).await;
+    let truncated = start > 0;
+    // Do not start in the middle of a UTF-8 character.
+    let skip = if truncated {
+        bytes
+            .iter()
+            .take(3)
+            .take_while(|b| (**b & 0xC0) == 0x80)
+            .count()
+    } else {
+        0
+    };
+    (
+        String::from_utf8_lossy(&bytes[skip..]).into_owned(),
+        truncated,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines() {
+        assert_eq!(parse_progress("::progress 50"), Some(json!(50)));
+        assert_eq!(parse_progress("::progress 0.5 "), Some(json!(0.5)));
+        assert_eq!(
+            parse_progress(r#"::progress {"step":"build","pct":10}"#),
+            Some(json!({"step": "build", "pct": 10}))
+        );
+        assert_eq!(
+            parse_progress("::progress halfway there"),
+            Some(json!({"message": "halfway there"}))
+        );
+        assert_eq!(parse_progress("::progress"), None);
+        assert_eq!(parse_progress("::progressive 5"), None);
+        assert_eq!(parse_progress("progress 5"), None);
+    }
+
+    #[tokio::test]
+    async fn tail_is_capped_and_flagged() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out");
+        std::fs::write(&p, "0123456789").unwrap();
+        assert_eq!(read_tail(&p, 4).await, ("6789".to_string(), true));
+        assert_eq!(read_tail(&p, 100).await, ("0123456789".to_string(), false));
+        assert_eq!(
+            read_tail(&dir.path().join("none"), 4).await,
+            (String::new(), false)
+        );
+    }
+
+    #[tokio::test]
+    async fn line_tail_sees_only_complete_new_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out");
+        std::fs::write(&p, "::progress 1\n").unwrap();
+        let mut tail = LineTail::new(p.clone(), true);
+        let mut seen = Vec::new();
+        tail.poll(|v| seen.push(v)).await;
+        assert!(seen.is_empty(), "lines before adoption are skipped");
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"hello\n::progress 2\n::progress 3").unwrap();
+        tail.poll(|v| seen.push(v)).await;
+        assert_eq!(seen, vec![json!(2)]);
+        f.write_all(b"\n").unwrap();
+        tail.poll(|v| seen.push(v)).await;
+        assert_eq!(seen, vec![json!(2), json!(3)]);
+    }
+
+    #[test]
+    fn our_own_process_is_alive_and_a_wrong_start_time_is_not() {
+        let pid = std::process::id();
+        let (_, start) = proc_stat(pid).unwrap();
+        assert!(alive(pid, Some(start)));
+        assert!(alive(pid, None));
+        assert!(!alive(pid, Some(start + 1)));
+    }
+}
