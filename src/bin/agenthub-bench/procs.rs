@@ -27,7 +27,8 @@ pub struct Server {
 
 impl Server {
     fn spawn(mut cmd: Command, log: &Path) -> Result<Server> {
-        let log_file = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        let log_file =
+            std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
@@ -61,7 +62,10 @@ impl Server {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &self.pid.to_string()])
             .status();
-        if tokio::time::timeout(STOP_TIMEOUT, self.child.wait()).await.is_err() {
+        if tokio::time::timeout(STOP_TIMEOUT, self.child.wait())
+            .await
+            .is_err()
+        {
             let _ = self.child.kill().await;
         }
     }
@@ -98,10 +102,22 @@ pub fn issue_tokens(data_dir: &Path, agent_ids: &[String]) -> Result<Tokens> {
 
 impl Hub {
     /// `agenthub serve` on `127.0.0.1:0` with `RUST_LOG=warn` on `data_dir`.
-    pub async fn start(bin: &Path, data_dir: &Path, admin: &str, log: &Path, extra: &[&str]) -> Result<Hub> {
+    pub async fn start(
+        bin: &Path,
+        data_dir: &Path,
+        admin: &str,
+        log: &Path,
+        extra: &[&str],
+    ) -> Result<Hub> {
         let mut cmd = Command::new(bin);
         cmd.arg("serve")
-            .args(["--ws-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--print-addrs"])
+            .args([
+                "--ws-addr",
+                "127.0.0.1:0",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--print-addrs",
+            ])
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
@@ -143,11 +159,20 @@ pub struct Nats {
 impl Nats {
     /// Start with JetStream storing in `store_dir`; `sync_always` sets
     /// `sync_interval: always` (every write fsynced before it is acked).
-    pub async fn start(bin: &Path, store_dir: &Path, sync_always: bool, log: &Path) -> Result<Nats> {
+    pub async fn start(
+        bin: &Path,
+        store_dir: &Path,
+        sync_always: bool,
+        log: &Path,
+    ) -> Result<Nats> {
         std::fs::create_dir_all(store_dir)?;
         let port = free_port()?;
         let conf: PathBuf = store_dir.with_extension("conf");
-        let sync = if sync_always { "\n  sync_interval: always" } else { "" };
+        let sync = if sync_always {
+            "\n  sync_interval: always"
+        } else {
+            ""
+        };
         std::fs::write(
             &conf,
             format!(

@@ -1,0 +1,450 @@
+//! Results: one JSON line per phase, and the Markdown summary of medians and
+//! same-run ratios (a ratio is taken within each rep, then the median of the
+//! reps' ratios is reported).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+use crate::util::{median, now_ns, Metrics};
+
+/// Which phase a result line is for.
+pub struct Record {
+    rep: u32,
+    phase: String,
+    system: String,
+    param: Option<u64>,
+}
+
+impl Record {
+    pub fn new(rep: u32, phase: &str, system: &str, param: Option<u64>) -> Record {
+        Record {
+            rep,
+            phase: phase.into(),
+            system: system.into(),
+            param,
+        }
+    }
+}
+
+/// Appends result lines to the results file as phases finish.
+pub struct Recorder {
+    file: File,
+    run: String,
+}
+
+impl Recorder {
+    pub fn create(path: &Path, run: &str) -> Result<Recorder> {
+        Ok(Recorder {
+            file: File::create(path).with_context(|| format!("create {}", path.display()))?,
+            run: run.into(),
+        })
+    }
+
+    fn line(&mut self, v: &Value) -> Result<()> {
+        writeln!(self.file, "{v}")?;
+        self.file.flush()?;
+        Ok(())
+    }
+
+    pub fn machine(&mut self, info: &Value) -> Result<()> {
+        let v = json!({"run": self.run, "phase": "machine", "machine": info});
+        self.line(&v)
+    }
+
+    /// One phase's outcome; `started` is when it began (`now_ns`).
+    pub fn write(&mut self, r: Record, out: Result<Metrics>, started: u64) -> Result<()> {
+        let secs = (now_ns() - started) as f64 / 1e9;
+        let (metrics, error) = match out {
+            Ok(m) => (m, None),
+            Err(e) => (Metrics::default(), Some(format!("{e:#}"))),
+        };
+        let map: serde_json::Map<String, Value> = metrics
+            .0
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(round(*v))))
+            .collect();
+        let lost = map.get("lost").and_then(Value::as_f64).unwrap_or(0.0);
+        let dup = map.get("duplicated").and_then(Value::as_f64).unwrap_or(0.0);
+        let error = error.or_else(|| {
+            (lost > 0.0 || dup > 0.0).then(|| format!("{lost} events lost, {dup} duplicated"))
+        });
+        let valid = error.is_none();
+        let v = json!({
+            "run": self.run, "rep": r.rep, "phase": r.phase, "system": r.system,
+            "param": r.param, "valid": valid, "error": error, "secs": round(secs),
+            "metrics": map,
+        });
+        let shown: Vec<String> = metrics
+            .0
+            .iter()
+            .take(6)
+            .map(|(k, v)| format!("{k}={}", round(*v)))
+            .collect();
+        match &error {
+            None => eprintln!(
+                "  {}{}: {}",
+                r.phase,
+                param_suffix(r.param),
+                shown.join(" ")
+            ),
+            Some(e) => eprintln!("  {}{}: INVALID: {e}", r.phase, param_suffix(r.param)),
+        }
+        self.line(&v)
+    }
+
+    /// Two phases measured by one function.
+    pub fn write_pair(
+        &mut self,
+        a: Record,
+        b: Record,
+        out: Result<(Metrics, Metrics)>,
+        started: u64,
+    ) -> Result<()> {
+        match out {
+            Ok((ma, mb)) => {
+                self.write(a, Ok(ma), started)?;
+                self.write(b, Ok(mb), started)
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                self.write(a, Err(anyhow::anyhow!("{msg}")), started)?;
+                self.write(b, Err(anyhow::anyhow!("{msg}")), started)
+            }
+        }
+    }
+}
+
+fn param_suffix(p: Option<u64>) -> String {
+    p.map(|n| format!("[{n}]")).unwrap_or_default()
+}
+
+/// Three significant decimals is plenty.
+fn round(v: f64) -> f64 {
+    if v.abs() >= 100.0 {
+        (v * 10.0).round() / 10.0
+    } else {
+        (v * 1000.0).round() / 1000.0
+    }
+}
+
+/// A results file, parsed.
+pub struct Data {
+    machine: Option<Value>,
+    recs: Vec<Rec>,
+}
+
+struct Rec {
+    rep: u32,
+    phase: String,
+    system: String,
+    param: Option<u64>,
+    valid: bool,
+    error: Option<String>,
+    metrics: BTreeMap<String, f64>,
+}
+
+pub fn load(path: &Path) -> Result<Data> {
+    let file = File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut data = Data {
+        machine: None,
+        recs: Vec::new(),
+    };
+    for line in BufReader::new(file).lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&line)?;
+        if v["phase"] == "machine" {
+            data.machine = Some(v["machine"].clone());
+            continue;
+        }
+        let metrics = v["metrics"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, x)| x.as_f64().map(|x| (k.clone(), x)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        data.recs.push(Rec {
+            rep: v["rep"].as_u64().unwrap_or(0) as u32,
+            phase: v["phase"].as_str().unwrap_or("").into(),
+            system: v["system"].as_str().unwrap_or("").into(),
+            param: v["param"].as_u64(),
+            valid: v["valid"].as_bool().unwrap_or(false),
+            error: v["error"].as_str().map(String::from),
+            metrics,
+        });
+    }
+    Ok(data)
+}
+
+impl Data {
+    fn reps(&self) -> Vec<u32> {
+        let mut r: Vec<u32> = self.recs.iter().map(|r| r.rep).collect();
+        r.sort_unstable();
+        r.dedup();
+        r
+    }
+
+    /// A metric of a valid phase in one rep.
+    fn get(&self, rep: u32, phase: &str, param: Option<u64>, metric: &str) -> Option<f64> {
+        self.recs
+            .iter()
+            .find(|r| r.rep == rep && r.phase == phase && r.param == param && r.valid)
+            .and_then(|r| r.metrics.get(metric).copied())
+    }
+
+    /// Largest parameter a phase ran with (e.g. the most watchers).
+    fn max_param(&self, phase: &str) -> Option<u64> {
+        self.recs
+            .iter()
+            .filter(|r| r.phase == phase)
+            .filter_map(|r| r.param)
+            .max()
+    }
+
+    /// Median over reps of `f(rep)`.
+    fn median_of(&self, f: impl Fn(u32) -> Option<f64>) -> (Option<f64>, usize) {
+        let v: Vec<f64> = self.reps().into_iter().filter_map(f).collect();
+        let n = v.len();
+        (median(v), n)
+    }
+}
+
+/// Reads one figure of one rep.
+type Figure = Box<dyn Fn(&Data, u32) -> Option<f64>>;
+
+/// One target: a hub figure against a baseline figure (or an absolute bound).
+struct Target {
+    what: String,
+    hub: Figure,
+    base: Option<Figure>,
+    base_label: String,
+    /// `(is_upper_bound, bound)`: ratio ≤ bound, or ratio ≥ bound.
+    bound: (bool, f64),
+    unit: &'static str,
+}
+
+fn metric(phase: &'static str, param: Option<u64>, m: &'static str) -> Figure {
+    Box::new(move |d, rep| d.get(rep, phase, param, m))
+}
+
+fn targets(d: &Data) -> Vec<Target> {
+    let fan = d.max_param("hub_fanout").unwrap_or(100);
+    let conns = d.max_param("hub_connections").unwrap_or(10_000);
+    vec![
+        Target {
+            what: "push round trip p50 (PushTask → task_ack of task_accepted)".into(),
+            hub: metric("hub_push_seq", None, "push_to_accept_ack_p50_us"),
+            base: Some(metric(
+                "js_roundtrip_seq",
+                None,
+                "publish_to_double_ack_p50_us",
+            )),
+            base_label: "JetStream publish → PubAck + pull → double-ack, p50".into(),
+            bound: (true, 1.0),
+            unit: "µs",
+        },
+        Target {
+            what: "push round trip p50".into(),
+            hub: metric("hub_push_seq", None, "push_to_accept_ack_p50_us"),
+            base: Some(Box::new(|d, rep| {
+                let echo = d.get(rep, "ws_echo_seq", None, "rtt_p50_us")?;
+                let fsync = d.get(rep, "fsync", None, "p50_us")?;
+                Some(2.0 * echo + 2.0 * fsync)
+            })),
+            base_label: "2 × WS echo p50 + 2 × fsync p50".into(),
+            bound: (true, 1.3),
+            unit: "µs",
+        },
+        Target {
+            what: "pipelined push, 64 in flight".into(),
+            hub: metric("hub_push_pipelined", None, "tasks_per_s"),
+            base: Some(metric("js_roundtrip_pipelined", None, "msgs_per_s")),
+            base_label: "JetStream durable round trips, 64 in flight".into(),
+            bound: (false, 1.0),
+            unit: "/s",
+        },
+        Target {
+            what: format!("fan-out to {fan} watchers, zero drops"),
+            hub: Box::new(move |d, rep| d.get(rep, "hub_fanout", Some(fan), "delivered_per_s")),
+            base: Some(Box::new(move |d, rep| {
+                d.get(rep, "nats_fanout", Some(fan), "delivered_per_s")
+            })),
+            base_label: format!("NATS core fan-out to {fan} subscribers"),
+            bound: (false, 0.5),
+            unit: "events/s",
+        },
+        Target {
+            what: format!("hub RSS per idle identified sidecar at {conns}"),
+            hub: Box::new(move |d, rep| {
+                d.get(rep, "hub_connections", Some(conns), "rss_per_sidecar_kib")
+            }),
+            base: None,
+            base_label: "absolute bound (KiB)".into(),
+            bound: (true, 10.0),
+            unit: "KiB",
+        },
+        Target {
+            what: "ingest, 100 sidecars (durable)".into(),
+            hub: metric("hub_ingest", None, "events_per_s"),
+            base: Some(metric("js_ingest", None, "events_per_s")),
+            base_label: "JetStream ingest with PubAck, 100 publishers".into(),
+            bound: (false, 1.0),
+            unit: "events/s",
+        },
+        Target {
+            what: "replay from seq 0".into(),
+            hub: metric("hub_replay", None, "events_per_s"),
+            base: Some(metric("js_replay", None, "events_per_s")),
+            base_label: "JetStream ordered consumer replay".into(),
+            bound: (false, 1.0),
+            unit: "events/s",
+        },
+    ]
+}
+
+fn fmt(v: Option<f64>) -> String {
+    match v {
+        None => "—".into(),
+        Some(x) if x.abs() >= 1000.0 => format!("{x:.0}"),
+        Some(x) if x.abs() >= 10.0 => format!("{x:.1}"),
+        Some(x) => format!("{x:.2}"),
+    }
+}
+
+/// The Markdown summary.
+pub fn summarize(d: &Data) -> String {
+    let mut md = String::new();
+    let reps = d.reps();
+    let _ = writeln!(md, "# agenthub benchmark summary\n");
+    if let Some(m) = &d.machine {
+        let s = |k: &str| {
+            m[k].as_str()
+                .map(String::from)
+                .unwrap_or_else(|| m[k].to_string())
+        };
+        let _ = writeln!(
+            md,
+            "Machine: {} ({} cores, {} GiB), Linux {}, filesystem `{}`. Hub: `{}`; baseline: `{}`. Reps: {}{}.\n",
+            s("cpu"),
+            s("cores"),
+            s("mem_gib"),
+            s("kernel"),
+            s("filesystem"),
+            s("agenthub"),
+            s("nats_server"),
+            reps.len(),
+            if m["quick"].as_bool() == Some(true) { " (quick sizes)" } else { "" },
+        );
+    }
+    let _ = writeln!(
+        md,
+        "## Targets (medians over reps; ratio = median of the per-rep hub/baseline ratios)\n"
+    );
+    let _ = writeln!(
+        md,
+        "| target | agenthub | baseline | ratio | goal | holds |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|:-:|");
+    for t in targets(d) {
+        let (hub, _) = d.median_of(|rep| (t.hub)(d, rep));
+        let (base, ratio) = match &t.base {
+            Some(b) => {
+                let (base, _) = d.median_of(|rep| b(d, rep));
+                let (ratio, _) = d.median_of(|rep| Some((t.hub)(d, rep)? / b(d, rep)?));
+                (base, ratio)
+            }
+            None => (None, hub),
+        };
+        let (upper, bound) = t.bound;
+        let goal = format!(
+            "{} {bound}{}",
+            if upper { "≤" } else { "≥" },
+            if t.base.is_some() { "×" } else { "" }
+        );
+        let holds = match ratio {
+            None => "n/a",
+            Some(r) if (upper && r <= bound) || (!upper && r >= bound) => "yes",
+            Some(_) => "**no**",
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} {} | {} ({}) | {} | {goal} | {holds} |",
+            t.what,
+            fmt(hub),
+            t.unit,
+            fmt(base),
+            t.base_label,
+            if t.base.is_some() {
+                format!("{}×", fmt(ratio))
+            } else {
+                fmt(ratio)
+            },
+        );
+    }
+
+    let _ = writeln!(
+        md,
+        "\n## Every phase (median over valid reps, then each rep)\n"
+    );
+    let _ = writeln!(md, "| phase | system | N | metric | median | per rep |");
+    let _ = writeln!(md, "|---|---|---:|---|---:|---|");
+    let mut seen: Vec<(String, Option<u64>)> = Vec::new();
+    for r in &d.recs {
+        let key = (r.phase.clone(), r.param);
+        if seen.contains(&key) {
+            continue;
+        }
+        seen.push(key);
+        let all: Vec<&Rec> = d
+            .recs
+            .iter()
+            .filter(|x| x.phase == r.phase && x.param == r.param)
+            .collect();
+        let invalid: Vec<String> = all
+            .iter()
+            .filter(|x| !x.valid)
+            .map(|x| format!("rep {}: {}", x.rep, x.error.as_deref().unwrap_or("invalid")))
+            .collect();
+        let n = r.param.map(|p| p.to_string()).unwrap_or_default();
+        let names: Vec<String> = all
+            .iter()
+            .find(|x| x.valid)
+            .map(|x| x.metrics.keys().cloned().collect())
+            .unwrap_or_default();
+        for name in names {
+            let per: Vec<String> = reps
+                .iter()
+                .map(|&rep| fmt(d.get(rep, &r.phase, r.param, &name)))
+                .collect();
+            let (med, _) = d.median_of(|rep| d.get(rep, &r.phase, r.param, &name));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {n} | {name} | {} | {} |",
+                r.phase,
+                r.system,
+                fmt(med),
+                per.join(" / ")
+            );
+        }
+        for e in invalid {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {n} | **INVALID** | | {} |",
+                r.phase,
+                r.system,
+                e.replace('|', "/")
+            );
+        }
+    }
+    md
+}
