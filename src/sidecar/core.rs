@@ -183,7 +183,11 @@ impl Sidecar {
         }
         let reject = |reason: &str| json!({"type": "task_rejected", "task_id": task_id, "generation": generation, "reason": reason});
         if self.draining {
-            self.send(reject("shutting_down"));
+            // Not `task_rejected`: the hub would hand it straight back while
+            // we still have free slots, burning its attempts. Unanswered, it
+            // returns to the queue on the accept timeout or, once we are
+            // gone, the reconnect grace.
+            tracing::warn!(task_id, generation, "draining: task_assign left unanswered");
             return;
         }
         let running = self

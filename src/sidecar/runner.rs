@@ -330,13 +330,21 @@ impl Watcher {
     }
 }
 
-/// SIGTERM to the process group, SIGKILL after `grace`.
+/// SIGTERM to the process group, SIGKILL after `grace` if anything in the
+/// group is still alive (the wrapper may die first while the command ignores
+/// SIGTERM).
 async fn terminate(proc: &mut Proc, grace: Duration) {
     let Some(pgid) = proc.pgid() else {
         return;
     };
     signal_group(pgid, "TERM").await;
-    if tokio::time::timeout(grace, proc.exited()).await.is_ok() {
+    let gone = async {
+        proc.exited().await;
+        while group_alive(pgid) {
+            tokio::time::sleep(POLL_INTERVAL / 2).await;
+        }
+    };
+    if tokio::time::timeout(grace, gone).await.is_ok() {
         return;
     }
     tracing::warn!(pgid, ?grace, "command ignored SIGTERM; sending SIGKILL");
@@ -363,16 +371,43 @@ async fn signal_group(pgid: u32, signal: &str) {
     tracing::debug!(pgid, signal, ?status, "signalled process group");
 }
 
-/// `(state, start time)` from `/proc/PID/stat`.
-fn proc_stat(pid: u32) -> Option<(char, u64)> {
+/// Fields of `/proc/PID/stat` from field 3 (state) on. The command name
+/// (field 2) may hold spaces and parentheses: skip past the last ')'.
+fn stat_fields(pid: &str) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: skip past the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    // `rest` starts at field 3 (state); the start time is field 22.
-    let start = fields.nth(18)?.parse().ok()?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// `(state, start time)` of a process.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let fields = stat_fields(&pid.to_string())?;
+    let state = fields.first()?.chars().next()?;
+    // fields[0] is field 3; the start time is field 22.
+    let start = fields.get(19)?.parse().ok()?;
     Some((state, start))
+}
+
+/// Does any live (non-zombie) process belong to process group `pgid`?
+fn group_alive(pgid: u32) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    let pgid = pgid.to_string();
+    dir.flatten().any(|entry| {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            return false;
+        };
+        // fields[0] is the state (field 3), fields[2] the process group (field 5).
+        stat_fields(pid).is_some_and(|f| {
+            f.get(2) == Some(&pgid)
+                && !matches!(f.first().map(String::as_str), Some("Z" | "X" | "x"))
+        })
+    })
 }
 
 /// Is `pid` still the process we started (same start time), and not a zombie?
@@ -557,5 +592,8 @@ mod tests {
         assert!(alive(pid, Some(start)));
         assert!(alive(pid, None));
         assert!(!alive(pid, Some(start + 1)));
+        let own_group = stat_fields("self").unwrap()[2].parse().unwrap();
+        assert!(group_alive(own_group));
+        assert!(!group_alive(u32::MAX));
     }
 }

@@ -396,3 +396,47 @@ pub fn admin_token(dir: &Path) -> String {
         .trim()
         .to_string()
 }
+
+impl HubProcess {
+    /// Start `agenthub serve` on `dir` at fixed addresses: a restart on the
+    /// ports an earlier run bound, so clients find it again.
+    pub async fn spawn_at(
+        dir: &Path,
+        ws_addr: SocketAddr,
+        grpc_addr: SocketAddr,
+        extra: &[&str],
+    ) -> HubProcess {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agenthub"))
+            .arg("serve")
+            .arg("--ws-addr")
+            .arg(ws_addr.to_string())
+            .arg("--grpc-addr")
+            .arg(grpc_addr.to_string())
+            .arg("--print-addrs")
+            .arg("--data-dir")
+            .arg(dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        loop {
+            let line = tokio::time::timeout(WAIT, lines.next_line())
+                .await
+                .expect("hub prints its addresses")
+                .unwrap()
+                .expect("hub stdout open (did the bind fail?)");
+            if line.starts_with("ws=") {
+                return HubProcess {
+                    child,
+                    ws_addr,
+                    grpc_addr,
+                };
+            }
+        }
+    }
+}

@@ -5,4 +5,6 @@ mod helpers;
 
 mod core_flow;
 mod durability;
+mod interop;
 mod scheduler;
+mod smoke;

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Install what the interop tests need, into the work tree only:
+#   - tests/interop/node_modules: the npm `ws` package (npm ci, from the
+#     committed package.json + package-lock.json);
+#   - .venv: a Python virtualenv with grpcio + grpcio-tools (pinned in
+#     tests/interop/requirements.txt).
+# Idempotent: a stamp holding the hash of the lock / requirements file skips
+# work already done. Needs node + npm and python3 (with venv). No prompts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+hash_of() { sha256sum "$@" | sha256sum | cut -d' ' -f1; }
+
+need() {
+  command -v "$1" >/dev/null 2>&1 || { echo "test-deps: '$1' is required but not installed" >&2; exit 1; }
+}
+
+# ---- Node.js: ws ------------------------------------------------------------
+need node
+need npm
+node_dir=tests/interop
+node_stamp=$node_dir/node_modules/.agenthub-deps
+node_hash=$(hash_of "$node_dir/package.json" "$node_dir/package-lock.json")
+if [ -f "$node_stamp" ] && [ "$(cat "$node_stamp")" = "$node_hash" ] && [ -f "$node_dir/node_modules/ws/package.json" ]; then
+  echo "test-deps: node modules up to date"
+else
+  echo "test-deps: npm ci in $node_dir"
+  (cd "$node_dir" && npm ci --no-audit --no-fund --loglevel=error </dev/null)
+  echo "$node_hash" > "$node_stamp"
+fi
+
+# ---- Python: grpcio + grpcio-tools -------------------------------------------
+need python3
+venv=.venv
+req=tests/interop/requirements.txt
+py_stamp=$venv/.agenthub-deps
+py_hash=$(hash_of "$req")
+if [ ! -x "$venv/bin/python" ]; then
+  echo "test-deps: creating $venv"
+  python3 -m venv "$venv"
+fi
+if [ -f "$py_stamp" ] && [ "$(cat "$py_stamp")" = "$py_hash" ] \
+  && "$venv/bin/python" -c 'import grpc, grpc_tools.protoc' 2>/dev/null; then
+  echo "test-deps: python packages up to date"
+else
+  echo "test-deps: pip install -r $req into $venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
+    --only-binary=:all: -r "$req" </dev/null
+  echo "$py_hash" > "$py_stamp"
+fi
