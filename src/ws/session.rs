@@ -79,7 +79,7 @@ pub async fn run(socket: WebSocket, hub: Arc<Hub>, mut shutdown: watch::Receiver
             Err(e) => {
                 handle.send(protocol::error(e.code, None, Some(&e.detail)));
             }
-            Ok(Inbound::Ping) => {
+            Ok(Inbound::Ping) if agent_id.is_some() => {
                 handle.send(protocol::pong(now_ms()));
             }
             Ok(Inbound::Identify(ident)) => {

@@ -459,7 +459,7 @@ async fn socket_without_identify_is_closed_with_1008() {
     let hub = TestHub::start_with(|c| c.identify_timeout = Duration::from_millis(300)).await;
     let mut sc = Sidecar::connect(&hub.ws_url()).await;
     sc.send(json!({"type": "ping"})).await;
-    assert_eq!(sc.recv().await["type"], "pong");
+    assert_eq!(sc.recv().await["error"], "not_identified");
     assert_eq!(sc.recv_close().await, Some(1008));
 }
 

@@ -244,3 +244,106 @@ async fn sigterm_closes_sockets_with_a_close_frame_and_exits_cleanly() {
         .into_inner();
     assert_eq!(state_of(&task), pb::task::State::Running);
 }
+
+/// Run the CLI without blocking the runtime the in-process hub runs on.
+async fn cli(args: &[&str], token: &str, grpc: &str) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_agenthub"))
+        .args(args)
+        .env("AGENTHUB_TOKEN", token)
+        .env("AGENTHUB_GRPC_ADDR", grpc)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn cli_pushes_lists_watches_and_manages_tokens() {
+    let hub = TestHub::start().await;
+    let dir = hub.dir.to_str().unwrap().to_string();
+    let grpc = hub.grpc_addr.to_string();
+    let admin = hub.admin_token.clone();
+    let mut sc = hub.sidecar("cli-agent").await;
+
+    let out = cli(
+        &[
+            "push",
+            "--agent",
+            "cli-agent",
+            "-d",
+            "from cli",
+            "--metadata",
+            r#"{"k":[1,2]}"#,
+        ],
+        &admin,
+        &grpc,
+    )
+    .await;
+    let pushed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let id = pushed["task_id"].as_str().unwrap().to_string();
+    let (got, g) = sc.next_assign().await;
+    assert_eq!(got, id);
+    sc.accept(&id, g).await;
+    sc.complete(&id, g, json!({"ok": true})).await;
+
+    let listed = cli(&["tasks", "list", "--state", "completed"], &admin, &grpc).await;
+    let line: serde_json::Value = serde_json::from_str(listed.lines().next().unwrap()).unwrap();
+    assert_eq!(line["task_id"], id.as_str());
+    assert_eq!(line["metadata"], json!({"k": [1, 2]}));
+    let shown: serde_json::Value =
+        serde_json::from_str(&cli(&["tasks", "get", &id], &admin, &grpc).await).unwrap();
+    assert_eq!(shown["result"], json!({"ok": true}));
+    let agents = cli(&["agents"], &admin, &grpc).await;
+    assert!(agents.contains("\"cli-agent\""));
+
+    // `watch --after 0` replays the history as JSON lines.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agenthub"))
+        .args(["watch", "--after", "0"])
+        .env("AGENTHUB_TOKEN", &admin)
+        .env("AGENTHUB_GRPC_ADDR", &grpc)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut kinds = Vec::new();
+    while kinds.len() < 4 {
+        let l = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        kinds.push(v["kind"].as_str().unwrap().to_string());
+    }
+    assert_eq!(kinds, ["CREATED", "ASSIGNED", "ACCEPTED", "COMPLETED"]);
+    let _ = child.kill().await;
+
+    // Tokens: issue prints only the token; list never shows secrets; revoke locks the agent out.
+    let t = cli(
+        &["token", "issue", "--agent", "temp", "--data-dir", &dir],
+        "",
+        "",
+    )
+    .await;
+    let secret = t.trim().to_string();
+    assert_eq!(secret.len(), 64);
+    let list = cli(&["token", "list", "--data-dir", &dir], "", "").await;
+    assert!(!list.contains(&secret));
+    let entry = list.lines().find(|l| l.contains("\"temp\"")).unwrap();
+    let tok_id = serde_json::from_str::<serde_json::Value>(entry).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cli(&["token", "revoke", &tok_id, "--data-dir", &dir], "", "").await;
+    let mut s = Sidecar::connect(&hub.ws_url()).await;
+    s.send(json!({"type": "identify", "agent_id": "temp", "token": secret}))
+        .await;
+    assert_eq!(s.recv().await["error"], "invalid_token");
+}
