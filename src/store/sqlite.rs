@@ -4,6 +4,7 @@
 //! while the previous commit was in flight as one transaction (group commit).
 //! Reads use a small pool of separate connections.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -12,7 +13,7 @@ use std::thread::JoinHandle;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Batch, Loaded, Publisher, Store};
+use super::{Batch, Loaded, Publisher, Store, TaskWrite};
 use crate::auth::{Role, TokenRecord};
 use crate::error::{Error, Result};
 use crate::model::{Seq, Task, TaskEvent};
@@ -180,30 +181,39 @@ fn write_group(conn: &mut Connection, group: &[Batch]) -> Result<()> {
                 let body = serde_json::to_string(&**ev).map_err(|e| Error::Store(e.to_string()))?;
                 insert_event.execute(params![ev.seq as i64, body])?;
             }
-            for w in &batch.tasks {
-                let body =
-                    serde_json::to_string(&w.task).map_err(|e| Error::Store(e.to_string()))?;
-                let t = &w.task;
-                let changed = match w.expected_last_seq {
-                    None => insert_task.execute(params![t.task_id, t.last_seq as i64, body])?,
-                    Some(prev) => update_task.execute(params![
-                        t.task_id,
-                        t.last_seq as i64,
-                        body,
-                        prev as i64
-                    ])?,
-                };
-                if changed != 1 {
-                    return Err(Error::Store(format!(
-                        "compare-and-set failed for task {}",
-                        t.task_id
-                    )));
+        }
+        // A task changed by several batches of the group is written once, with
+        // its final state, checked against the state before the first change.
+        for (w, expected) in coalesce(group).into_values() {
+            let t = &w.task;
+            let body = serde_json::to_string(t).map_err(|e| Error::Store(e.to_string()))?;
+            let changed = match expected {
+                None => insert_task.execute(params![t.task_id, t.last_seq as i64, body])?,
+                Some(prev) => {
+                    update_task.execute(params![t.task_id, t.last_seq as i64, body, prev as i64])?
                 }
+            };
+            if changed != 1 {
+                return Err(Error::Store(format!(
+                    "compare-and-set failed for task {}",
+                    t.task_id
+                )));
             }
         }
     }
     tx.commit()?;
     Ok(())
+}
+
+/// The last write of each task in the group, with the first write's expectation.
+fn coalesce(group: &[Batch]) -> HashMap<&str, (&TaskWrite, Option<Seq>)> {
+    let mut out: HashMap<&str, (&TaskWrite, Option<Seq>)> = HashMap::new();
+    for w in group.iter().flat_map(|b| &b.tasks) {
+        out.entry(w.task.task_id.as_str())
+            .and_modify(|e| e.0 = w)
+            .or_insert((w, w.expected_last_seq));
+    }
+    out
 }
 
 fn prune(conn: &Connection, keep: u64, shared: &Shared) -> Result<()> {
