@@ -220,12 +220,13 @@ impl Sidecar {
             self.send(reject("state_file_error"));
             return;
         }
-        self.send(accepted);
-        tracing::info!(task_id, generation, "task accepted");
-        self.launch(task_id).await;
+        self.launch(task_id, accepted).await;
     }
 
-    async fn launch(&mut self, task_id: &str) {
+    /// Start the command, then tell the hub (`accepted`) and record the pid.
+    /// The record is already durable; a sidecar killed before the pid is
+    /// written finds the command again through the wrapper's `pid` file.
+    async fn launch(&mut self, task_id: &str, accepted: Value) {
         let Some(rec) = self.state.data.tasks.get(task_id) else {
             return;
         };
@@ -233,7 +234,13 @@ impl Sidecar {
         let dir = self.state.task_dir(task_id, generation);
         match runner::start(&self.run_cfg, rec, &dir, self.run_tx.clone()) {
             Ok(started) => {
-                tracing::info!(task_id, generation, pid = started.pid, "command started");
+                self.send(accepted);
+                tracing::info!(
+                    task_id,
+                    generation,
+                    pid = started.pid,
+                    "task accepted; command started"
+                );
                 self.runs
                     .insert(task_id.to_string(), (generation, started.handle));
                 if let Some(rec) = self.state.data.tasks.get_mut(task_id) {
@@ -264,9 +271,14 @@ impl Sidecar {
             tracing::warn!(task_id, "task_continue for another generation ignored");
             return;
         }
-        let alive = rec.pid.is_some_and(|p| runner::alive(p, rec.pid_start));
-        tracing::info!(task_id, pid = ?rec.pid, alive, "hub says continue; following the command");
         let dir = self.state.task_dir(task_id, rec.generation);
+        let pid = runner::live_process(rec, &dir);
+        tracing::info!(
+            task_id,
+            ?pid,
+            alive = pid.is_some(),
+            "hub says continue; following the command"
+        );
         let handle = runner::adopt(&self.run_cfg, rec, &dir, self.run_tx.clone());
         self.runs
             .insert(task_id.to_string(), (rec.generation, handle));
@@ -280,7 +292,9 @@ impl Sidecar {
         };
         if let Some((_, run)) = self.runs.get_mut(task_id) {
             run.stop(why);
-        } else if rec.is_running() && rec.pid.is_some_and(|p| runner::alive(p, rec.pid_start)) {
+        } else if rec.is_running()
+            && runner::live_process(rec, &self.state.task_dir(task_id, rec.generation)).is_some()
+        {
             // A command left by an earlier run of the sidecar: stop it too.
             let dir = self.state.task_dir(task_id, rec.generation);
             let mut handle = runner::adopt(&self.run_cfg, rec, &dir, self.run_tx.clone());

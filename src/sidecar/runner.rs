@@ -1,11 +1,12 @@
 //! Running one task's command as a child process, watched by its own tokio
 //! task.
 //!
-//! The command runs under a tiny wrapper shell in a new process group:
-//! `sh -c 'f=$1; shift; "$@"; c=$?; echo "$c" > "$f"; exit "$c"'`. Its
-//! stdout and stderr go to files in the task directory, and the wrapper writes
-//! the exit code to `exit` there. So a sidecar restarted after `kill -9` can
-//! still follow a command that outlived it, or read how it ended. Cancelling
+//! The command runs under a tiny wrapper shell in a new process group (see
+//! [`WRAPPER`]). Its stdout and stderr go to files in the task directory; the
+//! wrapper writes its own pid to `pid` there before the command starts, and
+//! the exit code to `exit` when it ends. So a sidecar restarted after
+//! `kill -9`, even one killed before it could record the pid, can still find
+//! a command that outlived it, follow it, or read how it ended. Cancelling
 //! signals the whole process group: SIGTERM, then SIGKILL after a grace.
 
 use std::io::SeekFrom;
@@ -22,8 +23,10 @@ use tracing::Instrument;
 use super::state::TaskRecord;
 use crate::model::now_ms;
 
-/// The wrapper shell script: run the command, record its exit code.
-const WRAPPER: &str = r#"f=$1; shift; "$@"; c=$?; echo "$c" > "$f"; exit "$c""#;
+/// The wrapper shell script, run as `sh -c WRAPPER agenthub-task DIR CMD
+/// ARGS...`: record its pid, run the command, record its exit code.
+pub const WRAPPER: &str =
+    r#"d=$1; shift; echo $$ > "$d/pid"; "$@"; c=$?; echo "$c" > "$d/exit"; exit "$c""#;
 /// How often stdout is scanned for progress lines, and how often a process
 /// that is not our child is checked for liveness.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -142,10 +145,11 @@ pub fn start(
     events: mpsc::UnboundedSender<RunEvent>,
 ) -> std::io::Result<Started> {
     std::fs::create_dir_all(dir)?;
-    let exit_path = dir.join("exit");
-    match std::fs::remove_file(&exit_path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
+    for stale in ["exit", "pid"] {
+        match std::fs::remove_file(dir.join(stale)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
     }
     let stdout = std::fs::File::create(dir.join("stdout"))?;
     let stderr = std::fs::File::create(dir.join("stderr"))?;
@@ -157,7 +161,7 @@ pub fn start(
         .arg("-c")
         .arg(WRAPPER)
         .arg("agenthub-task")
-        .arg(&exit_path)
+        .arg(dir)
         .args(&cfg.command)
         .env("AGENTHUB_TASK_ID", &rec.task_id)
         .env("AGENTHUB_TASK_DESCRIPTION", &rec.description)
@@ -192,12 +196,12 @@ pub fn adopt(
     dir: &Path,
     events: mpsc::UnboundedSender<RunEvent>,
 ) -> RunHandle {
-    let proc = match rec.pid {
-        Some(pid) if alive(pid, rec.pid_start) => Proc::Orphan {
+    let proc = match live_process(rec, dir) {
+        Some(pid) => Proc::Orphan {
             pid,
             start: rec.pid_start,
         },
-        _ => Proc::Gone,
+        None => Proc::Gone,
     };
     let tail = LineTail::new(dir.join("stdout"), true);
     spawn_watcher(cfg, rec, dir, proc, tail, events)
@@ -410,8 +414,25 @@ fn group_alive(pgid: u32) -> bool {
     })
 }
 
+/// The still-running wrapper of this task run, if any: the pid from the
+/// state file or, if the sidecar died before recording it, from the
+/// wrapper's own `pid` file; checked to be alive and to be that wrapper
+/// (its command line names the task directory).
+pub fn live_process(rec: &TaskRecord, dir: &Path) -> Option<u32> {
+    let pid = rec.pid.or_else(|| {
+        std::fs::read_to_string(dir.join("pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    })?;
+    let is_wrapper = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+        let dir = dir.as_os_str().as_encoded_bytes();
+        cmdline.split(|b| *b == 0).any(|arg| arg == dir)
+    });
+    (is_wrapper && alive(pid, rec.pid_start)).then_some(pid)
+}
+
 /// Is `pid` still the process we started (same start time), and not a zombie?
-pub fn alive(pid: u32, start: Option<u64>) -> bool {
+fn alive(pid: u32, start: Option<u64>) -> bool {
     match proc_stat(pid) {
         Some((state, started)) => {
             !matches!(state, 'Z' | 'X' | 'x') && start.is_none_or(|s| s == started)
@@ -583,6 +604,72 @@ mod tests {
         f.write_all(b"\n").unwrap();
         tail.poll(|v| seen.push(v)).await;
         assert_eq!(seen, vec![json!(2), json!(3)]);
+    }
+
+    fn record(task_id: &str) -> TaskRecord {
+        TaskRecord {
+            task_id: task_id.into(),
+            generation: 1,
+            description: "d".into(),
+            metadata: json!({"k": "v"}),
+            assigned_at: 0,
+            accepted_at: now_ms(),
+            pid: None,
+            pid_start: None,
+            report: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_run_left_behind_is_found_from_its_pid_file_and_reports_its_exit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("t1-g1");
+        let cfg = RunConfig {
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                r#"echo "$AGENTHUB_TASK_ID $AGENTHUB_TASK_METADATA"; sleep 0.3"#.into(),
+            ],
+            tail_bytes: 1024,
+            kill_grace: Duration::from_secs(1),
+        };
+        let rec = record("t1");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let started = start(&cfg, &rec, &dir, tx.clone()).unwrap();
+        // As if the sidecar died before writing the pid to its state file.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while live_process(&rec, &dir).is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "wrapper never wrote its pid"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(live_process(&rec, &dir), Some(started.pid));
+        assert_eq!(
+            live_process(&rec, &tmp.path().join("other")),
+            None,
+            "identity is checked"
+        );
+        match rx.recv().await.unwrap() {
+            RunEvent::Exited {
+                outcome: Outcome::Completed(result),
+                ..
+            } => {
+                assert_eq!(result["stdout"], "t1 {\"k\":\"v\"}\n");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(live_process(&rec, &dir), None);
+        // Adopting the finished run reads its exit file.
+        let _handle = adopt(&cfg, &rec, &dir, tx);
+        match rx.recv().await.unwrap() {
+            RunEvent::Exited {
+                outcome: Outcome::Completed(result),
+                ..
+            } => assert_eq!(result["exit_code"], 0),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -73,6 +73,9 @@ impl StateFile {
     /// Read `path`, or start empty if it does not exist. A file written for
     /// another agent is refused.
     pub fn load(path: &Path, agent_id: &str) -> anyhow::Result<StateFile> {
+        // Absolute, so task directories do not depend on the working directory.
+        let path = &std::path::absolute(path)
+            .with_context(|| format!("state file path {}", path.display()))?;
         let data = match std::fs::read(path) {
             Ok(bytes) => {
                 let data: StateData = serde_json::from_slice(&bytes)

@@ -129,8 +129,9 @@ async fn smoke_killed_sidecar_task_completes_on_the_other() {
         );
     }
 
-    let state = a1.state();
-    let orphan = recorded_pid(&state, &victim).expect("a1's state file holds the task and its pid");
+    // The task was in a1's state file before a1 accepted it; its pid right after.
+    assert_eq!(a1.state()["tasks"][&victim]["generation"], 1);
+    let orphan = a1.recorded_pid(&victim).await;
     let killed_at = Instant::now();
     a1.kill9().await;
     follow
@@ -349,14 +350,14 @@ async fn smoke_restarted_sidecar_continues_its_tasks() {
     let quick = cluster
         .push(
             &mut client,
-            &format!("sleep 0.3; {WRITE_ID}"),
+            &format!("sleep 1; {WRITE_ID}"),
             pb::Priority::Normal,
         )
         .await;
     let slow = cluster
         .push(
             &mut client,
-            &format!("sleep 2.5; {WRITE_ID}; echo slow-done"),
+            &format!("sleep 3; {WRITE_ID}; echo slow-done"),
             pb::Priority::Normal,
         )
         .await;
@@ -367,6 +368,11 @@ async fn smoke_restarted_sidecar_continues_its_tasks() {
         })
         .await;
     a1.kill9().await;
+    assert_eq!(
+        count_with(&follow.all(), &tasks, Kind::Completed),
+        0,
+        "the sidecar was killed before any command finished"
+    );
     // The quick command finishes while its sidecar is down.
     let deadline = Instant::now() + DEADLINE;
     while cluster.output_lines(&quick).is_empty() {
@@ -435,7 +441,7 @@ async fn smoke_restarted_sidecar_drops_a_reassigned_task() {
             !of(ev, &task, Kind::Accepted).is_empty()
         })
         .await;
-    let orphan = recorded_pid(&a1.state(), &task).expect("pid in state file");
+    let orphan = a1.recorded_pid(&task).await;
     a1.kill9().await;
     let _a2 = cluster.sidecar("a2", &[], &[]);
     follow

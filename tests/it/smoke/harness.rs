@@ -263,6 +263,23 @@ impl SidecarProc {
     pub fn state(&self) -> Value {
         serde_json::from_slice(&std::fs::read(&self.state_file).unwrap()).unwrap()
     }
+
+    /// The pid the state file records for `task` (written right after the
+    /// command starts, which is just after `task_accepted` is sent).
+    pub async fn recorded_pid(&self, task: &str) -> u64 {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(pid) = self.state()["tasks"][task]["pid"].as_u64() {
+                return pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no pid for {task} in {}",
+                self.state()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 impl Drop for SidecarProc {
@@ -393,11 +410,6 @@ pub fn assert_completed_once(events: &[pb::TaskEvent], tasks: &[String]) {
 /// An event's payload as JSON.
 pub fn payload(ev: &pb::TaskEvent) -> Value {
     pb::event_to_json(ev)["payload"].clone()
-}
-
-/// A task's pid as recorded in a sidecar's state file.
-pub fn recorded_pid(state: &Value, task: &str) -> Option<u64> {
-    state["tasks"][task]["pid"].as_u64()
 }
 
 /// Milliseconds, for reports.
