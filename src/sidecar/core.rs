@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::procs;
 use super::runner::{self, Outcome, RunConfig, RunEvent, RunHandle, StopReason};
 use super::state::{StateFile, TaskRecord};
 use crate::model::now_ms;
@@ -96,7 +97,7 @@ impl Sidecar {
                     "task_id": rec.task_id,
                     "generation": rec.generation,
                     "last_status": "running",
-                    "description": rec.description,
+                    "description": short(&rec.description),
                     "process_followed": self.runs.contains_key(&rec.task_id),
                 })),
             }
@@ -272,7 +273,7 @@ impl Sidecar {
             return;
         }
         let dir = self.state.task_dir(task_id, rec.generation);
-        let pid = runner::live_process(rec, &dir);
+        let pid = procs::live_process(rec, &dir);
         tracing::info!(
             task_id,
             ?pid,
@@ -293,7 +294,7 @@ impl Sidecar {
         if let Some((_, run)) = self.runs.get_mut(task_id) {
             run.stop(why);
         } else if rec.is_running()
-            && runner::live_process(rec, &self.state.task_dir(task_id, rec.generation)).is_some()
+            && procs::live_process(rec, &self.state.task_dir(task_id, rec.generation)).is_some()
         {
             // A command left by an earlier run of the sidecar: stop it too.
             let dir = self.state.task_dir(task_id, rec.generation);
@@ -417,4 +418,13 @@ impl Sidecar {
             run.stop(StopReason::Shutdown);
         }
     }
+}
+
+/// At most the first 1 KiB of a description (for `task_recovering`).
+fn short(text: &str) -> &str {
+    let mut end = text.len().min(1024);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }

@@ -3,8 +3,10 @@
 //!
 //! - [`conn`]: connect, identify, heartbeats, reconnect with backoff.
 //! - [`core`]: the task table and every reaction to the hub and to commands.
-//! - [`runner`]: one command as a child process: env contract, progress
-//!   lines, output tails, SIGTERM/SIGKILL.
+//! - [`runner`]: one command as a child process: env contract, wrapper,
+//!   cancellation (SIGTERM, then SIGKILL).
+//! - [`output`]: progress lines and output tails.
+//! - [`procs`]: process liveness and identity, process-group signals.
 //! - [`state`]: the state file, written before the hub is told anything.
 //!
 //! The main loop here owns [`core::Sidecar`] and feeds it, one at a time,
@@ -13,6 +15,8 @@
 
 mod conn;
 mod core;
+mod output;
+mod procs;
 mod runner;
 mod state;
 
@@ -27,12 +31,15 @@ use tracing::Instrument;
 
 use crate::cli::parse_duration;
 
-pub use runner::parse_progress;
+pub use output::parse_progress;
 
 /// How long a draining sidecar waits for the hub to ack its last reports.
 pub const REPORT_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default bytes of stdout (on success) or stderr (on failure) in a report.
 pub const DEFAULT_TAIL_BYTES: usize = 16 * 1024;
+/// Largest `--output-tail-bytes`: a report must stay well under the hub's
+/// message limit (1 MiB by default), or the hub closes the socket on it.
+pub const MAX_TAIL_BYTES: usize = 256 * 1024;
 
 /// `agenthub sidecar`: connect to a hub and run CMD for every task.
 #[derive(Args, Debug, Clone)]
@@ -68,6 +75,7 @@ pub struct SidecarArgs {
     /// First reconnect delay; doubles (with jitter) up to --backoff-max.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub backoff_initial: Duration,
+    /// Longest reconnect delay.
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     pub backoff_max: Duration,
     /// Between SIGTERM and SIGKILL when a command is cancelled or stopped.
@@ -100,6 +108,9 @@ impl SidecarArgs {
         }
         if self.backoff_max < self.backoff_initial {
             bail!("--backoff-max must be at least --backoff-initial");
+        }
+        if self.output_tail_bytes > MAX_TAIL_BYTES {
+            bail!("--output-tail-bytes must be at most {MAX_TAIL_BYTES}");
         }
         if !(self.hub.starts_with("ws://") || self.hub.starts_with("wss://")) {
             bail!("--hub must be a ws:// or wss:// URL, e.g. ws://127.0.0.1:4000/ws");

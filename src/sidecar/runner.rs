@@ -9,17 +9,17 @@
 //! a command that outlived it, follow it, or read how it ended. Cancelling
 //! signals the whole process group: SIGTERM, then SIGKILL after a grace.
 
-use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
+use super::output::{read_tail, LineTail};
+use super::procs::{alive, group_alive, live_process, proc_stat, signal_group};
 use super::state::TaskRecord;
 use crate::model::now_ms;
 
@@ -30,8 +30,6 @@ pub const WRAPPER: &str =
 /// How often stdout is scanned for progress lines, and how often a process
 /// that is not our child is checked for liveness.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
-/// Longest progress line kept; longer lines are skipped.
-const MAX_LINE_BYTES: usize = 64 * 1024;
 
 /// How the sidecar runs commands.
 #[derive(Clone, Debug)]
@@ -356,256 +354,9 @@ async fn terminate(proc: &mut Proc, grace: Duration) {
     let _ = tokio::time::timeout(Duration::from_secs(5), proc.exited()).await;
 }
 
-/// Signal a whole process group through the shell's `kill` builtin (no
-/// `unsafe`, no extra crate, works wherever `sh` does).
-async fn signal_group(pgid: u32, signal: &str) {
-    if pgid <= 1 {
-        return; // Never `kill -- -1` (every process) or `-0` (our own group).
-    }
-    let status = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(r#"kill -s "$0" -- "-$1" 2>/dev/null"#)
-        .arg(signal)
-        .arg(pgid.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await;
-    tracing::debug!(pgid, signal, ?status, "signalled process group");
-}
-
-/// Fields of `/proc/PID/stat` from field 3 (state) on. The command name
-/// (field 2) may hold spaces and parentheses: skip past the last ')'.
-fn stat_fields(pid: &str) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    Some(rest.split_whitespace().map(str::to_string).collect())
-}
-
-/// `(state, start time)` of a process.
-fn proc_stat(pid: u32) -> Option<(char, u64)> {
-    let fields = stat_fields(&pid.to_string())?;
-    let state = fields.first()?.chars().next()?;
-    // fields[0] is field 3; the start time is field 22.
-    let start = fields.get(19)?.parse().ok()?;
-    Some((state, start))
-}
-
-/// Does any live (non-zombie) process belong to process group `pgid`?
-fn group_alive(pgid: u32) -> bool {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    let pgid = pgid.to_string();
-    dir.flatten().any(|entry| {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            return false;
-        };
-        // fields[0] is the state (field 3), fields[2] the process group (field 5).
-        stat_fields(pid).is_some_and(|f| {
-            f.get(2) == Some(&pgid)
-                && !matches!(f.first().map(String::as_str), Some("Z" | "X" | "x"))
-        })
-    })
-}
-
-/// The still-running wrapper of this task run, if any: the pid from the
-/// state file or, if the sidecar died before recording it, from the
-/// wrapper's own `pid` file; checked to be alive and to be that wrapper
-/// (its command line names the task directory).
-pub fn live_process(rec: &TaskRecord, dir: &Path) -> Option<u32> {
-    let pid = rec.pid.or_else(|| {
-        std::fs::read_to_string(dir.join("pid"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-    })?;
-    let is_wrapper = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
-        let dir = dir.as_os_str().as_encoded_bytes();
-        cmdline.split(|b| *b == 0).any(|arg| arg == dir)
-    });
-    (is_wrapper && alive(pid, rec.pid_start)).then_some(pid)
-}
-
-/// Is `pid` still the process we started (same start time), and not a zombie?
-fn alive(pid: u32, start: Option<u64>) -> bool {
-    match proc_stat(pid) {
-        Some((state, started)) => {
-            !matches!(state, 'Z' | 'X' | 'x') && start.is_none_or(|s| s == started)
-        }
-        None => false,
-    }
-}
-
-/// A `::progress <number or JSON>` line's value. Anything after
-/// `::progress ` that is not a number or a JSON object is sent as
-/// `{"message": text}`.
-pub fn parse_progress(line: &str) -> Option<Value> {
-    let rest = line.strip_prefix("::progress")?;
-    if !rest.starts_with([' ', '\t']) {
-        return None;
-    }
-    let rest = rest.trim();
-    if rest.is_empty() {
-        return None;
-    }
-    Some(match serde_json::from_str::<Value>(rest) {
-        Ok(v @ (Value::Number(_) | Value::Object(_))) => v,
-        _ => json!({ "message": rest }),
-    })
-}
-
-/// Reads new complete lines from a file another process appends to.
-struct LineTail {
-    path: PathBuf,
-    file: Option<tokio::fs::File>,
-    /// Start at the current end (an adopted run: older lines were handled).
-    from_end: bool,
-    partial: Vec<u8>,
-    /// The current line is over `MAX_LINE_BYTES`: drop it up to its newline.
-    skipping: bool,
-}
-
-impl LineTail {
-    fn new(path: PathBuf, from_end: bool) -> LineTail {
-        LineTail {
-            path,
-            file: None,
-            from_end,
-            partial: Vec::new(),
-            skipping: false,
-        }
-    }
-
-    /// Read what was appended since the last call; call `on_progress` for
-    /// every complete progress line.
-    async fn poll(&mut self, mut on_progress: impl FnMut(Value)) {
-        if self.file.is_none() {
-            let Ok(mut f) = tokio::fs::File::open(&self.path).await else {
-                return;
-            };
-            if self.from_end && f.seek(SeekFrom::End(0)).await.is_err() {
-                return;
-            }
-            self.file = Some(f);
-        }
-        let Some(file) = self.file.as_mut() else {
-            return;
-        };
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match file.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            for &b in &buf[..n] {
-                if b == b'\n' {
-                    if !self.skipping {
-                        let line = String::from_utf8_lossy(&self.partial);
-                        if let Some(p) = parse_progress(line.trim_end_matches('\r')) {
-                            on_progress(p);
-                        }
-                    }
-                    self.partial.clear();
-                    self.skipping = false;
-                } else if !self.skipping {
-                    self.partial.push(b);
-                    if self.partial.len() > MAX_LINE_BYTES {
-                        self.partial.clear();
-                        self.skipping = true;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The last `cap` bytes of a file as text, and whether it was cut.
-async fn read_tail(path: &Path, cap: usize) -> (String, bool) {
-    let Ok(mut f) = tokio::fs::File::open(path).await else {
-        return (String::new(), false);
-    };
-    let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
-    let start = len.saturating_sub(cap as u64);
-    if f.seek(SeekFrom::Start(start)).await.is_err() {
-        return (String::new(), false);
-    }
-    let mut bytes = Vec::with_capacity(cap.min(len as usize));
-    let _ = f.take(cap as u64).read_to_end(&mut bytes).await;
-    let truncated = start > 0;
-    // Do not start in the middle of a UTF-8 character.
-    let skip = if truncated {
-        bytes
-            .iter()
-            .take(3)
-            .take_while(|b| (**b & 0xC0) == 0x80)
-            .count()
-    } else {
-        0
-    };
-    (
-        String::from_utf8_lossy(&bytes[skip..]).into_owned(),
-        truncated,
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn progress_lines() {
-        assert_eq!(parse_progress("::progress 50"), Some(json!(50)));
-        assert_eq!(parse_progress("::progress 0.5 "), Some(json!(0.5)));
-        assert_eq!(
-            parse_progress(r#"::progress {"step":"build","pct":10}"#),
-            Some(json!({"step": "build", "pct": 10}))
-        );
-        assert_eq!(
-            parse_progress("::progress halfway there"),
-            Some(json!({"message": "halfway there"}))
-        );
-        assert_eq!(parse_progress("::progress"), None);
-        assert_eq!(parse_progress("::progressive 5"), None);
-        assert_eq!(parse_progress("progress 5"), None);
-    }
-
-    #[tokio::test]
-    async fn tail_is_capped_and_flagged() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("out");
-        std::fs::write(&p, "0123456789").unwrap();
-        assert_eq!(read_tail(&p, 4).await, ("6789".to_string(), true));
-        assert_eq!(read_tail(&p, 100).await, ("0123456789".to_string(), false));
-        assert_eq!(
-            read_tail(&dir.path().join("none"), 4).await,
-            (String::new(), false)
-        );
-    }
-
-    #[tokio::test]
-    async fn line_tail_sees_only_complete_new_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("out");
-        std::fs::write(&p, "::progress 1\n").unwrap();
-        let mut tail = LineTail::new(p.clone(), true);
-        let mut seen = Vec::new();
-        tail.poll(|v| seen.push(v)).await;
-        assert!(seen.is_empty(), "lines before adoption are skipped");
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
-        f.write_all(b"hello\n::progress 2\n::progress 3").unwrap();
-        tail.poll(|v| seen.push(v)).await;
-        assert_eq!(seen, vec![json!(2)]);
-        f.write_all(b"\n").unwrap();
-        tail.poll(|v| seen.push(v)).await;
-        assert_eq!(seen, vec![json!(2), json!(3)]);
-    }
-
     fn record(task_id: &str) -> TaskRecord {
         TaskRecord {
             task_id: task_id.into(),
@@ -670,17 +421,5 @@ mod tests {
             } => assert_eq!(result["exit_code"], 0),
             other => panic!("{other:?}"),
         }
-    }
-
-    #[test]
-    fn our_own_process_is_alive_and_a_wrong_start_time_is_not() {
-        let pid = std::process::id();
-        let (_, start) = proc_stat(pid).unwrap();
-        assert!(alive(pid, Some(start)));
-        assert!(alive(pid, None));
-        assert!(!alive(pid, Some(start + 1)));
-        let own_group = stat_fields("self").unwrap()[2].parse().unwrap();
-        assert!(group_alive(own_group));
-        assert!(!group_alive(u32::MAX));
     }
 }

@@ -1,0 +1,303 @@
+//! Smoke tests of failure and recovery with real processes: `kill -9` of a
+//! sidecar or of the hub, and sidecars restarted on their state file.
+
+use std::time::{Duration, Instant};
+
+use agenthub::pb;
+use agenthub::pb::task_event::Kind;
+
+use super::harness::*;
+
+/// `kill -9` a sidecar while it runs a task: after the reconnect grace the
+/// hub reclaims the task and the other sidecar completes it. One COMPLETED
+/// per task, nothing lost. The task was in the killed sidecar's state file
+/// (written before `task_accepted`).
+#[tokio::test]
+async fn smoke_killed_sidecar_task_completes_on_the_other() {
+    let cluster = Cluster::start(&["--reconnect-grace", "1s"]).await;
+    // On a1 the script stalls, so a1 is mid-task when it dies.
+    let mut a1 = cluster.sidecar("a1", &[], &[("STALL", "30")]);
+    cluster.wait_connected(&["a1"]).await;
+    let follow = Follow::start(&cluster).await;
+    let mut client = cluster.client().await;
+    let script = format!(r#"sleep "${{STALL:-0.2}}"; {WRITE_ID}"#);
+    let victim = cluster
+        .push(&mut client, &script, pb::Priority::Normal)
+        .await;
+    follow
+        .until("a1 accepted", |ev| {
+            of(ev, &victim, Kind::Accepted)
+                .iter()
+                .any(|e| e.agent_id == "a1")
+        })
+        .await;
+
+    let _a2 = cluster.sidecar("a2", &[], &[]);
+    cluster.wait_connected(&["a2"]).await;
+    let mut tasks = vec![victim.clone()];
+    for _ in 0..3 {
+        tasks.push(
+            cluster
+                .push(&mut client, &script, pb::Priority::Normal)
+                .await,
+        );
+    }
+
+    // The task was in a1's state file before a1 accepted it; its pid right after.
+    assert_eq!(a1.state()["tasks"][&victim]["generation"], 1);
+    let orphan = a1.recorded_pid(&victim).await;
+    let killed_at = Instant::now();
+    a1.kill9().await;
+    follow
+        .until("4 tasks completed", |ev| {
+            count_with(ev, &tasks, Kind::Completed) == 4
+        })
+        .await;
+    let recovered_in = follow.arrived(&victim, Kind::Completed).unwrap() - killed_at;
+
+    let events = follow.all();
+    assert_completed_once(&events, &tasks);
+    let done = of(&events, &victim, Kind::Completed)[0];
+    assert_eq!(done.agent_id, "a2");
+    assert_eq!(done.generation, 2);
+    let reclaimed = of(&events, &victim, Kind::Reclaimed);
+    assert_eq!(reclaimed.len(), 1);
+    assert_eq!(payload(reclaimed[0])["reason"], "agent_disconnected");
+    for t in &tasks {
+        assert_eq!(cluster.output_lines(t).len(), 1, "output of {t}");
+    }
+    // The killed sidecar's command outlived it (a restarted sidecar would
+    // adopt it); stop it so it never writes.
+    assert!(
+        pid_alive(orphan),
+        "the command of the killed sidecar is still running"
+    );
+    signal(format!("-{orphan}"), "KILL");
+    eprintln!(
+        "smoke kill -9 sidecar: task completed on a2 {} ms after the kill (reconnect grace 1 s)",
+        ms(recovered_in)
+    );
+}
+
+/// `kill -9` the hub mid-run and restart it on the same data dir and ports:
+/// the sidecars (never restarted) reconnect on their own and every task
+/// completes exactly once.
+#[tokio::test]
+async fn smoke_hub_killed_mid_run_sidecars_reconnect_and_finish() {
+    let mut cluster =
+        Cluster::start(&["--reconnect-grace", "20s", "--accept-timeout", "20s"]).await;
+    let mut a1 = cluster.sidecar("a1", &["--max-concurrency", "2"], &[]);
+    let mut a2 = cluster.sidecar("a2", &["--max-concurrency", "2"], &[]);
+    cluster.wait_connected(&["a1", "a2"]).await;
+    let follow = Follow::start(&cluster).await;
+    let mut client = cluster.client().await;
+    let script = format!(r#"sleep 1.2; {WRITE_ID}"#);
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        tasks.push(
+            cluster
+                .push(&mut client, &script, pb::Priority::Normal)
+                .await,
+        );
+    }
+    follow
+        .until("4 tasks completed", |ev| {
+            count_with(ev, &tasks, Kind::Completed) >= 4
+        })
+        .await;
+    let before = follow.all();
+    let completed_before = count_with(&before, &tasks, Kind::Completed);
+    drop(follow);
+
+    let killed_at = Instant::now();
+    cluster.kill_and_restart_hub().await;
+    let restarted_in = killed_at.elapsed();
+    cluster.wait_connected(&["a1", "a2"]).await;
+    let reconnected_in = killed_at.elapsed();
+    let mut client = cluster.client().await;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let page = client
+            .list_tasks(pb::ListTasksRequest {
+                state: pb::task::State::Completed as i32,
+                page_size: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if page.tasks.len() == tasks.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 12 completed after the restart",
+            page.tasks.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all_done_in = killed_at.elapsed();
+
+    assert!(
+        a1.is_running() && a2.is_running(),
+        "the sidecars were never restarted"
+    );
+    let history = cluster.history().await;
+    assert_completed_once(&history, &tasks);
+    for t in &tasks {
+        assert_eq!(
+            cluster.output_lines(t).len(),
+            1,
+            "task {t} ran exactly once"
+        );
+    }
+    let recovering = history
+        .iter()
+        .filter(|e| e.kind == Kind::Recovering as i32)
+        .count();
+    eprintln!(
+        "smoke kill -9 hub: {completed_before}/12 done before the kill; hub back in {} ms; sidecars reconnected {} ms after the kill; \
+         all 12 completed {} ms after the kill; {recovering} tasks recovered in flight",
+        ms(restarted_in),
+        ms(reconnected_in),
+        ms(all_done_in)
+    );
+}
+
+/// A sidecar killed with `kill -9` and restarted on the same state file
+/// asks about its tasks (`task_recovering`); the hub says continue; it
+/// reports the task whose command finished while it was down (from the
+/// command's exit file) and waits for the one still running. Nothing runs
+/// twice.
+#[tokio::test]
+async fn smoke_restarted_sidecar_continues_its_tasks() {
+    let cluster = Cluster::start(&["--reconnect-grace", "20s"]).await;
+    let mut a1 = cluster.sidecar("a1", &["--max-concurrency", "2"], &[]);
+    cluster.wait_connected(&["a1"]).await;
+    let follow = Follow::start(&cluster).await;
+    let mut client = cluster.client().await;
+    let quick = cluster
+        .push(
+            &mut client,
+            &format!("sleep 1; {WRITE_ID}"),
+            pb::Priority::Normal,
+        )
+        .await;
+    let slow = cluster
+        .push(
+            &mut client,
+            &format!("sleep 3; {WRITE_ID}; echo slow-done"),
+            pb::Priority::Normal,
+        )
+        .await;
+    let tasks = vec![quick.clone(), slow.clone()];
+    follow
+        .until("both accepted", |ev| {
+            count_with(ev, &tasks, Kind::Accepted) == 2
+        })
+        .await;
+    a1.kill9().await;
+    assert_eq!(
+        count_with(&follow.all(), &tasks, Kind::Completed),
+        0,
+        "the sidecar was killed before any command finished"
+    );
+    // The quick command finishes while its sidecar is down.
+    let deadline = Instant::now() + DEADLINE;
+    while cluster.output_lines(&quick).is_empty() {
+        assert!(Instant::now() < deadline, "quick command never finished");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        cluster.output_lines(&slow).is_empty(),
+        "slow command still running"
+    );
+    a1.spawn();
+    follow
+        .until("both completed", |ev| {
+            count_with(ev, &tasks, Kind::Completed) == 2
+        })
+        .await;
+
+    let events = follow.all();
+    assert_completed_once(&events, &tasks);
+    for t in &tasks {
+        assert_eq!(of(&events, t, Kind::Recovering).len(), 1, "{t} recovering");
+        assert_eq!(of(&events, t, Kind::Continued).len(), 1, "{t} continued");
+        assert_eq!(
+            of(&events, t, Kind::Assigned).len(),
+            1,
+            "{t} never reassigned"
+        );
+        assert_eq!(
+            cluster.output_lines(t),
+            vec![format!("{t} 1")],
+            "{t} ran once"
+        );
+        let done = of(&events, t, Kind::Completed)[0];
+        assert_eq!((done.agent_id.as_str(), done.generation), ("a1", 1));
+        assert_eq!(payload(done)["result"]["exit_code"], 0);
+    }
+    let slow_done = of(&events, &slow, Kind::Completed)[0];
+    assert_eq!(payload(slow_done)["result"]["stdout"], "slow-done\n");
+    let deadline = Instant::now() + DEADLINE;
+    while !a1.state()["tasks"].as_object().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "state file still holds tasks: {}",
+            a1.state()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A sidecar restarted after the hub gave its task to another sidecar:
+/// `task_recovering` → `task_reassign`; it stops the command it left running
+/// and forgets the task. Exactly one completion, by the other sidecar.
+#[tokio::test]
+async fn smoke_restarted_sidecar_drops_a_reassigned_task() {
+    let cluster = Cluster::start(&["--reconnect-grace", "1s"]).await;
+    let mut a1 = cluster.sidecar("a1", &[], &[("STALL", "30")]);
+    cluster.wait_connected(&["a1"]).await;
+    let follow = Follow::start(&cluster).await;
+    let mut client = cluster.client().await;
+    let script = format!(r#"sleep "${{STALL:-0.2}}"; {WRITE_ID}"#);
+    let task = cluster
+        .push(&mut client, &script, pb::Priority::Normal)
+        .await;
+    follow
+        .until("a1 accepted", |ev| {
+            !of(ev, &task, Kind::Accepted).is_empty()
+        })
+        .await;
+    let orphan = a1.recorded_pid(&task).await;
+    a1.kill9().await;
+    let _a2 = cluster.sidecar("a2", &[], &[]);
+    follow
+        .until("a2 completed", |ev| {
+            !of(ev, &task, Kind::Completed).is_empty()
+        })
+        .await;
+    assert!(pid_alive(orphan), "a1's command outlived a1");
+
+    a1.spawn();
+    let deadline = Instant::now() + DEADLINE;
+    while !a1.state()["tasks"].as_object().unwrap().is_empty() || pid_alive(orphan) {
+        assert!(
+            Instant::now() < deadline,
+            "a1 kept the task or its command: {}",
+            a1.state()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.wait_connected(&["a1"]).await;
+    let events = follow.all();
+    assert_completed_once(&events, std::slice::from_ref(&task));
+    assert_eq!(of(&events, &task, Kind::Completed)[0].agent_id, "a2");
+    assert_eq!(cluster.output_lines(&task), vec![format!("{task} 2")]);
+    let log = std::fs::read_to_string(&a1.log).unwrap();
+    assert!(
+        log.contains("hub reassigned the task"),
+        "a1 got task_reassign"
+    );
+}
