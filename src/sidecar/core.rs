@@ -191,17 +191,12 @@ impl Sidecar {
             tracing::warn!(task_id, generation, "draining: task_assign left unanswered");
             return;
         }
-        let running = self
-            .state
-            .data
-            .tasks
-            .values()
-            .filter(|r| r.is_running())
-            .count();
+        // The hub enforces `max_concurrency`; it may count differently for a
+        // moment (tasks from before a restart, still awaiting its answer to
+        // `task_recovering`). Rejecting would cost the task an attempt.
+        let running = self.runs.len();
         if running >= self.max_concurrency as usize {
-            tracing::warn!(task_id, running, "at capacity; rejecting");
-            self.send(reject("at_capacity"));
-            return;
+            tracing::warn!(task_id, running, "over max_concurrency; running it anyway");
         }
         let rec = TaskRecord {
             task_id: task_id.to_string(),
