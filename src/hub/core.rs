@@ -65,6 +65,8 @@ pub(crate) struct Agent {
     pub last_assigned: u64,
     /// Bumped on every disconnect and identify; fences stale grace timers.
     pub epoch: u64,
+    /// Status "draining": finishing its tasks, takes no new ones.
+    pub draining: bool,
 }
 
 impl Agent {
@@ -80,11 +82,14 @@ impl Agent {
             active: BTreeSet::new(),
             last_assigned: 0,
             epoch: 0,
+            draining: false,
         }
     }
 
     fn has_free_slot(&self) -> bool {
-        self.session.is_some() && (self.active.len() as u64) < self.max_concurrency as u64
+        self.session.is_some()
+            && !self.draining
+            && (self.active.len() as u64) < self.max_concurrency as u64
     }
 
     fn can_run(&self, task: &Task) -> bool {
@@ -139,8 +144,11 @@ pub(crate) struct Core {
     pub agents: HashMap<String, Agent>,
     pub last_seq: Seq,
     pub timers: BTreeSet<(Instant, u64, Timer)>,
-    /// Agents that rejected a task: the scheduler prefers others.
+    /// Agents that rejected a task: it is not offered to them again
+    /// (unless it is pinned to one of them).
     pub rejected_by: HashMap<String, Vec<String>>,
+    /// Agents that lost a task to a timeout: the scheduler prefers others.
+    pub avoid: HashMap<String, Vec<String>>,
     timer_nonce: u64,
     assign_counter: u64,
 }
@@ -262,15 +270,17 @@ impl Core {
                 .cloned();
             let task = &self.tasks[&key.task_id];
             let rejected = self.rejected_by.get(&task.task_id);
+            let avoid = self.avoid.get(&task.task_id);
             let pick = if task.pinned {
                 free.iter().find(|a| Some(*a) == task.agent_id.as_ref())
             } else {
                 free.iter()
                     .filter(|a| self.agents[*a].can_run(task))
+                    .filter(|a| rejected.is_none_or(|r| !r.contains(a)))
                     .min_by_key(|a| {
                         let agent = &self.agents[*a];
                         (
-                            rejected.is_some_and(|r| r.contains(a)),
+                            avoid.is_some_and(|r| r.contains(a)),
                             agent.active.len(),
                             agent.last_assigned,
                         )
@@ -342,7 +352,7 @@ impl Core {
         task.error = Some(error);
         if task.attempts >= task.max_attempts {
             task.state = TaskState::Failed;
-            self.rejected_by.remove(task_id);
+            self.forget_preferences(task_id);
         } else {
             task.state = TaskState::Queued;
             if !task.pinned {
@@ -360,7 +370,7 @@ impl Core {
         let agent_id = from.unwrap_or_default();
         if !self.tasks[task_id].state.is_final() {
             // Prefer someone else next time.
-            self.rejected_by
+            self.avoid
                 .entry(task_id.to_string())
                 .or_default()
                 .push(agent_id.clone());
@@ -378,6 +388,12 @@ impl Core {
         }
     }
 
+    /// Drop the scheduler's per-task agent preferences (task final or retried).
+    pub fn forget_preferences(&mut self, task_id: &str) {
+        self.rejected_by.remove(task_id);
+        self.avoid.remove(task_id);
+    }
+
     /// Finish a task for good (COMPLETED or CANCELLED), freeing its slot.
     pub fn finalize(&mut self, task_id: &str, state: TaskState) -> Option<String> {
         self.dequeue(task_id);
@@ -386,7 +402,7 @@ impl Core {
         } else {
             None
         };
-        self.rejected_by.remove(task_id);
+        self.forget_preferences(task_id);
         self.tasks.get_mut(task_id).expect("known task").state = state;
         from
     }

@@ -432,6 +432,7 @@ impl Hub {
                 &agent,
                 obj(json!({"reason": "retry"})),
             );
+            core.forget_preferences(task_id);
             core.enqueue(task_id);
             core.schedule(&mut txn, &self.config, &self.metrics);
             let rx = Self::durable_signal(&mut txn);

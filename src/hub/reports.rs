@@ -14,6 +14,9 @@ use crate::metrics::Metrics;
 use crate::model::{now_ms, EventKind, TaskState};
 use crate::ws::protocol::{self, Identify, Inbound, Report};
 
+/// The status with which a sidecar asks for no new tasks.
+pub const STATUS_DRAINING: &str = "draining";
+
 /// Close code sent to a socket replaced by a newer identify for the same agent.
 pub const CLOSE_SESSION_REPLACED: u16 = 4000;
 
@@ -44,6 +47,7 @@ impl Hub {
         }
         agent.name = ident.name.clone().unwrap_or_else(|| agent_id.clone());
         agent.status = ident.status.clone().unwrap_or_default();
+        agent.draining = agent.status == STATUS_DRAINING;
         agent.capabilities = ident.capabilities.clone();
         agent.max_concurrency = ident.max_concurrency;
         agent.connected_at = now_ms();
@@ -116,6 +120,13 @@ impl Hub {
             Inbound::Failed(r) => self.on_failed(&mut core, &mut txn, agent_id, session, r),
             Inbound::Rejected(r) => self.on_rejected(&mut core, &mut txn, agent_id, session, r),
             Inbound::Recovering(r) => self.on_recovering(&mut core, &mut txn, agent_id, session, r),
+            Inbound::Status(status) => {
+                if let Some(agent) = core.agents.get_mut(agent_id) {
+                    agent.draining = status == STATUS_DRAINING;
+                    agent.status = status;
+                }
+                Ok(())
+            }
             Inbound::Identify(_) | Inbound::Ping => Ok(()),
         };
         if let Err(e) = outcome {

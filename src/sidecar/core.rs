@@ -89,6 +89,9 @@ impl Sidecar {
     /// have taken it back while we were away.
     pub fn on_connected(&mut self, out: mpsc::Sender<String>) {
         self.out = Some(out);
+        if self.draining {
+            self.announce_draining();
+        }
         for rec in self.state.data.tasks.values() {
             match &rec.report {
                 Some(report) => self.send(report.clone()),
@@ -102,6 +105,11 @@ impl Sidecar {
                 })),
             }
         }
+    }
+
+    /// Ask the hub for no new tasks while the running ones finish.
+    pub fn announce_draining(&self) {
+        self.send(json!({"type": "status", "status": "draining"}));
     }
 
     pub fn on_disconnected(&mut self) {

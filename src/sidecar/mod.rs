@@ -201,6 +201,7 @@ async fn main_loop(args: SidecarArgs) -> anyhow::Result<()> {
                 if !sidecar.draining {
                     tracing::info!(signal = sig, running = sidecar.running(), grace = ?args.shutdown_grace, "draining: no new tasks; waiting for running ones");
                     sidecar.draining = true;
+                    sidecar.announce_draining();
                     grace_deadline = Instant::now() + args.shutdown_grace;
                 } else if !grace_over {
                     tracing::warn!(signal = sig, "second signal: stopping running commands now");

@@ -26,6 +26,9 @@ pub enum Inbound {
     Recovering(Report),
     /// Liveness check; answered with `pong`.
     Ping,
+    /// The sidecar's status changed. `"draining"`: give it no new tasks
+    /// (it finishes the ones it holds); any other status makes it eligible again.
+    Status(String),
 }
 
 /// The `identify` message.
@@ -92,6 +95,7 @@ pub fn parse(text: &str) -> Result<Inbound, ProtocolError> {
         "task_rejected" => Inbound::Rejected(report(obj)?),
         "task_recovering" => Inbound::Recovering(report(obj)?),
         "ping" => Inbound::Ping,
+        "status" => Inbound::Status(required_str(&obj, "status")?),
         other => {
             return Err(ProtocolError {
                 code: "unknown_message_type",

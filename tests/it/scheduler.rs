@@ -566,3 +566,71 @@ async fn metrics_show_queue_depth_reclaims_and_assignment_wait() {
         assert!(text.contains(needle), "missing {needle}:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn a_rejecting_agent_is_not_offered_the_task_again() {
+    let hub = TestHub::start().await;
+    let mut client = hub.client().await;
+    let mut lone = hub.sidecar("lone").await;
+    let t = client
+        .push_task(scheduled("x", &[], pb::Priority::Normal))
+        .await
+        .unwrap()
+        .into_inner();
+    let (id, g) = lone.next_assign().await;
+    lone.send(
+        json!({"type": "task_rejected", "task_id": id, "generation": g, "reason": "not mine"}),
+    )
+    .await;
+    assert_eq!(lone.recv_type("task_ack").await["status"], "rejected");
+    assert!(
+        lone.try_recv(Duration::from_millis(300)).await.is_none(),
+        "offered again to the rejecter"
+    );
+    let task = client
+        .get_task(task_req(&t.task_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state_of(&task), pb::task::State::Queued);
+    let mut next = hub.sidecar("next").await;
+    assert_eq!(next.next_assign().await, (id, 2));
+}
+
+#[tokio::test]
+async fn a_draining_agent_gets_no_new_tasks_until_ready_again() {
+    let hub = TestHub::start().await;
+    let mut client = hub.client().await;
+    let mut sc = hub.sidecar_with("d", json!({"max_concurrency": 4})).await;
+    let first = client
+        .push_task(scheduled("a", &[], pb::Priority::Normal))
+        .await
+        .unwrap()
+        .into_inner();
+    let (id, g) = sc.next_assign().await;
+    assert_eq!(id, first.task_id);
+    sc.accept(&id, g).await;
+    sc.send(json!({"type": "status", "status": "draining"}))
+        .await;
+    let second = client
+        .push_task(scheduled("b", &[], pb::Priority::Normal))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.state, pb::task::State::Queued as i32);
+    // It still finishes what it holds.
+    sc.complete(&id, g, json!(1)).await;
+    assert!(
+        sc.try_recv(Duration::from_millis(300)).await.is_none(),
+        "a draining agent got work"
+    );
+    let agents = client
+        .list_agents(pb::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    assert_eq!(agents[0].status, "draining");
+    sc.send(json!({"type": "status", "status": "ready"})).await;
+    assert_eq!(sc.next_assign().await.0, second.task_id);
+}
