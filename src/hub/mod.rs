@@ -361,37 +361,21 @@ impl Hub {
         Ok(page)
     }
 
-    /// Cancel a non-final task; its assignee is told.
-    pub async fn cancel_task(&self, task_id: &str) -> Result<Task> {
+    /// Apply `change` to an existing task, schedule, and answer with the
+    /// task once the change is durable.
+    async fn change_task(
+        &self,
+        task_id: &str,
+        change: impl FnOnce(&mut Core, &mut Txn) -> Result<()>,
+    ) -> Result<Task> {
         self.check_open()?;
         let (rx, task) = {
             let mut core = self.lock();
-            let task = core
-                .tasks
-                .get(task_id)
-                .ok_or_else(|| Error::UnknownTask(task_id.to_string()))?;
-            if task.state.is_final() {
-                return Err(Error::FailedPrecondition(format!(
-                    "task {task_id} is already {}",
-                    task.state.as_str()
-                )));
+            if !core.tasks.contains_key(task_id) {
+                return Err(Error::UnknownTask(task_id.to_string()));
             }
             let mut txn = Txn::new();
-            let from = core.finalize(task_id, TaskState::Cancelled);
-            let agent = core.tasks[task_id].agent_id.clone().unwrap_or_default();
-            core.emit(
-                &mut txn,
-                task_id,
-                EventKind::Cancelled,
-                &agent,
-                obj(json!({"reason": "cancelled"})),
-            );
-            if let Some(session) = from
-                .and_then(|a| core.agents.get(&a))
-                .and_then(|a| a.session.clone())
-            {
-                txn.send_after_commit(&session, protocol::task_cancelled(task_id, "cancelled"));
-            }
+            change(&mut core, &mut txn)?;
             core.schedule(&mut txn, &self.config, &self.metrics);
             let rx = Self::durable_signal(&mut txn);
             let task = core.tasks[task_id].clone();
@@ -402,15 +386,35 @@ impl Hub {
         Ok(task)
     }
 
+    /// Cancel a non-final task; its assignee is told.
+    pub async fn cancel_task(&self, task_id: &str) -> Result<Task> {
+        self.change_task(task_id, |core, txn| {
+            let state = core.tasks[task_id].state;
+            if state.is_final() {
+                return Err(Error::FailedPrecondition(format!(
+                    "task {task_id} is already {}",
+                    state.as_str()
+                )));
+            }
+            let from = core.finalize(task_id, TaskState::Cancelled);
+            let agent = core.tasks[task_id].agent_id.clone().unwrap_or_default();
+            let payload = obj(json!({"reason": "cancelled"}));
+            core.emit(txn, task_id, EventKind::Cancelled, &agent, payload);
+            if let Some(session) = from
+                .and_then(|a| core.agents.get(&a))
+                .and_then(|a| a.session.clone())
+            {
+                txn.send_after_commit(&session, protocol::task_cancelled(task_id, "cancelled"));
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// Re-queue a FAILED or CANCELLED task with its attempts reset.
     pub async fn retry_task(&self, task_id: &str) -> Result<Task> {
-        self.check_open()?;
-        let (rx, task) = {
-            let mut core = self.lock();
-            let task = core
-                .tasks
-                .get_mut(task_id)
-                .ok_or_else(|| Error::UnknownTask(task_id.to_string()))?;
+        self.change_task(task_id, |core, txn| {
+            let task = core.tasks.get_mut(task_id).expect("checked");
             if !matches!(task.state, TaskState::Failed | TaskState::Cancelled) {
                 return Err(Error::FailedPrecondition(format!(
                     "only FAILED or CANCELLED tasks can be retried; task {task_id} is {}",
@@ -424,24 +428,13 @@ impl Hub {
                 task.agent_id = None;
             }
             let agent = task.agent_id.clone().unwrap_or_default();
-            let mut txn = Txn::new();
-            core.emit(
-                &mut txn,
-                task_id,
-                EventKind::Retried,
-                &agent,
-                obj(json!({"reason": "retry"})),
-            );
+            let payload = obj(json!({"reason": "retry"}));
+            core.emit(txn, task_id, EventKind::Retried, &agent, payload);
             core.forget_preferences(task_id);
             core.enqueue(task_id);
-            core.schedule(&mut txn, &self.config, &self.metrics);
-            let rx = Self::durable_signal(&mut txn);
-            let task = core.tasks[task_id].clone();
-            self.submit(&core, txn);
-            (rx, task)
-        };
-        Self::wait(rx).await?;
-        Ok(task)
+            Ok(())
+        })
+        .await
     }
 
     /// Every agent the hub knows.

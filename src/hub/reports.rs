@@ -204,9 +204,7 @@ impl Hub {
             .or_else(|| r.payload.get("reason"))
             .cloned()
             .unwrap_or_else(|| json!("unknown error"));
-        core.end_attempt(&r.task_id, error);
-        core.emit(txn, &r.task_id, EventKind::Failed, agent_id, r.payload);
-        txn.send_after_commit(session, protocol::task_ack(&r.task_id, "failed"));
+        end_attempt_on_report(core, txn, agent_id, session, r, EventKind::Failed, error);
         Ok(())
     }
 
@@ -228,10 +226,9 @@ impl Hub {
             .entry(r.task_id.clone())
             .or_default()
             .push(agent_id.to_string());
-        core.end_attempt(&r.task_id, json!({"reason": "rejected", "detail": reason}));
-        core.emit(txn, &r.task_id, EventKind::Rejected, agent_id, r.payload);
         self.metrics.reclaimed("rejected");
-        txn.send_after_commit(session, protocol::task_ack(&r.task_id, "rejected"));
+        let error = json!({"reason": "rejected", "detail": reason});
+        end_attempt_on_report(core, txn, agent_id, session, r, EventKind::Rejected, error);
         Ok(())
     }
 
@@ -269,6 +266,27 @@ impl Hub {
         }
         Ok(())
     }
+}
+
+/// `task_failed` / `task_rejected`: the attempt ends (re-queued, or FAILED
+/// for good), the report is stored as the event, then acked.
+fn end_attempt_on_report(
+    core: &mut Core,
+    txn: &mut Txn,
+    agent_id: &str,
+    session: &SessionHandle,
+    r: Report,
+    kind: EventKind,
+    error: Value,
+) {
+    core.end_attempt(&r.task_id, error);
+    core.emit(txn, &r.task_id, kind, agent_id, r.payload);
+    let status = if kind == EventKind::Rejected {
+        "rejected"
+    } else {
+        "failed"
+    };
+    txn.send_after_commit(session, protocol::task_ack(&r.task_id, status));
 }
 
 /// A report is applied only if the reporter is the task's current assignee

@@ -171,6 +171,28 @@ pub async fn push(ctx: &Ctx, name: &str) -> Result<(Metrics, Metrics)> {
             "server_cpu_us_per_task",
             cpu_us as f64 / s.push_measured as f64,
         );
+
+        // The hub's own hops without the store, to split the round trip up:
+        // a unary gRPC call (ListAgents) and a sidecar `ping` → `pong`.
+        let n = s.push_warmup;
+        let mut grpc = Samples::with_capacity(n);
+        let mut ping = Samples::with_capacity(n);
+        for _ in 0..n {
+            let t0 = now_ns();
+            client.list_agents(pb::ListAgentsRequest {}).await?;
+            grpc.push(now_ns() - t0);
+            let t0 = now_ns();
+            ws.send(Message::text(r#"{"type":"ping"}"#)).await?;
+            loop {
+                let text = ws::recv_text(&mut ws).await?;
+                if Frame::parse(&text)?.kind == "pong" {
+                    break;
+                }
+            }
+            ping.push(now_ns() - t0);
+        }
+        seq.put("grpc_unary_p50_us", grpc.sorted().pct_us(0.5));
+        seq.put("ws_ping_pong_p50_us", ping.sorted().pct_us(0.5));
         drop(ws);
 
         // Pipelined: a task leaves the window when its `task_complete` is acked.
