@@ -225,6 +225,9 @@ type Figure = Box<dyn Fn(&Data, u32) -> Option<f64>>;
 /// One target: a hub figure against a baseline figure (or an absolute bound).
 struct Target {
     what: String,
+    /// The hub phase (and parameter) behind the figure: its invalid reps
+    /// (errors, lost or duplicated events) fail the target.
+    phase: (&'static str, Option<u64>),
     hub: Figure,
     base: Option<Figure>,
     base_label: String,
@@ -243,6 +246,7 @@ fn targets(d: &Data) -> Vec<Target> {
     vec![
         Target {
             what: "push round trip p50 (PushTask → task_ack of task_accepted)".into(),
+            phase: ("hub_push_seq", None),
             hub: metric("hub_push_seq", None, "push_to_accept_ack_p50_us"),
             base: Some(metric(
                 "js_roundtrip_seq",
@@ -255,6 +259,7 @@ fn targets(d: &Data) -> Vec<Target> {
         },
         Target {
             what: "push round trip p50".into(),
+            phase: ("hub_push_seq", None),
             hub: metric("hub_push_seq", None, "push_to_accept_ack_p50_us"),
             base: Some(Box::new(|d, rep| {
                 let echo = d.get(rep, "ws_echo_seq", None, "rtt_p50_us")?;
@@ -267,6 +272,7 @@ fn targets(d: &Data) -> Vec<Target> {
         },
         Target {
             what: "pipelined push, 64 in flight".into(),
+            phase: ("hub_push_pipelined", None),
             hub: metric("hub_push_pipelined", None, "tasks_per_s"),
             base: Some(metric("js_roundtrip_pipelined", None, "msgs_per_s")),
             base_label: "JetStream durable round trips, 64 in flight".into(),
@@ -275,6 +281,7 @@ fn targets(d: &Data) -> Vec<Target> {
         },
         Target {
             what: format!("fan-out to {fan} watchers, zero drops"),
+            phase: ("hub_fanout", Some(fan)),
             hub: Box::new(move |d, rep| d.get(rep, "hub_fanout", Some(fan), "delivered_per_s")),
             base: Some(Box::new(move |d, rep| {
                 d.get(rep, "nats_fanout", Some(fan), "delivered_per_s")
@@ -285,6 +292,7 @@ fn targets(d: &Data) -> Vec<Target> {
         },
         Target {
             what: format!("hub RSS per idle identified sidecar at {conns}"),
+            phase: ("hub_connections", Some(conns)),
             hub: Box::new(move |d, rep| {
                 d.get(rep, "hub_connections", Some(conns), "rss_per_sidecar_kib")
             }),
@@ -295,6 +303,7 @@ fn targets(d: &Data) -> Vec<Target> {
         },
         Target {
             what: "ingest, 100 sidecars (durable)".into(),
+            phase: ("hub_ingest", None),
             hub: metric("hub_ingest", None, "events_per_s"),
             base: Some(metric("js_ingest", None, "events_per_s")),
             base_label: "JetStream ingest with PubAck, 100 publishers".into(),
@@ -303,6 +312,7 @@ fn targets(d: &Data) -> Vec<Target> {
         },
         Target {
             what: "replay from seq 0".into(),
+            phase: ("hub_replay", None),
             hub: metric("hub_replay", None, "events_per_s"),
             base: Some(metric("js_replay", None, "events_per_s")),
             base_label: "JetStream ordered consumer replay".into(),
@@ -371,10 +381,16 @@ pub fn summarize(d: &Data) -> String {
             if upper { "≤" } else { "≥" },
             if t.base.is_some() { "×" } else { "" }
         );
+        let invalid = d
+            .recs
+            .iter()
+            .filter(|r| r.phase == t.phase.0 && r.param == t.phase.1 && !r.valid)
+            .count();
         let holds = match ratio {
-            None => "n/a",
-            Some(r) if (upper && r <= bound) || (!upper && r >= bound) => "yes",
-            Some(_) => "**no**",
+            _ if invalid > 0 => format!("**no** ({invalid} invalid reps)"),
+            None => "n/a".into(),
+            Some(r) if (upper && r <= bound) || (!upper && r >= bound) => "yes".into(),
+            Some(_) => "**no**".into(),
         };
         let _ = writeln!(
             md,
