@@ -13,6 +13,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("agenthub_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Messages and the client, as usual.
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_fds(fds.clone())?;
+    // The server, reusing those messages, except that the watch stream sends
+    // events already encoded once (shared by every watcher): `EventBytes`.
+    let server_dir = out.join("server");
+    std::fs::create_dir_all(&server_dir)?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .out_dir(&server_dir)
+        .extern_path(".agenthub.v1.TaskEvent", "crate::pb::wire::EventBytes")
+        .extern_path(".agenthub.v1", "crate::pb")
+        .compile_fds(fds)?;
     Ok(())
 }

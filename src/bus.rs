@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::error::{Error, Result};
-use crate::model::{EventFilter, Seq, TaskEvent};
+use crate::model::{EncodedEvent, EventFilter, Seq};
 use crate::store::Store;
 
 /// Events read from the store per catch-up query.
@@ -22,12 +22,12 @@ const WATCHER_QUEUE: usize = 256;
 
 /// Broadcasts committed events to watchers.
 pub struct EventBus {
-    tx: broadcast::Sender<Arc<TaskEvent>>,
+    tx: broadcast::Sender<Arc<EncodedEvent>>,
     watchers: Arc<AtomicUsize>,
 }
 
 /// What a watcher's stream yields.
-pub type WatchItem = Result<Arc<TaskEvent>>;
+pub type WatchItem = Result<Arc<EncodedEvent>>;
 
 impl EventBus {
     pub fn new(capacity: usize) -> EventBus {
@@ -39,7 +39,7 @@ impl EventBus {
     }
 
     /// Called by the store right after a commit.
-    pub fn publish(&self, events: &[Arc<TaskEvent>]) {
+    pub fn publish(&self, events: &[Arc<EncodedEvent>]) {
         for ev in events {
             // No receivers is fine: nobody is watching.
             let _ = self.tx.send(ev.clone());
@@ -127,7 +127,7 @@ struct Watcher {
 }
 
 impl Watcher {
-    async fn run(&mut self, mut live: broadcast::Receiver<Arc<TaskEvent>>) -> Result<()> {
+    async fn run(&mut self, mut live: broadcast::Receiver<Arc<EncodedEvent>>) -> Result<()> {
         loop {
             if let Err(Stop::Gone) = self.catch_up().await? {
                 return Ok(());
@@ -173,7 +173,7 @@ impl Watcher {
         }
     }
 
-    async fn offer(&mut self, ev: Arc<TaskEvent>) -> std::result::Result<(), Stop> {
+    async fn offer(&mut self, ev: Arc<EncodedEvent>) -> std::result::Result<(), Stop> {
         if ev.seq <= self.cursor {
             return Ok(());
         }

@@ -13,9 +13,10 @@ use crate::auth::{Access, Principal};
 use crate::error::Error;
 use crate::hub::{Hub, ListQuery, PushRequest};
 use crate::model::EventFilter;
-use crate::pb::{self, task_hub_server::TaskHub};
+use crate::pb::server::task_hub_server::TaskHub;
+use crate::pb::{self, wire::EventBytes};
 
-pub use pb::task_hub_server::TaskHubServer;
+pub use pb::server::task_hub_server::TaskHubServer;
 
 /// The service; authentication happens in [`auth_interceptor`].
 pub struct TaskHubService {
@@ -57,7 +58,7 @@ fn non_empty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::TaskEvent, Status>> + Send>>;
+type EventStream = Pin<Box<dyn Stream<Item = Result<EventBytes, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl TaskHub for TaskHubService {
@@ -119,7 +120,7 @@ impl TaskHub for TaskHubService {
         let mut shutdown = self.shutdown.clone();
         let stream = ReceiverStream::new(rx)
             .map(|item| match item {
-                Ok(ev) => Ok(pb::TaskEvent::from(&*ev)),
+                Ok(ev) => Ok(EventBytes(ev.proto.clone())),
                 Err(e) => Err(Status::from(e)),
             })
             .take_until(async move {

@@ -199,6 +199,28 @@ pub struct TaskEvent {
     pub state: TaskState,
 }
 
+impl EventKind {
+    /// The stable numeric code (the `agenthub.v1.TaskEvent.Kind` value).
+    pub fn code(self) -> i32 {
+        EventKind::ALL.iter().position(|k| *k == self).unwrap_or(0) as i32 + 1
+    }
+
+    pub fn from_code(code: i32) -> Option<EventKind> {
+        EventKind::ALL.get((code as usize).checked_sub(1)?).copied()
+    }
+}
+
+/// A committed event as stored and fanned out: the fields watchers filter on,
+/// and its wire form (an encoded `agenthub.v1.TaskEvent`), encoded once.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EncodedEvent {
+    pub seq: Seq,
+    pub task_id: String,
+    pub agent_id: String,
+    pub kind: EventKind,
+    pub proto: bytes::Bytes,
+}
+
 /// What a watcher wants to see.
 #[derive(Clone, Debug, Default)]
 pub struct EventFilter {
@@ -208,7 +230,7 @@ pub struct EventFilter {
 }
 
 impl EventFilter {
-    pub fn matches(&self, ev: &TaskEvent) -> bool {
+    pub fn matches(&self, ev: &EncodedEvent) -> bool {
         self.task_id.as_deref().is_none_or(|t| t == ev.task_id)
             && self.agent_id.as_deref().is_none_or(|a| a == ev.agent_id)
             && (self.kinds.is_empty() || self.kinds.contains(&ev.kind))

@@ -5,6 +5,53 @@
 
 tonic::include_proto!("agenthub.v1");
 
+/// The TaskHub server, with the watch stream sending [`wire::EventBytes`].
+pub mod server {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/server/agenthub.v1.rs"));
+}
+
+/// Events on the wire.
+pub mod wire {
+    use prost::bytes::{Buf, BufMut, Bytes};
+    use prost::encoding::{DecodeContext, WireType};
+
+    /// An `agenthub.v1.TaskEvent` that is already encoded: sending it copies
+    /// the bytes into the stream, with no per-watcher conversion or encoding.
+    #[derive(Clone, Debug, Default, PartialEq)]
+    pub struct EventBytes(pub Bytes);
+
+    impl prost::Message for EventBytes {
+        fn encode_raw(&self, buf: &mut impl BufMut) {
+            buf.put_slice(&self.0);
+        }
+
+        fn merge_field(
+            &mut self,
+            tag: u32,
+            wire_type: WireType,
+            buf: &mut impl Buf,
+            ctx: DecodeContext,
+        ) -> Result<(), prost::DecodeError> {
+            // The server never decodes events.
+            prost::encoding::skip_field(wire_type, tag, buf, ctx)
+        }
+
+        fn encoded_len(&self) -> usize {
+            self.0.len()
+        }
+
+        fn clear(&mut self) {
+            self.0 = Bytes::new();
+        }
+    }
+}
+
+/// Encode a model event as an `agenthub.v1.TaskEvent`.
+pub fn encode_event(e: &model::TaskEvent) -> prost::bytes::Bytes {
+    prost::Message::encode_to_vec(&TaskEvent::from(e)).into()
+}
+
 /// The encoded descriptor set, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/agenthub_descriptor.bin"));

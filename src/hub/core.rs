@@ -14,7 +14,9 @@ use serde_json::{json, Value};
 use super::session::SessionHandle;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::model::{EventKind, Generation, JsonObject, Priority, Seq, Task, TaskEvent, TaskState};
+use crate::model::{
+    EncodedEvent, EventKind, Generation, JsonObject, Priority, Seq, Task, TaskEvent, TaskState,
+};
 use crate::store::{Batch, TaskWrite};
 use crate::ws::protocol;
 
@@ -210,7 +212,7 @@ impl Core {
             task.created_seq = seq;
             self.order.insert(seq, task_id.to_string());
         }
-        txn.batch.events.push(Arc::new(TaskEvent {
+        let event = TaskEvent {
             seq,
             task_id: task_id.to_string(),
             agent_id: agent_id.to_string(),
@@ -219,6 +221,15 @@ impl Core {
             payload,
             timestamp_ms: txn.now,
             state: task.state,
+        };
+        // Encoded once here; the store and every watcher share these bytes.
+        let proto = crate::pb::encode_event(&event);
+        txn.batch.events.push(Arc::new(EncodedEvent {
+            seq,
+            task_id: event.task_id,
+            agent_id: event.agent_id,
+            kind,
+            proto,
         }));
         seq
     }

@@ -93,7 +93,7 @@ impl Hub {
         let bus = Arc::new(EventBus::new(config.watch_buffer));
         let publisher = {
             let bus = bus.clone();
-            Box::new(move |evs: &[Arc<crate::model::TaskEvent>]| bus.publish(evs))
+            Box::new(move |evs: &[Arc<crate::model::EncodedEvent>]| bus.publish(evs))
         };
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(
             &config.data_dir,

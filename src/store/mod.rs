@@ -13,12 +13,12 @@ use std::sync::Arc;
 
 use crate::auth::TokenRecord;
 use crate::error::Result;
-use crate::model::{Seq, Task, TaskEvent};
+use crate::model::{EncodedEvent, Seq, Task};
 
 /// Runs after the batch's commit, with its outcome.
 pub type Callback = Box<dyn FnOnce(&Result<()>) + Send>;
 /// Receives every committed event, in `seq` order, right after its commit.
-pub type Publisher = Box<dyn Fn(&[Arc<TaskEvent>]) + Send>;
+pub type Publisher = Box<dyn Fn(&[Arc<EncodedEvent>]) + Send>;
 
 /// A compare-and-set write of one task record.
 #[derive(Debug)]
@@ -32,7 +32,7 @@ pub struct TaskWrite {
 #[derive(Default)]
 pub struct Batch {
     pub tasks: Vec<TaskWrite>,
-    pub events: Vec<Arc<TaskEvent>>,
+    pub events: Vec<Arc<EncodedEvent>>,
     /// Run after the commit, in order (acks, pushes to sidecars, RPC replies).
     pub callbacks: Vec<Callback>,
 }
@@ -64,7 +64,7 @@ pub trait Store: Send + Sync + 'static {
     /// Everything the hub keeps in memory.
     fn load(&self) -> Result<Loaded>;
     /// Up to `limit` events with `seq > after`, in order.
-    fn read_events(&self, after: Seq, limit: usize) -> Result<Vec<TaskEvent>>;
+    fn read_events(&self, after: Seq, limit: usize) -> Result<Vec<EncodedEvent>>;
     /// The oldest seq still stored (events before it were pruned).
     fn first_retained_seq(&self) -> Seq;
     /// The highest seq that is durable and published.

@@ -16,7 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::{Batch, Loaded, Publisher, Store, TaskWrite};
 use crate::auth::{Role, TokenRecord};
 use crate::error::{Error, Result};
-use crate::model::{Seq, Task, TaskEvent};
+use crate::model::{EncodedEvent, EventKind, Seq, Task};
 
 /// Most batches folded into one transaction.
 const MAX_GROUP: usize = 4096;
@@ -31,7 +31,11 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY,
-    body TEXT NOT NULL
+    task_id TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    -- The event as an encoded agenthub.v1.TaskEvent.
+    body BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY,
@@ -174,12 +178,18 @@ fn write_group(conn: &mut Connection, group: &[Batch]) -> Result<()> {
         let mut update_task = tx.prepare_cached(
             "UPDATE tasks SET last_seq = ?2, body = ?3 WHERE task_id = ?1 AND last_seq = ?4",
         )?;
-        let mut insert_event =
-            tx.prepare_cached("INSERT INTO events (seq, body) VALUES (?1, ?2)")?;
+        let mut insert_event = tx.prepare_cached(
+            "INSERT INTO events (seq, task_id, agent_id, kind, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
         for batch in group {
             for ev in &batch.events {
-                let body = serde_json::to_string(&**ev).map_err(|e| Error::Store(e.to_string()))?;
-                insert_event.execute(params![ev.seq as i64, body])?;
+                insert_event.execute(params![
+                    ev.seq as i64,
+                    ev.task_id,
+                    ev.agent_id,
+                    ev.kind.code(),
+                    &ev.proto[..]
+                ])?;
             }
         }
         // A task changed by several batches of the group is written once, with
@@ -280,17 +290,22 @@ impl Store for SqliteStore {
         })
     }
 
-    fn read_events(&self, after: Seq, limit: usize) -> Result<Vec<TaskEvent>> {
+    fn read_events(&self, after: Seq, limit: usize) -> Result<Vec<EncodedEvent>> {
         self.with_reader(|conn| {
-            let mut stmt = conn
-                .prepare_cached("SELECT body FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, task_id, agent_id, kind, body FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
             let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
-                r.get::<_, String>(0)
+                let kind: i32 = r.get(3)?;
+                Ok(EncodedEvent {
+                    seq: r.get::<_, i64>(0)? as Seq,
+                    task_id: r.get(1)?,
+                    agent_id: r.get(2)?,
+                    kind: EventKind::from_code(kind).unwrap_or(EventKind::Progress),
+                    proto: bytes::Bytes::copy_from_slice(r.get_ref(4)?.as_blob()?),
+                })
             })?;
-            rows.map(|body| {
-                serde_json::from_str::<TaskEvent>(&body?).map_err(|e| Error::Store(e.to_string()))
-            })
-            .collect()
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
     }
 
