@@ -19,9 +19,10 @@ use crate::hub::{Hub, PushRequest};
 use crate::model::JsonObject;
 
 /// tungstenite's default read buffer is 128 KiB per connection; sidecar
-/// frames are small.
-pub const WS_READ_BUFFER: usize = 4 * 1024;
-pub const WS_WRITE_BUFFER: usize = 4 * 1024;
+/// frames are small (the buffer grows for a bigger frame). 1 KiB keeps an
+/// idle sidecar under 7 KiB of hub memory (docs/benchmarks.md).
+pub const WS_READ_BUFFER: usize = 1024;
+pub const WS_WRITE_BUFFER: usize = 1024;
 
 #[derive(Clone)]
 struct AppState {

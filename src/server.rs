@@ -26,10 +26,22 @@ pub struct Server {
     grpc_addr: SocketAddr,
 }
 
+/// Listen backlog: a burst of reconnecting sidecars must not overflow it.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr)> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| Error::InvalidArgument(format!("cannot bind {what} address {addr}: {e}")))?;
+    let err = |e: std::io::Error| {
+        Error::InvalidArgument(format!("cannot bind {what} address {addr}: {e}"))
+    };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    let listener = socket.listen(LISTEN_BACKLOG).map_err(err)?;
     let local = listener
         .local_addr()
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;

@@ -263,6 +263,9 @@ impl Core {
     /// FIFO within a priority; among capable agents the least loaded, then
     /// the longest idle, preferring agents that did not reject the task.
     pub fn schedule(&mut self, txn: &mut Txn, cfg: &Config, metrics: &Metrics) {
+        if self.queue.is_empty() {
+            return;
+        }
         let mut free: Vec<String> = self
             .agents
             .values()

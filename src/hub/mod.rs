@@ -527,6 +527,27 @@ impl Hub {
             "Open WatchTaskEvents streams.",
             self.bus.watcher_count() as u64,
         );
+        let commits = self.store.commit_stats();
+        metrics::counter(
+            &mut out,
+            "agenthub_store_batches_total",
+            "Changes committed (one per hub operation).",
+            commits.batches,
+        );
+        out.push_str("# HELP agenthub_store_commit_seconds Group commits, including the fsync.\n# TYPE agenthub_store_commit_seconds histogram\n");
+        for (i, le) in crate::store::COMMIT_BUCKETS_US.iter().enumerate() {
+            out.push_str(&format!(
+                "agenthub_store_commit_seconds_bucket{{le=\"{}\"}} {}\n",
+                *le as f64 / 1e6,
+                commits.buckets[i]
+            ));
+        }
+        out.push_str(&format!(
+            "agenthub_store_commit_seconds_bucket{{le=\"+Inf\"}} {}\nagenthub_store_commit_seconds_sum {}\nagenthub_store_commit_seconds_count {}\n",
+            commits.commits,
+            commits.total_us as f64 / 1e6,
+            commits.commits
+        ));
         self.metrics.render(&mut out);
         out
     }

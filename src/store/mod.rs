@@ -48,6 +48,21 @@ impl Batch {
     }
 }
 
+/// Upper bounds (µs) of the commit-duration histogram buckets.
+pub const COMMIT_BUCKETS_US: [u64; 10] = [
+    100, 200, 500, 1_000, 2_000, 5_000, 10_000, 50_000, 100_000, 1_000_000,
+];
+
+/// How the store's commits went so far.
+#[derive(Clone, Debug, Default)]
+pub struct CommitStats {
+    pub commits: u64,
+    pub batches: u64,
+    pub total_us: u64,
+    /// Cumulative counts per [`COMMIT_BUCKETS_US`] bound.
+    pub buckets: [u64; COMMIT_BUCKETS_US.len()],
+}
+
 /// What the hub reads back at start.
 #[derive(Debug, Default)]
 pub struct Loaded {
@@ -71,6 +86,8 @@ pub trait Store: Send + Sync + 'static {
     fn durable_seq(&self) -> Seq;
     /// Number of events currently stored.
     fn event_count(&self) -> u64;
+    /// Commit statistics (for `/metrics`).
+    fn commit_stats(&self) -> CommitStats;
 
     fn insert_token(&self, token: &TokenRecord) -> Result<()>;
     fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>>;
