@@ -702,3 +702,57 @@ async fn grpc_health_and_reflection_work_for_stock_tools() {
         }
     }
 }
+
+#[tokio::test]
+async fn sidecar_that_stops_reading_is_disconnected_not_buffered() {
+    let hub = TestHub::start_with(|c| c.outbound_queue = 4).await;
+    let mut client = hub.client().await;
+    let sc = hub
+        .sidecar_with("stuck", json!({"max_concurrency": 1000}))
+        .await;
+    // ~20 MiB of task_assign frames to a sidecar that never reads.
+    let big = "x".repeat(200 * 1024);
+    for i in 0..100 {
+        let mut req = pinned("stuck", &big);
+        req.task_id = format!("big-{i}");
+        if client.push_task(req).await.is_err() {
+            break; // disconnected already: the agent is no longer connected
+        }
+    }
+    let agent = eventually(|| {
+        let mut c = client.clone();
+        async move {
+            let a = c
+                .list_agents(pb::ListAgentsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .agents;
+            a.into_iter().find(|a| !a.connected)
+        }
+    })
+    .await;
+    assert_eq!(agent.agent_id, "stuck");
+    drop(sc);
+}
+
+#[tokio::test]
+async fn sidecar_that_stops_answering_pings_is_closed() {
+    let hub = TestHub::start_with(|c| {
+        c.ws_ping_interval = Duration::from_millis(100);
+        c.ws_ping_timeout = Duration::from_millis(100);
+    })
+    .await;
+    let mut sc = hub.sidecar("silent").await;
+    // Not reading means not answering the hub's pings.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(sc.recv_close().await, Some(1001));
+    let mut client = hub.client().await;
+    let agents = client
+        .list_agents(pb::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    assert!(!agents[0].connected);
+}
