@@ -719,19 +719,7 @@ async fn sidecar_that_stops_reading_is_disconnected_not_buffered() {
             break; // disconnected already: the agent is no longer connected
         }
     }
-    let agent = eventually(|| {
-        let mut c = client.clone();
-        async move {
-            let a = c
-                .list_agents(pb::ListAgentsRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .agents;
-            a.into_iter().find(|a| !a.connected)
-        }
-    })
-    .await;
+    let agent = disconnected_agent(&client).await;
     assert_eq!(agent.agent_id, "stuck");
     drop(sc);
 }

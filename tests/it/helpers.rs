@@ -330,6 +330,23 @@ where
     }
 }
 
+/// Wait until `ListAgents` shows a disconnected agent; return it.
+pub async fn disconnected_agent(client: &HubClient) -> pb::Agent {
+    eventually(|| {
+        let mut c = client.clone();
+        async move {
+            let agents = c
+                .list_agents(pb::ListAgentsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .agents;
+            agents.into_iter().find(|a| !a.connected)
+        }
+    })
+    .await
+}
+
 /// The hub binary running as its own OS process (for SIGKILL tests).
 pub struct HubProcess {
     pub child: tokio::process::Child,
@@ -340,66 +357,12 @@ pub struct HubProcess {
 impl HubProcess {
     /// Start `agenthub serve` on `dir` with port 0 and extra args.
     pub async fn spawn(dir: &Path, extra: &[&str]) -> HubProcess {
-        use tokio::io::AsyncBufReadExt;
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agenthub"))
-            .args([
-                "serve",
-                "--ws-addr",
-                "127.0.0.1:0",
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--print-addrs",
-            ])
-            .arg("--data-dir")
-            .arg(dir)
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        loop {
-            let line = tokio::time::timeout(WAIT, lines.next_line())
-                .await
-                .expect("hub prints its addresses")
-                .unwrap()
-                .expect("hub stdout open");
-            if let Some(rest) = line.strip_prefix("ws=") {
-                let (ws, grpc) = rest.split_once(" grpc=").unwrap();
-                return HubProcess {
-                    child,
-                    ws_addr: ws.parse().unwrap(),
-                    grpc_addr: grpc.parse().unwrap(),
-                };
-            }
-        }
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        Self::spawn_at(dir, any, any, extra).await
     }
 
-    pub fn kill9(&mut self) {
-        let pid = self.child.id().expect("running") as i32;
-        // SAFETY-free: plain syscall wrapper.
-        let _ = std::process::Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status();
-    }
-
-    pub async fn wait_exit(&mut self) {
-        let _ = tokio::time::timeout(WAIT, self.child.wait()).await;
-    }
-}
-
-pub fn admin_token(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("admin.token"))
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
-impl HubProcess {
-    /// Start `agenthub serve` on `dir` at fixed addresses: a restart on the
-    /// ports an earlier run bound, so clients find it again.
+    /// Start `agenthub serve` on `dir` at the given addresses (port 0: any;
+    /// fixed ports: a restart where clients find it again).
     pub async fn spawn_at(
         dir: &Path,
         ws_addr: SocketAddr,
@@ -430,13 +393,32 @@ impl HubProcess {
                 .expect("hub prints its addresses")
                 .unwrap()
                 .expect("hub stdout open (did the bind fail?)");
-            if line.starts_with("ws=") {
+            if let Some(rest) = line.strip_prefix("ws=") {
+                let (ws, grpc) = rest.split_once(" grpc=").unwrap();
                 return HubProcess {
                     child,
-                    ws_addr,
-                    grpc_addr,
+                    ws_addr: ws.parse().unwrap(),
+                    grpc_addr: grpc.parse().unwrap(),
                 };
             }
         }
     }
+
+    pub fn kill9(&mut self) {
+        let pid = self.child.id().expect("running") as i32;
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+    }
+
+    pub async fn wait_exit(&mut self) {
+        let _ = tokio::time::timeout(WAIT, self.child.wait()).await;
+    }
+}
+
+pub fn admin_token(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string()
 }

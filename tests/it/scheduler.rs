@@ -227,19 +227,7 @@ async fn reconnect_within_grace_keeps_the_task() {
     let (id, g) = sc.next_assign().await;
     sc.accept(&id, g).await;
     drop(sc);
-    let agent = eventually(|| {
-        let mut c = client.clone();
-        async move {
-            let a = c
-                .list_agents(pb::ListAgentsRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .agents;
-            a.into_iter().find(|a| !a.connected)
-        }
-    })
-    .await;
+    let agent = disconnected_agent(&client).await;
     assert_eq!(agent.active_task_ids, vec![t.task_id.clone()]);
     let mut back = hub.sidecar("flaky").await;
     back.complete(&id, g, json!("finished after reconnect"))
