@@ -112,12 +112,6 @@ impl Drop for WatcherGuard {
     }
 }
 
-/// Why a watcher stopped sending.
-enum Stop {
-    /// The client went away.
-    Gone,
-}
-
 struct Watcher {
     store: Arc<dyn Store>,
     filter: EventFilter,
@@ -129,13 +123,13 @@ struct Watcher {
 impl Watcher {
     async fn run(&mut self, mut live: broadcast::Receiver<Arc<EncodedEvent>>) -> Result<()> {
         loop {
-            if let Err(Stop::Gone) = self.catch_up().await? {
+            if !self.catch_up().await? {
                 return Ok(());
             }
             loop {
                 match live.recv().await {
                     Ok(ev) => {
-                        if let Err(Stop::Gone) = self.offer(ev).await {
+                        if !self.offer(ev).await {
                             return Ok(());
                         }
                     }
@@ -147,8 +141,8 @@ impl Watcher {
         }
     }
 
-    /// Send every stored event after the cursor.
-    async fn catch_up(&mut self) -> Result<std::result::Result<(), Stop>> {
+    /// Send every stored event after the cursor. False: the client went away.
+    async fn catch_up(&mut self) -> Result<bool> {
         loop {
             let store = self.store.clone();
             let after = self.cursor;
@@ -163,24 +157,22 @@ impl Watcher {
             .await
             .map_err(|e| Error::Store(e.to_string()))??;
             if page.is_empty() {
-                return Ok(Ok(()));
+                return Ok(true);
             }
             for ev in page {
-                if let Err(stop) = self.offer(Arc::new(ev)).await {
-                    return Ok(Err(stop));
+                if !self.offer(Arc::new(ev)).await {
+                    return Ok(false);
                 }
             }
         }
     }
 
-    async fn offer(&mut self, ev: Arc<EncodedEvent>) -> std::result::Result<(), Stop> {
+    /// Send `ev` if it is new and matches. False: the client went away.
+    async fn offer(&mut self, ev: Arc<EncodedEvent>) -> bool {
         if ev.seq <= self.cursor {
-            return Ok(());
+            return true;
         }
         self.cursor = ev.seq;
-        if self.filter.matches(&ev) {
-            self.out.send(Ok(ev)).await.map_err(|_| Stop::Gone)?;
-        }
-        Ok(())
+        !self.filter.matches(&ev) || self.out.send(Ok(ev)).await.is_ok()
     }
 }

@@ -23,6 +23,10 @@ use crate::model::JsonObject;
 /// idle sidecar under 7 KiB of hub memory (docs/benchmarks.md).
 pub const WS_READ_BUFFER: usize = 1024;
 pub const WS_WRITE_BUFFER: usize = 1024;
+/// The largest frame the hub writes: a `task_assign` carrying a PushTask of
+/// up to the gRPC message limit (4 MiB). Backpressure beyond one frame is the
+/// bounded outbound queue's job.
+pub const WS_MAX_WRITE_BUFFER: usize = 8 * 1024 * 1024;
 
 #[derive(Clone)]
 struct AppState {
@@ -41,10 +45,9 @@ pub fn router(hub: Arc<Hub>, shutdown: watch::Receiver<bool>) -> Router {
 
 async fn ws_upgrade(State(st): State<AppState>, ws: WebSocketUpgrade) -> Response {
     let max = st.hub.config().max_message_bytes;
-    let max_out = st.hub.config().outbound_queue.max(16) * 1024;
     ws.read_buffer_size(WS_READ_BUFFER)
         .write_buffer_size(WS_WRITE_BUFFER)
-        .max_write_buffer_size(max_out.max(max * 2))
+        .max_write_buffer_size(WS_MAX_WRITE_BUFFER)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| crate::ws::session::run(socket, st.hub, st.shutdown))

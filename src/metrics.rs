@@ -82,24 +82,18 @@ impl Metrics {
             let _ = writeln!(out, "agenthub_reclaims_total{{reason=\"{reason}\"}} {n}");
         }
         let h = self.latency.lock().expect("metrics");
-        let _ = writeln!(
+        let bounds: Vec<f64> = LATENCY_BUCKETS_MS
+            .iter()
+            .map(|ms| *ms as f64 / 1e3)
+            .collect();
+        histogram(
             out,
-            "# HELP agenthub_assignment_wait_seconds Time from queueing to assignment.\n# TYPE agenthub_assignment_wait_seconds histogram"
-        );
-        for (i, le) in LATENCY_BUCKETS_MS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "agenthub_assignment_wait_seconds_bucket{{le=\"{}\"}} {}",
-                *le as f64 / 1000.0,
-                h.buckets[i]
-            );
-        }
-        let _ = writeln!(
-            out,
-            "agenthub_assignment_wait_seconds_bucket{{le=\"+Inf\"}} {}\nagenthub_assignment_wait_seconds_sum {}\nagenthub_assignment_wait_seconds_count {}",
+            "agenthub_assignment_wait_seconds",
+            "Time from queueing to assignment.",
+            &bounds,
+            &h.buckets,
             h.count,
-            h.sum_ms as f64 / 1000.0,
-            h.count
+            h.sum_ms as f64 / 1e3,
         );
     }
 }
@@ -109,6 +103,26 @@ pub fn counter(out: &mut String, name: &str, help: &str, value: u64) {
     let _ = writeln!(
         out,
         "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
+}
+
+/// A histogram: `bounds` in seconds, `cumulative[i]` observations ≤ `bounds[i]`.
+pub fn histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    bounds: &[f64],
+    cumulative: &[u64],
+    count: u64,
+    sum: f64,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (le, n) in bounds.iter().zip(cumulative) {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}"
     );
 }
 

@@ -153,11 +153,15 @@ pub(crate) struct Core {
     pub avoid: HashMap<String, Vec<String>>,
     timer_nonce: u64,
     assign_counter: u64,
+    /// A task was queued, a slot freed or an agent became eligible since the
+    /// last `schedule`: only then can it assign anything.
+    schedulable: bool,
 }
 
 impl Core {
-    /// Rebuild from the store at start.
-    pub fn restore(tasks: Vec<Task>, last_seq: Seq) -> Core {
+    /// Rebuild from the store at start. Every agent holding tasks is away
+    /// after a restart: it gets a fresh reconnect `grace`.
+    pub fn restore(tasks: Vec<Task>, last_seq: Seq, grace: std::time::Duration) -> Core {
         let mut core = Core {
             last_seq,
             ..Core::default()
@@ -177,6 +181,18 @@ impl Core {
                 }
             }
             core.tasks.insert(task.task_id.clone(), task);
+        }
+        let away: Vec<String> = core
+            .agents
+            .values()
+            .filter(|a| !a.active.is_empty())
+            .map(|a| a.agent_id.clone())
+            .collect();
+        let at = Instant::now() + grace;
+        for agent_id in away {
+            core.timer_nonce += 1;
+            core.timers
+                .insert((at, core.timer_nonce, Timer::Grace(agent_id, 0)));
         }
         core
     }
@@ -250,7 +266,13 @@ impl Core {
     pub fn enqueue(&mut self, task_id: &str) {
         if let Some(t) = self.tasks.get(task_id) {
             self.queue.insert(QueueKey::of(t));
+            self.schedulable = true;
         }
+    }
+
+    /// An agent identified, or changed status: it may take queued tasks.
+    pub fn agent_changed(&mut self) {
+        self.schedulable = true;
     }
 
     pub fn dequeue(&mut self, task_id: &str) {
@@ -263,7 +285,8 @@ impl Core {
     /// FIFO within a priority; among capable agents the least loaded, then
     /// the longest idle, preferring agents that did not reject the task.
     pub fn schedule(&mut self, txn: &mut Txn, cfg: &Config, metrics: &Metrics) {
-        if self.queue.is_empty() {
+        // Progress reports and the like change nothing the scheduler looks at.
+        if !std::mem::take(&mut self.schedulable) || self.queue.is_empty() {
             return;
         }
         let mut free: Vec<String> = self
@@ -354,6 +377,7 @@ impl Core {
         let agent_id = self.tasks.get(task_id)?.agent_id.clone()?;
         if let Some(agent) = self.agents.get_mut(&agent_id) {
             agent.active.remove(task_id);
+            self.schedulable = true;
         }
         Some(agent_id)
     }

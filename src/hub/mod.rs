@@ -108,22 +108,7 @@ impl Hub {
             None
         };
         let loaded = store.load()?;
-        let mut core = Core::restore(loaded.tasks, loaded.last_seq);
-        // Agents holding tasks are all away after a restart: give them the grace.
-        let mut txn = Txn::new();
-        let away: Vec<String> = core
-            .agents
-            .values()
-            .filter(|a| !a.active.is_empty())
-            .map(|a| a.agent_id.clone())
-            .collect();
-        for agent_id in away {
-            core.add_timer(
-                &mut txn,
-                std::time::Instant::now() + config.reconnect_grace,
-                core::Timer::Grace(agent_id, 0),
-            );
-        }
+        let core = Core::restore(loaded.tasks, loaded.last_seq, config.reconnect_grace);
         Ok(Arc::new(Hub {
             verifier: TokenVerifier::new(store.clone()),
             config,
@@ -172,8 +157,12 @@ impl Hub {
 
     /// Add a "durable" signal to a transaction.
     fn durable_signal(txn: &mut Txn) -> oneshot::Receiver<Result<()>> {
+        Self::durable_signal_on(&mut txn.batch)
+    }
+
+    fn durable_signal_on(batch: &mut Batch) -> oneshot::Receiver<Result<()>> {
         let (tx, rx) = oneshot::channel();
-        txn.batch.then(move |r| {
+        batch.then(move |r| {
             let _ = tx.send(
                 r.as_ref()
                     .map(|_| ())
@@ -190,14 +179,7 @@ impl Hub {
     /// Wait until everything submitted so far is durable.
     async fn barrier(&self) -> Result<()> {
         let mut batch = Batch::default();
-        let (tx, rx) = oneshot::channel();
-        batch.then(move |r| {
-            let _ = tx.send(
-                r.as_ref()
-                    .map(|_| ())
-                    .map_err(|e| Error::Store(e.to_string())),
-            );
-        });
+        let rx = Self::durable_signal_on(&mut batch);
         self.store.submit(batch);
         Self::wait(rx).await
     }
@@ -534,20 +516,19 @@ impl Hub {
             "Changes committed (one per hub operation).",
             commits.batches,
         );
-        out.push_str("# HELP agenthub_store_commit_seconds Group commits, including the fsync.\n# TYPE agenthub_store_commit_seconds histogram\n");
-        for (i, le) in crate::store::COMMIT_BUCKETS_US.iter().enumerate() {
-            out.push_str(&format!(
-                "agenthub_store_commit_seconds_bucket{{le=\"{}\"}} {}\n",
-                *le as f64 / 1e6,
-                commits.buckets[i]
-            ));
-        }
-        out.push_str(&format!(
-            "agenthub_store_commit_seconds_bucket{{le=\"+Inf\"}} {}\nagenthub_store_commit_seconds_sum {}\nagenthub_store_commit_seconds_count {}\n",
+        let bounds: Vec<f64> = crate::store::COMMIT_BUCKETS_US
+            .iter()
+            .map(|us| *us as f64 / 1e6)
+            .collect();
+        metrics::histogram(
+            &mut out,
+            "agenthub_store_commit_seconds",
+            "Group commits, including the fsync.",
+            &bounds,
+            &commits.buckets,
             commits.commits,
             commits.total_us as f64 / 1e6,
-            commits.commits
-        ));
+        );
         self.metrics.render(&mut out);
         out
     }

@@ -54,6 +54,7 @@ impl Hub {
         agent.epoch += 1;
         let active: Vec<String> = agent.active.iter().cloned().collect();
         session.send(protocol::identified(&agent_id));
+        core.agent_changed();
 
         let mut txn = Txn::new();
         // Tasks it still holds: re-send the ones it may never have received.
@@ -125,6 +126,7 @@ impl Hub {
                     agent.draining = status == STATUS_DRAINING;
                     agent.status = status;
                 }
+                core.agent_changed();
                 Ok(())
             }
             Inbound::Identify(_) | Inbound::Ping => Ok(()),
