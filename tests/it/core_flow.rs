@@ -27,7 +27,7 @@ async fn full_lifecycle_is_acked_and_watched_in_order() {
             .as_object()
             .unwrap(),
     ));
-    let resp = client.push_task(req).await.unwrap().into_inner();
+    let resp = client.push(req).await;
     assert!(resp.created);
     assert!(resp.task_id.starts_with("task-") && resp.task_id.len() == 21);
 
@@ -112,7 +112,7 @@ async fn queued_if_offline_task_is_delivered_when_agent_identifies() {
     let mut client = hub.client().await;
     let mut req = pinned("later", "wait for me");
     req.queue_if_offline = true;
-    let resp = client.push_task(req).await.unwrap().into_inner();
+    let resp = client.push(req).await;
     assert_eq!(resp.state, pb::task::State::Queued as i32);
     let mut sc = hub.sidecar("later").await;
     let (task_id, generation) = sc.next_assign().await;
@@ -127,9 +127,9 @@ async fn caller_task_id_makes_push_idempotent() {
     let mut client = hub.client().await;
     let mut req = pinned("a", "same");
     req.task_id = "order-42".into();
-    let first = client.push_task(req.clone()).await.unwrap().into_inner();
+    let first = client.push(req.clone()).await;
     assert!(first.created);
-    let again = client.push_task(req.clone()).await.unwrap().into_inner();
+    let again = client.push(req.clone()).await;
     assert!(!again.created);
     assert_eq!(again.task_id, "order-42");
     req.description = "different".into();
@@ -148,12 +148,7 @@ async fn watch_from_cursor_while_events_flow_has_no_gap_or_duplicate() {
     let hub = TestHub::start().await;
     let mut sc = hub.sidecar_with("w", json!({"max_concurrency": 1})).await;
     let mut client = hub.client().await;
-    let id = client
-        .push_task(pinned("w", "t"))
-        .await
-        .unwrap()
-        .into_inner()
-        .task_id;
+    let id = client.push(pinned("w", "t")).await.task_id;
     let (_, g) = sc.next_assign().await;
     sc.accept(&id, g).await;
     // Keep events flowing from the sidecar while watchers join at various cursors.
@@ -210,12 +205,7 @@ async fn stalled_watcher_does_not_block_the_hub_and_later_gets_everything() {
         .await
         .unwrap()
         .into_inner();
-    let id = client
-        .push_task(pinned("fast", "t"))
-        .await
-        .unwrap()
-        .into_inner()
-        .task_id;
+    let id = client.push(pinned("fast", "t")).await.task_id;
     let (_, g) = sc.next_assign().await;
     sc.accept(&id, g).await;
     let progress = 100_000u64;
@@ -255,12 +245,7 @@ async fn cursor_older_than_retention_is_out_of_range() {
     let hub = TestHub::start_with(|c| c.event_retention = Some(10)).await;
     let mut sc = hub.sidecar("r").await;
     let mut client = hub.client().await;
-    let id = client
-        .push_task(pinned("r", "t"))
-        .await
-        .unwrap()
-        .into_inner()
-        .task_id;
+    let id = client.push(pinned("r", "t")).await.task_id;
     let (_, g) = sc.next_assign().await;
     sc.accept(&id, g).await;
     // Enough commits for the pruner to run (it runs every 64 commits).
@@ -322,12 +307,7 @@ async fn bad_input_gets_its_error_and_changes_nothing() {
     let hub = TestHub::start().await;
     let mut client = hub.client().await;
     let mut owner = hub.sidecar("owner").await;
-    let id = client
-        .push_task(pinned("owner", "t"))
-        .await
-        .unwrap()
-        .into_inner()
-        .task_id;
+    let id = client.push(pinned("owner", "t")).await.task_id;
     let (_, g) = owner.next_assign().await;
     let before = client
         .get_task(pb::GetTaskRequest {
@@ -468,12 +448,7 @@ async fn second_identify_replaces_the_session_and_keeps_tasks() {
     let hub = TestHub::start().await;
     let mut client = hub.client().await;
     let mut first = hub.sidecar("dup").await;
-    let id = client
-        .push_task(pinned("dup", "t"))
-        .await
-        .unwrap()
-        .into_inner()
-        .task_id;
+    let id = client.push(pinned("dup", "t")).await.task_id;
     let (_, g) = first.next_assign().await;
     first.accept(&id, g).await;
     let mut second = hub.sidecar("dup").await;
@@ -743,4 +718,137 @@ async fn sidecar_that_stops_answering_pings_is_closed() {
         .into_inner()
         .agents;
     assert!(!agents[0].connected);
+}
+
+#[tokio::test]
+async fn list_pages_in_creation_order_and_as_of_seq_joins_the_watch_without_gaps() {
+    let hub = TestHub::start().await;
+    let _a = hub.sidecar_with("a", json!({"max_concurrency": 10})).await;
+    let mut client = hub.client().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let mut req = if i % 2 == 0 {
+            pinned("a", "pinned")
+        } else {
+            pinned("b", "queued")
+        };
+        req.queue_if_offline = true;
+        ids.push(client.push(req).await.task_id);
+    }
+    // Pages of 2: 3 pages, creation order, nothing twice.
+    let (mut seen, mut token, mut pages) = (Vec::new(), String::new(), 0);
+    let as_of = loop {
+        let page = client
+            .list_tasks(pb::ListTasksRequest {
+                page_size: 2,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        seen.extend(page.tasks.into_iter().map(|t| t.task_id));
+        if page.next_page_token.is_empty() {
+            break page.as_of_seq;
+        }
+        token = page.next_page_token;
+    };
+    assert_eq!((pages, &seen), (3, &ids));
+    // Filters: by state and by agent.
+    let queued = client
+        .list_tasks(pb::ListTasksRequest {
+            state: pb::task::State::Queued as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(queued.tasks.len(), 2);
+    assert!(queued.tasks.iter().all(|t| t.agent_id == "b"));
+    let on_a = client
+        .list_tasks(pb::ListTasksRequest {
+            agent_id: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(on_a.tasks.len(), 3);
+    let err = client
+        .list_tasks(pb::ListTasksRequest {
+            page_token: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // Snapshot, then changes: the next event after as_of_seq is the next change.
+    let mut watch = client
+        .watch_task_events(pb::WatchTaskEventsRequest {
+            after_seq: Some(as_of),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let next = client.push(pinned("a", "after the snapshot")).await;
+    let ev = take_events(&mut watch, 1).await.remove(0);
+    assert_eq!(
+        (ev.seq, ev.task_id.as_str()),
+        (as_of + 1, next.task_id.as_str())
+    );
+    assert_eq!(kind(&ev), pb::task_event::Kind::Created);
+}
+
+#[tokio::test]
+async fn unknown_task_is_not_found_for_get_and_cancel() {
+    let hub = TestHub::start().await;
+    let mut client = hub.client().await;
+    let e = client
+        .get_task(pb::GetTaskRequest {
+            task_id: "task-0000000000000000".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = client
+        .cancel_task(pb::CancelTaskRequest {
+            task_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn tokens_are_stored_only_as_hashes_and_the_admin_token_file_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let hub = TestHub::start().await;
+    let agent = hub.agent_token("secretive");
+    let mode = std::fs::metadata(hub.dir.join("admin.token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(hub.admin_token.len(), 64);
+    // Nothing on disk holds a secret (database, WAL).
+    for entry in std::fs::read_dir(&hub.dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap() == "admin.token" {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            !text.contains(&agent),
+            "{} holds an agent token",
+            path.display()
+        );
+        assert!(
+            !text.contains(&hub.admin_token),
+            "{} holds the admin token",
+            path.display()
+        );
+    }
 }

@@ -194,7 +194,7 @@ async fn sigkill_loses_nothing_acknowledged_and_seq_continues() {
     }
     let mut req = pinned("dur", "after restart");
     req.queue_if_offline = true;
-    let fresh = c.push_task(req).await.unwrap().into_inner();
+    let fresh = c.push(req).await;
     let t = c
         .get_task(pb::GetTaskRequest {
             task_id: fresh.task_id,
@@ -218,7 +218,7 @@ async fn sigterm_closes_sockets_with_a_close_frame_and_exits_cleanly() {
     assert_eq!(sc.recv().await["type"], "identified");
     let admin = admin_token(tmp.path());
     let mut c = connect(&proc.grpc_addr.to_string(), &admin).await.unwrap();
-    let t = c.push_task(pinned("s", "x")).await.unwrap().into_inner();
+    let t = c.push(pinned("s", "x")).await;
     let (id, g) = sc.next_assign().await;
     sc.accept(&id, g).await;
 

@@ -268,6 +268,17 @@ impl Sidecar {
     }
 }
 
+/// `PushTask` that must succeed.
+pub trait PushExt {
+    async fn push(&mut self, req: pb::PushTaskRequest) -> pb::PushTaskResponse;
+}
+
+impl PushExt for HubClient {
+    async fn push(&mut self, req: pb::PushTaskRequest) -> pb::PushTaskResponse {
+        self.push_task(req).await.unwrap().into_inner()
+    }
+}
+
 /// A PushTask request pinned to `agent`.
 pub fn pinned(agent: &str, description: &str) -> pb::PushTaskRequest {
     pb::PushTaskRequest {

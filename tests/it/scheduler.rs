@@ -77,22 +77,14 @@ async fn urgent_is_assigned_before_low_when_the_agent_frees() {
     let mut client = hub.client().await;
     let mut sc = hub.sidecar("solo").await;
     let busy = client
-        .push_task(scheduled("busy", &[], pb::Priority::Normal))
-        .await
-        .unwrap()
-        .into_inner();
+        .push(scheduled("busy", &[], pb::Priority::Normal))
+        .await;
     let (id, g) = sc.next_assign().await;
     assert_eq!(id, busy.task_id);
-    let low = client
-        .push_task(scheduled("low", &[], pb::Priority::Low))
-        .await
-        .unwrap()
-        .into_inner();
+    let low = client.push(scheduled("low", &[], pb::Priority::Low)).await;
     let urgent = client
-        .push_task(scheduled("urgent", &[], pb::Priority::Urgent))
-        .await
-        .unwrap()
-        .into_inner();
+        .push(scheduled("urgent", &[], pb::Priority::Urgent))
+        .await;
     assert_eq!(low.state, pb::task::State::Queued as i32);
     sc.accept(&id, g).await;
     sc.complete(&id, g, json!(1)).await;
@@ -112,10 +104,8 @@ async fn task_needing_a_capability_waits_for_a_capable_agent() {
         .sidecar_with("cpu", json!({"capabilities": ["linux"]}))
         .await;
     let t = client
-        .push_task(scheduled("train", &["gpu"], pb::Priority::Normal))
-        .await
-        .unwrap()
-        .into_inner();
+        .push(scheduled("train", &["gpu"], pb::Priority::Normal))
+        .await;
     assert_eq!(t.state, pb::task::State::Queued as i32);
     assert!(cpu.try_recv(Duration::from_millis(200)).await.is_none());
     let mut gpu = hub
@@ -168,11 +158,7 @@ async fn accept_timeout_reclaims_and_fences_the_late_agent() {
     let hub = TestHub::start_with(|c| c.accept_timeout = Duration::from_millis(300)).await;
     let mut client = hub.client().await;
     let mut slow = hub.sidecar("slow").await;
-    let t = client
-        .push_task(scheduled("x", &[], pb::Priority::Normal))
-        .await
-        .unwrap()
-        .into_inner();
+    let t = client.push(scheduled("x", &[], pb::Priority::Normal)).await;
     let (id, g1) = slow.next_assign().await;
     assert_eq!(g1, 1);
     let mut fast = hub.sidecar("fast").await;
@@ -219,11 +205,7 @@ async fn reconnect_within_grace_keeps_the_task() {
     let hub = TestHub::start_with(|c| c.reconnect_grace = Duration::from_secs(5)).await;
     let mut client = hub.client().await;
     let mut sc = hub.sidecar("flaky").await;
-    let t = client
-        .push_task(scheduled("x", &[], pb::Priority::Normal))
-        .await
-        .unwrap()
-        .into_inner();
+    let t = client.push(scheduled("x", &[], pb::Priority::Normal)).await;
     let (id, g) = sc.next_assign().await;
     sc.accept(&id, g).await;
     drop(sc);
@@ -265,11 +247,7 @@ async fn rejected_task_goes_to_another_agent() {
     let mut client = hub.client().await;
     let mut picky = hub.sidecar("picky").await;
     let mut willing = hub.sidecar("willing").await;
-    let t = client
-        .push_task(scheduled("x", &[], pb::Priority::Normal))
-        .await
-        .unwrap()
-        .into_inner();
+    let t = client.push(scheduled("x", &[], pb::Priority::Normal)).await;
     // Whoever gets it first rejects it; the other must receive it.
     let (first, second) = tokio::select! {
         a = picky.next_assign() => (a, "willing"),
@@ -293,11 +271,7 @@ async fn recovering_sidecar_continues_its_task_or_is_told_to_drop_it() {
     let hub = TestHub::start().await;
     let mut client = hub.client().await;
     let mut sc = hub.sidecar("rec").await;
-    let t = client
-        .push_task(pinned("rec", "x"))
-        .await
-        .unwrap()
-        .into_inner();
+    let t = client.push(pinned("rec", "x")).await;
     let (id, g) = sc.next_assign().await;
     sc.accept(&id, g).await;
     // Still its own: continue with the current generation.
@@ -349,7 +323,7 @@ async fn always_failing_task_is_dead_lettered_after_max_attempts_and_can_be_retr
     let mut sc = hub.sidecar("f").await;
     let mut req = scheduled("doomed", &[], pb::Priority::Normal);
     req.max_attempts = 3;
-    let t = client.push_task(req).await.unwrap().into_inner();
+    let t = client.push(req).await;
     for attempt in 1..=3u64 {
         let (id, g) = sc.next_assign().await;
         assert_eq!(g, attempt);
@@ -404,11 +378,7 @@ async fn cancel_while_running_tells_the_sidecar_and_finishes_the_task() {
     let hub = TestHub::start().await;
     let mut client = hub.client().await;
     let mut sc = hub.sidecar("c").await;
-    let t = client
-        .push_task(pinned("c", "x"))
-        .await
-        .unwrap()
-        .into_inner();
+    let t = client.push(pinned("c", "x")).await;
     let (id, g) = sc.next_assign().await;
     sc.accept(&id, g).await;
     let task = client
@@ -431,7 +401,7 @@ async fn cancel_while_running_tells_the_sidecar_and_finishes_the_task() {
     // A queued task can be cancelled too and is never assigned.
     let mut req = pinned("nobody", "queued");
     req.queue_if_offline = true;
-    let q = client.push_task(req).await.unwrap().into_inner();
+    let q = client.push(req).await;
     client
         .cancel_task(pb::CancelTaskRequest {
             task_id: q.task_id.clone(),
@@ -481,17 +451,13 @@ async fn restart_reschedules_queued_tasks_and_reclaims_abandoned_ones() {
     let mut client = hub.client().await;
     let mut sc = hub.sidecar("vanishes").await;
     let held = client
-        .push_task(scheduled("held", &[], pb::Priority::Normal))
-        .await
-        .unwrap()
-        .into_inner();
+        .push(scheduled("held", &[], pb::Priority::Normal))
+        .await;
     let (id, g) = sc.next_assign().await;
     sc.accept(&id, g).await;
     let queued = client
-        .push_task(scheduled("queued", &["special"], pb::Priority::High))
-        .await
-        .unwrap()
-        .into_inner();
+        .push(scheduled("queued", &["special"], pb::Priority::High))
+        .await;
     drop(sc);
     drop(client);
     hub.stop().await;
@@ -560,11 +526,7 @@ async fn a_rejecting_agent_is_not_offered_the_task_again() {
     let hub = TestHub::start().await;
     let mut client = hub.client().await;
     let mut lone = hub.sidecar("lone").await;
-    let t = client
-        .push_task(scheduled("x", &[], pb::Priority::Normal))
-        .await
-        .unwrap()
-        .into_inner();
+    let t = client.push(scheduled("x", &[], pb::Priority::Normal)).await;
     let (id, g) = lone.next_assign().await;
     lone.send(
         json!({"type": "task_rejected", "task_id": id, "generation": g, "reason": "not mine"}),
@@ -590,21 +552,13 @@ async fn a_draining_agent_gets_no_new_tasks_until_ready_again() {
     let hub = TestHub::start().await;
     let mut client = hub.client().await;
     let mut sc = hub.sidecar_with("d", json!({"max_concurrency": 4})).await;
-    let first = client
-        .push_task(scheduled("a", &[], pb::Priority::Normal))
-        .await
-        .unwrap()
-        .into_inner();
+    let first = client.push(scheduled("a", &[], pb::Priority::Normal)).await;
     let (id, g) = sc.next_assign().await;
     assert_eq!(id, first.task_id);
     sc.accept(&id, g).await;
     sc.send(json!({"type": "status", "status": "draining"}))
         .await;
-    let second = client
-        .push_task(scheduled("b", &[], pb::Priority::Normal))
-        .await
-        .unwrap()
-        .into_inner();
+    let second = client.push(scheduled("b", &[], pb::Priority::Normal)).await;
     assert_eq!(second.state, pb::task::State::Queued as i32);
     // It still finishes what it holds.
     sc.complete(&id, g, json!(1)).await;
