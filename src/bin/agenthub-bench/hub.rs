@@ -518,13 +518,9 @@ pub async fn ingest_on(
     }
     start.wait().await;
     let t0 = now_ns();
-    let mut last = t0;
-    for t in tasks {
-        let end = tokio::time::timeout(limit, t)
-            .await
-            .context("ingest timed out")???;
-        last = last.max(end);
-    }
+    let last = crate::util::latest_finish(tasks, limit, "ingest")
+        .await?
+        .max(t0);
     let cpu_us = cpu.used_us()?;
     let events = (tokens.len() * per_sidecar) as f64;
     let mut m = Metrics::default();

@@ -114,10 +114,8 @@ pub async fn request_reply(ctx: &Ctx, name: &str) -> Result<(Metrics, Metrics)> 
         let cpu_us = cpu.used_us()?;
         echo.abort();
         let mut piped = Metrics::default();
-        piped.put("count", count as f64);
-        piped.put("inflight", s.inflight as f64);
-        piped.put("msgs_per_s", count as f64 / ((t1 - t0) as f64 / 1e9));
-        piped.put("server_cpu_us_per_op", cpu_us as f64 / count as f64);
+        let secs = (t1 - t0) as f64 / 1e9;
+        crate::util::pipelined_metrics(&mut piped, count, s.inflight, secs, cpu_us);
         Ok::<_, anyhow::Error>((seq, piped))
     }
     .await;
@@ -344,10 +342,8 @@ pub async fn roundtrip(ctx: &Ctx, name: &str) -> Result<(Metrics, Metrics)> {
             .context("pipelined consume timed out")???;
         let cpu_us = cpu.used_us()?;
         let mut piped = Metrics::default();
-        piped.put("count", count as f64);
-        piped.put("inflight", s.inflight as f64);
-        piped.put("msgs_per_s", count as f64 / ((t1 - t0) as f64 / 1e9));
-        piped.put("server_cpu_us_per_op", cpu_us as f64 / count as f64);
+        let secs = (t1 - t0) as f64 / 1e9;
+        crate::util::pipelined_metrics(&mut piped, count, s.inflight, secs, cpu_us);
         Ok::<_, anyhow::Error>((seq, piped))
     }
     .await;
@@ -393,13 +389,9 @@ async fn publish_all(
     }
     start.wait().await;
     let t0 = now_ns();
-    let mut last = t0;
-    for t in tasks {
-        let end = tokio::time::timeout(limit, t)
-            .await
-            .context("publishing timed out")???;
-        last = last.max(end);
-    }
+    let last = crate::util::latest_finish(tasks, limit, "publishing")
+        .await?
+        .max(t0);
     Ok((publishers * per_publisher, (last - t0) as f64 / 1e9))
 }
 

@@ -16,6 +16,37 @@ pub fn now_ns() -> u64 {
     BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
+/// Wait for every sender task (each returns when it finished, in [`now_ns`])
+/// and return the latest finish time.
+pub async fn latest_finish(
+    tasks: Vec<tokio::task::JoinHandle<Result<u64>>>,
+    limit: std::time::Duration,
+    what: &str,
+) -> Result<u64> {
+    let mut last = 0;
+    for t in tasks {
+        let end = tokio::time::timeout(limit, t)
+            .await
+            .with_context(|| format!("{what} timed out"))???;
+        last = last.max(end);
+    }
+    Ok(last)
+}
+
+/// The figures of a pipelined run: count, in flight, messages/s, server CPU per op.
+pub fn pipelined_metrics(
+    m: &mut Metrics,
+    count: usize,
+    inflight: usize,
+    secs: f64,
+    cpu_us: u64,
+) {
+    m.put("count", count as f64);
+    m.put("inflight", inflight as f64);
+    m.put("msgs_per_s", count as f64 / secs);
+    m.put("server_cpu_us_per_op", cpu_us as f64 / count as f64);
+}
+
 /// Latency samples in nanoseconds.
 #[derive(Default)]
 pub struct Samples(Vec<u64>);
