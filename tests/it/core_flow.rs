@@ -167,14 +167,7 @@ async fn watch_from_cursor_while_events_flow_has_no_gap_or_duplicate() {
     for cursor in [0u64, 1, 2, 3] {
         let mut c = hub.client().await;
         watchers.push(tokio::spawn(async move {
-            let mut s = c
-                .watch_task_events(pb::WatchTaskEventsRequest {
-                    after_seq: Some(cursor),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let mut s = c.watch_after(cursor).await;
             let want = 3 + total - cursor; // CREATED, ASSIGNED, ACCEPTED + progress
             let evs = take_events(&mut s, want as usize).await;
             let seqs: Vec<u64> = evs.iter().map(|e| e.seq).collect();
@@ -195,16 +188,7 @@ async fn stalled_watcher_does_not_block_the_hub_and_later_gets_everything() {
     let mut sc = hub.sidecar("fast").await;
     let mut client = hub.client().await;
     // A watcher that does not read at all while >=100k events flow.
-    let mut stalled = hub
-        .client()
-        .await
-        .watch_task_events(pb::WatchTaskEventsRequest {
-            after_seq: Some(0),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stalled = hub.client().await.watch_after(0).await;
     let id = client.push(pinned("fast", "t")).await.task_id;
     let (_, g) = sc.next_assign().await;
     sc.accept(&id, g).await;
@@ -281,14 +265,7 @@ async fn cursor_older_than_retention_is_out_of_range() {
         .await
         .unwrap()
         .into_inner();
-    let mut s = client
-        .watch_task_events(pb::WatchTaskEventsRequest {
-            after_seq: Some(page.as_of_seq - 2),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut s = client.watch_after(page.as_of_seq - 2).await;
     let evs = take_events(&mut s, 2).await;
     assert_eq!(evs[1].seq, page.as_of_seq);
 }
@@ -784,14 +761,7 @@ async fn list_pages_in_creation_order_and_as_of_seq_joins_the_watch_without_gaps
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     // Snapshot, then changes: the next event after as_of_seq is the next change.
-    let mut watch = client
-        .watch_task_events(pb::WatchTaskEventsRequest {
-            after_seq: Some(as_of),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = client.watch_after(as_of).await;
     let next = client.push(pinned("a", "after the snapshot")).await;
     let ev = take_events(&mut watch, 1).await.remove(0);
     assert_eq!(

@@ -170,14 +170,7 @@ async fn sigkill_loses_nothing_acknowledged_and_seq_continues() {
         }
     }
     // The stored history is gap-free and seq continues after it.
-    let mut watch = c
-        .watch_task_events(pb::WatchTaskEventsRequest {
-            after_seq: Some(0),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = c.watch_after(0).await;
     let page = c
         .list_tasks(pb::ListTasksRequest {
             page_size: 1,

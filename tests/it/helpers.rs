@@ -268,14 +268,24 @@ impl Sidecar {
     }
 }
 
-/// `PushTask` that must succeed.
-pub trait PushExt {
+/// Client calls that must succeed, without the `.await.unwrap().into_inner()` chains.
+pub trait ClientExt {
     async fn push(&mut self, req: pb::PushTaskRequest) -> pb::PushTaskResponse;
+    /// `WatchTaskEvents` with every stored event after `after_seq`, then live ones.
+    async fn watch_after(&mut self, after_seq: u64) -> tonic::Streaming<pb::TaskEvent>;
 }
 
-impl PushExt for HubClient {
+impl ClientExt for HubClient {
     async fn push(&mut self, req: pb::PushTaskRequest) -> pb::PushTaskResponse {
         self.push_task(req).await.unwrap().into_inner()
+    }
+
+    async fn watch_after(&mut self, after_seq: u64) -> tonic::Streaming<pb::TaskEvent> {
+        let req = pb::WatchTaskEventsRequest {
+            after_seq: Some(after_seq),
+            ..Default::default()
+        };
+        self.watch_task_events(req).await.unwrap().into_inner()
     }
 }
 

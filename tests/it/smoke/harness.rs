@@ -2,6 +2,7 @@
 //! `agenthub sidecar` processes, each task a small shell script passed as the
 //! task's description (the sidecars run `sh -c 'eval "$AGENTHUB_TASK_DESCRIPTION"'`).
 
+use crate::helpers::ClientExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -165,14 +166,7 @@ impl Cluster {
             .unwrap()
             .into_inner()
             .as_of_seq;
-        let mut stream = client
-            .watch_task_events(pb::WatchTaskEventsRequest {
-                after_seq: Some(0),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream = client.watch_after(0).await;
         let mut out = Vec::new();
         while out.last().is_none_or(|e: &pb::TaskEvent| e.seq < as_of) {
             let ev = tokio::time::timeout(DEADLINE, stream.message())
@@ -327,14 +321,7 @@ pub struct Follow {
 impl Follow {
     pub async fn start(cluster: &Cluster) -> Follow {
         let mut client = cluster.client().await;
-        let mut stream = client
-            .watch_task_events(pb::WatchTaskEventsRequest {
-                after_seq: Some(0),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream = client.watch_after(0).await;
         let events = Arc::new(Mutex::new(Vec::new()));
         let sink = events.clone();
         let task = tokio::spawn(async move {
