@@ -34,13 +34,7 @@ pub async fn latest_finish(
 }
 
 /// The figures of a pipelined run: count, in flight, messages/s, server CPU per op.
-pub fn pipelined_metrics(
-    m: &mut Metrics,
-    count: usize,
-    inflight: usize,
-    secs: f64,
-    cpu_us: u64,
-) {
+pub fn pipelined_metrics(m: &mut Metrics, count: usize, inflight: usize, secs: f64, cpu_us: u64) {
     m.put("count", count as f64);
     m.put("inflight", inflight as f64);
     m.put("msgs_per_s", count as f64 / secs);
