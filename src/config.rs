@@ -20,6 +20,26 @@ pub const DEFAULT_RECONNECT_GRACE: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_WATCH_BUFFER: usize = 16 * 1024;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+pub const DEFAULT_MAX_UNIDENTIFIED: usize = 4_096;
+pub const DEFAULT_MAX_WATCHES_PER_TOKEN: usize = 64;
+pub const DEFAULT_MAX_FAILED_IDENTIFIES: u32 = 10;
+pub const DEFAULT_IDENTIFY_BLOCK: Duration = Duration::from_secs(60);
+pub const DEFAULT_GRPC_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+pub const DEFAULT_GRPC_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+pub const DEFAULT_REVOCATION_POLL: Duration = Duration::from_secs(1);
+
+/// Certificate files for TLS on both listeners (PEM).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first; re-read on SIGHUP.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1); re-read on SIGHUP.
+    pub key: PathBuf,
+    /// CA for sidecar client certificates: `/ws` then requires one.
+    pub client_ca: Option<PathBuf>,
+}
 
 /// Everything a hub needs to start.
 #[derive(Clone, Debug)]
@@ -56,6 +76,28 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Create `<data-dir>/admin.token` on first start with an empty token table.
     pub bootstrap_admin_token: bool,
+    /// TLS on both listeners; `None`: plaintext.
+    pub tls: Option<TlsConfig>,
+    /// Origins (`scheme://host:port`) allowed to open `/ws` besides the hub's own.
+    pub allowed_origins: Vec<String>,
+    /// A TLS handshake or an HTTP/1 request head must arrive within this.
+    pub header_timeout: Duration,
+    /// Open connections on the HTTP listener (WebSocket included); 0: no limit.
+    pub max_connections: usize,
+    /// WebSockets that have not identified yet; 0: no limit.
+    pub max_unidentified: usize,
+    /// Live `WatchTaskEvents` streams per token; 0: no limit.
+    pub max_watches_per_token: usize,
+    /// Failed identifies per source address per minute before it is refused (4429); 0: no limit.
+    pub max_failed_identifies: u32,
+    /// How long an address stays refused after too many failed identifies.
+    pub identify_block: Duration,
+    /// HTTP/2 pings on gRPC connections this often...
+    pub grpc_keepalive_interval: Duration,
+    /// ...and the connection is dropped if one is not answered within this.
+    pub grpc_keepalive_timeout: Duration,
+    /// How often the token table is re-read for revocations made outside the hub.
+    pub revocation_poll: Duration,
 }
 
 impl Config {
@@ -78,6 +120,17 @@ impl Config {
             watch_buffer: DEFAULT_WATCH_BUFFER,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             bootstrap_admin_token: true,
+            tls: None,
+            allowed_origins: Vec::new(),
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_unidentified: DEFAULT_MAX_UNIDENTIFIED,
+            max_watches_per_token: DEFAULT_MAX_WATCHES_PER_TOKEN,
+            max_failed_identifies: DEFAULT_MAX_FAILED_IDENTIFIES,
+            identify_block: DEFAULT_IDENTIFY_BLOCK,
+            grpc_keepalive_interval: DEFAULT_GRPC_KEEPALIVE_INTERVAL,
+            grpc_keepalive_timeout: DEFAULT_GRPC_KEEPALIVE_TIMEOUT,
+            revocation_poll: DEFAULT_REVOCATION_POLL,
         }
     }
 
@@ -102,6 +155,20 @@ impl Config {
             || self.accept_timeout.is_zero()
         {
             return bad("timeouts must be greater than zero");
+        }
+        if self.header_timeout.is_zero()
+            || self.grpc_keepalive_interval.is_zero()
+            || self.grpc_keepalive_timeout.is_zero()
+            || self.revocation_poll.is_zero()
+        {
+            return bad("header timeout, keepalive and revocation poll must be greater than zero");
+        }
+        for origin in &self.allowed_origins {
+            if crate::ws::upgrade::normalize_origin(origin).is_none() {
+                return Err(Error::InvalidArgument(format!(
+                    "allowed origin `{origin}` must be scheme://host[:port]"
+                )));
+            }
         }
         if self.event_retention == Some(0) {
             return bad("event retention must keep at least one event");

@@ -9,8 +9,9 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Access, Principal};
+use crate::auth::{Access, Principal, Role};
 use crate::error::Error;
+use crate::grpc_limits::WatchSlots;
 use crate::hub::{Hub, ListQuery, PushRequest};
 use crate::model::EventFilter;
 use crate::pb::server::task_hub_server::TaskHub;
@@ -22,12 +23,22 @@ pub use pb::server::task_hub_server::TaskHubServer;
 pub struct TaskHubService {
     hub: Arc<Hub>,
     shutdown: watch::Receiver<bool>,
+    /// Live watch streams per token (`--max-watches-per-token`).
+    watch_slots: Arc<WatchSlots>,
 }
 
 impl TaskHubService {
     /// Watch streams end when `shutdown` turns true.
     pub fn new(hub: Arc<Hub>, shutdown: watch::Receiver<bool>) -> TaskHubService {
-        TaskHubService { hub, shutdown }
+        let watch_slots = WatchSlots::new(
+            hub.config().max_watches_per_token,
+            hub.metrics().limits.clone(),
+        );
+        TaskHubService {
+            hub,
+            shutdown,
+            watch_slots,
+        }
     }
 }
 
@@ -52,6 +63,16 @@ fn allow<T>(req: &Request<T>, access: Access) -> Result<(), Status> {
         .get::<Principal>()
         .ok_or(Error::Unauthenticated)?;
     Ok(principal.allow(access)?)
+}
+
+fn token_info(t: crate::auth::TokenRecord) -> pb::TokenInfo {
+    pb::TokenInfo {
+        id: t.id,
+        role: t.role.as_str().to_string(),
+        agent_id: t.agent_id.unwrap_or_default(),
+        created_at_ms: t.created_at_ms,
+        revoked: t.revoked,
+    }
 }
 
 fn non_empty(s: String) -> Option<String> {
@@ -100,6 +121,12 @@ impl TaskHub for TaskHubService {
         req: Request<pb::WatchTaskEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
         allow(&req, Access::Read)?;
+        let token_id = req
+            .extensions()
+            .get::<Principal>()
+            .map(|p| p.token_id.clone())
+            .unwrap_or_default();
+        let slot = self.watch_slots.acquire(&token_id)?;
         let r = req.into_inner();
         let kinds = r
             .kinds
@@ -126,6 +153,8 @@ impl TaskHub for TaskHubService {
             .take_until(async move {
                 let _ = shutdown.wait_for(|s| *s).await;
             });
+        let revoked = self.hub.verifier().revocations().revoked(&token_id);
+        let stream = crate::grpc_limits::guard(Box::pin(stream), slot, revoked);
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -190,5 +219,61 @@ impl TaskHub for TaskHubService {
         Ok(Response::new(pb::ListAgentsResponse {
             agents: agents.iter().map(pb::Agent::from).collect(),
         }))
+    }
+
+    async fn issue_token(
+        &self,
+        req: Request<pb::IssueTokenRequest>,
+    ) -> Result<Response<pb::IssueTokenResponse>, Status> {
+        allow(&req, Access::Admin)?;
+        let r = req.into_inner();
+        let role = Role::parse(&r.role).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "unknown role `{}` (agent, orchestrator, viewer, admin)",
+                r.role
+            ))
+        })?;
+        let hub = self.hub.clone();
+        let (token, record) =
+            tokio::task::spawn_blocking(move || hub.verifier().issue(role, non_empty(r.agent_id)))
+                .await
+                .map_err(|_| Status::internal("token issue failed"))??;
+        Ok(Response::new(pb::IssueTokenResponse {
+            id: record.id,
+            token,
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        allow(&req, Access::Admin)?;
+        let hub = self.hub.clone();
+        let tokens = tokio::task::spawn_blocking(move || hub.verifier().list())
+            .await
+            .map_err(|_| Status::internal("token list failed"))??;
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens: tokens.into_iter().map(token_info).collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        allow(&req, Access::Admin)?;
+        let id = req.into_inner().id;
+        let hub = self.hub.clone();
+        let known = {
+            let id = id.clone();
+            tokio::task::spawn_blocking(move || hub.verifier().revoke(&id))
+                .await
+                .map_err(|_| Status::internal("token revoke failed"))??
+        };
+        if !known {
+            return Err(Status::not_found(format!("no token with id {id}")));
+        }
+        Ok(Response::new(pb::RevokeTokenResponse {}))
     }
 }

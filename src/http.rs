@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,7 +16,9 @@ use tokio::sync::watch;
 use crate::auth::Access;
 use crate::error::Error;
 use crate::hub::{Hub, PushRequest};
+use crate::listener::ConnInfo;
 use crate::model::JsonObject;
+use crate::ws::upgrade::UpgradeGate;
 
 /// tungstenite's default read buffer is 128 KiB per connection; sidecar
 /// frames are small (the buffer grows for a bigger frame). 1 KiB keeps an
@@ -32,25 +34,41 @@ pub const WS_MAX_WRITE_BUFFER: usize = 8 * 1024 * 1024;
 struct AppState {
     hub: Arc<Hub>,
     shutdown: watch::Receiver<bool>,
+    /// Origin, client certificate and identify limits for `/ws`.
+    gate: Arc<UpgradeGate>,
 }
 
 pub fn router(hub: Arc<Hub>, shutdown: watch::Receiver<bool>) -> Router {
+    let gate = Arc::new(UpgradeGate::new(&hub));
     Router::new()
         .route("/ws", get(ws_upgrade))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/api/admin/push-task", post(push_task))
-        .with_state(AppState { hub, shutdown })
+        .with_state(AppState {
+            hub,
+            shutdown,
+            gate,
+        })
 }
 
-async fn ws_upgrade(State(st): State<AppState>, ws: WebSocketUpgrade) -> Response {
+async fn ws_upgrade(
+    State(st): State<AppState>,
+    conn: Option<Extension<ConnInfo>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let admission = match st.gate.check(&headers, conn.as_ref().map(|c| &c.0)) {
+        Ok(a) => a,
+        Err(refused) => return refused.respond(ws),
+    };
     let max = st.hub.config().max_message_bytes;
     ws.read_buffer_size(WS_READ_BUFFER)
         .write_buffer_size(WS_WRITE_BUFFER)
         .max_write_buffer_size(WS_MAX_WRITE_BUFFER)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| crate::ws::session::run(socket, st.hub, st.shutdown))
+        .on_upgrade(move |socket| crate::ws::session::run(socket, st.hub, st.shutdown, admission))
 }
 
 async fn health(State(st): State<AppState>) -> Json<Value> {

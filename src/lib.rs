@@ -14,7 +14,9 @@
 //! - [`auth`]: tokens and roles.
 //! - [`grpc`], [`pb`]: the `agenthub.v1.TaskHub` service and its types.
 //! - [`http`], [`ws`]: the HTTP listener and the sidecar WebSocket protocol.
-//! - [`server`]: binds and runs both listeners.
+//! - [`server`]: binds and runs both listeners; [`listener`]: their accept
+//!   loops (TLS, connection limit, timeouts); [`tls`]: certificates and reload;
+//!   [`grpc_limits`]: watch slots, revocation and status codes at the gRPC edge.
 //! - [`client`]: a gRPC client for the CLI and tests.
 //! - [`sidecar`]: the reference sidecar.
 
@@ -25,14 +27,17 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod grpc_limits;
 pub mod http;
 pub mod hub;
+pub mod listener;
 pub mod metrics;
 pub mod model;
 pub mod pb;
 pub mod server;
 pub mod sidecar;
 pub mod store;
+pub mod tls;
 pub mod ws;
 
 pub use config::Config;

@@ -4,18 +4,19 @@
 //! addresses; `run` serves until the shutdown future resolves, then closes
 //! sockets with a close frame, lets in-flight writes finish and closes the store.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::grpc::{auth_interceptor, TaskHubServer, TaskHubService};
 use crate::hub::Hub;
+use crate::listener::{ListenerOptions, Protocol};
+use crate::tls::Tls;
 
 /// A hub with its listeners bound.
 pub struct Server {
@@ -24,6 +25,7 @@ pub struct Server {
     grpc_listener: TcpListener,
     ws_addr: SocketAddr,
     grpc_addr: SocketAddr,
+    tls: Option<Arc<Tls>>,
 }
 
 /// Listen backlog: a burst of reconnecting sidecars must not overflow it.
@@ -51,6 +53,7 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr)>
 impl Server {
     /// Open the store and bind both listeners.
     pub async fn build(config: Config) -> Result<Server> {
+        let tls = config.tls.as_ref().map(Tls::load).transpose()?;
         let (ws_listener, ws_addr) = bind(config.ws_addr, "WebSocket").await?;
         let (grpc_listener, grpc_addr) = bind(config.grpc_addr, "gRPC").await?;
         let hub = Hub::open(config)?;
@@ -60,7 +63,13 @@ impl Server {
             grpc_listener,
             ws_addr,
             grpc_addr,
+            tls,
         })
+    }
+
+    /// The TLS state, for [`Tls::reload`] (SIGHUP); `None` when plaintext.
+    pub fn tls(&self) -> Option<Arc<Tls>> {
+        self.tls.clone()
     }
 
     pub fn ws_addr(&self) -> SocketAddr {
@@ -81,25 +90,24 @@ impl Server {
             hub,
             ws_listener,
             grpc_listener,
+            tls,
             ..
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let timers = tokio::spawn(hub.clone().run_timers(stop_rx.clone()));
 
-        let stopped = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-
-        use axum::serve::ListenerExt;
+        let revocations = tokio::spawn(crate::auth::poll_revocations(
+            hub.clone(),
+            hub.config().revocation_poll,
+            stop_rx.clone(),
+        ));
         let app = crate::http::router(hub.clone(), stop_rx.clone());
-        let ws_listener = ws_listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let http = tokio::spawn(
-            axum::serve(ws_listener, app)
-                .with_graceful_shutdown(stopped(stop_rx.clone()))
-                .into_future(),
-        );
+        let http = tokio::spawn(crate::listener::serve(
+            ws_listener,
+            app,
+            listener_options(&hub, tls.as_deref(), "http"),
+            stop_rx.clone(),
+        ));
 
         let (health, health_svc) = tonic_health::server::health_reporter();
         health.set_serving::<TaskHubServer<TaskHubService>>().await;
@@ -118,15 +126,19 @@ impl Server {
             TaskHubService::new(hub.clone(), stop_rx.clone()),
             auth_interceptor(hub.clone()),
         );
-        let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-        let grpc = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(health_svc)
-                .add_service(reflection)
-                .add_service(reflection_alpha)
-                .add_service(svc)
-                .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
-        );
+        let routes = tonic::service::Routes::new(health_svc)
+            .add_service(reflection)
+            .add_service(reflection_alpha)
+            .add_service(svc)
+            .prepare()
+            .into_axum_router();
+        let routes = crate::grpc_limits::with_edge_layers(routes, hub.metrics().limits.clone());
+        let grpc = tokio::spawn(crate::listener::serve(
+            grpc_listener,
+            routes,
+            listener_options(&hub, tls.as_deref(), "grpc"),
+            stop_rx.clone(),
+        ));
 
         shutdown.await;
         tracing::info!("shutting down");
@@ -136,6 +148,7 @@ impl Server {
             let _ = http.await;
             let _ = grpc.await;
             let _ = timers.await;
+            let _ = revocations.await;
         })
         .await;
         // Let sockets flush their close frames, then finish queued writes.
@@ -144,5 +157,35 @@ impl Server {
         let _ = tokio::task::spawn_blocking(move || closing.close()).await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// How a listener accepts: TLS if configured, the connection limit on the
+/// HTTP listener, HTTP/1 head timeout or HTTP/2 keepalive.
+fn listener_options(hub: &Hub, tls: Option<&Tls>, name: &'static str) -> ListenerOptions {
+    let cfg = hub.config();
+    let http = name == "http";
+    ListenerOptions {
+        protocol: if http {
+            Protocol::Http1 {
+                header_timeout: cfg.header_timeout,
+            }
+        } else {
+            Protocol::Http2 {
+                keepalive_interval: cfg.grpc_keepalive_interval,
+                keepalive_timeout: cfg.grpc_keepalive_timeout,
+            }
+        },
+        tls: tls.map(|t| {
+            if http {
+                t.http_acceptor()
+            } else {
+                t.grpc_acceptor()
+            }
+        }),
+        max_connections: if http { cfg.max_connections } else { 0 },
+        handshake_timeout: cfg.header_timeout,
+        metrics: hub.metrics().limits.clone(),
+        name,
     }
 }

@@ -14,6 +14,7 @@ use crate::hub::session::{SessionCtl, SessionHandle};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::model::now_ms;
+use crate::ws::limits::{Admission, CLOSE_REVOKED, CLOSE_TOO_MANY_FAILURES};
 use crate::ws::protocol::{self, Inbound};
 
 /// Close code for a message over the size limit.
@@ -24,7 +25,12 @@ pub const CLOSE_POLICY: u16 = 1008;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 
 /// Drive one upgraded socket until it closes.
-pub async fn run(socket: WebSocket, hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    socket: WebSocket,
+    hub: Arc<Hub>,
+    mut shutdown: watch::Receiver<bool>,
+    mut admission: Admission,
+) {
     Metrics::inc(&hub.metrics().ws_connections);
     let cfg = hub.config().clone();
     let (handle, out_rx, ctl) = SessionHandle::new(cfg.outbound_queue);
@@ -54,6 +60,10 @@ pub async fn run(socket: WebSocket, hub: Arc<Hub>, mut shutdown: watch::Receiver
                 handle.close(CLOSE_GOING_AWAY, "hub shutting down");
                 break;
             }
+            _ = admission.revoked() => {
+                handle.close(CLOSE_REVOKED, "token revoked");
+                break;
+            }
         };
         last_seen.store(now_ms(), Ordering::Relaxed);
         let text = match frame {
@@ -69,8 +79,8 @@ pub async fn run(socket: WebSocket, hub: Arc<Hub>, mut shutdown: watch::Receiver
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
             Some(Ok(Message::Close(_))) | None => break,
             Some(Err(e)) => {
-                if is_too_big(e) {
-                    handle.close(CLOSE_TOO_BIG, "message too big");
+                if let Some((code, reason)) = crate::ws::close::close_code_for(&e) {
+                    handle.close(code, reason);
                 }
                 break;
             }
@@ -92,9 +102,16 @@ pub async fn run(socket: WebSocket, hub: Arc<Hub>, mut shutdown: watch::Receiver
                     continue;
                 }
                 match hub.identify(&ident, &handle) {
-                    Ok(id) => agent_id = Some(id),
+                    Ok(id) => {
+                        agent_id = Some(id);
+                        admission.identified(&hub, &ident.token);
+                    }
                     Err(e) => {
                         handle.send(protocol::error(e.ws_code(), None, None));
+                        if admission.failed_identify(&e) {
+                            handle.close(CLOSE_TOO_MANY_FAILURES, "too many failed identifies");
+                            break;
+                        }
                     }
                 }
             }
@@ -114,13 +131,6 @@ pub async fn run(socket: WebSocket, hub: Arc<Hub>, mut shutdown: watch::Receiver
         handle.close(1000, "");
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-}
-
-fn is_too_big(e: axum::Error) -> bool {
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    e.into_inner()
-        .downcast_ref::<WsError>()
-        .is_some_and(|e| matches!(e, WsError::Capacity(_)))
 }
 
 async fn write_loop(
