@@ -24,7 +24,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the hub (WebSocket + HTTP and gRPC listeners, embedded store).
     Serve(ServeArgs),
-    /// Manage tokens directly in the data directory (no server needed).
+    /// Manage tokens in the data directory (no server needed) or over gRPC.
     #[command(subcommand)]
     Token(TokenCommand),
     /// Push a task (gRPC PushTask).
@@ -80,6 +80,42 @@ pub struct ServeArgs {
     /// Keep only the newest N events (0 = keep all).
     #[arg(long, env = "AGENTHUB_EVENT_RETENTION", default_value_t = 0)]
     pub event_retention: u64,
+    /// TLS certificate chain (PEM) for both listeners; re-read on SIGHUP.
+    #[arg(long, env = "AGENTHUB_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM); re-read on SIGHUP.
+    #[arg(long, env = "AGENTHUB_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) for sidecar client certificates: `/ws` then requires one.
+    #[arg(long, env = "AGENTHUB_CLIENT_CA", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+    /// Origins (scheme://host:port, comma-separated) allowed to open /ws besides the hub's own.
+    #[arg(long, env = "AGENTHUB_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// A TLS handshake or HTTP request head must arrive within this.
+    #[arg(long, env = "AGENTHUB_HEADER_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub header_timeout: Duration,
+    /// Open connections on the HTTP/WebSocket listener (0 = no limit).
+    #[arg(long, env = "AGENTHUB_MAX_CONNECTIONS", default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// WebSockets open without having identified (0 = no limit).
+    #[arg(long, env = "AGENTHUB_MAX_UNIDENTIFIED", default_value_t = config::DEFAULT_MAX_UNIDENTIFIED)]
+    pub max_unidentified: usize,
+    /// Live WatchTaskEvents streams per token (0 = no limit).
+    #[arg(long, env = "AGENTHUB_MAX_WATCHES_PER_TOKEN", default_value_t = config::DEFAULT_MAX_WATCHES_PER_TOKEN)]
+    pub max_watches_per_token: usize,
+    /// Failed identifies per source address per minute before it is refused (0 = no limit).
+    #[arg(long, env = "AGENTHUB_MAX_FAILED_IDENTIFIES", default_value_t = config::DEFAULT_MAX_FAILED_IDENTIFIES)]
+    pub max_failed_identifies: u32,
+    /// How long an address over --max-failed-identifies is refused.
+    #[arg(long, env = "AGENTHUB_IDENTIFY_BLOCK", value_parser = parse_duration, default_value = "60s")]
+    pub identify_block: Duration,
+    /// HTTP/2 ping interval on gRPC connections.
+    #[arg(long, env = "AGENTHUB_GRPC_KEEPALIVE", value_parser = parse_duration, default_value = "20s")]
+    pub grpc_keepalive: Duration,
+    /// Drop a gRPC connection whose ping is not answered within this.
+    #[arg(long, env = "AGENTHUB_GRPC_KEEPALIVE_TIMEOUT", value_parser = parse_duration, default_value = "20s")]
+    pub grpc_keepalive_timeout: Duration,
 }
 
 impl ServeArgs {
@@ -97,6 +133,22 @@ impl ServeArgs {
         c.max_message_bytes = self.max_message_bytes;
         c.outbound_queue = self.outbound_queue;
         c.event_retention = (self.event_retention > 0).then_some(self.event_retention);
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            c.tls = Some(config::TlsConfig {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.client_ca.clone(),
+            });
+        }
+        c.allowed_origins = self.allowed_origins.clone();
+        c.header_timeout = self.header_timeout;
+        c.max_connections = self.max_connections;
+        c.max_unidentified = self.max_unidentified;
+        c.max_watches_per_token = self.max_watches_per_token;
+        c.max_failed_identifies = self.max_failed_identifies;
+        c.identify_block = self.identify_block;
+        c.grpc_keepalive_interval = self.grpc_keepalive;
+        c.grpc_keepalive_timeout = self.grpc_keepalive_timeout;
         c
     }
 }
@@ -111,20 +163,39 @@ pub enum TokenCommand {
         /// orchestrator, viewer or admin.
         #[arg(long)]
         role: Option<String>,
-        #[arg(long, env = "AGENTHUB_DATA_DIR", default_value = config::DEFAULT_DATA_DIR)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        target: TokenTarget,
     },
-    /// List tokens (ids, roles, agents; never the secrets).
+    /// List tokens as JSON lines (ids, roles, agents; never the secrets).
     List {
-        #[arg(long, env = "AGENTHUB_DATA_DIR", default_value = config::DEFAULT_DATA_DIR)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        target: TokenTarget,
     },
-    /// Revoke a token by id (takes effect within 2 s on a running hub).
+    /// Revoke a token by id; its live sessions and streams end within 2 s.
     Revoke {
         id: String,
-        #[arg(long, env = "AGENTHUB_DATA_DIR", default_value = config::DEFAULT_DATA_DIR)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        target: TokenTarget,
     },
+}
+
+/// Where tokens are managed: a data directory (no server needed), or a
+/// running hub over gRPC with an admin token. A data directory given
+/// (`--data-dir` / AGENTHUB_DATA_DIR) wins; else a hub address given
+/// (`--grpc-addr` / AGENTHUB_GRPC_ADDR) means gRPC; else `./agenthub-data`.
+#[derive(Args, Debug, Clone)]
+pub struct TokenTarget {
+    #[arg(long, env = "AGENTHUB_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// gRPC address of a running hub (`host:port`, `https://host:port`).
+    #[arg(long = "grpc-addr", env = "AGENTHUB_GRPC_ADDR")]
+    pub grpc_addr: Option<String>,
+    /// Admin token, for --grpc-addr.
+    #[arg(long, env = "AGENTHUB_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to verify an https:// hub with.
+    #[arg(long, env = "AGENTHUB_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -132,9 +203,12 @@ pub struct ClientArgs {
     /// gRPC address of the hub.
     #[arg(long = "grpc-addr", env = "AGENTHUB_GRPC_ADDR", default_value = config::DEFAULT_GRPC_ADDR)]
     pub grpc_addr: String,
-    /// Bearer token (orchestrator, viewer or admin).
+    /// Bearer token (orchestrator, viewer or admin); prefer the environment.
     #[arg(long, env = "AGENTHUB_TOKEN", hide_env_values = true)]
     pub token: String,
+    /// CA certificate (PEM) to verify an https:// hub with (default: system roots).
+    #[arg(long, env = "AGENTHUB_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -7,8 +7,10 @@ use clap::Parser;
 use serde_json::Value;
 
 use agenthub::auth::{issue_token, Role};
-use agenthub::cli::{Cli, ClientArgs, Command, PushArgs, TasksCommand, TokenCommand, WatchArgs};
-use agenthub::client::{connect, HubClient};
+use agenthub::cli::{
+    Cli, ClientArgs, Command, PushArgs, TasksCommand, TokenCommand, TokenTarget, WatchArgs,
+};
+use agenthub::client::{connect_with_ca, HubClient};
 use agenthub::pb;
 use agenthub::store::sqlite::SqliteStore;
 use agenthub::store::Store;
@@ -29,7 +31,7 @@ async fn main() -> Result<()> {
     init_tracing();
     match cli.command {
         Command::Serve(args) => serve(args).await,
-        Command::Token(cmd) => token(cmd),
+        Command::Token(cmd) => token(cmd).await,
         Command::Push(args) => push(args).await,
         Command::Watch(args) => watch(args).await,
         Command::Tasks(cmd) => tasks(cmd).await,
@@ -52,8 +54,25 @@ async fn serve(args: agenthub::cli::ServeArgs) -> Result<()> {
         println!("ws={} grpc={}", server.ws_addr(), server.grpc_addr());
     }
     std::io::stdout().flush()?;
+    if let Some(tls) = server.tls() {
+        tokio::spawn(reload_on_sighup(tls));
+    }
     server.run(shutdown_signal()).await?;
     Ok(())
+}
+
+/// SIGHUP: re-read the TLS certificate and key (live connections keep theirs).
+async fn reload_on_sighup(tls: std::sync::Arc<agenthub::tls::Tls>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install a SIGHUP handler; TLS reload disabled");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        if let Err(e) = tls.reload() {
+            tracing::error!(error = %e, "TLS reload failed; keeping the current certificate");
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -65,33 +84,49 @@ async fn shutdown_signal() {
     }
 }
 
-fn token(cmd: TokenCommand) -> Result<()> {
+async fn token(cmd: TokenCommand) -> Result<()> {
+    let target = match &cmd {
+        TokenCommand::Issue { target, .. }
+        | TokenCommand::List { target }
+        | TokenCommand::Revoke { target, .. } => target.clone(),
+    };
+    match (&target.data_dir, &target.grpc_addr) {
+        (None, Some(addr)) => token_grpc(cmd, addr, &target).await,
+        (dir, _) => {
+            let dir = dir
+                .clone()
+                .unwrap_or_else(|| agenthub::config::DEFAULT_DATA_DIR.into());
+            token_local(cmd, &dir)
+        }
+    }
+}
+
+fn issue_role(agent: &Option<String>, role: Option<&str>) -> Result<Role> {
+    match (agent, role) {
+        (Some(_), None | Some("agent")) => Ok(Role::Agent),
+        (None, Some(r)) => Role::parse(r)
+            .ok_or_else(|| anyhow!("unknown role `{r}` (agent, orchestrator, viewer, admin)")),
+        (None, None) => bail!("give --agent ID or --role ROLE"),
+        (Some(_), Some(_)) => bail!("--agent issues an agent token; drop --role"),
+    }
+}
+
+/// Token management directly in the data directory. A running hub sees a
+/// revocation made here within `Config::revocation_poll` (1 s).
+fn token_local(cmd: TokenCommand, data_dir: &std::path::Path) -> Result<()> {
+    let store = SqliteStore::open(data_dir, None, None)?;
     match cmd {
-        TokenCommand::Issue {
-            agent,
-            role,
-            data_dir,
-        } => {
-            let store = SqliteStore::open(&data_dir, None, None)?;
-            let role = match (&agent, role.as_deref()) {
-                (Some(_), None | Some("agent")) => Role::Agent,
-                (None, Some(r)) => Role::parse(r).ok_or_else(|| {
-                    anyhow!("unknown role `{r}` (agent, orchestrator, viewer, admin)")
-                })?,
-                (None, None) => bail!("give --agent ID or --role ROLE"),
-                (Some(_), Some(_)) => bail!("--agent issues an agent token; drop --role"),
-            };
+        TokenCommand::Issue { agent, role, .. } => {
+            let role = issue_role(&agent, role.as_deref())?;
             let (secret, _) = issue_token(&store, role, agent)?;
             println!("{secret}");
         }
-        TokenCommand::List { data_dir } => {
-            let store = SqliteStore::open(&data_dir, None, None)?;
+        TokenCommand::List { .. } => {
             for t in store.list_tokens()? {
                 println!("{}", serde_json::to_string(&t)?);
             }
         }
-        TokenCommand::Revoke { id, data_dir } => {
-            let store = SqliteStore::open(&data_dir, None, None)?;
+        TokenCommand::Revoke { id, .. } => {
             if !store.revoke_token(&id)? {
                 bail!("no token with id {id}");
             }
@@ -101,8 +136,53 @@ fn token(cmd: TokenCommand) -> Result<()> {
     Ok(())
 }
 
+/// Token management on a running hub (IssueToken, ListTokens, RevokeToken).
+async fn token_grpc(cmd: TokenCommand, addr: &str, target: &TokenTarget) -> Result<()> {
+    let token = target
+        .token
+        .as_deref()
+        .ok_or_else(|| anyhow!("--grpc-addr needs an admin token in AGENTHUB_TOKEN"))?;
+    let mut c = connect_with_ca(addr, token, target.ca_file.as_deref())
+        .await
+        .with_context(|| format!("connect to {addr}"))?;
+    match cmd {
+        TokenCommand::Issue { agent, role, .. } => {
+            let role = issue_role(&agent, role.as_deref())?;
+            let resp = c
+                .issue_token(pb::IssueTokenRequest {
+                    role: role.as_str().to_string(),
+                    agent_id: agent.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_err)?;
+            println!("{}", resp.get_ref().token);
+        }
+        TokenCommand::List { .. } => {
+            let resp = c
+                .list_tokens(pb::ListTokensRequest {})
+                .await
+                .map_err(status_err)?;
+            for t in &resp.get_ref().tokens {
+                let agent = (!t.agent_id.is_empty()).then_some(&t.agent_id);
+                println!(
+                    "{}",
+                    serde_json::json!({"id": t.id, "role": t.role, "agent_id": agent,
+                        "created_at_ms": t.created_at_ms, "revoked": t.revoked})
+                );
+            }
+        }
+        TokenCommand::Revoke { id, .. } => {
+            c.revoke_token(pb::RevokeTokenRequest { id: id.clone() })
+                .await
+                .map_err(status_err)?;
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
+}
+
 async fn client(args: &ClientArgs) -> Result<HubClient> {
-    connect(&args.grpc_addr, &args.token)
+    connect_with_ca(&args.grpc_addr, &args.token, args.ca_file.as_deref())
         .await
         .with_context(|| format!("connect to {}", args.grpc_addr))
 }

@@ -26,6 +26,8 @@ pub struct ConnConfig {
     pub url: String,
     pub agent_id: String,
     pub token: String,
+    /// For a `wss://` hub (`None`: the system's roots).
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     pub name: Option<String>,
     pub capabilities: Vec<String>,
     pub max_concurrency: u32,
@@ -151,8 +153,8 @@ async fn connect_once(
         .max_message_size(Some(MAX_FRAME_BYTES))
         .max_frame_size(Some(MAX_FRAME_BYTES));
     let handshake = async {
-        let (mut ws, _) =
-            tokio_tungstenite::connect_async_with_config(cfg.url.as_str(), Some(ws_config), true)
+        let mut ws =
+            crate::tls::connect_websocket(cfg.url.as_str(), Some(ws_config), cfg.tls.clone())
                 .await
                 .map_err(|e| format!("connect: {e}"))?;
         ws.send(Message::Text(identify_msg(cfg).to_string().into()))

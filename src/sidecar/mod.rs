@@ -55,8 +55,26 @@ pub struct SidecarArgs {
     #[arg(long, env = "AGENTHUB_AGENT_ID")]
     pub agent: String,
     /// Agent token (`agenthub token issue --agent ID`). Not passed on to CMD.
-    #[arg(long, env = "AGENTHUB_TOKEN", hide_env_values = true)]
-    pub token: String,
+    /// Prefer the environment or --token-file: argv is visible to `ps`.
+    #[arg(
+        long,
+        env = "AGENTHUB_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// Read the agent token from this file (surrounding whitespace ignored).
+    #[arg(long, env = "AGENTHUB_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to verify a wss:// hub with (default: system roots).
+    #[arg(long, env = "AGENTHUB_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for a hub that requires one (`serve --client-ca`).
+    #[arg(long, env = "AGENTHUB_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --client-cert.
+    #[arg(long, env = "AGENTHUB_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
     /// Display name sent in identify (default: the agent id).
     #[arg(long)]
     pub name: Option<String>,
@@ -93,12 +111,40 @@ pub struct SidecarArgs {
 }
 
 impl SidecarArgs {
+    /// The agent token, from the environment / --token or --token-file.
+    fn read_token(&self) -> anyhow::Result<String> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => t.trim().to_string(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .with_context(|| format!("read --token-file {}", path.display()))?
+                .trim()
+                .to_string(),
+            (None, None) => String::new(),
+        };
+        if token.is_empty() {
+            bail!("the agent token is empty");
+        }
+        Ok(token)
+    }
+
+    /// TLS settings for a wss:// hub.
+    fn tls(&self) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
+        if !self.hub.split(',').any(|u| u.trim().starts_with("wss://")) {
+            return Ok(None);
+        }
+        let identity = self.client_cert.as_deref().zip(self.client_key.as_deref());
+        Ok(Some(crate::tls::client_config(
+            self.ca_file.as_deref(),
+            identity,
+        )?))
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         if self.agent.is_empty() {
             bail!("--agent must not be empty");
         }
-        if self.token.is_empty() {
-            bail!("--token (or AGENTHUB_TOKEN) must not be empty");
+        if self.token.is_none() && self.token_file.is_none() {
+            bail!("give the agent token in AGENTHUB_TOKEN or --token-file");
         }
         if self.command.is_empty() {
             bail!("give the command to run after `--`");
@@ -152,7 +198,8 @@ async fn main_loop(args: SidecarArgs) -> anyhow::Result<()> {
     let conn_cfg = conn::ConnConfig {
         url: args.hub.clone(),
         agent_id: args.agent.clone(),
-        token: args.token.clone(),
+        token: args.read_token()?,
+        tls: args.tls()?,
         name: args.name.clone(),
         capabilities: args.capabilities.clone(),
         max_concurrency: args.max_concurrency,
