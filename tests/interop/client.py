@@ -18,6 +18,7 @@ def main() -> int:
     ap.add_argument("--agent", required=True)
     ap.add_argument("--stubs", required=True, help="directory holding agenthub/v1/hub_pb2*.py")
     ap.add_argument("--task-id", default="interop-task-1")
+    ap.add_argument("--ca-file", help="CA certificate (PEM): connect over TLS")
     args = ap.parse_args()
 
     sys.path.insert(0, args.stubs)
@@ -27,7 +28,13 @@ def main() -> int:
     from agenthub.v1 import hub_pb2_grpc as pb_grpc
 
     auth = [("authorization", f"Bearer {args.token}")]
-    with grpc.insecure_channel(args.grpc) as channel:
+    if args.ca_file:
+        with open(args.ca_file, "rb") as f:
+            creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+        channel = grpc.secure_channel(args.grpc, creds)
+    else:
+        channel = grpc.insecure_channel(args.grpc)
+    with channel:
         hub = pb_grpc.TaskHubStub(channel)
 
         metadata = struct_pb2.Struct()

@@ -22,7 +22,7 @@ fn root() -> PathBuf {
 }
 
 /// The interop toolchain, or a failure that says how to get it.
-fn require_deps() -> (PathBuf, PathBuf) {
+pub(crate) fn require_deps() -> (PathBuf, PathBuf) {
     let python = root().join(".venv/bin/python");
     let ws = root().join("tests/interop/node_modules/ws/package.json");
     let mut missing = Vec::new();
@@ -51,7 +51,7 @@ fn require_deps() -> (PathBuf, PathBuf) {
 }
 
 /// Generate the Python gRPC stubs from the proto into `out`.
-fn generate_stubs(python: &Path, out: &Path) {
+pub(crate) fn generate_stubs(python: &Path, out: &Path) {
     let status = std::process::Command::new(python)
         .current_dir(root())
         .args(["-m", "grpc_tools.protoc", "-I", "proto"])

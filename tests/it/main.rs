@@ -7,4 +7,5 @@ mod core_flow;
 mod durability;
 mod interop;
 mod scheduler;
+mod security;
 mod smoke;
