@@ -24,7 +24,7 @@ fn code_for(e: &WsError) -> Option<(u16, &'static str)> {
     match e {
         WsError::Capacity(_) => Some((CLOSE_TOO_BIG, "message too big")),
         WsError::Utf8(_) => Some((CLOSE_INVALID_PAYLOAD, "invalid UTF-8")),
-        WsError::Protocol(p) => match p {
+        WsError::Protocol(
             P::NonZeroReservedBits
             | P::UnmaskedFrameFromClient
             | P::FragmentedControlFrame
@@ -34,9 +34,8 @@ fn code_for(e: &WsError) -> Option<(u16, &'static str)> {
             | P::UnexpectedContinueFrame
             | P::ExpectedFragment(_)
             | P::InvalidOpcode(_)
-            | P::InvalidCloseSequence => Some((CLOSE_PROTOCOL_ERROR, "protocol error")),
-            _ => None,
-        },
+            | P::InvalidCloseSequence,
+        ) => Some((CLOSE_PROTOCOL_ERROR, "protocol error")),
         _ => None,
     }
 }

@@ -976,3 +976,73 @@ async fn a_push_whose_deadline_has_passed_is_deadline_exceeded_and_makes_nothing
         1
     );
 }
+
+/// Forward `client` ↔ `upstream` until `freeze` turns true, then hold both
+/// sockets open without moving a byte: a peer that is gone without a FIN.
+async fn freezable_pipe(
+    client: TcpStream,
+    upstream: TcpStream,
+    mut freeze: tokio::sync::watch::Receiver<bool>,
+) {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut ur, mut uw) = upstream.into_split();
+    let mut a = [0u8; 16 * 1024];
+    let mut b = [0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            n = cr.read(&mut a) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(n) => if uw.write_all(&a[..n]).await.is_err() { return },
+            },
+            n = ur.read(&mut b) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(n) => if cw.write_all(&b[..n]).await.is_err() { return },
+            },
+            _ = async { let _ = freeze.wait_for(|f| *f).await; } => break,
+        }
+    }
+    let _hold = (cr, cw, ur, uw);
+    std::future::pending::<()>().await;
+}
+
+#[tokio::test]
+async fn http2_keepalive_frees_the_watch_of_a_dashboard_that_went_silent() {
+    let hub = TestHub::start_with(|c| {
+        c.max_watches_per_token = 1;
+        c.grpc_keepalive_interval = Duration::from_millis(200);
+        c.grpc_keepalive_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let viewer = hub.token(Role::Viewer, None);
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = proxy.local_addr().unwrap();
+    let (freeze_tx, freeze_rx) = tokio::sync::watch::channel(false);
+    let upstream = hub.grpc_addr;
+    tokio::spawn(async move {
+        let (client, _) = proxy.accept().await.unwrap();
+        let up = TcpStream::connect(upstream).await.unwrap();
+        freezable_pipe(client, up, freeze_rx).await;
+    });
+    let mut dashboard = hub.client_with(&viewer).await;
+    let mut through_proxy = agenthub::client::connect(&proxy_addr.to_string(), &viewer)
+        .await
+        .unwrap();
+    let _stream = through_proxy.watch_after(0).await;
+    let held = dashboard
+        .watch_task_events(pb::WatchTaskEventsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(held.code(), tonic::Code::ResourceExhausted);
+
+    // The dashboard's machine vanishes: no FIN, no more bytes.
+    freeze_tx.send(true).unwrap();
+    eventually(|| {
+        let mut c = dashboard.clone();
+        async move {
+            c.watch_task_events(pb::WatchTaskEventsRequest::default())
+                .await
+                .ok()
+        }
+    })
+    .await;
+}
