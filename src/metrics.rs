@@ -16,6 +16,7 @@ pub struct Metrics {
     pub tasks_pushed: AtomicU64,
     pub reports: AtomicU64,
     pub ws_connections: AtomicU64,
+    pub storage_faults: AtomicU64,
     reclaims: Mutex<BTreeMap<String, u64>>,
     latency: Mutex<Histogram>,
 }
@@ -30,6 +31,11 @@ struct Histogram {
 impl Metrics {
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A commit failed and the hub went degraded.
+    pub fn storage_fault(&self) {
+        Self::inc(&self.storage_faults);
     }
 
     pub fn reclaimed(&self, reason: &str) {
@@ -73,6 +79,12 @@ impl Metrics {
             "agenthub_ws_connections_total",
             "WebSocket connections accepted.",
             get(&self.ws_connections),
+        );
+        counter(
+            out,
+            "agenthub_storage_faults_total",
+            "Failed commits (each puts the hub in degraded mode until a probe write succeeds).",
+            get(&self.storage_faults),
         );
         let _ = writeln!(
             out,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
@@ -85,13 +86,15 @@ impl Server {
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let timers = tokio::spawn(hub.clone().run_timers(stop_rx.clone()));
+        let recovery = tokio::spawn(hub.clone().run_recovery(stop_rx.clone()));
+        let sessions = TaskTracker::new();
 
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
 
         use axum::serve::ListenerExt;
-        let app = crate::http::router(hub.clone(), stop_rx.clone());
+        let app = crate::http::router(hub.clone(), stop_rx.clone(), sessions.clone());
         let ws_listener = ws_listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
@@ -132,14 +135,19 @@ impl Server {
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         let grace = hub.config().shutdown_grace;
-        let _ = tokio::time::timeout(grace, async {
+        sessions.close();
+        let drained = tokio::time::timeout(grace, async {
             let _ = http.await;
             let _ = grpc.await;
             let _ = timers.await;
+            let _ = recovery.await;
+            // Every socket has sent its close frame and ended its handshake.
+            sessions.wait().await;
         })
         .await;
-        // Let sockets flush their close frames, then finish queued writes.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if drained.is_err() {
+            tracing::warn!(open = sessions.len(), "shutdown grace over; closing with sessions still open");
+        }
         let closing = hub.clone();
         let _ = tokio::task::spawn_blocking(move || closing.close()).await;
         tracing::info!("stopped");

@@ -90,7 +90,7 @@ pub struct Tokens {
 /// Issue an admin token and one agent token per id into `data_dir` (no hub
 /// running), the same operation as `agenthub token issue`.
 pub fn issue_tokens(data_dir: &Path, agent_ids: &[String]) -> Result<Tokens> {
-    let store = SqliteStore::open(data_dir, None, None)?;
+    let store = SqliteStore::open(data_dir, None, false)?;
     let (admin, _) = issue_token(&store, Role::Admin, None)?;
     let mut agents = Vec::with_capacity(agent_ids.len());
     for id in agent_ids {
