@@ -12,8 +12,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::{Error, Result};
-pub use crate::model::{Role, TokenRecord};
 use crate::model::now_ms;
+pub use crate::model::{Role, TokenRecord};
 use crate::store::Store;
 
 /// How long a verified token is trusted without asking the store again

@@ -159,7 +159,10 @@ impl Watcher {
             let page = tokio::task::spawn_blocking(move || {
                 let page = store.read_events(after, CATCH_UP_PAGE)?;
                 // Pruned under our feet: the stream would have a hole.
-                if page.first().is_some_and(|e| Some(e.seq) != after.checked_add(1)) {
+                if page
+                    .first()
+                    .is_some_and(|e| Some(e.seq) != after.checked_add(1))
+                {
                     check_retained(&*store, after)?;
                 }
                 Ok::<_, Error>(page)
@@ -183,6 +186,7 @@ impl Watcher {
             return true;
         }
         self.cursor = ev.seq;
-        !self.filter.matches(&ev.task_id, &ev.agent_id, ev.kind) || self.out.send(Ok(ev)).await.is_ok()
+        !self.filter.matches(&ev.task_id, &ev.agent_id, ev.kind)
+            || self.out.send(Ok(ev)).await.is_ok()
     }
 }

@@ -212,4 +212,3 @@ pub enum TasksCommand {
         task_id: String,
     },
 }
-

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub reports: AtomicU64,
     pub ws_connections: AtomicU64,
     pub storage_faults: AtomicU64,
+    /// WebSocket sessions whose task is still running (a gauge).
+    pub ws_sessions_open: AtomicU64,
     reclaims: Mutex<BTreeMap<String, u64>>,
     latency: Mutex<Histogram>,
 }
@@ -79,6 +81,12 @@ impl Metrics {
             "agenthub_ws_connections_total",
             "WebSocket connections accepted.",
             get(&self.ws_connections),
+        );
+        gauge(
+            out,
+            "agenthub_ws_sessions_open",
+            "WebSocket sessions still open (identified or not).",
+            get(&self.ws_sessions_open),
         );
         counter(
             out,

@@ -16,7 +16,7 @@ pub mod wire {
     use prost::bytes::{Buf, BufMut, Bytes};
     use prost::encoding::{DecodeContext, WireType};
 
-/// An event as stored and fanned out: the fields watchers filter on, and its
+    /// An event as stored and fanned out: the fields watchers filter on, and its
     /// wire form (an encoded `agenthub.v1.crate::model::TaskEvent`). The wire form is made once,
     /// outside the hub lock (by the store's writer, on first use), and the same
     /// bytes go to the store and to every watcher.
@@ -30,7 +30,7 @@ pub mod wire {
         source: Option<crate::model::TaskEvent>,
         proto: std::sync::OnceLock<bytes::Bytes>,
     }
-    
+
     impl EncodedEvent {
         /// A new event, encoded on first use of [`EncodedEvent::proto`].
         pub fn new(event: crate::model::TaskEvent) -> EncodedEvent {
@@ -43,7 +43,7 @@ pub mod wire {
                 proto: std::sync::OnceLock::new(),
             }
         }
-    
+
         /// An event read back from the store, already encoded.
         pub fn stored(
             seq: crate::model::Seq,
@@ -61,7 +61,7 @@ pub mod wire {
                 proto: std::sync::OnceLock::from(proto),
             }
         }
-    
+
         /// The encoded `agenthub.v1.crate::model::TaskEvent`.
         pub fn proto(&self) -> &bytes::Bytes {
             self.proto.get_or_init(|| match &self.source {

@@ -17,6 +17,8 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::grpc::{auth_interceptor, TaskHubServer, TaskHubService};
 use crate::hub::Hub;
+use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
 
 /// A hub with its listeners bound.
 pub struct Server {
@@ -50,11 +52,19 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr)>
 }
 
 impl Server {
-    /// Open the store and bind both listeners.
+    /// Open the embedded store and bind both listeners.
     pub async fn build(config: Config) -> Result<Server> {
+        config.validate()?;
+        let store = SqliteStore::open(&config.data_dir, config.event_retention, true)?;
+        Self::build_on(config, Arc::new(store)).await
+    }
+
+    /// Bind both listeners around a hub on `store` (any backend; tests use
+    /// a store with fault injection).
+    pub async fn build_on(config: Config, store: Arc<dyn Store>) -> Result<Server> {
         let (ws_listener, ws_addr) = bind(config.ws_addr, "WebSocket").await?;
         let (grpc_listener, grpc_addr) = bind(config.grpc_addr, "gRPC").await?;
-        let hub = Hub::open(config)?;
+        let hub = Hub::with_store(config, store)?;
         Ok(Server {
             hub,
             ws_listener,
@@ -146,7 +156,10 @@ impl Server {
         })
         .await;
         if drained.is_err() {
-            tracing::warn!(open = sessions.len(), "shutdown grace over; closing with sessions still open");
+            tracing::warn!(
+                open = sessions.len(),
+                "shutdown grace over; closing with sessions still open"
+            );
         }
         let closing = hub.clone();
         let _ = tokio::task::spawn_blocking(move || closing.close()).await;

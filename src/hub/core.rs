@@ -270,14 +270,22 @@ impl Core {
 
     /// The error for a write refused while the store is degraded.
     pub fn refuse_writes(&self) -> Option<Error> {
-        self.degraded.as_ref().map(|(fault, detail)| Error::Storage {
-            fault: *fault,
-            detail: detail.clone(),
-        })
+        self.degraded
+            .as_ref()
+            .map(|(fault, detail)| Error::Storage {
+                fault: *fault,
+                detail: detail.clone(),
+            })
     }
 
     /// A report made the task RUNNING or showed it alive.
-    pub fn touch_activity(&mut self, txn: &mut Txn, cfg: &Config, task_id: &str, was_running: bool) {
+    pub fn touch_activity(
+        &mut self,
+        txn: &mut Txn,
+        cfg: &Config,
+        task_id: &str,
+        was_running: bool,
+    ) {
         let Some(limit) = cfg.progress_timeout else {
             return;
         };
@@ -285,7 +293,11 @@ impl Core {
         self.last_activity.insert(task_id.to_string(), now);
         if !was_running {
             let generation = self.tasks[task_id].generation;
-            self.add_timer(txn, now + limit, Timer::Progress(task_id.to_string(), generation));
+            self.add_timer(
+                txn,
+                now + limit,
+                Timer::Progress(task_id.to_string(), generation),
+            );
         }
     }
 
@@ -372,7 +384,9 @@ impl Core {
     /// the longest idle, preferring agents that did not reject the task.
     pub fn schedule(&mut self, txn: &mut Txn, cfg: &Config, metrics: &Metrics) {
         // Progress reports and the like change nothing the scheduler looks at.
-        if self.degraded.is_some() || !std::mem::take(&mut self.schedulable) || self.queue.is_empty()
+        if self.degraded.is_some()
+            || !std::mem::take(&mut self.schedulable)
+            || self.queue.is_empty()
         {
             return;
         }

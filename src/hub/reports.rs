@@ -115,11 +115,17 @@ impl Hub {
         let outcome = match core.refuse_writes() {
             Some(e) if is_durable_report(&msg) => Err(e),
             _ => match msg {
-                FromAgent::Accepted(r) => self.on_accepted(&mut core, &mut txn, agent_id, session, r),
+                FromAgent::Accepted(r) => {
+                    self.on_accepted(&mut core, &mut txn, agent_id, session, r)
+                }
                 FromAgent::Progress(r) => self.on_progress(&mut core, &mut txn, agent_id, r),
-                FromAgent::Complete(r) => self.on_complete(&mut core, &mut txn, agent_id, session, r),
+                FromAgent::Complete(r) => {
+                    self.on_complete(&mut core, &mut txn, agent_id, session, r)
+                }
                 FromAgent::Failed(r) => self.on_failed(&mut core, &mut txn, agent_id, session, r),
-                FromAgent::Rejected(r) => self.on_rejected(&mut core, &mut txn, agent_id, session, r),
+                FromAgent::Rejected(r) => {
+                    self.on_rejected(&mut core, &mut txn, agent_id, session, r)
+                }
                 FromAgent::Recovering(r) => {
                     self.on_recovering(&mut core, &mut txn, agent_id, session, r)
                 }
@@ -365,7 +371,13 @@ fn is_durable_report(msg: &FromAgent) -> bool {
 
 /// Name the task in an error reply that does not name one yet.
 fn with_task(mut reply: ToAgent, task_id: Option<&str>) -> ToAgent {
-    if let (ToAgent::Error { task_id: t @ None, .. }, Some(id)) = (&mut reply, task_id) {
+    if let (
+        ToAgent::Error {
+            task_id: t @ None, ..
+        },
+        Some(id),
+    ) = (&mut reply, task_id)
+    {
         *t = Some(id.to_string());
     }
     reply

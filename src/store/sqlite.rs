@@ -501,7 +501,9 @@ fn log_id(conn: &Connection) -> Result<String> {
         "INSERT OR IGNORE INTO meta (key, value) VALUES ('log_id', ?1)",
         params![fresh],
     )?;
-    Ok(conn.query_row("SELECT value FROM meta WHERE key = 'log_id'", [], |r| {
-        r.get(0)
-    })?)
+    Ok(
+        conn.query_row("SELECT value FROM meta WHERE key = 'log_id'", [], |r| {
+            r.get(0)
+        })?,
+    )
 }

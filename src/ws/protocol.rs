@@ -174,10 +174,17 @@ mod tests {
             status: crate::link::AckStatus::Complete,
         }))
         .unwrap();
-        assert_eq!(v, json!({"type": "task_ack", "task_id": "t1", "status": "complete"}));
+        assert_eq!(
+            v,
+            json!({"type": "task_ack", "task_id": "t1", "status": "complete"})
+        );
         let v: Value =
-            serde_json::from_str(&encode(&ToAgent::error("unknown_task", Some("t2"), None))).unwrap();
-        assert_eq!(v, json!({"type": "error", "error": "unknown_task", "task_id": "t2"}));
+            serde_json::from_str(&encode(&ToAgent::error("unknown_task", Some("t2"), None)))
+                .unwrap();
+        assert_eq!(
+            v,
+            json!({"type": "error", "error": "unknown_task", "task_id": "t2"})
+        );
     }
 
     #[test]

@@ -122,6 +122,7 @@ struct Timing {
 /// Drive one upgraded socket until it closes.
 pub async fn run(socket: WebSocket, hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
     Metrics::inc(&hub.metrics().ws_connections);
+    let _open = OpenGuard::new(hub.clone());
     let cfg = hub.config().clone();
     let timing = Timing {
         ping_interval: cfg.ws_ping_interval,
@@ -251,6 +252,27 @@ async fn wait_for_close(stream: &mut SplitStream<WebSocket>) {
     }
 }
 
+/// Counts the session in `agenthub_ws_sessions_open` while it runs.
+struct OpenGuard(Arc<Hub>);
+
+impl OpenGuard {
+    fn new(hub: Arc<Hub>) -> OpenGuard {
+        hub.metrics()
+            .ws_sessions_open
+            .fetch_add(1, Ordering::Relaxed);
+        OpenGuard(hub)
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0
+            .metrics()
+            .ws_sessions_open
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 fn is_too_big(e: axum::Error) -> bool {
     use tokio_tungstenite::tungstenite::Error as WsError;
     e.into_inner()
@@ -264,7 +286,10 @@ async fn send_bounded(
     msg: Message,
     timeout: Duration,
 ) -> bool {
-    matches!(tokio::time::timeout(timeout, sink.send(msg)).await, Ok(Ok(())))
+    matches!(
+        tokio::time::timeout(timeout, sink.send(msg)).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Returns true if it ended with a close frame sent (a clean close).

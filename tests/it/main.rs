@@ -5,6 +5,7 @@ mod helpers;
 
 mod core_flow;
 mod durability;
+mod faults;
 mod interop;
 mod scheduler;
 mod smoke;
