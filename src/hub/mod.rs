@@ -243,6 +243,12 @@ impl Hub {
         Self::wait(rx).await
     }
 
+    /// Wait until every change made so far is durable (and its replies sent).
+    pub async fn flush(&self) -> Result<()> {
+        let epoch = self.lock().epoch;
+        self.barrier_at(epoch).await
+    }
+
     /// May `core` take a write now?
     fn check_writable(&self, core: &Core) -> Result<()> {
         if self.closing.load(Ordering::Acquire) {
