@@ -260,3 +260,136 @@ async fn an_outside_reader_holding_the_write_lock_is_waited_for() {
         .await
         .unwrap();
 }
+
+/// A tmpfs of `size`, unmounted (lazily) on drop. Needs root, as the test
+/// command runs.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mounting a tmpfs failed: the disk-full test needs root (scripts/test.sh runs as root)"
+        );
+        SmallDisk { dir }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Fill the file system holding `path` with a filler file; returns its path.
+fn fill_disk(path: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let filler = path.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+    filler
+}
+
+#[tokio::test]
+async fn disk_full_refuses_writes_keeps_reads_and_recovers_when_space_returns() {
+    let disk = SmallDisk::mount("24m");
+    let dir = disk.path().join("data");
+    let mut proc = HubProcess::spawn(&dir, &[]).await;
+    let admin = admin_token(&dir);
+    let mut client = agenthub::client::connect(&proc.grpc_addr.to_string(), &admin)
+        .await
+        .unwrap();
+    let http = Http::new(proc.ws_addr);
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        let r = client
+            .push(with_id(
+                scheduled("before", &[], pb::Priority::Normal),
+                &format!("ok-{i}"),
+            ))
+            .await;
+        acked.push(r.task_id);
+    }
+
+    let filler = fill_disk(disk.path());
+    // Pushes go on while the store still finds room in its files, then fail
+    // with a clear error; nothing refused is ever visible.
+    let big = "x".repeat(256 * 1024);
+    let mut refused = None;
+    for i in 0..200 {
+        let id = format!("big-{i}");
+        match client
+            .push_task(with_id(scheduled(&big, &[], pb::Priority::Normal), &id))
+            .await
+        {
+            Ok(r) => acked.push(r.into_inner().task_id),
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(status.message().contains("disk full"), "{status:?}");
+                refused = Some(id);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("the disk filled up");
+    let (code, body) = http.get("/health").await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["reason"], "disk full");
+    // Reads go on.
+    let t = client
+        .get_task(pb::GetTaskRequest {
+            task_id: "ok-0".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.description, "before");
+
+    // Space comes back: writes work again, no restart.
+    std::fs::remove_file(filler).unwrap();
+    let r = push_when_recovered(
+        &client,
+        with_id(scheduled("after", &[], pb::Priority::Normal), "after"),
+    )
+    .await;
+    acked.push(r.task_id);
+    assert_eq!(http.get("/health").await.0, 200);
+
+    // After a hard kill, exactly the acknowledged tasks are there.
+    proc.kill9();
+    proc.wait_exit().await;
+    let proc = HubProcess::spawn(&dir, &[]).await;
+    let mut client = agenthub::client::connect(&proc.grpc_addr.to_string(), &admin)
+        .await
+        .unwrap();
+    for id in &acked {
+        client
+            .get_task(pb::GetTaskRequest {
+                task_id: id.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged {id} lost: {e:?}"));
+    }
+    let err = client
+        .get_task(pb::GetTaskRequest { task_id: refused })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
