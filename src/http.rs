@@ -91,7 +91,10 @@ async fn health(State(st): State<AppState>) -> Response {
 
 async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         st.hub.render_metrics(),
     )
 }

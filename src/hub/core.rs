@@ -28,10 +28,6 @@ pub(crate) struct QueueKey {
 }
 
 impl QueueKey {
-    pub fn task_id(&self) -> &str {
-        &self.task_id
-    }
-
     pub fn of(task: &Task) -> QueueKey {
         QueueKey {
             priority: Reverse(task.priority),
@@ -171,6 +167,10 @@ pub(crate) struct Core {
     pub rejected_by: HashMap<String, Vec<String>>,
     /// Agents that lost a task to a timeout: the scheduler prefers others.
     pub avoid: HashMap<String, Vec<String>>,
+    /// Tasks per state (index: `TaskState::ALL`), kept as states change.
+    pub state_counts: [u64; 6],
+    /// Queued tasks per priority (index: `Priority::ALL`).
+    pub queued_by_priority: [u64; 4],
     /// Last report (accept or progress) per RUNNING task, for the progress timeout.
     pub last_activity: HashMap<String, Instant>,
     /// Write epoch: batches carry it; a failed commit poisons its epoch and
@@ -207,6 +207,8 @@ impl Core {
         self.tasks.clear();
         self.order.clear();
         self.queue.clear();
+        self.state_counts = [0; 6];
+        self.queued_by_priority = [0; 4];
         self.timers.clear();
         self.last_activity.clear();
         self.agents.retain(|_, a| a.session.is_some());
@@ -224,8 +226,9 @@ impl Core {
         let mut assigned = Vec::new();
         for task in loaded.tasks {
             self.order.insert(task.created_seq, task.task_id.clone());
-            if task.state == TaskState::Queued {
-                self.queue.insert(QueueKey::of(&task));
+            count_in(&mut self.state_counts, task.state);
+            if task.state == TaskState::Queued && self.queue.insert(QueueKey::of(&task)) {
+                self.queued_by_priority[priority_index(task.priority)] += 1;
             }
             if task.state.is_active() {
                 if let Some(a) = &task.agent_id {
@@ -309,6 +312,7 @@ impl Core {
     /// Insert a new task (not yet evented).
     pub fn insert_new(&mut self, txn: &mut Txn, task: Task) {
         txn.touch(&task.task_id, None);
+        count_in(&mut self.state_counts, task.state);
         self.tasks.insert(task.task_id.clone(), task);
     }
 
@@ -363,7 +367,9 @@ impl Core {
 
     pub fn enqueue(&mut self, task_id: &str) {
         if let Some(t) = self.tasks.get(task_id) {
-            self.queue.insert(QueueKey::of(t));
+            if self.queue.insert(QueueKey::of(t)) {
+                self.queued_by_priority[priority_index(t.priority)] += 1;
+            }
             self.schedulable = true;
         }
     }
@@ -375,7 +381,10 @@ impl Core {
 
     pub fn dequeue(&mut self, task_id: &str) {
         if let Some(t) = self.tasks.get(task_id) {
-            self.queue.remove(&QueueKey::of(t));
+            if self.queue.remove(&QueueKey::of(t)) {
+                let i = priority_index(t.priority);
+                self.queued_by_priority[i] = self.queued_by_priority[i].saturating_sub(1);
+            }
         }
     }
 
@@ -450,7 +459,7 @@ impl Core {
         let session = agent.session.clone();
         let task = self.tasks.get_mut(task_id).expect("known task");
         metrics.assigned_after(txn.now.saturating_sub(task.updated_at_ms) as u64);
-        task.state = TaskState::Assigned;
+        set_state(&mut self.state_counts, task, TaskState::Assigned);
         task.agent_id = Some(agent_id.to_string());
         task.generation += 1;
         task.attempts += 1;
@@ -490,10 +499,10 @@ impl Core {
         let task = self.tasks.get_mut(task_id).expect("known task");
         task.error = Some(error);
         if task.attempts >= task.max_attempts {
-            task.state = TaskState::Failed;
+            set_state(&mut self.state_counts, task, TaskState::Failed);
             self.forget_preferences(task_id);
         } else {
-            task.state = TaskState::Queued;
+            set_state(&mut self.state_counts, task, TaskState::Queued);
             if !task.pinned {
                 task.agent_id = None;
             }
@@ -547,9 +556,26 @@ impl Core {
             None
         };
         self.forget_preferences(task_id);
-        self.tasks.get_mut(task_id).expect("known task").state = state;
+        let task = self.tasks.get_mut(task_id).expect("known task");
+        set_state(&mut self.state_counts, task, state);
         from
     }
+}
+
+/// Change a task's state, keeping the per-state counts.
+pub(crate) fn set_state(counts: &mut [u64; 6], task: &mut Task, to: TaskState) {
+    let idx = |s: TaskState| TaskState::ALL.iter().position(|x| *x == s).unwrap_or(0);
+    counts[idx(task.state)] = counts[idx(task.state)].saturating_sub(1);
+    counts[idx(to)] += 1;
+    task.state = to;
+}
+
+fn count_in(counts: &mut [u64; 6], state: TaskState) {
+    counts[TaskState::ALL.iter().position(|x| *x == state).unwrap_or(0)] += 1;
+}
+
+fn priority_index(p: Priority) -> usize {
+    Priority::ALL.iter().position(|x| *x == p).unwrap_or(0)
 }
 
 /// A `json!` object literal as a map.

@@ -132,6 +132,8 @@ impl Hub {
             None
         };
         let core = Core::restore(store.load()?, &config);
+        let mut metrics = Metrics::new();
+        metrics.register_store(store.clone());
         let log_id = store.log_id();
         Ok(Arc::new_cyclic(|weak| Hub {
             verifier: TokenVerifier::new(store.clone()),
@@ -143,7 +145,7 @@ impl Hub {
             log_id,
             timer_wake: Notify::new(),
             recovery_wake: Notify::new(),
-            metrics: Metrics::default(),
+            metrics,
             closing: AtomicBool::new(false),
             bootstrap_token: Mutex::new(bootstrap_token),
         }))
@@ -300,7 +302,7 @@ impl Hub {
         };
         Self::wait(rx).await?;
         if created {
-            Metrics::inc(&self.metrics.tasks_pushed);
+            self.metrics.tasks_pushed.inc();
         }
         Ok(PushOutcome { task, created })
     }
@@ -487,6 +489,7 @@ impl Hub {
     /// Re-queue a FAILED or CANCELLED task with its attempts reset.
     pub async fn retry_task(&self, task_id: &str) -> Result<Task> {
         self.change_task(task_id, |core, txn| {
+            let core = &mut *core;
             let task = core.tasks.get_mut(task_id).expect("checked");
             if !matches!(task.state, TaskState::Failed | TaskState::Cancelled) {
                 return Err(Error::FailedPrecondition(format!(
@@ -494,7 +497,7 @@ impl Hub {
                     task.state.as_str()
                 )));
             }
-            task.state = TaskState::Queued;
+            self::core::set_state(&mut core.state_counts, task, TaskState::Queued);
             task.attempts = 0;
             task.result = None;
             if !task.pinned {
@@ -564,80 +567,31 @@ impl Hub {
         }
     }
 
-    /// Prometheus text for `/metrics`.
+    /// The `/metrics` exposition. Gauges are set from counters kept as
+    /// state changes (no scan of tasks).
     pub fn render_metrics(&self) -> String {
-        let mut out = String::new();
+        let m = &self.metrics;
         {
             let core = self.lock();
             let connected = core.agents.values().filter(|a| a.session.is_some()).count();
-            metrics::gauge(
-                &mut out,
-                "agenthub_agents_connected",
-                "Sidecars connected and identified.",
-                connected as u64,
-            );
-            out.push_str("# HELP agenthub_tasks Tasks by state.\n# TYPE agenthub_tasks gauge\n");
-            for state in TaskState::ALL {
-                let n = core.tasks.values().filter(|t| t.state == state).count();
-                out.push_str(&format!(
-                    "agenthub_tasks{{state=\"{}\"}} {n}\n",
-                    state.as_str()
-                ));
+            metrics::gauge_set(&m.agents_connected, connected as u64);
+            for (state, n) in TaskState::ALL.iter().zip(core.state_counts) {
+                let label = metrics::StateLabel {
+                    state: state.as_str(),
+                };
+                metrics::gauge_set(&m.tasks.get_or_create(&label), n);
             }
-            out.push_str(
-                "# HELP agenthub_queue_depth Queued tasks by priority.\n# TYPE agenthub_queue_depth gauge\n",
-            );
-            for p in Priority::ALL {
-                let n = core
-                    .queue
-                    .iter()
-                    .filter(|k| core.tasks[k.task_id()].priority == p)
-                    .count();
-                out.push_str(&format!(
-                    "agenthub_queue_depth{{priority=\"{}\"}} {n}\n",
-                    p.as_str()
-                ));
+            for (p, n) in Priority::ALL.iter().zip(core.queued_by_priority) {
+                let label = metrics::PriorityLabel {
+                    priority: p.as_str(),
+                };
+                metrics::gauge_set(&m.queue_depth.get_or_create(&label), n);
             }
-            metrics::gauge(
-                &mut out,
-                "agenthub_last_event_seq",
-                "Highest event seq assigned.",
-                core.last_seq,
-            );
+            metrics::gauge_set(&m.last_event_seq, core.last_seq);
         }
-        metrics::gauge(
-            &mut out,
-            "agenthub_events_stored",
-            "Events currently in the store.",
-            self.store.event_count(),
-        );
-        metrics::gauge(
-            &mut out,
-            "agenthub_watchers",
-            "Open WatchTaskEvents streams.",
-            self.bus.watcher_count() as u64,
-        );
-        let commits = self.store.commit_stats();
-        metrics::counter(
-            &mut out,
-            "agenthub_store_batches_total",
-            "Changes committed (one per hub operation).",
-            commits.batches,
-        );
-        let bounds: Vec<f64> = crate::store::COMMIT_BUCKETS_US
-            .iter()
-            .map(|us| *us as f64 / 1e6)
-            .collect();
-        metrics::histogram(
-            &mut out,
-            "agenthub_store_commit_seconds",
-            "Group commits, including the fsync.",
-            &bounds,
-            &commits.buckets,
-            commits.commits,
-            commits.total_us as f64 / 1e6,
-        );
-        self.metrics.render(&mut out);
+        metrics::gauge_set(&m.watchers, self.bus.watcher_count() as u64);
+        let mut out = String::new();
+        m.render(&mut out);
         out
     }
 

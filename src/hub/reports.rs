@@ -4,12 +4,11 @@
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use super::core::{obj, task_assign, Agent, Core, Timer, Txn};
+use super::core::{obj, set_state, task_assign, Agent, Core, Timer, Txn};
 use super::Hub;
 use crate::auth::Role;
 use crate::error::{Error, Result};
 use crate::link::{AckStatus, CloseReason, FromAgent, Identify, Link, Report, ToAgent};
-use crate::metrics::Metrics;
 use crate::model::{now_ms, EventKind, TaskState};
 
 /// The status with which a sidecar asks for no new tasks.
@@ -108,7 +107,7 @@ impl Hub {
     /// replies leave in commit order, and an error never overtakes the ack
     /// of an earlier report.
     pub fn report(&self, agent_id: &str, session: &Link, msg: FromAgent) {
-        Metrics::inc(&self.metrics.reports);
+        self.metrics.reports.inc();
         let about = report_task_id(&msg).map(str::to_string);
         let mut core = self.lock();
         let mut txn = Txn::new();
@@ -171,7 +170,7 @@ impl Hub {
         fence(core, agent_id, &r)?;
         let task = core.tasks.get_mut(&r.task_id).expect("fenced");
         if task.state == TaskState::Assigned {
-            task.state = TaskState::Running;
+            set_state(&mut core.state_counts, task, TaskState::Running);
             core.emit(txn, &r.task_id, EventKind::Accepted, agent_id, r.payload);
             core.touch_activity(txn, &self.config, &r.task_id, false);
         }
@@ -188,7 +187,7 @@ impl Hub {
         let task = core.tasks.get_mut(&r.task_id).expect("fenced");
         // Progress implies the sidecar took the task.
         let was_running = task.state == TaskState::Running;
-        task.state = TaskState::Running;
+        set_state(&mut core.state_counts, task, TaskState::Running);
         core.emit(txn, &r.task_id, EventKind::Progress, agent_id, r.payload);
         core.touch_activity(txn, &self.config, &r.task_id, was_running);
         Ok(())

@@ -16,7 +16,6 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::hub::Hub;
 use crate::link::{AgentLink, CloseReason, FromAgent, Link, ToAgent};
-use crate::metrics::Metrics;
 use crate::model::now_ms;
 use crate::ws::protocol;
 
@@ -121,7 +120,7 @@ struct Timing {
 
 /// Drive one upgraded socket until it closes.
 pub async fn run(socket: WebSocket, hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
-    Metrics::inc(&hub.metrics().ws_connections);
+    hub.metrics().ws_connections.inc();
     let _open = OpenGuard::new(hub.clone());
     let cfg = hub.config().clone();
     let timing = Timing {
@@ -257,19 +256,14 @@ struct OpenGuard(Arc<Hub>);
 
 impl OpenGuard {
     fn new(hub: Arc<Hub>) -> OpenGuard {
-        hub.metrics()
-            .ws_sessions_open
-            .fetch_add(1, Ordering::Relaxed);
+        hub.metrics().ws_sessions_open.inc();
         OpenGuard(hub)
     }
 }
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.0
-            .metrics()
-            .ws_sessions_open
-            .fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics().ws_sessions_open.dec();
     }
 }
 
