@@ -165,7 +165,10 @@ impl Hub {
 
     /// The admin token created on first start (returned once).
     pub fn take_bootstrap_token(&self) -> Option<String> {
-        self.bootstrap_token.lock().expect("bootstrap").take()
+        self.bootstrap_token
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     fn lock(&self) -> MutexGuard<'_, Core> {
