@@ -208,9 +208,14 @@ pub struct Echo {
 
 impl Echo {
     pub async fn start(log: &Path) -> Result<Echo> {
+        Self::start_with(log, "echo-server").await
+    }
+
+    /// This binary's `subcommand` server (`echo-server`, `grpc-echo-server`).
+    pub async fn start_with(log: &Path, subcommand: &str) -> Result<Echo> {
         let exe = std::env::current_exe().context("current exe")?;
         let mut cmd = Command::new(exe);
-        cmd.arg("echo-server");
+        cmd.arg(subcommand);
         let mut server = Server::spawn(cmd, log)?;
         let line = server.stdout_line("addr=").await?;
         let addr = line.trim_start_matches("addr=").trim().to_string();
