@@ -114,7 +114,7 @@ fn issue_role(agent: &Option<String>, role: Option<&str>) -> Result<Role> {
 /// Token management directly in the data directory. A running hub sees a
 /// revocation made here within `Config::revocation_poll` (1 s).
 fn token_local(cmd: TokenCommand, data_dir: &std::path::Path) -> Result<()> {
-    let store = SqliteStore::open(data_dir, None, None)?;
+    let store = SqliteStore::open(data_dir, None, false)?;
     match cmd {
         TokenCommand::Issue { agent, role, .. } => {
             let role = issue_role(&agent, role.as_deref())?;
@@ -243,6 +243,7 @@ async fn watch(args: WatchArgs) -> Result<()> {
             task_id: args.task.unwrap_or_default(),
             agent_id: args.agent.unwrap_or_default(),
             kinds,
+            log_id: None,
         })
         .await
         .map_err(status_err)?

@@ -5,25 +5,24 @@
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
+use crate::link::CloseReason;
+
 /// Close code: the peer broke the WebSocket protocol.
 pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
 /// Close code: a text frame (or close reason) that is not valid UTF-8.
 pub const CLOSE_INVALID_PAYLOAD: u16 = 1007;
-/// Close code: a message over the size limit.
-pub const CLOSE_TOO_BIG: u16 = 1009;
-
-/// The close code and reason for a read error, if the socket can still be told.
-pub fn close_code_for(e: &axum::Error) -> Option<(u16, &'static str)> {
+/// Why to close after a read error, if the socket can still be told.
+pub fn close_reason_for(e: &axum::Error) -> Option<CloseReason> {
     // axum::Error's source is the tungstenite error it wraps.
     let inner = std::error::Error::source(e)?.downcast_ref::<WsError>()?;
     code_for(inner)
 }
 
-fn code_for(e: &WsError) -> Option<(u16, &'static str)> {
+fn code_for(e: &WsError) -> Option<CloseReason> {
     use ProtocolError as P;
     match e {
-        WsError::Capacity(_) => Some((CLOSE_TOO_BIG, "message too big")),
-        WsError::Utf8(_) => Some((CLOSE_INVALID_PAYLOAD, "invalid UTF-8")),
+        WsError::Capacity(_) => Some(CloseReason::TooBig),
+        WsError::Utf8(_) => Some(CloseReason::InvalidPayload),
         WsError::Protocol(
             P::NonZeroReservedBits
             | P::UnmaskedFrameFromClient
@@ -35,7 +34,7 @@ fn code_for(e: &WsError) -> Option<(u16, &'static str)> {
             | P::ExpectedFragment(_)
             | P::InvalidOpcode(_)
             | P::InvalidCloseSequence,
-        ) => Some((CLOSE_PROTOCOL_ERROR, "protocol error")),
+        ) => Some(CloseReason::ProtocolError),
         _ => None,
     }
 }
@@ -47,12 +46,12 @@ mod tests {
     #[test]
     fn protocol_violations_map_to_1002_and_bad_utf8_to_1007() {
         let e = axum::Error::new(WsError::Protocol(ProtocolError::NonZeroReservedBits));
-        assert_eq!(close_code_for(&e).map(|c| c.0), Some(1002));
+        assert_eq!(close_reason_for(&e), Some(CloseReason::ProtocolError));
         let e = axum::Error::new(WsError::Utf8("bad".into()));
-        assert_eq!(close_code_for(&e).map(|c| c.0), Some(1007));
+        assert_eq!(close_reason_for(&e), Some(CloseReason::InvalidPayload));
         let e = axum::Error::new(WsError::Protocol(
             ProtocolError::ResetWithoutClosingHandshake,
         ));
-        assert_eq!(close_code_for(&e), None);
+        assert_eq!(close_reason_for(&e), None);
     }
 }

@@ -159,7 +159,7 @@ async fn revoking_over_grpc_closes_the_session_4401_and_ends_the_watch_unauthent
 async fn revoking_in_the_data_dir_reaches_live_sessions_within_two_seconds() {
     let hub = TestHub::start().await;
     let issue = |role, agent: Option<&str>| {
-        let store = agenthub::store::sqlite::SqliteStore::open(&hub.dir, None, None).unwrap();
+        let store = agenthub::store::sqlite::SqliteStore::open(&hub.dir, None, false).unwrap();
         agenthub::auth::issue_token(&store, role, agent.map(str::to_string)).unwrap()
     };
     let (agent_secret, agent_rec) = issue(Role::Agent, Some("dir-agent"));

@@ -191,7 +191,7 @@ impl TlsHub {
     }
 
     pub fn token(&self, role: agenthub::auth::Role, agent: Option<&str>) -> (String, String) {
-        let store = agenthub::store::sqlite::SqliteStore::open(&self.dir, None, None).unwrap();
+        let store = agenthub::store::sqlite::SqliteStore::open(&self.dir, None, false).unwrap();
         let (secret, record) =
             agenthub::auth::issue_token(&store, role, agent.map(str::to_string)).unwrap();
         (secret, record.id)
