@@ -26,6 +26,11 @@ use tower::ServiceExt;
 use crate::metrics::LimitMetrics;
 use crate::tls::AsyncIo;
 
+/// Concurrent HTTP/2 streams (calls) per gRPC connection. Above
+/// `--max-watches-per-token`'s default, so one dashboard connection can carry
+/// every watch its token may open.
+pub const GRPC_MAX_CONCURRENT_STREAMS: u32 = 4096;
+
 /// What a handler may know about the connection a request came on.
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
@@ -188,7 +193,8 @@ async fn serve_one(
             builder
                 .timer(TokioTimer::new())
                 .keep_alive_interval(keepalive_interval)
-                .keep_alive_timeout(keepalive_timeout);
+                .keep_alive_timeout(keepalive_timeout)
+                .max_concurrent_streams(GRPC_MAX_CONCURRENT_STREAMS);
             let conn = builder.serve_connection(io, svc);
             tokio::pin!(conn);
             tokio::select! {
