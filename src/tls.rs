@@ -87,6 +87,7 @@ impl ResolvesServerCert for CertResolver {
 /// The hub's TLS state, shared by both listeners.
 pub struct Tls {
     files: TlsConfig,
+    /// The swappable certificate, shared by both acceptors' configs.
     certs: Arc<CertResolver>,
     http: TlsAcceptor,
     grpc: TlsAcceptor,
