@@ -38,6 +38,20 @@ pub enum Command {
     Agents(ClientArgs),
     /// Run the reference sidecar: connect to a hub and run CMD for every task.
     Sidecar(crate::sidecar::SidecarArgs),
+    /// Copy the store consistently to FILE, also while the hub runs.
+    Backup {
+        #[arg(long, env = "AGENTHUB_DATA_DIR", default_value = config::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// Where to write the copy (a SQLite database file).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Verify the store: SQLite integrity, seq continuity, every live task's
+    /// latest event present. Exit 0 if sound, 1 if not.
+    Check {
+        #[arg(long, env = "AGENTHUB_DATA_DIR", default_value = config::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -80,6 +94,10 @@ pub struct ServeArgs {
     /// Keep only the newest N events (0 = keep all).
     #[arg(long, env = "AGENTHUB_EVENT_RETENTION", default_value_t = 0)]
     pub event_retention: u64,
+    /// Remove finished tasks and their events this long after they
+    /// finished (e.g. 30d, 12h); 0 keeps everything.
+    #[arg(long, env = "AGENTHUB_RETENTION", value_parser = parse_duration, default_value = "30d")]
+    pub retention: Duration,
 }
 
 impl ServeArgs {
@@ -97,6 +115,7 @@ impl ServeArgs {
         c.max_message_bytes = self.max_message_bytes;
         c.outbound_queue = self.outbound_queue;
         c.event_retention = (self.event_retention > 0).then_some(self.event_retention);
+        c.retention = (!self.retention.is_zero()).then_some(self.retention);
         c
     }
 }

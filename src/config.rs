@@ -20,6 +20,8 @@ pub const DEFAULT_RECONNECT_GRACE: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_WATCH_BUFFER: usize = 16 * 1024;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+pub const DEFAULT_RETENTION_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_WS_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_WS_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -55,6 +57,11 @@ pub struct Config {
     pub reconnect_grace: Duration,
     /// Attempts per task when `PushTask` does not say.
     pub default_max_attempts: u32,
+    /// Finished tasks (and their events) are removed this long after they
+    /// finished. `None`: keep everything.
+    pub retention: Option<Duration>,
+    /// How often retention looks for expired tasks.
+    pub retention_interval: Duration,
     /// Keep at most this many events (oldest pruned). `None`: keep all.
     pub event_retention: Option<u64>,
     /// Live events buffered for watchers before a slow one is caught up from the store.
@@ -84,6 +91,8 @@ impl Config {
             reconnect_grace: DEFAULT_RECONNECT_GRACE,
             default_max_attempts: DEFAULT_MAX_ATTEMPTS,
             event_retention: None,
+            retention: Some(DEFAULT_RETENTION),
+            retention_interval: DEFAULT_RETENTION_INTERVAL,
             watch_buffer: DEFAULT_WATCH_BUFFER,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             bootstrap_admin_token: true,
@@ -114,6 +123,9 @@ impl Config {
         {
             return bad("timeouts must be greater than zero");
         }
+        if self.retention_interval.is_zero() {
+            return bad("retention interval must be greater than zero");
+        }
         if self.event_retention == Some(0) {
             return bad("event retention must keep at least one event");
         }
@@ -121,7 +133,7 @@ impl Config {
     }
 }
 
-/// `500ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
+/// `500ms`, `10s`, `2m`, `1h`, `30d`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
@@ -134,7 +146,12 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("invalid duration unit in `{s}` (use ms, s, m, h)")),
+        "d" => n * 86400.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in `{s}` (use ms, s, m, h, d)"
+            ))
+        }
     };
     Ok(Duration::from_secs_f64(secs))
 }

@@ -168,6 +168,8 @@ pub struct Task {
     pub agent_id: Option<String>,
     /// The task may only run on `agent_id`.
     pub pinned: bool,
+    /// Stored in the task's CREATED event, not in its row (see `store`).
+    #[serde(default)]
     pub description: String,
     pub metadata: JsonObject,
     pub state: TaskState,

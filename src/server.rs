@@ -97,6 +97,7 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         let timers = tokio::spawn(hub.clone().run_timers(stop_rx.clone()));
         let recovery = tokio::spawn(hub.clone().run_recovery(stop_rx.clone()));
+        let retention = tokio::spawn(hub.clone().run_retention(stop_rx.clone()));
         let sessions = TaskTracker::new();
 
         let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -151,6 +152,7 @@ impl Server {
             let _ = grpc.await;
             let _ = timers.await;
             let _ = recovery.await;
+            let _ = retention.await;
             // Every socket has sent its close frame and ended its handshake.
             sessions.wait().await;
         })

@@ -4,7 +4,7 @@
 //! so the store receives batches in `seq` order.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -157,7 +157,9 @@ impl Txn {
 pub(crate) struct Core {
     pub tasks: HashMap<String, Task>,
     /// Creation order: created_seq → task_id.
-    pub order: BTreeMap<Seq, String>,
+    /// Finished tasks kept in `tasks` as a cache, oldest first (bounded by
+    /// [`FINISHED_CACHE`]); the store serves the rest.
+    pub finished: VecDeque<String>,
     pub queue: BTreeSet<QueueKey>,
     pub agents: HashMap<String, Agent>,
     pub last_seq: Seq,
@@ -205,7 +207,7 @@ impl Core {
     /// timers are re-armed from the rebuilt state.
     pub fn rebuild(&mut self, loaded: Loaded, cfg: &Config) {
         self.tasks.clear();
-        self.order.clear();
+        self.finished.clear();
         self.queue.clear();
         self.state_counts = [0; 6];
         self.queued_by_priority = [0; 4];
@@ -221,12 +223,11 @@ impl Core {
 
     fn load(&mut self, loaded: Loaded, cfg: &Config) {
         self.last_seq = loaded.last_seq;
+        self.state_counts = loaded.state_counts;
         let now = Instant::now();
         let mut running = Vec::new();
         let mut assigned = Vec::new();
         for task in loaded.tasks {
-            self.order.insert(task.created_seq, task.task_id.clone());
-            count_in(&mut self.state_counts, task.state);
             if task.state == TaskState::Queued && self.queue.insert(QueueKey::of(&task)) {
                 self.queued_by_priority[priority_index(task.priority)] += 1;
             }
@@ -333,7 +334,6 @@ impl Core {
         task.updated_at_ms = txn.now;
         if kind == EventKind::Created {
             task.created_seq = seq;
-            self.order.insert(seq, task_id.to_string());
         }
         let event = TaskEvent {
             seq,
@@ -351,8 +351,9 @@ impl Core {
         seq
     }
 
-    /// Turn the transaction into a store batch.
-    pub fn finish(&self, mut txn: Txn) -> Batch {
+    /// Turn the transaction into a store batch. `durable`: the store's
+    /// durable seq (only finished tasks stored up to it leave the cache).
+    pub fn finish(&mut self, mut txn: Txn, durable: Seq) -> Batch {
         txn.batch.epoch = self.epoch;
         for (id, expected) in txn.touched.drain(..) {
             if let Some(task) = self.tasks.get(&id) {
@@ -362,6 +363,7 @@ impl Core {
                 });
             }
         }
+        self.evict_finished(durable);
         txn.batch
     }
 
@@ -500,6 +502,7 @@ impl Core {
         task.error = Some(error);
         if task.attempts >= task.max_attempts {
             set_state(&mut self.state_counts, task, TaskState::Failed);
+            self.finished.push_back(task_id.to_string());
             self.forget_preferences(task_id);
         } else {
             set_state(&mut self.state_counts, task, TaskState::Queued);
@@ -558,9 +561,53 @@ impl Core {
         self.forget_preferences(task_id);
         let task = self.tasks.get_mut(task_id).expect("known task");
         set_state(&mut self.state_counts, task, state);
+        self.finished.push_back(task_id.to_string());
         from
     }
+
+    /// Keep a finished task read from the store in the cache.
+    pub fn cache_finished(&mut self, task: Task) {
+        if task.state.is_final() && !self.tasks.contains_key(&task.task_id) {
+            self.finished.push_back(task.task_id.clone());
+            self.tasks.insert(task.task_id.clone(), task);
+        }
+    }
+
+    /// Drop finished tasks beyond the cache bound (they stay in the store).
+    fn evict_finished(&mut self, durable: Seq) {
+        while self.finished.len() > FINISHED_CACHE {
+            let Some(id) = self.finished.front() else {
+                break;
+            };
+            match self.tasks.get(id) {
+                // Not stored yet: the store could not answer for it.
+                Some(t) if t.state.is_final() && t.last_seq > durable => break,
+                Some(t) if t.state.is_final() => {
+                    let id = id.clone();
+                    self.tasks.remove(&id);
+                    self.forget_preferences(&id);
+                }
+                _ => {}
+            }
+            self.finished.pop_front();
+        }
+    }
+
+    /// Forget tasks retention removed from the store.
+    pub fn forget_purged(&mut self, purged: &crate::store::Purged) {
+        for id in &purged.task_ids {
+            if self.tasks.get(id).is_some_and(|t| t.state.is_final()) {
+                self.tasks.remove(id);
+            }
+        }
+        for (n, gone) in self.state_counts.iter_mut().zip(purged.by_state) {
+            *n = n.saturating_sub(gone);
+        }
+    }
 }
+
+/// Finished tasks kept in memory besides the live ones.
+pub const FINISHED_CACHE: usize = 1024;
 
 /// Change a task's state, keeping the per-state counts.
 pub(crate) fn set_state(counts: &mut [u64; 6], task: &mut Task, to: TaskState) {
@@ -570,7 +617,7 @@ pub(crate) fn set_state(counts: &mut [u64; 6], task: &mut Task, to: TaskState) {
     task.state = to;
 }
 
-fn count_in(counts: &mut [u64; 6], state: TaskState) {
+pub(crate) fn count_in(counts: &mut [u64; 6], state: TaskState) {
     counts[TaskState::ALL.iter().position(|x| *x == state).unwrap_or(0)] += 1;
 }
 

@@ -75,7 +75,7 @@ impl Hub {
             }
         }
         core.schedule(&mut txn, &self.config, &self.metrics);
-        self.submit(&core, txn);
+        self.submit(&mut core, txn);
         tracing::info!(agent = %agent_id, session = session.id(), "sidecar identified");
         Ok(agent_id)
     }
@@ -98,7 +98,7 @@ impl Hub {
             let mut txn = Txn::new();
             let at = Instant::now() + self.config.reconnect_grace;
             core.add_timer(&mut txn, at, Timer::Grace(agent_id.to_string(), epoch));
-            self.submit(&core, txn);
+            self.submit(&mut core, txn);
         }
     }
 
@@ -106,7 +106,16 @@ impl Hub {
     /// or error) goes to `session`, after everything before it is durable:
     /// replies leave in commit order, and an error never overtakes the ack
     /// of an earlier report.
-    pub fn report(&self, agent_id: &str, session: &Link, msg: FromAgent) {
+    pub async fn report(&self, agent_id: &str, session: &Link, msg: FromAgent) {
+        if let Some(task_id) = report_task_id(&msg) {
+            // A finished task past the cache is read back, so the report
+            // gets `task_finished`, not `unknown_task`.
+            let _ = self.ensure_loaded(task_id).await;
+        }
+        self.report_loaded(agent_id, session, msg);
+    }
+
+    fn report_loaded(&self, agent_id: &str, session: &Link, msg: FromAgent) {
         self.metrics.reports.inc();
         let about = report_task_id(&msg).map(str::to_string);
         let mut core = self.lock();
@@ -152,11 +161,11 @@ impl Hub {
                 let reply = with_task(reply, e.task_id().or(about.as_deref()));
                 link.send(reply);
             });
-            self.submit(&core, txn);
+            self.submit(&mut core, txn);
             return;
         }
         core.schedule(&mut txn, &self.config, &self.metrics);
-        self.submit(&core, txn);
+        self.submit(&mut core, txn);
     }
 
     fn on_accepted(

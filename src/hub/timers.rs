@@ -92,6 +92,6 @@ impl Hub {
             }
         }
         core.schedule(&mut txn, &self.config, &self.metrics);
-        self.submit(&core, txn);
+        self.submit(&mut core, txn);
     }
 }

@@ -216,7 +216,7 @@ pub async fn run(socket: WebSocket, hub: Arc<Hub>, mut shutdown: watch::Receiver
                 }
             }
             Ok(report) => match &agent_id {
-                Some(agent) => hub.report(agent, &dyn_link, report),
+                Some(agent) => hub.report(agent, &dyn_link, report).await,
                 None => {
                     link.send(ToAgent::error("not_identified", None, None));
                 }

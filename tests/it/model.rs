@@ -131,7 +131,7 @@ impl Run {
             0..25 => self.push().await,
             25..35 => self.connect(),
             35..42 => self.disconnect(),
-            42..80 => self.report(),
+            42..80 => self.report().await,
             80..85 => {
                 if let Some(t) = self.any_task() {
                     let _ = self.hub.cancel_task(&t).await;
@@ -219,7 +219,7 @@ impl Run {
         }
     }
 
-    fn report(&mut self) {
+    async fn report(&mut self) {
         let connected: Vec<usize> = (0..self.agents.len())
             .filter(|i| self.agents[*i].link.is_some() && !self.agents[*i].held.is_empty())
             .collect();
@@ -255,7 +255,7 @@ impl Run {
         };
         let agent = &self.agents[i];
         let link: Link = agent.link.clone().unwrap();
-        self.hub.report(&agent.name, &link, msg);
+        self.hub.report(&agent.name, &link, msg).await;
     }
 
     /// Apply what each sidecar was told.
@@ -474,7 +474,7 @@ async fn progress_without_accept_arms_the_progress_timeout() {
         })
     };
     // Progress straight away (no task_accepted): the task is RUNNING...
-    run.hub.report("a0", &link, progress(generation));
+    run.hub.report("a0", &link, progress(generation)).await;
     run.hub.flush().await.unwrap();
     assert_eq!(
         run.hub.get_task(&task_id).await.unwrap().state,
@@ -484,7 +484,7 @@ async fn progress_without_accept_arms_the_progress_timeout() {
     for _ in 0..4 {
         tokio::time::advance(Duration::from_secs(20)).await;
         run.hub.fire_due_timers();
-        run.hub.report("a0", &link, progress(generation));
+        run.hub.report("a0", &link, progress(generation)).await;
         run.hub.flush().await.unwrap();
     }
     assert_eq!(

@@ -15,7 +15,12 @@ use std::thread::JoinHandle;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Batch, CommitStats, Faults, Loaded, Store, TaskWrite, COMMIT_BUCKETS_US};
+pub mod history;
+
+use super::{
+    Batch, CommitStats, Faults, ListFilter, Loaded, Purged, Store, TaskListing, TaskWrite,
+    COMMIT_BUCKETS_US,
+};
 use crate::error::{Error, Result};
 use crate::model::{EventKind, Role, Seq, Task, TokenRecord};
 use crate::pb::wire::EncodedEvent;
@@ -93,6 +98,20 @@ impl SqliteStore {
         Self::open_with_faults(dir, retention, writer, None)
     }
 
+    /// Verify integrity (see [`history::check`]): the problems found.
+    pub fn check(&self) -> Result<Vec<String>> {
+        self.with_reader(history::check)
+    }
+
+    /// A consistent copy of the database at `to`, taken while the hub may
+    /// be writing (SQLite's online backup).
+    pub fn backup_to(&self, to: &Path) -> Result<()> {
+        self.with_reader(|conn| {
+            conn.backup(rusqlite::MAIN_DB, to, None)?;
+            Ok(())
+        })
+    }
+
     /// [`SqliteStore::open`] with fault injection (tests, fault drills).
     pub fn open_with_faults(
         dir: &Path,
@@ -104,7 +123,11 @@ impl SqliteStore {
             .map_err(|e| Error::storage(format!("create {}: {e}", dir.display())))?;
         let path = dir.join("agenthub.db");
         let conn = open_conn(&path)?;
+        // Must come before the first table of a new database.
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         conn.execute_batch(SCHEMA)?;
+        history::migrate(&conn)?;
+        let purged = history::purged_upto(&conn)?;
         let (first, last, count): (Option<u64>, Option<u64>, u64) =
             conn.query_row("SELECT MIN(seq), MAX(seq), COUNT(*) FROM events", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -112,7 +135,12 @@ impl SqliteStore {
         let log_id = log_id(&conn)?;
         let shared = Arc::new(Shared {
             durable_seq: AtomicU64::new(last.unwrap_or(0)),
-            first_seq: AtomicU64::new(first.unwrap_or(last.unwrap_or(0) + 1)),
+            first_seq: AtomicU64::new(
+                first
+                    .unwrap_or(last.unwrap_or(0) + 1)
+                    .max(purged + 1)
+                    .min(last.unwrap_or(0) + 1),
+            ),
             event_count: AtomicU64::new(count),
             commits: Mutex::new(CommitStats::default()),
             faults,
@@ -139,12 +167,16 @@ impl SqliteStore {
     }
 
     fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        self.with_reader_mut(|c| f(c))
+    }
+
+    fn with_reader_mut<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
         let conn = lock(&self.readers).pop();
-        let conn = match conn {
+        let mut conn = match conn {
             Some(c) => c,
             None => open_conn(&self.path)?,
         };
-        let out = f(&conn);
+        let out = f(&mut conn);
         let mut pool = lock(&self.readers);
         if pool.len() < 8 {
             pool.push(conn);
@@ -245,11 +277,6 @@ fn write_group(conn: &mut Connection, group: &[&Batch], faults: Option<&Faults>)
     // process is waited for (up to BUSY_TIMEOUT) instead of failing midway.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
-        let mut insert_task =
-            tx.prepare_cached("INSERT INTO tasks (task_id, last_seq, body) VALUES (?1, ?2, ?3)")?;
-        let mut update_task = tx.prepare_cached(
-            "UPDATE tasks SET last_seq = ?2, body = ?3 WHERE task_id = ?1 AND last_seq = ?4",
-        )?;
         let mut insert_event = tx.prepare_cached(
             "INSERT INTO events (seq, task_id, agent_id, kind, body) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
@@ -268,14 +295,7 @@ fn write_group(conn: &mut Connection, group: &[&Batch], faults: Option<&Faults>)
         // its final state, checked against the state before the first change.
         for (w, expected) in coalesce(group).into_values() {
             let t = &w.task;
-            let body = serde_json::to_string(t).map_err(|e| Error::storage(e.to_string()))?;
-            let changed = match expected {
-                None => insert_task.execute(params![t.task_id, t.last_seq as i64, body])?,
-                Some(prev) => {
-                    update_task.execute(params![t.task_id, t.last_seq as i64, body, prev as i64])?
-                }
-            };
-            if changed != 1 {
+            if history::write_task(&tx, t, expected)? != 1 {
                 return Err(Error::Storage {
                     fault: crate::error::StorageFault::Conflict,
                     detail: format!("compare-and-set failed for task {}", t.task_id),
@@ -342,21 +362,47 @@ impl Store for SqliteStore {
 
     fn load(&self) -> Result<Loaded> {
         self.with_reader(|conn| {
-            let mut stmt = conn.prepare("SELECT body FROM tasks")?;
-            let tasks = stmt
-                .query_map([], |r| r.get::<_, String>(0))?
-                .map(|body| {
-                    let body = body?;
-                    serde_json::from_str::<Task>(&body).map_err(|e| Error::storage(e.to_string()))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let tasks = history::load_live(conn)?;
             let last_seq: Option<u64> =
                 conn.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
             Ok(Loaded {
                 tasks,
                 last_seq: last_seq.unwrap_or(0),
+                state_counts: history::state_counts(conn)?,
             })
         })
+    }
+
+    fn get_task(&self, task_id: &str) -> Result<Option<Task>> {
+        self.with_reader(|conn| history::get(conn, task_id))
+    }
+
+    fn list_tasks(&self, filter: &ListFilter) -> Result<TaskListing> {
+        self.with_reader_mut(|conn| history::list(conn, filter))
+    }
+
+    fn purge_finished(&self, cutoff_ms: i64, limit: usize) -> Result<Purged> {
+        let purged = self.with_reader_mut(|conn| history::purge(conn, cutoff_ms, limit))?;
+        if purged.max_seq > 0 {
+            self.shared
+                .event_count
+                .fetch_sub(purged.events, Ordering::Relaxed);
+            self.shared
+                .first_seq
+                .fetch_max(purged.max_seq + 1, Ordering::AcqRel);
+        }
+        Ok(purged)
+    }
+
+    fn disk_bytes(&self) -> u64 {
+        ["", "-wal", "-shm"]
+            .iter()
+            .filter_map(|suffix| {
+                let mut p = self.path.clone().into_os_string();
+                p.push(suffix);
+                std::fs::metadata(p).ok().map(|m| m.len())
+            })
+            .sum()
     }
 
     fn read_events(&self, after: Seq, limit: usize) -> Result<Vec<EncodedEvent>> {
