@@ -91,7 +91,8 @@ impl Server {
         };
 
         use axum::serve::ListenerExt;
-        let app = crate::http::router(hub.clone(), stop_rx.clone());
+        let app = crate::http::router(hub.clone(), stop_rx.clone())
+            .merge(crate::web::router(hub.clone(), stop_rx.clone()));
         let ws_listener = ws_listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
