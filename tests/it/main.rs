@@ -4,6 +4,7 @@
 mod helpers;
 
 mod core_flow;
+mod dashboard;
 mod durability;
 mod interop;
 mod scheduler;
