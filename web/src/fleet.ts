@@ -53,7 +53,7 @@ export function renderFleet(el: HTMLElement, model: Model, openTask: (id: string
                 h("td", {}, h("strong", {}, a.id), a.name && a.name !== a.id ? h("div", { class: "muted" }, a.name) : null),
                 h("td", {}, h("span", { class: `badge ${state}` }, state), a.status && a.status !== state ? h("div", { class: "muted" }, a.status) : null),
                 h("td", {}, ...(a.caps.length ? a.caps.map((c) => h("span", { class: "chip" }, c)) : [h("span", { class: "muted" }, "none")])),
-                h("td", { class: "slots" }, `${a.active.size} / ${a.max}`, h("div", { class: "bar" }, h("div", { style: `width:${Math.min(100, (100 * a.active.size) / a.max)}%` }))),
+                h("td", { class: "slots" }, `${a.active.size} / ${a.max}`, bar(a.active.size / a.max)),
                 h(
                   "td",
                   {},
@@ -70,4 +70,11 @@ export function renderFleet(el: HTMLElement, model: Model, openTask: (id: string
 
 export function card(label: string, value: string | number, id?: string): HTMLElement {
   return h("div", { class: "card", id }, h("div", { class: "value" }, String(value)), h("div", { class: "label" }, label));
+}
+
+/** A fill bar (styled through the CSSOM: the page's CSP allows no inline style attributes). */
+function bar(fraction: number): HTMLElement {
+  const inner = h("div", {});
+  inner.style.width = `${Math.min(100, Math.max(0, fraction * 100))}%`;
+  return h("div", { class: "bar" }, inner);
 }
