@@ -648,6 +648,12 @@ async fn dashboard_keeps_up_with_10k_tasks_and_200_events_per_second() {
     );
     assert_eq!(stats["gaps"], 0);
     assert!(p99 <= 500.0, "event-to-screen p99 {p99:.0} ms > 500 ms");
+    for view in ["fleet", "queue", "charts"] {
+        page.show(view).await;
+        page.wait(&format!("#tab-{view}.active")).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        page.screenshot(&format!("load-{view}")).await.unwrap();
+    }
     page.close().await;
     hub.stop().await;
 }

@@ -69,7 +69,7 @@ function chart(title: string, unit: string, series: Series[], kind: "bars" | "li
   for (const f of [0, 0.5, 1]) {
     const y = H - f * H;
     root.appendChild(svg("line", { x1: 0, x2: W, y1: y, y2: y, class: "gridline" }));
-    const t = svg("text", { x: 2, y: y - 2, class: "axis" });
+    const t = svg("text", { x: 2, y: Math.max(11, y - 2), class: "axis" });
     t.textContent = `${Math.round(f * max)} ${unit}`;
     root.appendChild(t);
   }
@@ -86,7 +86,10 @@ function chart(title: string, unit: string, series: Series[], kind: "bars" | "li
       let d = "";
       s.values.forEach((v, i) => {
         if (v === null) return;
-        d += `${d ? "L" : "M"}${(i + 0.5) * step},${H - (v / max) * H} `;
+        const x = (i + 0.5) * step;
+        const y = H - (v / max) * H;
+        d += `${d ? "L" : "M"}${x},${y} `;
+        root.appendChild(svg("circle", { cx: x, cy: y, r: 2.5, class: `${s.cls} dot` }));
       });
       if (d) root.appendChild(svg("path", { d, class: `${s.cls} line` }));
     }

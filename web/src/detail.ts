@@ -151,7 +151,7 @@ export class TaskDetail {
                   h("span", { class: "time" }, clock(e.ts)),
                   h("span", { class: `kind k-${kindName(e.kind).toLowerCase()}` }, kindName(e.kind)),
                   e.agentId ? h("span", { class: "agent" }, e.agentId) : null,
-                  Object.keys(e.payload).length ? h("code", {}, JSON.stringify(e.payload)) : null,
+                  shownPayload(e) ? h("code", {}, shownPayload(e)) : null,
                 ),
               ),
             ),
@@ -160,6 +160,12 @@ export class TaskDetail {
       ),
     );
   }
+}
+
+/** The payload without what the row already shows (task id, generation). */
+function shownPayload(e: FeedEvent): string {
+  const { task_id: _t, generation: _g, ...rest } = e.payload;
+  return Object.keys(rest).length ? JSON.stringify(rest) : "";
 }
 
 function fact(label: string, value: string | Node): Node[] {
