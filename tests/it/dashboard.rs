@@ -419,6 +419,29 @@ async fn dashboard_shows_a_new_sidecar_and_a_task_pushed_from_the_form_completes
     page.wait(&format!("#feed li:has-text('{id}'):has-text('COMPLETED')"))
         .await;
     page.screenshot("pushed-and-completed").await.unwrap();
+
+    // A second agent at work, and a task nobody can take: the fleet and
+    // queue views say so.
+    let mut gpu = hub
+        .sidecar_with(
+            "gpu-1",
+            json!({"capabilities": ["gpu", "linux"], "max_concurrency": 2}),
+        )
+        .await;
+    let mut client = hub.client_with(&orchestrator).await;
+    client.push(pinned("gpu-1", "train the model")).await;
+    let (id, generation) = gpu.next_assign().await;
+    gpu.accept(&id, generation).await;
+    client
+        .push(scheduled("build for arm", &["arm64"], pb::Priority::High))
+        .await;
+    page.click("#task-detail button.close").await;
+    page.show("queue").await;
+    page.wait("#view li:has-text('no capable agent')").await;
+    page.show("fleet").await;
+    page.wait("#fleet-table tr[data-agent='gpu-1'] td.slots:has-text('1 / 2')")
+        .await;
+    page.screenshot("fleet").await.unwrap();
     page.close().await;
     hub.stop().await;
 }
