@@ -184,8 +184,15 @@ impl Page {
     }
 }
 
+/// The hub's last event seq, from `GET /health`.
 async fn last_seq(hub: &TestHub) -> u64 {
-    hub.hub.health().2
+    let (_, body) = http(
+        hub,
+        b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let health: Value = serde_json::from_slice(&body).unwrap();
+    health["last_seq"].as_u64().unwrap()
 }
 
 /// `sha256sum`-style lines over the dashboard's sources, hashed: the same
@@ -483,6 +490,12 @@ async fn dashboard_cancels_a_running_task_and_retries_a_failed_one() {
     page.wait("#detail-state.st-cancelled").await;
     page.wait_gone("#cancel-task").await;
     page.wait("#retry-task").await;
+    // The state filter pages finished tasks in from ListTasks.
+    page.fill("#filter-search", "").await;
+    page.call(json!({"op": "select", "sel": "#filter-state", "value": (pb::task::State::Cancelled as i32).to_string()}))
+        .await;
+    page.wait(&format!(".vrow[data-task='{running}']")).await;
+    page.wait("#tasks-count:has-text('1 task')").await;
 
     page.open_task(&failing).await;
     page.wait("#detail-error:has-text('disk full')").await;

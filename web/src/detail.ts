@@ -7,6 +7,9 @@ import { clock, dateTime, fill, h } from "./dom";
 import { Task_State, TaskEvent_Kind, type Task } from "./gen/agenthub/v1/hub_pb";
 import { feedEvent, isFinal, kindName, priorityName, stateName, type FeedEvent } from "./model";
 
+/** Events drawn in the timeline (the latest). */
+const MAX_TIMELINE = 500;
+
 export class TaskDetail {
   readonly el: HTMLElement;
   private abort = new AbortController();
@@ -99,7 +102,8 @@ export class TaskDetail {
     const canRetry = writer && (t.state === Task_State.FAILED || t.state === Task_State.CANCELLED);
     const lastProgress = [...this.events].reverse().find((e) => e.kind === TaskEvent_Kind.PROGRESS);
     const generations = new Map<number, FeedEvent[]>();
-    for (const e of this.events) {
+    const hidden = Math.max(0, this.events.length - MAX_TIMELINE);
+    for (const e of this.events.slice(hidden)) {
       const g = generations.get(e.generation) ?? [];
       g.push(e);
       generations.set(e.generation, g);
@@ -132,6 +136,7 @@ export class TaskDetail {
         ...(t.error ? fact("Error", h("pre", { class: "error", id: "detail-error" }, valueText(t.error))) : []),
       ),
       h("h3", {}, "Timeline"),
+      hidden ? h("p", { class: "muted" }, `${hidden} earlier events not shown (the latest ${MAX_TIMELINE} are).`) : null,
       h(
         "div",
         { class: "timeline", id: "timeline" },

@@ -52,7 +52,7 @@ export class Live {
     let retry = RETRY_MIN_MS;
     let after: number | undefined;
     let firstWatch = true;
-    this.agentsTimer = window.setInterval(() => this.refreshAgents().catch(() => undefined), AGENTS_REFRESH_MS);
+    this.agentsTimer = window.setInterval(() => this.refreshAgents().catch((e) => this.refreshFailed(e)), AGENTS_REFRESH_MS);
     while (!this.stopped) {
       try {
         await this.refreshAgents(true);
@@ -66,7 +66,7 @@ export class Live {
         for await (const e of stream) {
           const ev = feedEvent(e);
           if (this.model.applyEvent(ev)) {
-            if (ev.kind === TaskEvent_Kind.ASSIGNED && !this.model.agents.has(ev.agentId)) this.refreshAgents().catch(() => undefined);
+            if (ev.kind === TaskEvent_Kind.ASSIGNED && !this.model.agents.has(ev.agentId)) this.refreshAgents().catch((e) => this.refreshFailed(e));
             if (this.model.missing.size) this.fetchMissing();
             this.changed();
           }
@@ -133,6 +133,15 @@ export class Live {
       this.changed();
     } finally {
       this.agentsPending = false;
+    }
+  }
+
+  /** A token revoked while the page is open shows here first when no event flows. */
+  private refreshFailed(e: unknown): void {
+    if (this.stopped) return;
+    if (classify(e) === "token" || classify(e) === "forbidden") {
+      this.fatal(explain(e));
+      this.stop();
     }
   }
 

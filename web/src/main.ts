@@ -1,7 +1,7 @@
 // The agenthub dashboard: sign in with a token (kept in sessionStorage for
 // this tab, never in a URL), then live views over the hub's gRPC API.
 
-import { explain, forgetToken, hubClient, probeRole, savedToken, saveToken, type Hub, type Role } from "./api";
+import { classify, explain, forgetToken, hubClient, probeRole, savedToken, saveToken, type Hub, type Role } from "./api";
 import { renderCharts } from "./charts";
 import { TaskDetail } from "./detail";
 import { clock, fill, h, setText } from "./dom";
@@ -39,8 +39,9 @@ function start(): void {
   else showLogin("");
 }
 
-function showLogin(message: string): void {
+function showLogin(message: string, token = ""): void {
   const input = h("input", { id: "token", type: "password", autocomplete: "off", placeholder: "paste a viewer, orchestrator or admin token", "aria-label": "Token", required: true });
+  input.value = token;
   const error = h("p", { class: "error", id: "login-error", role: "alert" }, message);
   const form = h(
     "form",
@@ -68,8 +69,10 @@ async function signIn(token: string, pending: string, error?: HTMLElement): Prom
     await hub.listAgents({});
     role = await probeRole(hub);
   } catch (e) {
-    forgetToken();
-    showLogin(explain(e));
+    // Keep a token the hub never judged (unreachable hub): Open tries again.
+    const judged = classify(e) === "token" || classify(e) === "forbidden";
+    if (judged) forgetToken();
+    showLogin(explain(e), judged ? "" : token);
     return;
   }
   saveToken(token);
@@ -89,6 +92,9 @@ class Dashboard {
   private push: HTMLElement | undefined;
   private detail: TaskDetail | undefined;
   private detailSlot = h("div", { class: "detail-slot" });
+  /** Agent ids for the agent inputs (Tasks filter, Push form). */
+  private agentIds = h("datalist", { id: "agent-ids" });
+  private agentIdsKey = "";
   private scheduled = false;
   private lastSlow = 0;
   private slowTimer = 0;
@@ -125,6 +131,7 @@ class Dashboard {
       this.banner,
       h("div", { class: "layout" }, this.main, h("aside", { class: "feed-box" }, h("h2", {}, "Live events"), this.feedList)),
       this.detailSlot,
+      this.agentIds,
     );
     const wanted = location.hash.slice(1) as View;
     this.show(this.tabs.has(wanted) ? wanted : "fleet");
@@ -207,6 +214,11 @@ class Dashboard {
       }
     }
     this.detail?.render();
+    const key = [...this.model.agents.keys()].sort().join(" ");
+    if (key !== this.agentIdsKey) {
+      this.agentIdsKey = key;
+      this.agentIds.replaceChildren(...[...this.model.agents.keys()].sort().map((id) => h("option", { value: id })));
+    }
     // The frame that shows these events is painted right after this task.
     if (fresh.length) {
       const channel = new MessageChannel();

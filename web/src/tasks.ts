@@ -29,7 +29,6 @@ export class TasksView {
   private count: HTMLElement;
   private more: HTMLButtonElement;
   private note: HTMLElement;
-  private agentList: HTMLDataListElement;
   private pool: HTMLElement[] = [];
   /** ListTasks cursor for the current filter ("" = no more pages). */
   private nextPage = "";
@@ -53,7 +52,6 @@ export class TasksView {
       this.state = v === "live" || v === "all" ? v : (Number(v) as Task_State);
       this.reload();
     });
-    this.agentList = h("datalist", { id: "agent-ids" });
     const agentInput = h("input", { id: "filter-agent", list: "agent-ids", placeholder: "agent id", "aria-label": "Agent" });
     agentInput.addEventListener("change", () => {
       this.agent = agentInput.value.trim();
@@ -79,7 +77,7 @@ export class TasksView {
     this.el = h(
       "div",
       { class: "tasks" },
-      h("div", { class: "filters" }, stateSelect, agentInput, this.agentList, searchInput, this.count, this.more, this.note),
+      h("div", { class: "filters" }, stateSelect, agentInput, searchInput, this.count, this.more, this.note),
       h("div", { class: "vhead" }, ...COLUMNS.map((c) => h("div", { class: `c-${c.toLowerCase()}` }, c))),
       this.viewport,
     );
@@ -131,10 +129,6 @@ export class TasksView {
       this.spacer.style.height = `${this.rows.length * ROW_HEIGHT}px`;
       setText(this.count, `${this.rows.length} task${this.rows.length === 1 ? "" : "s"}`);
       this.more.hidden = this.live() || !this.nextPage;
-      const ids = [...this.model.agents.keys()].sort();
-      if (this.agentList.childElementCount !== ids.length) {
-        this.agentList.replaceChildren(...ids.map((id) => h("option", { value: id })));
-      }
     }
     this.paint();
   }
