@@ -693,3 +693,33 @@ async fn dashboard_keeps_up_with_10k_tasks_and_200_events_per_second() {
     page.close().await;
     hub.stop().await;
 }
+
+/// Revoke a token directly in the store (as `agenthub token revoke` does).
+fn revoke(hub: &TestHub, token: &str) {
+    use agenthub::store::Store;
+    let store = agenthub::store::sqlite::SqliteStore::open(&hub.dir, None, None).unwrap();
+    let hash = agenthub::auth::hash_token(token);
+    let record = store
+        .list_tokens()
+        .unwrap()
+        .into_iter()
+        .find(|t| t.hash == hash)
+        .expect("token issued");
+    assert!(store.revoke_token(&record.id).unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_signs_out_plainly_when_its_token_is_revoked() {
+    let _one = BROWSER.lock().await;
+    let hub = TestHub::start().await;
+    let viewer = hub.token(Role::Viewer, None);
+    let mut page = Page::open(&hub).await;
+    page.sign_in(&viewer).await;
+    revoke(&hub, &viewer);
+    page.wait("#login-error:has-text('wrong, expired or revoked')")
+        .await;
+    let kept = page.eval("sessionStorage.getItem('agenthub.token')").await;
+    assert_eq!(kept, Value::Null, "a revoked token is forgotten");
+    page.close().await;
+    hub.stop().await;
+}
