@@ -9,6 +9,7 @@ import { feedEvent, isFinal, kindName, priorityName, stateName, type FeedEvent }
 
 /** Events drawn in the timeline (the latest). */
 const MAX_TIMELINE = 500;
+const REFRESH_MS = 150;
 
 export class TaskDetail {
   readonly el: HTMLElement;
@@ -18,6 +19,7 @@ export class TaskDetail {
   private lastSeq = 0;
   private message = "";
   private dirty = true;
+  private refreshing = false;
 
   constructor(
     readonly taskId: string,
@@ -54,7 +56,7 @@ export class TaskDetail {
           if (ev.seq <= this.lastSeq) continue;
           this.lastSeq = ev.seq;
           this.events.push(ev);
-          if (ev.seq > Number(this.task.lastSeq)) await this.refreshTask();
+          if (this.task && ev.seq > Number(this.task.lastSeq)) this.refreshSoon();
           this.mark();
         }
       } catch {
@@ -64,12 +66,20 @@ export class TaskDetail {
     }
   }
 
-  private async refreshTask(): Promise<void> {
-    try {
-      this.task = await this.hub.getTask({ taskId: this.taskId }, { signal: this.abort.signal });
-    } catch {
-      // Shown from events until the next one.
-    }
+  /** Re-read the task after events, at most every REFRESH_MS (a busy task sends many). */
+  private refreshSoon(): void {
+    if (this.refreshing) return;
+    this.refreshing = true;
+    setTimeout(async () => {
+      try {
+        this.task = await this.hub.getTask({ taskId: this.taskId }, { signal: this.abort.signal });
+        this.mark();
+      } catch {
+        // Shown as it was until the next event.
+      } finally {
+        this.refreshing = false;
+      }
+    }, REFRESH_MS);
   }
 
   private mark(): void {

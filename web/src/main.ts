@@ -98,6 +98,10 @@ class Dashboard {
   private scheduled = false;
   private lastSlow = 0;
   private slowTimer = 0;
+  private ticker = 0;
+  private listeners = new AbortController();
+  /** A pointer is down: views rebuilt wholesale wait for its release. */
+  private pressed = false;
 
   constructor(
     private hub: Hub,
@@ -135,14 +139,27 @@ class Dashboard {
     );
     const wanted = location.hash.slice(1) as View;
     this.show(this.tabs.has(wanted) ? wanted : "fleet");
-    setInterval(() => {
+    this.ticker = window.setInterval(() => {
       this.model.sampleDepth(Date.now());
       this.invalidate();
     }, 1000);
+    // A click must not land on a node replaced between press and release.
+    const signal = this.listeners.signal;
+    document.addEventListener("pointerdown", () => (this.pressed = true), { signal });
+    document.addEventListener(
+      "pointerup",
+      () => {
+        this.pressed = false;
+        this.invalidate();
+      },
+      { signal },
+    );
     void this.live.start();
   }
 
   private signOut(message: string): void {
+    clearInterval(this.ticker);
+    this.listeners.abort();
     this.live.stop();
     this.detail?.stop();
     forgetToken();
@@ -201,7 +218,7 @@ class Dashboard {
     if (this.view === "tasks") this.tasks.render();
     else if (this.view !== "push") {
       const now = performance.now();
-      if (now - this.lastSlow >= SLOW_VIEW_MS) {
+      if (now - this.lastSlow >= SLOW_VIEW_MS && !this.pressed) {
         this.lastSlow = now;
         if (this.view === "fleet") renderFleet(this.main, this.model, (id) => this.openTask(id));
         if (this.view === "queue") renderQueue(this.main, this.model, (id) => this.openTask(id));
@@ -213,7 +230,7 @@ class Dashboard {
         }, SLOW_VIEW_MS);
       }
     }
-    this.detail?.render();
+    if (!this.pressed) this.detail?.render();
     const key = [...this.model.agents.keys()].sort().join(" ");
     if (key !== this.agentIdsKey) {
       this.agentIdsKey = key;
