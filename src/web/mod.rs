@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -46,26 +46,32 @@ pub fn router(hub: Arc<Hub>, shutdown: watch::Receiver<bool>) -> Router {
         auth_interceptor(hub),
     ));
     Router::new()
-        .route(
-            "/",
-            get(|| async { asset(INDEX_HTML, "text/html; charset=utf-8") }),
-        )
-        .route(
-            "/assets/app.js",
-            get(|| async { asset(APP_JS, "text/javascript; charset=utf-8") }),
-        )
-        .route(
-            "/assets/app.css",
-            get(|| async { asset(APP_CSS, "text/css; charset=utf-8") }),
-        )
+        .route("/", get(index))
+        .route("/assets/app.js", get(app_js))
+        .route("/assets/app.css", get(app_css))
         .route_service(GRPC_WEB_PATH, grpc_web)
 }
 
-/// An embedded file; revalidated by its build hash so a new binary's page is
-/// never mixed with an old cached script.
-fn asset(body: &'static str, content_type: &'static str) -> Response {
+async fn index(request: HeaderMap) -> Response {
+    asset(&request, INDEX_HTML, "text/html; charset=utf-8")
+}
+
+async fn app_js(request: HeaderMap) -> Response {
+    asset(&request, APP_JS, "text/javascript; charset=utf-8")
+}
+
+async fn app_css(request: HeaderMap) -> Response {
+    asset(&request, APP_CSS, "text/css; charset=utf-8")
+}
+
+/// An embedded file, revalidated by its build hash (`ETag`; `304` when it
+/// matches) so a new binary's page is never mixed with an old cached script.
+fn asset(request: &HeaderMap, body: &'static str, content_type: &'static str) -> Response {
     let etag = HeaderValue::from_str(&format!("\"{}\"", BUILD_HASH.trim()))
         .unwrap_or(HeaderValue::from_static("\"dev\""));
+    if request.get(header::IF_NONE_MATCH) == Some(&etag) {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+    }
     (
         StatusCode::OK,
         [

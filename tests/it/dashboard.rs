@@ -66,10 +66,9 @@ impl Page {
     }
 
     async fn try_call(&mut self, cmd: Value) -> Result<Value, String> {
-        let line = format!("{cmd}\n");
-        if self.stdin.write_all(line.as_bytes()).await.is_err() {
-            // The driver exited (e.g. it could not start Chromium): read why.
-        }
+        // If the driver already exited (e.g. it could not start Chromium),
+        // the write fails and the read below returns its last word.
+        let _ = self.stdin.write_all(format!("{cmd}\n").as_bytes()).await;
         let reply = tokio::time::timeout(DRIVER_TIMEOUT, self.lines.next_line())
             .await
             .map_err(|_| format!("driver: no reply to {cmd} within {DRIVER_TIMEOUT:?}"))?
@@ -304,6 +303,15 @@ async fn dashboard_page_and_grpc_web_are_served_on_the_http_listener() {
         );
         assert!(!body.is_empty(), "{path}");
     }
+
+    // Revalidation by build hash.
+    let etag = format!("\"{}\"", agenthub::web::BUILD_HASH.trim());
+    let again = format!(
+        "GET /assets/app.js HTTP/1.1\r\nhost: x\r\nif-none-match: {etag}\r\nconnection: close\r\n\r\n"
+    );
+    let (head, body) = http(&hub, again.as_bytes()).await;
+    assert!(head.starts_with("http/1.1 304"), "{head}");
+    assert!(body.is_empty());
 
     // gRPC-Web: the same service and auth as the gRPC listener.
     let viewer = hub.token(Role::Viewer, None);
