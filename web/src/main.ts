@@ -172,7 +172,7 @@ class Dashboard {
     const text = c === "live" ? "live" : c === "reconnecting" ? "reconnecting…" : c;
     setText(this.status, text);
     this.status.className = `status ${c}`;
-    if (c === "reconnecting") {
+    if (c === "reconnecting" && (message || this.banner.hidden)) {
       this.banner.hidden = false;
       setText(this.banner, `Connection to the hub lost${message ? ` (${message})` : ""}: reconnecting… The feed resumes where it stopped.`);
     } else if (c === "live") {
@@ -236,11 +236,12 @@ class Dashboard {
       this.agentIdsKey = key;
       this.agentIds.replaceChildren(...[...this.model.agents.keys()].sort().map((id) => h("option", { value: id })));
     }
-    // The frame that shows these events is painted right after this task.
+    // This runs in an animation frame callback: the frame is painted before
+    // any task queued now, so the message marks when these events are on screen.
     if (fresh.length) {
       const channel = new MessageChannel();
       channel.port1.onmessage = () => this.model.shown(Date.now(), fresh);
-      requestAnimationFrame(() => channel.port2.postMessage(null));
+      channel.port2.postMessage(null);
     }
   }
 

@@ -130,6 +130,8 @@ export interface Stats {
   seqs: number[];
   /** Event timestamp → the frame that showed it, ms (bounded). */
   latencies: number[];
+  /** Event timestamp → its arrival in the page, ms (bounded): the hub's and the network's share. */
+  arrivals: number[];
 }
 
 export class Model {
@@ -148,7 +150,7 @@ export class Model {
   version = 0;
   /** Tasks referenced by events but not yet known in detail. */
   missing = new Set<string>();
-  stats: Stats = { lastSeq: 0, applied: 0, duplicates: 0, gaps: 0, reconnects: 0, connection: "idle", seqs: [], latencies: [] };
+  stats: Stats = { lastSeq: 0, applied: 0, duplicates: 0, gaps: 0, reconnects: 0, connection: "idle", seqs: [], latencies: [], arrivals: [] };
 
   clearTasks(): void {
     this.tasks.clear();
@@ -220,6 +222,7 @@ export class Model {
     s.lastSeq = ev.seq;
     s.applied++;
     if (s.seqs.length < MAX_RECORDED) s.seqs.push(ev.seq);
+    if (s.arrivals.length < MAX_RECORDED) s.arrivals.push(Date.now() - ev.ts);
 
     this.feed.unshift(ev);
     if (this.feed.length > FEED_SIZE) this.feed.length = FEED_SIZE;
