@@ -18,7 +18,7 @@
 // and page errors are printed to stderr.
 
 import { createInterface } from "node:readline";
-import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, mkdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
@@ -32,7 +32,10 @@ try {
   fail("playwright-core is not installed: run scripts/test-deps.sh");
 }
 
-const profile = mkdtempSync(join(tmpdir(), "agenthub-chromium-"));
+// A fresh, throwaway profile; in memory where possible, so that the browser's
+// own disk writes do not stall it on a busy machine.
+const profileRoot = existsSync("/dev/shm") ? "/dev/shm" : tmpdir();
+const profile = mkdtempSync(join(profileRoot, "agenthub-chromium-"));
 let context;
 try {
   context = await chromium.launchPersistentContext(profile, {

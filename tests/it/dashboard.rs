@@ -581,15 +581,25 @@ async fn dashboard_reconnects_after_a_hub_restart_and_resumes_without_duplicates
 }
 
 /// 10,000 queued tasks in the table, then 200 events/s for a few seconds:
-/// event-to-screen p99 (hub timestamp → the frame after the one that drew
-/// the event) must stay within 500 ms while the table scrolls.
+/// event-to-screen p99 (hub timestamp → just after the frame that drew the
+/// event is painted) must stay within 500 ms while the table scrolls.
+///
+/// The hub's data dir is in memory (/dev/shm where there is one): this
+/// measures the page and the delivery path, not the fsync latency of a disk
+/// shared with whatever else the machine is doing (that is the benchmarks').
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_keeps_up_with_10k_tasks_and_200_events_per_second() {
     const TASKS: usize = 10_000;
     const RATE: u64 = 200;
     const SECONDS: u64 = 8;
     let _one = BROWSER.lock().await;
-    let hub = TestHub::start().await;
+    let shm = Path::new("/dev/shm");
+    let data = if shm.is_dir() {
+        tempfile::tempdir_in(shm).unwrap()
+    } else {
+        tempfile::tempdir().unwrap()
+    };
+    let hub = TestHub::start_in(data.path(), |_| {}).await;
 
     // 10,000 tasks waiting for a capability nobody has yet.
     let client = hub.client().await;
@@ -707,6 +717,7 @@ async fn dashboard_keeps_up_with_10k_tasks_and_200_events_per_second() {
     }
     page.close().await;
     hub.stop().await;
+    drop(data);
 }
 
 /// Revoke a token directly in the store (as `agenthub token revoke` does).
