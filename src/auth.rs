@@ -8,48 +8,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::{Error, Result};
 use crate::model::now_ms;
+pub use crate::model::{Role, TokenRecord};
 use crate::store::Store;
 
 /// How long a verified token is trusted without asking the store again
 /// (so a revoked token stops working within this).
 pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(2);
-
-/// What a token may do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// One sidecar; WebSocket only.
-    Agent,
-    /// Push, cancel, retry, read, watch.
-    Orchestrator,
-    /// Read and watch.
-    Viewer,
-    /// Everything, including tokens.
-    Admin,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Agent => "agent",
-            Role::Orchestrator => "orchestrator",
-            Role::Viewer => "viewer",
-            Role::Admin => "admin",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Role> {
-        [Role::Agent, Role::Orchestrator, Role::Viewer, Role::Admin]
-            .into_iter()
-            .find(|r| r.as_str() == s)
-    }
-}
 
 /// An operation class checked against a role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,19 +27,6 @@ pub enum Access {
     Read,
     /// PushTask, CancelTask, RetryTask.
     Write,
-}
-
-/// A token as stored (hash only).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct TokenRecord {
-    /// Public handle for `token list` / `token revoke`.
-    pub id: String,
-    #[serde(skip)]
-    pub hash: String,
-    pub role: Role,
-    pub agent_id: Option<String>,
-    pub created_at_ms: i64,
-    pub revoked: bool,
 }
 
 /// Who a verified token belongs to.

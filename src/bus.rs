@@ -12,7 +12,8 @@ use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::error::{Error, Result};
-use crate::model::{EncodedEvent, EventFilter, Seq};
+use crate::model::{EventFilter, Seq};
+use crate::pb::wire::EncodedEvent;
 use crate::store::Store;
 
 /// Events read from the store per catch-up query.
@@ -61,12 +62,16 @@ impl EventBus {
     ) -> Result<mpsc::Receiver<WatchItem>> {
         // Subscribe before anything is read from the store.
         let live = self.tx.subscribe();
+        let head = store.durable_seq();
         let cursor = match after {
+            Some(n) if n > head => {
+                return Err(Error::CursorAhead { after_seq: n, head });
+            }
             Some(n) => {
                 check_retained(&*store, n)?;
                 n
             }
-            None => store.durable_seq(),
+            None => head,
         };
         let (out, rx) = mpsc::channel(WATCHER_QUEUE);
         let guard = WatcherGuard::new(self.watchers.clone());
@@ -88,7 +93,7 @@ impl EventBus {
 
 fn check_retained(store: &dyn Store, after: Seq) -> Result<()> {
     let first = store.first_retained_seq();
-    if after + 1 < first {
+    if after.saturating_add(1) < first {
         return Err(Error::OutOfRange {
             after_seq: after,
             first,
@@ -127,7 +132,12 @@ impl Watcher {
                 return Ok(());
             }
             loop {
-                match live.recv().await {
+                let next = tokio::select! {
+                    next = live.recv() => next,
+                    // The client went away: end now, not at the next matching event.
+                    _ = self.out.closed() => return Ok(()),
+                };
+                match next {
                     Ok(ev) => {
                         if !self.offer(ev).await {
                             return Ok(());
@@ -149,13 +159,16 @@ impl Watcher {
             let page = tokio::task::spawn_blocking(move || {
                 let page = store.read_events(after, CATCH_UP_PAGE)?;
                 // Pruned under our feet: the stream would have a hole.
-                if page.first().is_some_and(|e| e.seq != after + 1) {
+                if page
+                    .first()
+                    .is_some_and(|e| Some(e.seq) != after.checked_add(1))
+                {
                     check_retained(&*store, after)?;
                 }
                 Ok::<_, Error>(page)
             })
             .await
-            .map_err(|e| Error::Store(e.to_string()))??;
+            .map_err(|e| Error::storage(e.to_string()))??;
             if page.is_empty() {
                 return Ok(true);
             }
@@ -173,6 +186,7 @@ impl Watcher {
             return true;
         }
         self.cursor = ev.seq;
-        !self.filter.matches(&ev) || self.out.send(Ok(ev)).await.is_ok()
+        !self.filter.matches(&ev.task_id, &ev.agent_id, ev.kind)
+            || self.out.send(Ok(ev)).await.is_ok()
     }
 }

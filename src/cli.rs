@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{self, Config};
+use crate::config::{self, parse_duration, Config};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -211,22 +211,4 @@ pub enum TasksCommand {
         client: ClientArgs,
         task_id: String,
     },
-}
-
-/// `500ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = num.parse().map_err(|_| format!("invalid duration `{s}`"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("invalid duration unit in `{s}` (use ms, s, m, h)")),
-    };
-    Ok(Duration::from_secs_f64(secs))
 }

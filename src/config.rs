@@ -20,6 +20,8 @@ pub const DEFAULT_RECONNECT_GRACE: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_WATCH_BUFFER: usize = 16 * 1024;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_WS_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_WS_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Everything a hub needs to start.
 #[derive(Clone, Debug)]
@@ -40,6 +42,11 @@ pub struct Config {
     pub ws_ping_interval: Duration,
     /// ...and closes a socket silent for `ws_ping_interval + ws_ping_timeout`.
     pub ws_ping_timeout: Duration,
+    /// A frame the peer does not take within this ends the session (it
+    /// stopped reading and its TCP window is full).
+    pub ws_write_timeout: Duration,
+    /// Longest wait for the peer's close frame (and for the writer to finish).
+    pub ws_close_timeout: Duration,
     /// No `task_accepted` within this after `task_assign`: the task is reclaimed.
     pub accept_timeout: Duration,
     /// No report within this while running: the task is reclaimed. `None`: off.
@@ -70,6 +77,8 @@ impl Config {
             outbound_queue: DEFAULT_OUTBOUND_QUEUE,
             ws_ping_interval: DEFAULT_WS_PING_INTERVAL,
             ws_ping_timeout: DEFAULT_WS_PING_TIMEOUT,
+            ws_write_timeout: DEFAULT_WS_WRITE_TIMEOUT,
+            ws_close_timeout: DEFAULT_WS_CLOSE_TIMEOUT,
             accept_timeout: DEFAULT_ACCEPT_TIMEOUT,
             progress_timeout: None,
             reconnect_grace: DEFAULT_RECONNECT_GRACE,
@@ -100,6 +109,8 @@ impl Config {
             || self.ws_ping_interval.is_zero()
             || self.ws_ping_timeout.is_zero()
             || self.accept_timeout.is_zero()
+            || self.ws_write_timeout.is_zero()
+            || self.ws_close_timeout.is_zero()
         {
             return bad("timeouts must be greater than zero");
         }
@@ -108,4 +119,22 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `500ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration `{s}`"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration unit in `{s}` (use ms, s, m, h)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
 }

@@ -1,8 +1,48 @@
 //! One error type for the whole hub, and the only place that maps it to the wire:
 //! gRPC status codes, WebSocket `error` codes and HTTP statuses.
 
+/// Why the store cannot take writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StorageFault {
+    /// The disk (or quota) is full.
+    Full,
+    /// The operating system reported an I/O error.
+    Io,
+    /// The database or its directory is read-only.
+    ReadOnly,
+    /// Another process held the database lock longer than the store waits.
+    Busy,
+    /// The database file is damaged.
+    Corrupt,
+    /// The log rejected the write (another writer got there first).
+    Conflict,
+    /// Anything else.
+    Other,
+}
+
+impl StorageFault {
+    /// Short, stable name (used in `/health` and error details).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageFault::Full => "disk_full",
+            StorageFault::Io => "io_error",
+            StorageFault::ReadOnly => "read_only",
+            StorageFault::Busy => "busy",
+            StorageFault::Corrupt => "corrupt",
+            StorageFault::Conflict => "conflict",
+            StorageFault::Other => "storage_error",
+        }
+    }
+}
+
+impl std::fmt::Display for StorageFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Everything that can go wrong in a hub operation.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum Error {
     #[error("missing or invalid token")]
     Unauthenticated,
@@ -30,17 +70,48 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("cursor {after_seq} is older than the retained history (first retained seq {first})")]
     OutOfRange { after_seq: u64, first: u64 },
+    #[error("cursor {after_seq} is ahead of the log (last seq {head})")]
+    CursorAhead { after_seq: u64, head: u64 },
+    #[error("cursor belongs to log {given}, this hub's log is {current}")]
+    LogMismatch { given: String, current: String },
     #[error("the hub is shutting down")]
     ShuttingDown,
-    #[error("storage error: {0}")]
-    Store(String),
+    /// The store cannot take writes (or failed one). Nothing of the failed
+    /// change is visible or acknowledged.
+    #[error("storage unavailable ({fault}): {detail}")]
+    Storage { fault: StorageFault, detail: String },
+}
+
+impl Error {
+    /// A storage error of no particular kind.
+    pub fn storage(detail: impl Into<String>) -> Error {
+        Error::Storage {
+            fault: StorageFault::Other,
+            detail: detail.into(),
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Self {
-        Error::Store(e.to_string())
+        use rusqlite::ErrorCode as C;
+        let fault = match &e {
+            rusqlite::Error::SqliteFailure(f, _) => match f.code {
+                C::DiskFull => StorageFault::Full,
+                C::ReadOnly => StorageFault::ReadOnly,
+                C::DatabaseBusy | C::DatabaseLocked => StorageFault::Busy,
+                C::SystemIoFailure | C::CannotOpen => StorageFault::Io,
+                C::DatabaseCorrupt | C::NotADatabase => StorageFault::Corrupt,
+                _ => StorageFault::Other,
+            },
+            _ => StorageFault::Other,
+        };
+        Error::Storage {
+            fault,
+            detail: e.to_string(),
+        }
     }
 }
 
@@ -56,6 +127,7 @@ impl Error {
             Error::TaskFinished(_) => "task_finished",
             Error::InvalidArgument(_) => "invalid_message",
             Error::ShuttingDown => "shutting_down",
+            Error::Storage { .. } => "storage_unavailable",
             _ => "internal_error",
         }
     }
@@ -81,7 +153,7 @@ impl Error {
             Error::AlreadyExists(_) => (409, "already_exists".into()),
             Error::InvalidArgument(m) => (400, m.clone()),
             Error::ShuttingDown => (503, "shutting_down".into()),
-            Error::Store(_) => (500, "internal_error".into()),
+            Error::Storage { fault, .. } => (503, format!("storage_unavailable: {fault}")),
             other => (409, other.to_string()),
         }
     }
@@ -101,16 +173,40 @@ impl From<Error> for tonic::Status {
             Error::UnknownTask(_) => Status::not_found(e.to_string()),
             Error::AlreadyExists(_) => Status::already_exists(e.to_string()),
             Error::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
-            Error::OutOfRange { .. } => Status::out_of_range(e.to_string()),
+            Error::OutOfRange { .. } | Error::CursorAhead { .. } => {
+                Status::out_of_range(e.to_string())
+            }
+            Error::LogMismatch { .. } => Status::failed_precondition(e.to_string()),
             Error::NotTaskOwner(_)
             | Error::StaleGeneration { .. }
             | Error::TaskFinished(_)
             | Error::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
             Error::ShuttingDown => Status::unavailable(e.to_string()),
-            Error::Store(detail) => {
-                tracing::error!(%detail, "storage error");
-                Status::internal("internal storage error")
+            Error::Storage { fault, detail } => {
+                tracing::warn!(%fault, %detail, "write refused: storage unavailable");
+                let msg = format!(
+                    "storage unavailable ({}): the hub refuses writes until it recovers; reads go on",
+                    fault_text(*fault)
+                );
+                if *fault == StorageFault::Full {
+                    Status::resource_exhausted(msg)
+                } else {
+                    Status::unavailable(msg)
+                }
             }
         }
+    }
+}
+
+/// The cause as an operator reads it.
+pub fn fault_text(fault: StorageFault) -> &'static str {
+    match fault {
+        StorageFault::Full => "disk full",
+        StorageFault::Io => "I/O error",
+        StorageFault::ReadOnly => "read-only storage",
+        StorageFault::Busy => "database locked by another process",
+        StorageFault::Corrupt => "database corrupt",
+        StorageFault::Conflict => "write conflict in the log",
+        StorageFault::Other => "storage error",
     }
 }

@@ -18,6 +18,9 @@ use crate::pb::{self, wire::EventBytes};
 
 pub use pb::server::task_hub_server::TaskHubServer;
 
+/// Response header of `WatchTaskEvents` naming the log its seqs belong to.
+pub const LOG_ID_HEADER: &str = "agenthub-log-id";
+
 /// The service; authentication happens in [`auth_interceptor`].
 pub struct TaskHubService {
     hub: Arc<Hub>,
@@ -116,17 +119,21 @@ impl TaskHub for TaskHubService {
             agent_id: non_empty(r.agent_id),
             kinds,
         };
-        let rx = self.hub.watch(r.after_seq, filter)?;
+        let rx = self.hub.watch(r.after_seq, r.log_id.as_deref(), filter)?;
         let mut shutdown = self.shutdown.clone();
         let stream = ReceiverStream::new(rx)
             .map(|item| match item {
-                Ok(ev) => Ok(EventBytes(ev.proto.clone())),
+                Ok(ev) => Ok(EventBytes(ev.proto().clone())),
                 Err(e) => Err(Status::from(e)),
             })
             .take_until(async move {
                 let _ = shutdown.wait_for(|s| *s).await;
             });
-        Ok(Response::new(Box::pin(stream)))
+        let mut response = Response::new(Box::pin(stream) as EventStream);
+        if let Ok(v) = self.hub.log_id().parse() {
+            response.metadata_mut().insert(LOG_ID_HEADER, v);
+        }
+        Ok(response)
     }
 
     async fn get_task(
@@ -160,6 +167,7 @@ impl TaskHub for TaskHubService {
             tasks: page.tasks.iter().map(pb::Task::from).collect(),
             next_page_token: page.next_page_token.unwrap_or_default(),
             as_of_seq: page.as_of_seq,
+            log_id: page.log_id,
         }))
     }
 

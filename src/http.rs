@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::Access;
 use crate::error::Error;
@@ -32,15 +33,23 @@ pub const WS_MAX_WRITE_BUFFER: usize = 8 * 1024 * 1024;
 struct AppState {
     hub: Arc<Hub>,
     shutdown: watch::Receiver<bool>,
+    /// Every upgraded socket's task, so shutdown can wait for them to close.
+    sessions: TaskTracker,
 }
 
-pub fn router(hub: Arc<Hub>, shutdown: watch::Receiver<bool>) -> Router {
+/// The HTTP routes. Upgraded WebSocket sessions are tracked in `sessions`
+/// (they outlive the HTTP request); they end when `shutdown` turns true.
+pub fn router(hub: Arc<Hub>, shutdown: watch::Receiver<bool>, sessions: TaskTracker) -> Router {
     Router::new()
         .route("/ws", get(ws_upgrade))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/api/admin/push-task", post(push_task))
-        .with_state(AppState { hub, shutdown })
+        .with_state(AppState {
+            hub,
+            shutdown,
+            sessions,
+        })
 }
 
 async fn ws_upgrade(State(st): State<AppState>, ws: WebSocketUpgrade) -> Response {
@@ -50,23 +59,42 @@ async fn ws_upgrade(State(st): State<AppState>, ws: WebSocketUpgrade) -> Respons
         .max_write_buffer_size(WS_MAX_WRITE_BUFFER)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| crate::ws::session::run(socket, st.hub, st.shutdown))
+        .on_upgrade(move |socket| {
+            let token = st.sessions.token();
+            async move {
+                crate::ws::session::run(socket, st.hub, st.shutdown).await;
+                drop(token);
+            }
+        })
 }
 
-async fn health(State(st): State<AppState>) -> Json<Value> {
-    let (agents, queued, last_seq) = st.hub.health();
-    Json(json!({
-        "status": "ok",
-        "agents_connected": agents,
-        "tasks_queued": queued,
-        "last_seq": last_seq,
+/// 200 `{"status":"ok",...}`, or 503 `{"status":"degraded","reason":..}`
+/// while the store refuses writes.
+async fn health(State(st): State<AppState>) -> Response {
+    let h = st.hub.health();
+    let mut body = json!({
+        "status": if h.degraded.is_some() { "degraded" } else { "ok" },
+        "agents_connected": h.agents_connected,
+        "tasks_queued": h.tasks_queued,
+        "last_seq": h.last_seq,
+        "log_id": st.hub.log_id(),
         "version": env!("CARGO_PKG_VERSION"),
-    }))
+    });
+    match h.degraded {
+        Some(reason) => {
+            body["reason"] = Value::from(reason);
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+        None => Json(body).into_response(),
+    }
 }
 
 async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         st.hub.render_metrics(),
     )
 }

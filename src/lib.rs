@@ -7,10 +7,11 @@
 //! # Layout
 //! - [`config`]: `Config`, defaults, validation.
 //! - [`error`]: the one error type and its mapping to gRPC / WebSocket / HTTP.
-//! - [`model`]: tasks, events, agents: plain data.
+//! - [`model`]: tasks, events, agents, tokens: plain data.
+//! - [`link`]: typed messages between the hub and agent connections.
 //! - [`hub`]: task state transitions, sessions registry, scheduler, timers.
 //! - [`bus`]: event fan-out to watchers; catch-up from the store.
-//! - [`store`]: the `Store` trait and the embedded SQLite backend.
+//! - [`store`]: the `Store` trait, the embedded SQLite backend, fault injection.
 //! - [`auth`]: tokens and roles.
 //! - [`grpc`], [`pb`]: the `agenthub.v1.TaskHub` service and its types.
 //! - [`http`], [`ws`]: the HTTP listener and the sidecar WebSocket protocol.
@@ -28,6 +29,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod hub;
+pub mod link;
 pub mod metrics;
 pub mod model;
 pub mod pb;

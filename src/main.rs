@@ -72,7 +72,7 @@ fn token(cmd: TokenCommand) -> Result<()> {
             role,
             data_dir,
         } => {
-            let store = SqliteStore::open(&data_dir, None, None)?;
+            let store = SqliteStore::open(&data_dir, None, false)?;
             let role = match (&agent, role.as_deref()) {
                 (Some(_), None | Some("agent")) => Role::Agent,
                 (None, Some(r)) => Role::parse(r).ok_or_else(|| {
@@ -85,13 +85,13 @@ fn token(cmd: TokenCommand) -> Result<()> {
             println!("{secret}");
         }
         TokenCommand::List { data_dir } => {
-            let store = SqliteStore::open(&data_dir, None, None)?;
+            let store = SqliteStore::open(&data_dir, None, false)?;
             for t in store.list_tokens()? {
                 println!("{}", serde_json::to_string(&t)?);
             }
         }
         TokenCommand::Revoke { id, data_dir } => {
-            let store = SqliteStore::open(&data_dir, None, None)?;
+            let store = SqliteStore::open(&data_dir, None, false)?;
             if !store.revoke_token(&id)? {
                 bail!("no token with id {id}");
             }
@@ -163,6 +163,7 @@ async fn watch(args: WatchArgs) -> Result<()> {
             task_id: args.task.unwrap_or_default(),
             agent_id: args.agent.unwrap_or_default(),
             kinds,
+            log_id: None,
         })
         .await
         .map_err(status_err)?

@@ -1,135 +1,238 @@
-//! Counters for `/metrics` (Prometheus text format). Gauges that can be read
-//! off the hub's state (tasks by state, queue depth, agents) are computed at
-//! scrape time instead of being kept here.
+//! `/metrics`: every figure is kept as it changes (prometheus-client
+//! counters, gauges and histograms), or read in O(1) from a counter the hub
+//! keeps (tasks by state, queue depth): a scrape never scans tasks.
+//! Exposed in the OpenMetrics text format, which Prometheus scrapes natively.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
 
-use std::collections::BTreeMap;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
-/// Upper bounds (ms) of the assignment-latency histogram buckets.
-const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000, 30000];
+use crate::store::{Store, COMMIT_BUCKETS_US};
 
-#[derive(Default)]
-pub struct Metrics {
-    pub tasks_pushed: AtomicU64,
-    pub reports: AtomicU64,
-    pub ws_connections: AtomicU64,
-    reclaims: Mutex<BTreeMap<String, u64>>,
-    latency: Mutex<Histogram>,
+/// Upper bounds (s) of the assignment-wait histogram buckets.
+const WAIT_BUCKETS_S: [f64; 12] = [
+    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
 }
 
-#[derive(Default)]
-struct Histogram {
-    buckets: [u64; LATENCY_BUCKETS_MS.len()],
-    count: u64,
-    sum_ms: u64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PriorityLabel {
+    pub priority: &'static str,
+}
+
+/// The hub's metrics. Cheap handles (atomics inside); the registry owns the
+/// descriptions.
+pub struct Metrics {
+    registry: Registry,
+    pub tasks_pushed: Counter,
+    pub reports: Counter,
+    pub ws_connections: Counter,
+    pub storage_faults: Counter,
+    /// WebSocket sessions whose task is still running.
+    pub ws_sessions_open: Gauge<i64, AtomicI64>,
+    pub reclaims: Family<ReasonLabel, Counter>,
+    pub assignment_wait: Histogram,
+    /// Set at scrape time from counters the hub keeps as states change.
+    pub tasks: Family<StateLabel, Gauge<i64, AtomicI64>>,
+    pub queue_depth: Family<PriorityLabel, Gauge<i64, AtomicI64>>,
+    pub agents_connected: Gauge<i64, AtomicI64>,
+    pub last_event_seq: Gauge<i64, AtomicI64>,
+    pub watchers: Gauge<i64, AtomicI64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
 }
 
 impl Metrics {
-    pub fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            tasks_pushed: Counter::default(),
+            reports: Counter::default(),
+            ws_connections: Counter::default(),
+            storage_faults: Counter::default(),
+            ws_sessions_open: Gauge::default(),
+            reclaims: Family::default(),
+            assignment_wait: Histogram::new(WAIT_BUCKETS_S),
+            tasks: Family::default(),
+            queue_depth: Family::default(),
+            agents_connected: Gauge::default(),
+            last_event_seq: Gauge::default(),
+            watchers: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "agenthub_tasks_pushed",
+            "Tasks created by PushTask or the HTTP push endpoint",
+            m.tasks_pushed.clone(),
+        );
+        r.register(
+            "agenthub_sidecar_reports",
+            "Lifecycle reports received from sidecars",
+            m.reports.clone(),
+        );
+        r.register(
+            "agenthub_ws_connections",
+            "WebSocket connections accepted",
+            m.ws_connections.clone(),
+        );
+        r.register(
+            "agenthub_ws_sessions_open",
+            "WebSocket sessions still open (identified or not)",
+            m.ws_sessions_open.clone(),
+        );
+        r.register(
+            "agenthub_storage_faults",
+            "Failed commits (each puts the hub in degraded mode until a probe write succeeds)",
+            m.storage_faults.clone(),
+        );
+        r.register(
+            "agenthub_reclaims",
+            "Tasks taken back from agents, by reason",
+            m.reclaims.clone(),
+        );
+        r.register(
+            "agenthub_assignment_wait_seconds",
+            "Time from queueing to assignment",
+            m.assignment_wait.clone(),
+        );
+        r.register("agenthub_tasks", "Tasks by state", m.tasks.clone());
+        r.register(
+            "agenthub_queue_depth",
+            "Queued tasks by priority",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "agenthub_agents_connected",
+            "Sidecars connected and identified",
+            m.agents_connected.clone(),
+        );
+        r.register(
+            "agenthub_last_event_seq",
+            "Highest event seq assigned",
+            m.last_event_seq.clone(),
+        );
+        r.register(
+            "agenthub_watchers",
+            "Open WatchTaskEvents streams",
+            m.watchers.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn inc(counter: &Counter) {
+        counter.inc();
+    }
+
+    /// A commit failed and the hub went degraded.
+    pub fn storage_fault(&self) {
+        self.storage_faults.inc();
     }
 
     pub fn reclaimed(&self, reason: &str) {
-        *self
-            .reclaims
-            .lock()
-            .expect("metrics")
-            .entry(reason.to_string())
-            .or_default() += 1;
+        self.reclaims
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     /// Time a task waited in the queue before this assignment.
     pub fn assigned_after(&self, waited_ms: u64) {
-        let mut h = self.latency.lock().expect("metrics");
-        for (i, le) in LATENCY_BUCKETS_MS.iter().enumerate() {
-            if waited_ms <= *le {
-                h.buckets[i] += 1;
-            }
-        }
-        h.count += 1;
-        h.sum_ms += waited_ms;
+        self.assignment_wait.observe(waited_ms as f64 / 1e3);
     }
 
-    /// Append the counters kept here.
+    /// The whole exposition.
     pub fn render(&self, out: &mut String) {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        counter(
-            out,
-            "agenthub_tasks_pushed_total",
-            "Tasks created by PushTask or the HTTP push endpoint.",
-            get(&self.tasks_pushed),
-        );
-        counter(
-            out,
-            "agenthub_sidecar_reports_total",
-            "Lifecycle reports received from sidecars.",
-            get(&self.reports),
-        );
-        counter(
-            out,
-            "agenthub_ws_connections_total",
-            "WebSocket connections accepted.",
-            get(&self.ws_connections),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP agenthub_reclaims_total Tasks taken back from agents, by reason.\n# TYPE agenthub_reclaims_total counter"
-        );
-        for (reason, n) in self.reclaims.lock().expect("metrics").iter() {
-            let _ = writeln!(out, "agenthub_reclaims_total{{reason=\"{reason}\"}} {n}");
+        if prometheus_client::encoding::text::encode(out, &self.registry).is_err() {
+            let _ = writeln!(out, "# encoding failed");
         }
-        let h = self.latency.lock().expect("metrics");
-        let bounds: Vec<f64> = LATENCY_BUCKETS_MS
+    }
+}
+
+/// Set a gauge from an unsigned figure.
+pub(crate) fn gauge_set(g: &Gauge<i64, AtomicI64>, v: u64) {
+    g.set(i64::try_from(v).unwrap_or(i64::MAX));
+}
+
+/// The store's own figures, read at scrape time (the store counts them as
+/// it commits; reading them is O(1)).
+struct StoreCollector(Arc<dyn Store>);
+
+impl std::fmt::Debug for StoreCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreCollector")
+    }
+}
+
+impl Collector for StoreCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.0.commit_stats();
+        let events = ConstGauge::new(i64::try_from(self.0.event_count()).unwrap_or(i64::MAX));
+        events.encode(encoder.encode_descriptor(
+            "agenthub_events_stored",
+            "Events currently in the store",
+            None,
+            events.metric_type(),
+        )?)?;
+        let batches = ConstCounter::new(stats.batches);
+        batches.encode(encoder.encode_descriptor(
+            "agenthub_store_batches",
+            "Changes committed (one per hub operation)",
+            None,
+            batches.metric_type(),
+        )?)?;
+        let failed = ConstCounter::new(stats.failed_commits);
+        failed.encode(encoder.encode_descriptor(
+            "agenthub_store_commits_failed",
+            "Group commits that failed",
+            None,
+            failed.metric_type(),
+        )?)?;
+        let buckets: Vec<(f64, u64)> = COMMIT_BUCKETS_US
             .iter()
-            .map(|ms| *ms as f64 / 1e3)
+            .zip(stats.buckets.iter())
+            .map(|(us, n)| (*us as f64 / 1e6, *n))
+            .chain(std::iter::once((f64::INFINITY, stats.commits)))
             .collect();
-        histogram(
-            out,
-            "agenthub_assignment_wait_seconds",
-            "Time from queueing to assignment.",
-            &bounds,
-            &h.buckets,
-            h.count,
-            h.sum_ms as f64 / 1e3,
-        );
+        let mut m = encoder.encode_descriptor(
+            "agenthub_store_commit_seconds",
+            "Group commits, including the fsync",
+            None,
+            MetricType::Histogram,
+        )?;
+        m.encode_histogram::<NoLabelSet>(stats.total_us as f64 / 1e6, stats.commits, &buckets, None)
     }
 }
 
-/// One counter with its HELP and TYPE lines.
-pub fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-    );
-}
-
-/// A histogram: `bounds` in seconds, `cumulative[i]` observations ≤ `bounds[i]`.
-pub fn histogram(
-    out: &mut String,
-    name: &str,
-    help: &str,
-    bounds: &[f64],
-    cumulative: &[u64],
-    count: u64,
-    sum: f64,
-) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-    for (le, n) in bounds.iter().zip(cumulative) {
-        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+impl Metrics {
+    /// Expose the store's figures too.
+    pub fn register_store(&mut self, store: Arc<dyn Store>) {
+        self.registry
+            .register_collector(Box::new(StoreCollector(store)));
     }
-    let _ = writeln!(
-        out,
-        "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}"
-    );
-}
-
-/// One gauge with its HELP and TYPE lines.
-pub fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-    );
 }

@@ -1,6 +1,7 @@
 //! Tasks, events and agents as plain data: no I/O here.
 
 use serde::{Deserialize, Serialize};
+
 use serde_json::{Map, Value};
 
 /// Global event sequence number: unique and strictly increasing across the hub.
@@ -210,17 +211,6 @@ impl EventKind {
     }
 }
 
-/// A committed event as stored and fanned out: the fields watchers filter on,
-/// and its wire form (an encoded `agenthub.v1.TaskEvent`), encoded once.
-#[derive(Clone, Debug, PartialEq)]
-pub struct EncodedEvent {
-    pub seq: Seq,
-    pub task_id: String,
-    pub agent_id: String,
-    pub kind: EventKind,
-    pub proto: bytes::Bytes,
-}
-
 /// What a watcher wants to see.
 #[derive(Clone, Debug, Default)]
 pub struct EventFilter {
@@ -230,10 +220,10 @@ pub struct EventFilter {
 }
 
 impl EventFilter {
-    pub fn matches(&self, ev: &EncodedEvent) -> bool {
-        self.task_id.as_deref().is_none_or(|t| t == ev.task_id)
-            && self.agent_id.as_deref().is_none_or(|a| a == ev.agent_id)
-            && (self.kinds.is_empty() || self.kinds.contains(&ev.kind))
+    pub fn matches(&self, task_id: &str, agent_id: &str, kind: EventKind) -> bool {
+        self.task_id.as_deref().is_none_or(|t| t == task_id)
+            && self.agent_id.as_deref().is_none_or(|a| a == agent_id)
+            && (self.kinds.is_empty() || self.kinds.contains(&kind))
     }
 }
 
@@ -248,6 +238,50 @@ pub struct AgentInfo {
     pub connected_at: i64,
     pub active_task_ids: Vec<String>,
     pub max_concurrency: u32,
+}
+
+/// What a token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// One sidecar; WebSocket only.
+    Agent,
+    /// Push, cancel, retry, read, watch.
+    Orchestrator,
+    /// Read and watch.
+    Viewer,
+    /// Everything, including tokens.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Orchestrator => "orchestrator",
+            Role::Viewer => "viewer",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        [Role::Agent, Role::Orchestrator, Role::Viewer, Role::Admin]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+}
+
+/// A token as stored (hash only).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TokenRecord {
+    /// Public handle for `token list` / `token revoke`.
+    pub id: String,
+    #[serde(skip)]
+    pub hash: String,
+    pub role: Role,
+    pub agent_id: Option<String>,
+    pub created_at_ms: i64,
+    pub revoked: bool,
 }
 
 /// Current Unix time in milliseconds.

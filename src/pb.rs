@@ -16,6 +16,61 @@ pub mod wire {
     use prost::bytes::{Buf, BufMut, Bytes};
     use prost::encoding::{DecodeContext, WireType};
 
+    /// An event as stored and fanned out: the fields watchers filter on, and its
+    /// wire form (an encoded `agenthub.v1.crate::model::TaskEvent`). The wire form is made once,
+    /// outside the hub lock (by the store's writer, on first use), and the same
+    /// bytes go to the store and to every watcher.
+    #[derive(Debug)]
+    pub struct EncodedEvent {
+        pub seq: crate::model::Seq,
+        pub task_id: String,
+        pub agent_id: String,
+        pub kind: crate::model::EventKind,
+        /// The event itself until it is encoded (new events only).
+        source: Option<crate::model::TaskEvent>,
+        proto: std::sync::OnceLock<bytes::Bytes>,
+    }
+
+    impl EncodedEvent {
+        /// A new event, encoded on first use of [`EncodedEvent::proto`].
+        pub fn new(event: crate::model::TaskEvent) -> EncodedEvent {
+            EncodedEvent {
+                seq: event.seq,
+                task_id: event.task_id.clone(),
+                agent_id: event.agent_id.clone(),
+                kind: event.kind,
+                source: Some(event),
+                proto: std::sync::OnceLock::new(),
+            }
+        }
+
+        /// An event read back from the store, already encoded.
+        pub fn stored(
+            seq: crate::model::Seq,
+            task_id: String,
+            agent_id: String,
+            kind: crate::model::EventKind,
+            proto: bytes::Bytes,
+        ) -> EncodedEvent {
+            EncodedEvent {
+                seq,
+                task_id,
+                agent_id,
+                kind,
+                source: None,
+                proto: std::sync::OnceLock::from(proto),
+            }
+        }
+
+        /// The encoded `agenthub.v1.crate::model::TaskEvent`.
+        pub fn proto(&self) -> &bytes::Bytes {
+            self.proto.get_or_init(|| match &self.source {
+                Some(e) => super::encode_event(e),
+                None => bytes::Bytes::new(),
+            })
+        }
+    }
+
     /// An `agenthub.v1.TaskEvent` that is already encoded: sending it copies
     /// the bytes into the stream, with no per-watcher conversion or encoding.
     #[derive(Clone, Debug, Default, PartialEq)]

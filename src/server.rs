@@ -10,12 +10,15 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::grpc::{auth_interceptor, TaskHubServer, TaskHubService};
 use crate::hub::Hub;
+use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
 
 /// A hub with its listeners bound.
 pub struct Server {
@@ -49,11 +52,19 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr)>
 }
 
 impl Server {
-    /// Open the store and bind both listeners.
+    /// Open the embedded store and bind both listeners.
     pub async fn build(config: Config) -> Result<Server> {
+        config.validate()?;
+        let store = SqliteStore::open(&config.data_dir, config.event_retention, true)?;
+        Self::build_on(config, Arc::new(store)).await
+    }
+
+    /// Bind both listeners around a hub on `store` (any backend; tests use
+    /// a store with fault injection).
+    pub async fn build_on(config: Config, store: Arc<dyn Store>) -> Result<Server> {
         let (ws_listener, ws_addr) = bind(config.ws_addr, "WebSocket").await?;
         let (grpc_listener, grpc_addr) = bind(config.grpc_addr, "gRPC").await?;
-        let hub = Hub::open(config)?;
+        let hub = Hub::with_store(config, store)?;
         Ok(Server {
             hub,
             ws_listener,
@@ -85,13 +96,15 @@ impl Server {
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let timers = tokio::spawn(hub.clone().run_timers(stop_rx.clone()));
+        let recovery = tokio::spawn(hub.clone().run_recovery(stop_rx.clone()));
+        let sessions = TaskTracker::new();
 
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
 
         use axum::serve::ListenerExt;
-        let app = crate::http::router(hub.clone(), stop_rx.clone())
+        let app = crate::http::router(hub.clone(), stop_rx.clone(), sessions.clone())
             .merge(crate::web::router(hub.clone(), stop_rx.clone()));
         let ws_listener = ws_listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
@@ -133,14 +146,22 @@ impl Server {
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         let grace = hub.config().shutdown_grace;
-        let _ = tokio::time::timeout(grace, async {
+        sessions.close();
+        let drained = tokio::time::timeout(grace, async {
             let _ = http.await;
             let _ = grpc.await;
             let _ = timers.await;
+            let _ = recovery.await;
+            // Every socket has sent its close frame and ended its handshake.
+            sessions.wait().await;
         })
         .await;
-        // Let sockets flush their close frames, then finish queued writes.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if drained.is_err() {
+            tracing::warn!(
+                open = sessions.len(),
+                "shutdown grace over; closing with sessions still open"
+            );
+        }
         let closing = hub.clone();
         let _ = tokio::task::spawn_blocking(move || closing.close()).await;
         tracing::info!("stopped");

@@ -7,18 +7,17 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::Arc;
-use std::time::Instant;
 
 use serde_json::{json, Value};
+use tokio::time::Instant;
 
-use super::session::SessionHandle;
 use crate::config::Config;
+use crate::error::{Error, StorageFault};
+use crate::link::{Link, ToAgent};
 use crate::metrics::Metrics;
-use crate::model::{
-    EncodedEvent, EventKind, Generation, JsonObject, Priority, Seq, Task, TaskEvent, TaskState,
-};
-use crate::store::{Batch, TaskWrite};
-use crate::ws::protocol;
+use crate::model::{EventKind, Generation, JsonObject, Priority, Seq, Task, TaskEvent, TaskState};
+use crate::pb::wire::EncodedEvent;
+use crate::store::{Batch, Loaded, TaskWrite};
 
 /// A queued task's place: priority first, then creation order.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -29,10 +28,6 @@ pub(crate) struct QueueKey {
 }
 
 impl QueueKey {
-    pub fn task_id(&self) -> &str {
-        &self.task_id
-    }
-
     pub fn of(task: &Task) -> QueueKey {
         QueueKey {
             priority: Reverse(task.priority),
@@ -60,7 +55,7 @@ pub(crate) struct Agent {
     pub status: String,
     pub capabilities: Vec<String>,
     pub max_concurrency: u32,
-    pub session: Option<SessionHandle>,
+    pub session: Option<Link>,
     pub connected_at: i64,
     pub active: BTreeSet<String>,
     /// Assignment counter value of its last assignment (smaller = idle longer).
@@ -125,12 +120,33 @@ impl Txn {
         }
     }
 
-    /// Send `msg` to a sidecar once the transaction is durable.
-    pub fn send_after_commit(&mut self, session: &SessionHandle, msg: String) {
-        let session = session.clone();
+    /// Send `msg` to a sidecar once the transaction is durable (nothing if
+    /// the commit fails: the sidecar never hears of what was not stored).
+    pub fn send_after_commit(&mut self, link: &Link, msg: ToAgent) {
+        let link = link.clone();
         self.batch.then(move |r| {
             if r.is_ok() {
-                session.send(msg);
+                link.send(msg);
+            }
+        });
+    }
+
+    /// Answer a sidecar's report once the transaction is durable: `msg` on
+    /// success, else the storage error for `task_id` (the sidecar keeps its
+    /// report and sends it again).
+    pub fn reply_after_commit(&mut self, link: &Link, task_id: &str, msg: ToAgent) {
+        let link = link.clone();
+        let task_id = task_id.to_string();
+        self.batch.then(move |r| match r {
+            Ok(()) => {
+                link.send(msg);
+            }
+            Err(e) => {
+                let mut reply = ToAgent::from_error(e);
+                if let ToAgent::Error { task_id: t, .. } = &mut reply {
+                    *t = Some(task_id);
+                }
+                link.send(reply);
             }
         });
     }
@@ -151,6 +167,20 @@ pub(crate) struct Core {
     pub rejected_by: HashMap<String, Vec<String>>,
     /// Agents that lost a task to a timeout: the scheduler prefers others.
     pub avoid: HashMap<String, Vec<String>>,
+    /// Tasks per state (index: `TaskState::ALL`), kept as states change.
+    pub state_counts: [u64; 6],
+    /// Queued tasks per priority (index: `Priority::ALL`).
+    pub queued_by_priority: [u64; 4],
+    /// Last report (accept or progress) per RUNNING task, for the progress timeout.
+    pub last_activity: HashMap<String, Instant>,
+    /// Write epoch: batches carry it; a failed commit poisons its epoch and
+    /// the hub rebuilds from the store under a newer one.
+    pub epoch: u64,
+    /// Set while the store refuses writes: the cause.
+    pub degraded: Option<(StorageFault, String)>,
+    /// The store could not be read after a failed commit: memory may be
+    /// ahead of it, so nothing is served until a rebuild succeeds.
+    pub stale: bool,
     timer_nonce: u64,
     assign_counter: u64,
     /// A task was queued, a slot freed or an agent became eligible since the
@@ -160,52 +190,129 @@ pub(crate) struct Core {
 
 impl Core {
     /// Rebuild from the store at start. Every agent holding tasks is away
-    /// after a restart: it gets a fresh reconnect `grace`.
-    pub fn restore(tasks: Vec<Task>, last_seq: Seq, grace: std::time::Duration) -> Core {
+    /// after a restart: it gets a fresh reconnect grace.
+    pub fn restore(loaded: Loaded, cfg: &Config) -> Core {
         let mut core = Core {
-            last_seq,
+            epoch: 1,
             ..Core::default()
         };
-        for task in tasks {
-            core.order.insert(task.created_seq, task.task_id.clone());
-            if task.state == TaskState::Queued {
-                core.queue.insert(QueueKey::of(&task));
+        core.load(loaded, cfg);
+        core
+    }
+
+    /// Replace task state with what the store holds (after a failed commit:
+    /// whatever was not committed is forgotten). Connected sessions stay;
+    /// timers are re-armed from the rebuilt state.
+    pub fn rebuild(&mut self, loaded: Loaded, cfg: &Config) {
+        self.tasks.clear();
+        self.order.clear();
+        self.queue.clear();
+        self.state_counts = [0; 6];
+        self.queued_by_priority = [0; 4];
+        self.timers.clear();
+        self.last_activity.clear();
+        self.agents.retain(|_, a| a.session.is_some());
+        for a in self.agents.values_mut() {
+            a.active.clear();
+        }
+        self.stale = false;
+        self.load(loaded, cfg);
+    }
+
+    fn load(&mut self, loaded: Loaded, cfg: &Config) {
+        self.last_seq = loaded.last_seq;
+        let now = Instant::now();
+        let mut running = Vec::new();
+        let mut assigned = Vec::new();
+        for task in loaded.tasks {
+            self.order.insert(task.created_seq, task.task_id.clone());
+            count_in(&mut self.state_counts, task.state);
+            if task.state == TaskState::Queued && self.queue.insert(QueueKey::of(&task)) {
+                self.queued_by_priority[priority_index(task.priority)] += 1;
             }
             if task.state.is_active() {
                 if let Some(a) = &task.agent_id {
-                    core.agents
+                    self.agents
                         .entry(a.clone())
                         .or_insert_with(|| Agent::new(a))
                         .active
                         .insert(task.task_id.clone());
                 }
+                match task.state {
+                    TaskState::Running => running.push((task.task_id.clone(), task.generation)),
+                    _ => assigned.push((task.task_id.clone(), task.generation)),
+                }
             }
-            core.tasks.insert(task.task_id.clone(), task);
+            self.tasks.insert(task.task_id.clone(), task);
         }
-        let away: Vec<String> = core
+        let away: Vec<(String, u64)> = self
             .agents
             .values()
-            .filter(|a| !a.active.is_empty())
-            .map(|a| a.agent_id.clone())
+            .filter(|a| !a.active.is_empty() && a.session.is_none())
+            .map(|a| (a.agent_id.clone(), a.epoch))
             .collect();
-        let at = Instant::now() + grace;
-        for agent_id in away {
-            core.timer_nonce += 1;
-            core.timers
-                .insert((at, core.timer_nonce, Timer::Grace(agent_id, 0)));
+        for (agent_id, epoch) in away {
+            self.push_timer(now + cfg.reconnect_grace, Timer::Grace(agent_id, epoch));
         }
-        core
+        for (task_id, generation) in assigned {
+            self.push_timer(now + cfg.accept_timeout, Timer::Accept(task_id, generation));
+        }
+        if let Some(t) = cfg.progress_timeout {
+            for (task_id, generation) in running {
+                self.last_activity.insert(task_id.clone(), now);
+                self.push_timer(now + t, Timer::Progress(task_id, generation));
+            }
+        }
+        self.schedulable = true;
+    }
+
+    fn push_timer(&mut self, at: Instant, timer: Timer) {
+        self.timer_nonce += 1;
+        self.timers.insert((at, self.timer_nonce, timer));
+    }
+
+    /// The error for a write refused while the store is degraded.
+    pub fn refuse_writes(&self) -> Option<Error> {
+        self.degraded
+            .as_ref()
+            .map(|(fault, detail)| Error::Storage {
+                fault: *fault,
+                detail: detail.clone(),
+            })
+    }
+
+    /// A report made the task RUNNING or showed it alive.
+    pub fn touch_activity(
+        &mut self,
+        txn: &mut Txn,
+        cfg: &Config,
+        task_id: &str,
+        was_running: bool,
+    ) {
+        let Some(limit) = cfg.progress_timeout else {
+            return;
+        };
+        let now = Instant::now();
+        self.last_activity.insert(task_id.to_string(), now);
+        if !was_running {
+            let generation = self.tasks[task_id].generation;
+            self.add_timer(
+                txn,
+                now + limit,
+                Timer::Progress(task_id.to_string(), generation),
+            );
+        }
     }
 
     pub fn add_timer(&mut self, txn: &mut Txn, at: Instant, timer: Timer) {
-        self.timer_nonce += 1;
-        self.timers.insert((at, self.timer_nonce, timer));
+        self.push_timer(at, timer);
         txn.timers_added = true;
     }
 
     /// Insert a new task (not yet evented).
     pub fn insert_new(&mut self, txn: &mut Txn, task: Task) {
         txn.touch(&task.task_id, None);
+        count_in(&mut self.state_counts, task.state);
         self.tasks.insert(task.task_id.clone(), task);
     }
 
@@ -238,20 +345,15 @@ impl Core {
             timestamp_ms: txn.now,
             state: task.state,
         };
-        // Encoded once here; the store and every watcher share these bytes.
-        let proto = crate::pb::encode_event(&event);
-        txn.batch.events.push(Arc::new(EncodedEvent {
-            seq,
-            task_id: event.task_id,
-            agent_id: event.agent_id,
-            kind,
-            proto,
-        }));
+        // Encoded once, later, outside the hub lock (by the store's writer);
+        // the store and every watcher share those bytes.
+        txn.batch.events.push(Arc::new(EncodedEvent::new(event)));
         seq
     }
 
     /// Turn the transaction into a store batch.
     pub fn finish(&self, mut txn: Txn) -> Batch {
+        txn.batch.epoch = self.epoch;
         for (id, expected) in txn.touched.drain(..) {
             if let Some(task) = self.tasks.get(&id) {
                 txn.batch.tasks.push(TaskWrite {
@@ -265,7 +367,9 @@ impl Core {
 
     pub fn enqueue(&mut self, task_id: &str) {
         if let Some(t) = self.tasks.get(task_id) {
-            self.queue.insert(QueueKey::of(t));
+            if self.queue.insert(QueueKey::of(t)) {
+                self.queued_by_priority[priority_index(t.priority)] += 1;
+            }
             self.schedulable = true;
         }
     }
@@ -277,7 +381,10 @@ impl Core {
 
     pub fn dequeue(&mut self, task_id: &str) {
         if let Some(t) = self.tasks.get(task_id) {
-            self.queue.remove(&QueueKey::of(t));
+            if self.queue.remove(&QueueKey::of(t)) {
+                let i = priority_index(t.priority);
+                self.queued_by_priority[i] = self.queued_by_priority[i].saturating_sub(1);
+            }
         }
     }
 
@@ -286,7 +393,10 @@ impl Core {
     /// the longest idle, preferring agents that did not reject the task.
     pub fn schedule(&mut self, txn: &mut Txn, cfg: &Config, metrics: &Metrics) {
         // Progress reports and the like change nothing the scheduler looks at.
-        if !std::mem::take(&mut self.schedulable) || self.queue.is_empty() {
+        if self.degraded.is_some()
+            || !std::mem::take(&mut self.schedulable)
+            || self.queue.is_empty()
+        {
             return;
         }
         let mut free: Vec<String> = self
@@ -349,7 +459,7 @@ impl Core {
         let session = agent.session.clone();
         let task = self.tasks.get_mut(task_id).expect("known task");
         metrics.assigned_after(txn.now.saturating_sub(task.updated_at_ms) as u64);
-        task.state = TaskState::Assigned;
+        set_state(&mut self.state_counts, task, TaskState::Assigned);
         task.agent_id = Some(agent_id.to_string());
         task.generation += 1;
         task.attempts += 1;
@@ -367,7 +477,7 @@ impl Core {
             Timer::Accept(task_id.to_string(), generation),
         );
         if let Some(session) = session {
-            let msg = protocol::task_assign(&self.tasks[task_id], txn.now);
+            let msg = task_assign(&self.tasks[task_id], txn.now);
             txn.send_after_commit(&session, msg);
         }
     }
@@ -389,10 +499,10 @@ impl Core {
         let task = self.tasks.get_mut(task_id).expect("known task");
         task.error = Some(error);
         if task.attempts >= task.max_attempts {
-            task.state = TaskState::Failed;
+            set_state(&mut self.state_counts, task, TaskState::Failed);
             self.forget_preferences(task_id);
         } else {
-            task.state = TaskState::Queued;
+            set_state(&mut self.state_counts, task, TaskState::Queued);
             if !task.pinned {
                 task.agent_id = None;
             }
@@ -422,7 +532,11 @@ impl Core {
         );
         metrics.reclaimed(reason);
         if let Some(session) = self.agents.get(&agent_id).and_then(|a| a.session.clone()) {
-            txn.send_after_commit(&session, protocol::task_cancelled(task_id, reason));
+            let msg = ToAgent::TaskCancelled {
+                task_id: task_id.to_string(),
+                reason: reason.to_string(),
+            };
+            txn.send_after_commit(&session, msg);
         }
     }
 
@@ -430,6 +544,7 @@ impl Core {
     pub fn forget_preferences(&mut self, task_id: &str) {
         self.rejected_by.remove(task_id);
         self.avoid.remove(task_id);
+        self.last_activity.remove(task_id);
     }
 
     /// Finish a task for good (COMPLETED or CANCELLED), freeing its slot.
@@ -441,9 +556,26 @@ impl Core {
             None
         };
         self.forget_preferences(task_id);
-        self.tasks.get_mut(task_id).expect("known task").state = state;
+        let task = self.tasks.get_mut(task_id).expect("known task");
+        set_state(&mut self.state_counts, task, state);
         from
     }
+}
+
+/// Change a task's state, keeping the per-state counts.
+pub(crate) fn set_state(counts: &mut [u64; 6], task: &mut Task, to: TaskState) {
+    let idx = |s: TaskState| TaskState::ALL.iter().position(|x| *x == s).unwrap_or(0);
+    counts[idx(task.state)] = counts[idx(task.state)].saturating_sub(1);
+    counts[idx(to)] += 1;
+    task.state = to;
+}
+
+fn count_in(counts: &mut [u64; 6], state: TaskState) {
+    counts[TaskState::ALL.iter().position(|x| *x == state).unwrap_or(0)] += 1;
+}
+
+fn priority_index(p: Priority) -> usize {
+    Priority::ALL.iter().position(|x| *x == p).unwrap_or(0)
 }
 
 /// A `json!` object literal as a map.
@@ -451,5 +583,16 @@ pub(crate) fn obj(v: Value) -> JsonObject {
     match v {
         Value::Object(m) => m,
         _ => JsonObject::new(),
+    }
+}
+
+/// The `task_assign` message for a task's current generation.
+pub(crate) fn task_assign(task: &Task, assigned_at: i64) -> ToAgent {
+    ToAgent::TaskAssign {
+        task_id: task.task_id.clone(),
+        description: task.description.clone(),
+        metadata: task.metadata.clone(),
+        generation: task.generation,
+        assigned_at,
     }
 }

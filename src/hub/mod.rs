@@ -3,12 +3,12 @@
 //! store's write side.
 
 mod core;
+mod recovery;
 mod reports;
-pub mod session;
 mod timers;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -18,13 +18,13 @@ use crate::auth::{issue_token, Role, TokenVerifier};
 use crate::bus::{EventBus, WatchItem};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::link::ToAgent;
 use crate::metrics::{self, Metrics};
 use crate::model::{
     new_task_id, AgentInfo, EventFilter, EventKind, JsonObject, Priority, Seq, Task, TaskState,
 };
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Batch, Store};
-use crate::ws::protocol;
 
 /// Longest caller-supplied task id.
 pub const MAX_TASK_ID_LEN: usize = 128;
@@ -70,6 +70,18 @@ pub struct TaskPage {
     pub tasks: Vec<Task>,
     pub next_page_token: Option<String>,
     pub as_of_seq: Seq,
+    /// The log `as_of_seq` belongs to.
+    pub log_id: String,
+}
+
+/// What `/health` reports.
+#[derive(Clone, Debug)]
+pub struct Health {
+    pub agents_connected: usize,
+    pub tasks_queued: usize,
+    pub last_seq: Seq,
+    /// Why the store refuses writes, if it does.
+    pub degraded: Option<&'static str>,
 }
 
 /// The hub core. Cheap to share: `Arc<Hub>`.
@@ -78,8 +90,18 @@ pub struct Hub {
     store: Arc<dyn Store>,
     bus: Arc<EventBus>,
     verifier: TokenVerifier,
+    /// All mutable task, agent and timer state. A std mutex, never held
+    /// across `.await`; a panic under it leaves state that is still
+    /// consistent with the store's (it is rebuilt on the next failure).
     core: Mutex<Core>,
+    /// Itself, for after-commit callbacks that run on the store's thread.
+    weak: Weak<Hub>,
+    /// The name of the store's log (cursor validation, `log_id`).
+    log_id: String,
+    /// Wakes the timer task (new earliest timer, or recovery).
     timer_wake: Notify,
+    /// Wakes the recovery task (a commit failed).
+    recovery_wake: Notify,
     metrics: Metrics,
     closing: AtomicBool,
     /// The admin token created on first start, to print once.
@@ -87,19 +109,21 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Open the store in `config.data_dir` and rebuild state from it.
+    /// Open the embedded store in `config.data_dir` and rebuild state from it.
     pub fn open(config: Config) -> Result<Arc<Hub>> {
         config.validate()?;
-        let bus = Arc::new(EventBus::new(config.watch_buffer));
-        let publisher = {
-            let bus = bus.clone();
-            Box::new(move |evs: &[Arc<crate::model::EncodedEvent>]| bus.publish(evs))
-        };
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(
             &config.data_dir,
             config.event_retention,
-            Some(publisher),
+            true,
         )?);
+        Hub::with_store(config, store)
+    }
+
+    /// A hub on any store (a fault-injecting one in tests, another backend).
+    pub fn with_store(config: Config, store: Arc<dyn Store>) -> Result<Arc<Hub>> {
+        config.validate()?;
+        let bus = Arc::new(EventBus::new(config.watch_buffer));
         let bootstrap_token = if config.bootstrap_admin_token && store.list_tokens()?.is_empty() {
             let (secret, _) = issue_token(&*store, Role::Admin, None)?;
             write_secret_file(&config.data_dir.join("admin.token"), &secret)?;
@@ -107,16 +131,21 @@ impl Hub {
         } else {
             None
         };
-        let loaded = store.load()?;
-        let core = Core::restore(loaded.tasks, loaded.last_seq, config.reconnect_grace);
-        Ok(Arc::new(Hub {
+        let core = Core::restore(store.load()?, &config);
+        let mut metrics = Metrics::new();
+        metrics.register_store(store.clone());
+        let log_id = store.log_id();
+        Ok(Arc::new_cyclic(|weak| Hub {
             verifier: TokenVerifier::new(store.clone()),
             config,
             store,
             bus,
             core: Mutex::new(core),
+            weak: weak.clone(),
+            log_id,
             timer_wake: Notify::new(),
-            metrics: Metrics::default(),
+            recovery_wake: Notify::new(),
+            metrics,
             closing: AtomicBool::new(false),
             bootstrap_token: Mutex::new(bootstrap_token),
         }))
@@ -136,23 +165,53 @@ impl Hub {
 
     /// The admin token created on first start (returned once).
     pub fn take_bootstrap_token(&self) -> Option<String> {
-        self.bootstrap_token.lock().expect("bootstrap").take()
+        self.bootstrap_token
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     fn lock(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().expect("hub state")
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The name of the event log cursors refer to.
+    pub fn log_id(&self) -> &str {
+        &self.log_id
     }
 
     /// Hand a transaction to the store (call with the core lock held, so
-    /// batches reach the store in `seq` order).
+    /// batches reach the store in `seq` order). After the commit, events are
+    /// published first, then the transaction's own callbacks run; a failed
+    /// commit starts recovery first.
     fn submit(&self, core: &Core, txn: Txn) {
         if txn.timers_added {
             self.timer_wake.notify_one();
         }
-        let batch = core.finish(txn);
-        if !batch.is_empty() {
-            self.store.submit(batch);
+        let mut batch = core.finish(txn);
+        if batch.is_empty() {
+            return;
         }
+        let mut first: Vec<crate::store::Callback> = Vec::with_capacity(2);
+        let epoch = batch.epoch;
+        let hub = self.weak.clone();
+        first.push(Box::new(move |r: &Result<()>| {
+            if let (Err(e), Some(hub)) = (r, hub.upgrade()) {
+                hub.commit_failed(epoch, e);
+            }
+        }));
+        if !batch.events.is_empty() {
+            let events = batch.events.clone();
+            let bus = self.bus.clone();
+            first.push(Box::new(move |r: &Result<()>| {
+                if r.is_ok() {
+                    bus.publish(&events);
+                }
+            }));
+        }
+        first.append(&mut batch.callbacks);
+        batch.callbacks = first;
+        self.store.submit(batch);
     }
 
     /// Add a "durable" signal to a transaction.
@@ -163,11 +222,7 @@ impl Hub {
     fn durable_signal_on(batch: &mut Batch) -> oneshot::Receiver<Result<()>> {
         let (tx, rx) = oneshot::channel();
         batch.then(move |r| {
-            let _ = tx.send(
-                r.as_ref()
-                    .map(|_| ())
-                    .map_err(|e| Error::Store(e.to_string())),
-            );
+            let _ = tx.send(r.clone());
         });
         rx
     }
@@ -176,26 +231,52 @@ impl Hub {
         rx.await.map_err(|_| Error::ShuttingDown)?
     }
 
-    /// Wait until everything submitted so far is durable.
-    async fn barrier(&self) -> Result<()> {
-        let mut batch = Batch::default();
+    /// Wait until everything submitted so far is durable. Fails if write
+    /// epoch `epoch` (the one a caller read its state in) was poisoned: what
+    /// it read may never have been stored.
+    async fn barrier_at(&self, epoch: u64) -> Result<()> {
+        let mut batch = Batch {
+            epoch,
+            ..Batch::default()
+        };
         let rx = Self::durable_signal_on(&mut batch);
-        self.store.submit(batch);
+        {
+            // Under the lock, so it queues behind every batch already built.
+            let _core = self.lock();
+            self.store.submit(batch);
+        }
         Self::wait(rx).await
     }
 
-    fn check_open(&self) -> Result<()> {
+    /// Wait until every change made so far is durable (and its replies sent).
+    pub async fn flush(&self) -> Result<()> {
+        let epoch = self.lock().epoch;
+        self.barrier_at(epoch).await
+    }
+
+    /// May `core` take a write now?
+    fn check_writable(&self, core: &Core) -> Result<()> {
         if self.closing.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
-        Ok(())
+        match core.refuse_writes() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// May `core` serve reads now? Not while memory may be ahead of the store.
+    fn check_readable(core: &Core) -> Result<()> {
+        match (core.stale, core.refuse_writes()) {
+            (true, Some(e)) => Err(e),
+            _ => Ok(()),
+        }
     }
 
     // ---- orchestrator side -------------------------------------------------
 
     /// Create a task (or return the identical existing one).
     pub async fn push_task(&self, req: PushRequest) -> Result<PushOutcome> {
-        self.check_open()?;
         validate_push(&req)?;
         let max_attempts = match req.max_attempts {
             0 => self.config.default_max_attempts,
@@ -203,6 +284,7 @@ impl Hub {
         };
         let (rx, task, created) = {
             let mut core = self.lock();
+            self.check_writable(&core)?;
             let mut txn = Txn::new();
             match req.task_id.as_ref().and_then(|id| core.tasks.get(id)) {
                 Some(existing) if !same_request(existing, &req, max_attempts) => {
@@ -223,7 +305,7 @@ impl Hub {
         };
         Self::wait(rx).await?;
         if created {
-            Metrics::inc(&self.metrics.tasks_pushed);
+            self.metrics.tasks_pushed.inc();
         }
         Ok(PushOutcome { task, created })
     }
@@ -286,14 +368,18 @@ impl Hub {
 
     /// One task, as durably stored.
     pub async fn get_task(&self, task_id: &str) -> Result<Task> {
-        let task = self
-            .lock()
-            .tasks
-            .get(task_id)
-            .cloned()
-            .ok_or_else(|| Error::UnknownTask(task_id.to_string()))?;
+        let (task, epoch) = {
+            let core = self.lock();
+            Self::check_readable(&core)?;
+            let task = core
+                .tasks
+                .get(task_id)
+                .cloned()
+                .ok_or_else(|| Error::UnknownTask(task_id.to_string()))?;
+            (task, core.epoch)
+        };
         if task.last_seq > self.store.durable_seq() {
-            self.barrier().await?;
+            self.barrier_at(epoch).await?;
         }
         Ok(task)
     }
@@ -310,11 +396,15 @@ impl Hub {
                 .parse()
                 .map_err(|_| Error::InvalidArgument("invalid page_token".into()))?,
         };
-        let page = {
+        let (page, epoch) = {
             let core = self.lock();
+            Self::check_readable(&core)?;
             let mut tasks = Vec::new();
             let mut next = None;
-            for (seq, id) in core.order.range(after + 1..) {
+            // A token at the very end (u64::MAX) has nothing after it.
+            let from = after.checked_add(1).unwrap_or(Seq::MAX);
+            let rest = core.order.range(from..).filter(|_| after < Seq::MAX);
+            for (seq, id) in rest {
                 let t = &core.tasks[id];
                 if q.state.is_some_and(|s| s != t.state)
                     || q.agent_id
@@ -331,14 +421,16 @@ impl Hub {
                 }
                 tasks.push(t.clone());
             }
-            TaskPage {
+            let page = TaskPage {
                 tasks,
                 next_page_token: next,
                 as_of_seq: core.last_seq,
-            }
+                log_id: self.log_id.clone(),
+            };
+            (page, core.epoch)
         };
         if page.as_of_seq > self.store.durable_seq() {
-            self.barrier().await?;
+            self.barrier_at(epoch).await?;
         }
         Ok(page)
     }
@@ -350,9 +442,9 @@ impl Hub {
         task_id: &str,
         change: impl FnOnce(&mut Core, &mut Txn) -> Result<()>,
     ) -> Result<Task> {
-        self.check_open()?;
         let (rx, task) = {
             let mut core = self.lock();
+            self.check_writable(&core)?;
             if !core.tasks.contains_key(task_id) {
                 return Err(Error::UnknownTask(task_id.to_string()));
             }
@@ -386,7 +478,11 @@ impl Hub {
                 .and_then(|a| core.agents.get(&a))
                 .and_then(|a| a.session.clone())
             {
-                txn.send_after_commit(&session, protocol::task_cancelled(task_id, "cancelled"));
+                let msg = ToAgent::TaskCancelled {
+                    task_id: task_id.to_string(),
+                    reason: "cancelled".into(),
+                };
+                txn.send_after_commit(&session, msg);
             }
             Ok(())
         })
@@ -396,6 +492,7 @@ impl Hub {
     /// Re-queue a FAILED or CANCELLED task with its attempts reset.
     pub async fn retry_task(&self, task_id: &str) -> Result<Task> {
         self.change_task(task_id, |core, txn| {
+            let core = &mut *core;
             let task = core.tasks.get_mut(task_id).expect("checked");
             if !matches!(task.state, TaskState::Failed | TaskState::Cancelled) {
                 return Err(Error::FailedPrecondition(format!(
@@ -403,7 +500,7 @@ impl Hub {
                     task.state.as_str()
                 )));
             }
-            task.state = TaskState::Queued;
+            self::core::set_state(&mut core.state_counts, task, TaskState::Queued);
             task.attempts = 0;
             task.result = None;
             if !task.pinned {
@@ -440,96 +537,64 @@ impl Hub {
         agents
     }
 
-    /// Follow events (see [`EventBus::watch`]).
+    /// Follow events (see [`EventBus::watch`]). `log_id`: the log the
+    /// cursor came from, if the client knows it.
     pub fn watch(
         &self,
         after: Option<Seq>,
+        log_id: Option<&str>,
         filter: EventFilter,
     ) -> Result<mpsc::Receiver<WatchItem>> {
+        if let Some(given) = log_id.filter(|l| !l.is_empty()) {
+            if given != self.log_id {
+                return Err(Error::LogMismatch {
+                    given: given.to_string(),
+                    current: self.log_id.clone(),
+                });
+            }
+        }
         self.bus.watch(self.store.clone(), after, filter)
     }
 
-    /// `/health` figures: (agents connected, tasks queued, last seq).
-    pub fn health(&self) -> (usize, usize, Seq) {
+    /// `/health` figures.
+    pub fn health(&self) -> Health {
         let core = self.lock();
-        let connected = core.agents.values().filter(|a| a.session.is_some()).count();
-        (connected, core.queue.len(), core.last_seq)
+        Health {
+            agents_connected: core.agents.values().filter(|a| a.session.is_some()).count(),
+            tasks_queued: core.queue.len(),
+            last_seq: core.last_seq,
+            degraded: core
+                .degraded
+                .as_ref()
+                .map(|(fault, _)| crate::error::fault_text(*fault)),
+        }
     }
 
-    /// Prometheus text for `/metrics`.
+    /// The `/metrics` exposition. Gauges are set from counters kept as
+    /// state changes (no scan of tasks).
     pub fn render_metrics(&self) -> String {
-        let mut out = String::new();
+        let m = &self.metrics;
         {
             let core = self.lock();
             let connected = core.agents.values().filter(|a| a.session.is_some()).count();
-            metrics::gauge(
-                &mut out,
-                "agenthub_agents_connected",
-                "Sidecars connected and identified.",
-                connected as u64,
-            );
-            out.push_str("# HELP agenthub_tasks Tasks by state.\n# TYPE agenthub_tasks gauge\n");
-            for state in TaskState::ALL {
-                let n = core.tasks.values().filter(|t| t.state == state).count();
-                out.push_str(&format!(
-                    "agenthub_tasks{{state=\"{}\"}} {n}\n",
-                    state.as_str()
-                ));
+            metrics::gauge_set(&m.agents_connected, connected as u64);
+            for (state, n) in TaskState::ALL.iter().zip(core.state_counts) {
+                let label = metrics::StateLabel {
+                    state: state.as_str(),
+                };
+                metrics::gauge_set(&m.tasks.get_or_create(&label), n);
             }
-            out.push_str(
-                "# HELP agenthub_queue_depth Queued tasks by priority.\n# TYPE agenthub_queue_depth gauge\n",
-            );
-            for p in Priority::ALL {
-                let n = core
-                    .queue
-                    .iter()
-                    .filter(|k| core.tasks[k.task_id()].priority == p)
-                    .count();
-                out.push_str(&format!(
-                    "agenthub_queue_depth{{priority=\"{}\"}} {n}\n",
-                    p.as_str()
-                ));
+            for (p, n) in Priority::ALL.iter().zip(core.queued_by_priority) {
+                let label = metrics::PriorityLabel {
+                    priority: p.as_str(),
+                };
+                metrics::gauge_set(&m.queue_depth.get_or_create(&label), n);
             }
-            metrics::gauge(
-                &mut out,
-                "agenthub_last_event_seq",
-                "Highest event seq assigned.",
-                core.last_seq,
-            );
+            metrics::gauge_set(&m.last_event_seq, core.last_seq);
         }
-        metrics::gauge(
-            &mut out,
-            "agenthub_events_stored",
-            "Events currently in the store.",
-            self.store.event_count(),
-        );
-        metrics::gauge(
-            &mut out,
-            "agenthub_watchers",
-            "Open WatchTaskEvents streams.",
-            self.bus.watcher_count() as u64,
-        );
-        let commits = self.store.commit_stats();
-        metrics::counter(
-            &mut out,
-            "agenthub_store_batches_total",
-            "Changes committed (one per hub operation).",
-            commits.batches,
-        );
-        let bounds: Vec<f64> = crate::store::COMMIT_BUCKETS_US
-            .iter()
-            .map(|us| *us as f64 / 1e6)
-            .collect();
-        metrics::histogram(
-            &mut out,
-            "agenthub_store_commit_seconds",
-            "Group commits, including the fsync.",
-            &bounds,
-            &commits.buckets,
-            commits.commits,
-            commits.total_us as f64 / 1e6,
-        );
-        self.metrics.render(&mut out);
+        metrics::gauge_set(&m.watchers, self.bus.watcher_count() as u64);
+        let mut out = String::new();
+        m.render(&mut out);
         out
     }
 
@@ -587,7 +652,7 @@ pub fn write_secret_file(path: &std::path::Path, secret: &str) -> Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| Error::Store(format!("write {}: {e}", path.display())))?;
-    writeln!(f, "{secret}").map_err(|e| Error::Store(e.to_string()))?;
+        .map_err(|e| Error::storage(format!("write {}: {e}", path.display())))?;
+    writeln!(f, "{secret}").map_err(|e| Error::storage(e.to_string()))?;
     Ok(())
 }

@@ -1,28 +1,22 @@
 //! The sidecar side of the hub: identify, lifecycle reports, disconnects.
 //! Replies that follow a change are sent only after the change is durable.
 
-use std::time::Instant;
-
 use serde_json::{json, Value};
+use tokio::time::Instant;
 
-use super::core::{obj, Agent, Core, Timer, Txn};
-use super::session::SessionHandle;
+use super::core::{obj, set_state, task_assign, Agent, Core, Timer, Txn};
 use super::Hub;
 use crate::auth::Role;
 use crate::error::{Error, Result};
-use crate::metrics::Metrics;
+use crate::link::{AckStatus, CloseReason, FromAgent, Identify, Link, Report, ToAgent};
 use crate::model::{now_ms, EventKind, TaskState};
-use crate::ws::protocol::{self, Identify, Inbound, Report};
 
 /// The status with which a sidecar asks for no new tasks.
 pub const STATUS_DRAINING: &str = "draining";
 
-/// Close code sent to a socket replaced by a newer identify for the same agent.
-pub const CLOSE_SESSION_REPLACED: u16 = 4000;
-
 impl Hub {
     /// Register a sidecar session. The agent id comes from the token.
-    pub fn identify(&self, ident: &Identify, session: &SessionHandle) -> Result<String> {
+    pub fn identify(&self, ident: &Identify, session: &Link) -> Result<String> {
         let principal = self
             .verifier
             .verify(&ident.token)
@@ -40,9 +34,9 @@ impl Hub {
             .entry(agent_id.clone())
             .or_insert_with(|| Agent::new(&agent_id));
         if let Some(old) = agent.session.replace(session.clone()) {
-            if old.id != session.id {
-                old.send(protocol::error("session_replaced", None, None));
-                old.close(CLOSE_SESSION_REPLACED, "session replaced");
+            if old.id() != session.id() {
+                old.send(ToAgent::error("session_replaced", None, None));
+                old.close(CloseReason::SessionReplaced);
             }
         }
         agent.name = ident.name.clone().unwrap_or_else(|| agent_id.clone());
@@ -53,7 +47,9 @@ impl Hub {
         agent.connected_at = now_ms();
         agent.epoch += 1;
         let active: Vec<String> = agent.active.iter().cloned().collect();
-        session.send(protocol::identified(&agent_id));
+        session.send(ToAgent::Identified {
+            agent_id: agent_id.clone(),
+        });
         core.agent_changed();
 
         let mut txn = Txn::new();
@@ -63,18 +59,16 @@ impl Hub {
             let generation = task.generation;
             match task.state {
                 TaskState::Assigned => {
-                    let msg = protocol::task_assign(task, txn.now);
+                    let msg = task_assign(task, txn.now);
                     txn.send_after_commit(session, msg);
                     let at = Instant::now() + self.config.accept_timeout;
                     core.add_timer(&mut txn, at, Timer::Accept(task_id, generation));
                 }
                 TaskState::Running => {
                     if let Some(t) = self.config.progress_timeout {
-                        core.add_timer(
-                            &mut txn,
-                            Instant::now() + t,
-                            Timer::Progress(task_id, generation),
-                        );
+                        let now = Instant::now();
+                        core.last_activity.insert(task_id.clone(), now);
+                        core.add_timer(&mut txn, now + t, Timer::Progress(task_id, generation));
                     }
                 }
                 _ => {}
@@ -82,7 +76,7 @@ impl Hub {
         }
         core.schedule(&mut txn, &self.config, &self.metrics);
         self.submit(&core, txn);
-        tracing::info!(agent = %agent_id, session = session.id, "sidecar identified");
+        tracing::info!(agent = %agent_id, session = session.id(), "sidecar identified");
         Ok(agent_id)
     }
 
@@ -92,7 +86,7 @@ impl Hub {
         let Some(agent) = core.agents.get_mut(agent_id) else {
             return;
         };
-        if agent.session.as_ref().is_none_or(|s| s.id != session_id) {
+        if agent.session.as_ref().is_none_or(|s| s.id() != session_id) {
             return; // Already replaced by a newer session.
         }
         agent.session = None;
@@ -109,30 +103,56 @@ impl Hub {
     }
 
     /// Apply one lifecycle report from an identified sidecar. The reply (ack
-    /// or error) goes to `session`.
-    pub fn report(&self, agent_id: &str, session: &SessionHandle, msg: Inbound) {
-        Metrics::inc(&self.metrics.reports);
+    /// or error) goes to `session`, after everything before it is durable:
+    /// replies leave in commit order, and an error never overtakes the ack
+    /// of an earlier report.
+    pub fn report(&self, agent_id: &str, session: &Link, msg: FromAgent) {
+        self.metrics.reports.inc();
+        let about = report_task_id(&msg).map(str::to_string);
         let mut core = self.lock();
         let mut txn = Txn::new();
-        let outcome = match msg {
-            Inbound::Accepted(r) => self.on_accepted(&mut core, &mut txn, agent_id, session, r),
-            Inbound::Progress(r) => self.on_progress(&mut core, &mut txn, agent_id, r),
-            Inbound::Complete(r) => self.on_complete(&mut core, &mut txn, agent_id, session, r),
-            Inbound::Failed(r) => self.on_failed(&mut core, &mut txn, agent_id, session, r),
-            Inbound::Rejected(r) => self.on_rejected(&mut core, &mut txn, agent_id, session, r),
-            Inbound::Recovering(r) => self.on_recovering(&mut core, &mut txn, agent_id, session, r),
-            Inbound::Status(status) => {
-                if let Some(agent) = core.agents.get_mut(agent_id) {
-                    agent.draining = status == STATUS_DRAINING;
-                    agent.status = status;
+        let outcome = match core.refuse_writes() {
+            Some(e) if is_durable_report(&msg) => Err(e),
+            _ => match msg {
+                FromAgent::Accepted(r) => {
+                    self.on_accepted(&mut core, &mut txn, agent_id, session, r)
                 }
-                core.agent_changed();
-                Ok(())
-            }
-            Inbound::Identify(_) | Inbound::Ping => Ok(()),
+                FromAgent::Progress(r) => self.on_progress(&mut core, &mut txn, agent_id, r),
+                FromAgent::Complete(r) => {
+                    self.on_complete(&mut core, &mut txn, agent_id, session, r)
+                }
+                FromAgent::Failed(r) => self.on_failed(&mut core, &mut txn, agent_id, session, r),
+                FromAgent::Rejected(r) => {
+                    self.on_rejected(&mut core, &mut txn, agent_id, session, r)
+                }
+                FromAgent::Recovering(r) => {
+                    self.on_recovering(&mut core, &mut txn, agent_id, session, r)
+                }
+                FromAgent::Status(status) => {
+                    if let Some(agent) = core.agents.get_mut(agent_id) {
+                        agent.draining = status == STATUS_DRAINING;
+                        agent.status = status;
+                    }
+                    core.agent_changed();
+                    Ok(())
+                }
+                FromAgent::Identify(_) | FromAgent::Ping => Ok(()),
+            },
         };
         if let Err(e) = outcome {
-            session.send(protocol::error(e.ws_code(), e.task_id(), None));
+            // Nothing changed; the error still waits for earlier commits.
+            let mut txn = Txn::new();
+            let link = session.clone();
+            txn.batch.then(move |r| {
+                let reply = match r {
+                    Ok(()) => ToAgent::from_error(&e),
+                    // The state the error was computed on was not stored.
+                    Err(store_err) => ToAgent::from_error(store_err),
+                };
+                let reply = with_task(reply, e.task_id().or(about.as_deref()));
+                link.send(reply);
+            });
+            self.submit(&core, txn);
             return;
         }
         core.schedule(&mut txn, &self.config, &self.metrics);
@@ -144,24 +164,21 @@ impl Hub {
         core: &mut Core,
         txn: &mut Txn,
         agent_id: &str,
-        session: &SessionHandle,
+        session: &Link,
         r: Report,
     ) -> Result<()> {
         fence(core, agent_id, &r)?;
         let task = core.tasks.get_mut(&r.task_id).expect("fenced");
         if task.state == TaskState::Assigned {
-            task.state = TaskState::Running;
-            let generation = task.generation;
+            set_state(&mut core.state_counts, task, TaskState::Running);
             core.emit(txn, &r.task_id, EventKind::Accepted, agent_id, r.payload);
-            if let Some(t) = self.config.progress_timeout {
-                core.add_timer(
-                    txn,
-                    Instant::now() + t,
-                    Timer::Progress(r.task_id.clone(), generation),
-                );
-            }
+            core.touch_activity(txn, &self.config, &r.task_id, false);
         }
-        txn.send_after_commit(session, protocol::task_ack(&r.task_id, "accepted"));
+        let ack = ToAgent::TaskAck {
+            task_id: r.task_id.clone(),
+            status: AckStatus::Accepted,
+        };
+        txn.reply_after_commit(session, &r.task_id, ack);
         Ok(())
     }
 
@@ -169,8 +186,10 @@ impl Hub {
         fence(core, agent_id, &r)?;
         let task = core.tasks.get_mut(&r.task_id).expect("fenced");
         // Progress implies the sidecar took the task.
-        task.state = TaskState::Running;
+        let was_running = task.state == TaskState::Running;
+        set_state(&mut core.state_counts, task, TaskState::Running);
         core.emit(txn, &r.task_id, EventKind::Progress, agent_id, r.payload);
+        core.touch_activity(txn, &self.config, &r.task_id, was_running);
         Ok(())
     }
 
@@ -179,7 +198,7 @@ impl Hub {
         core: &mut Core,
         txn: &mut Txn,
         agent_id: &str,
-        session: &SessionHandle,
+        session: &Link,
         r: Report,
     ) -> Result<()> {
         fence(core, agent_id, &r)?;
@@ -187,7 +206,11 @@ impl Hub {
         let task = core.tasks.get_mut(&r.task_id).expect("fenced");
         task.result = Some(r.payload.get("result").cloned().unwrap_or(Value::Null));
         core.emit(txn, &r.task_id, EventKind::Completed, agent_id, r.payload);
-        txn.send_after_commit(session, protocol::task_ack(&r.task_id, "complete"));
+        let ack = ToAgent::TaskAck {
+            task_id: r.task_id.clone(),
+            status: AckStatus::Complete,
+        };
+        txn.reply_after_commit(session, &r.task_id, ack);
         Ok(())
     }
 
@@ -196,7 +219,7 @@ impl Hub {
         core: &mut Core,
         txn: &mut Txn,
         agent_id: &str,
-        session: &SessionHandle,
+        session: &Link,
         r: Report,
     ) -> Result<()> {
         fence(core, agent_id, &r)?;
@@ -215,7 +238,7 @@ impl Hub {
         core: &mut Core,
         txn: &mut Txn,
         agent_id: &str,
-        session: &SessionHandle,
+        session: &Link,
         r: Report,
     ) -> Result<()> {
         fence(core, agent_id, &r)?;
@@ -239,7 +262,7 @@ impl Hub {
         core: &mut Core,
         txn: &mut Txn,
         agent_id: &str,
-        session: &SessionHandle,
+        session: &Link,
         r: Report,
     ) -> Result<()> {
         let holds = core.tasks.get(&r.task_id).and_then(|t| {
@@ -255,16 +278,28 @@ impl Hub {
                     agent_id,
                     obj(json!({})),
                 );
-                txn.send_after_commit(session, protocol::task_continue(&r.task_id, generation));
+                let msg = ToAgent::TaskContinue {
+                    task_id: r.task_id.clone(),
+                    generation,
+                };
+                txn.reply_after_commit(session, &r.task_id, msg);
             }
             Some(_) => {
                 // It holds an older generation of a task that is still its own:
                 // the hub no longer trusts that run.
                 core.emit(txn, &r.task_id, EventKind::Recovering, agent_id, r.payload);
                 core.reclaim(txn, &self.metrics, &r.task_id, "recovering_stale");
-                txn.send_after_commit(session, protocol::task_reassign(&r.task_id));
+                let msg = ToAgent::TaskReassign {
+                    task_id: r.task_id.clone(),
+                };
+                txn.reply_after_commit(session, &r.task_id, msg);
             }
-            None => txn.send_after_commit(session, protocol::task_reassign(&r.task_id)),
+            None => {
+                let msg = ToAgent::TaskReassign {
+                    task_id: r.task_id.clone(),
+                };
+                txn.reply_after_commit(session, &r.task_id, msg);
+            }
         }
         Ok(())
     }
@@ -276,7 +311,7 @@ fn end_attempt_on_report(
     core: &mut Core,
     txn: &mut Txn,
     agent_id: &str,
-    session: &SessionHandle,
+    session: &Link,
     r: Report,
     kind: EventKind,
     error: Value,
@@ -284,11 +319,15 @@ fn end_attempt_on_report(
     core.end_attempt(&r.task_id, error);
     core.emit(txn, &r.task_id, kind, agent_id, r.payload);
     let status = if kind == EventKind::Rejected {
-        "rejected"
+        AckStatus::Rejected
     } else {
-        "failed"
+        AckStatus::Failed
     };
-    txn.send_after_commit(session, protocol::task_ack(&r.task_id, status));
+    let ack = ToAgent::TaskAck {
+        task_id: r.task_id.clone(),
+        status,
+    };
+    txn.reply_after_commit(session, &r.task_id, ack);
 }
 
 /// A report is applied only if the reporter is the task's current assignee
@@ -314,4 +353,44 @@ fn fence(core: &Core, agent_id: &str, r: &Report) -> Result<()> {
         return Err(Error::NotTaskOwner(r.task_id.clone()));
     }
     Ok(())
+}
+
+/// Reports that change stored state (refused while the store is degraded).
+fn is_durable_report(msg: &FromAgent) -> bool {
+    matches!(
+        msg,
+        FromAgent::Accepted(_)
+            | FromAgent::Progress(_)
+            | FromAgent::Complete(_)
+            | FromAgent::Failed(_)
+            | FromAgent::Rejected(_)
+            | FromAgent::Recovering(_)
+    )
+}
+
+/// Name the task in an error reply that does not name one yet.
+fn with_task(mut reply: ToAgent, task_id: Option<&str>) -> ToAgent {
+    if let (
+        ToAgent::Error {
+            task_id: t @ None, ..
+        },
+        Some(id),
+    ) = (&mut reply, task_id)
+    {
+        *t = Some(id.to_string());
+    }
+    reply
+}
+
+/// The task a sidecar message is about, if any.
+fn report_task_id(msg: &FromAgent) -> Option<&str> {
+    match msg {
+        FromAgent::Accepted(r)
+        | FromAgent::Progress(r)
+        | FromAgent::Complete(r)
+        | FromAgent::Failed(r)
+        | FromAgent::Rejected(r)
+        | FromAgent::Recovering(r) => Some(&r.task_id),
+        _ => None,
+    }
 }

@@ -1,24 +1,33 @@
 //! Time-based reclaims: accept timeout, progress timeout, reconnect grace.
 //! One task sleeps until the earliest deadline; every timer re-checks the
-//! task's state when it fires, so stale timers are harmless.
+//! task's state when it fires, so stale timers are harmless. Time is
+//! `tokio::time`, so tests can pause and advance it. While the store refuses
+//! writes, no timer fires (a reclaim is a write); they fire after recovery.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::core::{Timer, Txn};
 use super::Hub;
-use crate::model::{now_ms, TaskState};
+use crate::model::TaskState;
 
 impl Hub {
     /// Run until `shutdown` turns true.
     pub async fn run_timers(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         loop {
-            let next = self.lock().timers.first().map(|(at, _, _)| *at);
+            let next = {
+                let core = self.lock();
+                match core.degraded {
+                    Some(_) => None,
+                    None => core.timers.first().map(|(at, _, _)| *at),
+                }
+            };
             let deadline = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                _ = tokio::time::sleep_until(deadline.into()) => {}
+                _ = tokio::time::sleep_until(deadline) => {}
                 _ = self.timer_wake.notified() => {}
                 _ = shutdown.changed() => return,
             }
@@ -29,9 +38,14 @@ impl Hub {
         }
     }
 
-    fn fire_due_timers(&self) {
+    /// Fire every timer that is due now (the timer task calls this; tests
+    /// that drive the hub without it call it after advancing paused time).
+    pub fn fire_due_timers(&self) {
         let now = Instant::now();
         let mut core = self.lock();
+        if core.degraded.is_some() {
+            return;
+        }
         let mut txn = Txn::new();
         while core.timers.first().is_some_and(|(at, _, _)| *at <= now) {
             let (_, _, timer) = core.timers.pop_first().expect("non-empty");
@@ -54,8 +68,8 @@ impl Hub {
                     if task.state != TaskState::Running || task.generation != generation {
                         continue;
                     }
-                    let silent =
-                        Duration::from_millis(now_ms().saturating_sub(task.updated_at_ms) as u64);
+                    let last = core.last_activity.get(&task_id).copied().unwrap_or(now);
+                    let silent = now.saturating_duration_since(last);
                     if silent >= limit {
                         core.reclaim(&mut txn, &self.metrics, &task_id, "progress_timeout");
                     } else {

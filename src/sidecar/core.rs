@@ -21,6 +21,9 @@ const REPORT_DEAD_ERRORS: [&str; 4] = [
     "unknown_task",
 ];
 
+/// Pause before a report the hub could not store is sent again.
+const REPORT_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub(crate) struct Sidecar {
     run_cfg: RunConfig,
     max_concurrency: u32,
@@ -157,12 +160,35 @@ impl Sidecar {
                 if pending && REPORT_DEAD_ERRORS.contains(&code) {
                     tracing::warn!(task_id = %task_id, error = code, "hub will not take this report; dropping it");
                     self.forget(&task_id).await;
+                } else if pending && code == "storage_unavailable" {
+                    // The hub could not store it: keep it and send it again.
+                    tracing::warn!(task_id = %task_id, detail = %v["detail"], "hub storage unavailable; resending the report shortly");
+                    self.resend_later(&task_id);
                 } else {
                     tracing::warn!(task_id = %task_id, error = code, detail = %v["detail"], "hub error");
                 }
             }
             other => tracing::debug!(r#type = other, "frame ignored"),
         }
+    }
+
+    /// Send the task's pending report again after [`REPORT_RETRY`], on the
+    /// current connection (a reconnect resends every pending report anyway).
+    fn resend_later(&self, task_id: &str) {
+        let (Some(out), Some(report)) = (
+            self.out.clone(),
+            self.state
+                .data
+                .tasks
+                .get(task_id)
+                .and_then(|r| r.report.clone()),
+        ) else {
+            return;
+        };
+        tokio::spawn(async move {
+            tokio::time::sleep(REPORT_RETRY).await;
+            let _ = out.send(report.to_string()).await;
+        });
     }
 
     async fn on_assign(&mut self, v: &Value) {

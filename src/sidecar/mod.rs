@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::cli::parse_duration;
+use crate::config::parse_duration;
 
 pub use output::parse_progress;
 

@@ -3,22 +3,29 @@
 //!
 //! The hub is the only writer. It hands the store [`Batch`]es in `seq` order;
 //! the store commits them (grouping concurrent batches into one transaction),
-//! then publishes their events and runs their callbacks, in the same order.
-//! A second backend (NATS JetStream: events in a stream, tasks in a KV bucket)
-//! implements the same trait.
+//! then runs their callbacks, in the same order, with the outcome. A backend
+//! may be asynchronous and its commits may fail or conflict (the log checks
+//! that each event's `seq` is the next one): the hub applies nothing it has
+//! not seen committed.
+//!
+//! **Failure rule.** Once a commit fails, every batch of that write epoch or
+//! an older one that is still queued fails too, unwritten: those batches were
+//! built on the state the failed commit would have made. The hub then
+//! rebuilds its state from the store and continues with a newer epoch.
 
+pub mod faults;
 pub mod sqlite;
 
 use std::sync::Arc;
 
-use crate::auth::TokenRecord;
 use crate::error::Result;
-use crate::model::{EncodedEvent, Seq, Task};
+use crate::model::{Seq, Task, TokenRecord};
+use crate::pb::wire::EncodedEvent;
+
+pub use faults::Faults;
 
 /// Runs after the batch's commit, with its outcome.
 pub type Callback = Box<dyn FnOnce(&Result<()>) + Send>;
-/// Receives every committed event, in `seq` order, right after its commit.
-pub type Publisher = Box<dyn Fn(&[Arc<EncodedEvent>]) + Send>;
 
 /// A compare-and-set write of one task record.
 #[derive(Debug)]
@@ -31,9 +38,11 @@ pub struct TaskWrite {
 /// Changes that become durable together.
 #[derive(Default)]
 pub struct Batch {
+    /// The hub's write epoch when it built this batch (see the failure rule).
+    pub epoch: u64,
     pub tasks: Vec<TaskWrite>,
     pub events: Vec<Arc<EncodedEvent>>,
-    /// Run after the commit, in order (acks, pushes to sidecars, RPC replies).
+    /// Run after the commit, in order (publish, acks, pushes to sidecars, RPC replies).
     pub callbacks: Vec<Callback>,
 }
 
@@ -42,9 +51,21 @@ impl Batch {
         self.tasks.is_empty() && self.events.is_empty() && self.callbacks.is_empty()
     }
 
+    /// Does committing this batch write anything?
+    pub fn has_writes(&self) -> bool {
+        !self.tasks.is_empty() || !self.events.is_empty()
+    }
+
     /// Add a callback that runs after the commit.
     pub fn then(&mut self, f: impl FnOnce(&Result<()>) + Send + 'static) {
         self.callbacks.push(Box::new(f));
+    }
+
+    /// Run every callback, in order, with the batch's outcome.
+    pub fn complete(self, result: &Result<()>) {
+        for cb in self.callbacks {
+            cb(result);
+        }
     }
 }
 
@@ -58,12 +79,13 @@ pub const COMMIT_BUCKETS_US: [u64; 10] = [
 pub struct CommitStats {
     pub commits: u64,
     pub batches: u64,
+    pub failed_commits: u64,
     pub total_us: u64,
     /// Cumulative counts per [`COMMIT_BUCKETS_US`] bound.
     pub buckets: [u64; COMMIT_BUCKETS_US.len()],
 }
 
-/// What the hub reads back at start.
+/// What the hub reads back at start (and after a failed commit).
 #[derive(Debug, Default)]
 pub struct Loaded {
     pub tasks: Vec<Task>,
@@ -76,14 +98,18 @@ pub struct Loaded {
 pub trait Store: Send + Sync + 'static {
     /// Queue a batch. Batches commit in submission order.
     fn submit(&self, batch: Batch);
-    /// Everything the hub keeps in memory.
+    /// Everything the hub keeps in memory, as committed.
     fn load(&self) -> Result<Loaded>;
     /// Up to `limit` events with `seq > after`, in order.
     fn read_events(&self, after: Seq, limit: usize) -> Result<Vec<EncodedEvent>>;
     /// The oldest seq still stored (events before it were pruned).
     fn first_retained_seq(&self) -> Seq;
-    /// The highest seq that is durable and published.
+    /// The highest seq that is durable.
     fn durable_seq(&self) -> Seq;
+    /// The name of this log, made when it was created (SPEC §8 `log_id`).
+    fn log_id(&self) -> String;
+    /// Try a small write; `Ok` once the store takes writes again.
+    fn probe(&self) -> Result<()>;
     /// Number of events currently stored.
     fn event_count(&self) -> u64;
     /// Commit statistics (for `/metrics`).

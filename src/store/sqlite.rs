@@ -2,7 +2,9 @@
 //!
 //! One writer thread owns the write connection and commits every batch queued
 //! while the previous commit was in flight as one transaction (group commit).
-//! Reads use a small pool of separate connections.
+//! Reads use a small pool of separate connections. A commit that fails
+//! poisons its write epoch (see [`super`]): queued batches of that epoch fail
+//! unwritten until the hub moves to a newer one.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,10 +15,10 @@ use std::thread::JoinHandle;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Batch, CommitStats, Loaded, Publisher, Store, TaskWrite, COMMIT_BUCKETS_US};
-use crate::auth::{Role, TokenRecord};
+use super::{Batch, CommitStats, Faults, Loaded, Store, TaskWrite, COMMIT_BUCKETS_US};
 use crate::error::{Error, Result};
-use crate::model::{EncodedEvent, EventKind, Seq, Task};
+use crate::model::{EventKind, Role, Seq, Task, TokenRecord};
+use crate::pb::wire::EncodedEvent;
 
 /// Most batches folded into one transaction.
 const MAX_GROUP: usize = 4096;
@@ -39,6 +41,10 @@ CREATE TABLE IF NOT EXISTS events (
     -- The event as an encoded agenthub.v1.TaskEvent.
     body BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY,
     hash TEXT NOT NULL UNIQUE,
@@ -54,6 +60,7 @@ struct Shared {
     first_seq: AtomicU64,
     event_count: AtomicU64,
     commits: Mutex<CommitStats>,
+    faults: Option<Arc<Faults>>,
 }
 
 /// SQLite-backed [`Store`].
@@ -63,26 +70,38 @@ pub struct SqliteStore {
     writer: Mutex<Option<JoinHandle<()>>>,
     readers: Mutex<Vec<Connection>>,
     shared: Arc<Shared>,
+    log_id: String,
 }
+
+/// How long a write waits for a lock held by another process (an outside
+/// reader or backup) before the commit fails.
+pub const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn open_conn(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     Ok(conn)
 }
 
 impl SqliteStore {
-    /// Open (or create) `<dir>/agenthub.db`. Without a publisher the store only
-    /// serves reads and token commands (`agenthub token ...`).
-    pub fn open(
+    /// Open (or create) `<dir>/agenthub.db`. `writer`: start the writer
+    /// thread (the hub); without it the store only serves reads and token
+    /// commands (`agenthub token ...`).
+    pub fn open(dir: &Path, retention: Option<u64>, writer: bool) -> Result<SqliteStore> {
+        Self::open_with_faults(dir, retention, writer, None)
+    }
+
+    /// [`SqliteStore::open`] with fault injection (tests, fault drills).
+    pub fn open_with_faults(
         dir: &Path,
         retention: Option<u64>,
-        publisher: Option<Publisher>,
+        writer: bool,
+        faults: Option<Arc<Faults>>,
     ) -> Result<SqliteStore> {
         std::fs::create_dir_all(dir)
-            .map_err(|e| Error::Store(format!("create {}: {e}", dir.display())))?;
+            .map_err(|e| Error::storage(format!("create {}: {e}", dir.display())))?;
         let path = dir.join("agenthub.db");
         let conn = open_conn(&path)?;
         conn.execute_batch(SCHEMA)?;
@@ -90,42 +109,43 @@ impl SqliteStore {
             conn.query_row("SELECT MIN(seq), MAX(seq), COUNT(*) FROM events", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })?;
+        let log_id = log_id(&conn)?;
         let shared = Arc::new(Shared {
             durable_seq: AtomicU64::new(last.unwrap_or(0)),
             first_seq: AtomicU64::new(first.unwrap_or(last.unwrap_or(0) + 1)),
             event_count: AtomicU64::new(count),
             commits: Mutex::new(CommitStats::default()),
+            faults,
         });
         let (tx, rx) = mpsc::channel::<Batch>();
-        let writer = match publisher {
-            Some(publish) => {
-                let shared = shared.clone();
-                let handle = std::thread::Builder::new()
-                    .name("agenthub-store".into())
-                    .spawn(move || writer_loop(conn, rx, publish, retention, shared))
-                    .map_err(|e| Error::Store(e.to_string()))?;
-                Some(handle)
-            }
-            None => None,
+        let writer = if writer {
+            let shared = shared.clone();
+            let handle = std::thread::Builder::new()
+                .name("agenthub-store".into())
+                .spawn(move || writer_loop(conn, rx, retention, shared))
+                .map_err(|e| Error::storage(e.to_string()))?;
+            Some(handle)
+        } else {
+            None
         };
         Ok(SqliteStore {
             path,
             tx: Mutex::new(writer.as_ref().map(|_| tx)),
             writer: Mutex::new(writer),
-
             readers: Mutex::new(Vec::new()),
             shared,
+            log_id,
         })
     }
 
     fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let conn = self.readers.lock().expect("reader pool").pop();
+        let conn = lock(&self.readers).pop();
         let conn = match conn {
             Some(c) => c,
             None => open_conn(&self.path)?,
         };
         let out = f(&conn);
-        let mut pool = self.readers.lock().expect("reader pool");
+        let mut pool = lock(&self.readers);
         if pool.len() < 8 {
             pool.push(conn);
         }
@@ -134,10 +154,13 @@ impl SqliteStore {
 }
 
 impl Shared {
-    fn record_commit(&self, took: std::time::Duration, batches: usize) {
+    fn record_commit(&self, took: std::time::Duration, batches: usize, ok: bool) {
         let us = took.as_micros() as u64;
-        let mut s = self.commits.lock().expect("commit stats");
+        let mut s = lock(&self.commits);
         s.commits += 1;
+        if !ok {
+            s.failed_commits += 1;
+        }
         s.batches += batches as u64;
         s.total_us += us;
         for (i, le) in COMMIT_BUCKETS_US.iter().enumerate() {
@@ -151,11 +174,13 @@ impl Shared {
 fn writer_loop(
     mut conn: Connection,
     rx: mpsc::Receiver<Batch>,
-    publish: Publisher,
     retention: Option<u64>,
     shared: Arc<Shared>,
 ) {
     let mut commits: u64 = 0;
+    // Batches of this epoch or older fail unwritten (see the failure rule),
+    // with the error that poisoned it.
+    let mut poisoned: (u64, Option<Error>) = (0, None);
     while let Ok(first) = recv_spin(&rx) {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -164,27 +189,47 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        let stale: Vec<bool> = group
+            .iter()
+            .map(|b| poisoned.1.is_some() && b.epoch <= poisoned.0)
+            .collect();
+        let live: Vec<&Batch> = group
+            .iter()
+            .zip(&stale)
+            .filter(|(_, s)| !**s)
+            .map(|(b, _)| b)
+            .collect();
+        let writes = live.iter().any(|b| b.has_writes());
         let started = std::time::Instant::now();
-        let result = write_group(&mut conn, &group);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "commit failed");
-        }
-        shared.record_commit(started.elapsed(), group.len());
-        commits += 1;
-        for batch in group {
-            if result.is_ok() && !batch.events.is_empty() {
-                let last = batch.events.last().map(|e| e.seq).unwrap_or(0);
-                shared
-                    .event_count
-                    .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
-                shared.durable_seq.store(last, Ordering::Release);
-                publish(&batch.events);
+        let result = if writes {
+            write_group(&mut conn, &live, shared.faults.as_deref())
+        } else {
+            Ok(())
+        };
+        match &result {
+            Ok(()) => {
+                if let Some(last) = live.iter().rev().find_map(|b| b.events.last()) {
+                    let n: usize = live.iter().map(|b| b.events.len()).sum();
+                    shared.event_count.fetch_add(n as u64, Ordering::Relaxed);
+                    shared.durable_seq.store(last.seq, Ordering::Release);
+                }
             }
-            for cb in batch.callbacks {
-                cb(&result);
+            Err(e) => {
+                tracing::error!(error = %e, "commit failed; queued changes of this epoch are dropped");
+                let epoch = live.iter().map(|b| b.epoch).max().unwrap_or(0);
+                poisoned = (poisoned.0.max(epoch), Some(e.clone()));
             }
         }
-        if let (Some(keep), true) = (retention, commits.is_multiple_of(PRUNE_EVERY)) {
+        if writes {
+            shared.record_commit(started.elapsed(), live.len(), result.is_ok());
+            commits += 1;
+        }
+        drop(live);
+        let poison = Err(poisoned.1.clone().unwrap_or(Error::ShuttingDown));
+        for (batch, stale) in group.into_iter().zip(stale) {
+            batch.complete(if stale { &poison } else { &result });
+        }
+        if let (Some(keep), true, true) = (retention, writes, commits.is_multiple_of(PRUNE_EVERY)) {
             if let Err(e) = prune(&conn, keep, &shared) {
                 tracing::warn!(error = %e, "event pruning failed");
             }
@@ -192,8 +237,13 @@ fn writer_loop(
     }
 }
 
-fn write_group(conn: &mut Connection, group: &[Batch]) -> Result<()> {
-    let tx = conn.transaction()?;
+fn write_group(conn: &mut Connection, group: &[&Batch], faults: Option<&Faults>) -> Result<()> {
+    if let Some(f) = faults {
+        f.before_commit()?;
+    }
+    // IMMEDIATE: take the write lock up front, so a lock held by another
+    // process is waited for (up to BUSY_TIMEOUT) instead of failing midway.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
         let mut insert_task =
             tx.prepare_cached("INSERT INTO tasks (task_id, last_seq, body) VALUES (?1, ?2, ?3)")?;
@@ -210,7 +260,7 @@ fn write_group(conn: &mut Connection, group: &[Batch]) -> Result<()> {
                     ev.task_id,
                     ev.agent_id,
                     ev.kind.code(),
-                    &ev.proto[..]
+                    &ev.proto()[..]
                 ])?;
             }
         }
@@ -218,7 +268,7 @@ fn write_group(conn: &mut Connection, group: &[Batch]) -> Result<()> {
         // its final state, checked against the state before the first change.
         for (w, expected) in coalesce(group).into_values() {
             let t = &w.task;
-            let body = serde_json::to_string(t).map_err(|e| Error::Store(e.to_string()))?;
+            let body = serde_json::to_string(t).map_err(|e| Error::storage(e.to_string()))?;
             let changed = match expected {
                 None => insert_task.execute(params![t.task_id, t.last_seq as i64, body])?,
                 Some(prev) => {
@@ -226,10 +276,10 @@ fn write_group(conn: &mut Connection, group: &[Batch]) -> Result<()> {
                 }
             };
             if changed != 1 {
-                return Err(Error::Store(format!(
-                    "compare-and-set failed for task {}",
-                    t.task_id
-                )));
+                return Err(Error::Storage {
+                    fault: crate::error::StorageFault::Conflict,
+                    detail: format!("compare-and-set failed for task {}", t.task_id),
+                });
             }
         }
     }
@@ -238,7 +288,7 @@ fn write_group(conn: &mut Connection, group: &[Batch]) -> Result<()> {
 }
 
 /// The last write of each task in the group, with the first write's expectation.
-fn coalesce(group: &[Batch]) -> HashMap<&str, (&TaskWrite, Option<Seq>)> {
+fn coalesce<'a>(group: &[&'a Batch]) -> HashMap<&'a str, (&'a TaskWrite, Option<Seq>)> {
     let mut out: HashMap<&str, (&TaskWrite, Option<Seq>)> = HashMap::new();
     for w in group.iter().flat_map(|b| &b.tasks) {
         out.entry(w.task.task_id.as_str())
@@ -280,16 +330,13 @@ const TOKEN_COLS: &str = "id, hash, role, agent_id, created_at_ms, revoked";
 
 impl Store for SqliteStore {
     fn submit(&self, batch: Batch) {
-        let tx = self.tx.lock().expect("store sender");
+        let tx = lock(&self.tx);
         let unsent = match tx.as_ref() {
             Some(tx) => tx.send(batch).err().map(|e| e.0),
             None => Some(batch),
         };
         if let Some(batch) = unsent {
-            let err = Err(Error::ShuttingDown);
-            for cb in batch.callbacks {
-                cb(&err);
-            }
+            batch.complete(&Err(Error::ShuttingDown));
         }
     }
 
@@ -300,7 +347,7 @@ impl Store for SqliteStore {
                 .query_map([], |r| r.get::<_, String>(0))?
                 .map(|body| {
                     let body = body?;
-                    serde_json::from_str::<Task>(&body).map_err(|e| Error::Store(e.to_string()))
+                    serde_json::from_str::<Task>(&body).map_err(|e| Error::storage(e.to_string()))
                 })
                 .collect::<Result<Vec<_>>>()?;
             let last_seq: Option<u64> =
@@ -317,15 +364,20 @@ impl Store for SqliteStore {
             let mut stmt = conn.prepare_cached(
                 "SELECT seq, task_id, agent_id, kind, body FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )?;
-            let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
+            // Seqs are stored as SQLite integers (i64): a cursor beyond that
+            // has nothing after it.
+            let Ok(after) = i64::try_from(after) else {
+                return Ok(Vec::new());
+            };
+            let rows = stmt.query_map(params![after, limit as i64], |r| {
                 let kind: i32 = r.get(3)?;
-                Ok(EncodedEvent {
-                    seq: r.get::<_, i64>(0)? as Seq,
-                    task_id: r.get(1)?,
-                    agent_id: r.get(2)?,
-                    kind: EventKind::from_code(kind).unwrap_or(EventKind::Progress),
-                    proto: bytes::Bytes::copy_from_slice(r.get_ref(4)?.as_blob()?),
-                })
+                Ok(EncodedEvent::stored(
+                    r.get::<_, i64>(0)? as Seq,
+                    r.get(1)?,
+                    r.get(2)?,
+                    EventKind::from_code(kind).unwrap_or(EventKind::Progress),
+                    bytes::Bytes::copy_from_slice(r.get_ref(4)?.as_blob()?),
+                ))
             })?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
@@ -344,7 +396,28 @@ impl Store for SqliteStore {
     }
 
     fn commit_stats(&self) -> CommitStats {
-        self.shared.commits.lock().expect("commit stats").clone()
+        lock(&self.shared.commits).clone()
+    }
+
+    fn log_id(&self) -> String {
+        self.log_id.clone()
+    }
+
+    fn probe(&self) -> Result<()> {
+        if let Some(f) = &self.shared.faults {
+            f.before_probe()?;
+        }
+        self.with_reader(|conn| {
+            conn.execute_batch(
+                "BEGIN IMMEDIATE; \
+                 INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', strftime('%s','now')); \
+                 COMMIT;",
+            )
+            .inspect_err(|_| {
+                let _ = conn.execute_batch("ROLLBACK");
+            })?;
+            Ok(())
+        })
     }
 
     fn insert_token(&self, t: &TokenRecord) -> Result<()> {
@@ -390,8 +463,8 @@ impl Store for SqliteStore {
     }
 
     fn close(&self) {
-        drop(self.tx.lock().expect("store sender").take());
-        if let Some(handle) = self.writer.lock().expect("store writer").take() {
+        drop(lock(&self.tx).take());
+        if let Some(handle) = lock(&self.writer).take() {
             let _ = handle.join();
         }
     }
@@ -414,4 +487,23 @@ fn recv_spin(rx: &mpsc::Receiver<Batch>) -> std::result::Result<Batch, mpsc::Rec
             }
         }
     }
+}
+
+/// Lock a mutex whose data stays valid even if a holder panicked.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The log's name: made once when the database is created, kept for good.
+fn log_id(conn: &Connection) -> Result<String> {
+    let fresh = format!("log-{}", hex::encode(rand::random::<[u8; 8]>()));
+    conn.execute(
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('log_id', ?1)",
+        params![fresh],
+    )?;
+    Ok(
+        conn.query_row("SELECT value FROM meta WHERE key = 'log_id'", [], |r| {
+            r.get(0)
+        })?,
+    )
 }

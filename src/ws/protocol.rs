@@ -3,53 +3,11 @@
 //! Every frame is one JSON object with a `"type"`. Unknown extra fields are
 //! ignored. Times are Unix milliseconds. See `docs/protocol.md`.
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
-use crate::model::{Generation, JsonObject, Task};
+use crate::model::JsonObject;
 
-/// Sidecar → hub.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Inbound {
-    /// First message: who the sidecar is. Answered with `identified` or an error.
-    Identify(Identify),
-    /// The sidecar took the task (`task_ack` "accepted").
-    Accepted(Report),
-    /// Fire-and-forget progress; stored as an event, not acked.
-    Progress(Report),
-    /// The task succeeded (`result`).
-    Complete(Report),
-    /// The attempt failed (`error` or `reason`).
-    Failed(Report),
-    /// The sidecar will not run this task; the hub gives it to someone else.
-    Rejected(Report),
-    /// After a sidecar restart: may I go on with this task?
-    Recovering(Report),
-    /// Liveness check; answered with `pong`.
-    Ping,
-    /// The sidecar's status changed. `"draining"`: give it no new tasks
-    /// (it finishes the ones it holds); any other status makes it eligible again.
-    Status(String),
-}
-
-/// The `identify` message.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Identify {
-    pub agent_id: String,
-    pub token: String,
-    pub name: Option<String>,
-    pub status: Option<String>,
-    pub capabilities: Vec<String>,
-    pub max_concurrency: u32,
-}
-
-/// A lifecycle report about one task.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Report {
-    pub task_id: String,
-    pub generation: Option<Generation>,
-    /// The whole message minus `type` and `token`: stored as the event payload.
-    pub payload: JsonObject,
-}
+pub use crate::link::{FromAgent, Identify, Report, ToAgent};
 
 /// Largest `max_concurrency` a sidecar may announce.
 pub const MAX_CONCURRENCY: u32 = 10_000;
@@ -72,7 +30,7 @@ impl ProtocolError {
 }
 
 /// Parse one text frame.
-pub fn parse(text: &str) -> Result<Inbound, ProtocolError> {
+pub fn parse(text: &str) -> Result<FromAgent, ProtocolError> {
     let value: Value = serde_json::from_str(text).map_err(|e| ProtocolError {
         code: "invalid_json",
         detail: e.to_string(),
@@ -87,15 +45,15 @@ pub fn parse(text: &str) -> Result<Inbound, ProtocolError> {
     };
     let report = |obj: Map<String, Value>| parse_report(obj);
     Ok(match kind.as_str() {
-        "identify" => Inbound::Identify(parse_identify(&obj)?),
-        "task_accepted" => Inbound::Accepted(report(obj)?),
-        "task_progress" => Inbound::Progress(report(obj)?),
-        "task_complete" => Inbound::Complete(report(obj)?),
-        "task_failed" => Inbound::Failed(report(obj)?),
-        "task_rejected" => Inbound::Rejected(report(obj)?),
-        "task_recovering" => Inbound::Recovering(report(obj)?),
-        "ping" => Inbound::Ping,
-        "status" => Inbound::Status(required_str(&obj, "status")?),
+        "identify" => FromAgent::Identify(parse_identify(&obj)?),
+        "task_accepted" => FromAgent::Accepted(report(obj)?),
+        "task_progress" => FromAgent::Progress(report(obj)?),
+        "task_complete" => FromAgent::Complete(report(obj)?),
+        "task_failed" => FromAgent::Failed(report(obj)?),
+        "task_rejected" => FromAgent::Rejected(report(obj)?),
+        "task_recovering" => FromAgent::Recovering(report(obj)?),
+        "ping" => FromAgent::Ping,
+        "status" => FromAgent::Status(required_str(&obj, "status")?),
         other => {
             return Err(ProtocolError {
                 code: "unknown_message_type",
@@ -177,71 +135,24 @@ fn parse_report(mut obj: JsonObject) -> Result<Report, ProtocolError> {
 
 // ---- hub → sidecar -------------------------------------------------------
 
-/// `{"type":"identified","agent_id":..}`
-pub fn identified(agent_id: &str) -> String {
-    json!({"type": "identified", "agent_id": agent_id}).to_string()
-}
-
-/// `{"type":"task_assign",...}`: a task for the sidecar to run.
-pub fn task_assign(task: &Task, assigned_at: i64) -> String {
-    json!({
-        "type": "task_assign",
-        "task_id": task.task_id,
-        "description": task.description,
-        "metadata": task.metadata,
-        "generation": task.generation,
-        "assigned_at": assigned_at,
+/// Encode one hub message as its JSON text frame.
+pub fn encode(msg: &ToAgent) -> String {
+    serde_json::to_string(msg).unwrap_or_else(|e| {
+        // Every field is plain JSON data: this cannot fail.
+        tracing::error!(error = %e, "cannot encode a hub message");
+        r#"{"type":"error","error":"internal_error"}"#.to_string()
     })
-    .to_string()
-}
-
-/// `{"type":"task_ack","task_id":..,"status":..}`: the report is durably stored.
-pub fn task_ack(task_id: &str, status: &str) -> String {
-    json!({"type": "task_ack", "task_id": task_id, "status": status}).to_string()
-}
-
-/// `{"type":"task_cancelled","task_id":..,"reason":..}`: stop working on it.
-pub fn task_cancelled(task_id: &str, reason: &str) -> String {
-    json!({"type": "task_cancelled", "task_id": task_id, "reason": reason}).to_string()
-}
-
-/// `{"type":"task_continue","task_id":..,"generation":N}`: keep the task.
-pub fn task_continue(task_id: &str, generation: Generation) -> String {
-    json!({"type": "task_continue", "task_id": task_id, "generation": generation}).to_string()
-}
-
-/// `{"type":"task_reassign","task_id":..}`: drop the task, it is not yours.
-pub fn task_reassign(task_id: &str) -> String {
-    json!({"type": "task_reassign", "task_id": task_id}).to_string()
-}
-
-/// `{"type":"pong","timestamp":ms}`
-pub fn pong(timestamp: i64) -> String {
-    json!({"type": "pong", "timestamp": timestamp}).to_string()
-}
-
-/// `{"type":"error","error":CODE,...}` with optional `task_id` and `detail`.
-pub fn error(code: &str, task_id: Option<&str>, detail: Option<&str>) -> String {
-    let mut obj = Map::new();
-    obj.insert("type".into(), "error".into());
-    obj.insert("error".into(), code.into());
-    if let Some(t) = task_id {
-        obj.insert("task_id".into(), t.into());
-    }
-    if let Some(d) = detail {
-        obj.insert("detail".into(), d.into());
-    }
-    Value::Object(obj).to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn parses_agentcom_identify_with_extra_fields() {
         let m = parse(r#"{"type":"identify","agent_id":"a1","token":"t","protocol_version":1,"client_type":"sidecar","capabilities":["gpu"]}"#).unwrap();
-        let Inbound::Identify(id) = m else { panic!() };
+        let FromAgent::Identify(id) = m else { panic!() };
         assert_eq!(id.agent_id, "a1");
         assert_eq!(id.capabilities, vec!["gpu"]);
         assert_eq!(id.max_concurrency, 1);
@@ -251,9 +162,29 @@ mod tests {
     fn report_payload_drops_type_and_token() {
         let m =
             parse(r#"{"type":"task_progress","task_id":"t1","token":"x","progress":50}"#).unwrap();
-        let Inbound::Progress(r) = m else { panic!() };
+        let FromAgent::Progress(r) = m else { panic!() };
         assert_eq!(r.payload.get("progress"), Some(&json!(50)));
         assert!(!r.payload.contains_key("token") && !r.payload.contains_key("type"));
+    }
+
+    #[test]
+    fn hub_messages_encode_as_agentcom_frames() {
+        let v: Value = serde_json::from_str(&encode(&ToAgent::TaskAck {
+            task_id: "t1".into(),
+            status: crate::link::AckStatus::Complete,
+        }))
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"type": "task_ack", "task_id": "t1", "status": "complete"})
+        );
+        let v: Value =
+            serde_json::from_str(&encode(&ToAgent::error("unknown_task", Some("t2"), None)))
+                .unwrap();
+        assert_eq!(
+            v,
+            json!({"type": "error", "error": "unknown_task", "task_id": "t2"})
+        );
     }
 
     #[test]

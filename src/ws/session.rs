@@ -1,57 +1,168 @@
 //! One sidecar socket: a reader (this task) and a writer task joined by the
 //! session's bounded outbound queue. The reader parses frames and calls the
-//! hub; the writer sends queued frames, WebSocket pings, and the close frame.
+//! hub; the writer encodes queued [`ToAgent`] messages, sends WebSocket pings
+//! and the close frame. This function owns both: it ends the writer (or
+//! aborts it when a write hangs) before it returns, so no task outlives the
+//! session and the TCP connection is closed when it returns.
 
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
-use crate::hub::session::{SessionCtl, SessionHandle};
 use crate::hub::Hub;
-use crate::metrics::Metrics;
+use crate::link::{AgentLink, CloseReason, FromAgent, Link, ToAgent};
 use crate::model::now_ms;
-use crate::ws::protocol::{self, Inbound};
+use crate::ws::protocol;
 
 /// Close code for a message over the size limit.
 pub const CLOSE_TOO_BIG: u16 = 1009;
-/// Close code for a socket that did not identify in time.
+/// Close code for a socket that did not identify in time or let its queue fill.
 pub const CLOSE_POLICY: u16 = 1008;
 /// Close code when the hub shuts down or a peer stops answering pings.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code for a socket replaced by a newer identify for the same agent.
+pub const CLOSE_SESSION_REPLACED: u16 = 4000;
+
+/// The close code and reason text for a [`CloseReason`].
+pub fn close_code(why: CloseReason) -> (u16, &'static str) {
+    match why {
+        CloseReason::Normal => (1000, ""),
+        CloseReason::SessionReplaced => (CLOSE_SESSION_REPLACED, "session replaced"),
+        CloseReason::QueueFull => (CLOSE_POLICY, "outbound queue full"),
+        CloseReason::IdentifyTimeout => (CLOSE_POLICY, "identify timeout"),
+        CloseReason::TooBig => (CLOSE_TOO_BIG, "message too big"),
+        CloseReason::PingTimeout => (CLOSE_GOING_AWAY, "ping timeout"),
+        CloseReason::ShuttingDown => (CLOSE_GOING_AWAY, "hub shutting down"),
+    }
+}
+
+static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Shared between the hub's handle, the reader and the writer.
+#[derive(Default)]
+struct SessionCtl {
+    close: Mutex<Option<CloseReason>>,
+    notify: Notify,
+}
+
+impl SessionCtl {
+    fn close_reason(&self) -> Option<CloseReason> {
+        *self.close.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// First request wins.
+    fn request_close(&self, why: CloseReason) {
+        let mut close = self.close.lock().unwrap_or_else(|e| e.into_inner());
+        if close.is_none() {
+            *close = Some(why);
+        }
+        drop(close);
+        self.notify.notify_waiters();
+        self.notify.notify_one();
+    }
+
+    async fn closed(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.close_reason().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The hub's handle on one WebSocket session.
+pub struct WsLink {
+    id: u64,
+    /// Bounded queue to the writer task; full means the peer stopped reading.
+    tx: mpsc::Sender<ToAgent>,
+    ctl: Arc<SessionCtl>,
+}
+
+impl AgentLink for WsLink {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn send(&self, msg: ToAgent) -> bool {
+        match self.tx.try_send(msg) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(session = self.id, "outbound queue full; disconnecting");
+                self.ctl.request_close(CloseReason::QueueFull);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    fn close(&self, why: CloseReason) {
+        self.ctl.request_close(why);
+    }
+}
+
+/// Timeouts of one session.
+#[derive(Clone, Copy)]
+struct Timing {
+    ping_interval: Duration,
+    ping_timeout: Duration,
+    /// Longest a single frame write may take before the peer is dropped.
+    write_timeout: Duration,
+    /// Longest the close handshake may take.
+    close_timeout: Duration,
+}
 
 /// Drive one upgraded socket until it closes.
 pub async fn run(socket: WebSocket, hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
-    Metrics::inc(&hub.metrics().ws_connections);
+    hub.metrics().ws_connections.inc();
+    let _open = OpenGuard::new(hub.clone());
     let cfg = hub.config().clone();
-    let (handle, out_rx, ctl) = SessionHandle::new(cfg.outbound_queue);
+    let timing = Timing {
+        ping_interval: cfg.ws_ping_interval,
+        ping_timeout: cfg.ws_ping_timeout,
+        write_timeout: cfg.ws_write_timeout,
+        close_timeout: cfg.ws_close_timeout,
+    };
+    let (tx, out_rx) = mpsc::channel(cfg.outbound_queue);
+    let ctl = Arc::new(SessionCtl::default());
+    let link = Arc::new(WsLink {
+        id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
+        tx,
+        ctl: ctl.clone(),
+    });
+    let session_id = link.id;
+    let dyn_link: Link = link.clone();
     let (sink, mut stream) = socket.split();
     let last_seen = Arc::new(AtomicI64::new(now_ms()));
-    let writer = tokio::spawn(write_loop(
+    let mut writer = tokio::spawn(write_loop(
         sink,
         out_rx,
         ctl.clone(),
         last_seen.clone(),
-        cfg.ws_ping_interval,
-        cfg.ws_ping_timeout,
+        timing,
     ));
 
     let identify_deadline = tokio::time::sleep(cfg.identify_timeout);
     tokio::pin!(identify_deadline);
     let mut agent_id: Option<String> = None;
+    // The peer sent its close frame (or the connection is gone).
+    let mut peer_closed = false;
     loop {
         let frame = tokio::select! {
             frame = stream.next() => frame,
             _ = &mut identify_deadline, if agent_id.is_none() => {
-                handle.close(CLOSE_POLICY, "identify timeout");
+                link.close(CloseReason::IdentifyTimeout);
                 break;
             }
             _ = ctl.closed() => break,
             _ = shutdown.changed() => {
-                handle.close(CLOSE_GOING_AWAY, "hub shutting down");
+                link.close(CloseReason::ShuttingDown);
                 break;
             }
         };
@@ -59,61 +170,101 @@ pub async fn run(socket: WebSocket, hub: Arc<Hub>, mut shutdown: watch::Receiver
         let text = match frame {
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(Message::Binary(_))) => {
-                handle.send(protocol::error(
+                link.send(ToAgent::error(
                     "invalid_json",
                     None,
-                    Some("binary frames are not supported; send JSON text"),
+                    Some("binary frames are not supported; send JSON text".into()),
                 ));
                 continue;
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Close(_))) | None => break,
+            Some(Ok(Message::Close(_))) | None => {
+                peer_closed = true;
+                break;
+            }
             Some(Err(e)) => {
+                peer_closed = true;
                 if is_too_big(e) {
-                    handle.close(CLOSE_TOO_BIG, "message too big");
+                    link.close(CloseReason::TooBig);
                 }
                 break;
             }
         };
         match protocol::parse(&text) {
             Err(e) => {
-                handle.send(protocol::error(e.code, None, Some(&e.detail)));
+                link.send(ToAgent::error(e.code, None, Some(e.detail)));
             }
-            Ok(Inbound::Ping) if agent_id.is_some() => {
-                handle.send(protocol::pong(now_ms()));
+            Ok(FromAgent::Ping) if agent_id.is_some() => {
+                link.send(ToAgent::Pong {
+                    timestamp: now_ms(),
+                });
             }
-            Ok(Inbound::Identify(ident)) => {
+            Ok(FromAgent::Identify(ident)) => {
                 if agent_id.is_some() {
-                    handle.send(protocol::error(
+                    link.send(ToAgent::error(
                         "invalid_message",
                         None,
-                        Some("this socket is already identified"),
+                        Some("this socket is already identified".into()),
                     ));
                     continue;
                 }
-                match hub.identify(&ident, &handle) {
+                match hub.identify(&ident, &dyn_link) {
                     Ok(id) => agent_id = Some(id),
                     Err(e) => {
-                        handle.send(protocol::error(e.ws_code(), None, None));
+                        link.send(ToAgent::error(e.ws_code(), None, None));
                     }
                 }
             }
             Ok(report) => match &agent_id {
-                Some(agent) => hub.report(agent, &handle, report),
+                Some(agent) => hub.report(agent, &dyn_link, report),
                 None => {
-                    handle.send(protocol::error("not_identified", None, None));
+                    link.send(ToAgent::error("not_identified", None, None));
                 }
             },
         }
     }
     if let Some(agent) = &agent_id {
-        hub.session_closed(agent, handle.id);
+        hub.session_closed(agent, session_id);
     }
-    // Let the writer flush what is queued and send the close frame.
-    if ctl.close_reason().is_none() {
-        handle.close(1000, "");
+    link.close(CloseReason::Normal);
+    // The writer flushes what is queued and sends the close frame; a writer
+    // stuck on a peer that does not read is aborted.
+    let clean = match tokio::time::timeout(timing.close_timeout, &mut writer).await {
+        Ok(Ok(clean)) => clean,
+        _ => {
+            writer.abort();
+            false
+        }
+    };
+    // Close handshake: wait (bounded) for the peer's close frame, so the
+    // connection ends in order and the peer reads everything we sent.
+    if clean && !peer_closed {
+        let _ = tokio::time::timeout(timing.close_timeout, wait_for_close(&mut stream)).await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+}
+
+async fn wait_for_close(stream: &mut SplitStream<WebSocket>) {
+    while let Some(Ok(msg)) = stream.next().await {
+        if matches!(msg, Message::Close(_)) {
+            return;
+        }
+    }
+}
+
+/// Counts the session in `agenthub_ws_sessions_open` while it runs.
+struct OpenGuard(Arc<Hub>);
+
+impl OpenGuard {
+    fn new(hub: Arc<Hub>) -> OpenGuard {
+        hub.metrics().ws_sessions_open.inc();
+        OpenGuard(hub)
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.metrics().ws_sessions_open.dec();
+    }
 }
 
 fn is_too_big(e: axum::Error) -> bool {
@@ -123,54 +274,66 @@ fn is_too_big(e: axum::Error) -> bool {
         .is_some_and(|e| matches!(e, WsError::Capacity(_)))
 }
 
+/// Send one frame within the write timeout. False: the peer is gone or stuck.
+async fn send_bounded(
+    sink: &mut SplitSink<WebSocket, Message>,
+    msg: Message,
+    timeout: Duration,
+) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, sink.send(msg)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Returns true if it ended with a close frame sent (a clean close).
 async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
-    mut out: mpsc::Receiver<String>,
+    mut sink: SplitSink<WebSocket, Message>,
+    mut out: mpsc::Receiver<ToAgent>,
     ctl: Arc<SessionCtl>,
     last_seen: Arc<AtomicI64>,
-    ping_interval: Duration,
-    ping_timeout: Duration,
-) {
-    let mut ping = tokio::time::interval(ping_interval);
+    timing: Timing,
+) -> bool {
+    let mut ping = tokio::time::interval(timing.ping_interval);
     ping.tick().await;
-    let silent_limit = (ping_interval + ping_timeout).as_millis() as i64;
+    let silent_limit = (timing.ping_interval + timing.ping_timeout).as_millis() as i64;
     loop {
         tokio::select! {
             msg = out.recv() => match msg {
-                Some(text) => {
-                    if sink.send(Message::Text(text.into())).await.is_err() {
-                        return;
+                Some(msg) => {
+                    let text = protocol::encode(&msg);
+                    if !send_bounded(&mut sink, Message::Text(text.into()), timing.write_timeout).await {
+                        ctl.request_close(CloseReason::Normal);
+                        return false;
                     }
                 }
                 None => break,
             },
             _ = ping.tick() => {
                 if now_ms() - last_seen.load(Ordering::Relaxed) > silent_limit {
-                    ctl_close(&ctl, CLOSE_GOING_AWAY, "ping timeout");
+                    ctl.request_close(CloseReason::PingTimeout);
                     break;
                 }
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
-                    return;
+                if !send_bounded(&mut sink, Message::Ping(Default::default()), timing.write_timeout).await {
+                    ctl.request_close(CloseReason::Normal);
+                    return false;
                 }
             }
             _ = ctl.closed() => break,
         }
     }
     // Flush what was queued before the close was asked for (e.g. `session_replaced`).
-    while let Ok(text) = out.try_recv() {
-        if sink.feed(Message::Text(text.into())).await.is_err() {
-            return;
+    out.close();
+    while let Ok(msg) = out.try_recv() {
+        let text = protocol::encode(&msg);
+        if !send_bounded(&mut sink, Message::Text(text.into()), timing.write_timeout).await {
+            return false;
         }
     }
-    let reason = ctl.close_reason();
-    let frame = reason.map(|r| CloseFrame {
-        code: r.code,
-        reason: r.reason.into(),
-    });
-    let _ = sink.send(Message::Close(frame)).await;
-    let _ = sink.close().await;
-}
-
-fn ctl_close(ctl: &SessionCtl, code: u16, reason: &'static str) {
-    ctl.request_close(code, reason);
+    let (code, reason) = close_code(ctl.close_reason().unwrap_or(CloseReason::Normal));
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    send_bounded(&mut sink, Message::Close(Some(frame)), timing.write_timeout).await
 }

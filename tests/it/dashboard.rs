@@ -723,7 +723,7 @@ async fn dashboard_keeps_up_with_10k_tasks_and_200_events_per_second() {
 /// Revoke a token directly in the store (as `agenthub token revoke` does).
 fn revoke(hub: &TestHub, token: &str) {
     use agenthub::store::Store;
-    let store = agenthub::store::sqlite::SqliteStore::open(&hub.dir, None, None).unwrap();
+    let store = agenthub::store::sqlite::SqliteStore::open(&hub.dir, None, false).unwrap();
     let hash = agenthub::auth::hash_token(token);
     let record = store
         .list_tokens()
@@ -748,4 +748,58 @@ async fn dashboard_signs_out_plainly_when_its_token_is_revoked() {
     assert_eq!(kept, Value::Null, "a revoked token is forgotten");
     page.close().await;
     hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_starts_over_when_the_hub_serves_another_log() {
+    use agenthub::store::Store;
+    let _one = BROWSER.lock().await;
+    let hub = TestHub::start().await;
+    let ws_addr = hub.ws_addr;
+    let mut client = hub.client().await;
+    for i in 0..5 {
+        client
+            .push(scheduled(&format!("old {i}"), &[], pb::Priority::Normal))
+            .await;
+    }
+    let mut page = Page::open(&hub).await;
+    page.sign_in(&hub.admin_token).await;
+    page.show("tasks").await;
+    page.wait("#tasks-count:has-text('5 tasks')").await;
+
+    // The same address and token, but a new store: another event log.
+    let admin = hub.admin_token.clone();
+    let hash = agenthub::auth::hash_token(&admin);
+    let old_dir = hub.stop().await.unwrap();
+    let record = agenthub::store::sqlite::SqliteStore::open(old_dir.path(), None, false)
+        .unwrap()
+        .list_tokens()
+        .unwrap()
+        .into_iter()
+        .find(|t| t.hash == hash)
+        .unwrap();
+    let new_dir = tempfile::tempdir().unwrap();
+    agenthub::store::sqlite::SqliteStore::open(new_dir.path(), None, false)
+        .unwrap()
+        .insert_token(&record)
+        .unwrap();
+    // A token table that is not empty: the hub bootstraps no admin token.
+    std::fs::write(new_dir.path().join("admin.token"), &admin).unwrap();
+    let hub = TestHub::start_in(new_dir.path(), |c| c.ws_addr = ws_addr).await;
+    let mut client = hub.client_with(&admin).await;
+    for i in 0..2 {
+        client
+            .push(scheduled(&format!("new {i}"), &[], pb::Priority::Normal))
+            .await;
+    }
+    page.wait("#tasks-count:has-text('2 tasks')").await;
+    page.wait("#feed li[data-seq='2']").await;
+    assert_eq!(
+        page.count("#feed li").await,
+        2,
+        "the old log's events are gone"
+    );
+    page.close().await;
+    hub.stop().await;
+    drop((old_dir, new_dir));
 }

@@ -12,6 +12,7 @@ use agenthub::auth::{issue_token, Role};
 use agenthub::client::{connect, HubClient};
 use agenthub::pb;
 use agenthub::store::sqlite::SqliteStore;
+use agenthub::store::Faults;
 use agenthub::{Config, Server};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -65,11 +66,35 @@ impl TestHub {
         hub
     }
 
+    /// A hub whose store fails, or slows, commits on demand.
+    pub async fn start_with_faults(
+        tweak: impl FnOnce(&mut Config),
+    ) -> (TestHub, std::sync::Arc<Faults>) {
+        init_logs();
+        let tmp = tempfile::tempdir().unwrap();
+        let faults = std::sync::Arc::new(Faults::default());
+        let mut hub = Self::start_on(tmp.path(), tweak, Some(faults.clone())).await;
+        hub._tmp = Some(tmp);
+        (hub, faults)
+    }
+
     /// Start on an existing data dir (restart tests).
     pub async fn start_in(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestHub {
+        Self::start_on(dir, tweak, None).await
+    }
+
+    async fn start_on(
+        dir: &Path,
+        tweak: impl FnOnce(&mut Config),
+        faults: Option<std::sync::Arc<Faults>>,
+    ) -> TestHub {
         let mut config = test_config(dir);
         tweak(&mut config);
-        let server = Server::build(config).await.expect("hub starts");
+        let store =
+            SqliteStore::open_with_faults(dir, config.event_retention, true, faults).unwrap();
+        let server = Server::build_on(config, std::sync::Arc::new(store))
+            .await
+            .expect("hub starts");
         let admin_token = std::fs::read_to_string(dir.join("admin.token"))
             .unwrap()
             .trim()
@@ -118,7 +143,7 @@ impl TestHub {
 
     /// Issue a token directly in the store.
     pub fn token(&self, role: Role, agent: Option<&str>) -> String {
-        let store = SqliteStore::open(&self.dir, None, None).unwrap();
+        let store = SqliteStore::open(&self.dir, None, false).unwrap();
         issue_token(&store, role, agent.map(str::to_string))
             .unwrap()
             .0
@@ -442,4 +467,11 @@ pub fn admin_token(dir: &Path) -> String {
         .unwrap()
         .trim()
         .to_string()
+}
+
+/// The value of an unlabelled metric in Prometheus text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }

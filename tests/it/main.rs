@@ -4,8 +4,11 @@
 mod helpers;
 
 mod core_flow;
+mod cursors;
 mod dashboard;
 mod durability;
+mod faults;
 mod interop;
+mod model;
 mod scheduler;
 mod smoke;

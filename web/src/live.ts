@@ -3,7 +3,9 @@
 // WatchTaskEvents from the snapshot's seq. When the stream breaks it shows
 // "reconnecting…" and resumes from the last applied seq: the model drops any
 // seq it already has, so there is no duplicate and, since the hub replays
-// everything after the cursor, no gap.
+// everything after the cursor, no gap. The cursor names its log (log_id): a
+// hub whose store was replaced answers FAILED_PRECONDITION and the page
+// starts over from a new snapshot.
 
 import { Code, classify, explain, isCode, type Hub } from "./api";
 import { feedEvent, LIVE_STATES, type Model } from "./model";
@@ -28,6 +30,8 @@ export class Live {
   private agentsTimer = 0;
   private agentsPending = false;
   private fetching = new Set<string>();
+  /** The hub's event log our seqs belong to (ListTasksResponse.log_id). */
+  private logId = "";
 
   constructor(
     private hub: Hub,
@@ -62,7 +66,7 @@ export class Live {
           firstWatch = true;
         }
         this.status("live");
-        const stream = this.hub.watchTaskEvents({ afterSeq: BigInt(after) }, { signal: this.abort.signal });
+        const stream = this.hub.watchTaskEvents({ afterSeq: BigInt(after), logId: this.logId || undefined }, { signal: this.abort.signal });
         for await (const e of stream) {
           const ev = feedEvent(e);
           if (this.model.applyEvent(ev)) {
@@ -80,6 +84,13 @@ export class Live {
           this.fatal(explain(e));
           this.stop();
           return;
+        }
+        if (isCode(e, Code.FailedPrecondition)) {
+          // Not the log our cursor belongs to (the hub's store was replaced):
+          // everything we hold is from another history. Start over.
+          after = undefined;
+          this.model.reset();
+          continue;
         }
         if (isCode(e, Code.OutOfRange)) {
           if (firstWatch && after !== undefined && after < this.model.snapshotSeq) {
@@ -112,6 +123,7 @@ export class Live {
       do {
         const page = await this.hub.listTasks({ state, pageSize: PAGE_SIZE, pageToken }, { signal: this.abort.signal });
         asOf = Math.min(asOf, Number(page.asOfSeq));
+        this.logId = page.logId;
         this.model.addTasks(page.tasks);
         pageToken = page.nextPageToken;
       } while (pageToken);

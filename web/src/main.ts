@@ -99,6 +99,7 @@ class Dashboard {
   private lastSlow = 0;
   private slowTimer = 0;
   private ticker = 0;
+  private feedEpoch = 0;
   private listeners = new AbortController();
   /** A pointer is down: views rebuilt wholesale wait for its release. */
   private pressed = false;
@@ -246,6 +247,10 @@ class Dashboard {
   }
 
   private renderFeed(fresh: FeedEvent[]): void {
+    if (this.feedEpoch !== this.model.epoch) {
+      this.feedEpoch = this.model.epoch;
+      this.feedList.replaceChildren();
+    }
     if (fresh.length === 0) return;
     const rows = fresh.slice(-FEED_ROWS).reverse().map((e) =>
       h(

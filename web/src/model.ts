@@ -144,6 +144,8 @@ export class Model {
   buckets = new Map<number, Bucket>();
   /** Events applied since the last render (the feed shows them). */
   fresh: FeedEvent[] = [];
+  /** Bumped when the page starts over on another event log. */
+  epoch = 0;
   /** Seq the task snapshot was taken at. */
   snapshotSeq = 0;
   /** Bumped on every change; views re-filter only when it moved. */
@@ -151,6 +153,17 @@ export class Model {
   /** Tasks referenced by events but not yet known in detail. */
   missing = new Set<string>();
   stats: Stats = { lastSeq: 0, applied: 0, duplicates: 0, gaps: 0, reconnects: 0, connection: "idle", seqs: [], latencies: [], arrivals: [] };
+
+  /** A different event log: forget every task, event and seq. */
+  reset(): void {
+    this.clearTasks();
+    this.feed = [];
+    this.fresh = [];
+    this.buckets.clear();
+    this.snapshotSeq = 0;
+    this.stats.lastSeq = 0;
+    this.epoch++;
+  }
 
   clearTasks(): void {
     this.tasks.clear();

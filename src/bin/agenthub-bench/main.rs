@@ -17,6 +17,7 @@
 //! - `report.rs`: JSON lines and the Markdown summary.
 //! - `util.rs`: clock, percentiles, `/proc` readings.
 
+mod grpc_echo;
 mod hub;
 mod nats;
 mod procs;
@@ -50,6 +51,8 @@ enum Cmd {
     Run(RunArgs),
     /// The raw tokio-tungstenite echo server; prints `addr=HOST:PORT`.
     EchoServer,
+    /// The tonic unary echo server (GetTask only); prints `addr=HOST:PORT`.
+    GrpcEchoServer,
     /// Rewrite the Markdown summary from a results file.
     Summarize {
         /// A `results-*.jsonl` file.
@@ -80,7 +83,7 @@ struct RunArgs {
     /// Shrink every count ~10-20x (for development).
     #[arg(long)]
     quick: bool,
-    /// Only these groups (comma-separated): fsync, echo, nats-rr, js-roundtrip,
+    /// Only these groups (comma-separated): fsync, echo, grpc-echo, nats-rr, js-roundtrip,
     /// hub-push, fanout, ingest, replay, connections.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -96,6 +99,7 @@ struct RunArgs {
 const GROUPS: &[&str] = &[
     "fsync",
     "echo",
+    "grpc-echo",
     "nats-rr",
     "js-roundtrip",
     "hub-push",
@@ -210,6 +214,7 @@ fn main() -> Result<()> {
         .build()?;
     match cli.command {
         Cmd::EchoServer => rt.block_on(ws::echo_server()),
+        Cmd::GrpcEchoServer => rt.block_on(grpc_echo::echo_server()),
         Cmd::Summarize { results, out } => {
             let md = report::summarize(&report::load(&results)?);
             match out {
@@ -334,6 +339,16 @@ async fn run_group(
                 t,
             )?;
         }
+        "grpc-echo" => {
+            let t = now_ns();
+            let out = grpc_echo(ctx, &name("grpc-echo")).await;
+            rec.write_pair(
+                r("grpc_echo_seq", "tonic-echo", None),
+                r("grpc_echo_pipelined", "tonic-echo", None),
+                out,
+                t,
+            )?;
+        }
         "nats-rr" => {
             let t = now_ns();
             let out = nats::request_reply(ctx, &name("nats-rr")).await;
@@ -448,6 +463,30 @@ async fn echo(ctx: &Ctx, name: &str) -> Result<(Metrics, Metrics)> {
         let cpu = util::CpuMeter::start(server.pid())?;
         let mut piped =
             ws::echo_pipelined(&server.addr, s.push_pipelined, s.inflight, ctx.limit).await?;
+        piped.put(
+            "server_cpu_us_per_op",
+            cpu.used_us()? as f64 / s.push_pipelined as f64,
+        );
+        Ok::<_, anyhow::Error>((seq, piped))
+    }
+    .await;
+    server.stop().await;
+    result
+}
+
+async fn grpc_echo(ctx: &Ctx, name: &str) -> Result<(Metrics, Metrics)> {
+    let s = &ctx.sizes;
+    let server = procs::Echo::start_with(&ctx.log(name), "grpc-echo-server").await?;
+    let result = async {
+        let cpu = util::CpuMeter::start(server.pid())?;
+        let mut seq = grpc_echo::sequential(&server.addr, s.push_warmup, s.push_measured).await?;
+        seq.put(
+            "server_cpu_us_per_op",
+            cpu.used_us()? as f64 / (s.push_warmup + s.push_measured) as f64,
+        );
+        let cpu = util::CpuMeter::start(server.pid())?;
+        let mut piped =
+            grpc_echo::pipelined(&server.addr, s.push_pipelined, s.inflight, ctx.limit).await?;
         piped.put(
             "server_cpu_us_per_op",
             cpu.used_us()? as f64 / s.push_pipelined as f64,

@@ -90,7 +90,7 @@ pub struct Tokens {
 /// Issue an admin token and one agent token per id into `data_dir` (no hub
 /// running), the same operation as `agenthub token issue`.
 pub fn issue_tokens(data_dir: &Path, agent_ids: &[String]) -> Result<Tokens> {
-    let store = SqliteStore::open(data_dir, None, None)?;
+    let store = SqliteStore::open(data_dir, None, false)?;
     let (admin, _) = issue_token(&store, Role::Admin, None)?;
     let mut agents = Vec::with_capacity(agent_ids.len());
     for id in agent_ids {
@@ -208,9 +208,14 @@ pub struct Echo {
 
 impl Echo {
     pub async fn start(log: &Path) -> Result<Echo> {
+        Self::start_with(log, "echo-server").await
+    }
+
+    /// This binary's `subcommand` server (`echo-server`, `grpc-echo-server`).
+    pub async fn start_with(log: &Path, subcommand: &str) -> Result<Echo> {
         let exe = std::env::current_exe().context("current exe")?;
         let mut cmd = Command::new(exe);
-        cmd.arg("echo-server");
+        cmd.arg(subcommand);
         let mut server = Server::spawn(cmd, log)?;
         let line = server.stdout_line("addr=").await?;
         let addr = line.trim_start_matches("addr=").trim().to_string();

@@ -262,12 +262,31 @@ fn targets(d: &Data) -> Vec<Target> {
             phase: ("hub_push_seq", None),
             hub: metric("hub_push_seq", None, "push_to_accept_ack_p50_us"),
             base: Some(Box::new(|d, rep| {
+                let unary = d.get(rep, "grpc_echo_seq", None, "rtt_p50_us")?;
                 let echo = d.get(rep, "ws_echo_seq", None, "rtt_p50_us")?;
                 let fsync = d.get(rep, "fsync", None, "p50_us")?;
-                Some(2.0 * echo + 2.0 * fsync)
+                Some(0.5 * unary + 1.5 * echo + 2.0 * fsync)
             })),
-            base_label: "2 × WS echo p50 + 2 × fsync p50".into(),
+            base_label: "½ × tonic unary p50 + 1.5 × WS echo p50 + 2 × fsync p50".into(),
             bound: (true, 1.3),
+            unit: "µs",
+        },
+        Target {
+            what: "pipelined push vs NATS core request-reply, 64 in flight".into(),
+            phase: ("hub_push_pipelined", None),
+            hub: metric("hub_push_pipelined", None, "tasks_per_s"),
+            base: Some(metric("nats_rr_pipelined", None, "msgs_per_s")),
+            base_label: "NATS core request-reply, 64 in flight".into(),
+            bound: (false, 0.25),
+            unit: "/s",
+        },
+        Target {
+            what: "hub CPU per pipelined task".into(),
+            phase: ("hub_push_pipelined", None),
+            hub: metric("hub_push_pipelined", None, "server_cpu_us_per_task"),
+            base: None,
+            base_label: "absolute bound (µs)".into(),
+            bound: (true, 50.0),
             unit: "µs",
         },
         Target {

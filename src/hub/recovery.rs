@@ -1,0 +1,99 @@
+//! What the hub does when a commit fails: forget everything that was not
+//! committed, refuse writes while the store is unavailable, and take writes
+//! again once a probe write succeeds — without a restart.
+//!
+//! 1. The failed batch's callbacks, and those of every queued batch of the
+//!    same write epoch, get the error: no ack, no reply, no event published.
+//! 2. [`Hub::commit_failed`] (first callback of the failed batch) marks the
+//!    hub degraded, bumps the epoch and rebuilds task state from the store.
+//!    Sessions stay open; reads and watches go on.
+//! 3. [`Hub::run_recovery`] probes the store with backoff; on success the hub
+//!    leaves degraded mode, schedules, and fires the timers that waited.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::Hub;
+use crate::error::{Error, StorageFault};
+
+/// First and largest pause between probes of an unavailable store.
+const PROBE_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+impl Hub {
+    /// A commit of write epoch `epoch` failed with `e`.
+    pub(super) fn commit_failed(&self, epoch: u64, e: &Error) {
+        let mut core = self.lock();
+        if core.epoch > epoch {
+            return; // Already rebuilt past it.
+        }
+        let (fault, detail) = match e {
+            Error::Storage { fault, detail } => (*fault, detail.clone()),
+            other => (StorageFault::Other, other.to_string()),
+        };
+        tracing::error!(%fault, %detail, "commit failed: refusing writes and rebuilding state from the store");
+        core.epoch = epoch + 1;
+        core.degraded = Some((fault, detail));
+        match self.store.load() {
+            Ok(loaded) => core.rebuild(loaded, &self.config),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the store; reads wait for recovery");
+                core.stale = true;
+            }
+        }
+        self.metrics.storage_fault();
+        drop(core);
+        self.recovery_wake.notify_one();
+    }
+
+    /// Leave degraded mode if the store takes writes again. True: recovered.
+    fn try_recover(&self) -> bool {
+        if let Err(e) = self.store.probe() {
+            tracing::debug!(error = %e, "store still unavailable");
+            return false;
+        }
+        let mut core = self.lock();
+        if core.stale {
+            match self.store.load() {
+                Ok(loaded) => core.rebuild(loaded, &self.config),
+                Err(_) => return false,
+            }
+        }
+        core.degraded = None;
+        core.agent_changed();
+        let mut txn = super::Txn::new();
+        core.schedule(&mut txn, &self.config, &self.metrics);
+        self.submit(&core, txn);
+        drop(core);
+        self.timer_wake.notify_one();
+        tracing::info!("store takes writes again");
+        true
+    }
+
+    /// Probe the store while the hub is degraded. Runs until `shutdown`.
+    pub async fn run_recovery(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = self.recovery_wake.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+            let mut backoff = PROBE_BACKOFF_MIN;
+            while self.lock().degraded.is_some() {
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return,
+                }
+                backoff = (backoff * 2).min(PROBE_BACKOFF_MAX);
+                let hub = self.clone();
+                let recovered = tokio::task::spawn_blocking(move || hub.try_recover())
+                    .await
+                    .unwrap_or(false);
+                if recovered {
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! What the hub says to an agent connection and hears from it, as types.
+//!
+//! The hub speaks only these: it never builds a wire frame or picks a close
+//! code. The WebSocket side (`ws`) parses frames into [`FromAgent`], encodes
+//! [`ToAgent`] in its writer task, and maps [`CloseReason`] to close codes.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::model::{Generation, JsonObject};
+
+/// Sidecar → hub.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FromAgent {
+    /// First message: who the sidecar is. Answered with `identified` or an error.
+    Identify(Identify),
+    /// The sidecar took the task (`task_ack` "accepted").
+    Accepted(Report),
+    /// Fire-and-forget progress; stored as an event, not acked.
+    Progress(Report),
+    /// The task succeeded (`result`).
+    Complete(Report),
+    /// The attempt failed (`error` or `reason`).
+    Failed(Report),
+    /// The sidecar will not run this task; the hub gives it to someone else.
+    Rejected(Report),
+    /// After a sidecar restart: may I go on with this task?
+    Recovering(Report),
+    /// Liveness check; answered with `pong`.
+    Ping,
+    /// The sidecar's status changed. `"draining"`: give it no new tasks
+    /// (it finishes the ones it holds); any other status makes it eligible again.
+    Status(String),
+}
+
+/// The `identify` message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identify {
+    pub agent_id: String,
+    pub token: String,
+    pub name: Option<String>,
+    pub status: Option<String>,
+    pub capabilities: Vec<String>,
+    pub max_concurrency: u32,
+}
+
+/// A lifecycle report about one task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub task_id: String,
+    pub generation: Option<Generation>,
+    /// The whole message minus `type` and `token`: stored as the event payload.
+    pub payload: JsonObject,
+}
+
+/// What a `task_ack` confirms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckStatus {
+    Accepted,
+    Complete,
+    Failed,
+    Rejected,
+}
+
+/// Hub → sidecar. Serialized by the WebSocket writer as
+/// `{"type": <variant in snake_case>, ...fields}`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToAgent {
+    /// The identify succeeded.
+    Identified { agent_id: String },
+    /// A task to run.
+    TaskAssign {
+        task_id: String,
+        description: String,
+        metadata: JsonObject,
+        generation: Generation,
+        assigned_at: i64,
+    },
+    /// The report is durably stored.
+    TaskAck { task_id: String, status: AckStatus },
+    /// Stop working on the task.
+    TaskCancelled { task_id: String, reason: String },
+    /// After `task_recovering`: keep the task.
+    TaskContinue {
+        task_id: String,
+        generation: Generation,
+    },
+    /// After `task_recovering`: drop the task, it is not yours.
+    TaskReassign { task_id: String },
+    /// Answer to `ping`.
+    Pong { timestamp: i64 },
+    /// A refused message; the socket stays open.
+    Error {
+        error: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        task_id: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
+}
+
+impl ToAgent {
+    /// An `error` frame.
+    pub fn error(code: &'static str, task_id: Option<&str>, detail: Option<String>) -> ToAgent {
+        ToAgent::Error {
+            error: code,
+            task_id: task_id.map(str::to_string),
+            detail,
+        }
+    }
+
+    /// The error frame for a hub error.
+    pub fn from_error(e: &crate::error::Error) -> ToAgent {
+        let detail = match e {
+            crate::error::Error::Storage { fault, .. } => {
+                Some(crate::error::fault_text(*fault).to_string())
+            }
+            _ => None,
+        };
+        ToAgent::error(e.ws_code(), e.task_id(), detail)
+    }
+}
+
+/// Why the hub ends a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The session ended normally.
+    Normal,
+    /// A newer identify for the same agent took over.
+    SessionReplaced,
+    /// The peer stopped reading: its outbound queue is full.
+    QueueFull,
+    /// No identify in time.
+    IdentifyTimeout,
+    /// A message over the size limit.
+    TooBig,
+    /// The peer stopped answering pings.
+    PingTimeout,
+    /// The hub is shutting down.
+    ShuttingDown,
+}
+
+/// One agent connection as the hub sees it. Implemented by the WebSocket
+/// session; tests may implement it in memory.
+pub trait AgentLink: Send + Sync + 'static {
+    /// Unique per connection.
+    fn id(&self) -> u64;
+    /// Queue a message. False if the connection is gone or could not take it
+    /// (a connection that stops reading is closed rather than buffered without bound).
+    fn send(&self, msg: ToAgent) -> bool;
+    /// Ask for the connection to be closed (queued messages go first).
+    fn close(&self, why: CloseReason);
+}
+
+/// A shared handle on an agent connection.
+pub type Link = Arc<dyn AgentLink>;

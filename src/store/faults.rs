@@ -1,0 +1,85 @@
+//! Fault injection for the embedded store: fail the next N commits, fail
+//! every commit (and probe) while a fault is set, or slow commits down. The
+//! store consults it right before each group commit, so the failure path is
+//! the real one (poisoned epochs, rebuild, degraded mode). Used by tests and
+//! fault drills; a store built without it pays nothing.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::error::{Error, StorageFault};
+
+/// Shared switches; cheap to clone behind an `Arc`.
+#[derive(Debug, Default)]
+pub struct Faults {
+    fail_next: AtomicU64,
+    fail_all: Mutex<Option<StorageFault>>,
+    delay_us: AtomicU64,
+    injected: AtomicU64,
+}
+
+impl Faults {
+    /// Fail the next `n` commits.
+    pub fn fail_next(&self, n: u64) {
+        self.fail_next.store(n, Ordering::SeqCst);
+    }
+
+    /// Fail every commit and probe with `fault` until [`Faults::clear`].
+    pub fn fail_all(&self, fault: StorageFault) {
+        *self.fail_all.lock().unwrap_or_else(|e| e.into_inner()) = Some(fault);
+    }
+
+    /// Stop failing (pending `fail_next` counts included).
+    pub fn clear(&self) {
+        *self.fail_all.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.fail_next.store(0, Ordering::SeqCst);
+    }
+
+    /// Make every commit take at least this long.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_us
+            .store(delay.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    /// Commits failed by injection so far.
+    pub fn injected(&self) -> u64 {
+        self.injected.load(Ordering::SeqCst)
+    }
+
+    /// Called before a commit: the injected failure, if any.
+    pub fn before_commit(&self) -> Result<(), Error> {
+        let delay = self.delay_us.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_micros(delay));
+        }
+        let fault = *self.fail_all.lock().unwrap_or_else(|e| e.into_inner());
+        let fault = fault.or_else(|| {
+            self.fail_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .ok()
+                .map(|_| StorageFault::Io)
+        });
+        match fault {
+            Some(fault) => {
+                self.injected.fetch_add(1, Ordering::SeqCst);
+                Err(Error::Storage {
+                    fault,
+                    detail: "injected fault".into(),
+                })
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Called by a probe: fails while `fail_all` is set.
+    pub fn before_probe(&self) -> Result<(), Error> {
+        match *self.fail_all.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(fault) => Err(Error::Storage {
+                fault,
+                detail: "injected fault".into(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
