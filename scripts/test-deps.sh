@@ -5,7 +5,7 @@
 #   - .venv: a Python virtualenv with grpcio + grpcio-tools (pinned in
 #     tests/interop/requirements.txt);
 #   - Debian's chromium + chromium-driver (apt-get, as root) and
-#     tests/dashboard/node_modules (playwright-core, ws) for the dashboard
+#     tests/dashboard/node_modules (playwright-core) for the dashboard
 #     tests, which drive the page in that Chromium.
 # Idempotent: a stamp holding the hash of the lock / requirements file skips
 # work already done. Needs node + npm and python3 (with venv). No prompts.
