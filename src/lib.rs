@@ -16,6 +16,7 @@
 //! - [`grpc`], [`pb`]: the `agenthub.v1.TaskHub` service and its types.
 //! - [`http`], [`ws`]: the HTTP listener and the sidecar WebSocket protocol.
 //! - [`server`]: binds and runs both listeners.
+//! - [`web`]: the embedded dashboard page and gRPC-Web on the HTTP listener.
 //! - [`client`]: a gRPC client for the CLI and tests.
 //! - [`sidecar`]: the reference sidecar.
 
@@ -35,6 +36,7 @@ pub mod pb;
 pub mod server;
 pub mod sidecar;
 pub mod store;
+pub mod web;
 pub mod ws;
 
 pub use config::Config;

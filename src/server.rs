@@ -105,7 +105,8 @@ impl Server {
         };
 
         use axum::serve::ListenerExt;
-        let app = crate::http::router(hub.clone(), stop_rx.clone(), sessions.clone());
+        let app = crate::http::router(hub.clone(), stop_rx.clone(), sessions.clone())
+            .merge(crate::web::router(hub.clone(), stop_rx.clone()));
         let ws_listener = ws_listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });

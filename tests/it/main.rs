@@ -5,6 +5,7 @@ mod helpers;
 
 mod core_flow;
 mod cursors;
+mod dashboard;
 mod durability;
 mod faults;
 mod interop;
