@@ -20,6 +20,7 @@ pub const DEFAULT_RECONNECT_GRACE: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_WATCH_BUFFER: usize = 16 * 1024;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_FINISHED_CACHE: usize = 1024;
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const DEFAULT_RETENTION_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_WS_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,6 +63,8 @@ pub struct Config {
     pub retention: Option<Duration>,
     /// How often retention looks for expired tasks.
     pub retention_interval: Duration,
+    /// Finished tasks kept in memory (the rest are read from the store).
+    pub finished_cache: usize,
     /// Keep at most this many events (oldest pruned). `None`: keep all.
     pub event_retention: Option<u64>,
     /// Live events buffered for watchers before a slow one is caught up from the store.
@@ -93,6 +96,7 @@ impl Config {
             event_retention: None,
             retention: Some(DEFAULT_RETENTION),
             retention_interval: DEFAULT_RETENTION_INTERVAL,
+            finished_cache: DEFAULT_FINISHED_CACHE,
             watch_buffer: DEFAULT_WATCH_BUFFER,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             bootstrap_admin_token: true,

@@ -158,8 +158,10 @@ pub(crate) struct Core {
     pub tasks: HashMap<String, Task>,
     /// Creation order: created_seq → task_id.
     /// Finished tasks kept in `tasks` as a cache, oldest first (bounded by
-    /// [`FINISHED_CACHE`]); the store serves the rest.
+    /// `finished_cap`); the store serves the rest.
     pub finished: VecDeque<String>,
+    /// How many finished tasks the cache keeps (`Config::finished_cache`).
+    pub finished_cap: usize,
     pub queue: BTreeSet<QueueKey>,
     pub agents: HashMap<String, Agent>,
     pub last_seq: Seq,
@@ -196,6 +198,7 @@ impl Core {
     pub fn restore(loaded: Loaded, cfg: &Config) -> Core {
         let mut core = Core {
             epoch: 1,
+            finished_cap: cfg.finished_cache,
             ..Core::default()
         };
         core.load(loaded, cfg);
@@ -575,7 +578,7 @@ impl Core {
 
     /// Drop finished tasks beyond the cache bound (they stay in the store).
     fn evict_finished(&mut self, durable: Seq) {
-        while self.finished.len() > FINISHED_CACHE {
+        while self.finished.len() > self.finished_cap {
             let Some(id) = self.finished.front() else {
                 break;
             };
@@ -605,9 +608,6 @@ impl Core {
         }
     }
 }
-
-/// Finished tasks kept in memory besides the live ones.
-pub const FINISHED_CACHE: usize = 1024;
 
 /// Change a task's state, keeping the per-state counts.
 pub(crate) fn set_state(counts: &mut [u64; 6], task: &mut Task, to: TaskState) {

@@ -8,6 +8,7 @@ mod cursors;
 mod dashboard;
 mod durability;
 mod faults;
+mod history;
 mod interop;
 mod model;
 mod scheduler;

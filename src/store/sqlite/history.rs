@@ -289,8 +289,11 @@ pub fn purge(conn: &mut Connection, cutoff_ms: i64, limit: usize) -> Result<Purg
     tx.commit()?;
     out.task_ids = victims.into_iter().map(|v| v.0).collect();
     if !out.task_ids.is_empty() {
-        // Give the freed pages back to the file system.
-        conn.execute_batch("PRAGMA incremental_vacuum")?;
+        // Give the freed pages back to the file system (each step of the
+        // pragma frees one page: run it to the end).
+        let mut stmt = conn.prepare("PRAGMA incremental_vacuum")?;
+        let mut rows = stmt.query([])?;
+        while rows.next()?.is_some() {}
     }
     Ok(out)
 }
