@@ -46,7 +46,6 @@ pub enum FromAgent {
     AgentRestarting(Option<String>),
 }
 
-
 /// The `identify` message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Identify {

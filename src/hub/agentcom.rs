@@ -109,8 +109,8 @@ impl Hub {
     /// (it restarts the progress timeout). Nothing is stored or answered.
     pub(super) fn on_wake_result(&self, core: &mut Core, txn: &mut Txn, agent_id: &str, r: Report) {
         let success = r.payload.get("status").and_then(Value::as_str) == Some("success");
-        let running = fence(core, agent_id, &r).is_ok()
-            && core.tasks[&r.task_id].state == TaskState::Running;
+        let running =
+            fence(core, agent_id, &r).is_ok() && core.tasks[&r.task_id].state == TaskState::Running;
         if success && running {
             core.touch_activity(txn, &self.config, &r.task_id, true);
         }

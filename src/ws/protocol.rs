@@ -123,7 +123,11 @@ fn parse_identify(obj: &JsonObject) -> Result<Identify, ProtocolError> {
 
 /// Lenient: a metric that is missing, null or not a number is unknown.
 fn parse_resources(obj: &JsonObject) -> Resources {
-    let bytes = |f: &str| obj.get(f).and_then(Value::as_f64).map(|v| v.max(0.0) as u64);
+    let bytes = |f: &str| {
+        obj.get(f)
+            .and_then(Value::as_f64)
+            .map(|v| v.max(0.0) as u64)
+    };
     Resources {
         cpu_percent: obj.get("cpu_percent").and_then(Value::as_f64),
         ram_used_bytes: bytes("ram_used_bytes"),
@@ -206,13 +210,17 @@ mod tests {
     #[test]
     fn parses_current_agentcom_messages() {
         let m = parse(r#"{"type":"state_report","task_id":"t1","status":"working","generation":2,"assigned_at":5,"protocol_version":1}"#).unwrap();
-        let FromAgent::StateReport(r) = m else { panic!() };
+        let FromAgent::StateReport(r) = m else {
+            panic!()
+        };
         assert_eq!((r.task_id.as_str(), r.generation), ("t1", Some(2)));
         let m = parse(r#"{"type":"wake_result","task_id":"t1","status":"success","attempt":1}"#)
             .unwrap();
         assert!(matches!(m, FromAgent::WakeResult(r) if r.payload["status"] == "success"));
         let m = parse(r#"{"type":"resource_report","agent_id":"a","cpu_percent":12.5,"ram_used_bytes":1024,"ram_total_bytes":null,"vram_used_bytes":"x","timestamp":1}"#).unwrap();
-        let FromAgent::ResourceReport(res) = m else { panic!() };
+        let FromAgent::ResourceReport(res) = m else {
+            panic!()
+        };
         assert_eq!(res.cpu_percent, Some(12.5));
         assert_eq!(res.ram_used_bytes, Some(1024));
         assert_eq!((res.ram_total_bytes, res.vram_used_bytes), (None, None));

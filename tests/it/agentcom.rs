@@ -53,7 +53,11 @@ struct QueueFile {
 
 enum Event {
     Frame(Value),
-    Exited { task_id: String, ok: bool, output: String },
+    Exited {
+        task_id: String,
+        ok: bool,
+        output: String,
+    },
     Closed,
 }
 
@@ -243,7 +247,10 @@ impl AgentCom {
                 }
             }
             "restart_sidecar" => {
-                let reason = msg["reason"].as_str().unwrap_or("hub_commanded").to_string();
+                let reason = msg["reason"]
+                    .as_str()
+                    .unwrap_or("hub_commanded")
+                    .to_string();
                 let working = self
                     .queue
                     .active
@@ -309,8 +316,10 @@ impl AgentCom {
         self.run = Some((task_id.clone(), child));
         if direct {
             let event = json!({"event_type": "status", "text": "running", "tokens_so_far": null, "model": null, "timestamp": 1});
-            self.send(json!({"type": "task_progress", "task_id": task_id, "execution_event": event}))
-                .await;
+            self.send(
+                json!({"type": "task_progress", "task_id": task_id, "execution_event": event}),
+            )
+            .await;
         }
     }
 
