@@ -272,6 +272,16 @@ impl Hub {
             .cloned()
             .unwrap_or(json!("rejected"));
         let busy = reason == REJECT_BUSY;
+        if busy && core.tasks[&r.task_id].state == TaskState::Running {
+            // It runs this very task (accepted, or reported by `state_report`):
+            // "busy" declines a repeated `task_assign` of it. Nothing changes.
+            let ack = ToAgent::TaskAck {
+                task_id: r.task_id.clone(),
+                status: AckStatus::Accepted,
+            };
+            txn.reply_after_commit(session, &r.task_id, ack);
+            return Ok(());
+        }
         if busy {
             // Not a verdict on the task: the attempt does not count, and the
             // agent is left alone until it has room (see `Core::mark_busy`).

@@ -795,6 +795,13 @@ async fn agentcom_state_report_continues_only_the_current_assignment() {
         state_of(&task(&hub, &t.task_id).await),
         pb::task::State::Running
     );
+    // A repeated task_assign of the task it runs gets "busy": nothing changes.
+    sc.send(json!({"type": "task_rejected", "task_id": id, "reason": "busy"}))
+        .await;
+    assert_eq!(sc.recv_type("task_ack").await["status"], "accepted");
+    let running = task(&hub, &t.task_id).await;
+    assert_eq!(state_of(&running), pb::task::State::Running);
+    assert_eq!((running.generation, running.attempts), (g, 1));
     // Another generation (0: it knows none) is not the current assignment.
     for gen in [g + 1, 0] {
         sc.send(report(gen)).await;
