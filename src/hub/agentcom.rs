@@ -10,9 +10,9 @@
 //!   remembered (`Core::lost`) while it waits in the queue. When that agent
 //!   identifies again, it gets no new task, and those tasks go to nobody,
 //!   until it has reported on each of them or `reconnect_settle` passes. If it
-//!   reports (with the generation) that it is still running one, and the task
-//!   was not assigned again since, the hub gives the task back to it: no
-//!   other run can exist, since any new assignment raises the generation.
+//!   reports (with the generation) that it is still running a task that was
+//!   not assigned again since, the hub gives the task back to it: no other
+//!   run can exist, since any new assignment raises the generation.
 //! - A `busy` rejection does not cost an attempt and leaves the agent alone
 //!   until it has room again.
 
@@ -165,16 +165,22 @@ impl Core {
     }
 
     /// May `agent_id`, reporting that it still runs `task_id` at `generation`,
-    /// have it back? Only if the task was taken from it for its absence at
-    /// that generation and has waited in the queue since.
+    /// have it back? Only if the task waits in the queue at that very
+    /// generation: every assignment raises the generation, so it was given
+    /// to nobody since — and the hub sent that generation only to the agent
+    /// it assigned it to, so that was this one (for a pinned task, or one
+    /// remembered as lost, the hub checks it too).
     pub fn can_readopt(&self, agent_id: &str, task_id: &str, generation: Generation) -> bool {
-        self.lost
-            .get(task_id)
-            .is_some_and(|(a, g)| a == agent_id && *g == generation)
-            && self
-                .tasks
-                .get(task_id)
-                .is_some_and(|t| t.state == TaskState::Queued && t.generation == generation)
+        let Some(task) = self.tasks.get(task_id) else {
+            return false;
+        };
+        let lost_by_other = self.lost.get(task_id).is_some_and(|(a, _)| a != agent_id);
+        let pinned_to_other = task.pinned && task.agent_id.as_deref() != Some(agent_id);
+        generation >= 1
+            && task.state == TaskState::Queued
+            && task.generation == generation
+            && !lost_by_other
+            && !pinned_to_other
     }
 
     /// Give a task back to the agent it was taken from (see [`Core::can_readopt`]):
