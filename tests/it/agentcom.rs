@@ -866,3 +866,79 @@ async fn agentcom_admin_restarts_a_sidecar() {
         .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
 }
+
+/// A sidecar that names the generation in `task_recovering` (as the
+/// reference sidecar does) gets back a task it lost while away if nobody
+/// got it since.
+#[tokio::test]
+async fn recovering_with_generation_after_the_grace_gets_the_task_back() {
+    let hub = TestHub::start_with(|c| c.reconnect_grace = Duration::from_millis(100)).await;
+    let mut client = hub.client().await;
+    let mut watch = client.watch_after(0).await;
+    let mut sc = hub.sidecar("rg-1").await;
+    let t = client.push(scheduled("x", &[], pb::Priority::Normal)).await;
+    let (id, g) = sc.next_assign().await;
+    sc.accept(&id, g).await;
+    drop(sc);
+    until_event(&mut watch, "reclaim", |ev| kind(ev) == Kind::Reclaimed).await;
+    let mut sc = hub.sidecar("rg-1").await;
+    sc.send(json!({"type": "task_recovering", "task_id": id, "generation": g, "last_status": "running"}))
+        .await;
+    let reply = sc.recv().await;
+    assert_eq!(
+        (reply["type"].as_str(), reply["generation"].as_u64()),
+        (Some("task_continue"), Some(g)),
+        "{reply}"
+    );
+    sc.complete(&id, g, json!("one run")).await;
+    let done = task(&hub, &t.task_id).await;
+    assert_eq!(state_of(&done), pb::task::State::Completed);
+    assert_eq!(
+        (done.generation, done.attempts, done.agent_id.as_str()),
+        (1, 1, "rg-1")
+    );
+    let continued = until_event(&mut watch, "continued", |ev| kind(ev) == Kind::Continued).await;
+    assert_eq!(
+        pb::struct_to_json(continued.payload.as_ref().unwrap())["reason"],
+        "still_running"
+    );
+}
+
+/// After a hub restart the hub still waits for a returning sidecar's report
+/// on a pinned task it lost while away, instead of assigning it again at once.
+#[tokio::test]
+async fn pinned_task_lost_before_a_hub_restart_is_still_settled_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tweak = |c: &mut agenthub::Config| {
+        c.reconnect_grace = Duration::from_millis(100);
+        c.reconnect_settle = Duration::from_secs(3600);
+    };
+    let hub = TestHub::start_in(tmp.path(), tweak).await;
+    let mut client = hub.client().await;
+    let mut watch = client.watch_after(0).await;
+    let mut sc = hub.sidecar("rs-1").await;
+    let t = client.push(pinned("rs-1", "x")).await;
+    let (id, g) = sc.next_assign().await;
+    sc.accept(&id, g).await;
+    drop(sc);
+    until_event(&mut watch, "reclaim", |ev| kind(ev) == Kind::Reclaimed).await;
+    drop((watch, client));
+    hub.stop().await;
+
+    let hub = TestHub::start_in(tmp.path(), tweak).await;
+    let mut sc = hub.sidecar("rs-1").await;
+    sc.send(json!({"type": "state_report", "task_id": id, "status": "working", "generation": g}))
+        .await;
+    let first = sc.recv().await;
+    assert_eq!(
+        (first["type"].as_str(), first["action"].as_str()),
+        (Some("state_report_ack"), Some("continue")),
+        "{first}"
+    );
+    sc.complete(&id, g, json!(1)).await;
+    let done = task(&hub, &t.task_id).await;
+    assert_eq!(
+        (state_of(&done), done.generation),
+        (pb::task::State::Completed, 1)
+    );
+}
