@@ -9,7 +9,8 @@
 //! - A task taken from an agent because it stayed away past the grace is
 //!   remembered (`Core::lost`) while it waits in the queue. When that agent
 //!   identifies again, it gets no new task, and those tasks go to nobody,
-//!   until it has reported on each of them or `reconnect_settle` passes. If it
+//!   until it has reported on each of them, leaves again, or `reconnect_settle`
+//!   passes (once per task: a flapping sidecar cannot starve the others). If it
 //!   reports (with the generation) that it is still running a task that was
 //!   not assigned again since, the hub gives the task back to it: no other
 //!   run can exist, since any new assignment raises the generation.
@@ -148,10 +149,12 @@ impl Core {
             .map(|t| (t.clone(), self.tasks[t].generation))
             .collect();
         let mut settling = std::collections::BTreeSet::new();
-        for (task_id, (owner, generation)) in &self.lost {
-            if owner == agent_id {
-                before.insert(task_id.clone(), *generation);
-                settling.insert(task_id.clone());
+        for (task_id, lost) in &self.lost {
+            if lost.agent_id == agent_id {
+                before.insert(task_id.clone(), lost.generation);
+                if !lost.waited {
+                    settling.insert(task_id.clone());
+                }
             }
         }
         let agent = self.agents.get_mut(agent_id).expect("checked");
@@ -174,7 +177,10 @@ impl Core {
         let Some(task) = self.tasks.get(task_id) else {
             return false;
         };
-        let lost_by_other = self.lost.get(task_id).is_some_and(|(a, _)| a != agent_id);
+        let lost_by_other = self
+            .lost
+            .get(task_id)
+            .is_some_and(|l| l.agent_id != agent_id);
         let pinned_to_other = task.pinned && task.agent_id.as_deref() != Some(agent_id);
         generation >= 1
             && task.state == TaskState::Queued

@@ -203,9 +203,8 @@ pub(crate) struct Core {
     /// Last report (accept or progress) per RUNNING task, for the progress timeout.
     pub last_activity: HashMap<String, Instant>,
     /// Tasks taken back because their agent stayed away past the grace and
-    /// still queued since: task → (that agent, the generation it had).
-    /// Its sidecar may still be running them (see `agentcom.rs`).
-    pub lost: HashMap<String, (String, Generation)>,
+    /// still queued since. Its sidecar may still be running them (see `agentcom.rs`).
+    pub lost: HashMap<String, LostTask>,
     /// Counts `busy` rejections: names each backoff timer.
     pub busy_marks: u64,
     /// Write epoch: batches carry it; a failed commit poisons its epoch and
@@ -282,9 +281,9 @@ impl Core {
                     _ => assigned.push((task.task_id.clone(), task.generation)),
                 }
             }
-            if let Some(agent) = lost_by(&task) {
-                self.lost
-                    .insert(task.task_id.clone(), (agent, task.generation));
+            if let Some(agent_id) = lost_by(&task) {
+                let lost = LostTask::new(agent_id, task.generation);
+                self.lost.insert(task.task_id.clone(), lost);
             }
             self.tasks.insert(task.task_id.clone(), task);
         }
@@ -599,25 +598,40 @@ impl Core {
 
     /// The task is no longer waiting for the sidecar it was taken from.
     pub fn forget_lost(&mut self, task_id: &str) {
-        if let Some((agent, _)) = self.lost.remove(task_id) {
-            self.settled(&agent, task_id);
+        if let Some(lost) = self.lost.remove(task_id) {
+            self.settled(&lost.agent_id, task_id);
         }
     }
 
-    /// The agent has reported on a task it lost while away (or the wait is over).
+    /// The agent has reported on a task it lost while away (or the wait is
+    /// over): the task is held back no more, now or on a later identify.
     pub fn settled(&mut self, agent_id: &str, task_id: &str) {
+        if let Some(lost) = self.lost.get_mut(task_id) {
+            lost.waited = true;
+        }
         if let Some(agent) = self.agents.get_mut(agent_id) {
-            if agent.settling.remove(task_id) && agent.settling.is_empty() {
+            if agent.settling.remove(task_id) {
                 self.schedulable = true;
             }
         }
     }
 
+    /// The wait for the agent's reports is over (settle window, disconnect).
+    pub fn settle_all(&mut self, agent_id: &str) {
+        let pending: Vec<String> = match self.agents.get(agent_id) {
+            Some(a) => a.settling.iter().cloned().collect(),
+            None => return,
+        };
+        for task_id in pending {
+            self.settled(agent_id, &task_id);
+        }
+    }
+
     /// Is the task held back until the agent it was lost by reports on it?
     fn is_settling(&self, task_id: &str) -> bool {
-        self.lost.get(task_id).is_some_and(|(agent, _)| {
+        self.lost.get(task_id).is_some_and(|lost| {
             self.agents
-                .get(agent)
+                .get(&lost.agent_id)
                 .is_some_and(|a| a.settling.contains(task_id))
         })
     }
@@ -675,6 +689,25 @@ pub(crate) fn task_assign(task: &Task, assigned_at: i64) -> ToAgent {
         generation: task.generation,
         assigned_at,
         extra,
+    }
+}
+
+/// A task taken from an agent for staying away past the grace.
+pub(crate) struct LostTask {
+    pub agent_id: String,
+    /// The generation it had (and still has while queued).
+    pub generation: Generation,
+    /// The agent came back and was waited for once: never held back again.
+    pub waited: bool,
+}
+
+impl LostTask {
+    pub fn new(agent_id: String, generation: Generation) -> LostTask {
+        LostTask {
+            agent_id,
+            generation,
+            waited: false,
+        }
     }
 }
 

@@ -96,16 +96,21 @@ impl Hub {
         }
         agent.session = None;
         agent.epoch += 1;
-        agent.settling.clear();
         let epoch = agent.epoch;
         let holds_tasks = !agent.active.is_empty();
+        let was_settling = !agent.settling.is_empty();
         tracing::info!(agent = %agent_id, session = session_id, "sidecar disconnected");
+        let mut txn = Txn::new();
         if holds_tasks {
-            let mut txn = Txn::new();
             let at = Instant::now() + self.config.reconnect_grace;
             core.add_timer(&mut txn, at, Timer::Grace(agent_id.to_string(), epoch));
-            self.submit(&core, txn);
         }
+        if was_settling {
+            // Gone again before it reported: the tasks it held back are free.
+            core.settle_all(agent_id);
+            core.schedule(&mut txn, &self.config, &self.metrics);
+        }
+        self.submit(&core, txn);
     }
 
     /// Apply one lifecycle report from an identified sidecar. The reply (ack

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::core::{Timer, Txn, RECLAIM_DISCONNECTED};
+use super::core::{LostTask, Timer, Txn, RECLAIM_DISCONNECTED};
 use super::Hub;
 use crate::model::TaskState;
 
@@ -91,19 +91,18 @@ impl Hub {
                         // Its sidecar may still be running it: remember whose it was.
                         let task = &core.tasks[&task_id];
                         if task.state == TaskState::Queued {
-                            let lost = (agent_id.clone(), task.generation);
+                            let lost = LostTask::new(agent_id.clone(), task.generation);
                             core.lost.insert(task_id, lost);
                         }
                     }
                 }
                 Timer::Settle(agent_id, epoch) => {
-                    let Some(agent) = core.agents.get_mut(&agent_id) else {
+                    let Some(agent) = core.agents.get(&agent_id) else {
                         continue;
                     };
                     if agent.epoch == epoch && !agent.settling.is_empty() {
                         tracing::info!(agent = %agent_id, unreported = ?agent.settling, "settle window over");
-                        agent.settling.clear();
-                        core.agent_changed();
+                        core.settle_all(&agent_id);
                     }
                 }
                 Timer::Busy(agent_id, token) => {

@@ -942,3 +942,32 @@ async fn pinned_task_lost_before_a_hub_restart_is_still_settled_first() {
         (pb::task::State::Completed, 1)
     );
 }
+
+/// Tasks lost by a sidecar are held back for it once: if it leaves again
+/// before reporting on them, they go to others at once.
+#[tokio::test]
+async fn lost_tasks_are_held_back_for_a_returning_sidecar_only_while_it_stays() {
+    let hub = TestHub::start_with(|c| {
+        c.reconnect_grace = Duration::from_millis(100);
+        c.reconnect_settle = Duration::from_secs(3600);
+    })
+    .await;
+    let mut client = hub.client().await;
+    let mut watch = client.watch_after(0).await;
+    let mut a = hub.sidecar("hb-a").await;
+    let t = client.push(scheduled("x", &[], pb::Priority::Normal)).await;
+    let (id, g) = a.next_assign().await;
+    a.accept(&id, g).await;
+    drop(a);
+    until_event(&mut watch, "reclaim", |ev| kind(ev) == Kind::Reclaimed).await;
+    // Back, silent: the task waits for its report, even with another agent free.
+    let a = hub.sidecar("hb-a").await;
+    let mut b = hub.sidecar("hb-b").await;
+    hub.hub.flush().await.unwrap();
+    let waiting = task(&hub, &t.task_id).await;
+    assert_eq!(state_of(&waiting), pb::task::State::Queued);
+    // Gone again without a word: the other agent gets it.
+    drop(a);
+    let (id2, g2) = b.next_assign().await;
+    assert_eq!((id2.as_str(), g2), (id.as_str(), g + 1));
+}
