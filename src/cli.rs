@@ -74,6 +74,12 @@ pub struct ServeArgs {
     /// How long a disconnected agent keeps its tasks.
     #[arg(long, env = "AGENTHUB_RECONNECT_GRACE", value_parser = parse_duration, default_value = "60s")]
     pub reconnect_grace: Duration,
+    /// A sidecar back after the grace gets no new tasks until it reports what it still runs, or this long.
+    #[arg(long, env = "AGENTHUB_RECONNECT_SETTLE", value_parser = parse_duration, default_value = "5s")]
+    pub reconnect_settle: Duration,
+    /// After a `busy` rejection, no new task for the agent for this long (or until a slot frees).
+    #[arg(long, env = "AGENTHUB_BUSY_BACKOFF", value_parser = parse_duration, default_value = "10s")]
+    pub busy_backoff: Duration,
     /// Close sockets that do not identify within this.
     #[arg(long, env = "AGENTHUB_IDENTIFY_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub identify_timeout: Duration,
@@ -108,6 +114,8 @@ impl ServeArgs {
         c.accept_timeout = self.accept_timeout;
         c.progress_timeout = (!self.progress_timeout.is_zero()).then_some(self.progress_timeout);
         c.reconnect_grace = self.reconnect_grace;
+        c.reconnect_settle = self.reconnect_settle;
+        c.busy_backoff = self.busy_backoff;
         c.identify_timeout = self.identify_timeout;
         c.ws_ping_interval = self.ping_interval;
         c.ws_ping_timeout = self.ping_timeout;

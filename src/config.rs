@@ -17,6 +17,8 @@ pub const DEFAULT_WS_PING_INTERVAL: Duration = Duration::from_secs(20);
 pub const DEFAULT_WS_PING_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DEFAULT_ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_RECONNECT_GRACE: Duration = Duration::from_secs(60);
+pub const DEFAULT_RECONNECT_SETTLE: Duration = Duration::from_secs(5);
+pub const DEFAULT_BUSY_BACKOFF: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_WATCH_BUFFER: usize = 16 * 1024;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -56,6 +58,13 @@ pub struct Config {
     pub progress_timeout: Option<Duration>,
     /// A disconnected agent keeps its tasks this long.
     pub reconnect_grace: Duration,
+    /// A sidecar that comes back after tasks were taken from it for its
+    /// absence gets no new tasks (and those tasks go to nobody) until it has
+    /// said what it still runs (`task_recovering` / `state_report`), or this long.
+    pub reconnect_settle: Duration,
+    /// After a `busy` rejection the agent gets no new task for this long,
+    /// unless one of its tasks ends first.
+    pub busy_backoff: Duration,
     /// Attempts per task when `PushTask` does not say.
     pub default_max_attempts: u32,
     /// Finished tasks (and their events) are removed this long after they
@@ -92,6 +101,8 @@ impl Config {
             accept_timeout: DEFAULT_ACCEPT_TIMEOUT,
             progress_timeout: None,
             reconnect_grace: DEFAULT_RECONNECT_GRACE,
+            reconnect_settle: DEFAULT_RECONNECT_SETTLE,
+            busy_backoff: DEFAULT_BUSY_BACKOFF,
             default_max_attempts: DEFAULT_MAX_ATTEMPTS,
             event_retention: None,
             retention: Some(DEFAULT_RETENTION),

@@ -301,6 +301,11 @@ async fn agents(args: ClientArgs) -> Result<()> {
                 "agent_id": a.agent_id, "name": a.name, "capabilities": a.capabilities,
                 "status": a.status, "connected": a.connected, "connected_at": a.connected_at,
                 "active_task_ids": a.active_task_ids, "max_concurrency": a.max_concurrency,
+                "resources": a.resources.as_ref().map(|r| serde_json::json!({
+                    "cpu_percent": r.cpu_percent, "ram_used_bytes": r.ram_used_bytes,
+                    "ram_total_bytes": r.ram_total_bytes, "vram_used_bytes": r.vram_used_bytes,
+                    "vram_total_bytes": r.vram_total_bytes, "reported_at_ms": r.reported_at_ms,
+                })),
             })
         );
     }

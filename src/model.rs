@@ -240,6 +240,19 @@ pub struct AgentInfo {
     pub connected_at: i64,
     pub active_task_ids: Vec<String>,
     pub max_concurrency: u32,
+    /// Its last `resource_report`, and when the hub received it (Unix ms).
+    pub resources: Option<(Resources, i64)>,
+}
+
+/// Host metrics from a sidecar's `resource_report`. Absent or non-numeric
+/// fields are `None`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Resources {
+    pub cpu_percent: Option<f64>,
+    pub ram_used_bytes: Option<u64>,
+    pub ram_total_bytes: Option<u64>,
+    pub vram_used_bytes: Option<u64>,
+    pub vram_total_bytes: Option<u64>,
 }
 
 /// What a token may do.

@@ -2,6 +2,7 @@
 //! scheduler. `grpc`, `http` and `ws` call it; it is the only caller of the
 //! store's write side.
 
+mod agentcom;
 mod core;
 mod recovery;
 mod reports;
@@ -560,6 +561,7 @@ impl Hub {
                 connected_at: a.connected_at,
                 active_task_ids: a.active.iter().cloned().collect(),
                 max_concurrency: a.max_concurrency,
+                resources: a.resources.clone(),
             })
             .collect();
         agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));

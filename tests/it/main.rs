@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod agentcom;
 mod core_flow;
 mod cursors;
 mod dashboard;

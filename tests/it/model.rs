@@ -1,9 +1,11 @@
 //! A model-based property test of the hub core, driven in-process with
 //! paused time: random sequences of push, identify, accept, progress,
-//! complete, fail, reject, recover, disconnect, reconnect, timeouts, cancel,
+//! complete, fail, reject (also `busy`), recover, `state_report`, disconnect,
+//! reconnect (also past the grace), timeouts, cancel,
 //! retry and injected commit failures, checked after every step against the
 //! invariants the hub promises:
 //! - one owner per active task, and only active tasks have one;
+//! - no sidecar but the owner believes it holds the task's current generation;
 //! - a task's generation never decreases;
 //! - a final state is final (only `RetryTask` re-opens a task);
 //! - every acknowledged report is stored, exactly once;
@@ -19,7 +21,7 @@ use std::time::Duration;
 use agenthub::auth::{issue_token, Role};
 use agenthub::hub::{ListQuery, PushRequest};
 use agenthub::link::{
-    AckStatus, AgentLink, CloseReason, FromAgent, Identify, Link, Report, ToAgent,
+    AckStatus, AgentLink, CloseReason, FromAgent, Identify, Link, Report, StateAction, ToAgent,
 };
 use agenthub::model::{Priority, Task, TaskState};
 use agenthub::pb;
@@ -245,13 +247,19 @@ impl Run {
             generation,
             payload,
         };
-        let msg = match self.rng.random_range(0..12) {
+        let msg = match self.rng.random_range(0..14) {
             0..4 => FromAgent::Accepted(report),
             4..6 => FromAgent::Progress(report),
             6..9 => FromAgent::Complete(report),
             9 => FromAgent::Failed(report),
             10 => FromAgent::Rejected(report),
-            _ => FromAgent::Recovering(report),
+            11 => FromAgent::Recovering(report),
+            12 => FromAgent::StateReport(report),
+            _ => {
+                let mut report = report;
+                report.payload.insert("reason".into(), json!("busy"));
+                FromAgent::Rejected(report)
+            }
         };
         let agent = &self.agents[i];
         let link: Link = agent.link.clone().unwrap();
@@ -276,7 +284,12 @@ impl Run {
                     } => {
                         agent.held.insert(task_id, generation);
                     }
-                    ToAgent::TaskCancelled { task_id, .. } | ToAgent::TaskReassign { task_id } => {
+                    ToAgent::TaskCancelled { task_id, .. }
+                    | ToAgent::TaskReassign { task_id }
+                    | ToAgent::StateReportAck {
+                        task_id,
+                        action: StateAction::Abort,
+                    } => {
                         agent.held.remove(&task_id);
                     }
                     ToAgent::TaskAck { task_id, status } if status != AckStatus::Accepted => {
@@ -360,6 +373,20 @@ impl Run {
                 }
             }
             self.seen.insert(t.task_id.clone(), (t.state, t.generation));
+        }
+        // A run (task, generation) belongs to one sidecar: no other one
+        // believes it holds the current generation of an active task.
+        for t in tasks.iter().filter(|t| t.state.is_active()) {
+            for agent in &self.agents {
+                if agent.held.get(&t.task_id) == Some(&t.generation) {
+                    assert_eq!(
+                        t.agent_id.as_deref(),
+                        Some(agent.name.as_str()),
+                        "{ctx}: {} holds the run of {t:?}",
+                        agent.name
+                    );
+                }
+            }
         }
         let listed: HashSet<&str> = tasks.iter().map(|t| t.task_id.as_str()).collect();
         for id in &self.pushed {

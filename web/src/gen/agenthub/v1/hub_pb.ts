@@ -21,7 +21,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file agenthub/v1/hub.proto.
  */
 export const file_agenthub_v1_hub: GenFile = /*@__PURE__*/
-  fileDesc("ChVhZ2VudGh1Yi92MS9odWIucHJvdG8SC2FnZW50aHViLnYxIuoBCg9QdXNoVGFza1JlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSKQoIbWV0YWRhdGEYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Eg8KB3Rhc2tfaWQYBCABKAkSGwoTbmVlZGVkX2NhcGFiaWxpdGllcxgFIAMoCRInCghwcmlvcml0eRgGIAEoDjIVLmFnZW50aHViLnYxLlByaW9yaXR5EhgKEHF1ZXVlX2lmX29mZmxpbmUYByABKAgSFAoMbWF4X2F0dGVtcHRzGAggASgNIm4KEFB1c2hUYXNrUmVzcG9uc2USDwoHdGFza19pZBgBIAEoCRIQCghhZ2VudF9pZBgCIAEoCRImCgVzdGF0ZRgDIAEoDjIXLmFnZW50aHViLnYxLlRhc2suU3RhdGUSDwoHY3JlYXRlZBgEIAEoCCKtAQoWV2F0Y2hUYXNrRXZlbnRzUmVxdWVzdBIWCglhZnRlcl9zZXEYASABKARIAIgBARIPCgd0YXNrX2lkGAIgASgJEhAKCGFnZW50X2lkGAMgASgJEioKBWtpbmRzGAQgAygOMhsuYWdlbnRodWIudjEuVGFza0V2ZW50LktpbmQSEwoGbG9nX2lkGAUgASgJSAGIAQFCDAoKX2FmdGVyX3NlcUIJCgdfbG9nX2lkIqsDCglUYXNrRXZlbnQSCwoDc2VxGAEgASgEEg8KB3Rhc2tfaWQYAiABKAkSEAoIYWdlbnRfaWQYAyABKAkSKQoEa2luZBgEIAEoDjIbLmFnZW50aHViLnYxLlRhc2tFdmVudC5LaW5kEhIKCmdlbmVyYXRpb24YBSABKAQSKAoHcGF5bG9hZBgGIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSFAoMdGltZXN0YW1wX21zGAcgASgDEiYKBXN0YXRlGAggASgOMhcuYWdlbnRodWIudjEuVGFzay5TdGF0ZSLGAQoES2luZBIUChBLSU5EX1VOU1BFQ0lGSUVEEAASCwoHQ1JFQVRFRBABEgwKCEFTU0lHTkVEEAISDAoIQUNDRVBURUQQAxIMCghQUk9HUkVTUxAEEg0KCUNPTVBMRVRFRBAFEgoKBkZBSUxFRBAGEgwKCFJFSkVDVEVEEAcSDgoKUkVDT1ZFUklORxAIEg0KCUNPTlRJTlVFRBAJEg0KCVJFQ0xBSU1FRBAKEg0KCUNBTkNFTExFRBALEgsKB1JFVFJJRUQQDCKjBAoEVGFzaxIPCgd0YXNrX2lkGAEgASgJEhAKCGFnZW50X2lkGAIgASgJEhMKC2Rlc2NyaXB0aW9uGAMgASgJEikKCG1ldGFkYXRhGAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBImCgVzdGF0ZRgFIAEoDjIXLmFnZW50aHViLnYxLlRhc2suU3RhdGUSEgoKZ2VuZXJhdGlvbhgGIAEoBBIQCghhdHRlbXB0cxgHIAEoDRIUCgxtYXhfYXR0ZW1wdHMYCCABKA0SGwoTbmVlZGVkX2NhcGFiaWxpdGllcxgJIAMoCRInCghwcmlvcml0eRgKIAEoDjIVLmFnZW50aHViLnYxLlByaW9yaXR5EiYKBnJlc3VsdBgLIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRIlCgVlcnJvchgMIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRIVCg1jcmVhdGVkX2F0X21zGA0gASgDEhUKDXVwZGF0ZWRfYXRfbXMYDiABKAMSEAoIbGFzdF9zZXEYDyABKAQSDgoGcGlubmVkGBAgASgIIm8KBVN0YXRlEhUKEVNUQVRFX1VOU1BFQ0lGSUVEEAASCgoGUVVFVUVEEAESDAoIQVNTSUdORUQQAhILCgdSVU5OSU5HEAMSDQoJQ09NUExFVEVEEAQSCgoGRkFJTEVEEAUSDQoJQ0FOQ0VMTEVEEAYiIQoOR2V0VGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCSJzChBMaXN0VGFza3NSZXF1ZXN0EiYKBXN0YXRlGAEgASgOMhcuYWdlbnRodWIudjEuVGFzay5TdGF0ZRIQCghhZ2VudF9pZBgCIAEoCRIRCglwYWdlX3NpemUYAyABKA0SEgoKcGFnZV90b2tlbhgEIAEoCSJxChFMaXN0VGFza3NSZXNwb25zZRIgCgV0YXNrcxgBIAMoCzIRLmFnZW50aHViLnYxLlRhc2sSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEhEKCWFzX29mX3NlcRgDIAEoBBIOCgZsb2dfaWQYBCABKAkiJAoRQ2FuY2VsVGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCSIjChBSZXRyeVRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkiEwoRTGlzdEFnZW50c1JlcXVlc3QiqAEKBUFnZW50EhAKCGFnZW50X2lkGAEgASgJEgwKBG5hbWUYAiABKAkSFAoMY2FwYWJpbGl0aWVzGAMgAygJEg4KBnN0YXR1cxgEIAEoCRIRCgljb25uZWN0ZWQYBSABKAgSFAoMY29ubmVjdGVkX2F0GAYgASgDEhcKD2FjdGl2ZV90YXNrX2lkcxgHIAMoCRIXCg9tYXhfY29uY3VycmVuY3kYCCABKA0iOAoSTGlzdEFnZW50c1Jlc3BvbnNlEiIKBmFnZW50cxgBIAMoCzISLmFnZW50aHViLnYxLkFnZW50Kk8KCFByaW9yaXR5EhgKFFBSSU9SSVRZX1VOU1BFQ0lGSUVEEAASBwoDTE9XEAESCgoGTk9STUFMEAISCAoESElHSBADEgoKBlVSR0VOVBAEMvoDCgdUYXNrSHViEkcKCFB1c2hUYXNrEhwuYWdlbnRodWIudjEuUHVzaFRhc2tSZXF1ZXN0Gh0uYWdlbnRodWIudjEuUHVzaFRhc2tSZXNwb25zZRJQCg9XYXRjaFRhc2tFdmVudHMSIy5hZ2VudGh1Yi52MS5XYXRjaFRhc2tFdmVudHNSZXF1ZXN0GhYuYWdlbnRodWIudjEuVGFza0V2ZW50MAESOQoHR2V0VGFzaxIbLmFnZW50aHViLnYxLkdldFRhc2tSZXF1ZXN0GhEuYWdlbnRodWIudjEuVGFzaxJKCglMaXN0VGFza3MSHS5hZ2VudGh1Yi52MS5MaXN0VGFza3NSZXF1ZXN0Gh4uYWdlbnRodWIudjEuTGlzdFRhc2tzUmVzcG9uc2USPwoKQ2FuY2VsVGFzaxIeLmFnZW50aHViLnYxLkNhbmNlbFRhc2tSZXF1ZXN0GhEuYWdlbnRodWIudjEuVGFzaxI9CglSZXRyeVRhc2sSHS5hZ2VudGh1Yi52MS5SZXRyeVRhc2tSZXF1ZXN0GhEuYWdlbnRodWIudjEuVGFzaxJNCgpMaXN0QWdlbnRzEh4uYWdlbnRodWIudjEuTGlzdEFnZW50c1JlcXVlc3QaHy5hZ2VudGh1Yi52MS5MaXN0QWdlbnRzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_struct]);
+  fileDesc("ChVhZ2VudGh1Yi92MS9odWIucHJvdG8SC2FnZW50aHViLnYxIuoBCg9QdXNoVGFza1JlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSKQoIbWV0YWRhdGEYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Eg8KB3Rhc2tfaWQYBCABKAkSGwoTbmVlZGVkX2NhcGFiaWxpdGllcxgFIAMoCRInCghwcmlvcml0eRgGIAEoDjIVLmFnZW50aHViLnYxLlByaW9yaXR5EhgKEHF1ZXVlX2lmX29mZmxpbmUYByABKAgSFAoMbWF4X2F0dGVtcHRzGAggASgNIm4KEFB1c2hUYXNrUmVzcG9uc2USDwoHdGFza19pZBgBIAEoCRIQCghhZ2VudF9pZBgCIAEoCRImCgVzdGF0ZRgDIAEoDjIXLmFnZW50aHViLnYxLlRhc2suU3RhdGUSDwoHY3JlYXRlZBgEIAEoCCKtAQoWV2F0Y2hUYXNrRXZlbnRzUmVxdWVzdBIWCglhZnRlcl9zZXEYASABKARIAIgBARIPCgd0YXNrX2lkGAIgASgJEhAKCGFnZW50X2lkGAMgASgJEioKBWtpbmRzGAQgAygOMhsuYWdlbnRodWIudjEuVGFza0V2ZW50LktpbmQSEwoGbG9nX2lkGAUgASgJSAGIAQFCDAoKX2FmdGVyX3NlcUIJCgdfbG9nX2lkIqsDCglUYXNrRXZlbnQSCwoDc2VxGAEgASgEEg8KB3Rhc2tfaWQYAiABKAkSEAoIYWdlbnRfaWQYAyABKAkSKQoEa2luZBgEIAEoDjIbLmFnZW50aHViLnYxLlRhc2tFdmVudC5LaW5kEhIKCmdlbmVyYXRpb24YBSABKAQSKAoHcGF5bG9hZBgGIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSFAoMdGltZXN0YW1wX21zGAcgASgDEiYKBXN0YXRlGAggASgOMhcuYWdlbnRodWIudjEuVGFzay5TdGF0ZSLGAQoES2luZBIUChBLSU5EX1VOU1BFQ0lGSUVEEAASCwoHQ1JFQVRFRBABEgwKCEFTU0lHTkVEEAISDAoIQUNDRVBURUQQAxIMCghQUk9HUkVTUxAEEg0KCUNPTVBMRVRFRBAFEgoKBkZBSUxFRBAGEgwKCFJFSkVDVEVEEAcSDgoKUkVDT1ZFUklORxAIEg0KCUNPTlRJTlVFRBAJEg0KCVJFQ0xBSU1FRBAKEg0KCUNBTkNFTExFRBALEgsKB1JFVFJJRUQQDCKjBAoEVGFzaxIPCgd0YXNrX2lkGAEgASgJEhAKCGFnZW50X2lkGAIgASgJEhMKC2Rlc2NyaXB0aW9uGAMgASgJEikKCG1ldGFkYXRhGAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBImCgVzdGF0ZRgFIAEoDjIXLmFnZW50aHViLnYxLlRhc2suU3RhdGUSEgoKZ2VuZXJhdGlvbhgGIAEoBBIQCghhdHRlbXB0cxgHIAEoDRIUCgxtYXhfYXR0ZW1wdHMYCCABKA0SGwoTbmVlZGVkX2NhcGFiaWxpdGllcxgJIAMoCRInCghwcmlvcml0eRgKIAEoDjIVLmFnZW50aHViLnYxLlByaW9yaXR5EiYKBnJlc3VsdBgLIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRIlCgVlcnJvchgMIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRIVCg1jcmVhdGVkX2F0X21zGA0gASgDEhUKDXVwZGF0ZWRfYXRfbXMYDiABKAMSEAoIbGFzdF9zZXEYDyABKAQSDgoGcGlubmVkGBAgASgIIm8KBVN0YXRlEhUKEVNUQVRFX1VOU1BFQ0lGSUVEEAASCgoGUVVFVUVEEAESDAoIQVNTSUdORUQQAhILCgdSVU5OSU5HEAMSDQoJQ09NUExFVEVEEAQSCgoGRkFJTEVEEAUSDQoJQ0FOQ0VMTEVEEAYiIQoOR2V0VGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCSJzChBMaXN0VGFza3NSZXF1ZXN0EiYKBXN0YXRlGAEgASgOMhcuYWdlbnRodWIudjEuVGFzay5TdGF0ZRIQCghhZ2VudF9pZBgCIAEoCRIRCglwYWdlX3NpemUYAyABKA0SEgoKcGFnZV90b2tlbhgEIAEoCSJxChFMaXN0VGFza3NSZXNwb25zZRIgCgV0YXNrcxgBIAMoCzIRLmFnZW50aHViLnYxLlRhc2sSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEhEKCWFzX29mX3NlcRgDIAEoBBIOCgZsb2dfaWQYBCABKAkiJAoRQ2FuY2VsVGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCSIjChBSZXRyeVRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkiNwoTUmVzdGFydEFnZW50UmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiFgoUUmVzdGFydEFnZW50UmVzcG9uc2UimgIKDkFnZW50UmVzb3VyY2VzEhgKC2NwdV9wZXJjZW50GAEgASgBSACIAQESGwoOcmFtX3VzZWRfYnl0ZXMYAiABKARIAYgBARIcCg9yYW1fdG90YWxfYnl0ZXMYAyABKARIAogBARIcCg92cmFtX3VzZWRfYnl0ZXMYBCABKARIA4gBARIdChB2cmFtX3RvdGFsX2J5dGVzGAUgASgESASIAQESFgoOcmVwb3J0ZWRfYXRfbXMYBiABKANCDgoMX2NwdV9wZXJjZW50QhEKD19yYW1fdXNlZF9ieXRlc0ISChBfcmFtX3RvdGFsX2J5dGVzQhIKEF92cmFtX3VzZWRfYnl0ZXNCEwoRX3ZyYW1fdG90YWxfYnl0ZXMiEwoRTGlzdEFnZW50c1JlcXVlc3Qi2AEKBUFnZW50EhAKCGFnZW50X2lkGAEgASgJEgwKBG5hbWUYAiABKAkSFAoMY2FwYWJpbGl0aWVzGAMgAygJEg4KBnN0YXR1cxgEIAEoCRIRCgljb25uZWN0ZWQYBSABKAgSFAoMY29ubmVjdGVkX2F0GAYgASgDEhcKD2FjdGl2ZV90YXNrX2lkcxgHIAMoCRIuCglyZXNvdXJjZXMYCSABKAsyGy5hZ2VudGh1Yi52MS5BZ2VudFJlc291cmNlcxIXCg9tYXhfY29uY3VycmVuY3kYCCABKA0iOAoSTGlzdEFnZW50c1Jlc3BvbnNlEiIKBmFnZW50cxgBIAMoCzISLmFnZW50aHViLnYxLkFnZW50Kk8KCFByaW9yaXR5EhgKFFBSSU9SSVRZX1VOU1BFQ0lGSUVEEAASBwoDTE9XEAESCgoGTk9STUFMEAISCAoESElHSBADEgoKBlVSR0VOVBAEMs8ECgdUYXNrSHViEkcKCFB1c2hUYXNrEhwuYWdlbnRodWIudjEuUHVzaFRhc2tSZXF1ZXN0Gh0uYWdlbnRodWIudjEuUHVzaFRhc2tSZXNwb25zZRJQCg9XYXRjaFRhc2tFdmVudHMSIy5hZ2VudGh1Yi52MS5XYXRjaFRhc2tFdmVudHNSZXF1ZXN0GhYuYWdlbnRodWIudjEuVGFza0V2ZW50MAESOQoHR2V0VGFzaxIbLmFnZW50aHViLnYxLkdldFRhc2tSZXF1ZXN0GhEuYWdlbnRodWIudjEuVGFzaxJKCglMaXN0VGFza3MSHS5hZ2VudGh1Yi52MS5MaXN0VGFza3NSZXF1ZXN0Gh4uYWdlbnRodWIudjEuTGlzdFRhc2tzUmVzcG9uc2USPwoKQ2FuY2VsVGFzaxIeLmFnZW50aHViLnYxLkNhbmNlbFRhc2tSZXF1ZXN0GhEuYWdlbnRodWIudjEuVGFzaxI9CglSZXRyeVRhc2sSHS5hZ2VudGh1Yi52MS5SZXRyeVRhc2tSZXF1ZXN0GhEuYWdlbnRodWIudjEuVGFzaxJTCgxSZXN0YXJ0QWdlbnQSIC5hZ2VudGh1Yi52MS5SZXN0YXJ0QWdlbnRSZXF1ZXN0GiEuYWdlbnRodWIudjEuUmVzdGFydEFnZW50UmVzcG9uc2USTQoKTGlzdEFnZW50cxIeLmFnZW50aHViLnYxLkxpc3RBZ2VudHNSZXF1ZXN0Gh8uYWdlbnRodWIudjEuTGlzdEFnZW50c1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_struct]);
 
 /**
  * @generated from message agenthub.v1.PushTaskRequest
@@ -581,6 +581,89 @@ export const RetryTaskRequestSchema: GenMessage<RetryTaskRequest> = /*@__PURE__*
   messageDesc(file_agenthub_v1_hub, 9);
 
 /**
+ * @generated from message agenthub.v1.RestartAgentRequest
+ */
+export type RestartAgentRequest = Message<"agenthub.v1.RestartAgentRequest"> & {
+  /**
+   * @generated from field: string agent_id = 1;
+   */
+  agentId: string;
+
+  /**
+   * Passed to the sidecar; empty: "hub_commanded".
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message agenthub.v1.RestartAgentRequest.
+ * Use `create(RestartAgentRequestSchema)` to create a new message.
+ */
+export const RestartAgentRequestSchema: GenMessage<RestartAgentRequest> = /*@__PURE__*/
+  messageDesc(file_agenthub_v1_hub, 10);
+
+/**
+ * @generated from message agenthub.v1.RestartAgentResponse
+ */
+export type RestartAgentResponse = Message<"agenthub.v1.RestartAgentResponse"> & {
+};
+
+/**
+ * Describes the message agenthub.v1.RestartAgentResponse.
+ * Use `create(RestartAgentResponseSchema)` to create a new message.
+ */
+export const RestartAgentResponseSchema: GenMessage<RestartAgentResponse> = /*@__PURE__*/
+  messageDesc(file_agenthub_v1_hub, 11);
+
+/**
+ * A sidecar's last `resource_report` (fields it did not send are absent).
+ *
+ * @generated from message agenthub.v1.AgentResources
+ */
+export type AgentResources = Message<"agenthub.v1.AgentResources"> & {
+  /**
+   * @generated from field: optional double cpu_percent = 1;
+   */
+  cpuPercent?: number | undefined;
+
+  /**
+   * @generated from field: optional uint64 ram_used_bytes = 2;
+   */
+  ramUsedBytes?: bigint | undefined;
+
+  /**
+   * @generated from field: optional uint64 ram_total_bytes = 3;
+   */
+  ramTotalBytes?: bigint | undefined;
+
+  /**
+   * @generated from field: optional uint64 vram_used_bytes = 4;
+   */
+  vramUsedBytes?: bigint | undefined;
+
+  /**
+   * @generated from field: optional uint64 vram_total_bytes = 5;
+   */
+  vramTotalBytes?: bigint | undefined;
+
+  /**
+   * When the hub received it (Unix ms).
+   *
+   * @generated from field: int64 reported_at_ms = 6;
+   */
+  reportedAtMs: bigint;
+};
+
+/**
+ * Describes the message agenthub.v1.AgentResources.
+ * Use `create(AgentResourcesSchema)` to create a new message.
+ */
+export const AgentResourcesSchema: GenMessage<AgentResources> = /*@__PURE__*/
+  messageDesc(file_agenthub_v1_hub, 12);
+
+/**
  * @generated from message agenthub.v1.ListAgentsRequest
  */
 export type ListAgentsRequest = Message<"agenthub.v1.ListAgentsRequest"> & {
@@ -591,7 +674,7 @@ export type ListAgentsRequest = Message<"agenthub.v1.ListAgentsRequest"> & {
  * Use `create(ListAgentsRequestSchema)` to create a new message.
  */
 export const ListAgentsRequestSchema: GenMessage<ListAgentsRequest> = /*@__PURE__*/
-  messageDesc(file_agenthub_v1_hub, 10);
+  messageDesc(file_agenthub_v1_hub, 13);
 
 /**
  * @generated from message agenthub.v1.Agent
@@ -637,6 +720,13 @@ export type Agent = Message<"agenthub.v1.Agent"> & {
   activeTaskIds: string[];
 
   /**
+   * The sidecar's last resource_report; unset if it never sent one.
+   *
+   * @generated from field: agenthub.v1.AgentResources resources = 9;
+   */
+  resources?: AgentResources | undefined;
+
+  /**
    * @generated from field: uint32 max_concurrency = 8;
    */
   maxConcurrency: number;
@@ -647,7 +737,7 @@ export type Agent = Message<"agenthub.v1.Agent"> & {
  * Use `create(AgentSchema)` to create a new message.
  */
 export const AgentSchema: GenMessage<Agent> = /*@__PURE__*/
-  messageDesc(file_agenthub_v1_hub, 11);
+  messageDesc(file_agenthub_v1_hub, 14);
 
 /**
  * @generated from message agenthub.v1.ListAgentsResponse
@@ -664,7 +754,7 @@ export type ListAgentsResponse = Message<"agenthub.v1.ListAgentsResponse"> & {
  * Use `create(ListAgentsResponseSchema)` to create a new message.
  */
 export const ListAgentsResponseSchema: GenMessage<ListAgentsResponse> = /*@__PURE__*/
-  messageDesc(file_agenthub_v1_hub, 12);
+  messageDesc(file_agenthub_v1_hub, 15);
 
 /**
  * Scheduling priority. Unspecified means NORMAL.
@@ -776,6 +866,17 @@ export const TaskHub: GenService<{
     methodKind: "unary";
     input: typeof RetryTaskRequestSchema;
     output: typeof TaskSchema;
+  },
+  /**
+   * Admin only: ask a connected agent's sidecar to restart itself (the
+   * sidecar receives `restart_sidecar`). NOT_FOUND if it is not connected.
+   *
+   * @generated from rpc agenthub.v1.TaskHub.RestartAgent
+   */
+  restartAgent: {
+    methodKind: "unary";
+    input: typeof RestartAgentRequestSchema;
+    output: typeof RestartAgentResponseSchema;
   },
   /**
    * Agents known to the hub: connected ones, and disconnected ones that still
