@@ -18,6 +18,7 @@
 //! - `util.rs`: clock, percentiles, `/proc` readings.
 
 mod grpc_echo;
+mod history;
 mod hub;
 mod nats;
 mod procs;
@@ -84,7 +85,7 @@ struct RunArgs {
     #[arg(long)]
     quick: bool,
     /// Only these groups (comma-separated): fsync, echo, grpc-echo, nats-rr, js-roundtrip,
-    /// hub-push, fanout, ingest, replay, connections.
+    /// hub-push, fanout, ingest, replay, connections, history.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Longest time one measured loop may take, in seconds.
@@ -107,6 +108,7 @@ const GROUPS: &[&str] = &[
     "ingest",
     "replay",
     "connections",
+    "history",
 ];
 
 /// Workload sizes.
@@ -127,6 +129,8 @@ pub struct Sizes {
     pub ingest_sidecars: usize,
     pub ingest_per_sidecar: usize,
     pub replay_events: usize,
+    /// Finished tasks in the `history` group's store.
+    pub history_tasks: usize,
 }
 
 impl Sizes {
@@ -147,6 +151,7 @@ impl Sizes {
             ingest_sidecars: 100,
             ingest_per_sidecar: 2_000,
             replay_events: 1_000_000,
+            history_tasks: 1_000_000,
         }
     }
 
@@ -167,6 +172,7 @@ impl Sizes {
             ingest_sidecars: 100,
             ingest_per_sidecar: 200,
             replay_events: 50_000,
+            history_tasks: 50_000,
         }
     }
 }
@@ -277,6 +283,17 @@ async fn run(args: RunArgs) -> Result<()> {
             Err(e) => eprintln!("  replay preparation failed: {e:#}"),
         }
     }
+    let mut history_admin = None;
+    if groups.contains(&"history") {
+        eprintln!(
+            "preparing history data ({} finished tasks)",
+            ctx.sizes.history_tasks
+        );
+        match history::prepare(&ctx, ctx.sizes.history_tasks).await {
+            Ok(admin) => history_admin = Some(admin),
+            Err(e) => eprintln!("  history preparation failed: {e:#}"),
+        }
+    }
     if groups.contains(&"connections") {
         let max = ctx.sizes.connections.iter().copied().max().unwrap_or(0);
         eprintln!("issuing {max} agent tokens");
@@ -288,7 +305,16 @@ async fn run(args: RunArgs) -> Result<()> {
         for &group in &groups {
             let t = now_ns();
             eprintln!("rep {rep}/{}: {group}", args.reps);
-            run_group(&ctx, &mut rec, rep, group, replay_last_seq, &conn_tokens).await?;
+            run_group(
+                &ctx,
+                &mut rec,
+                rep,
+                group,
+                replay_last_seq,
+                &conn_tokens,
+                history_admin.as_deref(),
+            )
+            .await?;
             eprintln!("  {:.1}s", (now_ns() - t) as f64 / 1e9);
         }
     }
@@ -320,6 +346,7 @@ async fn run_group(
     group: &str,
     replay_last_seq: Option<u64>,
     conn_tokens: &[(String, String)],
+    history_admin: Option<&str>,
 ) -> Result<()> {
     let r = |phase: &str, system: &str, param: Option<u64>| Record::new(rep, phase, system, param);
     let name = |s: &str| format!("r{rep}-{s}");
@@ -417,6 +444,29 @@ async fn run_group(
                     Err(anyhow::anyhow!("agent tokens were not prepared"))
                 };
                 rec.write(r("hub_connections", "agenthub", Some(n as u64)), out, t)?;
+            }
+        }
+        "history" => {
+            let t = now_ns();
+            let out = match history_admin {
+                Some(admin) => {
+                    history::run(ctx, &name("hub-history"), ctx.sizes.history_tasks, admin).await
+                }
+                None => Err(anyhow::anyhow!("no history data")),
+            };
+            match out {
+                Ok((h, seq, piped)) => {
+                    rec.write(r("hub_history", "agenthub", None), Ok(h), t)?;
+                    rec.write(r("hub_history_push_seq", "agenthub", None), Ok(seq), t)?;
+                    rec.write(
+                        r("hub_history_push_pipelined", "agenthub", None),
+                        Ok(piped),
+                        t,
+                    )?;
+                }
+                Err(e) => {
+                    rec.write(r("hub_history", "agenthub", None), Err(e), t)?;
+                }
             }
         }
         other => bail!("unknown group {other}"),
