@@ -137,6 +137,15 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
+/// Bytes of event bodies and task row bodies (what the pages hold besides
+/// keys, indexes and slack).
+fn stored_bytes(dir: &std::path::Path) -> Result<(f64, f64)> {
+    let c = rusqlite::Connection::open(dir.join("agenthub.db"))?;
+    let events: f64 = c.query_row("SELECT TOTAL(LENGTH(body)) FROM events", [], |r| r.get(0))?;
+    let rows: f64 = c.query_row("SELECT TOTAL(LENGTH(body)) FROM tasks", [], |r| r.get(0))?;
+    Ok((events, rows))
+}
+
 /// Start a hub on `dir`; returns it and the time until its first answer.
 async fn start_timed(
     ctx: &Ctx,
@@ -184,6 +193,10 @@ pub async fn run(
         "disk_ratio_to_payload",
         dir_bytes(&dir) as f64 / n as f64 / payload,
     );
+    if let Ok((events, rows)) = stored_bytes(&dir) {
+        m.put("event_bytes_per_task", events / n as f64);
+        m.put("row_bytes_per_task", rows / n as f64);
+    }
     let (hub, start_ms) = start_timed(ctx, &dir, admin, name).await?;
     m.put("restart_to_serving_ms", start_ms);
     let result = async {

@@ -25,6 +25,8 @@ use crate::error::{Error, Result};
 use crate::model::{EventKind, Role, Seq, Task, TokenRecord};
 use crate::pb::wire::EncodedEvent;
 
+/// Page size of a new database.
+const PAGE_SIZE: i64 = 16 * 1024;
 /// Most batches folded into one transaction.
 const MAX_GROUP: usize = 4096;
 /// How long the writer polls for more work before it sleeps.
@@ -85,6 +87,15 @@ pub const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 fn open_conn(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    // A new database: these must come before anything creates the file (WAL
+    // mode does). Only then: setting auto_vacuum takes the write lock. 16 KiB
+    // pages: a task's events (a 2 KB result is common) leave far less slack
+    // at the end of each page than with 4 KiB ones.
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    if pages == 0 {
+        conn.pragma_update(None, "page_size", PAGE_SIZE)?;
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    }
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     Ok(conn)
@@ -123,8 +134,7 @@ impl SqliteStore {
             .map_err(|e| Error::storage(format!("create {}: {e}", dir.display())))?;
         let path = dir.join("agenthub.db");
         let conn = open_conn(&path)?;
-        // Must come before the first table of a new database.
-        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+
         conn.execute_batch(SCHEMA)?;
         history::migrate(&conn)?;
         let purged = history::purged_upto(&conn)?;
