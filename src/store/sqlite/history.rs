@@ -269,11 +269,9 @@ pub fn list(conn: &mut Connection, f: &ListFilter) -> Result<TaskListing> {
         )?,
     };
     let as_of_seq: Option<i64> = tx.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
+    let as_of_seq = (as_of_seq.unwrap_or(0) as Seq).max(purged_upto(&tx)?);
     tx.finish()?;
-    Ok(TaskListing {
-        tasks,
-        as_of_seq: as_of_seq.unwrap_or(0) as Seq,
-    })
+    Ok(TaskListing { tasks, as_of_seq })
 }
 
 /// Remove up to `limit` tasks that finished before `cutoff_ms`, with their

@@ -143,14 +143,12 @@ impl SqliteStore {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })?;
         let log_id = log_id(&conn)?;
+        // Retention may have removed the newest events too: the log's head
+        // is never lower than what it removed (seqs are never reused).
+        let head = last.unwrap_or(0).max(purged);
         let shared = Arc::new(Shared {
-            durable_seq: AtomicU64::new(last.unwrap_or(0)),
-            first_seq: AtomicU64::new(
-                first
-                    .unwrap_or(last.unwrap_or(0) + 1)
-                    .max(purged + 1)
-                    .min(last.unwrap_or(0) + 1),
-            ),
+            durable_seq: AtomicU64::new(head),
+            first_seq: AtomicU64::new(first.unwrap_or(head + 1).max(purged + 1).min(head + 1)),
             event_count: AtomicU64::new(count),
             commits: Mutex::new(CommitStats::default()),
             faults,
@@ -244,7 +242,8 @@ fn writer_loop(
         let writes = live.iter().any(|b| b.has_writes());
         let started = std::time::Instant::now();
         let result = if writes {
-            write_group(&mut conn, &live, shared.faults.as_deref())
+            let last = shared.durable_seq.load(Ordering::Acquire);
+            write_group(&mut conn, &live, last, shared.faults.as_deref())
         } else {
             Ok(())
         };
@@ -279,9 +278,27 @@ fn writer_loop(
     }
 }
 
-fn write_group(conn: &mut Connection, group: &[&Batch], faults: Option<&Faults>) -> Result<()> {
+/// Commit `group` in one transaction. The log takes events only in order:
+/// the first must follow `last_seq` and each the one before (a writer that
+/// is behind, or that skipped, conflicts instead of leaving a hole).
+fn write_group(
+    conn: &mut Connection,
+    group: &[&Batch],
+    last_seq: Seq,
+    faults: Option<&Faults>,
+) -> Result<()> {
     if let Some(f) = faults {
         f.before_commit()?;
+    }
+    let mut expected = last_seq + 1;
+    for ev in group.iter().flat_map(|b| &b.events) {
+        if ev.seq != expected {
+            return Err(Error::Storage {
+                fault: crate::error::StorageFault::Conflict,
+                detail: format!("event seq {} where the log expects {expected}", ev.seq),
+            });
+        }
+        expected += 1;
     }
     // IMMEDIATE: take the write lock up front, so a lock held by another
     // process is waited for (up to BUSY_TIMEOUT) instead of failing midway.
@@ -377,7 +394,7 @@ impl Store for SqliteStore {
                 conn.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
             Ok(Loaded {
                 tasks,
-                last_seq: last_seq.unwrap_or(0),
+                last_seq: last_seq.unwrap_or(0).max(history::purged_upto(conn)?),
                 state_counts: history::state_counts(conn)?,
             })
         })
