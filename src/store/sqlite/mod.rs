@@ -290,15 +290,13 @@ fn write_group(
     if let Some(f) = faults {
         f.before_commit()?;
     }
-    let mut expected = last_seq + 1;
-    for ev in group.iter().flat_map(|b| &b.events) {
+    for (expected, ev) in (last_seq + 1..).zip(group.iter().flat_map(|b| &b.events)) {
         if ev.seq != expected {
             return Err(Error::Storage {
                 fault: crate::error::StorageFault::Conflict,
                 detail: format!("event seq {} where the log expects {expected}", ev.seq),
             });
         }
-        expected += 1;
     }
     // IMMEDIATE: take the write lock up front, so a lock held by another
     // process is waited for (up to BUSY_TIMEOUT) instead of failing midway.
