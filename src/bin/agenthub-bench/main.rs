@@ -358,7 +358,7 @@ async fn run_group(
         }
         "echo" => {
             let t = now_ns();
-            let out = echo(ctx, &name("echo")).await;
+            let out = echo_floor(ctx, &name("echo"), EchoKind::Ws).await;
             rec.write_pair(
                 r("ws_echo_seq", "ws-echo", None),
                 r("ws_echo_pipelined", "ws-echo", None),
@@ -368,7 +368,7 @@ async fn run_group(
         }
         "grpc-echo" => {
             let t = now_ns();
-            let out = grpc_echo(ctx, &name("grpc-echo")).await;
+            let out = echo_floor(ctx, &name("grpc-echo"), EchoKind::Grpc).await;
             rec.write_pair(
                 r("grpc_echo_seq", "tonic-echo", None),
                 r("grpc_echo_pipelined", "tonic-echo", None),
@@ -500,47 +500,42 @@ async fn fsync_floor(ctx: &Ctx, name: &str) -> Result<Metrics> {
     Ok(m)
 }
 
-async fn echo(ctx: &Ctx, name: &str) -> Result<(Metrics, Metrics)> {
-    let s = &ctx.sizes;
-    let server = procs::Echo::start(&ctx.log(name)).await?;
-    let result = async {
-        let cpu = util::CpuMeter::start(server.pid())?;
-        let mut seq = ws::echo_sequential(&server.addr, s.push_warmup, s.push_measured).await?;
-        seq.put(
-            "server_cpu_us_per_op",
-            cpu.used_us()? as f64 / (s.push_warmup + s.push_measured) as f64,
-        );
-        let cpu = util::CpuMeter::start(server.pid())?;
-        let mut piped =
-            ws::echo_pipelined(&server.addr, s.push_pipelined, s.inflight, ctx.limit).await?;
-        piped.put(
-            "server_cpu_us_per_op",
-            cpu.used_us()? as f64 / s.push_pipelined as f64,
-        );
-        Ok::<_, anyhow::Error>((seq, piped))
-    }
-    .await;
-    server.stop().await;
-    result
+/// Which echo server a floor phase runs against.
+#[derive(Clone, Copy)]
+enum EchoKind {
+    /// Raw tokio-tungstenite WebSocket echo.
+    Ws,
+    /// tonic unary echo (GetTask).
+    Grpc,
 }
 
-async fn grpc_echo(ctx: &Ctx, name: &str) -> Result<(Metrics, Metrics)> {
+/// An echo floor: sequential round trips, then pipelined throughput, with
+/// the server's CPU per operation.
+async fn echo_floor(ctx: &Ctx, name: &str, kind: EchoKind) -> Result<(Metrics, Metrics)> {
     let s = &ctx.sizes;
-    let server = procs::Echo::start_with(&ctx.log(name), "grpc-echo-server").await?;
+    let subcommand = match kind {
+        EchoKind::Ws => "echo-server",
+        EchoKind::Grpc => "grpc-echo-server",
+    };
+    let server = procs::Echo::start_with(&ctx.log(name), subcommand).await?;
     let result = async {
+        let addr = &server.addr;
         let cpu = util::CpuMeter::start(server.pid())?;
-        let mut seq = grpc_echo::sequential(&server.addr, s.push_warmup, s.push_measured).await?;
+        let mut seq = match kind {
+            EchoKind::Ws => ws::echo_sequential(addr, s.push_warmup, s.push_measured).await?,
+            EchoKind::Grpc => grpc_echo::sequential(addr, s.push_warmup, s.push_measured).await?,
+        };
         seq.put(
             "server_cpu_us_per_op",
             cpu.used_us()? as f64 / (s.push_warmup + s.push_measured) as f64,
         );
         let cpu = util::CpuMeter::start(server.pid())?;
-        let mut piped =
-            grpc_echo::pipelined(&server.addr, s.push_pipelined, s.inflight, ctx.limit).await?;
-        piped.put(
-            "server_cpu_us_per_op",
-            cpu.used_us()? as f64 / s.push_pipelined as f64,
-        );
+        let (n, inflight, limit) = (s.push_pipelined, s.inflight, ctx.limit);
+        let mut piped = match kind {
+            EchoKind::Ws => ws::echo_pipelined(addr, n, inflight, limit).await?,
+            EchoKind::Grpc => grpc_echo::pipelined(addr, n, inflight, limit).await?,
+        };
+        piped.put("server_cpu_us_per_op", cpu.used_us()? as f64 / n as f64);
         Ok::<_, anyhow::Error>((seq, piped))
     }
     .await;
