@@ -3,7 +3,10 @@
 #   - tests/interop/node_modules: the npm `ws` package (npm ci, from the
 #     committed package.json + package-lock.json);
 #   - .venv: a Python virtualenv with grpcio + grpcio-tools (pinned in
-#     tests/interop/requirements.txt).
+#     tests/interop/requirements.txt);
+#   - Debian's chromium + chromium-driver (apt-get, as root) and
+#     tests/dashboard/node_modules (playwright-core) for the dashboard
+#     tests, which drive the page in that Chromium.
 # Idempotent: a stamp holding the hash of the lock / requirements file skips
 # work already done. Needs node + npm and python3 (with venv). No prompts.
 set -euo pipefail
@@ -47,4 +50,27 @@ else
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
     --only-binary=:all: -r "$req" </dev/null
   echo "$py_hash" > "$py_stamp"
+fi
+
+# ---- Dashboard tests: system Chromium + playwright-core ----------------------
+if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+  echo "test-deps: chromium installed"
+else
+  [ "$(id -u)" = 0 ] || { echo "test-deps: installing chromium needs root (apt-get)" >&2; exit 1; }
+  echo "test-deps: apt-get install chromium chromium-driver"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! apt-get install -y -qq --no-install-recommends chromium chromium-driver </dev/null >/dev/null 2>&1; then
+    apt-get update -qq </dev/null
+    apt-get install -y -qq --no-install-recommends chromium chromium-driver </dev/null
+  fi
+fi
+dash_dir=tests/dashboard
+dash_stamp=$dash_dir/node_modules/.agenthub-deps
+dash_hash=$(hash_of "$dash_dir/package.json" "$dash_dir/package-lock.json")
+if [ -f "$dash_stamp" ] && [ "$(cat "$dash_stamp")" = "$dash_hash" ] && [ -f "$dash_dir/node_modules/playwright-core/package.json" ]; then
+  echo "test-deps: dashboard node modules up to date"
+else
+  echo "test-deps: npm ci in $dash_dir"
+  (cd "$dash_dir" && npm ci --no-audit --no-fund --loglevel=error </dev/null)
+  echo "$dash_hash" > "$dash_stamp"
 fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the whole test suite on a fresh machine: installs what the tests need
-# (interop clients: npm `ws`, Python `grpcio`), then runs every test.
+# (interop clients: npm `ws`, Python `grpcio`; the dashboard tests' Chromium
+# and playwright-core), then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/test-deps.sh

@@ -38,6 +38,20 @@ pub enum Command {
     Agents(ClientArgs),
     /// Run the reference sidecar: connect to a hub and run CMD for every task.
     Sidecar(crate::sidecar::SidecarArgs),
+    /// Copy the store consistently to FILE, also while the hub runs.
+    Backup {
+        #[arg(long, env = "AGENTHUB_DATA_DIR", default_value = config::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// Where to write the copy (a SQLite database file).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Verify the store: SQLite integrity, seq continuity, every live task's
+    /// latest event present. Exit 0 if sound, 1 if not.
+    Check {
+        #[arg(long, env = "AGENTHUB_DATA_DIR", default_value = config::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -60,6 +74,12 @@ pub struct ServeArgs {
     /// How long a disconnected agent keeps its tasks.
     #[arg(long, env = "AGENTHUB_RECONNECT_GRACE", value_parser = parse_duration, default_value = "60s")]
     pub reconnect_grace: Duration,
+    /// A sidecar back after the grace gets no new tasks until it reports what it still runs, or this long.
+    #[arg(long, env = "AGENTHUB_RECONNECT_SETTLE", value_parser = parse_duration, default_value = "5s")]
+    pub reconnect_settle: Duration,
+    /// After a `busy` rejection, no new task for the agent for this long (or until a slot frees).
+    #[arg(long, env = "AGENTHUB_BUSY_BACKOFF", value_parser = parse_duration, default_value = "10s")]
+    pub busy_backoff: Duration,
     /// Close sockets that do not identify within this.
     #[arg(long, env = "AGENTHUB_IDENTIFY_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub identify_timeout: Duration,
@@ -116,6 +136,10 @@ pub struct ServeArgs {
     /// Drop a gRPC connection whose ping is not answered within this.
     #[arg(long, env = "AGENTHUB_GRPC_KEEPALIVE_TIMEOUT", value_parser = parse_duration, default_value = "20s")]
     pub grpc_keepalive_timeout: Duration,
+    /// Remove finished tasks and their events this long after they
+    /// finished (e.g. 30d, 12h); 0 keeps everything.
+    #[arg(long, env = "AGENTHUB_RETENTION", value_parser = parse_duration, default_value = "30d")]
+    pub retention: Duration,
 }
 
 impl ServeArgs {
@@ -126,6 +150,8 @@ impl ServeArgs {
         c.accept_timeout = self.accept_timeout;
         c.progress_timeout = (!self.progress_timeout.is_zero()).then_some(self.progress_timeout);
         c.reconnect_grace = self.reconnect_grace;
+        c.reconnect_settle = self.reconnect_settle;
+        c.busy_backoff = self.busy_backoff;
         c.identify_timeout = self.identify_timeout;
         c.ws_ping_interval = self.ping_interval;
         c.ws_ping_timeout = self.ping_timeout;
@@ -149,6 +175,7 @@ impl ServeArgs {
         c.identify_block = self.identify_block;
         c.grpc_keepalive_interval = self.grpc_keepalive;
         c.grpc_keepalive_timeout = self.grpc_keepalive_timeout;
+        c.retention = (!self.retention.is_zero()).then_some(self.retention);
         c
     }
 }

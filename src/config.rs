@@ -17,9 +17,14 @@ pub const DEFAULT_WS_PING_INTERVAL: Duration = Duration::from_secs(20);
 pub const DEFAULT_WS_PING_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DEFAULT_ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_RECONNECT_GRACE: Duration = Duration::from_secs(60);
+pub const DEFAULT_RECONNECT_SETTLE: Duration = Duration::from_secs(5);
+pub const DEFAULT_BUSY_BACKOFF: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_WATCH_BUFFER: usize = 16 * 1024;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_FINISHED_CACHE: usize = 1024;
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+pub const DEFAULT_RETENTION_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_WS_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_WS_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -73,8 +78,22 @@ pub struct Config {
     pub progress_timeout: Option<Duration>,
     /// A disconnected agent keeps its tasks this long.
     pub reconnect_grace: Duration,
+    /// A sidecar that comes back after tasks were taken from it for its
+    /// absence gets no new tasks (and those tasks go to nobody) until it has
+    /// said what it still runs (`task_recovering` / `state_report`), or this long.
+    pub reconnect_settle: Duration,
+    /// After a `busy` rejection the agent gets no new task for this long,
+    /// unless one of its tasks ends first.
+    pub busy_backoff: Duration,
     /// Attempts per task when `PushTask` does not say.
     pub default_max_attempts: u32,
+    /// Finished tasks (and their events) are removed this long after they
+    /// finished. `None`: keep everything.
+    pub retention: Option<Duration>,
+    /// How often retention looks for expired tasks.
+    pub retention_interval: Duration,
+    /// Finished tasks kept in memory (the rest are read from the store).
+    pub finished_cache: usize,
     /// Keep at most this many events (oldest pruned). `None`: keep all.
     pub event_retention: Option<u64>,
     /// Live events buffered for watchers before a slow one is caught up from the store.
@@ -124,8 +143,13 @@ impl Config {
             accept_timeout: DEFAULT_ACCEPT_TIMEOUT,
             progress_timeout: None,
             reconnect_grace: DEFAULT_RECONNECT_GRACE,
+            reconnect_settle: DEFAULT_RECONNECT_SETTLE,
+            busy_backoff: DEFAULT_BUSY_BACKOFF,
             default_max_attempts: DEFAULT_MAX_ATTEMPTS,
             event_retention: None,
+            retention: Some(DEFAULT_RETENTION),
+            retention_interval: DEFAULT_RETENTION_INTERVAL,
+            finished_cache: DEFAULT_FINISHED_CACHE,
             watch_buffer: DEFAULT_WATCH_BUFFER,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             bootstrap_admin_token: true,
@@ -181,6 +205,9 @@ impl Config {
                 )));
             }
         }
+        if self.retention_interval.is_zero() {
+            return bad("retention interval must be greater than zero");
+        }
         if self.event_retention == Some(0) {
             return bad("event retention must keep at least one event");
         }
@@ -188,7 +215,7 @@ impl Config {
     }
 }
 
-/// `500ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
+/// `500ms`, `10s`, `2m`, `1h`, `30d`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
@@ -201,7 +228,12 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("invalid duration unit in `{s}` (use ms, s, m, h)")),
+        "d" => n * 86400.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in `{s}` (use ms, s, m, h, d)"
+            ))
+        }
     };
     Ok(Duration::from_secs_f64(secs))
 }

@@ -78,6 +78,18 @@ fn token_info(t: crate::auth::TokenRecord) -> pb::TokenInfo {
     }
 }
 
+/// Operations on agents themselves (`RestartAgent`) need an admin token.
+fn allow_admin<T>(req: &Request<T>) -> Result<(), Status> {
+    let principal = req
+        .extensions()
+        .get::<Principal>()
+        .ok_or(Error::Unauthenticated)?;
+    match principal.role {
+        crate::auth::Role::Admin => Ok(()),
+        _ => Err(Error::PermissionDenied("restarting an agent needs an admin token").into()),
+    }
+}
+
 fn non_empty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
@@ -216,6 +228,16 @@ impl TaskHub for TaskHubService {
         allow(&req, Access::Write)?;
         let task = self.hub.retry_task(&req.into_inner().task_id).await?;
         Ok(Response::new(pb::Task::from(&task)))
+    }
+
+    async fn restart_agent(
+        &self,
+        req: Request<pb::RestartAgentRequest>,
+    ) -> Result<Response<pb::RestartAgentResponse>, Status> {
+        allow_admin(&req)?;
+        let r = req.into_inner();
+        self.hub.restart_agent(&r.agent_id, &r.reason)?;
+        Ok(Response::new(pb::RestartAgentResponse {}))
     }
 
     async fn list_agents(

@@ -18,6 +18,7 @@
 //! - [`server`]: binds and runs both listeners; [`listener`]: their accept
 //!   loops (TLS, connection limit, timeouts); [`tls`]: certificates and reload;
 //!   [`grpc_limits`]: watch slots, revocation and status codes at the gRPC edge.
+//! - [`web`]: the embedded dashboard page and gRPC-Web on the HTTP listener.
 //! - [`client`]: a gRPC client for the CLI and tests.
 //! - [`sidecar`]: the reference sidecar.
 
@@ -40,6 +41,7 @@ pub mod server;
 pub mod sidecar;
 pub mod store;
 pub mod tls;
+pub mod web;
 pub mod ws;
 
 pub use config::Config;

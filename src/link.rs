@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+pub use crate::model::Resources;
 use crate::model::{Generation, JsonObject};
 
 /// Sidecar → hub.
@@ -32,6 +33,17 @@ pub enum FromAgent {
     /// The sidecar's status changed. `"draining"`: give it no new tasks
     /// (it finishes the ones it holds); any other status makes it eligible again.
     Status(String),
+    /// After a reconnect: "I am still working on this task at this
+    /// generation" (`status`, `assigned_at`). Answered with `state_report_ack`.
+    StateReport(Report),
+    /// How waking the agent for a task went (`status`: `success`, `failed`,
+    /// `timeout`). No reply; a success counts as a sign of life of the task.
+    WakeResult(Report),
+    /// Host metrics, sent periodically. No reply; kept per agent.
+    ResourceReport(Resources),
+    /// The sidecar is about to restart (`reason`). No reply; it gets no new
+    /// tasks until it identifies again.
+    AgentRestarting(Option<String>),
 }
 
 /// The `identify` message.
@@ -64,6 +76,31 @@ pub enum AckStatus {
     Rejected,
 }
 
+/// The answer to a `state_report`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateAction {
+    /// The task is still this sidecar's, at the generation it reported.
+    Continue,
+    /// The task is not (or no longer) this sidecar's: stop working on it.
+    Abort,
+}
+
+/// Metadata keys that `task_assign` also carries at its top level, where
+/// AgentCom sidecars look for them (the metadata itself is sent unchanged).
+pub const ENRICHMENT_KEYS: [&str; 10] = [
+    "routing_decision",
+    "repo",
+    "branch",
+    "complexity",
+    "verification_steps",
+    "skip_verification",
+    "verification_timeout_ms",
+    "max_verification_retries",
+    "file_hints",
+    "success_criteria",
+];
+
 /// Hub → sidecar. Serialized by the WebSocket writer as
 /// `{"type": <variant in snake_case>, ...fields}`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -71,13 +108,16 @@ pub enum AckStatus {
 pub enum ToAgent {
     /// The identify succeeded.
     Identified { agent_id: String },
-    /// A task to run.
+    /// A task to run. `extra`: the AgentCom enrichment fields copied to the
+    /// top level from the task's metadata (see [`ENRICHMENT_KEYS`]).
     TaskAssign {
         task_id: String,
         description: String,
         metadata: JsonObject,
         generation: Generation,
         assigned_at: i64,
+        #[serde(flatten)]
+        extra: JsonObject,
     },
     /// The report is durably stored.
     TaskAck { task_id: String, status: AckStatus },
@@ -92,6 +132,13 @@ pub enum ToAgent {
     TaskReassign { task_id: String },
     /// Answer to `ping`.
     Pong { timestamp: i64 },
+    /// After `state_report`: go on with the task, or drop it.
+    StateReportAck {
+        task_id: String,
+        action: StateAction,
+    },
+    /// An administrator asks the sidecar to restart itself.
+    RestartSidecar { reason: String },
     /// A refused message; the socket stays open.
     Error {
         error: &'static str,

@@ -37,7 +37,38 @@ async fn main() -> Result<()> {
         Command::Tasks(cmd) => tasks(cmd).await,
         Command::Agents(args) => agents(args).await,
         Command::Sidecar(args) => agenthub::sidecar::run(args).await,
+        Command::Backup { data_dir, to } => backup(&data_dir, &to),
+        Command::Check { data_dir } => check(&data_dir),
     }
+}
+
+fn backup(data_dir: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    if to.exists() {
+        bail!("{} exists; give a new file", to.display());
+    }
+    if !data_dir.join("agenthub.db").exists() {
+        bail!("no store in {}", data_dir.display());
+    }
+    let store = SqliteStore::open(data_dir, None, false)?;
+    store.backup_to(to)?;
+    println!("backed up {} to {}", data_dir.display(), to.display());
+    Ok(())
+}
+
+fn check(data_dir: &std::path::Path) -> Result<()> {
+    if !data_dir.join("agenthub.db").exists() {
+        bail!("no store in {}", data_dir.display());
+    }
+    let store = SqliteStore::open(data_dir, None, false)?;
+    let problems = store.check()?;
+    if problems.is_empty() {
+        println!("ok: {} is sound", data_dir.display());
+        return Ok(());
+    }
+    for p in &problems {
+        println!("problem: {p}");
+    }
+    std::process::exit(1);
 }
 
 async fn serve(args: agenthub::cli::ServeArgs) -> Result<()> {
@@ -350,6 +381,11 @@ async fn agents(args: ClientArgs) -> Result<()> {
                 "agent_id": a.agent_id, "name": a.name, "capabilities": a.capabilities,
                 "status": a.status, "connected": a.connected, "connected_at": a.connected_at,
                 "active_task_ids": a.active_task_ids, "max_concurrency": a.max_concurrency,
+                "resources": a.resources.as_ref().map(|r| serde_json::json!({
+                    "cpu_percent": r.cpu_percent, "ram_used_bytes": r.ram_used_bytes,
+                    "ram_total_bytes": r.ram_total_bytes, "vram_used_bytes": r.vram_used_bytes,
+                    "vram_total_bytes": r.vram_total_bytes, "reported_at_ms": r.reported_at_ms,
+                })),
             })
         );
     }

@@ -58,6 +58,11 @@ pub struct Metrics {
     pub agents_connected: Gauge<i64, AtomicI64>,
     pub last_event_seq: Gauge<i64, AtomicI64>,
     pub watchers: Gauge<i64, AtomicI64>,
+    pub tasks_in_memory: Gauge<i64, AtomicI64>,
+    pub finished_stored: Gauge<i64, AtomicI64>,
+    pub data_dir_bytes: Gauge<i64, AtomicI64>,
+    pub retention_purged_tasks: Counter,
+    pub retention_purged_events: Counter,
     /// Transport security and abuse limits; shared with the listeners.
     pub limits: Arc<LimitMetrics>,
 }
@@ -84,6 +89,11 @@ impl Metrics {
             agents_connected: Gauge::default(),
             last_event_seq: Gauge::default(),
             watchers: Gauge::default(),
+            tasks_in_memory: Gauge::default(),
+            finished_stored: Gauge::default(),
+            data_dir_bytes: Gauge::default(),
+            retention_purged_tasks: Counter::default(),
+            retention_purged_events: Counter::default(),
             limits: Arc::default(),
             registry: Registry::default(),
         };
@@ -143,6 +153,31 @@ impl Metrics {
             "agenthub_watchers",
             "Open WatchTaskEvents streams",
             m.watchers.clone(),
+        );
+        r.register(
+            "agenthub_tasks_in_memory",
+            "Tasks held in memory: live ones and a bounded cache of finished ones",
+            m.tasks_in_memory.clone(),
+        );
+        r.register(
+            "agenthub_finished_tasks_stored",
+            "Finished tasks in the store (COMPLETED, FAILED, CANCELLED)",
+            m.finished_stored.clone(),
+        );
+        r.register(
+            "agenthub_data_dir_bytes",
+            "Bytes the store occupies on disk (database, WAL)",
+            m.data_dir_bytes.clone(),
+        );
+        r.register(
+            "agenthub_retention_purged_tasks",
+            "Finished tasks removed by retention",
+            m.retention_purged_tasks.clone(),
+        );
+        r.register(
+            "agenthub_retention_purged_events",
+            "Events removed by retention with their tasks",
+            m.retention_purged_events.clone(),
         );
         r.register_collector(Box::new(LimitsCollector(m.limits.clone())));
         Metrics { registry, ..m }

@@ -270,6 +270,14 @@ impl From<&model::AgentInfo> for Agent {
             connected_at: a.connected_at,
             active_task_ids: a.active_task_ids.clone(),
             max_concurrency: a.max_concurrency,
+            resources: a.resources.as_ref().map(|(r, at)| AgentResources {
+                cpu_percent: r.cpu_percent,
+                ram_used_bytes: r.ram_used_bytes,
+                ram_total_bytes: r.ram_total_bytes,
+                vram_used_bytes: r.vram_used_bytes,
+                vram_total_bytes: r.vram_total_bytes,
+                reported_at_ms: *at,
+            }),
         }
     }
 }

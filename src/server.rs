@@ -107,6 +107,7 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         let timers = tokio::spawn(hub.clone().run_timers(stop_rx.clone()));
         let recovery = tokio::spawn(hub.clone().run_recovery(stop_rx.clone()));
+        let retention = tokio::spawn(hub.clone().run_retention(stop_rx.clone()));
         let sessions = TaskTracker::new();
 
         let revocations = tokio::spawn(crate::auth::poll_revocations(
@@ -114,7 +115,8 @@ impl Server {
             hub.config().revocation_poll,
             stop_rx.clone(),
         ));
-        let app = crate::http::router(hub.clone(), stop_rx.clone(), sessions.clone());
+        let app = crate::http::router(hub.clone(), stop_rx.clone(), sessions.clone())
+            .merge(crate::web::router(hub.clone(), stop_rx.clone()));
         let http = tokio::spawn(crate::listener::serve(
             ws_listener,
             app,
@@ -164,6 +166,7 @@ impl Server {
             let _ = timers.await;
             let _ = revocations.await;
             let _ = recovery.await;
+            let _ = retention.await;
             // Every socket has sent its close frame and ended its handshake.
             sessions.wait().await;
         })

@@ -4,7 +4,7 @@
 //! so the store receives batches in `seq` order.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::error::{Error, StorageFault};
-use crate::link::{Link, ToAgent};
+use crate::link::{Link, Resources, ToAgent, ENRICHMENT_KEYS};
 use crate::metrics::Metrics;
 use crate::model::{EventKind, Generation, JsonObject, Priority, Seq, Task, TaskEvent, TaskState};
 use crate::pb::wire::EncodedEvent;
@@ -46,6 +46,11 @@ pub(crate) enum Timer {
     Progress(String, Generation),
     /// Reclaim the agent's tasks if it is still away after this disconnect.
     Grace(String, u64),
+    /// Stop waiting for the agent (at this epoch) to report on the tasks it
+    /// lost while away.
+    Settle(String, u64),
+    /// End the agent's `busy` backoff (this one).
+    Busy(String, u64),
 }
 
 /// An agent the hub knows: connected, or holding tasks while away.
@@ -64,6 +69,22 @@ pub(crate) struct Agent {
     pub epoch: u64,
     /// Status "draining": finishing its tasks, takes no new ones.
     pub draining: bool,
+    /// Tasks its sidecar may still run from before its current connection,
+    /// at the generation it had them: those it held when it identified and
+    /// those taken from it while it was away. A generation-less
+    /// `task_recovering` is about one of these.
+    pub before: HashMap<String, Generation>,
+    /// Tasks taken from it while it was away that it has not reported on
+    /// since it came back. While any remain (at most `reconnect_settle`) it
+    /// gets no new task, and these tasks go to nobody.
+    pub settling: BTreeSet<String>,
+    /// It rejected a task as `busy`: no new task until one of its tasks
+    /// ends, it identifies again, or this backoff timer fires.
+    pub busy: Option<u64>,
+    /// It announced a restart: no new task until it identifies again.
+    pub restarting: bool,
+    /// Its last `resource_report`, and when it arrived (Unix ms).
+    pub resources: Option<(Resources, i64)>,
 }
 
 impl Agent {
@@ -80,12 +101,20 @@ impl Agent {
             last_assigned: 0,
             epoch: 0,
             draining: false,
+            before: HashMap::new(),
+            settling: BTreeSet::new(),
+            busy: None,
+            restarting: false,
+            resources: None,
         }
     }
 
     fn has_free_slot(&self) -> bool {
         self.session.is_some()
             && !self.draining
+            && !self.restarting
+            && self.busy.is_none()
+            && self.settling.is_empty()
             && (self.active.len() as u64) < self.max_concurrency as u64
     }
 
@@ -157,7 +186,11 @@ impl Txn {
 pub(crate) struct Core {
     pub tasks: HashMap<String, Task>,
     /// Creation order: created_seq → task_id.
-    pub order: BTreeMap<Seq, String>,
+    /// Finished tasks kept in `tasks` as a cache, oldest first (bounded by
+    /// `finished_cap`); the store serves the rest.
+    pub finished: VecDeque<String>,
+    /// How many finished tasks the cache keeps (`Config::finished_cache`).
+    pub finished_cap: usize,
     pub queue: BTreeSet<QueueKey>,
     pub agents: HashMap<String, Agent>,
     pub last_seq: Seq,
@@ -173,6 +206,11 @@ pub(crate) struct Core {
     pub queued_by_priority: [u64; 4],
     /// Last report (accept or progress) per RUNNING task, for the progress timeout.
     pub last_activity: HashMap<String, Instant>,
+    /// Tasks taken back because their agent stayed away past the grace and
+    /// still queued since. Its sidecar may still be running them (see `agentcom.rs`).
+    pub lost: HashMap<String, LostTask>,
+    /// Counts `busy` rejections: names each backoff timer.
+    pub busy_marks: u64,
     /// Write epoch: batches carry it; a failed commit poisons its epoch and
     /// the hub rebuilds from the store under a newer one.
     pub epoch: u64,
@@ -194,6 +232,7 @@ impl Core {
     pub fn restore(loaded: Loaded, cfg: &Config) -> Core {
         let mut core = Core {
             epoch: 1,
+            finished_cap: cfg.finished_cache,
             ..Core::default()
         };
         core.load(loaded, cfg);
@@ -205,15 +244,19 @@ impl Core {
     /// timers are re-armed from the rebuilt state.
     pub fn rebuild(&mut self, loaded: Loaded, cfg: &Config) {
         self.tasks.clear();
-        self.order.clear();
+        self.finished.clear();
         self.queue.clear();
         self.state_counts = [0; 6];
         self.queued_by_priority = [0; 4];
         self.timers.clear();
         self.last_activity.clear();
+        self.lost.clear();
         self.agents.retain(|_, a| a.session.is_some());
         for a in self.agents.values_mut() {
             a.active.clear();
+            // Their timers are gone with the others: do not hold them back.
+            a.settling.clear();
+            a.busy = None;
         }
         self.stale = false;
         self.load(loaded, cfg);
@@ -221,12 +264,11 @@ impl Core {
 
     fn load(&mut self, loaded: Loaded, cfg: &Config) {
         self.last_seq = loaded.last_seq;
+        self.state_counts = loaded.state_counts;
         let now = Instant::now();
         let mut running = Vec::new();
         let mut assigned = Vec::new();
         for task in loaded.tasks {
-            self.order.insert(task.created_seq, task.task_id.clone());
-            count_in(&mut self.state_counts, task.state);
             if task.state == TaskState::Queued && self.queue.insert(QueueKey::of(&task)) {
                 self.queued_by_priority[priority_index(task.priority)] += 1;
             }
@@ -242,6 +284,10 @@ impl Core {
                     TaskState::Running => running.push((task.task_id.clone(), task.generation)),
                     _ => assigned.push((task.task_id.clone(), task.generation)),
                 }
+            }
+            if let Some(agent_id) = lost_by(&task) {
+                let lost = LostTask::new(agent_id, task.generation);
+                self.lost.insert(task.task_id.clone(), lost);
             }
             self.tasks.insert(task.task_id.clone(), task);
         }
@@ -333,7 +379,6 @@ impl Core {
         task.updated_at_ms = txn.now;
         if kind == EventKind::Created {
             task.created_seq = seq;
-            self.order.insert(seq, task_id.to_string());
         }
         let event = TaskEvent {
             seq,
@@ -351,8 +396,9 @@ impl Core {
         seq
     }
 
-    /// Turn the transaction into a store batch.
-    pub fn finish(&self, mut txn: Txn) -> Batch {
+    /// Turn the transaction into a store batch. `durable`: the store's
+    /// durable seq (only finished tasks stored up to it leave the cache).
+    pub fn finish(&mut self, mut txn: Txn, durable: Seq) -> Batch {
         txn.batch.epoch = self.epoch;
         for (id, expected) in txn.touched.drain(..) {
             if let Some(task) = self.tasks.get(&id) {
@@ -362,6 +408,7 @@ impl Core {
                 });
             }
         }
+        self.evict_finished(durable);
         txn.batch
     }
 
@@ -415,6 +462,9 @@ impl Core {
                 .range((Bound::Excluded(&key), Bound::Unbounded))
                 .next()
                 .cloned();
+            if self.is_settling(&key.task_id) {
+                continue;
+            }
             let task = &self.tasks[&key.task_id];
             let rejected = self.rejected_by.get(&task.task_id);
             let avoid = self.avoid.get(&task.task_id);
@@ -452,6 +502,7 @@ impl Core {
         agent_id: &str,
     ) {
         self.dequeue(task_id);
+        self.forget_lost(task_id);
         self.assign_counter += 1;
         let agent = self.agents.get_mut(agent_id).expect("known agent");
         agent.active.insert(task_id.to_string());
@@ -487,6 +538,8 @@ impl Core {
         let agent_id = self.tasks.get(task_id)?.agent_id.clone()?;
         if let Some(agent) = self.agents.get_mut(&agent_id) {
             agent.active.remove(task_id);
+            // A slot is free again, whatever `busy` said.
+            agent.busy = None;
             self.schedulable = true;
         }
         Some(agent_id)
@@ -500,6 +553,7 @@ impl Core {
         task.error = Some(error);
         if task.attempts >= task.max_attempts {
             set_state(&mut self.state_counts, task, TaskState::Failed);
+            self.finished.push_back(task_id.to_string());
             self.forget_preferences(task_id);
         } else {
             set_state(&mut self.state_counts, task, TaskState::Queued);
@@ -545,6 +599,47 @@ impl Core {
         self.rejected_by.remove(task_id);
         self.avoid.remove(task_id);
         self.last_activity.remove(task_id);
+        self.forget_lost(task_id);
+    }
+
+    /// The task is no longer waiting for the sidecar it was taken from.
+    pub fn forget_lost(&mut self, task_id: &str) {
+        if let Some(lost) = self.lost.remove(task_id) {
+            self.settled(&lost.agent_id, task_id);
+        }
+    }
+
+    /// The agent has reported on a task it lost while away (or the wait is
+    /// over): the task is held back no more, now or on a later identify.
+    pub fn settled(&mut self, agent_id: &str, task_id: &str) {
+        if let Some(lost) = self.lost.get_mut(task_id) {
+            lost.waited = true;
+        }
+        if let Some(agent) = self.agents.get_mut(agent_id) {
+            if agent.settling.remove(task_id) {
+                self.schedulable = true;
+            }
+        }
+    }
+
+    /// The wait for the agent's reports is over (settle window, disconnect).
+    pub fn settle_all(&mut self, agent_id: &str) {
+        let pending: Vec<String> = match self.agents.get(agent_id) {
+            Some(a) => a.settling.iter().cloned().collect(),
+            None => return,
+        };
+        for task_id in pending {
+            self.settled(agent_id, &task_id);
+        }
+    }
+
+    /// Is the task held back until the agent it was lost by reports on it?
+    fn is_settling(&self, task_id: &str) -> bool {
+        self.lost.get(task_id).is_some_and(|lost| {
+            self.agents
+                .get(&lost.agent_id)
+                .is_some_and(|a| a.settling.contains(task_id))
+        })
     }
 
     /// Finish a task for good (COMPLETED or CANCELLED), freeing its slot.
@@ -558,7 +653,48 @@ impl Core {
         self.forget_preferences(task_id);
         let task = self.tasks.get_mut(task_id).expect("known task");
         set_state(&mut self.state_counts, task, state);
+        self.finished.push_back(task_id.to_string());
         from
+    }
+
+    /// Keep a finished task read from the store in the cache.
+    pub fn cache_finished(&mut self, task: Task) {
+        if task.state.is_final() && !self.tasks.contains_key(&task.task_id) {
+            self.finished.push_back(task.task_id.clone());
+            self.tasks.insert(task.task_id.clone(), task);
+        }
+    }
+
+    /// Drop finished tasks beyond the cache bound (they stay in the store).
+    fn evict_finished(&mut self, durable: Seq) {
+        while self.finished.len() > self.finished_cap {
+            let Some(id) = self.finished.front() else {
+                break;
+            };
+            match self.tasks.get(id) {
+                // Not stored yet: the store could not answer for it.
+                Some(t) if t.state.is_final() && t.last_seq > durable => break,
+                Some(t) if t.state.is_final() => {
+                    let id = id.clone();
+                    self.tasks.remove(&id);
+                    self.forget_preferences(&id);
+                }
+                _ => {}
+            }
+            self.finished.pop_front();
+        }
+    }
+
+    /// Forget tasks retention removed from the store.
+    pub fn forget_purged(&mut self, purged: &crate::store::Purged) {
+        for id in &purged.task_ids {
+            if self.tasks.get(id).is_some_and(|t| t.state.is_final()) {
+                self.tasks.remove(id);
+            }
+        }
+        for (n, gone) in self.state_counts.iter_mut().zip(purged.by_state) {
+            *n = n.saturating_sub(gone);
+        }
     }
 }
 
@@ -570,7 +706,7 @@ pub(crate) fn set_state(counts: &mut [u64; 6], task: &mut Task, to: TaskState) {
     task.state = to;
 }
 
-fn count_in(counts: &mut [u64; 6], state: TaskState) {
+pub(crate) fn count_in(counts: &mut [u64; 6], state: TaskState) {
     counts[TaskState::ALL.iter().position(|x| *x == state).unwrap_or(0)] += 1;
 }
 
@@ -586,13 +722,50 @@ pub(crate) fn obj(v: Value) -> JsonObject {
     }
 }
 
-/// The `task_assign` message for a task's current generation.
+/// The `task_assign` message for a task's current generation, with the
+/// enrichment fields AgentCom sidecars read at the top level.
 pub(crate) fn task_assign(task: &Task, assigned_at: i64) -> ToAgent {
+    let extra = ENRICHMENT_KEYS
+        .iter()
+        .filter_map(|k| Some((k.to_string(), task.metadata.get(*k)?.clone())))
+        .collect();
     ToAgent::TaskAssign {
         task_id: task.task_id.clone(),
         description: task.description.clone(),
         metadata: task.metadata.clone(),
         generation: task.generation,
         assigned_at,
+        extra,
     }
 }
+
+/// A task taken from an agent for staying away past the grace.
+pub(crate) struct LostTask {
+    pub agent_id: String,
+    /// The generation it had (and still has while queued).
+    pub generation: Generation,
+    /// The agent came back and was waited for once: never held back again.
+    pub waited: bool,
+}
+
+impl LostTask {
+    pub fn new(agent_id: String, generation: Generation) -> LostTask {
+        LostTask {
+            agent_id,
+            generation,
+            waited: false,
+        }
+    }
+}
+
+/// The agent a queued task was taken from for staying away past the grace,
+/// if the stored record tells (pinned tasks keep their agent).
+fn lost_by(task: &Task) -> Option<String> {
+    let reason = task.error.as_ref()?.get("reason")?.as_str()?;
+    (task.state == TaskState::Queued && task.pinned && reason == RECLAIM_DISCONNECTED)
+        .then(|| task.agent_id.clone())
+        .flatten()
+}
+
+/// The reclaim reason for an agent that stayed away past the grace.
+pub(crate) const RECLAIM_DISCONNECTED: &str = "agent_disconnected";

@@ -2,9 +2,11 @@
 //! scheduler. `grpc`, `http` and `ws` call it; it is the only caller of the
 //! store's write side.
 
+mod agentcom;
 mod core;
 mod recovery;
 mod reports;
+mod retention;
 mod timers;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +32,9 @@ use crate::store::{Batch, Store};
 pub const MAX_TASK_ID_LEN: usize = 128;
 /// Largest `max_attempts` a task may ask for.
 pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
+/// A task this close to retention's cutoff can no longer be retried
+/// (retention may be removing it at the same moment).
+const RETRY_MARGIN_MS: i64 = 60_000;
 /// Default and largest `ListTasks` page.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 pub const MAX_PAGE_SIZE: usize = 1000;
@@ -184,11 +189,11 @@ impl Hub {
     /// batches reach the store in `seq` order). After the commit, events are
     /// published first, then the transaction's own callbacks run; a failed
     /// commit starts recovery first.
-    fn submit(&self, core: &Core, txn: Txn) {
+    fn submit(&self, core: &mut Core, txn: Txn) {
         if txn.timers_added {
             self.timer_wake.notify_one();
         }
-        let mut batch = core.finish(txn);
+        let mut batch = core.finish(txn, self.store.durable_seq());
         if batch.is_empty() {
             return;
         }
@@ -294,7 +299,7 @@ impl Hub {
                     // A safe retry: answer once the original is durable.
                     let task = existing.clone();
                     let rx = Self::durable_signal(&mut txn);
-                    self.submit(&core, txn);
+                    self.submit(&mut core, txn);
                     (rx, task, false)
                 }
                 None => {
@@ -366,17 +371,19 @@ impl Hub {
         }
     }
 
-    /// One task, as durably stored.
+    /// One task, as durably stored: live and recently finished ones from
+    /// memory, older ones from the store.
     pub async fn get_task(&self, task_id: &str) -> Result<Task> {
-        let (task, epoch) = {
+        let cached = {
             let core = self.lock();
             Self::check_readable(&core)?;
-            let task = core
-                .tasks
-                .get(task_id)
-                .cloned()
-                .ok_or_else(|| Error::UnknownTask(task_id.to_string()))?;
-            (task, core.epoch)
+            core.tasks.get(task_id).cloned().map(|t| (t, core.epoch))
+        };
+        let Some((task, epoch)) = cached else {
+            return self
+                .stored_task(task_id)
+                .await?
+                .ok_or_else(|| Error::UnknownTask(task_id.to_string()));
         };
         if task.last_seq > self.store.durable_seq() {
             self.barrier_at(epoch).await?;
@@ -384,7 +391,30 @@ impl Hub {
         Ok(task)
     }
 
-    /// Tasks in creation order, filtered and paged, with the seq they reflect.
+    /// A task read from the store (off the async threads).
+    async fn stored_task(&self, task_id: &str) -> Result<Option<Task>> {
+        let store = self.store.clone();
+        let id = task_id.to_string();
+        tokio::task::spawn_blocking(move || store.get_task(&id))
+            .await
+            .map_err(|e| Error::storage(e.to_string()))?
+    }
+
+    /// Make sure `task_id` is in memory if it exists: finished tasks past
+    /// the cache are read back from the store (reports about them must still
+    /// get `task_finished`; retry and cancel need them).
+    async fn ensure_loaded(&self, task_id: &str) -> Result<()> {
+        if self.lock().tasks.contains_key(task_id) {
+            return Ok(());
+        }
+        if let Some(task) = self.stored_task(task_id).await? {
+            self.lock().cache_finished(task);
+        }
+        Ok(())
+    }
+
+    /// Tasks in creation order, filtered and paged, with the seq they
+    /// reflect — served by the store's indexes, as committed.
     pub async fn list_tasks(&self, q: ListQuery) -> Result<TaskPage> {
         let page_size = match q.page_size {
             0 => DEFAULT_PAGE_SIZE,
@@ -396,43 +426,32 @@ impl Hub {
                 .parse()
                 .map_err(|_| Error::InvalidArgument("invalid page_token".into()))?,
         };
-        let (page, epoch) = {
-            let core = self.lock();
-            Self::check_readable(&core)?;
-            let mut tasks = Vec::new();
-            let mut next = None;
-            // A token at the very end (u64::MAX) has nothing after it.
-            let from = after.checked_add(1).unwrap_or(Seq::MAX);
-            let rest = core.order.range(from..).filter(|_| after < Seq::MAX);
-            for (seq, id) in rest {
-                let t = &core.tasks[id];
-                if q.state.is_some_and(|s| s != t.state)
-                    || q.agent_id
-                        .as_ref()
-                        .is_some_and(|a| Some(a) != t.agent_id.as_ref())
-                {
-                    continue;
-                }
-                if tasks.len() == page_size {
-                    next = Some(
-                        (tasks.last().map(|t: &Task| t.created_seq).unwrap_or(*seq)).to_string(),
-                    );
-                    break;
-                }
-                tasks.push(t.clone());
-            }
-            let page = TaskPage {
-                tasks,
-                next_page_token: next,
-                as_of_seq: core.last_seq,
-                log_id: self.log_id.clone(),
-            };
-            (page, core.epoch)
+        Self::check_readable(&self.lock())?;
+        let filter = crate::store::ListFilter {
+            state: q.state,
+            agent_id: q.agent_id,
+            after_created_seq: after,
+            limit: page_size + 1,
         };
-        if page.as_of_seq > self.store.durable_seq() {
-            self.barrier_at(epoch).await?;
-        }
-        Ok(page)
+        let store = self.store.clone();
+        let mut listing = tokio::task::spawn_blocking(move || store.list_tasks(&filter))
+            .await
+            .map_err(|e| Error::storage(e.to_string()))??;
+        let next_page_token = (listing.tasks.len() > page_size).then(|| {
+            listing.tasks.truncate(page_size);
+            listing
+                .tasks
+                .last()
+                .map(|t| t.created_seq)
+                .unwrap_or_default()
+                .to_string()
+        });
+        Ok(TaskPage {
+            tasks: listing.tasks,
+            next_page_token,
+            as_of_seq: listing.as_of_seq,
+            log_id: self.log_id.clone(),
+        })
     }
 
     /// Apply `change` to an existing task, schedule, and answer with the
@@ -442,6 +461,7 @@ impl Hub {
         task_id: &str,
         change: impl FnOnce(&mut Core, &mut Txn) -> Result<()>,
     ) -> Result<Task> {
+        self.ensure_loaded(task_id).await?;
         let (rx, task) = {
             let mut core = self.lock();
             self.check_writable(&core)?;
@@ -453,7 +473,7 @@ impl Hub {
             core.schedule(&mut txn, &self.config, &self.metrics);
             let rx = Self::durable_signal(&mut txn);
             let task = core.tasks[task_id].clone();
-            self.submit(&core, txn);
+            self.submit(&mut core, txn);
             (rx, task)
         };
         Self::wait(rx).await?;
@@ -491,9 +511,19 @@ impl Hub {
 
     /// Re-queue a FAILED or CANCELLED task with its attempts reset.
     pub async fn retry_task(&self, task_id: &str) -> Result<Task> {
+        let retention = self.config.retention;
         self.change_task(task_id, |core, txn| {
             let core = &mut *core;
             let task = core.tasks.get_mut(task_id).expect("checked");
+            if let Some(keep) = retention {
+                // Never re-open what retention is about to remove.
+                let cutoff = txn.now - keep.as_millis() as i64 + RETRY_MARGIN_MS;
+                if task.state.is_final() && task.updated_at_ms < cutoff {
+                    return Err(Error::FailedPrecondition(format!(
+                        "task {task_id} finished too long ago to be retried (retention)"
+                    )));
+                }
+            }
             if !matches!(task.state, TaskState::Failed | TaskState::Cancelled) {
                 return Err(Error::FailedPrecondition(format!(
                     "only FAILED or CANCELLED tasks can be retried; task {task_id} is {}",
@@ -531,6 +561,7 @@ impl Hub {
                 connected_at: a.connected_at,
                 active_task_ids: a.active.iter().cloned().collect(),
                 max_concurrency: a.max_concurrency,
+                resources: a.resources.clone(),
             })
             .collect();
         agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
@@ -591,8 +622,17 @@ impl Hub {
                 metrics::gauge_set(&m.queue_depth.get_or_create(&label), n);
             }
             metrics::gauge_set(&m.last_event_seq, core.last_seq);
+            metrics::gauge_set(&m.tasks_in_memory, core.tasks.len() as u64);
+            let finished: u64 = TaskState::ALL
+                .iter()
+                .zip(core.state_counts)
+                .filter(|(s, _)| s.is_final())
+                .map(|(_, n)| n)
+                .sum();
+            metrics::gauge_set(&m.finished_stored, finished);
         }
         metrics::gauge_set(&m.watchers, self.bus.watcher_count() as u64);
+        metrics::gauge_set(&m.data_dir_bytes, self.store.disk_bytes());
         let mut out = String::new();
         m.render(&mut out);
         out

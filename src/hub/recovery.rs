@@ -65,7 +65,7 @@ impl Hub {
         core.agent_changed();
         let mut txn = super::Txn::new();
         core.schedule(&mut txn, &self.config, &self.metrics);
-        self.submit(&core, txn);
+        self.submit(&mut core, txn);
         drop(core);
         self.timer_wake.notify_one();
         tracing::info!("store takes writes again");

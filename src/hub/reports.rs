@@ -4,12 +4,13 @@
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+use super::agentcom::{on_agent_restarting, REJECT_BUSY};
 use super::core::{obj, set_state, task_assign, Agent, Core, Timer, Txn};
 use super::Hub;
 use crate::auth::Role;
 use crate::error::{Error, Result};
 use crate::link::{AckStatus, CloseReason, FromAgent, Identify, Link, Report, ToAgent};
-use crate::model::{now_ms, EventKind, TaskState};
+use crate::model::{now_ms, EventKind, Generation, TaskState};
 
 /// The status with which a sidecar asks for no new tasks.
 pub const STATUS_DRAINING: &str = "draining";
@@ -46,6 +47,9 @@ impl Hub {
         agent.max_concurrency = ident.max_concurrency;
         agent.connected_at = now_ms();
         agent.epoch += 1;
+        agent.busy = None;
+        agent.restarting = false;
+        let epoch = agent.epoch;
         let active: Vec<String> = agent.active.iter().cloned().collect();
         session.send(ToAgent::Identified {
             agent_id: agent_id.clone(),
@@ -53,6 +57,7 @@ impl Hub {
         core.agent_changed();
 
         let mut txn = Txn::new();
+        core.note_tasks_from_before(&mut txn, &self.config, &agent_id, epoch);
         // Tasks it still holds: re-send the ones it may never have received.
         for task_id in active {
             let task = &core.tasks[&task_id];
@@ -75,7 +80,7 @@ impl Hub {
             }
         }
         core.schedule(&mut txn, &self.config, &self.metrics);
-        self.submit(&core, txn);
+        self.submit(&mut core, txn);
         tracing::info!(agent = %agent_id, session = session.id(), "sidecar identified");
         Ok(agent_id)
     }
@@ -93,20 +98,35 @@ impl Hub {
         agent.epoch += 1;
         let epoch = agent.epoch;
         let holds_tasks = !agent.active.is_empty();
+        let was_settling = !agent.settling.is_empty();
         tracing::info!(agent = %agent_id, session = session_id, "sidecar disconnected");
+        let mut txn = Txn::new();
         if holds_tasks {
-            let mut txn = Txn::new();
             let at = Instant::now() + self.config.reconnect_grace;
             core.add_timer(&mut txn, at, Timer::Grace(agent_id.to_string(), epoch));
-            self.submit(&core, txn);
         }
+        if was_settling {
+            // Gone again before it reported: the tasks it held back are free.
+            core.settle_all(agent_id);
+            core.schedule(&mut txn, &self.config, &self.metrics);
+        }
+        self.submit(&mut core, txn);
     }
 
     /// Apply one lifecycle report from an identified sidecar. The reply (ack
     /// or error) goes to `session`, after everything before it is durable:
     /// replies leave in commit order, and an error never overtakes the ack
     /// of an earlier report.
-    pub fn report(&self, agent_id: &str, session: &Link, msg: FromAgent) {
+    pub async fn report(&self, agent_id: &str, session: &Link, msg: FromAgent) {
+        if let Some(task_id) = report_task_id(&msg) {
+            // A finished task past the cache is read back, so the report
+            // gets `task_finished`, not `unknown_task`.
+            let _ = self.ensure_loaded(task_id).await;
+        }
+        self.report_loaded(agent_id, session, msg);
+    }
+
+    fn report_loaded(&self, agent_id: &str, session: &Link, msg: FromAgent) {
         self.metrics.reports.inc();
         let about = report_task_id(&msg).map(str::to_string);
         let mut core = self.lock();
@@ -136,6 +156,24 @@ impl Hub {
                     core.agent_changed();
                     Ok(())
                 }
+                FromAgent::StateReport(r) => {
+                    self.on_state_report(&mut core, &mut txn, agent_id, session, r);
+                    Ok(())
+                }
+                FromAgent::WakeResult(r) => {
+                    self.on_wake_result(&mut core, &mut txn, agent_id, r);
+                    Ok(())
+                }
+                FromAgent::ResourceReport(resources) => {
+                    if let Some(agent) = core.agents.get_mut(agent_id) {
+                        agent.resources = Some((resources, now_ms()));
+                    }
+                    Ok(())
+                }
+                FromAgent::AgentRestarting(reason) => {
+                    on_agent_restarting(&mut core, agent_id, reason);
+                    Ok(())
+                }
                 FromAgent::Identify(_) | FromAgent::Ping => Ok(()),
             },
         };
@@ -152,11 +190,11 @@ impl Hub {
                 let reply = with_task(reply, e.task_id().or(about.as_deref()));
                 link.send(reply);
             });
-            self.submit(&core, txn);
+            self.submit(&mut core, txn);
             return;
         }
         core.schedule(&mut txn, &self.config, &self.metrics);
-        self.submit(&core, txn);
+        self.submit(&mut core, txn);
     }
 
     fn on_accepted(
@@ -247,13 +285,35 @@ impl Hub {
             .get("reason")
             .cloned()
             .unwrap_or(json!("rejected"));
-        core.rejected_by
-            .entry(r.task_id.clone())
-            .or_default()
-            .push(agent_id.to_string());
-        self.metrics.reclaimed("rejected");
+        let busy = reason == REJECT_BUSY;
+        if busy && core.tasks[&r.task_id].state == TaskState::Running {
+            // It runs this very task (accepted, or reported by `state_report`):
+            // "busy" declines a repeated `task_assign` of it. Nothing changes.
+            let ack = ToAgent::TaskAck {
+                task_id: r.task_id.clone(),
+                status: AckStatus::Accepted,
+            };
+            txn.reply_after_commit(session, &r.task_id, ack);
+            return Ok(());
+        }
+        if busy {
+            // Not a verdict on the task: the attempt does not count, and the
+            // agent is left alone until it has room (see `Core::mark_busy`).
+            let task = core.tasks.get_mut(&r.task_id).expect("fenced");
+            task.attempts = task.attempts.saturating_sub(1);
+            self.metrics.reclaimed("rejected_busy");
+        } else {
+            core.rejected_by
+                .entry(r.task_id.clone())
+                .or_default()
+                .push(agent_id.to_string());
+            self.metrics.reclaimed("rejected");
+        }
         let error = json!({"reason": "rejected", "detail": reason});
         end_attempt_on_report(core, txn, agent_id, session, r, EventKind::Rejected, error);
+        if busy {
+            core.mark_busy(txn, agent_id, self.config.busy_backoff);
+        }
         Ok(())
     }
 
@@ -265,44 +325,80 @@ impl Hub {
         session: &Link,
         r: Report,
     ) -> Result<()> {
+        core.settled(agent_id, &r.task_id);
         let holds = core.tasks.get(&r.task_id).and_then(|t| {
             (t.agent_id.as_deref() == Some(agent_id) && t.state.is_active()).then_some(t.generation)
         });
-        match holds {
-            Some(generation) if r.generation.is_none_or(|g| g == generation) => {
-                core.emit(txn, &r.task_id, EventKind::Recovering, agent_id, r.payload);
-                core.emit(
-                    txn,
-                    &r.task_id,
-                    EventKind::Continued,
-                    agent_id,
-                    obj(json!({})),
-                );
-                let msg = ToAgent::TaskContinue {
-                    task_id: r.task_id.clone(),
-                    generation,
-                };
-                txn.reply_after_commit(session, &r.task_id, msg);
+        // The generation the sidecar had the task at before this connection.
+        let before = core
+            .agents
+            .get(agent_id)
+            .and_then(|a| a.before.get(&r.task_id))
+            .copied();
+        let reassign = ToAgent::TaskReassign {
+            task_id: r.task_id.clone(),
+        };
+        match (holds, r.generation) {
+            // Its own, at the generation it names; or, without one, at the
+            // generation it held before this connection (or got since, with
+            // no older generation of it known to have been its own).
+            (Some(generation), Some(g)) if g == generation => {
+                continue_task(core, txn, agent_id, session, r, generation);
             }
-            Some(_) => {
+            (Some(generation), None) if before.is_none_or(|b| b == generation) => {
+                continue_task(core, txn, agent_id, session, r, generation);
+            }
+            (Some(_), None) => {
+                // Its run from before this connection is of an older
+                // generation than the one it holds now: drop that run, keep
+                // the current assignment.
+                txn.reply_after_commit(session, &r.task_id, reassign);
+            }
+            (Some(_), Some(_)) => {
                 // It holds an older generation of a task that is still its own:
                 // the hub no longer trusts that run.
                 core.emit(txn, &r.task_id, EventKind::Recovering, agent_id, r.payload);
                 core.reclaim(txn, &self.metrics, &r.task_id, "recovering_stale");
-                let msg = ToAgent::TaskReassign {
+                txn.reply_after_commit(session, &r.task_id, reassign);
+            }
+            (None, Some(g)) if core.can_readopt(agent_id, &r.task_id, g) => {
+                core.readopt(txn, &self.config, agent_id, &r.task_id, r.payload);
+                let msg = ToAgent::TaskContinue {
                     task_id: r.task_id.clone(),
+                    generation: g,
                 };
                 txn.reply_after_commit(session, &r.task_id, msg);
             }
-            None => {
-                let msg = ToAgent::TaskReassign {
-                    task_id: r.task_id.clone(),
-                };
-                txn.reply_after_commit(session, &r.task_id, msg);
+            (None, _) => {
+                txn.reply_after_commit(session, &r.task_id, reassign);
             }
         }
         Ok(())
     }
+}
+
+/// `task_continue` for a task the agent holds at `generation`.
+fn continue_task(
+    core: &mut Core,
+    txn: &mut Txn,
+    agent_id: &str,
+    session: &Link,
+    r: Report,
+    generation: Generation,
+) {
+    core.emit(txn, &r.task_id, EventKind::Recovering, agent_id, r.payload);
+    core.emit(
+        txn,
+        &r.task_id,
+        EventKind::Continued,
+        agent_id,
+        obj(json!({})),
+    );
+    let msg = ToAgent::TaskContinue {
+        task_id: r.task_id.clone(),
+        generation,
+    };
+    txn.reply_after_commit(session, &r.task_id, msg);
 }
 
 /// `task_failed` / `task_rejected`: the attempt ends (re-queued, or FAILED
@@ -332,7 +428,7 @@ fn end_attempt_on_report(
 
 /// A report is applied only if the reporter is the task's current assignee
 /// and, when it gives a generation, that generation is current.
-fn fence(core: &Core, agent_id: &str, r: &Report) -> Result<()> {
+pub(super) fn fence(core: &Core, agent_id: &str, r: &Report) -> Result<()> {
     let task = core
         .tasks
         .get(&r.task_id)
@@ -365,6 +461,7 @@ fn is_durable_report(msg: &FromAgent) -> bool {
             | FromAgent::Failed(_)
             | FromAgent::Rejected(_)
             | FromAgent::Recovering(_)
+            | FromAgent::StateReport(_)
     )
 }
 
@@ -390,7 +487,9 @@ fn report_task_id(msg: &FromAgent) -> Option<&str> {
         | FromAgent::Complete(r)
         | FromAgent::Failed(r)
         | FromAgent::Rejected(r)
-        | FromAgent::Recovering(r) => Some(&r.task_id),
+        | FromAgent::Recovering(r)
+        | FromAgent::StateReport(r)
+        | FromAgent::WakeResult(r) => Some(&r.task_id),
         _ => None,
     }
 }

@@ -1,4 +1,5 @@
-//! Time-based reclaims: accept timeout, progress timeout, reconnect grace.
+//! Time-based reclaims: accept timeout, progress timeout, reconnect grace;
+//! and the ends of the settle window and the `busy` backoff.
 //! One task sleeps until the earliest deadline; every timer re-checks the
 //! task's state when it fires, so stale timers are harmless. Time is
 //! `tokio::time`, so tests can pause and advance it. While the store refuses
@@ -10,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::core::{Timer, Txn};
+use super::core::{LostTask, Timer, Txn, RECLAIM_DISCONNECTED};
 use super::Hub;
 use crate::model::TaskState;
 
@@ -86,12 +87,36 @@ impl Hub {
                     }
                     let held: Vec<String> = agent.active.iter().cloned().collect();
                     for task_id in held {
-                        core.reclaim(&mut txn, &self.metrics, &task_id, "agent_disconnected");
+                        core.reclaim(&mut txn, &self.metrics, &task_id, RECLAIM_DISCONNECTED);
+                        // Its sidecar may still be running it: remember whose it was.
+                        let task = &core.tasks[&task_id];
+                        if task.state == TaskState::Queued {
+                            let lost = LostTask::new(agent_id.clone(), task.generation);
+                            core.lost.insert(task_id, lost);
+                        }
+                    }
+                }
+                Timer::Settle(agent_id, epoch) => {
+                    let Some(agent) = core.agents.get(&agent_id) else {
+                        continue;
+                    };
+                    if agent.epoch == epoch && !agent.settling.is_empty() {
+                        tracing::info!(agent = %agent_id, unreported = ?agent.settling, "settle window over");
+                        core.settle_all(&agent_id);
+                    }
+                }
+                Timer::Busy(agent_id, token) => {
+                    let Some(agent) = core.agents.get_mut(&agent_id) else {
+                        continue;
+                    };
+                    if agent.busy == Some(token) {
+                        agent.busy = None;
+                        core.agent_changed();
                     }
                 }
             }
         }
         core.schedule(&mut txn, &self.config, &self.metrics);
-        self.submit(&core, txn);
+        self.submit(&mut core, txn);
     }
 }

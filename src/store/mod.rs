@@ -88,9 +88,40 @@ pub struct CommitStats {
 /// What the hub reads back at start (and after a failed commit).
 #[derive(Debug, Default)]
 pub struct Loaded {
+    /// Live tasks only (QUEUED, ASSIGNED, RUNNING).
     pub tasks: Vec<Task>,
     /// Highest seq ever assigned (0 for an empty store).
     pub last_seq: Seq,
+    /// Stored tasks per state (index: `TaskState::ALL`), finished ones included.
+    pub state_counts: [u64; 6],
+}
+
+/// A `ListTasks` query as the store runs it.
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    pub state: Option<crate::model::TaskState>,
+    pub agent_id: Option<String>,
+    /// Tasks created after this seq (the page token).
+    pub after_created_seq: Seq,
+    pub limit: usize,
+}
+
+/// One page of stored tasks and the seq it reflects.
+#[derive(Clone, Debug, Default)]
+pub struct TaskListing {
+    pub tasks: Vec<Task>,
+    pub as_of_seq: Seq,
+}
+
+/// What one retention pass removed.
+#[derive(Clone, Debug, Default)]
+pub struct Purged {
+    pub task_ids: Vec<String>,
+    /// Per state (index: `TaskState::ALL`).
+    pub by_state: [u64; 6],
+    pub events: u64,
+    /// Highest seq removed.
+    pub max_seq: Seq,
 }
 
 /// The storage seam. Writes are queued and asynchronous; reads are blocking
@@ -100,6 +131,15 @@ pub trait Store: Send + Sync + 'static {
     fn submit(&self, batch: Batch);
     /// Everything the hub keeps in memory, as committed.
     fn load(&self) -> Result<Loaded>;
+    /// One stored task (finished ones included).
+    fn get_task(&self, task_id: &str) -> Result<Option<Task>>;
+    /// A page of stored tasks in creation order, as of one seq.
+    fn list_tasks(&self, filter: &ListFilter) -> Result<TaskListing>;
+    /// Remove up to `limit` tasks finished before `cutoff_ms` (Unix ms), with
+    /// their events. Never touches a live task.
+    fn purge_finished(&self, cutoff_ms: i64, limit: usize) -> Result<Purged>;
+    /// Bytes the store occupies on disk (for `/metrics`).
+    fn disk_bytes(&self) -> u64;
     /// Up to `limit` events with `seq > after`, in order.
     fn read_events(&self, after: Seq, limit: usize) -> Result<Vec<EncodedEvent>>;
     /// The oldest seq still stored (events before it were pruned).

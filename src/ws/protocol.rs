@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 use crate::model::JsonObject;
 
-pub use crate::link::{FromAgent, Identify, Report, ToAgent};
+pub use crate::link::{FromAgent, Identify, Report, Resources, ToAgent};
 
 /// Largest `max_concurrency` a sidecar may announce.
 pub const MAX_CONCURRENCY: u32 = 10_000;
@@ -54,6 +54,10 @@ pub fn parse(text: &str) -> Result<FromAgent, ProtocolError> {
         "task_recovering" => FromAgent::Recovering(report(obj)?),
         "ping" => FromAgent::Ping,
         "status" => FromAgent::Status(required_str(&obj, "status")?),
+        "state_report" => FromAgent::StateReport(report(obj)?),
+        "wake_result" => FromAgent::WakeResult(report(obj)?),
+        "resource_report" => FromAgent::ResourceReport(parse_resources(&obj)),
+        "agent_restarting" => FromAgent::AgentRestarting(optional_str(&obj, "reason")?),
         other => {
             return Err(ProtocolError {
                 code: "unknown_message_type",
@@ -115,6 +119,22 @@ fn parse_identify(obj: &JsonObject) -> Result<Identify, ProtocolError> {
         capabilities,
         max_concurrency,
     })
+}
+
+/// Lenient: a metric that is missing, null or not a number is unknown.
+fn parse_resources(obj: &JsonObject) -> Resources {
+    let bytes = |f: &str| {
+        obj.get(f)
+            .and_then(Value::as_f64)
+            .map(|v| v.max(0.0) as u64)
+    };
+    Resources {
+        cpu_percent: obj.get("cpu_percent").and_then(Value::as_f64),
+        ram_used_bytes: bytes("ram_used_bytes"),
+        ram_total_bytes: bytes("ram_total_bytes"),
+        vram_used_bytes: bytes("vram_used_bytes"),
+        vram_total_bytes: bytes("vram_total_bytes"),
+    }
 }
 
 fn parse_report(mut obj: JsonObject) -> Result<Report, ProtocolError> {
@@ -184,6 +204,54 @@ mod tests {
         assert_eq!(
             v,
             json!({"type": "error", "error": "unknown_task", "task_id": "t2"})
+        );
+    }
+
+    #[test]
+    fn parses_current_agentcom_messages() {
+        let m = parse(r#"{"type":"state_report","task_id":"t1","status":"working","generation":2,"assigned_at":5,"protocol_version":1}"#).unwrap();
+        let FromAgent::StateReport(r) = m else {
+            panic!()
+        };
+        assert_eq!((r.task_id.as_str(), r.generation), ("t1", Some(2)));
+        let m = parse(r#"{"type":"wake_result","task_id":"t1","status":"success","attempt":1}"#)
+            .unwrap();
+        assert!(matches!(m, FromAgent::WakeResult(r) if r.payload["status"] == "success"));
+        let m = parse(r#"{"type":"resource_report","agent_id":"a","cpu_percent":12.5,"ram_used_bytes":1024,"ram_total_bytes":null,"vram_used_bytes":"x","timestamp":1}"#).unwrap();
+        let FromAgent::ResourceReport(res) = m else {
+            panic!()
+        };
+        assert_eq!(res.cpu_percent, Some(12.5));
+        assert_eq!(res.ram_used_bytes, Some(1024));
+        assert_eq!((res.ram_total_bytes, res.vram_used_bytes), (None, None));
+        let m = parse(r#"{"type":"agent_restarting","reason":"hub_commanded"}"#).unwrap();
+        assert_eq!(m, FromAgent::AgentRestarting(Some("hub_commanded".into())));
+    }
+
+    #[test]
+    fn task_assign_carries_enrichment_at_top_level() {
+        let mut extra = JsonObject::new();
+        extra.insert("routing_decision".into(), json!({"target_type": "shell"}));
+        let v: Value = serde_json::from_str(&encode(&ToAgent::TaskAssign {
+            task_id: "t1".into(),
+            description: "d".into(),
+            metadata: JsonObject::new(),
+            generation: 1,
+            assigned_at: 7,
+            extra,
+        }))
+        .unwrap();
+        assert_eq!(v["type"], "task_assign");
+        assert_eq!(v["routing_decision"], json!({"target_type": "shell"}));
+        assert_eq!(v["generation"], 1);
+        let v: Value = serde_json::from_str(&encode(&ToAgent::StateReportAck {
+            task_id: "t1".into(),
+            action: crate::link::StateAction::Abort,
+        }))
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"type": "state_report_ack", "task_id": "t1", "action": "abort"})
         );
     }
 

@@ -3,10 +3,13 @@
 
 mod helpers;
 
+mod agentcom;
 mod core_flow;
 mod cursors;
+mod dashboard;
 mod durability;
 mod faults;
+mod history;
 mod interop;
 mod model;
 mod scheduler;

@@ -1,9 +1,11 @@
 //! A model-based property test of the hub core, driven in-process with
 //! paused time: random sequences of push, identify, accept, progress,
-//! complete, fail, reject, recover, disconnect, reconnect, timeouts, cancel,
+//! complete, fail, reject (also `busy`), recover, `state_report`, disconnect,
+//! reconnect (also past the grace), timeouts, cancel,
 //! retry and injected commit failures, checked after every step against the
 //! invariants the hub promises:
 //! - one owner per active task, and only active tasks have one;
+//! - no sidecar but the owner believes it holds the task's current generation;
 //! - a task's generation never decreases;
 //! - a final state is final (only `RetryTask` re-opens a task);
 //! - every acknowledged report is stored, exactly once;
@@ -19,7 +21,7 @@ use std::time::Duration;
 use agenthub::auth::{issue_token, Role};
 use agenthub::hub::{ListQuery, PushRequest};
 use agenthub::link::{
-    AckStatus, AgentLink, CloseReason, FromAgent, Identify, Link, Report, ToAgent,
+    AckStatus, AgentLink, CloseReason, FromAgent, Identify, Link, Report, StateAction, ToAgent,
 };
 use agenthub::model::{Priority, Task, TaskState};
 use agenthub::pb;
@@ -131,7 +133,7 @@ impl Run {
             0..25 => self.push().await,
             25..35 => self.connect(),
             35..42 => self.disconnect(),
-            42..80 => self.report(),
+            42..80 => self.report().await,
             80..85 => {
                 if let Some(t) = self.any_task() {
                     let _ = self.hub.cancel_task(&t).await;
@@ -219,7 +221,7 @@ impl Run {
         }
     }
 
-    fn report(&mut self) {
+    async fn report(&mut self) {
         let connected: Vec<usize> = (0..self.agents.len())
             .filter(|i| self.agents[*i].link.is_some() && !self.agents[*i].held.is_empty())
             .collect();
@@ -245,17 +247,23 @@ impl Run {
             generation,
             payload,
         };
-        let msg = match self.rng.random_range(0..12) {
+        let msg = match self.rng.random_range(0..14) {
             0..4 => FromAgent::Accepted(report),
             4..6 => FromAgent::Progress(report),
             6..9 => FromAgent::Complete(report),
             9 => FromAgent::Failed(report),
             10 => FromAgent::Rejected(report),
-            _ => FromAgent::Recovering(report),
+            11 => FromAgent::Recovering(report),
+            12 => FromAgent::StateReport(report),
+            _ => {
+                let mut report = report;
+                report.payload.insert("reason".into(), json!("busy"));
+                FromAgent::Rejected(report)
+            }
         };
         let agent = &self.agents[i];
         let link: Link = agent.link.clone().unwrap();
-        self.hub.report(&agent.name, &link, msg);
+        self.hub.report(&agent.name, &link, msg).await;
     }
 
     /// Apply what each sidecar was told.
@@ -276,7 +284,12 @@ impl Run {
                     } => {
                         agent.held.insert(task_id, generation);
                     }
-                    ToAgent::TaskCancelled { task_id, .. } | ToAgent::TaskReassign { task_id } => {
+                    ToAgent::TaskCancelled { task_id, .. }
+                    | ToAgent::TaskReassign { task_id }
+                    | ToAgent::StateReportAck {
+                        task_id,
+                        action: StateAction::Abort,
+                    } => {
                         agent.held.remove(&task_id);
                     }
                     ToAgent::TaskAck { task_id, status } if status != AckStatus::Accepted => {
@@ -360,6 +373,20 @@ impl Run {
                 }
             }
             self.seen.insert(t.task_id.clone(), (t.state, t.generation));
+        }
+        // A run (task, generation) belongs to one sidecar: no other one
+        // believes it holds the current generation of an active task.
+        for t in tasks.iter().filter(|t| t.state.is_active()) {
+            for agent in &self.agents {
+                if agent.held.get(&t.task_id) == Some(&t.generation) {
+                    assert_eq!(
+                        t.agent_id.as_deref(),
+                        Some(agent.name.as_str()),
+                        "{ctx}: {} holds the run of {t:?}",
+                        agent.name
+                    );
+                }
+            }
         }
         let listed: HashSet<&str> = tasks.iter().map(|t| t.task_id.as_str()).collect();
         for id in &self.pushed {
@@ -474,7 +501,7 @@ async fn progress_without_accept_arms_the_progress_timeout() {
         })
     };
     // Progress straight away (no task_accepted): the task is RUNNING...
-    run.hub.report("a0", &link, progress(generation));
+    run.hub.report("a0", &link, progress(generation)).await;
     run.hub.flush().await.unwrap();
     assert_eq!(
         run.hub.get_task(&task_id).await.unwrap().state,
@@ -484,7 +511,7 @@ async fn progress_without_accept_arms_the_progress_timeout() {
     for _ in 0..4 {
         tokio::time::advance(Duration::from_secs(20)).await;
         run.hub.fire_due_timers();
-        run.hub.report("a0", &link, progress(generation));
+        run.hub.report("a0", &link, progress(generation)).await;
         run.hub.flush().await.unwrap();
     }
     assert_eq!(

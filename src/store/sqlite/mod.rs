@@ -15,11 +15,18 @@ use std::thread::JoinHandle;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Batch, CommitStats, Faults, Loaded, Store, TaskWrite, COMMIT_BUCKETS_US};
+pub mod history;
+
+use super::{
+    Batch, CommitStats, Faults, ListFilter, Loaded, Purged, Store, TaskListing, TaskWrite,
+    COMMIT_BUCKETS_US,
+};
 use crate::error::{Error, Result};
 use crate::model::{EventKind, Role, Seq, Task, TokenRecord};
 use crate::pb::wire::EncodedEvent;
 
+/// Page size of a new database.
+const PAGE_SIZE: i64 = 16 * 1024;
 /// Most batches folded into one transaction.
 const MAX_GROUP: usize = 4096;
 /// How long the writer polls for more work before it sleeps.
@@ -80,6 +87,15 @@ pub const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 fn open_conn(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    // A new database: these must come before anything creates the file (WAL
+    // mode does). Only then: setting auto_vacuum takes the write lock. 16 KiB
+    // pages: a task's events (a 2 KB result is common) leave far less slack
+    // at the end of each page than with 4 KiB ones.
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    if pages == 0 {
+        conn.pragma_update(None, "page_size", PAGE_SIZE)?;
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    }
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     Ok(conn)
@@ -93,6 +109,20 @@ impl SqliteStore {
         Self::open_with_faults(dir, retention, writer, None)
     }
 
+    /// Verify integrity (see [`history::check`]): the problems found.
+    pub fn check(&self) -> Result<Vec<String>> {
+        self.with_reader(history::check)
+    }
+
+    /// A consistent copy of the database at `to`, taken while the hub may
+    /// be writing (SQLite's online backup).
+    pub fn backup_to(&self, to: &Path) -> Result<()> {
+        self.with_reader(|conn| {
+            conn.backup(rusqlite::MAIN_DB, to, None)?;
+            Ok(())
+        })
+    }
+
     /// [`SqliteStore::open`] with fault injection (tests, fault drills).
     pub fn open_with_faults(
         dir: &Path,
@@ -104,15 +134,21 @@ impl SqliteStore {
             .map_err(|e| Error::storage(format!("create {}: {e}", dir.display())))?;
         let path = dir.join("agenthub.db");
         let conn = open_conn(&path)?;
+
         conn.execute_batch(SCHEMA)?;
+        history::migrate(&conn)?;
+        let purged = history::purged_upto(&conn)?;
         let (first, last, count): (Option<u64>, Option<u64>, u64) =
             conn.query_row("SELECT MIN(seq), MAX(seq), COUNT(*) FROM events", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })?;
         let log_id = log_id(&conn)?;
+        // Retention may have removed the newest events too: the log's head
+        // is never lower than what it removed (seqs are never reused).
+        let head = last.unwrap_or(0).max(purged);
         let shared = Arc::new(Shared {
-            durable_seq: AtomicU64::new(last.unwrap_or(0)),
-            first_seq: AtomicU64::new(first.unwrap_or(last.unwrap_or(0) + 1)),
+            durable_seq: AtomicU64::new(head),
+            first_seq: AtomicU64::new(first.unwrap_or(head + 1).max(purged + 1).min(head + 1)),
             event_count: AtomicU64::new(count),
             commits: Mutex::new(CommitStats::default()),
             faults,
@@ -139,12 +175,16 @@ impl SqliteStore {
     }
 
     fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        self.with_reader_mut(|c| f(c))
+    }
+
+    fn with_reader_mut<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
         let conn = lock(&self.readers).pop();
-        let conn = match conn {
+        let mut conn = match conn {
             Some(c) => c,
             None => open_conn(&self.path)?,
         };
-        let out = f(&conn);
+        let out = f(&mut conn);
         let mut pool = lock(&self.readers);
         if pool.len() < 8 {
             pool.push(conn);
@@ -202,7 +242,8 @@ fn writer_loop(
         let writes = live.iter().any(|b| b.has_writes());
         let started = std::time::Instant::now();
         let result = if writes {
-            write_group(&mut conn, &live, shared.faults.as_deref())
+            let last = shared.durable_seq.load(Ordering::Acquire);
+            write_group(&mut conn, &live, last, shared.faults.as_deref())
         } else {
             Ok(())
         };
@@ -237,19 +278,30 @@ fn writer_loop(
     }
 }
 
-fn write_group(conn: &mut Connection, group: &[&Batch], faults: Option<&Faults>) -> Result<()> {
+/// Commit `group` in one transaction. The log takes events only in order:
+/// the first must follow `last_seq` and each the one before (a writer that
+/// is behind, or that skipped, conflicts instead of leaving a hole).
+fn write_group(
+    conn: &mut Connection,
+    group: &[&Batch],
+    last_seq: Seq,
+    faults: Option<&Faults>,
+) -> Result<()> {
     if let Some(f) = faults {
         f.before_commit()?;
+    }
+    for (expected, ev) in (last_seq + 1..).zip(group.iter().flat_map(|b| &b.events)) {
+        if ev.seq != expected {
+            return Err(Error::Storage {
+                fault: crate::error::StorageFault::Conflict,
+                detail: format!("event seq {} where the log expects {expected}", ev.seq),
+            });
+        }
     }
     // IMMEDIATE: take the write lock up front, so a lock held by another
     // process is waited for (up to BUSY_TIMEOUT) instead of failing midway.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
-        let mut insert_task =
-            tx.prepare_cached("INSERT INTO tasks (task_id, last_seq, body) VALUES (?1, ?2, ?3)")?;
-        let mut update_task = tx.prepare_cached(
-            "UPDATE tasks SET last_seq = ?2, body = ?3 WHERE task_id = ?1 AND last_seq = ?4",
-        )?;
         let mut insert_event = tx.prepare_cached(
             "INSERT INTO events (seq, task_id, agent_id, kind, body) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
@@ -268,14 +320,7 @@ fn write_group(conn: &mut Connection, group: &[&Batch], faults: Option<&Faults>)
         // its final state, checked against the state before the first change.
         for (w, expected) in coalesce(group).into_values() {
             let t = &w.task;
-            let body = serde_json::to_string(t).map_err(|e| Error::storage(e.to_string()))?;
-            let changed = match expected {
-                None => insert_task.execute(params![t.task_id, t.last_seq as i64, body])?,
-                Some(prev) => {
-                    update_task.execute(params![t.task_id, t.last_seq as i64, body, prev as i64])?
-                }
-            };
-            if changed != 1 {
+            if history::write_task(&tx, t, expected)? != 1 {
                 return Err(Error::Storage {
                     fault: crate::error::StorageFault::Conflict,
                     detail: format!("compare-and-set failed for task {}", t.task_id),
@@ -342,21 +387,47 @@ impl Store for SqliteStore {
 
     fn load(&self) -> Result<Loaded> {
         self.with_reader(|conn| {
-            let mut stmt = conn.prepare("SELECT body FROM tasks")?;
-            let tasks = stmt
-                .query_map([], |r| r.get::<_, String>(0))?
-                .map(|body| {
-                    let body = body?;
-                    serde_json::from_str::<Task>(&body).map_err(|e| Error::storage(e.to_string()))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let tasks = history::load_live(conn)?;
             let last_seq: Option<u64> =
                 conn.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
             Ok(Loaded {
                 tasks,
-                last_seq: last_seq.unwrap_or(0),
+                last_seq: last_seq.unwrap_or(0).max(history::purged_upto(conn)?),
+                state_counts: history::state_counts(conn)?,
             })
         })
+    }
+
+    fn get_task(&self, task_id: &str) -> Result<Option<Task>> {
+        self.with_reader(|conn| history::get(conn, task_id))
+    }
+
+    fn list_tasks(&self, filter: &ListFilter) -> Result<TaskListing> {
+        self.with_reader_mut(|conn| history::list(conn, filter))
+    }
+
+    fn purge_finished(&self, cutoff_ms: i64, limit: usize) -> Result<Purged> {
+        let purged = self.with_reader_mut(|conn| history::purge(conn, cutoff_ms, limit))?;
+        if purged.max_seq > 0 {
+            self.shared
+                .event_count
+                .fetch_sub(purged.events, Ordering::Relaxed);
+            self.shared
+                .first_seq
+                .fetch_max(purged.max_seq + 1, Ordering::AcqRel);
+        }
+        Ok(purged)
+    }
+
+    fn disk_bytes(&self) -> u64 {
+        ["", "-wal", "-shm"]
+            .iter()
+            .filter_map(|suffix| {
+                let mut p = self.path.clone().into_os_string();
+                p.push(suffix);
+                std::fs::metadata(p).ok().map(|m| m.len())
+            })
+            .sum()
     }
 
     fn read_events(&self, after: Seq, limit: usize) -> Result<Vec<EncodedEvent>> {
