@@ -21,7 +21,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file agenthub/v1/hub.proto.
  */
 export const file_agenthub_v1_hub: GenFile = /*@__PURE__*/
-  fileDesc("ChVhZ2VudGh1Yi92MS9odWIucHJvdG8SC2FnZW50aHViLnYxIuoBCg9QdXNoVGFza1JlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSKQoIbWV0YWRhdGEYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Eg8KB3Rhc2tfaWQYBCABKAkSGwoTbmVlZGVkX2NhcGFiaWxpdGllcxgFIAMoCRInCghwcmlvcml0eRgGIAEoDjIVLmFnZW50aHViLnYxLlByaW9yaXR5EhgKEHF1ZXVlX2lmX29mZmxpbmUYByABKAgSFAoMbWF4X2F0dGVtcHRzGAggASgNIm4KEFB1c2hUYXNrUmVzcG9uc2USDwoHdGFza19pZBgBIAEoCRIQCghhZ2VudF9pZBgCIAEoCRImCgVzdGF0ZRgDIAEoDjIXLmFnZW50aHViLnYxLlRhc2suU3RhdGUSDwoHY3JlYXRlZBgEIAEoCCKtAQoWV2F0Y2hUYXNrRXZlbnRzUmVxdWVzdBIWCglhZnRlcl9zZXEYASABKARIAIgBARIPCgd0YXNrX2lkGAIgASgJEhAKCGFnZW50X2lkGAMgASgJEioKBWtpbmRzGAQgAygOMhsuYWdlbnRodWIudjEuVGFza0V2ZW50LktpbmQSEwoGbG9nX2lkGAUgASgJSAGIAQFCDAoKX2FmdGVyX3NlcUIJCgdfbG9nX2lkIqsDCglUYXNrRXZlbnQSCwoDc2VxGAEgASgEEg8KB3Rhc2tfaWQYAiABKAkSEAoIYWdlbnRfaWQYAyABKAkSKQoEa2luZBgEIAEoDjIbLmFnZW50aHViLnYxLlRhc2tFdmVudC5LaW5kEhIKCmdlbmVyYXRpb24YBSABKAQSKAoHcGF5bG9hZBgGIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSFAoMdGltZXN0YW1wX21zGAcgASgDEiYKBXN0YXRlGAggASgOMhcuYWdlbnRodWIudjEuVGFzay5TdGF0ZSLGAQoES2luZBIUChBLSU5EX1VOU1BFQ0lGSUVEEAASCwoHQ1JFQVRFRBABEgwKCEFTU0lHTkVEEAISDAoIQUNDRVBURUQQAxIMCghQUk9HUkVTUxAEEg0KCUNPTVBMRVRFRBAFEgoKBkZBSUxFRBAGEgwKCFJFSkVDVEVEEAcSDgoKUkVDT1ZFUklORxAIEg0KCUNPTlRJTlVFRBAJEg0KCVJFQ0xBSU1FRBAKEg0KCUNBTkNFTExFRBALEgsKB1JFVFJJRUQQDCKjBAoEVGFzaxIPCgd0YXNrX2lkGAEgASgJEhAKCGFnZW50X2lkGAIgASgJEhMKC2Rlc2NyaXB0aW9uGAMgASgJEikKCG1ldGFkYXRhGAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBImCgVzdGF0ZRgFIAEoDjIXLmFnZW50aHViLnYxLlRhc2suU3RhdGUSEgoKZ2VuZXJhdGlvbhgGIAEoBBIQCghhdHRlbXB0cxgHIAEoDRIUCgxtYXhfYXR0ZW1wdHMYCCABKA0SGwoTbmVlZGVkX2NhcGFiaWxpdGllcxgJIAMoCRInCghwcmlvcml0eRgKIAEoDjIVLmFnZW50aHViLnYxLlByaW9yaXR5EiYKBnJlc3VsdBgLIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRIlCgVlcnJvchgMIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRIVCg1jcmVhdGVkX2F0X21zGA0gASgDEhUKDXVwZGF0ZWRfYXRfbXMYDiABKAMSEAoIbGFzdF9zZXEYDyABKAQSDgoGcGlubmVkGBAgASgIIm8KBVN0YXRlEhUKEVNUQVRFX1VOU1BFQ0lGSUVEEAASCgoGUVVFVUVEEAESDAoIQVNTSUdORUQQAhILCgdSVU5OSU5HEAMSDQoJQ09NUExFVEVEEAQSCgoGRkFJTEVEEAUSDQoJQ0FOQ0VMTEVEEAYiIQoOR2V0VGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCSJzChBMaXN0VGFza3NSZXF1ZXN0EiYKBXN0YXRlGAEgASgOMhcuYWdlbnRodWIudjEuVGFzay5TdGF0ZRIQCghhZ2VudF9pZBgCIAEoCRIRCglwYWdlX3NpemUYAyABKA0SEgoKcGFnZV90b2tlbhgEIAEoCSJxChFMaXN0VGFza3NSZXNwb25zZRIgCgV0YXNrcxgBIAMoCzIRLmFnZW50aHViLnYxLlRhc2sSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEhEKCWFzX29mX3NlcRgDIAEoBBIOCgZsb2dfaWQYBCABKAkiJAoRQ2FuY2VsVGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCSIjChBSZXRyeVRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkiNwoTUmVzdGFydEFnZW50UmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiFgoUUmVzdGFydEFnZW50UmVzcG9uc2UimgIKDkFnZW50UmVzb3VyY2VzEhgKC2NwdV9wZXJjZW50GAEgASgBSACIAQESGwoOcmFtX3VzZWRfYnl0ZXMYAiABKARIAYgBARIcCg9yYW1fdG90YWxfYnl0ZXMYAyABKARIAogBARIcCg92cmFtX3VzZWRfYnl0ZXMYBCABKARIA4gBARIdChB2cmFtX3RvdGFsX2J5dGVzGAUgASgESASIAQESFgoOcmVwb3J0ZWRfYXRfbXMYBiABKANCDgoMX2NwdV9wZXJjZW50QhEKD19yYW1fdXNlZF9ieXRlc0ISChBfcmFtX3RvdGFsX2J5dGVzQhIKEF92cmFtX3VzZWRfYnl0ZXNCEwoRX3ZyYW1fdG90YWxfYnl0ZXMiEwoRTGlzdEFnZW50c1JlcXVlc3Qi2AEKBUFnZW50EhAKCGFnZW50X2lkGAEgASgJEgwKBG5hbWUYAiABKAkSFAoMY2FwYWJpbGl0aWVzGAMgAygJEg4KBnN0YXR1cxgEIAEoCRIRCgljb25uZWN0ZWQYBSABKAgSFAoMY29ubmVjdGVkX2F0GAYgASgDEhcKD2FjdGl2ZV90YXNrX2lkcxgHIAMoCRIuCglyZXNvdXJjZXMYCSABKAsyGy5hZ2VudGh1Yi52MS5BZ2VudFJlc291cmNlcxIXCg9tYXhfY29uY3VycmVuY3kYCCABKA0iOAoSTGlzdEFnZW50c1Jlc3BvbnNlEiIKBmFnZW50cxgBIAMoCzISLmFnZW50aHViLnYxLkFnZW50Kk8KCFByaW9yaXR5EhgKFFBSSU9SSVRZX1VOU1BFQ0lGSUVEEAASBwoDTE9XEAESCgoGTk9STUFMEAISCAoESElHSBADEgoKBlVSR0VOVBAEMs8ECgdUYXNrSHViEkcKCFB1c2hUYXNrEhwuYWdlbnRodWIudjEuUHVzaFRhc2tSZXF1ZXN0Gh0uYWdlbnRodWIudjEuUHVzaFRhc2tSZXNwb25zZRJQCg9XYXRjaFRhc2tFdmVudHMSIy5hZ2VudGh1Yi52MS5XYXRjaFRhc2tFdmVudHNSZXF1ZXN0GhYuYWdlbnRodWIudjEuVGFza0V2ZW50MAESOQoHR2V0VGFzaxIbLmFnZW50aHViLnYxLkdldFRhc2tSZXF1ZXN0GhEuYWdlbnRodWIudjEuVGFzaxJKCglMaXN0VGFza3MSHS5hZ2VudGh1Yi52MS5MaXN0VGFza3NSZXF1ZXN0Gh4uYWdlbnRodWIudjEuTGlzdFRhc2tzUmVzcG9uc2USPwoKQ2FuY2VsVGFzaxIeLmFnZW50aHViLnYxLkNhbmNlbFRhc2tSZXF1ZXN0GhEuYWdlbnRodWIudjEuVGFzaxI9CglSZXRyeVRhc2sSHS5hZ2VudGh1Yi52MS5SZXRyeVRhc2tSZXF1ZXN0GhEuYWdlbnRodWIudjEuVGFzaxJTCgxSZXN0YXJ0QWdlbnQSIC5hZ2VudGh1Yi52MS5SZXN0YXJ0QWdlbnRSZXF1ZXN0GiEuYWdlbnRodWIudjEuUmVzdGFydEFnZW50UmVzcG9uc2USTQoKTGlzdEFnZW50cxIeLmFnZW50aHViLnYxLkxpc3RBZ2VudHNSZXF1ZXN0Gh8uYWdlbnRodWIudjEuTGlzdEFnZW50c1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_struct]);
+  fileDesc("ChVhZ2VudGh1Yi92MS9odWIucHJvdG8SC2FnZW50aHViLnYxIuoBCg9QdXNoVGFza1JlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSKQoIbWV0YWRhdGEYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Eg8KB3Rhc2tfaWQYBCABKAkSGwoTbmVlZGVkX2NhcGFiaWxpdGllcxgFIAMoCRInCghwcmlvcml0eRgGIAEoDjIVLmFnZW50aHViLnYxLlByaW9yaXR5EhgKEHF1ZXVlX2lmX29mZmxpbmUYByABKAgSFAoMbWF4X2F0dGVtcHRzGAggASgNIm4KEFB1c2hUYXNrUmVzcG9uc2USDwoHdGFza19pZBgBIAEoCRIQCghhZ2VudF9pZBgCIAEoCRImCgVzdGF0ZRgDIAEoDjIXLmFnZW50aHViLnYxLlRhc2suU3RhdGUSDwoHY3JlYXRlZBgEIAEoCCKtAQoWV2F0Y2hUYXNrRXZlbnRzUmVxdWVzdBIWCglhZnRlcl9zZXEYASABKARIAIgBARIPCgd0YXNrX2lkGAIgASgJEhAKCGFnZW50X2lkGAMgASgJEioKBWtpbmRzGAQgAygOMhsuYWdlbnRodWIudjEuVGFza0V2ZW50LktpbmQSEwoGbG9nX2lkGAUgASgJSAGIAQFCDAoKX2FmdGVyX3NlcUIJCgdfbG9nX2lkIqsDCglUYXNrRXZlbnQSCwoDc2VxGAEgASgEEg8KB3Rhc2tfaWQYAiABKAkSEAoIYWdlbnRfaWQYAyABKAkSKQoEa2luZBgEIAEoDjIbLmFnZW50aHViLnYxLlRhc2tFdmVudC5LaW5kEhIKCmdlbmVyYXRpb24YBSABKAQSKAoHcGF5bG9hZBgGIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSFAoMdGltZXN0YW1wX21zGAcgASgDEiYKBXN0YXRlGAggASgOMhcuYWdlbnRodWIudjEuVGFzay5TdGF0ZSLGAQoES2luZBIUChBLSU5EX1VOU1BFQ0lGSUVEEAASCwoHQ1JFQVRFRBABEgwKCEFTU0lHTkVEEAISDAoIQUNDRVBURUQQAxIMCghQUk9HUkVTUxAEEg0KCUNPTVBMRVRFRBAFEgoKBkZBSUxFRBAGEgwKCFJFSkVDVEVEEAcSDgoKUkVDT1ZFUklORxAIEg0KCUNPTlRJTlVFRBAJEg0KCVJFQ0xBSU1FRBAKEg0KCUNBTkNFTExFRBALEgsKB1JFVFJJRUQQDCKjBAoEVGFzaxIPCgd0YXNrX2lkGAEgASgJEhAKCGFnZW50X2lkGAIgASgJEhMKC2Rlc2NyaXB0aW9uGAMgASgJEikKCG1ldGFkYXRhGAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBImCgVzdGF0ZRgFIAEoDjIXLmFnZW50aHViLnYxLlRhc2suU3RhdGUSEgoKZ2VuZXJhdGlvbhgGIAEoBBIQCghhdHRlbXB0cxgHIAEoDRIUCgxtYXhfYXR0ZW1wdHMYCCABKA0SGwoTbmVlZGVkX2NhcGFiaWxpdGllcxgJIAMoCRInCghwcmlvcml0eRgKIAEoDjIVLmFnZW50aHViLnYxLlByaW9yaXR5EiYKBnJlc3VsdBgLIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRIlCgVlcnJvchgMIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRIVCg1jcmVhdGVkX2F0X21zGA0gASgDEhUKDXVwZGF0ZWRfYXRfbXMYDiABKAMSEAoIbGFzdF9zZXEYDyABKAQSDgoGcGlubmVkGBAgASgIIm8KBVN0YXRlEhUKEVNUQVRFX1VOU1BFQ0lGSUVEEAASCgoGUVVFVUVEEAESDAoIQVNTSUdORUQQAhILCgdSVU5OSU5HEAMSDQoJQ09NUExFVEVEEAQSCgoGRkFJTEVEEAUSDQoJQ0FOQ0VMTEVEEAYiIQoOR2V0VGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCSJzChBMaXN0VGFza3NSZXF1ZXN0EiYKBXN0YXRlGAEgASgOMhcuYWdlbnRodWIudjEuVGFzay5TdGF0ZRIQCghhZ2VudF9pZBgCIAEoCRIRCglwYWdlX3NpemUYAyABKA0SEgoKcGFnZV90b2tlbhgEIAEoCSJxChFMaXN0VGFza3NSZXNwb25zZRIgCgV0YXNrcxgBIAMoCzIRLmFnZW50aHViLnYxLlRhc2sSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEhEKCWFzX29mX3NlcRgDIAEoBBIOCgZsb2dfaWQYBCABKAkiJAoRQ2FuY2VsVGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCSIjChBSZXRyeVRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkiNwoTUmVzdGFydEFnZW50UmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiFgoUUmVzdGFydEFnZW50UmVzcG9uc2UimgIKDkFnZW50UmVzb3VyY2VzEhgKC2NwdV9wZXJjZW50GAEgASgBSACIAQESGwoOcmFtX3VzZWRfYnl0ZXMYAiABKARIAYgBARIcCg9yYW1fdG90YWxfYnl0ZXMYAyABKARIAogBARIcCg92cmFtX3VzZWRfYnl0ZXMYBCABKARIA4gBARIdChB2cmFtX3RvdGFsX2J5dGVzGAUgASgESASIAQESFgoOcmVwb3J0ZWRfYXRfbXMYBiABKANCDgoMX2NwdV9wZXJjZW50QhEKD19yYW1fdXNlZF9ieXRlc0ISChBfcmFtX3RvdGFsX2J5dGVzQhIKEF92cmFtX3VzZWRfYnl0ZXNCEwoRX3ZyYW1fdG90YWxfYnl0ZXMiEwoRTGlzdEFnZW50c1JlcXVlc3Qi2AEKBUFnZW50EhAKCGFnZW50X2lkGAEgASgJEgwKBG5hbWUYAiABKAkSFAoMY2FwYWJpbGl0aWVzGAMgAygJEg4KBnN0YXR1cxgEIAEoCRIRCgljb25uZWN0ZWQYBSABKAgSFAoMY29ubmVjdGVkX2F0GAYgASgDEhcKD2FjdGl2ZV90YXNrX2lkcxgHIAMoCRIuCglyZXNvdXJjZXMYCSABKAsyGy5hZ2VudGh1Yi52MS5BZ2VudFJlc291cmNlcxIXCg9tYXhfY29uY3VycmVuY3kYCCABKA0iOAoSTGlzdEFnZW50c1Jlc3BvbnNlEiIKBmFnZW50cxgBIAMoCzISLmFnZW50aHViLnYxLkFnZW50IjMKEUlzc3VlVG9rZW5SZXF1ZXN0EgwKBHJvbGUYASABKAkSEAoIYWdlbnRfaWQYAiABKAkiLwoSSXNzdWVUb2tlblJlc3BvbnNlEgoKAmlkGAEgASgJEg0KBXRva2VuGAIgASgJIhMKEUxpc3RUb2tlbnNSZXF1ZXN0Il8KCVRva2VuSW5mbxIKCgJpZBgBIAEoCRIMCgRyb2xlGAIgASgJEhAKCGFnZW50X2lkGAMgASgJEhUKDWNyZWF0ZWRfYXRfbXMYBCABKAMSDwoHcmV2b2tlZBgFIAEoCCI8ChJMaXN0VG9rZW5zUmVzcG9uc2USJgoGdG9rZW5zGAEgAygLMhYuYWdlbnRodWIudjEuVG9rZW5JbmZvIiAKElJldm9rZVRva2VuUmVxdWVzdBIKCgJpZBgBIAEoCSIVChNSZXZva2VUb2tlblJlc3BvbnNlKk8KCFByaW9yaXR5EhgKFFBSSU9SSVRZX1VOU1BFQ0lGSUVEEAASBwoDTE9XEAESCgoGTk9STUFMEAISCAoESElHSBADEgoKBlVSR0VOVBAEMr8GCgdUYXNrSHViEkcKCFB1c2hUYXNrEhwuYWdlbnRodWIudjEuUHVzaFRhc2tSZXF1ZXN0Gh0uYWdlbnRodWIudjEuUHVzaFRhc2tSZXNwb25zZRJQCg9XYXRjaFRhc2tFdmVudHMSIy5hZ2VudGh1Yi52MS5XYXRjaFRhc2tFdmVudHNSZXF1ZXN0GhYuYWdlbnRodWIudjEuVGFza0V2ZW50MAESOQoHR2V0VGFzaxIbLmFnZW50aHViLnYxLkdldFRhc2tSZXF1ZXN0GhEuYWdlbnRodWIudjEuVGFzaxJKCglMaXN0VGFza3MSHS5hZ2VudGh1Yi52MS5MaXN0VGFza3NSZXF1ZXN0Gh4uYWdlbnRodWIudjEuTGlzdFRhc2tzUmVzcG9uc2USPwoKQ2FuY2VsVGFzaxIeLmFnZW50aHViLnYxLkNhbmNlbFRhc2tSZXF1ZXN0GhEuYWdlbnRodWIudjEuVGFzaxI9CglSZXRyeVRhc2sSHS5hZ2VudGh1Yi52MS5SZXRyeVRhc2tSZXF1ZXN0GhEuYWdlbnRodWIudjEuVGFzaxJTCgxSZXN0YXJ0QWdlbnQSIC5hZ2VudGh1Yi52MS5SZXN0YXJ0QWdlbnRSZXF1ZXN0GiEuYWdlbnRodWIudjEuUmVzdGFydEFnZW50UmVzcG9uc2USTQoKTGlzdEFnZW50cxIeLmFnZW50aHViLnYxLkxpc3RBZ2VudHNSZXF1ZXN0Gh8uYWdlbnRodWIudjEuTGlzdEFnZW50c1Jlc3BvbnNlEk0KCklzc3VlVG9rZW4SHi5hZ2VudGh1Yi52MS5Jc3N1ZVRva2VuUmVxdWVzdBofLmFnZW50aHViLnYxLklzc3VlVG9rZW5SZXNwb25zZRJNCgpMaXN0VG9rZW5zEh4uYWdlbnRodWIudjEuTGlzdFRva2Vuc1JlcXVlc3QaHy5hZ2VudGh1Yi52MS5MaXN0VG9rZW5zUmVzcG9uc2USUAoLUmV2b2tlVG9rZW4SHy5hZ2VudGh1Yi52MS5SZXZva2VUb2tlblJlcXVlc3QaIC5hZ2VudGh1Yi52MS5SZXZva2VUb2tlblJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_struct]);
 
 /**
  * @generated from message agenthub.v1.PushTaskRequest
@@ -757,6 +757,155 @@ export const ListAgentsResponseSchema: GenMessage<ListAgentsResponse> = /*@__PUR
   messageDesc(file_agenthub_v1_hub, 15);
 
 /**
+ * @generated from message agenthub.v1.IssueTokenRequest
+ */
+export type IssueTokenRequest = Message<"agenthub.v1.IssueTokenRequest"> & {
+  /**
+   * "agent", "orchestrator", "viewer" or "admin".
+   *
+   * @generated from field: string role = 1;
+   */
+  role: string;
+
+  /**
+   * Required for (and only for) role "agent".
+   *
+   * @generated from field: string agent_id = 2;
+   */
+  agentId: string;
+};
+
+/**
+ * Describes the message agenthub.v1.IssueTokenRequest.
+ * Use `create(IssueTokenRequestSchema)` to create a new message.
+ */
+export const IssueTokenRequestSchema: GenMessage<IssueTokenRequest> = /*@__PURE__*/
+  messageDesc(file_agenthub_v1_hub, 16);
+
+/**
+ * @generated from message agenthub.v1.IssueTokenResponse
+ */
+export type IssueTokenResponse = Message<"agenthub.v1.IssueTokenResponse"> & {
+  /**
+   * Public handle for ListTokens / RevokeToken.
+   *
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * The secret: shown once, stored only as a hash.
+   *
+   * @generated from field: string token = 2;
+   */
+  token: string;
+};
+
+/**
+ * Describes the message agenthub.v1.IssueTokenResponse.
+ * Use `create(IssueTokenResponseSchema)` to create a new message.
+ */
+export const IssueTokenResponseSchema: GenMessage<IssueTokenResponse> = /*@__PURE__*/
+  messageDesc(file_agenthub_v1_hub, 17);
+
+/**
+ * @generated from message agenthub.v1.ListTokensRequest
+ */
+export type ListTokensRequest = Message<"agenthub.v1.ListTokensRequest"> & {
+};
+
+/**
+ * Describes the message agenthub.v1.ListTokensRequest.
+ * Use `create(ListTokensRequestSchema)` to create a new message.
+ */
+export const ListTokensRequestSchema: GenMessage<ListTokensRequest> = /*@__PURE__*/
+  messageDesc(file_agenthub_v1_hub, 18);
+
+/**
+ * @generated from message agenthub.v1.TokenInfo
+ */
+export type TokenInfo = Message<"agenthub.v1.TokenInfo"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * @generated from field: string role = 2;
+   */
+  role: string;
+
+  /**
+   * @generated from field: string agent_id = 3;
+   */
+  agentId: string;
+
+  /**
+   * @generated from field: int64 created_at_ms = 4;
+   */
+  createdAtMs: bigint;
+
+  /**
+   * @generated from field: bool revoked = 5;
+   */
+  revoked: boolean;
+};
+
+/**
+ * Describes the message agenthub.v1.TokenInfo.
+ * Use `create(TokenInfoSchema)` to create a new message.
+ */
+export const TokenInfoSchema: GenMessage<TokenInfo> = /*@__PURE__*/
+  messageDesc(file_agenthub_v1_hub, 19);
+
+/**
+ * @generated from message agenthub.v1.ListTokensResponse
+ */
+export type ListTokensResponse = Message<"agenthub.v1.ListTokensResponse"> & {
+  /**
+   * @generated from field: repeated agenthub.v1.TokenInfo tokens = 1;
+   */
+  tokens: TokenInfo[];
+};
+
+/**
+ * Describes the message agenthub.v1.ListTokensResponse.
+ * Use `create(ListTokensResponseSchema)` to create a new message.
+ */
+export const ListTokensResponseSchema: GenMessage<ListTokensResponse> = /*@__PURE__*/
+  messageDesc(file_agenthub_v1_hub, 20);
+
+/**
+ * @generated from message agenthub.v1.RevokeTokenRequest
+ */
+export type RevokeTokenRequest = Message<"agenthub.v1.RevokeTokenRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+};
+
+/**
+ * Describes the message agenthub.v1.RevokeTokenRequest.
+ * Use `create(RevokeTokenRequestSchema)` to create a new message.
+ */
+export const RevokeTokenRequestSchema: GenMessage<RevokeTokenRequest> = /*@__PURE__*/
+  messageDesc(file_agenthub_v1_hub, 21);
+
+/**
+ * @generated from message agenthub.v1.RevokeTokenResponse
+ */
+export type RevokeTokenResponse = Message<"agenthub.v1.RevokeTokenResponse"> & {
+};
+
+/**
+ * Describes the message agenthub.v1.RevokeTokenResponse.
+ * Use `create(RevokeTokenResponseSchema)` to create a new message.
+ */
+export const RevokeTokenResponseSchema: GenMessage<RevokeTokenResponse> = /*@__PURE__*/
+  messageDesc(file_agenthub_v1_hub, 22);
+
+/**
  * Scheduling priority. Unspecified means NORMAL.
  *
  * @generated from enum agenthub.v1.Priority
@@ -888,6 +1037,38 @@ export const TaskHub: GenService<{
     methodKind: "unary";
     input: typeof ListAgentsRequestSchema;
     output: typeof ListAgentsResponseSchema;
+  },
+  /**
+   * Admin only: create a token. The secret is in the response and nowhere else.
+   *
+   * @generated from rpc agenthub.v1.TaskHub.IssueToken
+   */
+  issueToken: {
+    methodKind: "unary";
+    input: typeof IssueTokenRequestSchema;
+    output: typeof IssueTokenResponseSchema;
+  },
+  /**
+   * Admin only: every token (never the secrets).
+   *
+   * @generated from rpc agenthub.v1.TaskHub.ListTokens
+   */
+  listTokens: {
+    methodKind: "unary";
+    input: typeof ListTokensRequestSchema;
+    output: typeof ListTokensResponseSchema;
+  },
+  /**
+   * Admin only: revoke a token. Live sessions and streams that authenticated
+   * with it end within 2 s (WebSocket close 4401; streams UNAUTHENTICATED).
+   * NOT_FOUND for an unknown id.
+   *
+   * @generated from rpc agenthub.v1.TaskHub.RevokeToken
+   */
+  revokeToken: {
+    methodKind: "unary";
+    input: typeof RevokeTokenRequestSchema;
+    output: typeof RevokeTokenResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_agenthub_v1_hub, 0);
