@@ -81,7 +81,9 @@ impl SessionCtl {
 pub struct WsLink {
     id: u64,
     /// Bounded queue to the writer task; full means the peer stopped reading.
-    tx: mpsc::Sender<ToAgent>,
+    /// Boxed: the channel allocates its slots in blocks, and an idle
+    /// session should hold pointers, not whole messages.
+    tx: mpsc::Sender<Box<ToAgent>>,
     ctl: Arc<SessionCtl>,
 }
 
@@ -91,7 +93,7 @@ impl AgentLink for WsLink {
     }
 
     fn send(&self, msg: ToAgent) -> bool {
-        match self.tx.try_send(msg) {
+        match self.tx.try_send(Box::new(msg)) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(session = self.id, "outbound queue full; disconnecting");
@@ -293,7 +295,7 @@ const WRITE_BATCH: usize = 64;
 /// gone or stuck.
 async fn write_all(
     sink: &mut SplitSink<WebSocket, Message>,
-    msgs: Vec<ToAgent>,
+    msgs: Vec<Box<ToAgent>>,
     timeout: Duration,
 ) -> bool {
     let write = async {
@@ -309,7 +311,7 @@ async fn write_all(
 /// Returns true if it ended with a close frame sent (a clean close).
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    mut out: mpsc::Receiver<ToAgent>,
+    mut out: mpsc::Receiver<Box<ToAgent>>,
     ctl: Arc<SessionCtl>,
     last_seen: Arc<AtomicI64>,
     timing: Timing,
