@@ -295,7 +295,7 @@ const WRITE_BATCH: usize = 64;
 /// gone or stuck.
 async fn write_all(
     sink: &mut SplitSink<WebSocket, Message>,
-    msgs: Vec<Box<ToAgent>>,
+    msgs: Vec<ToAgent>,
     timeout: Duration,
 ) -> bool {
     let write = async {
@@ -325,10 +325,10 @@ async fn write_loop(
                 Some(msg) => {
                     // Everything queued goes out with one flush (one write
                     // syscall under load instead of one per frame).
-                    let mut batch = vec![msg];
+                    let mut batch = vec![*msg];
                     while batch.len() < WRITE_BATCH {
                         match out.try_recv() {
-                            Ok(m) => batch.push(m),
+                            Ok(m) => batch.push(*m),
                             Err(_) => break,
                         }
                     }
