@@ -1,0 +1,162 @@
+//! Live task output: `task_output` from sidecars in, `WatchTaskOutput` out.
+//!
+//! Output is kept off the lifecycle path. A chunk takes the core lock only
+//! for the ownership check (a few map lookups, no write, no event); storing
+//! goes to the output store's own writer and file (see
+//! [`crate::store::sqlite::output`]), and readers are woken from its
+//! commits through a per-task `watch` of the stored end offset, not through
+//! the event bus. A watcher reads what is stored (subscribe first, then
+//! read), so it resumes from any offset, follows live output, and ends
+//! once the task is finished and its output flushed and sent.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, watch};
+
+use super::Hub;
+use crate::error::{Error, Result};
+use crate::link::Output;
+use crate::model::OutputChunk;
+
+/// Output bytes read from the store per query.
+const READ_BYTES: usize = 256 * 1024;
+/// Chunks queued per watcher between its task and its stream.
+const WATCHER_QUEUE: usize = 64;
+
+/// Stored end offset per task that someone watches. Entries without
+/// receivers are dropped on the next commit for that task.
+#[derive(Default)]
+pub(crate) struct OutputWatches {
+    map: Mutex<HashMap<String, watch::Sender<u64>>>,
+}
+
+impl OutputWatches {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<u64>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn subscribe(&self, task_id: &str) -> watch::Receiver<u64> {
+        self.lock()
+            .entry(task_id.to_string())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    /// The output store committed output of these tasks.
+    pub fn committed(&self, ends: &[(String, u64)]) {
+        let mut map = self.lock();
+        if map.is_empty() {
+            return;
+        }
+        for (task_id, end) in ends {
+            if let Some(tx) = map.get(task_id) {
+                if tx.receiver_count() == 0 {
+                    map.remove(task_id);
+                } else {
+                    tx.send_replace(*end);
+                }
+            }
+        }
+    }
+}
+
+impl Hub {
+    /// A sidecar's `task_output`: stored if the agent holds the task (at
+    /// the generation given, if any); otherwise dropped (no reply).
+    pub async fn task_output(&self, agent_id: &str, out: Output) {
+        let owned = {
+            let core = self.lock();
+            core.tasks.get(&out.task_id).is_some_and(|t| {
+                t.state.is_active()
+                    && t.agent_id.as_deref() == Some(agent_id)
+                    && out.generation.is_none_or(|g| g == t.generation)
+            })
+        };
+        if !owned {
+            tracing::debug!(agent = %agent_id, task = %out.task_id, "task_output for a task the agent does not hold; dropped");
+            return;
+        }
+        if let Err(e) = self.output.append(&out.task_id, out.stream, out.data).await {
+            tracing::debug!(error = %e, "task_output not stored");
+        }
+    }
+
+    /// A task's output from `after_offset`; with `follow`, live output
+    /// until the task is finished. `NOT_FOUND` if unknown.
+    pub async fn watch_output(
+        self: &Arc<Self>,
+        task_id: &str,
+        after_offset: u64,
+        follow: bool,
+    ) -> Result<mpsc::Receiver<Result<OutputChunk>>> {
+        // Subscribe to both signals before the first read.
+        let mut ends = self.output_watches.subscribe(task_id);
+        let finished = self.waiters.register(task_id);
+        self.get_task(task_id).await?;
+        let (tx, rx) = mpsc::channel(WATCHER_QUEUE);
+        let hub = self.clone();
+        let task_id = task_id.to_string();
+        tokio::spawn(async move {
+            let mut cursor = after_offset;
+            loop {
+                let notified = finished.notify.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let done = match hub.get_task(&task_id).await {
+                    Ok(t) => t.state.is_final(),
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                if done {
+                    // Output accepted before the end may still be queued.
+                    let _ = hub.output.flush().await;
+                }
+                match hub.send_stored(&task_id, &mut cursor, &tx).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+                if done || !follow {
+                    return;
+                }
+                tokio::select! {
+                    r = ends.changed() => if r.is_err() { return },
+                    _ = &mut notified => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Send every stored chunk after `cursor`. False: the client went away.
+    async fn send_stored(
+        &self,
+        task_id: &str,
+        cursor: &mut u64,
+        tx: &mpsc::Sender<Result<OutputChunk>>,
+    ) -> Result<bool> {
+        loop {
+            let store = self.output.clone();
+            let (id, after) = (task_id.to_string(), *cursor);
+            let chunks = tokio::task::spawn_blocking(move || store.read(&id, after, READ_BYTES))
+                .await
+                .map_err(|e| Error::storage(e.to_string()))??;
+            if chunks.is_empty() {
+                return Ok(true);
+            }
+            for c in chunks {
+                *cursor = c.end();
+                if tx.send(Ok(c)).await.is_err() {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+}
