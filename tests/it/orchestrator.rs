@@ -79,7 +79,13 @@ async fn orchestrator_wait_returns_on_complete_fail_and_timeout() {
     let mut waiter = client.clone();
     let wait = tokio::spawn({
         let id = id.clone();
-        async move { waiter.wait_task(wait_req(&id, 0)).await.unwrap().into_inner() }
+        async move {
+            waiter
+                .wait_task(wait_req(&id, 0))
+                .await
+                .unwrap()
+                .into_inner()
+        }
     });
     let (got, g) = sc.next_assign().await;
     assert_eq!(got, id);
@@ -92,7 +98,11 @@ async fn orchestrator_wait_returns_on_complete_fail_and_timeout() {
         Some(json!({"answer": 42}))
     );
     // A finished task: at once.
-    let again = client.wait_task(wait_req(&id, 0)).await.unwrap().into_inner();
+    let again = client
+        .wait_task(wait_req(&id, 0))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(state_of(&again), pb::task::State::Completed);
 
     // Fails.
@@ -100,7 +110,13 @@ async fn orchestrator_wait_returns_on_complete_fail_and_timeout() {
     let mut waiter = client.clone();
     let wait = tokio::spawn({
         let id = id.clone();
-        async move { waiter.wait_task(wait_req(&id, 0)).await.unwrap().into_inner() }
+        async move {
+            waiter
+                .wait_task(wait_req(&id, 0))
+                .await
+                .unwrap()
+                .into_inner()
+        }
     });
     let (_, g) = sc.next_assign().await;
     sc.send(json!({"type": "task_failed", "task_id": id, "generation": g, "error": "boom"}))
@@ -114,7 +130,11 @@ async fn orchestrator_wait_returns_on_complete_fail_and_timeout() {
     let id = client.push(pinned("w1", "slow")).await.task_id;
     let (_, g) = sc.next_assign().await;
     sc.accept(&id, g).await;
-    let task = client.wait_task(wait_req(&id, 200)).await.unwrap().into_inner();
+    let task = client
+        .wait_task(wait_req(&id, 200))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(state_of(&task), pb::task::State::Running);
 
     let err = client.wait_task(wait_req("nope", 10)).await.unwrap_err();
@@ -206,7 +226,11 @@ async fn orchestrator_chain_runs_in_order_and_a_failed_step_fails_the_rest() {
     sc.send(json!({"type": "task_failed", "task_id": "f1", "generation": g, "error": "x"}))
         .await;
     sc.recv_type("task_ack").await;
-    let f3 = client.wait_task(wait_req("f3", 0)).await.unwrap().into_inner();
+    let f3 = client
+        .wait_task(wait_req("f3", 0))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(state_of(&f3), pb::task::State::Failed);
     assert_eq!(
         error_of(&f3),
@@ -222,7 +246,11 @@ async fn orchestrator_chain_runs_in_order_and_a_failed_step_fails_the_rest() {
     // Cancelling a dependency fails its dependents; depending on a failed
     // task fails at once.
     client.push(step("k1", &["s1", "f2"])).await;
-    let k1 = client.wait_task(wait_req("k1", 0)).await.unwrap().into_inner();
+    let k1 = client
+        .wait_task(wait_req("k1", 0))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(
         error_of(&k1),
         json!({"reason": "dependency_failed", "dependency": "f2"})
@@ -241,7 +269,11 @@ async fn orchestrator_chain_runs_in_order_and_a_failed_step_fails_the_rest() {
         })
         .await
         .unwrap();
-    let x2 = client.wait_task(wait_req("x2", 0)).await.unwrap().into_inner();
+    let x2 = client
+        .wait_task(wait_req("x2", 0))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(
         error_of(&x2),
         json!({"reason": "dependency_failed", "dependency": "x1"})
@@ -311,10 +343,18 @@ async fn orchestrator_queue_ttl_and_deadline_fire_and_survive_a_restart() {
     let (got, g) = sc.next_assign().await;
     assert_eq!(got, late);
     sc.accept(&late, g).await;
-    let t = client.wait_task(wait_req(&ttl, 0)).await.unwrap().into_inner();
+    let t = client
+        .wait_task(wait_req(&ttl, 0))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(state_of(&t), pb::task::State::Failed);
     assert_eq!(error_of(&t), json!({"reason": "ttl_expired"}));
-    let t = client.wait_task(wait_req(&late, 0)).await.unwrap().into_inner();
+    let t = client
+        .wait_task(wait_req(&late, 0))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(state_of(&t), pb::task::State::Failed);
     assert_eq!(error_of(&t), json!({"reason": "deadline_exceeded"}));
     // The sidecar is told to stop.
@@ -357,9 +397,17 @@ async fn orchestrator_queue_ttl_and_deadline_fire_and_survive_a_restart() {
     let t = get(&mut client, &ttl2).await;
     assert_eq!(t.queue_ttl_ms, 2_500);
     assert_eq!(state_of(&t), pb::task::State::Queued);
-    let t = client.wait_task(wait_req(&ttl2, 0)).await.unwrap().into_inner();
+    let t = client
+        .wait_task(wait_req(&ttl2, 0))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(error_of(&t), json!({"reason": "ttl_expired"}));
-    let t = client.wait_task(wait_req(&dl2, 0)).await.unwrap().into_inner();
+    let t = client
+        .wait_task(wait_req(&dl2, 0))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(error_of(&t), json!({"reason": "deadline_exceeded"}));
     let t = get(&mut client, &assigned).await;
     assert_eq!(state_of(&t), pb::task::State::Running);
@@ -424,7 +472,10 @@ async fn orchestrator_output_streams_live_to_two_readers_and_resumes_from_an_off
     assert_eq!(read_text(&mut b, 9).await, "line one\n");
     sc.send(output(&id, g, "stderr", "oops é\n")).await;
     let c = next_chunk(&mut a).await.unwrap();
-    assert_eq!((c.offset, c.stream.as_str(), c.data.as_str()), (9, "stderr", "oops é\n"));
+    assert_eq!(
+        (c.offset, c.stream.as_str(), c.data.as_str()),
+        (9, "stderr", "oops é\n")
+    );
     assert_eq!(read_text(&mut b, 8).await, "oops é\n");
     // Output for a task the agent does not hold (stale generation) is dropped.
     sc.send(output(&id, g + 1, "stdout", "stale\n")).await;
@@ -476,7 +527,8 @@ async fn orchestrator_output_keeps_only_the_newest_bytes_up_to_the_cap() {
     let (_, g) = sc.next_assign().await;
     sc.accept(&id, g).await;
     for i in 0..50 {
-        sc.send(output(&id, g, "stdout", &format!("line {i:03}\n"))).await;
+        sc.send(output(&id, g, "stdout", &format!("line {i:03}\n")))
+            .await;
     }
     sc.complete(&id, g, json!("ok")).await;
     let mut s = client
@@ -539,7 +591,11 @@ async fn orchestrator_reference_sidecar_streams_output_and_logs_prints_it() {
         ))
         .await
         .task_id;
-    let task = client.wait_task(wait_req(&id, 0)).await.unwrap().into_inner();
+    let task = client
+        .wait_task(wait_req(&id, 0))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(state_of(&task), pb::task::State::Completed);
 
     let logs = |follow: bool| {
