@@ -555,35 +555,8 @@ async fn orchestrator_reference_sidecar_streams_output_and_logs_prints_it() {
     let hub = TestHub::start().await;
     let mut client = hub.client().await;
     let state = tempfile::tempdir().unwrap();
-    let token = hub.agent_token("ref-1");
-    let _sidecar = tokio::process::Command::new(env!("CARGO_BIN_EXE_agenthub"))
-        .arg("sidecar")
-        .args(["--hub", &hub.ws_url(), "--agent", "ref-1", "--state-file"])
-        .arg(state.path().join("state.json"))
-        .args(["--", "sh", "-c", r#"eval "$AGENTHUB_TASK_DESCRIPTION""#])
-        .env("AGENTHUB_TOKEN", &token)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    eventually(|| {
-        let mut c = client.clone();
-        async move {
-            let agents = c
-                .list_agents(pb::ListAgentsRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .agents;
-            agents
-                .iter()
-                .any(|a| a.agent_id == "ref-1" && a.connected)
-                .then_some(())
-        }
-    })
-    .await;
+    let _sidecar = reference_sidecar(&hub, "ref-1", state.path(), &[]);
+    until_connected(&client, "ref-1").await;
     let id = client
         .push(pinned(
             "ref-1",
@@ -622,5 +595,176 @@ async fn orchestrator_reference_sidecar_streams_output_and_logs_prints_it() {
             "hello\n::progress 50\nbye\n"
         );
         assert_eq!(String::from_utf8_lossy(&out.stderr), "warn\n");
+    }
+}
+
+// ---- the Python client (clients/python) ------------------------------------
+
+fn root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The venv's Python with the client installed, or a failure that says how.
+fn client_python() -> std::path::PathBuf {
+    let python = root().join(".venv/bin/python");
+    let ok = python.exists()
+        && std::process::Command::new(&python)
+            .args(["-c", "import agenthub, agenthub.aio"])
+            .status()
+            .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "the Python client is not installed in {}. Run scripts/test-deps.sh (scripts/test.sh does) first.",
+        python.display()
+    );
+    python
+}
+
+/// The reference sidecar running shell descriptions, as `agent`.
+fn reference_sidecar(
+    hub: &TestHub,
+    agent: &str,
+    state: &std::path::Path,
+    extra: &[&str],
+) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_agenthub"))
+        .arg("sidecar")
+        .args(["--hub", &hub.ws_url(), "--agent", agent, "--state-file"])
+        .arg(state.join(format!("{agent}.json")))
+        .args(["--kill-grace", "500ms"])
+        .args(extra)
+        .args(["--", "sh", "-c", r#"eval "$AGENTHUB_TASK_DESCRIPTION""#])
+        .current_dir(state)
+        .env("AGENTHUB_TOKEN", hub.agent_token(agent))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn until_connected(client: &HubClient, agent: &str) {
+    eventually(|| {
+        let mut c = client.clone();
+        let agent = agent.to_string();
+        async move {
+            let agents = c
+                .list_agents(pb::ListAgentsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .agents;
+            agents
+                .iter()
+                .any(|a| a.agent_id == agent && a.connected)
+                .then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn orchestrator_python_client_examples_run() {
+    let python = client_python();
+    let hub = TestHub::start().await;
+    let client = hub.client().await;
+    let state = tempfile::tempdir().unwrap();
+    let _sidecar = reference_sidecar(&hub, "py-1", state.path(), &["--max-concurrency", "4"]);
+    until_connected(&client, "py-1").await;
+    for example in ["quickstart.py", "chain.py", "watch.py", "aio_quickstart.py"] {
+        let run = tokio::process::Command::new(&python)
+            .arg(root().join("clients/python/examples").join(example))
+            .env("AGENTHUB_GRPC_ADDR", hub.grpc_addr.to_string())
+            .env("AGENTHUB_TOKEN", &hub.admin_token)
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(90), run)
+            .await
+            .unwrap_or_else(|_| panic!("{example} did not finish"))
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{example} failed: {}\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// `watch()` (sync and asyncio) resumes by itself across a hub killed and
+/// restarted: every seq once, in order.
+#[tokio::test]
+async fn orchestrator_python_watch_resumes_across_a_hub_restart() {
+    use tokio::io::AsyncBufReadExt;
+    let python = client_python();
+    let dir = tempfile::tempdir().unwrap();
+    let mut proc = HubProcess::spawn(dir.path(), &[]).await;
+    let (ws, grpc) = (proc.ws_addr, proc.grpc_addr);
+    let token = admin_token(dir.path());
+    let queued = |n: usize| pb::PushTaskRequest {
+        agent_id: "away".into(),
+        queue_if_offline: true,
+        description: format!("task {n}"),
+        ..Default::default()
+    };
+    let mut client = agenthub::client::connect(&grpc.to_string(), &token)
+        .await
+        .unwrap();
+    for n in 0..3 {
+        client.push(queued(n)).await;
+    }
+    let mut watchers = Vec::new();
+    for aio in [false, true] {
+        let mut cmd = tokio::process::Command::new(&python);
+        cmd.arg(root().join("clients/python/tests/resume_watch.py"))
+            .args(["--until", "6"])
+            .env("AGENTHUB_GRPC_ADDR", grpc.to_string())
+            .env("AGENTHUB_TOKEN", &token)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+        if aio {
+            cmd.arg("--aio");
+        }
+        let mut child = cmd.spawn().unwrap();
+        let lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        watchers.push((child, lines));
+    }
+    let mut seen: Vec<Vec<u64>> = vec![Vec::new(), Vec::new()];
+    for (i, (_, lines)) in watchers.iter_mut().enumerate() {
+        while seen[i].len() < 3 {
+            let line = tokio::time::timeout(WAIT, lines.next_line())
+                .await
+                .expect("the watcher prints events")
+                .unwrap()
+                .expect("the watcher runs");
+            seen[i].push(line.parse().unwrap());
+        }
+    }
+    proc.kill9();
+    proc.wait_exit().await;
+    let _proc = HubProcess::spawn_at(dir.path(), ws, grpc, &[]).await;
+    let mut client = agenthub::client::connect(&grpc.to_string(), &token)
+        .await
+        .unwrap();
+    for n in 3..6 {
+        client.push(queued(n)).await;
+    }
+    for (i, (child, lines)) in watchers.iter_mut().enumerate() {
+        while let Some(line) = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("the watcher resumes")
+            .unwrap()
+        {
+            seen[i].push(line.parse().unwrap());
+        }
+        let status = tokio::time::timeout(WAIT, child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success());
+        assert_eq!(seen[i], vec![1, 2, 3, 4, 5, 6], "watcher {i}");
     }
 }
