@@ -390,12 +390,20 @@ impl Core {
         self.waiting.insert(task_id.to_string(), unmet);
     }
 
-    /// Where a task's dependencies stand (every one must be in memory):
-    /// the first that FAILED or was CANCELLED, else those not COMPLETED yet.
-    pub fn dependency_check(&self, task: &Task) -> Result<BTreeSet<String>, String> {
+    /// Where a task's dependencies stand: the first that FAILED or was
+    /// CANCELLED, else those not COMPLETED yet. A dependency not in memory
+    /// is finished: its state is in `known` (read from the store before the
+    /// lock; a finished task only changes in memory), else retention removed
+    /// it, which it does only to finished tasks: counted as COMPLETED.
+    pub fn dependency_check(
+        &self,
+        task: &Task,
+        known: &HashMap<String, TaskState>,
+    ) -> Result<BTreeSet<String>, String> {
         let mut unmet = BTreeSet::new();
         for dep in &task.depends_on {
-            match self.tasks.get(dep).map(|t| t.state) {
+            let state = self.tasks.get(dep).map(|t| t.state);
+            match state.or_else(|| known.get(dep).copied()) {
                 Some(TaskState::Completed) | None => {}
                 Some(TaskState::Failed | TaskState::Cancelled) => return Err(dep.clone()),
                 Some(_) => {

@@ -11,6 +11,7 @@ mod retention;
 mod timers;
 mod wait;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
@@ -331,23 +332,16 @@ impl Hub {
             0 => self.config.default_max_attempts,
             n => n,
         };
-        // Dependencies must exist; finished ones are read back into memory
-        // (the cache may let one go again before the lock: then load again).
-        let mut tries = 0;
-        let (rx, task, created) = loop {
-            for dep in &req.depends_on {
-                self.ensure_loaded(dep).await?;
-            }
-            let outcome = self.push_locked(&req, max_attempts)?;
-            match outcome {
-                Ok(done) => break done,
-                // Let go of by the cache before the lock: load it again.
-                Err(dep) if tries < 3 && self.stored_task(&dep).await?.is_some() => tries += 1,
-                Err(dep) => {
-                    return Err(Error::InvalidArgument(format!("unknown dependency {dep}")))
-                }
-            }
-        };
+        // Dependencies must exist. Their states are read first (finished
+        // ones may be served by the store); under the lock, memory wins.
+        let mut known = HashMap::new();
+        for dep in &req.depends_on {
+            match self.stored_or_cached(dep).await? {
+                Some(t) => known.insert(dep.clone(), t.state),
+                None => return Err(Error::InvalidArgument(format!("unknown dependency {dep}"))),
+            };
+        }
+        let (rx, task, created) = self.push_locked(&req, max_attempts, &known)?;
         Self::wait(rx).await?;
         if created {
             self.metrics.tasks_pushed.inc();
@@ -355,14 +349,14 @@ impl Hub {
         Ok(PushOutcome { task, created })
     }
 
-    /// The part of `push_task` under the lock. `Ok(Err(dep))`: dependency
-    /// `dep` is not in memory.
-    #[allow(clippy::type_complexity)]
+    /// The part of `push_task` under the lock. `known`: the states of the
+    /// dependencies as read before it.
     fn push_locked(
         &self,
         req: &PushRequest,
         max_attempts: u32,
-    ) -> Result<std::result::Result<(oneshot::Receiver<Result<()>>, Task, bool), String>> {
+        known: &HashMap<String, TaskState>,
+    ) -> Result<(oneshot::Receiver<Result<()>>, Task, bool)> {
         let mut core = self.lock();
         self.check_writable(&core)?;
         let mut txn = Txn::new();
@@ -375,14 +369,11 @@ impl Hub {
                 let task = existing.clone();
                 let rx = Self::durable_signal(&mut txn);
                 self.submit(&mut core, txn);
-                Ok(Ok((rx, task, false)))
+                Ok((rx, task, false))
             }
             None => {
-                if let Some(dep) = req.depends_on.iter().find(|d| !core.tasks.contains_key(*d)) {
-                    return Ok(Err(dep.clone()));
-                }
-                let (rx, task) = self.create_task(&mut core, txn, req, max_attempts)?;
-                Ok(Ok((rx, task, true)))
+                let (rx, task) = self.create_task(&mut core, txn, req, max_attempts, known)?;
+                Ok((rx, task, true))
             }
         }
     }
@@ -393,6 +384,7 @@ impl Hub {
         mut txn: Txn,
         req: &PushRequest,
         max_attempts: u32,
+        known: &HashMap<String, TaskState>,
     ) -> Result<(oneshot::Receiver<Result<()>>, Task)> {
         {
             if let Some(agent_id) = &req.agent_id {
@@ -427,7 +419,7 @@ impl Hub {
                 queue_ttl_ms: req.queue_ttl_ms,
                 deadline_ms: req.deadline_ms,
             };
-            let deps = core.dependency_check(&task);
+            let deps = core.dependency_check(&task, known);
             core.insert_new(&mut txn, task);
             let mut payload = obj(json!({
                 "description": req.description,
@@ -620,9 +612,12 @@ impl Hub {
     /// Re-queue a FAILED or CANCELLED task with its attempts reset (it
     /// waits again for dependencies that are not COMPLETED).
     pub async fn retry_task(&self, task_id: &str) -> Result<Task> {
+        let mut known = HashMap::new();
         if let Some(task) = self.stored_or_cached(task_id).await? {
             for dep in &task.depends_on {
-                self.ensure_loaded(dep).await?;
+                if let Some(t) = self.stored_or_cached(dep).await? {
+                    known.insert(dep.clone(), t.state);
+                }
             }
         }
         let retention = self.config.retention;
@@ -654,7 +649,7 @@ impl Hub {
             let payload = obj(json!({"reason": "retry"}));
             core.emit(txn, task_id, EventKind::Retried, &agent, payload);
             core.forget_preferences(task_id);
-            match core.dependency_check(&core.tasks[task_id]) {
+            match core.dependency_check(&core.tasks[task_id], &known) {
                 Ok(unmet) => {
                     core.wait_for(task_id, unmet);
                     if core.arm_deadlines(task_id) {

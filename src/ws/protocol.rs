@@ -256,6 +256,28 @@ mod tests {
     }
 
     #[test]
+    fn parses_task_output() {
+        let m = parse(r#"{"type":"task_output","task_id":"t1","generation":2,"stream":"stderr","data":"x\n"}"#).unwrap();
+        let FromAgent::Output(o) = m else { panic!() };
+        assert_eq!(
+            (o.task_id.as_str(), o.generation, o.stream, o.data.as_str()),
+            ("t1", Some(2), crate::model::OutputStream::Stderr, "x\n")
+        );
+        let m = parse(r#"{"type":"task_output","task_id":"t1","data":""}"#).unwrap();
+        assert!(
+            matches!(m, FromAgent::Output(o) if o.stream == crate::model::OutputStream::Stdout && o.generation.is_none())
+        );
+        for bad in [
+            r#"{"type":"task_output","task_id":"t1"}"#,
+            r#"{"type":"task_output","task_id":"t1","data":5}"#,
+            r#"{"type":"task_output","task_id":"t1","data":"x","stream":"stdin"}"#,
+            r#"{"type":"task_output","data":"x"}"#,
+        ] {
+            assert_eq!(parse(bad).unwrap_err().code, "invalid_message", "{bad}");
+        }
+    }
+
+    #[test]
     fn task_assign_carries_enrichment_at_top_level() {
         let mut extra = JsonObject::new();
         extra.insert("routing_decision".into(), json!({"target_type": "shell"}));

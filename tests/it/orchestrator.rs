@@ -768,3 +768,74 @@ async fn orchestrator_python_watch_resumes_across_a_hub_restart() {
         assert_eq!(seen[i], vec![1, 2, 3, 4, 5, 6], "watcher {i}");
     }
 }
+
+/// Retention removes a finished task's output with the task.
+#[tokio::test]
+async fn orchestrator_retention_removes_output_with_the_task() {
+    let hub = TestHub::start_with(|c| {
+        c.retention = Some(Duration::from_millis(300));
+        c.retention_interval = Duration::from_millis(50);
+    })
+    .await;
+    let mut client = hub.client().await;
+    let mut sc = hub.sidecar("o3").await;
+    let id = client.push(pinned("o3", "speak")).await.task_id;
+    let (_, g) = sc.next_assign().await;
+    sc.accept(&id, g).await;
+    sc.send(output(&id, g, "stdout", "soon gone\n")).await;
+    sc.complete(&id, g, json!("ok")).await;
+    let mut s = client
+        .watch_task_output(output_req(&id, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read_text(&mut s, 10).await, "soon gone\n");
+    let db = hub.dir.join("output.db");
+    eventually(|| {
+        let db = db.clone();
+        let id = id.clone();
+        async move {
+            let conn = rusqlite::Connection::open(db).unwrap();
+            let n: i64 = conn
+                .query_row(
+                    "SELECT COUNT(*) FROM task_output WHERE task_id = ?1",
+                    [&id],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            (n == 0).then_some(())
+        }
+    })
+    .await;
+    let err = client
+        .watch_task_output(output_req(&id, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+/// The committed Python stubs are what grpcio-tools makes of the proto today.
+#[test]
+fn orchestrator_python_stubs_match_the_proto() {
+    let python = client_python();
+    let out = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(&python)
+        .current_dir(root())
+        .args(["-m", "grpc_tools.protoc", "-I", "proto"])
+        .arg(format!("--python_out={}", out.path().display()))
+        .arg(format!("--pyi_out={}", out.path().display()))
+        .arg(format!("--grpc_python_out={}", out.path().display()))
+        .arg("proto/agenthub/v1/hub.proto")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for f in ["hub_pb2.py", "hub_pb2.pyi", "hub_pb2_grpc.py"] {
+        let fresh = std::fs::read_to_string(out.path().join("agenthub/v1").join(f)).unwrap();
+        let committed =
+            std::fs::read_to_string(root().join("clients/python/agenthub/v1").join(f)).unwrap();
+        assert!(
+            fresh == committed,
+            "clients/python/agenthub/v1/{f} is stale: run clients/python/generate.sh"
+        );
+    }
+}
