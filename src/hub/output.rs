@@ -99,20 +99,27 @@ impl Hub {
         let task_id = task_id.to_string();
         tokio::spawn(async move {
             let mut cursor = after_offset;
+            // The task's state is read at the start and after each finish
+            // signal only (not on every output wake). The signal is
+            // listened for before the state is read, so none is missed.
+            let mut finish = Box::pin(finished.notify.notified());
+            finish.as_mut().enable();
+            let mut check = true;
+            let mut done = false;
             loop {
-                let notified = finished.notify.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                let done = match hub.get_task(&task_id).await {
-                    Ok(t) => t.state.is_final(),
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
+                if check {
+                    check = false;
+                    done = match hub.get_task(&task_id).await {
+                        Ok(t) => t.state.is_final(),
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    };
+                    if done {
+                        // Output accepted before the end may still be queued.
+                        let _ = hub.output.flush().await;
                     }
-                };
-                if done {
-                    // Output accepted before the end may still be queued.
-                    let _ = hub.output.flush().await;
                 }
                 match hub.send_stored(&task_id, &mut cursor, &tx).await {
                     Ok(true) => {}
@@ -127,7 +134,11 @@ impl Hub {
                 }
                 tokio::select! {
                     r = ends.changed() => if r.is_err() { return },
-                    _ = &mut notified => {}
+                    _ = finish.as_mut() => {
+                        finish = Box::pin(finished.notify.notified());
+                        finish.as_mut().enable();
+                        check = true;
+                    }
                     _ = tx.closed() => return,
                 }
             }

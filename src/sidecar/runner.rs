@@ -451,6 +451,13 @@ mod tests {
             None,
             "identity is checked"
         );
+        // Its lines are streamed as output before it exits.
+        match rx.recv().await.unwrap() {
+            RunEvent::Output { stream, data, .. } => {
+                assert_eq!((stream, data.as_str()), ("stdout", "t1 {\"k\":\"v\"}\n"));
+            }
+            other => panic!("{other:?}"),
+        }
         match rx.recv().await.unwrap() {
             RunEvent::Exited {
                 outcome: Outcome::Completed(result),
@@ -461,7 +468,8 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(live_process(&rec, &dir), None);
-        // Adopting the finished run reads its exit file.
+        // Adopting the finished run reads its exit file (its output was
+        // handled by the run before: nothing is sent again).
         let _handle = adopt(&cfg, &rec, &dir, tx);
         match rx.recv().await.unwrap() {
             RunEvent::Exited {
