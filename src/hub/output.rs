@@ -43,6 +43,14 @@ impl OutputWatches {
             .subscribe()
     }
 
+    /// Drop the entry of a task nobody watches any more.
+    fn forget_unwatched(&self, task_id: &str) {
+        let mut map = self.lock();
+        if map.get(task_id).is_some_and(|tx| tx.receiver_count() == 0) {
+            map.remove(task_id);
+        }
+    }
+
     /// The output store committed output of these tasks.
     pub fn committed(&self, ends: &[(String, u64)]) {
         let mut map = self.lock();
@@ -74,9 +82,11 @@ impl Hub {
             })
         };
         if !owned {
+            self.metrics.task_output_dropped.inc();
             tracing::debug!(agent = %agent_id, task = %out.task_id, "task_output for a task the agent does not hold; dropped");
             return;
         }
+        self.metrics.task_output_bytes.inc_by(out.data.len() as u64);
         if let Err(e) = self.output.append(&out.task_id, out.stream, out.data).await {
             tracing::debug!(error = %e, "task_output not stored");
         }
@@ -91,59 +101,76 @@ impl Hub {
         follow: bool,
     ) -> Result<mpsc::Receiver<Result<OutputChunk>>> {
         // Subscribe to both signals before the first read.
-        let mut ends = self.output_watches.subscribe(task_id);
+        let ends = self.output_watches.subscribe(task_id);
         let finished = self.waiters.register(task_id);
         self.get_task(task_id).await?;
         let (tx, rx) = mpsc::channel(WATCHER_QUEUE);
         let hub = self.clone();
         let task_id = task_id.to_string();
         tokio::spawn(async move {
-            let mut cursor = after_offset;
-            // The task's state is read at the start and after each finish
-            // signal only (not on every output wake). The signal is
-            // listened for before the state is read, so none is missed.
-            let mut finish = Box::pin(finished.notify.notified());
-            finish.as_mut().enable();
-            let mut check = true;
-            let mut done = false;
-            loop {
-                if check {
-                    check = false;
-                    done = match hub.get_task(&task_id).await {
-                        Ok(t) => t.state.is_final(),
-                        Err(e) => {
-                            let _ = tx.send(Err(e)).await;
-                            return;
-                        }
-                    };
-                    if done {
-                        // Output accepted before the end may still be queued.
-                        let _ = hub.output.flush().await;
-                    }
-                }
-                match hub.send_stored(&task_id, &mut cursor, &tx).await {
-                    Ok(true) => {}
-                    Ok(false) => return,
+            let id = task_id.clone();
+            hub.follow_output(task_id, after_offset, follow, ends, finished, tx)
+                .await;
+            hub.output_watches.forget_unwatched(&id);
+        });
+        Ok(rx)
+    }
+
+    /// One output watcher, until the client goes away, the task ends, or
+    /// (without `follow`) the stored output is sent.
+    async fn follow_output(
+        &self,
+        task_id: String,
+        after_offset: u64,
+        follow: bool,
+        mut ends: watch::Receiver<u64>,
+        finished: super::wait::WaitGuard,
+        tx: mpsc::Sender<Result<OutputChunk>>,
+    ) {
+        let mut cursor = after_offset;
+        // The task's state is read at the start and after each finish signal
+        // only (not on every output wake). The signal is listened for before
+        // the state is read, so none is missed.
+        let mut finish = Box::pin(finished.notify.notified());
+        finish.as_mut().enable();
+        let mut check = true;
+        let mut done = false;
+        loop {
+            if check {
+                check = false;
+                done = match self.get_task(&task_id).await {
+                    Ok(t) => t.state.is_final(),
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
                         return;
                     }
-                }
-                if done || !follow {
-                    return;
-                }
-                tokio::select! {
-                    r = ends.changed() => if r.is_err() { return },
-                    _ = finish.as_mut() => {
-                        finish = Box::pin(finished.notify.notified());
-                        finish.as_mut().enable();
-                        check = true;
-                    }
-                    _ = tx.closed() => return,
+                };
+                if done {
+                    // Output accepted before the end may still be queued.
+                    let _ = self.output.flush().await;
                 }
             }
-        });
-        Ok(rx)
+            match self.send_stored(&task_id, &mut cursor, &tx).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            }
+            if done || !follow {
+                return;
+            }
+            tokio::select! {
+                r = ends.changed() => if r.is_err() { return },
+                _ = finish.as_mut() => {
+                    finish = Box::pin(finished.notify.notified());
+                    finish.as_mut().enable();
+                    check = true;
+                }
+                _ = tx.closed() => return,
+            }
+        }
     }
 
     /// Send every stored chunk after `cursor`. False: the client went away.

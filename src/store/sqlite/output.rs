@@ -90,6 +90,8 @@ impl OutputStore {
             .map_err(|e| Error::storage(format!("create {}: {e}", dir.display())))?;
         let path = dir.join("output.db");
         let conn = open_conn(&path)?;
+        // Before the first table of a new file: retention gives pages back.
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         conn.execute_batch(SCHEMA)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let writer = std::thread::Builder::new()
@@ -250,10 +252,16 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Cmd>, cap: u64, on_c
             spans.clear();
         }
         let mut flushes = Vec::new();
+        let purges = group.iter().any(|c| matches!(c, Cmd::Purge(_)));
         match write_group(&mut conn, group, cap, &mut spans, &mut flushes) {
             Ok(ends) => {
                 if !ends.is_empty() {
                     on_commit(&ends);
+                }
+                if purges {
+                    if let Err(e) = vacuum(&conn) {
+                        tracing::debug!(error = %e, "incremental vacuum of task output failed");
+                    }
                 }
             }
             Err(e) => {
@@ -266,6 +274,14 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Cmd>, cap: u64, on_c
             let _ = f.send(());
         }
     }
+}
+
+/// Give pages freed by retention back to the file system.
+fn vacuum(conn: &Connection) -> Result<()> {
+    let mut stmt = conn.prepare("PRAGMA incremental_vacuum")?;
+    let mut rows = stmt.query([])?;
+    while rows.next()?.is_some() {}
+    Ok(())
 }
 
 fn write_group(
