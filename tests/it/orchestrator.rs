@@ -839,3 +839,52 @@ fn orchestrator_python_stubs_match_the_proto() {
         );
     }
 }
+
+/// The TTL and deadline are stored with the task: a hub killed with SIGKILL
+/// fires them after it restarts.
+#[tokio::test]
+async fn orchestrator_timers_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut proc = HubProcess::spawn(dir.path(), &[]).await;
+    let (ws, grpc) = (proc.ws_addr, proc.grpc_addr);
+    let token = admin_token(dir.path());
+    let mut client = agenthub::client::connect(&grpc.to_string(), &token)
+        .await
+        .unwrap();
+    let offline = |desc: &str| pb::PushTaskRequest {
+        queue_if_offline: true,
+        ..pinned("away", desc)
+    };
+    let ttl = client
+        .push(pb::PushTaskRequest {
+            queue_ttl_ms: 2_000,
+            ..offline("ttl")
+        })
+        .await
+        .task_id;
+    let deadline = client
+        .push(pb::PushTaskRequest {
+            deadline_ms: agenthub::model::now_ms() + 2_000,
+            ..offline("deadline")
+        })
+        .await
+        .task_id;
+    proc.kill9();
+    proc.wait_exit().await;
+    let _proc = HubProcess::spawn_at(dir.path(), ws, grpc, &[]).await;
+    let mut client = agenthub::client::connect(&grpc.to_string(), &token)
+        .await
+        .unwrap();
+    let t = client
+        .wait_task(wait_req(&ttl, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(error_of(&t), json!({"reason": "ttl_expired"}));
+    let t = client
+        .wait_task(wait_req(&deadline, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(error_of(&t), json!({"reason": "deadline_exceeded"}));
+}
