@@ -28,6 +28,8 @@ const WATCHER_QUEUE: usize = 64;
 /// receivers are dropped on the next commit for that task.
 #[derive(Default)]
 pub(crate) struct OutputWatches {
+    /// Task id → sender of its stored end offset. A std mutex, never held
+    /// across `.await`.
     map: Mutex<HashMap<String, watch::Sender<u64>>>,
 }
 

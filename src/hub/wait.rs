@@ -16,6 +16,8 @@ use crate::model::Task;
 /// while at least one waiter holds it.
 #[derive(Default)]
 pub(crate) struct Waiters {
+    /// Task id → (its signal, how many waiters hold it). A std mutex, never
+    /// held across `.await`.
     map: Mutex<HashMap<String, (Arc<Notify>, usize)>>,
 }
 
