@@ -2,6 +2,12 @@
 
 use std::io::Write;
 
+/// mimalloc: the hub allocates many small, short-lived buffers on several
+/// threads (frames, events, rows); glibc's allocator spent a tenth of the
+/// hub's CPU on them under load (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use serde_json::Value;

@@ -163,19 +163,23 @@ impl Priority {
 /// One task as the hub stores it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Task {
+    #[serde(default)]
     pub task_id: String,
     /// Current (or last) assignee; for a queued pinned task, the pinned agent.
     pub agent_id: Option<String>,
     /// The task may only run on `agent_id`.
+    #[serde(default)]
     pub pinned: bool,
     /// Stored in the task's CREATED event, not in its row (see `store`).
     #[serde(default)]
     pub description: String,
+    #[serde(default)]
     pub metadata: JsonObject,
     pub state: TaskState,
     pub generation: Generation,
     pub attempts: u32,
     pub max_attempts: u32,
+    #[serde(default)]
     pub needed_capabilities: Vec<String>,
     pub priority: Priority,
     pub result: Option<serde_json::Value>,
@@ -183,8 +187,10 @@ pub struct Task {
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
     /// Seq of the last event that changed this task.
+    #[serde(default)]
     pub last_seq: Seq,
     /// Seq of the CREATED event: the task's place in creation order.
+    #[serde(default)]
     pub created_seq: Seq,
     /// Tasks that must be COMPLETED before this one is scheduled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -286,6 +286,26 @@ async fn send_bounded(
     )
 }
 
+/// Most frames written with one flush.
+const WRITE_BATCH: usize = 64;
+
+/// Feed `msgs` and flush once, within the write timeout. False: the peer is
+/// gone or stuck.
+async fn write_all(
+    sink: &mut SplitSink<WebSocket, Message>,
+    msgs: Vec<ToAgent>,
+    timeout: Duration,
+) -> bool {
+    let write = async {
+        for msg in msgs {
+            sink.feed(Message::Text(protocol::encode(&msg).into()))
+                .await?;
+        }
+        sink.flush().await
+    };
+    matches!(tokio::time::timeout(timeout, write).await, Ok(Ok(())))
+}
+
 /// Returns true if it ended with a close frame sent (a clean close).
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
@@ -301,8 +321,16 @@ async fn write_loop(
         tokio::select! {
             msg = out.recv() => match msg {
                 Some(msg) => {
-                    let text = protocol::encode(&msg);
-                    if !send_bounded(&mut sink, Message::Text(text.into()), timing.write_timeout).await {
+                    // Everything queued goes out with one flush (one write
+                    // syscall under load instead of one per frame).
+                    let mut batch = vec![msg];
+                    while batch.len() < WRITE_BATCH {
+                        match out.try_recv() {
+                            Ok(m) => batch.push(m),
+                            Err(_) => break,
+                        }
+                    }
+                    if !write_all(&mut sink, batch, timing.write_timeout).await {
                         ctl.request_close(CloseReason::Normal);
                         return false;
                     }

@@ -274,3 +274,46 @@ async fn backup_taken_during_writes_restores_to_a_hub_that_passes_check() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("problem"));
 }
+
+#[tokio::test]
+async fn seqs_are_never_reused_after_retention_removed_everything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let short = |c: &mut agenthub::Config| {
+        c.retention = Some(Duration::from_millis(200));
+        c.retention_interval = Duration::from_millis(50);
+    };
+    let hub = TestHub::start_in(tmp.path(), short).await;
+    let mut client = hub.client().await;
+    let mut sc = hub.sidecar("a").await;
+    for i in 0..3 {
+        run_task(&mut client, &mut sc, &format!("job {i}"), json!(i)).await;
+    }
+    let head = client
+        .list_tasks(pb::ListTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .as_of_seq;
+    eventually(|| async {
+        let n = metric_value(&hub, "agenthub_retention_purged_tasks_total").await;
+        (n >= 3.0).then_some(())
+    })
+    .await;
+    drop(sc);
+    hub.stop().await;
+    let hub = TestHub::start_in(tmp.path(), short).await;
+    let mut client = hub.client().await;
+    let page = client
+        .list_tasks(pb::ListTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(page.tasks.is_empty());
+    assert_eq!(page.as_of_seq, head, "the head survives an empty log");
+    let mut watch = client.watch_after(head).await;
+    let mut req = pinned("offline", "after");
+    req.queue_if_offline = true;
+    client.push(req).await;
+    let ev = take_events(&mut watch, 1).await.remove(0);
+    assert_eq!(ev.seq, head + 1);
+}

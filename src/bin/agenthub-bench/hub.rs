@@ -116,9 +116,22 @@ async fn push_and_accept(
 
 /// Push: sequential latencies, then pipelined throughput, on one fresh hub.
 pub async fn push(ctx: &Ctx, name: &str) -> Result<(Metrics, Metrics)> {
-    let s = &ctx.sizes;
-    let agent = "push-agent".to_string();
+    let agent = PUSH_AGENT.to_string();
     let (hub, tokens) = fresh_hub(ctx, name, std::slice::from_ref(&agent), &[]).await?;
+    let result = push_on(ctx, &hub, &tokens[0].1).await;
+    hub.stop().await;
+    ctx.remove_dir(name);
+    result
+}
+
+/// The agent the push workloads run on.
+pub const PUSH_AGENT: &str = "push-agent";
+
+/// The push workloads on a running hub whose `PUSH_AGENT` token is `token`.
+pub async fn push_on(ctx: &Ctx, hub: &Hub, token: &str) -> Result<(Metrics, Metrics)> {
+    let s = &ctx.sizes;
+    let agent = PUSH_AGENT.to_string();
+    let tokens = [(agent.clone(), token.to_string())];
     let result = async {
         let mut client = connect(&hub.grpc_addr, &hub.admin).await?;
         let meta = metadata();
@@ -198,7 +211,7 @@ pub async fn push(ctx: &Ctx, name: &str) -> Result<(Metrics, Metrics)> {
         // Pipelined: a task leaves the window when its `task_complete` is acked.
         let ws = sidecar(&hub.ws_addr, &agent, &tokens[0].1, 256).await?;
         let piped = push_pipelined(
-            &hub,
+            hub,
             &mut client,
             ws,
             &agent,
@@ -210,8 +223,6 @@ pub async fn push(ctx: &Ctx, name: &str) -> Result<(Metrics, Metrics)> {
         Ok::<_, anyhow::Error>((seq, piped))
     }
     .await;
-    hub.stop().await;
-    ctx.remove_dir(name);
     result
 }
 

@@ -18,6 +18,7 @@
 //! - `util.rs`: clock, percentiles, `/proc` readings.
 
 mod grpc_echo;
+mod history;
 mod hub;
 mod nats;
 mod procs;
@@ -84,7 +85,7 @@ struct RunArgs {
     #[arg(long)]
     quick: bool,
     /// Only these groups (comma-separated): fsync, echo, grpc-echo, nats-rr, js-roundtrip,
-    /// hub-push, fanout, ingest, replay, connections.
+    /// hub-push, fanout, ingest, replay, connections, history.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Longest time one measured loop may take, in seconds.
@@ -107,6 +108,7 @@ const GROUPS: &[&str] = &[
     "ingest",
     "replay",
     "connections",
+    "history",
 ];
 
 /// Workload sizes.
@@ -127,6 +129,8 @@ pub struct Sizes {
     pub ingest_sidecars: usize,
     pub ingest_per_sidecar: usize,
     pub replay_events: usize,
+    /// Finished tasks in the `history` group's store.
+    pub history_tasks: usize,
 }
 
 impl Sizes {
@@ -147,6 +151,7 @@ impl Sizes {
             ingest_sidecars: 100,
             ingest_per_sidecar: 2_000,
             replay_events: 1_000_000,
+            history_tasks: 1_000_000,
         }
     }
 
@@ -167,6 +172,7 @@ impl Sizes {
             ingest_sidecars: 100,
             ingest_per_sidecar: 200,
             replay_events: 50_000,
+            history_tasks: 50_000,
         }
     }
 }
@@ -277,6 +283,17 @@ async fn run(args: RunArgs) -> Result<()> {
             Err(e) => eprintln!("  replay preparation failed: {e:#}"),
         }
     }
+    let mut history_admin = None;
+    if groups.contains(&"history") {
+        eprintln!(
+            "preparing history data ({} finished tasks)",
+            ctx.sizes.history_tasks
+        );
+        match history::prepare(&ctx, ctx.sizes.history_tasks).await {
+            Ok(admin) => history_admin = Some(admin),
+            Err(e) => eprintln!("  history preparation failed: {e:#}"),
+        }
+    }
     if groups.contains(&"connections") {
         let max = ctx.sizes.connections.iter().copied().max().unwrap_or(0);
         eprintln!("issuing {max} agent tokens");
@@ -288,7 +305,16 @@ async fn run(args: RunArgs) -> Result<()> {
         for &group in &groups {
             let t = now_ns();
             eprintln!("rep {rep}/{}: {group}", args.reps);
-            run_group(&ctx, &mut rec, rep, group, replay_last_seq, &conn_tokens).await?;
+            run_group(
+                &ctx,
+                &mut rec,
+                rep,
+                group,
+                replay_last_seq,
+                &conn_tokens,
+                history_admin.as_deref(),
+            )
+            .await?;
             eprintln!("  {:.1}s", (now_ns() - t) as f64 / 1e9);
         }
     }
@@ -320,6 +346,7 @@ async fn run_group(
     group: &str,
     replay_last_seq: Option<u64>,
     conn_tokens: &[(String, String)],
+    history_admin: Option<&str>,
 ) -> Result<()> {
     let r = |phase: &str, system: &str, param: Option<u64>| Record::new(rep, phase, system, param);
     let name = |s: &str| format!("r{rep}-{s}");
@@ -331,7 +358,7 @@ async fn run_group(
         }
         "echo" => {
             let t = now_ns();
-            let out = echo(ctx, &name("echo")).await;
+            let out = echo_floor(ctx, &name("echo"), EchoKind::Ws).await;
             rec.write_pair(
                 r("ws_echo_seq", "ws-echo", None),
                 r("ws_echo_pipelined", "ws-echo", None),
@@ -341,7 +368,7 @@ async fn run_group(
         }
         "grpc-echo" => {
             let t = now_ns();
-            let out = grpc_echo(ctx, &name("grpc-echo")).await;
+            let out = echo_floor(ctx, &name("grpc-echo"), EchoKind::Grpc).await;
             rec.write_pair(
                 r("grpc_echo_seq", "tonic-echo", None),
                 r("grpc_echo_pipelined", "tonic-echo", None),
@@ -419,6 +446,29 @@ async fn run_group(
                 rec.write(r("hub_connections", "agenthub", Some(n as u64)), out, t)?;
             }
         }
+        "history" => {
+            let t = now_ns();
+            let out = match history_admin {
+                Some(admin) => {
+                    history::run(ctx, &name("hub-history"), ctx.sizes.history_tasks, admin).await
+                }
+                None => Err(anyhow::anyhow!("no history data")),
+            };
+            match out {
+                Ok((h, seq, piped)) => {
+                    rec.write(r("hub_history", "agenthub", None), Ok(h), t)?;
+                    rec.write(r("hub_history_push_seq", "agenthub", None), Ok(seq), t)?;
+                    rec.write(
+                        r("hub_history_push_pipelined", "agenthub", None),
+                        Ok(piped),
+                        t,
+                    )?;
+                }
+                Err(e) => {
+                    rec.write(r("hub_history", "agenthub", None), Err(e), t)?;
+                }
+            }
+        }
         other => bail!("unknown group {other}"),
     }
     Ok(())
@@ -450,47 +500,42 @@ async fn fsync_floor(ctx: &Ctx, name: &str) -> Result<Metrics> {
     Ok(m)
 }
 
-async fn echo(ctx: &Ctx, name: &str) -> Result<(Metrics, Metrics)> {
-    let s = &ctx.sizes;
-    let server = procs::Echo::start(&ctx.log(name)).await?;
-    let result = async {
-        let cpu = util::CpuMeter::start(server.pid())?;
-        let mut seq = ws::echo_sequential(&server.addr, s.push_warmup, s.push_measured).await?;
-        seq.put(
-            "server_cpu_us_per_op",
-            cpu.used_us()? as f64 / (s.push_warmup + s.push_measured) as f64,
-        );
-        let cpu = util::CpuMeter::start(server.pid())?;
-        let mut piped =
-            ws::echo_pipelined(&server.addr, s.push_pipelined, s.inflight, ctx.limit).await?;
-        piped.put(
-            "server_cpu_us_per_op",
-            cpu.used_us()? as f64 / s.push_pipelined as f64,
-        );
-        Ok::<_, anyhow::Error>((seq, piped))
-    }
-    .await;
-    server.stop().await;
-    result
+/// Which echo server a floor phase runs against.
+#[derive(Clone, Copy)]
+enum EchoKind {
+    /// Raw tokio-tungstenite WebSocket echo.
+    Ws,
+    /// tonic unary echo (GetTask).
+    Grpc,
 }
 
-async fn grpc_echo(ctx: &Ctx, name: &str) -> Result<(Metrics, Metrics)> {
+/// An echo floor: sequential round trips, then pipelined throughput, with
+/// the server's CPU per operation.
+async fn echo_floor(ctx: &Ctx, name: &str, kind: EchoKind) -> Result<(Metrics, Metrics)> {
     let s = &ctx.sizes;
-    let server = procs::Echo::start_with(&ctx.log(name), "grpc-echo-server").await?;
+    let subcommand = match kind {
+        EchoKind::Ws => "echo-server",
+        EchoKind::Grpc => "grpc-echo-server",
+    };
+    let server = procs::Echo::start_with(&ctx.log(name), subcommand).await?;
     let result = async {
+        let addr = &server.addr;
         let cpu = util::CpuMeter::start(server.pid())?;
-        let mut seq = grpc_echo::sequential(&server.addr, s.push_warmup, s.push_measured).await?;
+        let mut seq = match kind {
+            EchoKind::Ws => ws::echo_sequential(addr, s.push_warmup, s.push_measured).await?,
+            EchoKind::Grpc => grpc_echo::sequential(addr, s.push_warmup, s.push_measured).await?,
+        };
         seq.put(
             "server_cpu_us_per_op",
             cpu.used_us()? as f64 / (s.push_warmup + s.push_measured) as f64,
         );
         let cpu = util::CpuMeter::start(server.pid())?;
-        let mut piped =
-            grpc_echo::pipelined(&server.addr, s.push_pipelined, s.inflight, ctx.limit).await?;
-        piped.put(
-            "server_cpu_us_per_op",
-            cpu.used_us()? as f64 / s.push_pipelined as f64,
-        );
+        let (n, inflight, limit) = (s.push_pipelined, s.inflight, ctx.limit);
+        let mut piped = match kind {
+            EchoKind::Ws => ws::echo_pipelined(addr, n, inflight, limit).await?,
+            EchoKind::Grpc => grpc_echo::pipelined(addr, n, inflight, limit).await?,
+        };
+        piped.put("server_cpu_us_per_op", cpu.used_us()? as f64 / n as f64);
         Ok::<_, anyhow::Error>((seq, piped))
     }
     .await;

@@ -207,10 +207,6 @@ pub struct Echo {
 }
 
 impl Echo {
-    pub async fn start(log: &Path) -> Result<Echo> {
-        Self::start_with(log, "echo-server").await
-    }
-
     /// This binary's `subcommand` server (`echo-server`, `grpc-echo-server`).
     pub async fn start_with(log: &Path, subcommand: &str) -> Result<Echo> {
         let exe = std::env::current_exe().context("current exe")?;

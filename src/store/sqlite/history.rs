@@ -24,24 +24,28 @@ use crate::store::{ListFilter, Purged, TaskListing};
 /// Schema version this code writes (`PRAGMA user_version`).
 const SCHEMA_VERSION: i64 = 1;
 
-/// The row's JSON: the task without its description and result.
+/// The row's JSON: the task without its description and result (in its
+/// events), without what the row's columns hold (`task_id`, `last_seq`,
+/// `created_seq`), and without empty fields.
 #[derive(Serialize)]
 struct RowBody<'a> {
-    task_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
     agent_id: &'a Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pinned: bool,
+    #[serde(skip_serializing_if = "JsonObject::is_empty")]
     metadata: &'a JsonObject,
     state: TaskState,
     generation: u64,
     attempts: u32,
     max_attempts: u32,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
     needed_capabilities: &'a [String],
     priority: Priority,
+    #[serde(skip_serializing_if = "Option::is_none")]
     error: &'a Option<serde_json::Value>,
     created_at_ms: i64,
     updated_at_ms: i64,
-    last_seq: Seq,
-    created_seq: Seq,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     depends_on: &'a [String],
     #[serde(skip_serializing_if = "is_zero_u64")]
@@ -117,7 +121,6 @@ pub const UPDATE_TASK: &str = "UPDATE tasks SET last_seq = ?2, body = ?3, state 
 /// Returns the number of rows changed (1 on success).
 pub fn write_task(tx: &Transaction<'_>, t: &Task, expected: Option<Seq>) -> Result<usize> {
     let body = serde_json::to_string(&RowBody {
-        task_id: &t.task_id,
         agent_id: &t.agent_id,
         pinned: t.pinned,
         metadata: &t.metadata,
@@ -130,8 +133,6 @@ pub fn write_task(tx: &Transaction<'_>, t: &Task, expected: Option<Seq>) -> Resu
         error: &t.error,
         created_at_ms: t.created_at_ms,
         updated_at_ms: t.updated_at_ms,
-        last_seq: t.last_seq,
-        created_seq: t.created_seq,
         depends_on: &t.depends_on,
         queue_ttl_ms: t.queue_ttl_ms,
         deadline_ms: t.deadline_ms,
@@ -177,9 +178,33 @@ fn event_field(conn: &Connection, seq: Seq, field: &str) -> Result<Option<serde_
         .map(pb::value_to_json))
 }
 
+/// A row as read: `task_id, last_seq, created_seq, body`.
+struct Row {
+    task_id: String,
+    last_seq: i64,
+    created_seq: i64,
+    body: String,
+}
+
+/// The columns [`Row`] reads.
+const ROW: &str = "task_id, last_seq, created_seq, body";
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    Ok(Row {
+        task_id: r.get(0)?,
+        last_seq: r.get(1)?,
+        created_seq: r.get(2)?,
+        body: r.get(3)?,
+    })
+}
+
 /// A task from its row, with its description and result from its events.
-fn task_from_row(conn: &Connection, body: &str) -> Result<Task> {
-    let mut task: Task = serde_json::from_str(body).map_err(|e| Error::storage(e.to_string()))?;
+fn task_from_row(conn: &Connection, row: &Row) -> Result<Task> {
+    let mut task: Task =
+        serde_json::from_str(&row.body).map_err(|e| Error::storage(e.to_string()))?;
+    task.task_id = row.task_id.clone();
+    task.last_seq = row.last_seq as Seq;
+    task.created_seq = row.created_seq as Seq;
     if task.description.is_empty() && task.created_seq > 0 {
         if let Some(serde_json::Value::String(d)) =
             event_field(conn, task.created_seq, "description")?
@@ -195,17 +220,17 @@ fn task_from_row(conn: &Connection, body: &str) -> Result<Task> {
 
 fn tasks_from(conn: &Connection, sql: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<Task>> {
     let mut stmt = conn.prepare_cached(sql)?;
-    let bodies = stmt
-        .query_map(args, |r| r.get::<_, String>(0))?
+    let rows = stmt
+        .query_map(args, row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    bodies.iter().map(|b| task_from_row(conn, b)).collect()
+    rows.iter().map(|r| task_from_row(conn, r)).collect()
 }
 
 /// Every live (not finished) task: what the hub keeps in memory.
 pub fn load_live(conn: &Connection) -> Result<Vec<Task>> {
     tasks_from(
         conn,
-        "SELECT body FROM tasks WHERE state IN (1, 2, 3) ORDER BY created_seq",
+        &format!("SELECT {ROW} FROM tasks WHERE state IN (1, 2, 3) ORDER BY created_seq"),
         &[],
     )
 }
@@ -250,9 +275,9 @@ pub fn state_counts(conn: &Connection) -> Result<[u64; 6]> {
 }
 
 pub fn get(conn: &Connection, task_id: &str) -> Result<Option<Task>> {
-    let mut stmt = conn.prepare_cached("SELECT body FROM tasks WHERE task_id = ?1")?;
-    let body: Option<String> = stmt.query_row(params![task_id], |r| r.get(0)).optional()?;
-    body.map(|b| task_from_row(conn, &b)).transpose()
+    let mut stmt = conn.prepare_cached(&format!("SELECT {ROW} FROM tasks WHERE task_id = ?1"))?;
+    let found = stmt.query_row(params![task_id], row).optional()?;
+    found.map(|r| task_from_row(conn, &r)).transpose()
 }
 
 /// One page in creation order, and the seq it reflects (one read
@@ -265,31 +290,30 @@ pub fn list(conn: &mut Connection, f: &ListFilter) -> Result<TaskListing> {
     let tasks = match (state, f.agent_id.as_deref()) {
         (None, None) => tasks_from(
             &tx,
-            "SELECT body FROM tasks WHERE created_seq > ?1 ORDER BY created_seq LIMIT ?2",
+            &format!("SELECT {ROW} FROM tasks WHERE created_seq > ?1 ORDER BY created_seq LIMIT ?2"),
             &[&after, &limit],
         )?,
         (Some(s), None) => tasks_from(
             &tx,
-            "SELECT body FROM tasks WHERE state = ?3 AND created_seq > ?1 ORDER BY created_seq LIMIT ?2",
+            &format!("SELECT {ROW} FROM tasks WHERE state = ?3 AND created_seq > ?1 ORDER BY created_seq LIMIT ?2"),
             &[&after, &limit, &s],
         )?,
+        // An agent's tasks are the narrower set: walk its index in creation order.
         (None, Some(a)) => tasks_from(
             &tx,
-            "SELECT body FROM tasks WHERE agent_id = ?3 AND created_seq > ?1 ORDER BY created_seq LIMIT ?2",
+            &format!("SELECT {ROW} FROM tasks INDEXED BY tasks_by_agent WHERE agent_id = ?3 AND created_seq > ?1 ORDER BY created_seq LIMIT ?2"),
             &[&after, &limit, &a],
         )?,
         (Some(s), Some(a)) => tasks_from(
             &tx,
-            "SELECT body FROM tasks WHERE agent_id = ?3 AND state = ?4 AND created_seq > ?1 ORDER BY created_seq LIMIT ?2",
+            &format!("SELECT {ROW} FROM tasks INDEXED BY tasks_by_agent WHERE agent_id = ?3 AND state = ?4 AND created_seq > ?1 ORDER BY created_seq LIMIT ?2"),
             &[&after, &limit, &a, &s],
         )?,
     };
     let as_of_seq: Option<i64> = tx.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
+    let as_of_seq = (as_of_seq.unwrap_or(0) as Seq).max(purged_upto(&tx)?);
     tx.finish()?;
-    Ok(TaskListing {
-        tasks,
-        as_of_seq: as_of_seq.unwrap_or(0) as Seq,
-    })
+    Ok(TaskListing { tasks, as_of_seq })
 }
 
 /// Remove up to `limit` tasks that finished before `cutoff_ms`, with their

@@ -26,6 +26,8 @@ use crate::error::{Error, Result};
 use crate::model::{EventKind, Role, Seq, Task, TokenRecord};
 use crate::pb::wire::EncodedEvent;
 
+/// Page size of a new database.
+const PAGE_SIZE: i64 = 16 * 1024;
 /// Most batches folded into one transaction.
 const MAX_GROUP: usize = 4096;
 /// How long the writer polls for more work before it sleeps.
@@ -86,6 +88,15 @@ pub const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 fn open_conn(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    // A new database: these must come before anything creates the file (WAL
+    // mode does). Only then: setting auto_vacuum takes the write lock. 16 KiB
+    // pages: a task's events (a 2 KB result is common) leave far less slack
+    // at the end of each page than with 4 KiB ones.
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    if pages == 0 {
+        conn.pragma_update(None, "page_size", PAGE_SIZE)?;
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    }
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     Ok(conn)
@@ -124,8 +135,7 @@ impl SqliteStore {
             .map_err(|e| Error::storage(format!("create {}: {e}", dir.display())))?;
         let path = dir.join("agenthub.db");
         let conn = open_conn(&path)?;
-        // Must come before the first table of a new database.
-        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+
         conn.execute_batch(SCHEMA)?;
         history::migrate(&conn)?;
         let purged = history::purged_upto(&conn)?;
@@ -134,14 +144,12 @@ impl SqliteStore {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })?;
         let log_id = log_id(&conn)?;
+        // Retention may have removed the newest events too: the log's head
+        // is never lower than what it removed (seqs are never reused).
+        let head = last.unwrap_or(0).max(purged);
         let shared = Arc::new(Shared {
-            durable_seq: AtomicU64::new(last.unwrap_or(0)),
-            first_seq: AtomicU64::new(
-                first
-                    .unwrap_or(last.unwrap_or(0) + 1)
-                    .max(purged + 1)
-                    .min(last.unwrap_or(0) + 1),
-            ),
+            durable_seq: AtomicU64::new(head),
+            first_seq: AtomicU64::new(first.unwrap_or(head + 1).max(purged + 1).min(head + 1)),
             event_count: AtomicU64::new(count),
             commits: Mutex::new(CommitStats::default()),
             faults,
@@ -235,7 +243,8 @@ fn writer_loop(
         let writes = live.iter().any(|b| b.has_writes());
         let started = std::time::Instant::now();
         let result = if writes {
-            write_group(&mut conn, &live, shared.faults.as_deref())
+            let last = shared.durable_seq.load(Ordering::Acquire);
+            write_group(&mut conn, &live, last, shared.faults.as_deref())
         } else {
             Ok(())
         };
@@ -270,9 +279,25 @@ fn writer_loop(
     }
 }
 
-fn write_group(conn: &mut Connection, group: &[&Batch], faults: Option<&Faults>) -> Result<()> {
+/// Commit `group` in one transaction. The log takes events only in order:
+/// the first must follow `last_seq` and each the one before (a writer that
+/// is behind, or that skipped, conflicts instead of leaving a hole).
+fn write_group(
+    conn: &mut Connection,
+    group: &[&Batch],
+    last_seq: Seq,
+    faults: Option<&Faults>,
+) -> Result<()> {
     if let Some(f) = faults {
         f.before_commit()?;
+    }
+    for (expected, ev) in (last_seq + 1..).zip(group.iter().flat_map(|b| &b.events)) {
+        if ev.seq != expected {
+            return Err(Error::Storage {
+                fault: crate::error::StorageFault::Conflict,
+                detail: format!("event seq {} where the log expects {expected}", ev.seq),
+            });
+        }
     }
     // IMMEDIATE: take the write lock up front, so a lock held by another
     // process is waited for (up to BUSY_TIMEOUT) instead of failing midway.
@@ -369,7 +394,7 @@ impl Store for SqliteStore {
             Ok(Loaded {
                 dependency_states: history::dependency_states(conn, &tasks)?,
                 tasks,
-                last_seq: last_seq.unwrap_or(0),
+                last_seq: last_seq.unwrap_or(0).max(history::purged_upto(conn)?),
                 state_counts: history::state_counts(conn)?,
             })
         })
