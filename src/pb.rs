@@ -403,6 +403,9 @@ impl From<&model::Task> for Task {
             updated_at_ms: t.updated_at_ms,
             last_seq: t.last_seq,
             pinned: t.pinned,
+            depends_on: t.depends_on.clone(),
+            queue_ttl_ms: t.queue_ttl_ms,
+            deadline_ms: t.deadline_ms,
         }
     }
 }
@@ -478,5 +481,8 @@ pub fn task_to_json(t: &Task) -> Json {
         "created_at_ms": t.created_at_ms,
         "updated_at_ms": t.updated_at_ms,
         "last_seq": t.last_seq,
+        "depends_on": t.depends_on,
+        "queue_ttl_ms": t.queue_ttl_ms,
+        "deadline_ms": t.deadline_ms,
     })
 }

@@ -12,5 +12,6 @@ mod faults;
 mod history;
 mod interop;
 mod model;
+mod orchestrator;
 mod scheduler;
 mod smoke;
