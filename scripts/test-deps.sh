@@ -3,7 +3,7 @@
 #   - tests/interop/node_modules: the npm `ws` package (npm ci, from the
 #     committed package.json + package-lock.json);
 #   - .venv: a Python virtualenv with grpcio + grpcio-tools (pinned in
-#     tests/interop/requirements.txt);
+#     tests/interop/requirements.txt) and the Python client (clients/python);
 #   - Debian's chromium + chromium-driver (apt-get, as root) and
 #     tests/dashboard/node_modules (playwright-core) for the dashboard
 #     tests, which drive the page in that Chromium.
@@ -50,6 +50,21 @@ else
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
     --only-binary=:all: -r "$req" </dev/null
   echo "$py_hash" > "$py_stamp"
+fi
+
+# ---- The Python client (clients/python) into the same venv --------------------
+client_stamp=$venv/.agenthub-client
+client_hash=$(find clients/python -type f \( -name '*.py' -o -name '*.pyi' -o -name pyproject.toml \) \
+  -not -path '*/build/*' -not -path '*.egg-info*' | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1)
+if [ -f "$client_stamp" ] && [ "$(cat "$client_stamp")" = "$client_hash" ] \
+  && "$venv/bin/python" -c 'import agenthub, agenthub.aio' 2>/dev/null; then
+  echo "test-deps: python client up to date"
+else
+  echo "test-deps: pip install ./clients/python into $venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
+    ./clients/python </dev/null
+  rm -rf clients/python/build clients/python/*.egg-info
+  echo "$client_hash" > "$client_stamp"
 fi
 
 # ---- Dashboard tests: system Chromium + playwright-core ----------------------

@@ -36,6 +36,8 @@ pub enum Command {
     Tasks(TasksCommand),
     /// List agents.
     Agents(ClientArgs),
+    /// Print a task's output (gRPC WatchTaskOutput); -f follows it live.
+    Logs(LogsArgs),
     /// Run the reference sidecar: connect to a hub and run CMD for every task.
     Sidecar(crate::sidecar::SidecarArgs),
     /// Copy the store consistently to FILE, also while the hub runs.
@@ -136,6 +138,9 @@ pub struct ServeArgs {
     /// Drop a gRPC connection whose ping is not answered within this.
     #[arg(long, env = "AGENTHUB_GRPC_KEEPALIVE_TIMEOUT", value_parser = parse_duration, default_value = "20s")]
     pub grpc_keepalive_timeout: Duration,
+    /// Output bytes kept per task (task_output); older output is dropped.
+    #[arg(long, env = "AGENTHUB_OUTPUT_CAP", default_value_t = config::DEFAULT_OUTPUT_CAP_BYTES)]
+    pub output_cap: u64,
     /// Remove finished tasks and their events this long after they
     /// finished (e.g. 30d, 12h); 0 keeps everything.
     #[arg(long, env = "AGENTHUB_RETENTION", value_parser = parse_duration, default_value = "30d")]
@@ -176,6 +181,7 @@ impl ServeArgs {
         c.grpc_keepalive_interval = self.grpc_keepalive;
         c.grpc_keepalive_timeout = self.grpc_keepalive_timeout;
         c.retention = (!self.retention.is_zero()).then_some(self.retention);
+        c.output_cap_bytes = self.output_cap;
         c
     }
 }
@@ -262,6 +268,34 @@ pub struct PushArgs {
     pub queue_if_offline: bool,
     #[arg(long, default_value_t = 0)]
     pub max_attempts: u32,
+    /// A task that must COMPLETE first (repeatable or comma-separated).
+    #[arg(long = "depends-on", value_delimiter = ',')]
+    pub depends_on: Vec<String>,
+    /// FAIL the task if still queued this long after the push (e.g. 10m).
+    #[arg(long, value_parser = parse_duration)]
+    pub queue_ttl: Option<Duration>,
+    /// FAIL the task if not finished this long from now (e.g. 1h).
+    #[arg(long, value_parser = parse_duration)]
+    pub deadline: Option<Duration>,
+    /// Wait for the task to finish, print it, and exit 0 if it COMPLETED, 1 otherwise.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this long (exit 1 with the task as it is).
+    #[arg(long, value_parser = parse_duration, requires = "wait")]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Follow live output until the task is finished.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Start at this byte offset of the task's output.
+    #[arg(long, default_value_t = 0)]
+    pub offset: u64,
+    pub task_id: String,
 }
 
 #[derive(Args, Debug)]

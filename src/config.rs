@@ -23,6 +23,8 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_WATCH_BUFFER: usize = 16 * 1024;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_FINISHED_CACHE: usize = 1024;
+/// Output bytes kept per task (the oldest are dropped beyond it).
+pub const DEFAULT_OUTPUT_CAP_BYTES: u64 = 1024 * 1024;
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const DEFAULT_RETENTION_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_WS_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -94,6 +96,8 @@ pub struct Config {
     pub retention_interval: Duration,
     /// Finished tasks kept in memory (the rest are read from the store).
     pub finished_cache: usize,
+    /// Output bytes kept per task (`task_output`); older output is dropped.
+    pub output_cap_bytes: u64,
     /// Keep at most this many events (oldest pruned). `None`: keep all.
     pub event_retention: Option<u64>,
     /// Live events buffered for watchers before a slow one is caught up from the store.
@@ -150,6 +154,7 @@ impl Config {
             retention: Some(DEFAULT_RETENTION),
             retention_interval: DEFAULT_RETENTION_INTERVAL,
             finished_cache: DEFAULT_FINISHED_CACHE,
+            output_cap_bytes: DEFAULT_OUTPUT_CAP_BYTES,
             watch_buffer: DEFAULT_WATCH_BUFFER,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             bootstrap_admin_token: true,

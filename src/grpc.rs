@@ -95,6 +95,7 @@ fn non_empty(s: String) -> Option<String> {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<EventBytes, Status>> + Send>>;
+type OutputStream = Pin<Box<dyn Stream<Item = Result<pb::TaskOutputChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl TaskHub for TaskHubService {
@@ -119,6 +120,9 @@ impl TaskHub for TaskHubService {
             priority: priority.to_model(),
             queue_if_offline: r.queue_if_offline,
             max_attempts: r.max_attempts,
+            depends_on: r.depends_on,
+            queue_ttl_ms: r.queue_ttl_ms,
+            deadline_ms: r.deadline_ms,
         };
         let out = self.hub.push_task(push).await?;
         Ok(Response::new(pb::PushTaskResponse {
@@ -238,6 +242,50 @@ impl TaskHub for TaskHubService {
         let r = req.into_inner();
         self.hub.restart_agent(&r.agent_id, &r.reason)?;
         Ok(Response::new(pb::RestartAgentResponse {}))
+    }
+
+    async fn wait_task(
+        &self,
+        req: Request<pb::WaitTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        allow(&req, Access::Read)?;
+        let r = req.into_inner();
+        let timeout = (r.timeout_ms > 0).then(|| std::time::Duration::from_millis(r.timeout_ms));
+        let mut shutdown = self.shutdown.clone();
+        let task = tokio::select! {
+            task = self.hub.wait_task(&r.task_id, timeout) => task?,
+            _ = shutdown.wait_for(|s| *s) => return Err(Error::ShuttingDown.into()),
+        };
+        Ok(Response::new(pb::Task::from(&task)))
+    }
+
+    type WatchTaskOutputStream = OutputStream;
+
+    async fn watch_task_output(
+        &self,
+        req: Request<pb::WatchTaskOutputRequest>,
+    ) -> Result<Response<OutputStream>, Status> {
+        allow(&req, Access::Read)?;
+        let r = req.into_inner();
+        let rx = self
+            .hub
+            .watch_output(&r.task_id, r.after_offset, !r.stored_only)
+            .await?;
+        let mut shutdown = self.shutdown.clone();
+        let stream = ReceiverStream::new(rx)
+            .map(|item| match item {
+                Ok(c) => Ok(pb::TaskOutputChunk {
+                    task_id: c.task_id,
+                    offset: c.offset,
+                    stream: c.stream.as_str().to_string(),
+                    data: c.data,
+                }),
+                Err(e) => Err(Status::from(e)),
+            })
+            .take_until(async move {
+                let _ = shutdown.wait_for(|s| *s).await;
+            });
+        Ok(Response::new(Box::pin(stream) as OutputStream))
     }
 
     async fn list_agents(

@@ -9,9 +9,11 @@
 //! - [`error`]: the one error type and its mapping to gRPC / WebSocket / HTTP.
 //! - [`model`]: tasks, events, agents, tokens: plain data.
 //! - [`link`]: typed messages between the hub and agent connections.
-//! - [`hub`]: task state transitions, sessions registry, scheduler, timers.
+//! - [`hub`]: task state transitions, sessions registry, scheduler, timers,
+//!   dependencies, WaitTask, live task output.
 //! - [`bus`]: event fan-out to watchers; catch-up from the store.
-//! - [`store`]: the `Store` trait, the embedded SQLite backend, fault injection.
+//! - [`store`]: the `Store` trait, the embedded SQLite backend (and its
+//!   task-output file), fault injection.
 //! - [`auth`]: tokens and roles.
 //! - [`grpc`], [`pb`]: the `agenthub.v1.TaskHub` service and its types.
 //! - [`http`], [`ws`]: the HTTP listener and the sidecar WebSocket protocol.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 pub use crate::model::Resources;
-use crate::model::{Generation, JsonObject};
+use crate::model::{Generation, JsonObject, OutputStream};
 
 /// Sidecar → hub.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +44,18 @@ pub enum FromAgent {
     /// The sidecar is about to restart (`reason`). No reply; it gets no new
     /// tasks until it identifies again.
     AgentRestarting(Option<String>),
+    /// A piece of the task's output. No reply; stored (bounded) and served
+    /// by `WatchTaskOutput`.
+    Output(Output),
+}
+
+/// The `task_output` message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub task_id: String,
+    pub generation: Option<Generation>,
+    pub stream: OutputStream,
+    pub data: String,
 }
 
 /// The `identify` message.

@@ -8,7 +8,8 @@ use serde_json::Value;
 
 use agenthub::auth::{issue_token, Role};
 use agenthub::cli::{
-    Cli, ClientArgs, Command, PushArgs, TasksCommand, TokenCommand, TokenTarget, WatchArgs,
+    Cli, ClientArgs, Command, LogsArgs, PushArgs, TasksCommand, TokenCommand, TokenTarget,
+    WatchArgs,
 };
 use agenthub::client::{connect_with_ca, HubClient};
 use agenthub::pb;
@@ -36,6 +37,7 @@ async fn main() -> Result<()> {
         Command::Watch(args) => watch(args).await,
         Command::Tasks(cmd) => tasks(cmd).await,
         Command::Agents(args) => agents(args).await,
+        Command::Logs(args) => logs(args).await,
         Command::Sidecar(args) => agenthub::sidecar::run(args).await,
         Command::Backup { data_dir, to } => backup(&data_dir, &to),
         Command::Check { data_dir } => check(&data_dir),
@@ -243,6 +245,12 @@ async fn push(args: PushArgs) -> Result<()> {
             priority: priority as i32,
             queue_if_offline: args.queue_if_offline,
             max_attempts: args.max_attempts,
+            depends_on: args.depends_on,
+            queue_ttl_ms: args.queue_ttl.map(|d| d.as_millis() as u64).unwrap_or(0),
+            deadline_ms: args
+                .deadline
+                .map(|d| agenthub::model::now_ms() + d.as_millis() as i64)
+                .unwrap_or(0),
         })
         .await
         .map_err(status_err)?
@@ -250,10 +258,50 @@ async fn push(args: PushArgs) -> Result<()> {
     let state = pb::task::State::try_from(resp.state)
         .map(|s| s.as_str_name())
         .unwrap_or("?");
-    println!(
-        "{}",
-        serde_json::json!({"task_id": resp.task_id, "agent_id": resp.agent_id, "state": state, "created": resp.created})
-    );
+    if !args.wait {
+        println!(
+            "{}",
+            serde_json::json!({"task_id": resp.task_id, "agent_id": resp.agent_id, "state": state, "created": resp.created})
+        );
+        return Ok(());
+    }
+    let task = c
+        .wait_task(pb::WaitTaskRequest {
+            task_id: resp.task_id,
+            timeout_ms: args.timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    println!("{}", pb::task_to_json(&task));
+    std::io::stdout().flush()?;
+    if task.state != pb::task::State::Completed as i32 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn logs(args: LogsArgs) -> Result<()> {
+    let mut stream = client(&args.client)
+        .await?
+        .watch_task_output(pb::WatchTaskOutputRequest {
+            task_id: args.task_id,
+            after_offset: args.offset,
+            stored_only: !args.follow,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    while let Some(chunk) = stream.message().await.map_err(status_err)? {
+        if chunk.stream == "stderr" {
+            err.write_all(chunk.data.as_bytes())?;
+            err.flush()?;
+        } else {
+            out.write_all(chunk.data.as_bytes())?;
+            out.flush()?;
+        }
+    }
     Ok(())
 }
 

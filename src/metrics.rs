@@ -63,6 +63,10 @@ pub struct Metrics {
     pub data_dir_bytes: Gauge<i64, AtomicI64>,
     pub retention_purged_tasks: Counter,
     pub retention_purged_events: Counter,
+    /// `task_output` bytes accepted (from the task's current assignee).
+    pub task_output_bytes: Counter,
+    /// `task_output` messages dropped (the agent did not hold the task).
+    pub task_output_dropped: Counter,
     /// Transport security and abuse limits; shared with the listeners.
     pub limits: Arc<LimitMetrics>,
 }
@@ -94,6 +98,8 @@ impl Metrics {
             data_dir_bytes: Gauge::default(),
             retention_purged_tasks: Counter::default(),
             retention_purged_events: Counter::default(),
+            task_output_bytes: Counter::default(),
+            task_output_dropped: Counter::default(),
             limits: Arc::default(),
             registry: Registry::default(),
         };
@@ -134,6 +140,16 @@ impl Metrics {
             m.assignment_wait.clone(),
         );
         r.register("agenthub_tasks", "Tasks by state", m.tasks.clone());
+        r.register(
+            "agenthub_task_output_bytes",
+            "Task output bytes accepted from sidecars (task_output)",
+            m.task_output_bytes.clone(),
+        );
+        r.register(
+            "agenthub_task_output_dropped",
+            "task_output messages dropped: the agent did not hold the task",
+            m.task_output_dropped.clone(),
+        );
         r.register(
             "agenthub_queue_depth",
             "Queued tasks by priority",

@@ -192,6 +192,40 @@ pub struct Task {
     /// Seq of the CREATED event: the task's place in creation order.
     #[serde(default)]
     pub created_seq: Seq,
+    /// Tasks that must be COMPLETED before this one is scheduled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+    /// A task still QUEUED this long (ms) after its push FAILS
+    /// (`ttl_expired`). 0: no limit.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub queue_ttl_ms: u64,
+    /// Unix ms by which the task must be finished, else it is cancelled at
+    /// its sidecar and FAILS (`deadline_exceeded`). 0: none.
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub deadline_ms: i64,
+}
+
+impl Task {
+    /// When the queue TTL runs out (Unix ms), if the task has one.
+    pub fn ttl_expires_at(&self) -> Option<i64> {
+        (self.queue_ttl_ms > 0).then(|| {
+            self.created_at_ms
+                .saturating_add(self.queue_ttl_ms.min(i64::MAX as u64) as i64)
+        })
+    }
+
+    /// The deadline (Unix ms), if the task has one.
+    pub fn deadline(&self) -> Option<i64> {
+        (self.deadline_ms > 0).then_some(self.deadline_ms)
+    }
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_zero_i64(n: &i64) -> bool {
+    *n == 0
 }
 
 /// One durable, sequenced change to a task.
@@ -317,4 +351,61 @@ pub fn now_ms() -> i64 {
 pub fn new_task_id() -> String {
     let bytes: [u8; 8] = rand::random();
     format!("task-{}", hex::encode(bytes))
+}
+
+/// Which of a command's streams a piece of task output came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+impl OutputStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputStream::Stdout => "stdout",
+            OutputStream::Stderr => "stderr",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OutputStream> {
+        match s {
+            "stdout" => Some(OutputStream::Stdout),
+            "stderr" => Some(OutputStream::Stderr),
+            _ => None,
+        }
+    }
+
+    /// The number stored for it.
+    pub fn code(self) -> i64 {
+        match self {
+            OutputStream::Stdout => 1,
+            OutputStream::Stderr => 2,
+        }
+    }
+
+    pub fn from_code(code: i64) -> OutputStream {
+        match code {
+            2 => OutputStream::Stderr,
+            _ => OutputStream::Stdout,
+        }
+    }
+}
+
+/// A stored piece of a task's output. `offset`: the UTF-8 byte offset of
+/// `data` in the task's output (both streams share one offset space).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutputChunk {
+    pub task_id: String,
+    pub offset: u64,
+    pub stream: OutputStream,
+    pub data: String,
+}
+
+impl OutputChunk {
+    /// The offset just past this chunk.
+    pub fn end(&self) -> u64 {
+        self.offset + self.data.len() as u64
+    }
 }

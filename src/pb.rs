@@ -103,8 +103,171 @@ pub mod wire {
 }
 
 /// Encode a model event as an `agenthub.v1.TaskEvent`.
+///
+/// Written straight from the model (no intermediate `prost_types::Struct`
+/// with its cloned keys and strings): this runs once per event on the
+/// store's writer thread. The bytes decode as the same message.
 pub fn encode_event(e: &model::TaskEvent) -> prost::bytes::Bytes {
-    prost::Message::encode_to_vec(&TaskEvent::from(e)).into()
+    direct::encode_event(e).into()
+}
+
+/// Direct protobuf encoding of events and their JSON payloads.
+mod direct {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+    use serde_json::{Map, Value as Json};
+
+    use crate::model;
+
+    fn string_field_len(tag: u32, s: &str) -> usize {
+        key_len(tag) + encoded_len_varint(s.len() as u64) + s.len()
+    }
+
+    fn message_field_len(tag: u32, len: usize) -> usize {
+        key_len(tag) + encoded_len_varint(len as u64) + len
+    }
+
+    fn put_string(tag: u32, s: &str, buf: &mut Vec<u8>) {
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(s.len() as u64, buf);
+        buf.extend_from_slice(s.as_bytes());
+    }
+
+    fn put_len(tag: u32, len: usize, buf: &mut Vec<u8>) {
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(len as u64, buf);
+    }
+
+    /// Length of a `google.protobuf.Value` body.
+    fn value_len(v: &Json) -> usize {
+        match v {
+            Json::Null | Json::Bool(_) => key_len(1) + 1,
+            Json::Number(_) => key_len(2) + 8,
+            Json::String(s) => string_field_len(3, s),
+            Json::Object(m) => message_field_len(5, struct_len(m)),
+            Json::Array(a) => message_field_len(6, list_len(a)),
+        }
+    }
+
+    fn list_len(a: &[Json]) -> usize {
+        a.iter().map(|x| message_field_len(1, value_len(x))).sum()
+    }
+
+    fn entry_len(k: &str, v: &Json) -> usize {
+        string_field_len(1, k) + message_field_len(2, value_len(v))
+    }
+
+    /// Length of a `google.protobuf.Struct` body.
+    pub fn struct_len(m: &Map<String, Json>) -> usize {
+        m.iter()
+            .map(|(k, v)| message_field_len(1, entry_len(k, v)))
+            .sum()
+    }
+
+    fn put_value(v: &Json, buf: &mut Vec<u8>) {
+        match v {
+            Json::Null => {
+                encode_key(1, WireType::Varint, buf);
+                encode_varint(0, buf);
+            }
+            Json::Bool(b) => {
+                encode_key(4, WireType::Varint, buf);
+                encode_varint(u64::from(*b), buf);
+            }
+            Json::Number(n) => {
+                encode_key(2, WireType::SixtyFourBit, buf);
+                buf.extend_from_slice(&n.as_f64().unwrap_or(0.0).to_le_bytes());
+            }
+            Json::String(s) => put_string(3, s, buf),
+            Json::Object(m) => {
+                put_len(5, struct_len(m), buf);
+                put_struct(m, buf);
+            }
+            Json::Array(a) => {
+                put_len(6, list_len(a), buf);
+                for x in a {
+                    put_len(1, value_len(x), buf);
+                    put_value(x, buf);
+                }
+            }
+        }
+    }
+
+    pub fn put_struct(m: &Map<String, Json>, buf: &mut Vec<u8>) {
+        for (k, v) in m {
+            put_len(1, entry_len(k, v), buf);
+            put_string(1, k, buf);
+            put_len(2, value_len(v), buf);
+            put_value(v, buf);
+        }
+    }
+
+    fn put_u64(tag: u32, v: u64, buf: &mut Vec<u8>) {
+        if v != 0 {
+            encode_key(tag, WireType::Varint, buf);
+            encode_varint(v, buf);
+        }
+    }
+
+    fn put_str_nonempty(tag: u32, s: &str, buf: &mut Vec<u8>) {
+        if !s.is_empty() {
+            put_string(tag, s, buf);
+        }
+    }
+
+    /// An `agenthub.v1.TaskEvent`.
+    pub fn encode_event(e: &model::TaskEvent) -> Vec<u8> {
+        let payload = struct_len(&e.payload);
+        let mut buf = Vec::with_capacity(64 + e.task_id.len() + e.agent_id.len() + payload);
+        put_u64(1, e.seq, &mut buf);
+        put_str_nonempty(2, &e.task_id, &mut buf);
+        put_str_nonempty(3, &e.agent_id, &mut buf);
+        put_u64(
+            4,
+            super::task_event::Kind::from(e.kind) as i32 as u64,
+            &mut buf,
+        );
+        put_u64(5, e.generation, &mut buf);
+        put_len(6, payload, &mut buf);
+        put_struct(&e.payload, &mut buf);
+        put_u64(7, e.timestamp_ms as u64, &mut buf);
+        put_u64(8, super::task::State::from(e.state) as i32 as u64, &mut buf);
+        buf
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use prost::Message;
+        use serde_json::json;
+
+        use crate::model::{EventKind, TaskEvent, TaskState};
+        use crate::pb;
+
+        #[test]
+        fn direct_encoding_decodes_as_the_same_event() {
+            let payload = json!({
+                "task_id": "t1", "n": 1.5, "big": 9007199254740993u64, "neg": -3, "ok": true,
+                "none": null, "list": [1, "a", {"x": [null, false]}], "obj": {"deep": {"s": "é"}},
+                "": "empty key", "empty": {}, "nothing": []
+            });
+            let event = TaskEvent {
+                seq: 42,
+                task_id: "task-1".into(),
+                agent_id: String::new(),
+                kind: EventKind::Completed,
+                generation: 3,
+                payload: payload.as_object().unwrap().clone(),
+                timestamp_ms: 1_700_000_000_123,
+                state: TaskState::Completed,
+            };
+            let ours = pb::TaskEvent::decode(&super::encode_event(&event)[..]).unwrap();
+            let theirs = pb::TaskEvent::from(&event);
+            assert_eq!(ours, theirs);
+            assert_eq!(
+                pb::struct_to_json(ours.payload.as_ref().unwrap()),
+                pb::struct_to_json(theirs.payload.as_ref().unwrap())
+            );
+        }
+    }
 }
 
 /// The encoded descriptor set, for server reflection.
@@ -240,6 +403,9 @@ impl From<&model::Task> for Task {
             updated_at_ms: t.updated_at_ms,
             last_seq: t.last_seq,
             pinned: t.pinned,
+            depends_on: t.depends_on.clone(),
+            queue_ttl_ms: t.queue_ttl_ms,
+            deadline_ms: t.deadline_ms,
         }
     }
 }
@@ -315,5 +481,8 @@ pub fn task_to_json(t: &Task) -> Json {
         "created_at_ms": t.created_at_ms,
         "updated_at_ms": t.updated_at_ms,
         "last_seq": t.last_seq,
+        "depends_on": t.depends_on,
+        "queue_ttl_ms": t.queue_ttl_ms,
+        "deadline_ms": t.deadline_ms,
     })
 }

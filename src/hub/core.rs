@@ -51,6 +51,10 @@ pub(crate) enum Timer {
     Settle(String, u64),
     /// End the agent's `busy` backoff (this one).
     Busy(String, u64),
+    /// Fail the task (`ttl_expired`) if it is still QUEUED.
+    QueueTtl(String),
+    /// Fail the task (`deadline_exceeded`) if it is not finished.
+    Deadline(String),
 }
 
 /// An agent the hub knows: connected, or holding tasks while away.
@@ -211,6 +215,11 @@ pub(crate) struct Core {
     pub lost: HashMap<String, LostTask>,
     /// Counts `busy` rejections: names each backoff timer.
     pub busy_marks: u64,
+    /// QUEUED tasks not in `queue` because dependencies have not COMPLETED
+    /// yet: task → the dependencies it still waits for.
+    pub waiting: HashMap<String, BTreeSet<String>>,
+    /// Dependency → the waiting tasks that depend on it.
+    pub dependents: HashMap<String, Vec<String>>,
     /// Write epoch: batches carry it; a failed commit poisons its epoch and
     /// the hub rebuilds from the store under a newer one.
     pub epoch: u64,
@@ -251,6 +260,8 @@ impl Core {
         self.timers.clear();
         self.last_activity.clear();
         self.lost.clear();
+        self.waiting.clear();
+        self.dependents.clear();
         self.agents.retain(|_, a| a.session.is_some());
         for a in self.agents.values_mut() {
             a.active.clear();
@@ -268,10 +279,15 @@ impl Core {
         let now = Instant::now();
         let mut running = Vec::new();
         let mut assigned = Vec::new();
+        let mut with_deps = Vec::new();
+        let mut deadlines = Vec::new();
         for task in loaded.tasks {
-            if task.state == TaskState::Queued && self.queue.insert(QueueKey::of(&task)) {
+            if task.state == TaskState::Queued && !task.depends_on.is_empty() {
+                with_deps.push(task.task_id.clone());
+            } else if task.state == TaskState::Queued && self.queue.insert(QueueKey::of(&task)) {
                 self.queued_by_priority[priority_index(task.priority)] += 1;
             }
+            deadlines.push(task.task_id.clone());
             if task.state.is_active() {
                 if let Some(a) = &task.agent_id {
                     self.agents
@@ -290,6 +306,28 @@ impl Core {
                 self.lost.insert(task.task_id.clone(), lost);
             }
             self.tasks.insert(task.task_id.clone(), task);
+        }
+        for task_id in with_deps {
+            // A dependency not stored any more was removed by retention, so
+            // it finished; one that failed would have failed this task in
+            // the same commit: whatever is not live is done with.
+            let unmet: BTreeSet<String> = self.tasks[&task_id]
+                .depends_on
+                .iter()
+                .filter(|d| {
+                    let state = self
+                        .tasks
+                        .get(*d)
+                        .map(|t| t.state)
+                        .or_else(|| loaded.dependency_states.get(*d).copied());
+                    state.is_some_and(|s| !s.is_final())
+                })
+                .cloned()
+                .collect();
+            self.wait_for(&task_id, unmet);
+        }
+        for task_id in deadlines {
+            self.arm_deadlines(&task_id);
         }
         let away: Vec<(String, u64)> = self
             .agents
@@ -315,6 +353,127 @@ impl Core {
     fn push_timer(&mut self, at: Instant, timer: Timer) {
         self.timer_nonce += 1;
         self.timers.insert((at, self.timer_nonce, timer));
+    }
+
+    /// Arm the queue-TTL and deadline timers of a live task from the
+    /// absolute times stored in it (at push, and again at every load).
+    pub fn arm_deadlines(&mut self, task_id: &str) -> bool {
+        let Some(task) = self.tasks.get(task_id) else {
+            return false;
+        };
+        let ttl = task
+            .ttl_expires_at()
+            .filter(|_| task.state == TaskState::Queued);
+        let deadline = task.deadline().filter(|_| !task.state.is_final());
+        if let Some(at) = ttl {
+            self.push_timer(instant_at(at), Timer::QueueTtl(task_id.to_string()));
+        }
+        if let Some(at) = deadline {
+            self.push_timer(instant_at(at), Timer::Deadline(task_id.to_string()));
+        }
+        ttl.is_some() || deadline.is_some()
+    }
+
+    /// Queue a QUEUED task, or hold it back until `unmet` dependencies
+    /// have COMPLETED.
+    pub fn wait_for(&mut self, task_id: &str, unmet: BTreeSet<String>) {
+        if unmet.is_empty() {
+            self.enqueue(task_id);
+            return;
+        }
+        for dep in &unmet {
+            self.dependents
+                .entry(dep.clone())
+                .or_default()
+                .push(task_id.to_string());
+        }
+        self.waiting.insert(task_id.to_string(), unmet);
+    }
+
+    /// Where a task's dependencies stand: the first that FAILED or was
+    /// CANCELLED, else those not COMPLETED yet. A dependency not in memory
+    /// is finished: its state is in `known` (read from the store before the
+    /// lock; a finished task only changes in memory), else retention removed
+    /// it, which it does only to finished tasks: counted as COMPLETED.
+    pub fn dependency_check(
+        &self,
+        task: &Task,
+        known: &HashMap<String, TaskState>,
+    ) -> Result<BTreeSet<String>, String> {
+        let mut unmet = BTreeSet::new();
+        for dep in &task.depends_on {
+            let state = self.tasks.get(dep).map(|t| t.state);
+            match state.or_else(|| known.get(dep).copied()) {
+                Some(TaskState::Completed) | None => {}
+                Some(TaskState::Failed | TaskState::Cancelled) => return Err(dep.clone()),
+                Some(_) => {
+                    unmet.insert(dep.clone());
+                }
+            }
+        }
+        Ok(unmet)
+    }
+
+    /// FAIL a task for good with `error` (a hub reason), wherever it is:
+    /// waiting, queued, or at an agent (which is told to stop).
+    pub fn fail_task(&mut self, txn: &mut Txn, task_id: &str, error: Value) {
+        let from = self.finalize(task_id, TaskState::Failed);
+        let task = self.tasks.get_mut(task_id).expect("known task");
+        task.error = Some(error.clone());
+        let agent = task.agent_id.clone().unwrap_or_default();
+        let reason = error
+            .get("reason")
+            .and_then(Value::as_str)
+            .unwrap_or("failed")
+            .to_string();
+        self.emit(txn, task_id, EventKind::Failed, &agent, obj(error));
+        if let Some(session) = from
+            .and_then(|a| self.agents.get(&a))
+            .and_then(|a| a.session.clone())
+        {
+            let msg = ToAgent::TaskCancelled {
+                task_id: task_id.to_string(),
+                reason,
+            };
+            txn.send_after_commit(&session, msg);
+        }
+    }
+
+    /// Tasks that finished in this transaction release or fail the tasks
+    /// waiting for them (and those, in turn, theirs). True if anything changed.
+    pub fn resolve_dependents(&mut self, txn: &mut Txn) -> bool {
+        let mut changed = false;
+        let mut i = 0;
+        while i < txn.touched.len() {
+            let id = txn.touched[i].0.clone();
+            i += 1;
+            let Some(state) = self.tasks.get(&id).map(|t| t.state) else {
+                continue;
+            };
+            if !state.is_final() {
+                continue;
+            }
+            let Some(waiters) = self.dependents.remove(&id) else {
+                continue;
+            };
+            for w in waiters {
+                let Some(unmet) = self.waiting.get_mut(&w) else {
+                    continue; // Already failed, cancelled or released.
+                };
+                changed = true;
+                if state == TaskState::Completed {
+                    unmet.remove(&id);
+                    if unmet.is_empty() {
+                        self.waiting.remove(&w);
+                        self.enqueue(&w);
+                    }
+                } else {
+                    let error = json!({"reason": REASON_DEPENDENCY_FAILED, "dependency": id});
+                    self.fail_task(txn, &w, error);
+                }
+            }
+        }
+        changed
     }
 
     /// The error for a write refused while the store is degraded.
@@ -645,6 +804,7 @@ impl Core {
     /// Finish a task for good (COMPLETED or CANCELLED), freeing its slot.
     pub fn finalize(&mut self, task_id: &str, state: TaskState) -> Option<String> {
         self.dequeue(task_id);
+        self.waiting.remove(task_id);
         let from = if self.tasks[task_id].state.is_active() {
             self.release(task_id)
         } else {
@@ -765,6 +925,19 @@ fn lost_by(task: &Task) -> Option<String> {
     (task.state == TaskState::Queued && task.pinned && reason == RECLAIM_DISCONNECTED)
         .then(|| task.agent_id.clone())
         .flatten()
+}
+
+/// Why the hub FAILED a task: a dependency FAILED or was CANCELLED...
+pub(crate) const REASON_DEPENDENCY_FAILED: &str = "dependency_failed";
+/// ...it stayed QUEUED past its `queue_ttl_ms`...
+pub(crate) const REASON_TTL_EXPIRED: &str = "ttl_expired";
+/// ...it was not finished by its `deadline_ms`.
+pub(crate) const REASON_DEADLINE_EXCEEDED: &str = "deadline_exceeded";
+
+/// The `tokio` instant of a Unix-ms time (now, if it has passed).
+fn instant_at(unix_ms: i64) -> Instant {
+    let left = unix_ms.saturating_sub(crate::model::now_ms()).max(0) as u64;
+    Instant::now() + std::time::Duration::from_millis(left)
 }
 
 /// The reclaim reason for an agent that stayed away past the grace.

@@ -4,18 +4,21 @@
 
 mod agentcom;
 mod core;
+mod output;
 mod recovery;
 mod reports;
 mod retention;
 mod timers;
+mod wait;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use self::core::{obj, Core, Txn};
+use self::core::{obj, Core, Txn, REASON_DEPENDENCY_FAILED};
 use crate::auth::{issue_token, Role, TokenVerifier};
 use crate::bus::{EventBus, WatchItem};
 use crate::config::Config;
@@ -25,6 +28,7 @@ use crate::metrics::{self, Metrics};
 use crate::model::{
     new_task_id, AgentInfo, EventFilter, EventKind, JsonObject, Priority, Seq, Task, TaskState,
 };
+use crate::store::sqlite::output::OutputStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Batch, Store};
 
@@ -32,6 +36,8 @@ use crate::store::{Batch, Store};
 pub const MAX_TASK_ID_LEN: usize = 128;
 /// Largest `max_attempts` a task may ask for.
 pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
+/// Most dependencies one task may have.
+pub const MAX_DEPENDENCIES: usize = 100;
 /// A task this close to retention's cutoff can no longer be retried
 /// (retention may be removing it at the same moment).
 const RETRY_MARGIN_MS: i64 = 60_000;
@@ -51,6 +57,12 @@ pub struct PushRequest {
     pub queue_if_offline: bool,
     /// 0: the configured default.
     pub max_attempts: u32,
+    /// Tasks that must COMPLETE first (each must exist).
+    pub depends_on: Vec<String>,
+    /// FAIL (`ttl_expired`) if still QUEUED this long after the push. 0: no limit.
+    pub queue_ttl_ms: u64,
+    /// FAIL (`deadline_exceeded`) if not finished by this Unix ms. 0: none.
+    pub deadline_ms: i64,
 }
 
 /// What `push_task` did.
@@ -107,6 +119,12 @@ pub struct Hub {
     timer_wake: Notify,
     /// Wakes the recovery task (a commit failed).
     recovery_wake: Notify,
+    /// `WaitTask` callers, woken after the commit that finished their task.
+    waiters: Arc<wait::Waiters>,
+    /// Task output: its own file and writer thread (off the lifecycle path).
+    output: Arc<OutputStore>,
+    /// Output watchers, woken by the output store's commits.
+    output_watches: Arc<output::OutputWatches>,
     metrics: Metrics,
     closing: AtomicBool,
     /// The admin token created on first start, to print once.
@@ -137,6 +155,13 @@ impl Hub {
             None
         };
         let core = Core::restore(store.load()?, &config);
+        let output_watches = Arc::new(output::OutputWatches::default());
+        let watches = output_watches.clone();
+        let output = Arc::new(OutputStore::open(
+            &config.data_dir,
+            config.output_cap_bytes,
+            Box::new(move |ends| watches.committed(ends)),
+        )?);
         let mut metrics = Metrics::new();
         metrics.register_store(store.clone());
         let log_id = store.log_id();
@@ -150,6 +175,9 @@ impl Hub {
             log_id,
             timer_wake: Notify::new(),
             recovery_wake: Notify::new(),
+            waiters: Arc::default(),
+            output,
+            output_watches,
             metrics,
             closing: AtomicBool::new(false),
             bootstrap_token: Mutex::new(bootstrap_token),
@@ -189,7 +217,10 @@ impl Hub {
     /// batches reach the store in `seq` order). After the commit, events are
     /// published first, then the transaction's own callbacks run; a failed
     /// commit starts recovery first.
-    fn submit(&self, core: &mut Core, txn: Txn) {
+    fn submit(&self, core: &mut Core, mut txn: Txn) {
+        if core.resolve_dependents(&mut txn) {
+            core.schedule(&mut txn, &self.config, &self.metrics);
+        }
         if txn.timers_added {
             self.timer_wake.notify_one();
         }
@@ -211,6 +242,20 @@ impl Hub {
             first.push(Box::new(move |r: &Result<()>| {
                 if r.is_ok() {
                     bus.publish(&events);
+                }
+            }));
+        }
+        let finished: Vec<String> = batch
+            .tasks
+            .iter()
+            .filter(|w| w.task.state.is_final())
+            .map(|w| w.task.task_id.clone())
+            .collect();
+        if !finished.is_empty() {
+            let waiters = self.waiters.clone();
+            first.push(Box::new(move |r: &Result<()>| {
+                if r.is_ok() {
+                    waiters.finished(finished.iter().map(String::as_str));
                 }
             }));
         }
@@ -287,32 +332,50 @@ impl Hub {
             0 => self.config.default_max_attempts,
             n => n,
         };
-        let (rx, task, created) = {
-            let mut core = self.lock();
-            self.check_writable(&core)?;
-            let mut txn = Txn::new();
-            match req.task_id.as_ref().and_then(|id| core.tasks.get(id)) {
-                Some(existing) if !same_request(existing, &req, max_attempts) => {
-                    return Err(Error::AlreadyExists(existing.task_id.clone()));
-                }
-                Some(existing) => {
-                    // A safe retry: answer once the original is durable.
-                    let task = existing.clone();
-                    let rx = Self::durable_signal(&mut txn);
-                    self.submit(&mut core, txn);
-                    (rx, task, false)
-                }
-                None => {
-                    let (rx, task) = self.create_task(&mut core, txn, &req, max_attempts)?;
-                    (rx, task, true)
-                }
-            }
-        };
+        // Dependencies must exist. Their states are read first (finished
+        // ones may be served by the store); under the lock, memory wins.
+        let mut known = HashMap::new();
+        for dep in &req.depends_on {
+            match self.stored_or_cached(dep).await? {
+                Some(t) => known.insert(dep.clone(), t.state),
+                None => return Err(Error::InvalidArgument(format!("unknown dependency {dep}"))),
+            };
+        }
+        let (rx, task, created) = self.push_locked(&req, max_attempts, &known)?;
         Self::wait(rx).await?;
         if created {
             self.metrics.tasks_pushed.inc();
         }
         Ok(PushOutcome { task, created })
+    }
+
+    /// The part of `push_task` under the lock. `known`: the states of the
+    /// dependencies as read before it.
+    fn push_locked(
+        &self,
+        req: &PushRequest,
+        max_attempts: u32,
+        known: &HashMap<String, TaskState>,
+    ) -> Result<(oneshot::Receiver<Result<()>>, Task, bool)> {
+        let mut core = self.lock();
+        self.check_writable(&core)?;
+        let mut txn = Txn::new();
+        match req.task_id.as_ref().and_then(|id| core.tasks.get(id)) {
+            Some(existing) if !same_request(existing, req, max_attempts) => {
+                Err(Error::AlreadyExists(existing.task_id.clone()))
+            }
+            Some(existing) => {
+                // A safe retry: answer once the original is durable.
+                let task = existing.clone();
+                let rx = Self::durable_signal(&mut txn);
+                self.submit(&mut core, txn);
+                Ok((rx, task, false))
+            }
+            None => {
+                let (rx, task) = self.create_task(&mut core, txn, req, max_attempts, known)?;
+                Ok((rx, task, true))
+            }
+        }
     }
 
     fn create_task(
@@ -321,6 +384,7 @@ impl Hub {
         mut txn: Txn,
         req: &PushRequest,
         max_attempts: u32,
+        known: &HashMap<String, TaskState>,
     ) -> Result<(oneshot::Receiver<Result<()>>, Task)> {
         {
             if let Some(agent_id) = &req.agent_id {
@@ -351,18 +415,46 @@ impl Hub {
                 updated_at_ms: txn.now,
                 last_seq: 0,
                 created_seq: 0,
+                depends_on: req.depends_on.clone(),
+                queue_ttl_ms: req.queue_ttl_ms,
+                deadline_ms: req.deadline_ms,
             };
+            let deps = core.dependency_check(&task, known);
             core.insert_new(&mut txn, task);
-            let payload = obj(json!({
+            let mut payload = obj(json!({
                 "description": req.description,
                 "priority": req.priority.as_str(),
                 "needed_capabilities": req.needed_capabilities,
                 "max_attempts": max_attempts,
                 "pinned": req.agent_id.is_some(),
             }));
+            if !req.depends_on.is_empty() {
+                payload.insert("depends_on".into(), json!(req.depends_on));
+                // Why the task waits: the dependencies not COMPLETED yet.
+                if let Ok(unmet) = &deps {
+                    payload.insert("waiting_for".into(), json!(unmet));
+                }
+            }
+            if req.queue_ttl_ms > 0 {
+                payload.insert("queue_ttl_ms".into(), json!(req.queue_ttl_ms));
+            }
+            if req.deadline_ms > 0 {
+                payload.insert("deadline_ms".into(), json!(req.deadline_ms));
+            }
             let agent = req.agent_id.clone().unwrap_or_default();
             core.emit(&mut txn, &task_id, EventKind::Created, &agent, payload);
-            core.enqueue(&task_id);
+            match deps {
+                Ok(unmet) => {
+                    core.wait_for(&task_id, unmet);
+                    if core.arm_deadlines(&task_id) {
+                        txn.timers_added = true;
+                    }
+                }
+                Err(failed) => {
+                    let error = json!({"reason": REASON_DEPENDENCY_FAILED, "dependency": failed});
+                    core.fail_task(&mut txn, &task_id, error);
+                }
+            }
             core.schedule(&mut txn, &self.config, &self.metrics);
             let rx = Self::durable_signal(&mut txn);
             let task = core.tasks[&task_id].clone();
@@ -398,6 +490,14 @@ impl Hub {
         tokio::task::spawn_blocking(move || store.get_task(&id))
             .await
             .map_err(|e| Error::storage(e.to_string()))?
+    }
+
+    /// A task from memory or, failing that, the store.
+    async fn stored_or_cached(&self, task_id: &str) -> Result<Option<Task>> {
+        if let Some(t) = self.lock().tasks.get(task_id) {
+            return Ok(Some(t.clone()));
+        }
+        self.stored_task(task_id).await
     }
 
     /// Make sure `task_id` is in memory if it exists: finished tasks past
@@ -509,8 +609,17 @@ impl Hub {
         .await
     }
 
-    /// Re-queue a FAILED or CANCELLED task with its attempts reset.
+    /// Re-queue a FAILED or CANCELLED task with its attempts reset (it
+    /// waits again for dependencies that are not COMPLETED).
     pub async fn retry_task(&self, task_id: &str) -> Result<Task> {
+        let mut known = HashMap::new();
+        if let Some(task) = self.stored_or_cached(task_id).await? {
+            for dep in &task.depends_on {
+                if let Some(t) = self.stored_or_cached(dep).await? {
+                    known.insert(dep.clone(), t.state);
+                }
+            }
+        }
         let retention = self.config.retention;
         self.change_task(task_id, |core, txn| {
             let core = &mut *core;
@@ -540,7 +649,18 @@ impl Hub {
             let payload = obj(json!({"reason": "retry"}));
             core.emit(txn, task_id, EventKind::Retried, &agent, payload);
             core.forget_preferences(task_id);
-            core.enqueue(task_id);
+            match core.dependency_check(&core.tasks[task_id], &known) {
+                Ok(unmet) => {
+                    core.wait_for(task_id, unmet);
+                    if core.arm_deadlines(task_id) {
+                        txn.timers_added = true;
+                    }
+                }
+                Err(failed) => {
+                    let error = json!({"reason": REASON_DEPENDENCY_FAILED, "dependency": failed});
+                    core.fail_task(txn, task_id, error);
+                }
+            }
             Ok(())
         })
         .await
@@ -642,6 +762,7 @@ impl Hub {
     pub fn close(&self) {
         self.closing.store(true, Ordering::Release);
         self.store.close();
+        self.output.close();
     }
 }
 
@@ -668,6 +789,24 @@ fn validate_push(req: &PushRequest) -> Result<()> {
     if req.needed_capabilities.iter().any(String::is_empty) {
         return bad("needed_capabilities must not contain empty strings".into());
     }
+    if req.depends_on.len() > MAX_DEPENDENCIES {
+        return bad(format!(
+            "depends_on takes at most {MAX_DEPENDENCIES} task ids"
+        ));
+    }
+    if req.depends_on.iter().any(String::is_empty) {
+        return bad("depends_on must not contain empty task ids".into());
+    }
+    if req
+        .task_id
+        .as_ref()
+        .is_some_and(|id| req.depends_on.contains(id))
+    {
+        return bad("a task cannot depend on itself".into());
+    }
+    if req.deadline_ms < 0 {
+        return bad("deadline_ms must be a Unix time in ms (or 0)".into());
+    }
     Ok(())
 }
 
@@ -680,6 +819,9 @@ fn same_request(task: &Task, req: &PushRequest, max_attempts: u32) -> bool {
         && task.needed_capabilities == req.needed_capabilities
         && task.priority == req.priority
         && task.max_attempts == max_attempts
+        && task.depends_on == req.depends_on
+        && task.queue_ttl_ms == req.queue_ttl_ms
+        && task.deadline_ms == req.deadline_ms
 }
 
 /// Write a secret to a file only its owner can read.

@@ -118,6 +118,10 @@ impl Hub {
     /// replies leave in commit order, and an error never overtakes the ack
     /// of an earlier report.
     pub async fn report(&self, agent_id: &str, session: &Link, msg: FromAgent) {
+        if let FromAgent::Output(out) = msg {
+            // Not a lifecycle report: no event, no reply (see `output.rs`).
+            return self.task_output(agent_id, out).await;
+        }
         if let Some(task_id) = report_task_id(&msg) {
             // A finished task past the cache is read back, so the report
             // gets `task_finished`, not `unknown_task`.
@@ -174,7 +178,7 @@ impl Hub {
                     on_agent_restarting(&mut core, agent_id, reason);
                     Ok(())
                 }
-                FromAgent::Identify(_) | FromAgent::Ping => Ok(()),
+                FromAgent::Identify(_) | FromAgent::Ping | FromAgent::Output(_) => Ok(()),
             },
         };
         if let Err(e) = outcome {

@@ -1,4 +1,4 @@
-//! Retention: finished tasks and their events are removed once `retention`
+//! Retention: finished tasks, their events and their output are removed once `retention`
 //! has passed since they finished, in small batches on a reader connection
 //! (off the commit path), checked every `retention_interval`. Live tasks are
 //! never touched; a task this close to the cutoff can no longer be retried,
@@ -47,6 +47,7 @@ impl Hub {
                 let n = purged.task_ids.len();
                 if n > 0 {
                     self.lock().forget_purged(&purged);
+                    self.output.purge(purged.task_ids.clone());
                     self.metrics.retention_purged_tasks.inc_by(n as u64);
                     self.metrics.retention_purged_events.inc_by(purged.events);
                     tracing::debug!(

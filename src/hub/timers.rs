@@ -1,5 +1,7 @@
 //! Time-based reclaims: accept timeout, progress timeout, reconnect grace;
-//! and the ends of the settle window and the `busy` backoff.
+//! the ends of the settle window and the `busy` backoff; a task's queue TTL
+//! and deadline (armed from the absolute times stored in the task, so they
+//! survive restarts).
 //! One task sleeps until the earliest deadline; every timer re-checks the
 //! task's state when it fires, so stale timers are harmless. Time is
 //! `tokio::time`, so tests can pause and advance it. While the store refuses
@@ -11,7 +13,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::core::{LostTask, Timer, Txn, RECLAIM_DISCONNECTED};
+use serde_json::json;
+
+use super::core::{
+    LostTask, Timer, Txn, REASON_DEADLINE_EXCEEDED, REASON_TTL_EXPIRED, RECLAIM_DISCONNECTED,
+};
 use super::Hub;
 use crate::model::TaskState;
 
@@ -103,6 +109,26 @@ impl Hub {
                     if agent.epoch == epoch && !agent.settling.is_empty() {
                         tracing::info!(agent = %agent_id, unreported = ?agent.settling, "settle window over");
                         core.settle_all(&agent_id);
+                    }
+                }
+                Timer::QueueTtl(task_id) => {
+                    let due = core
+                        .tasks
+                        .get(&task_id)
+                        .is_some_and(|t| t.state == TaskState::Queued);
+                    if due {
+                        let error = json!({"reason": REASON_TTL_EXPIRED});
+                        core.fail_task(&mut txn, &task_id, error);
+                    }
+                }
+                Timer::Deadline(task_id) => {
+                    let due = core
+                        .tasks
+                        .get(&task_id)
+                        .is_some_and(|t| !t.state.is_final());
+                    if due {
+                        let error = json!({"reason": REASON_DEADLINE_EXCEEDED});
+                        core.fail_task(&mut txn, &task_id, error);
                     }
                 }
                 Timer::Busy(agent_id, token) => {

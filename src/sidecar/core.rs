@@ -378,6 +378,28 @@ impl Sidecar {
                     }));
                 }
             }
+            RunEvent::Output {
+                task_id,
+                generation,
+                stream,
+                data,
+            } => {
+                let current = self
+                    .state
+                    .data
+                    .tasks
+                    .get(&task_id)
+                    .is_some_and(|r| r.generation == generation && r.is_running());
+                if current {
+                    self.send(json!({
+                        "type": "task_output",
+                        "task_id": task_id,
+                        "generation": generation,
+                        "stream": stream,
+                        "data": data,
+                    }));
+                }
+            }
             RunEvent::Exited {
                 task_id,
                 generation,

@@ -1,4 +1,5 @@
-//! What a command prints: `::progress` lines read as they are written, and
+//! What a command prints: its lines read as they are written (streamed to
+//! the hub as `task_output`; `::progress` lines also become progress), and
 //! the tail of stdout / stderr for the final report.
 
 use std::io::SeekFrom;
@@ -50,9 +51,9 @@ impl LineTail {
         }
     }
 
-    /// Read what was appended since the last call; call `on_progress` for
-    /// every complete progress line.
-    pub(super) async fn poll(&mut self, mut on_progress: impl FnMut(Value)) {
+    /// Read what was appended since the last call; call `on_line` for
+    /// every complete line (without its line ending).
+    pub(super) async fn poll(&mut self, mut on_line: impl FnMut(&str)) {
         if self.file.is_none() {
             let Ok(mut f) = tokio::fs::File::open(&self.path).await else {
                 return;
@@ -75,9 +76,7 @@ impl LineTail {
                 if b == b'\n' {
                     if !self.skipping {
                         let line = String::from_utf8_lossy(&self.partial);
-                        if let Some(p) = parse_progress(line.trim_end_matches('\r')) {
-                            on_progress(p);
-                        }
+                        on_line(line.trim_end_matches('\r'));
                     }
                     self.partial.clear();
                     self.skipping = false;
@@ -162,15 +161,15 @@ mod tests {
         std::fs::write(&p, "::progress 1\n").unwrap();
         let mut tail = LineTail::new(p.clone(), true);
         let mut seen = Vec::new();
-        tail.poll(|v| seen.push(v)).await;
+        tail.poll(|l| seen.extend(parse_progress(l))).await;
         assert!(seen.is_empty(), "lines before adoption are skipped");
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
         f.write_all(b"hello\n::progress 2\n::progress 3").unwrap();
-        tail.poll(|v| seen.push(v)).await;
+        tail.poll(|l| seen.extend(parse_progress(l))).await;
         assert_eq!(seen, vec![json!(2)]);
         f.write_all(b"\n").unwrap();
-        tail.poll(|v| seen.push(v)).await;
+        tail.poll(|l| seen.extend(parse_progress(l))).await;
         assert_eq!(seen, vec![json!(2), json!(3)]);
     }
 }

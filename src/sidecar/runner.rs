@@ -77,7 +77,17 @@ pub enum RunEvent {
         generation: u64,
         outcome: Outcome,
     },
+    /// Lines the command printed (sent as `task_output`).
+    Output {
+        task_id: String,
+        generation: u64,
+        stream: &'static str,
+        data: String,
+    },
 }
+
+/// Most output bytes in one `task_output` message.
+const MAX_OUTPUT_CHUNK: usize = 256 * 1024;
 
 /// The main loop's handle on a watcher; `stop` ends the run.
 pub struct RunHandle {
@@ -176,8 +186,11 @@ pub fn start(
         .id()
         .ok_or_else(|| std::io::Error::other("child has no pid"))?;
     let pid_start = proc_stat(pid).map(|(_, start)| start);
-    let tail = LineTail::new(dir.join("stdout"), false);
-    let handle = spawn_watcher(cfg, rec, dir, Proc::Child(child), tail, events);
+    let tails = [
+        LineTail::new(dir.join("stdout"), false),
+        LineTail::new(dir.join("stderr"), false),
+    ];
+    let handle = spawn_watcher(cfg, rec, dir, Proc::Child(child), tails, events);
     Ok(Started {
         pid,
         pid_start,
@@ -201,8 +214,11 @@ pub fn adopt(
         },
         None => Proc::Gone,
     };
-    let tail = LineTail::new(dir.join("stdout"), true);
-    spawn_watcher(cfg, rec, dir, proc, tail, events)
+    let tails = [
+        LineTail::new(dir.join("stdout"), true),
+        LineTail::new(dir.join("stderr"), true),
+    ];
+    spawn_watcher(cfg, rec, dir, proc, tails, events)
 }
 
 fn spawn_watcher(
@@ -210,7 +226,7 @@ fn spawn_watcher(
     rec: &TaskRecord,
     dir: &Path,
     proc: Proc,
-    tail: LineTail,
+    tails: [LineTail; 2],
     events: mpsc::UnboundedSender<RunEvent>,
 ) -> RunHandle {
     let (stop_tx, stop_rx) = oneshot::channel();
@@ -223,7 +239,7 @@ fn spawn_watcher(
         events,
     };
     let span = tracing::info_span!("task", task_id = %rec.task_id, generation = rec.generation);
-    tokio::spawn(watcher.run(proc, tail, stop_rx).instrument(span));
+    tokio::spawn(watcher.run(proc, tails, stop_rx).instrument(span));
     RunHandle {
         stop: Some(stop_tx),
     }
@@ -243,7 +259,7 @@ impl Watcher {
     async fn run(
         self,
         mut proc: Proc,
-        mut tail: LineTail,
+        mut tails: [LineTail; 2],
         mut stop: oneshot::Receiver<StopReason>,
     ) {
         let span =
@@ -259,13 +275,13 @@ impl Watcher {
                     terminate(&mut proc, self.cfg.kill_grace).await;
                     break Ok(why);
                 }
-                _ = tick.tick() => tail.poll(|p| self.progress(p)).await,
+                _ = tick.tick() => self.poll(&mut tails).await,
             }
         };
         let outcome = match stopped {
             Ok(why) => Outcome::Stopped(why),
             Err(status) => {
-                tail.poll(|p| self.progress(p)).await;
+                self.poll(&mut tails).await;
                 self.outcome(status).await
             }
         };
@@ -273,6 +289,39 @@ impl Watcher {
             task_id: self.task_id.clone(),
             generation: self.generation,
             outcome,
+        });
+    }
+
+    /// Send what the command printed since the last poll, and its
+    /// `::progress` lines as progress.
+    async fn poll(&self, tails: &mut [LineTail; 2]) {
+        for (tail, stream) in tails.iter_mut().zip(["stdout", "stderr"]) {
+            let mut buf = String::new();
+            tail.poll(|line| {
+                if stream == "stdout" {
+                    if let Some(p) = super::output::parse_progress(line) {
+                        self.progress(p);
+                    }
+                }
+                buf.push_str(line);
+                buf.push('\n');
+                if buf.len() >= MAX_OUTPUT_CHUNK {
+                    self.output(stream, std::mem::take(&mut buf));
+                }
+            })
+            .await;
+            if !buf.is_empty() {
+                self.output(stream, buf);
+            }
+        }
+    }
+
+    fn output(&self, stream: &'static str, data: String) {
+        let _ = self.events.send(RunEvent::Output {
+            task_id: self.task_id.clone(),
+            generation: self.generation,
+            stream,
+            data,
         });
     }
 
@@ -402,6 +451,13 @@ mod tests {
             None,
             "identity is checked"
         );
+        // Its lines are streamed as output before it exits.
+        match rx.recv().await.unwrap() {
+            RunEvent::Output { stream, data, .. } => {
+                assert_eq!((stream, data.as_str()), ("stdout", "t1 {\"k\":\"v\"}\n"));
+            }
+            other => panic!("{other:?}"),
+        }
         match rx.recv().await.unwrap() {
             RunEvent::Exited {
                 outcome: Outcome::Completed(result),
@@ -412,7 +468,8 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(live_process(&rec, &dir), None);
-        // Adopting the finished run reads its exit file.
+        // Adopting the finished run reads its exit file (its output was
+        // handled by the run before: nothing is sent again).
         let _handle = adopt(&cfg, &rec, &dir, tx);
         match rx.recv().await.unwrap() {
             RunEvent::Exited {

@@ -94,6 +94,8 @@ pub struct Loaded {
     pub last_seq: Seq,
     /// Stored tasks per state (index: `TaskState::ALL`), finished ones included.
     pub state_counts: [u64; 6],
+    /// States of the finished tasks live tasks depend on.
+    pub dependency_states: std::collections::HashMap<String, crate::model::TaskState>,
 }
 
 /// A `ListTasks` query as the store runs it.

@@ -7,7 +7,8 @@ use serde_json::{Map, Value};
 
 use crate::model::JsonObject;
 
-pub use crate::link::{FromAgent, Identify, Report, Resources, ToAgent};
+pub use crate::link::{FromAgent, Identify, Output, Report, Resources, ToAgent};
+use crate::model::OutputStream;
 
 /// Largest `max_concurrency` a sidecar may announce.
 pub const MAX_CONCURRENCY: u32 = 10_000;
@@ -58,6 +59,7 @@ pub fn parse(text: &str) -> Result<FromAgent, ProtocolError> {
         "wake_result" => FromAgent::WakeResult(report(obj)?),
         "resource_report" => FromAgent::ResourceReport(parse_resources(&obj)),
         "agent_restarting" => FromAgent::AgentRestarting(optional_str(&obj, "reason")?),
+        "task_output" => FromAgent::Output(parse_output(&obj)?),
         other => {
             return Err(ProtocolError {
                 code: "unknown_message_type",
@@ -118,6 +120,31 @@ fn parse_identify(obj: &JsonObject) -> Result<Identify, ProtocolError> {
         status: optional_str(obj, "status")?,
         capabilities,
         max_concurrency,
+    })
+}
+
+fn parse_output(obj: &JsonObject) -> Result<Output, ProtocolError> {
+    let stream = match optional_str(obj, "stream")? {
+        None => OutputStream::Stdout,
+        Some(s) => OutputStream::parse(&s)
+            .ok_or_else(|| ProtocolError::invalid("`stream` must be \"stdout\" or \"stderr\""))?,
+    };
+    let data = match obj.get("data") {
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(ProtocolError::invalid("`data` must be a string")),
+        None => return Err(ProtocolError::invalid("missing field `data`")),
+    };
+    let generation = match obj.get("generation") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| {
+            ProtocolError::invalid("`generation` must be a non-negative integer")
+        })?),
+    };
+    Ok(Output {
+        task_id: required_str(obj, "task_id")?,
+        generation,
+        stream,
+        data,
     })
 }
 
@@ -226,6 +253,28 @@ mod tests {
         assert_eq!((res.ram_total_bytes, res.vram_used_bytes), (None, None));
         let m = parse(r#"{"type":"agent_restarting","reason":"hub_commanded"}"#).unwrap();
         assert_eq!(m, FromAgent::AgentRestarting(Some("hub_commanded".into())));
+    }
+
+    #[test]
+    fn parses_task_output() {
+        let m = parse(r#"{"type":"task_output","task_id":"t1","generation":2,"stream":"stderr","data":"x\n"}"#).unwrap();
+        let FromAgent::Output(o) = m else { panic!() };
+        assert_eq!(
+            (o.task_id.as_str(), o.generation, o.stream, o.data.as_str()),
+            ("t1", Some(2), crate::model::OutputStream::Stderr, "x\n")
+        );
+        let m = parse(r#"{"type":"task_output","task_id":"t1","data":""}"#).unwrap();
+        assert!(
+            matches!(m, FromAgent::Output(o) if o.stream == crate::model::OutputStream::Stdout && o.generation.is_none())
+        );
+        for bad in [
+            r#"{"type":"task_output","task_id":"t1"}"#,
+            r#"{"type":"task_output","task_id":"t1","data":5}"#,
+            r#"{"type":"task_output","task_id":"t1","data":"x","stream":"stdin"}"#,
+            r#"{"type":"task_output","data":"x"}"#,
+        ] {
+            assert_eq!(parse(bad).unwrap_err().code, "invalid_message", "{bad}");
+        }
     }
 
     #[test]

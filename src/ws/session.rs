@@ -90,7 +90,9 @@ impl SessionCtl {
 pub struct WsLink {
     id: u64,
     /// Bounded queue to the writer task; full means the peer stopped reading.
-    tx: mpsc::Sender<ToAgent>,
+    /// Boxed: the channel allocates its slots in blocks, and an idle
+    /// session should hold pointers, not whole messages.
+    tx: mpsc::Sender<Box<ToAgent>>,
     ctl: Arc<SessionCtl>,
 }
 
@@ -100,7 +102,7 @@ impl AgentLink for WsLink {
     }
 
     fn send(&self, msg: ToAgent) -> bool {
-        match self.tx.try_send(msg) {
+        match self.tx.try_send(Box::new(msg)) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(session = self.id, "outbound queue full; disconnecting");
@@ -327,7 +329,7 @@ async fn write_all(
 /// Returns true if it ended with a close frame sent (a clean close).
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    mut out: mpsc::Receiver<ToAgent>,
+    mut out: mpsc::Receiver<Box<ToAgent>>,
     ctl: Arc<SessionCtl>,
     last_seen: Arc<AtomicI64>,
     timing: Timing,
@@ -341,10 +343,10 @@ async fn write_loop(
                 Some(msg) => {
                     // Everything queued goes out with one flush (one write
                     // syscall under load instead of one per frame).
-                    let mut batch = vec![msg];
+                    let mut batch = vec![*msg];
                     while batch.len() < WRITE_BATCH {
                         match out.try_recv() {
-                            Ok(m) => batch.push(m),
+                            Ok(m) => batch.push(*m),
                             Err(_) => break,
                         }
                     }

@@ -803,3 +803,42 @@ async fn dashboard_starts_over_when_the_hub_serves_another_log() {
     hub.stop().await;
     drop((old_dir, new_dir));
 }
+
+/// Task detail shows a task's dependencies and deadline, and its output as
+/// it is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_task_detail_shows_dependencies_and_live_output() {
+    let _one = BROWSER.lock().await;
+    let hub = TestHub::start().await;
+    let mut sc = hub.sidecar("writer-1").await;
+    let mut client = hub.client().await;
+    let first = client.push(pinned("writer-1", "first")).await.task_id;
+    let (id, generation) = sc.next_assign().await;
+    assert_eq!(id, first);
+    sc.accept(&id, generation).await;
+    let second = client
+        .push(pb::PushTaskRequest {
+            depends_on: vec![first.clone()],
+            deadline_ms: agenthub::model::now_ms() + 3_600_000,
+            ..pinned("writer-1", "second")
+        })
+        .await
+        .task_id;
+    let out = |data: &str| json!({"type": "task_output", "task_id": first, "generation": generation, "stream": "stdout", "data": data});
+    sc.send(out("building...\n")).await;
+
+    let mut page = Page::open(&hub).await;
+    page.sign_in(&hub.admin_token).await;
+    page.open_task(&first).await;
+    page.wait("#detail-output:has-text('building...')").await;
+    sc.send(out("tests passed\n")).await;
+    page.wait("#detail-output:has-text('tests passed')").await;
+    page.screenshot("task-output").await.unwrap();
+
+    page.open_task(&second).await;
+    page.wait(&format!("#detail-depends-on:has-text('{first}')"))
+        .await;
+    assert!(page.text("#task-detail").await.contains("Deadline"));
+    page.close().await;
+    hub.stop().await;
+}

@@ -12,6 +12,7 @@ mod faults;
 mod history;
 mod interop;
 mod model;
+mod orchestrator;
 mod scheduler;
 mod security;
 mod smoke;

@@ -1,6 +1,7 @@
 // Task detail: the task (GetTask) and its whole event timeline
 // (WatchTaskEvents for this task from seq 0: the stored history, then live),
-// grouped by generation; Cancel and Retry for tokens that may.
+// grouped by generation; its dependencies and deadlines; its output
+// (WatchTaskOutput: stored, then live); Cancel and Retry for tokens that may.
 
 import { explain, valueText, type Hub, type Role } from "./api";
 import { clock, dateTime, fill, h } from "./dom";
@@ -9,6 +10,8 @@ import { feedEvent, isFinal, kindName, priorityName, stateName, type FeedEvent }
 
 /** Events drawn in the timeline (the latest). */
 const MAX_TIMELINE = 500;
+/** Output characters kept for display (the latest). */
+const MAX_OUTPUT = 64 * 1024;
 const REFRESH_MS = 150;
 
 export class TaskDetail {
@@ -20,6 +23,10 @@ export class TaskDetail {
   private message = "";
   private dirty = true;
   private refreshing = false;
+  /** The task's output shown so far (the latest MAX_OUTPUT characters). */
+  private output = "";
+  private outputCut = false;
+  private outputOffset = 0n;
 
   constructor(
     readonly taskId: string,
@@ -46,6 +53,7 @@ export class TaskDetail {
       this.mark();
       return;
     }
+    void this.followOutput();
     // The timeline: every stored event of this task, then live ones. A
     // broken stream resumes after the last seq shown.
     while (!this.abort.signal.aborted) {
@@ -59,6 +67,30 @@ export class TaskDetail {
           if (this.task && ev.seq > Number(this.task.lastSeq)) this.refreshSoon();
           this.mark();
         }
+      } catch {
+        if (this.abort.signal.aborted) return;
+      }
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+  }
+
+  /** The task's output: what is stored, then live until the task ends. A
+   *  broken stream resumes at the offset reached. */
+  private async followOutput(): Promise<void> {
+    while (!this.abort.signal.aborted) {
+      try {
+        const stream = this.hub.watchTaskOutput({ taskId: this.taskId, afterOffset: this.outputOffset }, { signal: this.abort.signal });
+        for await (const c of stream) {
+          this.outputOffset = c.offset + BigInt(new TextEncoder().encode(c.data).length);
+          this.output += c.data;
+          if (this.output.length > MAX_OUTPUT) {
+            this.output = this.output.slice(-MAX_OUTPUT);
+            this.outputCut = true;
+          }
+          this.mark();
+        }
+        // Ended: the task is finished and all its output was sent.
+        return;
       } catch {
         if (this.abort.signal.aborted) return;
       }
@@ -140,11 +172,23 @@ export class TaskDetail {
         ...fact("Created", dateTime(Number(t.createdAtMs))),
         ...fact("Updated", dateTime(Number(t.updatedAtMs))),
         ...fact("Description", t.description || "—"),
+        ...(t.dependsOn.length
+          ? fact("Depends on", h("span", { id: "detail-depends-on" }, ...t.dependsOn.flatMap((d, i) => [i ? ", " : "", h("code", {}, d)])))
+          : []),
+        ...(t.queueTtlMs ? fact("Queue TTL", `${Number(t.queueTtlMs) / 1000} s (until ${dateTime(Number(t.createdAtMs) + Number(t.queueTtlMs))})`) : []),
+        ...(t.deadlineMs ? fact("Deadline", dateTime(Number(t.deadlineMs))) : []),
         ...(t.metadata && Object.keys(t.metadata).length ? fact("Metadata", h("pre", {}, JSON.stringify(t.metadata, null, 1))) : []),
         ...(lastProgress ? fact("Progress", h("pre", {}, JSON.stringify(lastProgress.payload.progress ?? lastProgress.payload))) : []),
         ...(t.result ? fact("Result", h("pre", { id: "detail-result" }, valueText(t.result))) : []),
         ...(t.error ? fact("Error", h("pre", { class: "error", id: "detail-error" }, valueText(t.error))) : []),
       ),
+      ...(this.output
+        ? [
+            h("h3", {}, "Output"),
+            this.outputCut ? h("p", { class: "muted" }, `Earlier output not shown (the latest ${MAX_OUTPUT / 1024} KiB is).`) : null,
+            h("pre", { class: "output", id: "detail-output" }, this.output),
+          ]
+        : []),
       h("h3", {}, "Timeline"),
       hidden ? h("p", { class: "muted" }, `${hidden} earlier events not shown (the latest ${MAX_TIMELINE} are).`) : null,
       h(

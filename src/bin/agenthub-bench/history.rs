@@ -93,6 +93,9 @@ pub async fn prepare(ctx: &Ctx, n: usize) -> Result<String> {
                     updated_at_ms: now,
                     last_seq: created + 3,
                     created_seq: created,
+                    depends_on: Vec::new(),
+                    queue_ttl_ms: 0,
+                    deadline_ms: 0,
                 };
                 let created_payload = json!({"description": description, "priority": "NORMAL", "needed_capabilities": [], "max_attempts": 3, "pinned": true});
                 batch.events.push(event(created, &task, EventKind::Created, created_payload, TaskState::Queued));

@@ -17,6 +17,7 @@
 //! - `report.rs`: JSON lines and the Markdown summary.
 //! - `util.rs`: clock, percentiles, `/proc` readings.
 
+mod flood;
 mod grpc_echo;
 mod history;
 mod hub;
@@ -85,7 +86,7 @@ struct RunArgs {
     #[arg(long)]
     quick: bool,
     /// Only these groups (comma-separated): fsync, echo, grpc-echo, nats-rr, js-roundtrip,
-    /// hub-push, fanout, ingest, replay, connections, history.
+    /// hub-push, fanout, ingest, replay, connections, history, output-flood.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Longest time one measured loop may take, in seconds.
@@ -109,6 +110,7 @@ const GROUPS: &[&str] = &[
     "replay",
     "connections",
     "history",
+    "output-flood",
 ];
 
 /// Workload sizes.
@@ -468,6 +470,11 @@ async fn run_group(
                     rec.write(r("hub_history", "agenthub", None), Err(e), t)?;
                 }
             }
+        }
+        "output-flood" => {
+            let t = now_ns();
+            let out = flood::run(ctx, &name("hub-output-flood")).await;
+            rec.write(r("hub_output_flood", "agenthub", None), out, t)?;
         }
         other => bail!("unknown group {other}"),
     }

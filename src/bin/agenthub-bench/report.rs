@@ -393,6 +393,15 @@ fn targets(d: &Data) -> Vec<Target> {
             unit: "/s",
         },
         Target {
+            what: "push round trip p50 while another agent floods 10 MB/s of output".into(),
+            phase: ("hub_output_flood", None),
+            hub: metric("hub_output_flood", None, "push_p50_flood_us"),
+            base: Some(metric("hub_output_flood", None, "push_p50_calm_us")),
+            base_label: "the same without the flood, same hub".into(),
+            bound: (true, 1.2),
+            unit: "µs",
+        },
+        Target {
             what: "replay from seq 0".into(),
             phase: ("hub_replay", None),
             hub: metric("hub_replay", None, "events_per_s"),

@@ -46,6 +46,20 @@ struct RowBody<'a> {
     error: &'a Option<serde_json::Value>,
     created_at_ms: i64,
     updated_at_ms: i64,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    depends_on: &'a [String],
+    #[serde(skip_serializing_if = "is_zero_u64")]
+    queue_ttl_ms: u64,
+    #[serde(skip_serializing_if = "is_zero_i64")]
+    deadline_ms: i64,
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_zero_i64(n: &i64) -> bool {
+    *n == 0
 }
 
 /// The stable number of a state in the `state` column (the proto's values).
@@ -119,6 +133,9 @@ pub fn write_task(tx: &Transaction<'_>, t: &Task, expected: Option<Seq>) -> Resu
         error: &t.error,
         created_at_ms: t.created_at_ms,
         updated_at_ms: t.updated_at_ms,
+        depends_on: &t.depends_on,
+        queue_ttl_ms: t.queue_ttl_ms,
+        deadline_ms: t.deadline_ms,
     })
     .map_err(|e| Error::storage(e.to_string()))?;
     let finished = t.state.is_final().then_some(t.updated_at_ms);
@@ -216,6 +233,31 @@ pub fn load_live(conn: &Connection) -> Result<Vec<Task>> {
         &format!("SELECT {ROW} FROM tasks WHERE state IN (1, 2, 3) ORDER BY created_seq"),
         &[],
     )
+}
+
+/// The states of the finished tasks that live tasks depend on (a live
+/// task's dependencies that are live themselves are among the live tasks).
+/// A dependency that is gone was removed by retention, which only removes
+/// finished tasks; it is left out (the hub treats it as COMPLETED: a
+/// dependent of a task that failed fails with it, in the same commit).
+pub fn dependency_states(
+    conn: &Connection,
+    live: &[Task],
+) -> Result<std::collections::HashMap<String, TaskState>> {
+    let live_ids: std::collections::HashSet<&str> =
+        live.iter().map(|t| t.task_id.as_str()).collect();
+    let mut out = std::collections::HashMap::new();
+    let mut stmt = conn.prepare_cached("SELECT state FROM tasks WHERE task_id = ?1")?;
+    for dep in live.iter().flat_map(|t| &t.depends_on) {
+        if live_ids.contains(dep.as_str()) || out.contains_key(dep) {
+            continue;
+        }
+        let code: Option<i64> = stmt.query_row(params![dep], |r| r.get(0)).optional()?;
+        if let Some(state) = code.and_then(state_from_code) {
+            out.insert(dep.clone(), state);
+        }
+    }
+    Ok(out)
 }
 
 /// Tasks per state (index: `TaskState::ALL`).

@@ -16,6 +16,7 @@ use std::thread::JoinHandle;
 use rusqlite::{params, Connection, OptionalExtension};
 
 pub mod history;
+pub mod output;
 
 use super::{
     Batch, CommitStats, Faults, ListFilter, Loaded, Purged, Store, TaskListing, TaskWrite,
@@ -391,6 +392,7 @@ impl Store for SqliteStore {
             let last_seq: Option<u64> =
                 conn.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
             Ok(Loaded {
+                dependency_states: history::dependency_states(conn, &tasks)?,
                 tasks,
                 last_seq: last_seq.unwrap_or(0).max(history::purged_upto(conn)?),
                 state_counts: history::state_counts(conn)?,

@@ -21,7 +21,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file agenthub/v1/hub.proto.
  */
 export const file_agenthub_v1_hub: GenFile = /*@__PURE__*/
-  fileDesc("ChVhZ2VudGh1Yi92MS9odWIucHJvdG8SC2FnZW50aHViLnYxIuoBCg9QdXNoVGFza1JlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSKQoIbWV0YWRhdGEYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Eg8KB3Rhc2tfaWQYBCABKAkSGwoTbmVlZGVkX2NhcGFiaWxpdGllcxgFIAMoCRInCghwcmlvcml0eRgGIAEoDjIVLmFnZW50aHViLnYxLlByaW9yaXR5EhgKEHF1ZXVlX2lmX29mZmxpbmUYByABKAgSFAoMbWF4X2F0dGVtcHRzGAggASgNIm4KEFB1c2hUYXNrUmVzcG9uc2USDwoHdGFza19pZBgBIAEoCRIQCghhZ2VudF9pZBgCIAEoCRImCgVzdGF0ZRgDIAEoDjIXLmFnZW50aHViLnYxLlRhc2suU3RhdGUSDwoHY3JlYXRlZBgEIAEoCCKtAQoWV2F0Y2hUYXNrRXZlbnRzUmVxdWVzdBIWCglhZnRlcl9zZXEYASABKARIAIgBARIPCgd0YXNrX2lkGAIgASgJEhAKCGFnZW50X2lkGAMgASgJEioKBWtpbmRzGAQgAygOMhsuYWdlbnRodWIudjEuVGFza0V2ZW50LktpbmQSEwoGbG9nX2lkGAUgASgJSAGIAQFCDAoKX2FmdGVyX3NlcUIJCgdfbG9nX2lkIqsDCglUYXNrRXZlbnQSCwoDc2VxGAEgASgEEg8KB3Rhc2tfaWQYAiABKAkSEAoIYWdlbnRfaWQYAyABKAkSKQoEa2luZBgEIAEoDjIbLmFnZW50aHViLnYxLlRhc2tFdmVudC5LaW5kEhIKCmdlbmVyYXRpb24YBSABKAQSKAoHcGF5bG9hZBgGIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSFAoMdGltZXN0YW1wX21zGAcgASgDEiYKBXN0YXRlGAggASgOMhcuYWdlbnRodWIudjEuVGFzay5TdGF0ZSLGAQoES2luZBIUChBLSU5EX1VOU1BFQ0lGSUVEEAASCwoHQ1JFQVRFRBABEgwKCEFTU0lHTkVEEAISDAoIQUNDRVBURUQQAxIMCghQUk9HUkVTUxAEEg0KCUNPTVBMRVRFRBAFEgoKBkZBSUxFRBAGEgwKCFJFSkVDVEVEEAcSDgoKUkVDT1ZFUklORxAIEg0KCUNPTlRJTlVFRBAJEg0KCVJFQ0xBSU1FRBAKEg0KCUNBTkNFTExFRBALEgsKB1JFVFJJRUQQDCKjBAoEVGFzaxIPCgd0YXNrX2lkGAEgASgJEhAKCGFnZW50X2lkGAIgASgJEhMKC2Rlc2NyaXB0aW9uGAMgASgJEikKCG1ldGFkYXRhGAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBImCgVzdGF0ZRgFIAEoDjIXLmFnZW50aHViLnYxLlRhc2suU3RhdGUSEgoKZ2VuZXJhdGlvbhgGIAEoBBIQCghhdHRlbXB0cxgHIAEoDRIUCgxtYXhfYXR0ZW1wdHMYCCABKA0SGwoTbmVlZGVkX2NhcGFiaWxpdGllcxgJIAMoCRInCghwcmlvcml0eRgKIAEoDjIVLmFnZW50aHViLnYxLlByaW9yaXR5EiYKBnJlc3VsdBgLIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRIlCgVlcnJvchgMIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRIVCg1jcmVhdGVkX2F0X21zGA0gASgDEhUKDXVwZGF0ZWRfYXRfbXMYDiABKAMSEAoIbGFzdF9zZXEYDyABKAQSDgoGcGlubmVkGBAgASgIIm8KBVN0YXRlEhUKEVNUQVRFX1VOU1BFQ0lGSUVEEAASCgoGUVVFVUVEEAESDAoIQVNTSUdORUQQAhILCgdSVU5OSU5HEAMSDQoJQ09NUExFVEVEEAQSCgoGRkFJTEVEEAUSDQoJQ0FOQ0VMTEVEEAYiIQoOR2V0VGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCSJzChBMaXN0VGFza3NSZXF1ZXN0EiYKBXN0YXRlGAEgASgOMhcuYWdlbnRodWIudjEuVGFzay5TdGF0ZRIQCghhZ2VudF9pZBgCIAEoCRIRCglwYWdlX3NpemUYAyABKA0SEgoKcGFnZV90b2tlbhgEIAEoCSJxChFMaXN0VGFza3NSZXNwb25zZRIgCgV0YXNrcxgBIAMoCzIRLmFnZW50aHViLnYxLlRhc2sSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEhEKCWFzX29mX3NlcRgDIAEoBBIOCgZsb2dfaWQYBCABKAkiJAoRQ2FuY2VsVGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCSIjChBSZXRyeVRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkiNwoTUmVzdGFydEFnZW50UmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiFgoUUmVzdGFydEFnZW50UmVzcG9uc2UimgIKDkFnZW50UmVzb3VyY2VzEhgKC2NwdV9wZXJjZW50GAEgASgBSACIAQESGwoOcmFtX3VzZWRfYnl0ZXMYAiABKARIAYgBARIcCg9yYW1fdG90YWxfYnl0ZXMYAyABKARIAogBARIcCg92cmFtX3VzZWRfYnl0ZXMYBCABKARIA4gBARIdChB2cmFtX3RvdGFsX2J5dGVzGAUgASgESASIAQESFgoOcmVwb3J0ZWRfYXRfbXMYBiABKANCDgoMX2NwdV9wZXJjZW50QhEKD19yYW1fdXNlZF9ieXRlc0ISChBfcmFtX3RvdGFsX2J5dGVzQhIKEF92cmFtX3VzZWRfYnl0ZXNCEwoRX3ZyYW1fdG90YWxfYnl0ZXMiEwoRTGlzdEFnZW50c1JlcXVlc3Qi2AEKBUFnZW50EhAKCGFnZW50X2lkGAEgASgJEgwKBG5hbWUYAiABKAkSFAoMY2FwYWJpbGl0aWVzGAMgAygJEg4KBnN0YXR1cxgEIAEoCRIRCgljb25uZWN0ZWQYBSABKAgSFAoMY29ubmVjdGVkX2F0GAYgASgDEhcKD2FjdGl2ZV90YXNrX2lkcxgHIAMoCRIuCglyZXNvdXJjZXMYCSABKAsyGy5hZ2VudGh1Yi52MS5BZ2VudFJlc291cmNlcxIXCg9tYXhfY29uY3VycmVuY3kYCCABKA0iOAoSTGlzdEFnZW50c1Jlc3BvbnNlEiIKBmFnZW50cxgBIAMoCzISLmFnZW50aHViLnYxLkFnZW50IjMKEUlzc3VlVG9rZW5SZXF1ZXN0EgwKBHJvbGUYASABKAkSEAoIYWdlbnRfaWQYAiABKAkiLwoSSXNzdWVUb2tlblJlc3BvbnNlEgoKAmlkGAEgASgJEg0KBXRva2VuGAIgASgJIhMKEUxpc3RUb2tlbnNSZXF1ZXN0Il8KCVRva2VuSW5mbxIKCgJpZBgBIAEoCRIMCgRyb2xlGAIgASgJEhAKCGFnZW50X2lkGAMgASgJEhUKDWNyZWF0ZWRfYXRfbXMYBCABKAMSDwoHcmV2b2tlZBgFIAEoCCI8ChJMaXN0VG9rZW5zUmVzcG9uc2USJgoGdG9rZW5zGAEgAygLMhYuYWdlbnRodWIudjEuVG9rZW5JbmZvIiAKElJldm9rZVRva2VuUmVxdWVzdBIKCgJpZBgBIAEoCSIVChNSZXZva2VUb2tlblJlc3BvbnNlKk8KCFByaW9yaXR5EhgKFFBSSU9SSVRZX1VOU1BFQ0lGSUVEEAASBwoDTE9XEAESCgoGTk9STUFMEAISCAoESElHSBADEgoKBlVSR0VOVBAEMr8GCgdUYXNrSHViEkcKCFB1c2hUYXNrEhwuYWdlbnRodWIudjEuUHVzaFRhc2tSZXF1ZXN0Gh0uYWdlbnRodWIudjEuUHVzaFRhc2tSZXNwb25zZRJQCg9XYXRjaFRhc2tFdmVudHMSIy5hZ2VudGh1Yi52MS5XYXRjaFRhc2tFdmVudHNSZXF1ZXN0GhYuYWdlbnRodWIudjEuVGFza0V2ZW50MAESOQoHR2V0VGFzaxIbLmFnZW50aHViLnYxLkdldFRhc2tSZXF1ZXN0GhEuYWdlbnRodWIudjEuVGFzaxJKCglMaXN0VGFza3MSHS5hZ2VudGh1Yi52MS5MaXN0VGFza3NSZXF1ZXN0Gh4uYWdlbnRodWIudjEuTGlzdFRhc2tzUmVzcG9uc2USPwoKQ2FuY2VsVGFzaxIeLmFnZW50aHViLnYxLkNhbmNlbFRhc2tSZXF1ZXN0GhEuYWdlbnRodWIudjEuVGFzaxI9CglSZXRyeVRhc2sSHS5hZ2VudGh1Yi52MS5SZXRyeVRhc2tSZXF1ZXN0GhEuYWdlbnRodWIudjEuVGFzaxJTCgxSZXN0YXJ0QWdlbnQSIC5hZ2VudGh1Yi52MS5SZXN0YXJ0QWdlbnRSZXF1ZXN0GiEuYWdlbnRodWIudjEuUmVzdGFydEFnZW50UmVzcG9uc2USTQoKTGlzdEFnZW50cxIeLmFnZW50aHViLnYxLkxpc3RBZ2VudHNSZXF1ZXN0Gh8uYWdlbnRodWIudjEuTGlzdEFnZW50c1Jlc3BvbnNlEk0KCklzc3VlVG9rZW4SHi5hZ2VudGh1Yi52MS5Jc3N1ZVRva2VuUmVxdWVzdBofLmFnZW50aHViLnYxLklzc3VlVG9rZW5SZXNwb25zZRJNCgpMaXN0VG9rZW5zEh4uYWdlbnRodWIudjEuTGlzdFRva2Vuc1JlcXVlc3QaHy5hZ2VudGh1Yi52MS5MaXN0VG9rZW5zUmVzcG9uc2USUAoLUmV2b2tlVG9rZW4SHy5hZ2VudGh1Yi52MS5SZXZva2VUb2tlblJlcXVlc3QaIC5hZ2VudGh1Yi52MS5SZXZva2VUb2tlblJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_struct]);
+  fileDesc("ChVhZ2VudGh1Yi92MS9odWIucHJvdG8SC2FnZW50aHViLnYxIqkCCg9QdXNoVGFza1JlcXVlc3QSEAoIYWdlbnRfaWQYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSKQoIbWV0YWRhdGEYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Eg8KB3Rhc2tfaWQYBCABKAkSGwoTbmVlZGVkX2NhcGFiaWxpdGllcxgFIAMoCRInCghwcmlvcml0eRgGIAEoDjIVLmFnZW50aHViLnYxLlByaW9yaXR5EhgKEHF1ZXVlX2lmX29mZmxpbmUYByABKAgSFAoMbWF4X2F0dGVtcHRzGAggASgNEhIKCmRlcGVuZHNfb24YCSADKAkSFAoMcXVldWVfdHRsX21zGAogASgEEhMKC2RlYWRsaW5lX21zGAsgASgDIm4KEFB1c2hUYXNrUmVzcG9uc2USDwoHdGFza19pZBgBIAEoCRIQCghhZ2VudF9pZBgCIAEoCRImCgVzdGF0ZRgDIAEoDjIXLmFnZW50aHViLnYxLlRhc2suU3RhdGUSDwoHY3JlYXRlZBgEIAEoCCKtAQoWV2F0Y2hUYXNrRXZlbnRzUmVxdWVzdBIWCglhZnRlcl9zZXEYASABKARIAIgBARIPCgd0YXNrX2lkGAIgASgJEhAKCGFnZW50X2lkGAMgASgJEioKBWtpbmRzGAQgAygOMhsuYWdlbnRodWIudjEuVGFza0V2ZW50LktpbmQSEwoGbG9nX2lkGAUgASgJSAGIAQFCDAoKX2FmdGVyX3NlcUIJCgdfbG9nX2lkIqsDCglUYXNrRXZlbnQSCwoDc2VxGAEgASgEEg8KB3Rhc2tfaWQYAiABKAkSEAoIYWdlbnRfaWQYAyABKAkSKQoEa2luZBgEIAEoDjIbLmFnZW50aHViLnYxLlRhc2tFdmVudC5LaW5kEhIKCmdlbmVyYXRpb24YBSABKAQSKAoHcGF5bG9hZBgGIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSFAoMdGltZXN0YW1wX21zGAcgASgDEiYKBXN0YXRlGAggASgOMhcuYWdlbnRodWIudjEuVGFzay5TdGF0ZSLGAQoES2luZBIUChBLSU5EX1VOU1BFQ0lGSUVEEAASCwoHQ1JFQVRFRBABEgwKCEFTU0lHTkVEEAISDAoIQUNDRVBURUQQAxIMCghQUk9HUkVTUxAEEg0KCUNPTVBMRVRFRBAFEgoKBkZBSUxFRBAGEgwKCFJFSkVDVEVEEAcSDgoKUkVDT1ZFUklORxAIEg0KCUNPTlRJTlVFRBAJEg0KCVJFQ0xBSU1FRBAKEg0KCUNBTkNFTExFRBALEgsKB1JFVFJJRUQQDCLiBAoEVGFzaxIPCgd0YXNrX2lkGAEgASgJEhAKCGFnZW50X2lkGAIgASgJEhMKC2Rlc2NyaXB0aW9uGAMgASgJEikKCG1ldGFkYXRhGAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBImCgVzdGF0ZRgFIAEoDjIXLmFnZW50aHViLnYxLlRhc2suU3RhdGUSEgoKZ2VuZXJhdGlvbhgGIAEoBBIQCghhdHRlbXB0cxgHIAEoDRIUCgxtYXhfYXR0ZW1wdHMYCCABKA0SGwoTbmVlZGVkX2NhcGFiaWxpdGllcxgJIAMoCRInCghwcmlvcml0eRgKIAEoDjIVLmFnZW50aHViLnYxLlByaW9yaXR5EiYKBnJlc3VsdBgLIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRIlCgVlcnJvchgMIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRIVCg1jcmVhdGVkX2F0X21zGA0gASgDEhUKDXVwZGF0ZWRfYXRfbXMYDiABKAMSEAoIbGFzdF9zZXEYDyABKAQSDgoGcGlubmVkGBAgASgIEhIKCmRlcGVuZHNfb24YESADKAkSFAoMcXVldWVfdHRsX21zGBIgASgEEhMKC2RlYWRsaW5lX21zGBMgASgDIm8KBVN0YXRlEhUKEVNUQVRFX1VOU1BFQ0lGSUVEEAASCgoGUVVFVUVEEAESDAoIQVNTSUdORUQQAhILCgdSVU5OSU5HEAMSDQoJQ09NUExFVEVEEAQSCgoGRkFJTEVEEAUSDQoJQ0FOQ0VMTEVEEAYiIQoOR2V0VGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCSJzChBMaXN0VGFza3NSZXF1ZXN0EiYKBXN0YXRlGAEgASgOMhcuYWdlbnRodWIudjEuVGFzay5TdGF0ZRIQCghhZ2VudF9pZBgCIAEoCRIRCglwYWdlX3NpemUYAyABKA0SEgoKcGFnZV90b2tlbhgEIAEoCSJxChFMaXN0VGFza3NSZXNwb25zZRIgCgV0YXNrcxgBIAMoCzIRLmFnZW50aHViLnYxLlRhc2sSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEhEKCWFzX29mX3NlcRgDIAEoBBIOCgZsb2dfaWQYBCABKAkiJAoRQ2FuY2VsVGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCSIjChBSZXRyeVRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkiNwoTUmVzdGFydEFnZW50UmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiFgoUUmVzdGFydEFnZW50UmVzcG9uc2UimgIKDkFnZW50UmVzb3VyY2VzEhgKC2NwdV9wZXJjZW50GAEgASgBSACIAQESGwoOcmFtX3VzZWRfYnl0ZXMYAiABKARIAYgBARIcCg9yYW1fdG90YWxfYnl0ZXMYAyABKARIAogBARIcCg92cmFtX3VzZWRfYnl0ZXMYBCABKARIA4gBARIdChB2cmFtX3RvdGFsX2J5dGVzGAUgASgESASIAQESFgoOcmVwb3J0ZWRfYXRfbXMYBiABKANCDgoMX2NwdV9wZXJjZW50QhEKD19yYW1fdXNlZF9ieXRlc0ISChBfcmFtX3RvdGFsX2J5dGVzQhIKEF92cmFtX3VzZWRfYnl0ZXNCEwoRX3ZyYW1fdG90YWxfYnl0ZXMiEwoRTGlzdEFnZW50c1JlcXVlc3Qi2AEKBUFnZW50EhAKCGFnZW50X2lkGAEgASgJEgwKBG5hbWUYAiABKAkSFAoMY2FwYWJpbGl0aWVzGAMgAygJEg4KBnN0YXR1cxgEIAEoCRIRCgljb25uZWN0ZWQYBSABKAgSFAoMY29ubmVjdGVkX2F0GAYgASgDEhcKD2FjdGl2ZV90YXNrX2lkcxgHIAMoCRIuCglyZXNvdXJjZXMYCSABKAsyGy5hZ2VudGh1Yi52MS5BZ2VudFJlc291cmNlcxIXCg9tYXhfY29uY3VycmVuY3kYCCABKA0iOAoSTGlzdEFnZW50c1Jlc3BvbnNlEiIKBmFnZW50cxgBIAMoCzISLmFnZW50aHViLnYxLkFnZW50IjYKD1dhaXRUYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEhIKCnRpbWVvdXRfbXMYAiABKAQiVAoWV2F0Y2hUYXNrT3V0cHV0UmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEhQKDGFmdGVyX29mZnNldBgCIAEoBBITCgtzdG9yZWRfb25seRgDIAEoCCJQCg9UYXNrT3V0cHV0Q2h1bmsSDwoHdGFza19pZBgBIAEoCRIOCgZvZmZzZXQYAiABKAQSDgoGc3RyZWFtGAMgASgJEgwKBGRhdGEYBCABKAkiMwoRSXNzdWVUb2tlblJlcXVlc3QSDAoEcm9sZRgBIAEoCRIQCghhZ2VudF9pZBgCIAEoCSIvChJJc3N1ZVRva2VuUmVzcG9uc2USCgoCaWQYASABKAkSDQoFdG9rZW4YAiABKAkiEwoRTGlzdFRva2Vuc1JlcXVlc3QiXwoJVG9rZW5JbmZvEgoKAmlkGAEgASgJEgwKBHJvbGUYAiABKAkSEAoIYWdlbnRfaWQYAyABKAkSFQoNY3JlYXRlZF9hdF9tcxgEIAEoAxIPCgdyZXZva2VkGAUgASgIIjwKEkxpc3RUb2tlbnNSZXNwb25zZRImCgZ0b2tlbnMYASADKAsyFi5hZ2VudGh1Yi52MS5Ub2tlbkluZm8iIAoSUmV2b2tlVG9rZW5SZXF1ZXN0EgoKAmlkGAEgASgJIhUKE1Jldm9rZVRva2VuUmVzcG9uc2UqTwoIUHJpb3JpdHkSGAoUUFJJT1JJVFlfVU5TUEVDSUZJRUQQABIHCgNMT1cQARIKCgZOT1JNQUwQAhIICgRISUdIEAMSCgoGVVJHRU5UEAQy1AcKB1Rhc2tIdWISRwoIUHVzaFRhc2sSHC5hZ2VudGh1Yi52MS5QdXNoVGFza1JlcXVlc3QaHS5hZ2VudGh1Yi52MS5QdXNoVGFza1Jlc3BvbnNlElAKD1dhdGNoVGFza0V2ZW50cxIjLmFnZW50aHViLnYxLldhdGNoVGFza0V2ZW50c1JlcXVlc3QaFi5hZ2VudGh1Yi52MS5UYXNrRXZlbnQwARI5CgdHZXRUYXNrEhsuYWdlbnRodWIudjEuR2V0VGFza1JlcXVlc3QaES5hZ2VudGh1Yi52MS5UYXNrEkoKCUxpc3RUYXNrcxIdLmFnZW50aHViLnYxLkxpc3RUYXNrc1JlcXVlc3QaHi5hZ2VudGh1Yi52MS5MaXN0VGFza3NSZXNwb25zZRI/CgpDYW5jZWxUYXNrEh4uYWdlbnRodWIudjEuQ2FuY2VsVGFza1JlcXVlc3QaES5hZ2VudGh1Yi52MS5UYXNrEj0KCVJldHJ5VGFzaxIdLmFnZW50aHViLnYxLlJldHJ5VGFza1JlcXVlc3QaES5hZ2VudGh1Yi52MS5UYXNrElMKDFJlc3RhcnRBZ2VudBIgLmFnZW50aHViLnYxLlJlc3RhcnRBZ2VudFJlcXVlc3QaIS5hZ2VudGh1Yi52MS5SZXN0YXJ0QWdlbnRSZXNwb25zZRJNCgpMaXN0QWdlbnRzEh4uYWdlbnRodWIudjEuTGlzdEFnZW50c1JlcXVlc3QaHy5hZ2VudGh1Yi52MS5MaXN0QWdlbnRzUmVzcG9uc2USOwoIV2FpdFRhc2sSHC5hZ2VudGh1Yi52MS5XYWl0VGFza1JlcXVlc3QaES5hZ2VudGh1Yi52MS5UYXNrElYKD1dhdGNoVGFza091dHB1dBIjLmFnZW50aHViLnYxLldhdGNoVGFza091dHB1dFJlcXVlc3QaHC5hZ2VudGh1Yi52MS5UYXNrT3V0cHV0Q2h1bmswARJNCgpJc3N1ZVRva2VuEh4uYWdlbnRodWIudjEuSXNzdWVUb2tlblJlcXVlc3QaHy5hZ2VudGh1Yi52MS5Jc3N1ZVRva2VuUmVzcG9uc2USTQoKTGlzdFRva2VucxIeLmFnZW50aHViLnYxLkxpc3RUb2tlbnNSZXF1ZXN0Gh8uYWdlbnRodWIudjEuTGlzdFRva2Vuc1Jlc3BvbnNlElAKC1Jldm9rZVRva2VuEh8uYWdlbnRodWIudjEuUmV2b2tlVG9rZW5SZXF1ZXN0GiAuYWdlbnRodWIudjEuUmV2b2tlVG9rZW5SZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_struct]);
 
 /**
  * @generated from message agenthub.v1.PushTaskRequest
@@ -75,6 +75,31 @@ export type PushTaskRequest = Message<"agenthub.v1.PushTaskRequest"> & {
    * @generated from field: uint32 max_attempts = 8;
    */
   maxAttempts: number;
+
+  /**
+   * Tasks (ids) that must be COMPLETED before this one is scheduled; each
+   * must exist (else INVALID_ARGUMENT). If one FAILS or is CANCELLED, this
+   * task FAILS with error {"reason":"dependency_failed","dependency":ID}.
+   *
+   * @generated from field: repeated string depends_on = 9;
+   */
+  dependsOn: string[];
+
+  /**
+   * A task still QUEUED this long (ms) after its push FAILS with
+   * {"reason":"ttl_expired"}. 0: no limit.
+   *
+   * @generated from field: uint64 queue_ttl_ms = 10;
+   */
+  queueTtlMs: bigint;
+
+  /**
+   * Unix ms: a task not finished by then is cancelled at its sidecar and
+   * FAILS with {"reason":"deadline_exceeded"}. 0: none.
+   *
+   * @generated from field: int64 deadline_ms = 11;
+   */
+  deadlineMs: bigint;
 };
 
 /**
@@ -403,6 +428,23 @@ export type Task = Message<"agenthub.v1.Task"> & {
    * @generated from field: bool pinned = 16;
    */
   pinned: boolean;
+
+  /**
+   * As given to PushTask.
+   *
+   * @generated from field: repeated string depends_on = 17;
+   */
+  dependsOn: string[];
+
+  /**
+   * @generated from field: uint64 queue_ttl_ms = 18;
+   */
+  queueTtlMs: bigint;
+
+  /**
+   * @generated from field: int64 deadline_ms = 19;
+   */
+  deadlineMs: bigint;
 };
 
 /**
@@ -757,6 +799,100 @@ export const ListAgentsResponseSchema: GenMessage<ListAgentsResponse> = /*@__PUR
   messageDesc(file_agenthub_v1_hub, 15);
 
 /**
+ * @generated from message agenthub.v1.WaitTaskRequest
+ */
+export type WaitTaskRequest = Message<"agenthub.v1.WaitTaskRequest"> & {
+  /**
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+
+  /**
+   * 0: no limit (until the task finishes or the call is cancelled).
+   *
+   * @generated from field: uint64 timeout_ms = 2;
+   */
+  timeoutMs: bigint;
+};
+
+/**
+ * Describes the message agenthub.v1.WaitTaskRequest.
+ * Use `create(WaitTaskRequestSchema)` to create a new message.
+ */
+export const WaitTaskRequestSchema: GenMessage<WaitTaskRequest> = /*@__PURE__*/
+  messageDesc(file_agenthub_v1_hub, 16);
+
+/**
+ * @generated from message agenthub.v1.WatchTaskOutputRequest
+ */
+export type WatchTaskOutputRequest = Message<"agenthub.v1.WatchTaskOutputRequest"> & {
+  /**
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+
+  /**
+   * Output from this byte offset on (0: from the start of what is kept).
+   *
+   * @generated from field: uint64 after_offset = 2;
+   */
+  afterOffset: bigint;
+
+  /**
+   * Only the output stored now, then end (do not follow live output).
+   *
+   * @generated from field: bool stored_only = 3;
+   */
+  storedOnly: boolean;
+};
+
+/**
+ * Describes the message agenthub.v1.WatchTaskOutputRequest.
+ * Use `create(WatchTaskOutputRequestSchema)` to create a new message.
+ */
+export const WatchTaskOutputRequestSchema: GenMessage<WatchTaskOutputRequest> = /*@__PURE__*/
+  messageDesc(file_agenthub_v1_hub, 17);
+
+/**
+ * A piece of a task's output.
+ *
+ * @generated from message agenthub.v1.TaskOutputChunk
+ */
+export type TaskOutputChunk = Message<"agenthub.v1.TaskOutputChunk"> & {
+  /**
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+
+  /**
+   * UTF-8 byte offset of data in the task's output (one offset space for
+   * both streams, in arrival order, contiguous from 0).
+   *
+   * @generated from field: uint64 offset = 2;
+   */
+  offset: bigint;
+
+  /**
+   * "stdout" or "stderr".
+   *
+   * @generated from field: string stream = 3;
+   */
+  stream: string;
+
+  /**
+   * @generated from field: string data = 4;
+   */
+  data: string;
+};
+
+/**
+ * Describes the message agenthub.v1.TaskOutputChunk.
+ * Use `create(TaskOutputChunkSchema)` to create a new message.
+ */
+export const TaskOutputChunkSchema: GenMessage<TaskOutputChunk> = /*@__PURE__*/
+  messageDesc(file_agenthub_v1_hub, 18);
+
+/**
  * @generated from message agenthub.v1.IssueTokenRequest
  */
 export type IssueTokenRequest = Message<"agenthub.v1.IssueTokenRequest"> & {
@@ -780,7 +916,7 @@ export type IssueTokenRequest = Message<"agenthub.v1.IssueTokenRequest"> & {
  * Use `create(IssueTokenRequestSchema)` to create a new message.
  */
 export const IssueTokenRequestSchema: GenMessage<IssueTokenRequest> = /*@__PURE__*/
-  messageDesc(file_agenthub_v1_hub, 16);
+  messageDesc(file_agenthub_v1_hub, 19);
 
 /**
  * @generated from message agenthub.v1.IssueTokenResponse
@@ -806,7 +942,7 @@ export type IssueTokenResponse = Message<"agenthub.v1.IssueTokenResponse"> & {
  * Use `create(IssueTokenResponseSchema)` to create a new message.
  */
 export const IssueTokenResponseSchema: GenMessage<IssueTokenResponse> = /*@__PURE__*/
-  messageDesc(file_agenthub_v1_hub, 17);
+  messageDesc(file_agenthub_v1_hub, 20);
 
 /**
  * @generated from message agenthub.v1.ListTokensRequest
@@ -819,7 +955,7 @@ export type ListTokensRequest = Message<"agenthub.v1.ListTokensRequest"> & {
  * Use `create(ListTokensRequestSchema)` to create a new message.
  */
 export const ListTokensRequestSchema: GenMessage<ListTokensRequest> = /*@__PURE__*/
-  messageDesc(file_agenthub_v1_hub, 18);
+  messageDesc(file_agenthub_v1_hub, 21);
 
 /**
  * @generated from message agenthub.v1.TokenInfo
@@ -856,7 +992,7 @@ export type TokenInfo = Message<"agenthub.v1.TokenInfo"> & {
  * Use `create(TokenInfoSchema)` to create a new message.
  */
 export const TokenInfoSchema: GenMessage<TokenInfo> = /*@__PURE__*/
-  messageDesc(file_agenthub_v1_hub, 19);
+  messageDesc(file_agenthub_v1_hub, 22);
 
 /**
  * @generated from message agenthub.v1.ListTokensResponse
@@ -873,7 +1009,7 @@ export type ListTokensResponse = Message<"agenthub.v1.ListTokensResponse"> & {
  * Use `create(ListTokensResponseSchema)` to create a new message.
  */
 export const ListTokensResponseSchema: GenMessage<ListTokensResponse> = /*@__PURE__*/
-  messageDesc(file_agenthub_v1_hub, 20);
+  messageDesc(file_agenthub_v1_hub, 23);
 
 /**
  * @generated from message agenthub.v1.RevokeTokenRequest
@@ -890,7 +1026,7 @@ export type RevokeTokenRequest = Message<"agenthub.v1.RevokeTokenRequest"> & {
  * Use `create(RevokeTokenRequestSchema)` to create a new message.
  */
 export const RevokeTokenRequestSchema: GenMessage<RevokeTokenRequest> = /*@__PURE__*/
-  messageDesc(file_agenthub_v1_hub, 21);
+  messageDesc(file_agenthub_v1_hub, 24);
 
 /**
  * @generated from message agenthub.v1.RevokeTokenResponse
@@ -903,7 +1039,7 @@ export type RevokeTokenResponse = Message<"agenthub.v1.RevokeTokenResponse"> & {
  * Use `create(RevokeTokenResponseSchema)` to create a new message.
  */
 export const RevokeTokenResponseSchema: GenMessage<RevokeTokenResponse> = /*@__PURE__*/
-  messageDesc(file_agenthub_v1_hub, 22);
+  messageDesc(file_agenthub_v1_hub, 25);
 
 /**
  * Scheduling priority. Unspecified means NORMAL.
@@ -1037,6 +1173,30 @@ export const TaskHub: GenService<{
     methodKind: "unary";
     input: typeof ListAgentsRequestSchema;
     output: typeof ListAgentsResponseSchema;
+  },
+  /**
+   * The task as soon as it is finished (COMPLETED, FAILED or CANCELLED), or
+   * at timeout_ms with the task as it is then (its state tells which).
+   * NOT_FOUND if unknown.
+   *
+   * @generated from rpc agenthub.v1.TaskHub.WaitTask
+   */
+  waitTask: {
+    methodKind: "unary";
+    input: typeof WaitTaskRequestSchema;
+    output: typeof TaskSchema;
+  },
+  /**
+   * A task's output (task_output from its sidecar): the stored output from
+   * after_offset, then live output; ends once the task is finished and all
+   * its output was sent.
+   *
+   * @generated from rpc agenthub.v1.TaskHub.WatchTaskOutput
+   */
+  watchTaskOutput: {
+    methodKind: "server_streaming";
+    input: typeof WatchTaskOutputRequestSchema;
+    output: typeof TaskOutputChunkSchema;
   },
   /**
    * Admin only: create a token. The secret is in the response and nowhere else.

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for agenthub.v1 (see ../../generate.sh)."""
