@@ -68,6 +68,14 @@ fn allow<T>(req: &Request<T>, access: Access) -> Result<(), Status> {
     Ok(principal.allow(access)?)
 }
 
+/// The id of the token a request authenticated with (for watch slots and revocation).
+fn principal_token_id<T>(req: &Request<T>) -> String {
+    req.extensions()
+        .get::<Principal>()
+        .map(|p| p.token_id.clone())
+        .unwrap_or_default()
+}
+
 fn token_info(t: crate::auth::TokenRecord) -> pb::TokenInfo {
     pb::TokenInfo {
         id: t.id,
@@ -140,11 +148,7 @@ impl TaskHub for TaskHubService {
         req: Request<pb::WatchTaskEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
         allow(&req, Access::Read)?;
-        let token_id = req
-            .extensions()
-            .get::<Principal>()
-            .map(|p| p.token_id.clone())
-            .unwrap_or_default();
+        let token_id = principal_token_id(&req);
         let slot = self.watch_slots.acquire(&token_id)?;
         let r = req.into_inner();
         let kinds = r
@@ -266,6 +270,8 @@ impl TaskHub for TaskHubService {
         req: Request<pb::WatchTaskOutputRequest>,
     ) -> Result<Response<OutputStream>, Status> {
         allow(&req, Access::Read)?;
+        let token_id = principal_token_id(&req);
+        let slot = self.watch_slots.acquire(&token_id)?;
         let r = req.into_inner();
         let rx = self
             .hub
@@ -285,6 +291,8 @@ impl TaskHub for TaskHubService {
             .take_until(async move {
                 let _ = shutdown.wait_for(|s| *s).await;
             });
+        let revoked = self.hub.verifier().revocations().revoked(&token_id);
+        let stream = crate::grpc_limits::guard(Box::pin(stream), slot, revoked);
         Ok(Response::new(Box::pin(stream) as OutputStream))
     }
 

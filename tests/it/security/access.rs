@@ -106,6 +106,14 @@ async fn revoking_over_grpc_closes_the_session_4401_and_ends_the_watch_unauthent
     assert_eq!(task_id, task.task_id);
     s.accept(&task_id, generation).await;
     let mut watch = viewer.watch_after(0).await;
+    let mut output = viewer
+        .watch_task_output(pb::WatchTaskOutputRequest {
+            task_id: task.task_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
 
     let t0 = Instant::now();
     admin
@@ -131,6 +139,17 @@ async fn revoking_over_grpc_closes_the_session_4401_and_ends_the_watch_unauthent
         {
             Ok(Some(_)) => continue,
             Ok(None) => panic!("stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    let status = loop {
+        match tokio::time::timeout(WAIT, output.message())
+            .await
+            .expect("output stream ends")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("output stream ended without a status"),
             Err(status) => break status,
         }
     };
