@@ -84,6 +84,21 @@ class TaskHubStub:
                 request_serializer=agenthub_dot_v1_dot_hub__pb2.WatchTaskOutputRequest.SerializeToString,
                 response_deserializer=agenthub_dot_v1_dot_hub__pb2.TaskOutputChunk.FromString,
                 _registered_method=True)
+        self.IssueToken = channel.unary_unary(
+                '/agenthub.v1.TaskHub/IssueToken',
+                request_serializer=agenthub_dot_v1_dot_hub__pb2.IssueTokenRequest.SerializeToString,
+                response_deserializer=agenthub_dot_v1_dot_hub__pb2.IssueTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/agenthub.v1.TaskHub/ListTokens',
+                request_serializer=agenthub_dot_v1_dot_hub__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=agenthub_dot_v1_dot_hub__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/agenthub.v1.TaskHub/RevokeToken',
+                request_serializer=agenthub_dot_v1_dot_hub__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=agenthub_dot_v1_dot_hub__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
 
 
 class TaskHubServicer:
@@ -174,6 +189,29 @@ class TaskHubServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueToken(self, request, context):
+        """Admin only: create a token. The secret is in the response and nowhere else.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Admin only: every token (never the secrets).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Admin only: revoke a token. Live sessions and streams that authenticated
+        with it end within 2 s (WebSocket close 4401; streams UNAUTHENTICATED).
+        NOT_FOUND for an unknown id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskHubServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -226,6 +264,21 @@ def add_TaskHubServicer_to_server(servicer, server):
                     servicer.WatchTaskOutput,
                     request_deserializer=agenthub_dot_v1_dot_hub__pb2.WatchTaskOutputRequest.FromString,
                     response_serializer=agenthub_dot_v1_dot_hub__pb2.TaskOutputChunk.SerializeToString,
+            ),
+            'IssueToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueToken,
+                    request_deserializer=agenthub_dot_v1_dot_hub__pb2.IssueTokenRequest.FromString,
+                    response_serializer=agenthub_dot_v1_dot_hub__pb2.IssueTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=agenthub_dot_v1_dot_hub__pb2.ListTokensRequest.FromString,
+                    response_serializer=agenthub_dot_v1_dot_hub__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=agenthub_dot_v1_dot_hub__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=agenthub_dot_v1_dot_hub__pb2.RevokeTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -498,6 +551,87 @@ class TaskHub:
             '/agenthub.v1.TaskHub/WatchTaskOutput',
             agenthub_dot_v1_dot_hub__pb2.WatchTaskOutputRequest.SerializeToString,
             agenthub_dot_v1_dot_hub__pb2.TaskOutputChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agenthub.v1.TaskHub/IssueToken',
+            agenthub_dot_v1_dot_hub__pb2.IssueTokenRequest.SerializeToString,
+            agenthub_dot_v1_dot_hub__pb2.IssueTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agenthub.v1.TaskHub/ListTokens',
+            agenthub_dot_v1_dot_hub__pb2.ListTokensRequest.SerializeToString,
+            agenthub_dot_v1_dot_hub__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agenthub.v1.TaskHub/RevokeToken',
+            agenthub_dot_v1_dot_hub__pb2.RevokeTokenRequest.SerializeToString,
+            agenthub_dot_v1_dot_hub__pb2.RevokeTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,
