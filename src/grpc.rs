@@ -19,6 +19,9 @@ use crate::pb::{self, wire::EventBytes};
 
 pub use pb::server::task_hub_server::TaskHubServer;
 
+/// Shortest gap between two lists on a `WatchAgents` stream.
+const AGENTS_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Response header of `WatchTaskEvents` naming the log its seqs belong to.
 pub const LOG_ID_HEADER: &str = "agenthub-log-id";
 
@@ -305,6 +308,43 @@ impl TaskHub for TaskHubService {
         Ok(Response::new(pb::ListAgentsResponse {
             agents: agents.iter().map(pb::Agent::from).collect(),
         }))
+    }
+
+    type WatchAgentsStream =
+        Pin<Box<dyn Stream<Item = Result<pb::ListAgentsResponse, Status>> + Send>>;
+
+    async fn watch_agents(
+        &self,
+        req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<Self::WatchAgentsStream>, Status> {
+        allow(&req, Access::Read)?;
+        let token_id = principal_token_id(&req);
+        let slot = self.watch_slots.acquire(&token_id)?;
+        let hub = self.hub.clone();
+        let changes = hub.agent_changes();
+        let lists = futures_util::stream::unfold(
+            (hub, changes, true),
+            |(hub, mut changes, first)| async move {
+                if !first {
+                    changes.changed().await.ok()?;
+                    // Coalesce a burst of changes into one list.
+                    tokio::time::sleep(AGENTS_DEBOUNCE).await;
+                    changes.borrow_and_update();
+                }
+                let agents = hub.list_agents();
+                let list = pb::ListAgentsResponse {
+                    agents: agents.iter().map(pb::Agent::from).collect(),
+                };
+                Some((Ok(list), (hub, changes, false)))
+            },
+        );
+        let mut shutdown = self.shutdown.clone();
+        let stream = lists.take_until(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        });
+        let revoked = self.hub.verifier().revocations().revoked(&token_id);
+        let stream = crate::grpc_limits::guard(Box::pin(stream), slot, revoked);
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn issue_token(

@@ -119,6 +119,9 @@ pub struct Hub {
     timer_wake: Notify,
     /// Wakes the recovery task (a commit failed).
     recovery_wake: Notify,
+    /// Bumped whenever agents may have changed (any transaction, identify,
+    /// disconnect): `WatchAgents` streams follow it.
+    agents_changed: tokio::sync::watch::Sender<u64>,
     /// `WaitTask` callers, woken after the commit that finished their task.
     waiters: Arc<wait::Waiters>,
     /// Task output: its own file and writer thread (off the lifecycle path).
@@ -175,6 +178,7 @@ impl Hub {
             log_id,
             timer_wake: Notify::new(),
             recovery_wake: Notify::new(),
+            agents_changed: tokio::sync::watch::Sender::new(0),
             waiters: Arc::default(),
             output,
             output_watches,
@@ -208,6 +212,16 @@ impl Hub {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Tell `WatchAgents` streams to look again (cheap when nobody watches).
+    pub(crate) fn note_agents_changed(&self) {
+        self.agents_changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Follow agent changes (see [`Hub::note_agents_changed`]).
+    pub fn agent_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.agents_changed.subscribe()
+    }
+
     /// The name of the event log cursors refer to.
     pub fn log_id(&self) -> &str {
         &self.log_id
@@ -224,6 +238,7 @@ impl Hub {
         if txn.timers_added {
             self.timer_wake.notify_one();
         }
+        self.note_agents_changed();
         let mut batch = core.finish(txn, self.store.durable_seq());
         if batch.is_empty() {
             return;

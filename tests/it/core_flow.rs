@@ -829,3 +829,53 @@ async fn tokens_are_stored_only_as_hashes_and_the_admin_token_file_is_private() 
         );
     }
 }
+
+#[tokio::test]
+async fn watch_agents_streams_connects_slots_and_disconnects() {
+    let hub = TestHub::start().await;
+    let mut client = hub.client().await;
+    let mut stream = client
+        .watch_agents(pb::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        next(&mut stream).await.agents.is_empty(),
+        "the list at once"
+    );
+    let mut sc = hub.sidecar("w1").await;
+    // Lists come as things change, until they show what happened.
+    let mut list = next(&mut stream).await;
+    while !list
+        .agents
+        .iter()
+        .any(|a| a.agent_id == "w1" && a.connected)
+    {
+        list = next(&mut stream).await;
+    }
+    client.push(pinned("w1", "x")).await;
+    let (id, _) = sc.next_assign().await;
+    while !list
+        .agents
+        .iter()
+        .any(|a| a.agent_id == "w1" && a.active_task_ids == [id.clone()])
+    {
+        list = next(&mut stream).await;
+    }
+    drop(sc);
+    while list
+        .agents
+        .iter()
+        .any(|a| a.agent_id == "w1" && a.connected)
+    {
+        list = next(&mut stream).await;
+    }
+}
+
+async fn next(stream: &mut tonic::Streaming<pb::ListAgentsResponse>) -> pb::ListAgentsResponse {
+    tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("a list within WAIT")
+        .unwrap()
+        .expect("stream open")
+}

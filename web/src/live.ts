@@ -1,6 +1,6 @@
-// The one connection that keeps the model current: a snapshot of live tasks
-// (ListTasks, paged, per live state) and agents (ListAgents), then
-// WatchTaskEvents from the snapshot's seq. When the stream breaks it shows
+// The connection that keeps the model current: a snapshot of live tasks
+// (ListTasks, paged, per live state), then WatchTaskEvents from the
+// snapshot's seq; agents come from the WatchAgents stream. When the stream breaks it shows
 // "reconnecting…" and resumes from the last applied seq: the model drops any
 // seq it already has, so there is no duplicate and, since the hub replays
 // everything after the cursor, no gap. The cursor names its log (log_id): a
@@ -9,26 +9,18 @@
 
 import { Code, classify, explain, isCode, type Hub } from "./api";
 import { feedEvent, LIVE_STATES, type Model } from "./model";
-import { Task_State, TaskEvent_Kind } from "./gen/agenthub/v1/hub_pb";
+import { Task_State } from "./gen/agenthub/v1/hub_pb";
 
 const PAGE_SIZE = 1000;
 /** Events before the snapshot replayed for the charts (last hour, bounded). */
 const CHART_BACKFILL = 5000;
 const RETRY_MIN_MS = 250;
 const RETRY_MAX_MS = 4000;
-/**
- * Agents: the API has task events but no agent events, so an agent that
- * connects idle shows up by this refresh of ListAgents (one small call).
- * Task assignments move agents' slots at once, from events.
- */
-const AGENTS_REFRESH_MS = 2000;
 
 export type Connection = "connecting" | "live" | "reconnecting" | "stopped";
 
 export class Live {
   private abort = new AbortController();
-  private agentsTimer = 0;
-  private agentsPending = false;
   private fetching = new Set<string>();
   /** The hub's event log our seqs belong to (ListTasksResponse.log_id). */
   private logId = "";
@@ -43,7 +35,6 @@ export class Live {
 
   stop(): void {
     this.abort.abort();
-    clearInterval(this.agentsTimer);
     this.status("stopped");
   }
 
@@ -56,10 +47,9 @@ export class Live {
     let retry = RETRY_MIN_MS;
     let after: number | undefined;
     let firstWatch = true;
-    this.agentsTimer = window.setInterval(() => this.refreshAgents().catch((e) => this.refreshFailed(e)), AGENTS_REFRESH_MS);
+    void this.followAgents();
     while (!this.stopped) {
       try {
-        await this.refreshAgents(true);
         if (after === undefined) {
           await this.snapshot();
           after = Math.max(0, this.model.snapshotSeq - CHART_BACKFILL);
@@ -70,7 +60,6 @@ export class Live {
         for await (const e of stream) {
           const ev = feedEvent(e);
           if (this.model.applyEvent(ev)) {
-            if (ev.kind === TaskEvent_Kind.ASSIGNED && !this.model.agents.has(ev.agentId)) this.refreshAgents().catch((e) => this.refreshFailed(e));
             if (this.model.missing.size) this.fetchMissing();
             this.changed();
           }
@@ -132,23 +121,38 @@ export class Live {
     this.changed();
   }
 
-  async refreshAgents(force = false): Promise<void> {
-    if (this.agentsPending || (!force && this.model.stats.connection !== "live")) return;
-    this.agentsPending = true;
-    try {
-      const r = await this.hub.listAgents({}, { signal: this.abort.signal });
-      this.model.setAgents(r.agents);
-      // Slots follow the task table between refreshes.
-      for (const row of this.model.order) {
-        if (row.agent && (row.state === Task_State.ASSIGNED || row.state === Task_State.RUNNING)) this.model.agents.get(row.agent)?.active.add(row.id);
+  /**
+   * Agents: WatchAgents sends the whole list at once and again whenever an
+   * agent connects, leaves, changes status or takes or frees a slot; the
+   * stream is followed (and resumed) for as long as the page is open.
+   */
+  private async followAgents(): Promise<void> {
+    let retry = RETRY_MIN_MS;
+    while (!this.stopped) {
+      try {
+        for await (const r of this.hub.watchAgents({}, { signal: this.abort.signal })) {
+          this.applyAgents(r.agents);
+          retry = RETRY_MIN_MS;
+        }
+      } catch (e) {
+        this.refreshFailed(e);
       }
-      this.changed();
-    } finally {
-      this.agentsPending = false;
+      if (this.stopped) return;
+      await sleep(retry, this.abort.signal);
+      retry = Math.min(retry * 2, RETRY_MAX_MS);
     }
   }
 
-  /** A token revoked while the page is open shows here first when no event flows. */
+  private applyAgents(agents: Parameters<Model["setAgents"]>[0]): void {
+    this.model.setAgents(agents);
+    // Slots follow the task table between lists.
+    for (const row of this.model.order) {
+      if (row.agent && (row.state === Task_State.ASSIGNED || row.state === Task_State.RUNNING)) this.model.agents.get(row.agent)?.active.add(row.id);
+    }
+    this.changed();
+  }
+
+  /** A token revoked while the page is open ends the agents stream first when no event flows. */
   private refreshFailed(e: unknown): void {
     if (this.stopped) return;
     if (classify(e) === "token" || classify(e) === "forbidden") {

@@ -74,6 +74,11 @@ class TaskHubStub:
                 request_serializer=agenthub_dot_v1_dot_hub__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=agenthub_dot_v1_dot_hub__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
+        self.WatchAgents = channel.unary_stream(
+                '/agenthub.v1.TaskHub/WatchAgents',
+                request_serializer=agenthub_dot_v1_dot_hub__pb2.ListAgentsRequest.SerializeToString,
+                response_deserializer=agenthub_dot_v1_dot_hub__pb2.ListAgentsResponse.FromString,
+                _registered_method=True)
         self.WaitTask = channel.unary_unary(
                 '/agenthub.v1.TaskHub/WaitTask',
                 request_serializer=agenthub_dot_v1_dot_hub__pb2.WaitTaskRequest.SerializeToString,
@@ -171,6 +176,15 @@ class TaskHubServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchAgents(self, request, context):
+        """The same list at once, then again whenever an agent connects,
+        disconnects, changes status or takes or frees a slot (at most every
+        100 ms). For dashboards: no polling.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WaitTask(self, request, context):
         """The task as soon as it is finished (COMPLETED, FAILED or CANCELLED), or
         at timeout_ms with the task as it is then (its state tells which).
@@ -252,6 +266,11 @@ def add_TaskHubServicer_to_server(servicer, server):
             ),
             'ListAgents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAgents,
+                    request_deserializer=agenthub_dot_v1_dot_hub__pb2.ListAgentsRequest.FromString,
+                    response_serializer=agenthub_dot_v1_dot_hub__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'WatchAgents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAgents,
                     request_deserializer=agenthub_dot_v1_dot_hub__pb2.ListAgentsRequest.FromString,
                     response_serializer=agenthub_dot_v1_dot_hub__pb2.ListAgentsResponse.SerializeToString,
             ),
@@ -495,6 +514,33 @@ class TaskHub:
             request,
             target,
             '/agenthub.v1.TaskHub/ListAgents',
+            agenthub_dot_v1_dot_hub__pb2.ListAgentsRequest.SerializeToString,
+            agenthub_dot_v1_dot_hub__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agenthub.v1.TaskHub/WatchAgents',
             agenthub_dot_v1_dot_hub__pb2.ListAgentsRequest.SerializeToString,
             agenthub_dot_v1_dot_hub__pb2.ListAgentsResponse.FromString,
             options,
