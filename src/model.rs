@@ -206,6 +206,34 @@ pub struct Task {
 }
 
 impl Task {
+    /// A copy for the task's row: without the description and result,
+    /// which are stored in its events (copying them on every change would
+    /// cost a large task's payload per commit).
+    pub fn row_copy(&self) -> Task {
+        Task {
+            task_id: self.task_id.clone(),
+            agent_id: self.agent_id.clone(),
+            pinned: self.pinned,
+            description: String::new(),
+            metadata: self.metadata.clone(),
+            state: self.state,
+            generation: self.generation,
+            attempts: self.attempts,
+            max_attempts: self.max_attempts,
+            needed_capabilities: self.needed_capabilities.clone(),
+            priority: self.priority,
+            result: None,
+            error: self.error.clone(),
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+            last_seq: self.last_seq,
+            created_seq: self.created_seq,
+            depends_on: self.depends_on.clone(),
+            queue_ttl_ms: self.queue_ttl_ms,
+            deadline_ms: self.deadline_ms,
+        }
+    }
+
     /// When the queue TTL runs out (Unix ms), if the task has one.
     pub fn ttl_expires_at(&self) -> Option<i64> {
         (self.queue_ttl_ms > 0).then(|| {

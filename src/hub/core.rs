@@ -562,7 +562,7 @@ impl Core {
         for (id, expected) in txn.touched.drain(..) {
             if let Some(task) = self.tasks.get(&id) {
                 txn.batch.tasks.push(TaskWrite {
-                    task: task.clone(),
+                    task: task.row_copy(),
                     expected_last_seq: expected,
                 });
             }

@@ -214,7 +214,9 @@ impl Hub {
 
     /// Tell `WatchAgents` streams to look again (cheap when nobody watches).
     pub(crate) fn note_agents_changed(&self) {
-        self.agents_changed.send_modify(|v| *v = v.wrapping_add(1));
+        if self.agents_changed.receiver_count() > 0 {
+            self.agents_changed.send_modify(|v| *v = v.wrapping_add(1));
+        }
     }
 
     /// Follow agent changes (see [`Hub::note_agents_changed`]).

@@ -30,6 +30,8 @@ pub type Callback = Box<dyn FnOnce(&Result<()>) + Send>;
 /// A compare-and-set write of one task record.
 #[derive(Debug)]
 pub struct TaskWrite {
+    /// The row's content ([`Task::row_copy`]: description and result live
+    /// in the task's events).
     pub task: Task,
     /// `last_seq` of the stored record this write replaces; `None` for a new task.
     pub expected_last_seq: Option<Seq>,

@@ -111,10 +111,10 @@ pub fn migrate(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-pub const INSERT_TASK: &str =
+const INSERT_TASK: &str =
     "INSERT INTO tasks (task_id, last_seq, body, state, agent_id, created_seq, finished_at) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
-pub const UPDATE_TASK: &str = "UPDATE tasks SET last_seq = ?2, body = ?3, state = ?4, agent_id = ?5, created_seq = ?6, finished_at = ?7 \
+const UPDATE_TASK: &str = "UPDATE tasks SET last_seq = ?2, body = ?3, state = ?4, agent_id = ?5, created_seq = ?6, finished_at = ?7 \
      WHERE task_id = ?1 AND last_seq = ?8";
 
 /// Write one task row (insert, or compare-and-set update on `last_seq`).
@@ -139,26 +139,24 @@ pub fn write_task(tx: &Transaction<'_>, t: &Task, expected: Option<Seq>) -> Resu
     })
     .map_err(|e| Error::storage(e.to_string()))?;
     let finished = t.state.is_final().then_some(t.updated_at_ms);
+    let (last, created, state) = (t.last_seq as i64, t.created_seq as i64, state_code(t.state));
+    let row: [&dyn rusqlite::ToSql; 7] = [
+        &t.task_id,
+        &last,
+        &body,
+        &state,
+        &t.agent_id,
+        &created,
+        &finished,
+    ];
     let n = match expected {
-        None => tx.prepare_cached(INSERT_TASK)?.execute(params![
-            t.task_id,
-            t.last_seq as i64,
-            body,
-            state_code(t.state),
-            t.agent_id,
-            t.created_seq as i64,
-            finished
-        ])?,
-        Some(prev) => tx.prepare_cached(UPDATE_TASK)?.execute(params![
-            t.task_id,
-            t.last_seq as i64,
-            body,
-            state_code(t.state),
-            t.agent_id,
-            t.created_seq as i64,
-            finished,
-            prev as i64
-        ])?,
+        None => tx.prepare_cached(INSERT_TASK)?.execute(&row[..])?,
+        Some(prev) => {
+            let prev = prev as i64;
+            let mut args = row.to_vec();
+            args.push(&prev);
+            tx.prepare_cached(UPDATE_TASK)?.execute(&args[..])?
+        }
     };
     Ok(n)
 }
