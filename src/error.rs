@@ -16,6 +16,9 @@ pub enum StorageFault {
     Corrupt,
     /// The log rejected the write (another writer got there first).
     Conflict,
+    /// Cluster mode: this node does not hold the leader lease (it follows
+    /// the log and forwards writes to the leader).
+    NotLeader,
     /// Anything else.
     Other,
 }
@@ -30,6 +33,7 @@ impl StorageFault {
             StorageFault::Busy => "busy",
             StorageFault::Corrupt => "corrupt",
             StorageFault::Conflict => "conflict",
+            StorageFault::NotLeader => "not_leader",
             StorageFault::Other => "storage_error",
         }
     }
@@ -207,6 +211,7 @@ pub fn fault_text(fault: StorageFault) -> &'static str {
         StorageFault::Busy => "database locked by another process",
         StorageFault::Corrupt => "database corrupt",
         StorageFault::Conflict => "write conflict in the log",
+        StorageFault::NotLeader => "this node is not the cluster leader",
         StorageFault::Other => "storage error",
     }
 }

@@ -27,6 +27,7 @@
 pub mod auth;
 pub mod bus;
 pub mod cli;
+pub mod cluster;
 pub mod client;
 pub mod config;
 pub mod error;

@@ -151,6 +151,10 @@ pub enum ToAgent {
     },
     /// An administrator asks the sidecar to restart itself.
     RestartSidecar { reason: String },
+    /// A message already encoded by the leader of a cluster (the node
+    /// holding the socket only forwards it). Never sent by a single hub.
+    #[serde(skip)]
+    Relayed(String),
     /// A refused message; the socket stays open.
     Error {
         error: &'static str,
@@ -208,6 +212,48 @@ pub enum CloseReason {
     TokenRevoked,
     /// Too many failed identifies from the peer's address.
     TooManyFailedIdentifies,
+    /// Cluster mode: another node leads now; identify again (with it).
+    LeaderChanged,
+}
+
+impl CloseReason {
+    const ALL: [CloseReason; 12] = [
+        CloseReason::Normal,
+        CloseReason::SessionReplaced,
+        CloseReason::QueueFull,
+        CloseReason::IdentifyTimeout,
+        CloseReason::TooBig,
+        CloseReason::PingTimeout,
+        CloseReason::ShuttingDown,
+        CloseReason::ProtocolError,
+        CloseReason::InvalidPayload,
+        CloseReason::TokenRevoked,
+        CloseReason::TooManyFailedIdentifies,
+        CloseReason::LeaderChanged,
+    ];
+
+    /// A stable name (carried between cluster nodes).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Normal => "normal",
+            CloseReason::SessionReplaced => "session_replaced",
+            CloseReason::QueueFull => "queue_full",
+            CloseReason::IdentifyTimeout => "identify_timeout",
+            CloseReason::TooBig => "too_big",
+            CloseReason::PingTimeout => "ping_timeout",
+            CloseReason::ShuttingDown => "shutting_down",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::InvalidPayload => "invalid_payload",
+            CloseReason::TokenRevoked => "token_revoked",
+            CloseReason::TooManyFailedIdentifies => "too_many_failed_identifies",
+            CloseReason::LeaderChanged => "leader_changed",
+        }
+    }
+
+    /// The reason named by [`CloseReason::as_str`].
+    pub fn from_name(name: &str) -> Option<CloseReason> {
+        Self::ALL.into_iter().find(|r| r.as_str() == name)
+    }
 }
 
 /// One agent connection as the hub sees it. Implemented by the WebSocket

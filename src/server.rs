@@ -78,6 +78,41 @@ impl Server {
         })
     }
 
+    /// Cluster mode (SPEC §9): a node of the hub whose log is the JetStream
+    /// stream on `options`' NATS servers. `config.data_dir` holds this
+    /// node's local copy of the log and `admin.token`.
+    pub async fn build_cluster(
+        config: Config,
+        options: crate::cluster::ClusterOptions,
+    ) -> Result<Server> {
+        config.validate()?;
+        let node = crate::cluster::Node::connect(options).await?;
+        let store = crate::cluster::log::ClusterStore::open(
+            node.clone(),
+            &config.data_dir.join("log-copy"),
+        )
+        .await?;
+        let server = Self::build_on(config, store.clone()).await?;
+        let hub = server.hub.clone();
+        store.set_bus(hub.bus());
+        let weak = Arc::downgrade(&hub);
+        let deposed_node = node.clone();
+        store.on_deposed(Box::new(move |why| {
+            deposed_node.leader.send_modify(|v| v.is_self = false);
+            if let Some(hub) = weak.upgrade() {
+                hub.step_down(why);
+            }
+        }));
+        let relay = crate::cluster::relay::Relay::start(node.clone(), &hub);
+        hub.set_cluster(node.clone(), relay);
+        tokio::spawn(crate::cluster::lease::run(
+            node,
+            store,
+            Arc::downgrade(&hub),
+        ));
+        Ok(server)
+    }
+
     /// The TLS state, for [`Tls::reload`] (SIGHUP); `None` when plaintext.
     pub fn tls(&self) -> Option<Arc<Tls>> {
         self.tls.clone()
@@ -141,6 +176,10 @@ impl Server {
             TaskHubService::new(hub.clone(), stop_rx.clone()),
             auth_interceptor(hub.clone()),
         );
+        if let Some(node) = hub.cluster_node() {
+            tokio::spawn(crate::cluster::tunnel::serve(node.clone(), svc.clone()));
+        }
+        let svc = crate::cluster::tunnel::Forward::new(svc, hub.cluster_node().cloned());
         let routes = tonic::service::Routes::new(health_svc)
             .add_service(reflection)
             .add_service(reflection_alpha)

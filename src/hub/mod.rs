@@ -94,6 +94,9 @@ pub struct TaskPage {
 /// What `/health` reports.
 #[derive(Clone, Debug)]
 pub struct Health {
+    /// Cluster mode: this node's id and the leader's.
+    pub node_id: Option<String>,
+    pub leader: Option<String>,
     pub agents_connected: usize,
     pub tasks_queued: usize,
     pub last_seq: Seq,
@@ -132,6 +135,8 @@ pub struct Hub {
     closing: AtomicBool,
     /// The admin token created on first start, to print once.
     bootstrap_token: Mutex<Option<String>>,
+    /// Cluster mode: this node and its session relay.
+    cluster: std::sync::OnceLock<(Arc<crate::cluster::Node>, Arc<crate::cluster::relay::Relay>)>,
 }
 
 impl Hub {
@@ -157,7 +162,14 @@ impl Hub {
         } else {
             None
         };
-        let core = Core::restore(store.load()?, &config);
+        let mut core = Core::restore(store.load()?, &config);
+        if store.replicated() {
+            // A cluster node follows the log until it wins the lease.
+            core.degraded = Some((
+                crate::error::StorageFault::NotLeader,
+                "not elected yet".into(),
+            ));
+        }
         let output_watches = Arc::new(output::OutputWatches::default());
         let watches = output_watches.clone();
         let output = Arc::new(OutputStore::open(
@@ -185,7 +197,32 @@ impl Hub {
             metrics,
             closing: AtomicBool::new(false),
             bootstrap_token: Mutex::new(bootstrap_token),
+            cluster: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Cluster mode: this hub is `node`, its sidecar sessions go through `relay`.
+    pub fn set_cluster(
+        &self,
+        node: Arc<crate::cluster::Node>,
+        relay: Arc<crate::cluster::relay::Relay>,
+    ) {
+        let _ = self.cluster.set((node, relay));
+    }
+
+    /// Cluster mode: the session relay.
+    pub fn relay(&self) -> Option<&Arc<crate::cluster::relay::Relay>> {
+        self.cluster.get().map(|(_, r)| r)
+    }
+
+    /// Cluster mode: this node.
+    pub fn cluster_node(&self) -> Option<&Arc<crate::cluster::Node>> {
+        self.cluster.get().map(|(n, _)| n)
+    }
+
+    /// The event bus (cluster mode: the log's follower feeds it).
+    pub fn bus(&self) -> Arc<EventBus> {
+        self.bus.clone()
     }
 
     pub fn config(&self) -> &Config {
@@ -253,7 +290,8 @@ impl Hub {
                 hub.commit_failed(epoch, e);
             }
         }));
-        if !batch.events.is_empty() {
+        // A replicated store publishes events itself, as it applies them.
+        if !batch.events.is_empty() && !self.store.replicated() {
             let events = batch.events.clone();
             let bus = self.bus.clone();
             first.push(Box::new(move |r: &Result<()>| {
@@ -727,7 +765,10 @@ impl Hub {
     /// `/health` figures.
     pub fn health(&self) -> Health {
         let core = self.lock();
+        let node = self.cluster_node();
         Health {
+            node_id: node.map(|n| n.node_id().to_string()),
+            leader: node.and_then(|n| n.leader_id()),
             agents_connected: core.agents.values().filter(|a| a.session.is_some()).count(),
             tasks_queued: core.queue.len(),
             last_seq: core.last_seq,

@@ -55,7 +55,9 @@ impl Hub {
             return false;
         }
         let mut core = self.lock();
-        if core.stale {
+        // A cluster node that just won the lease: its state is the log's
+        // as of now, not as of when it last led.
+        if core.stale || self.store.replicated() {
             match self.store.load() {
                 Ok(loaded) => core.rebuild(loaded, &self.config),
                 Err(_) => return false,
@@ -70,6 +72,38 @@ impl Hub {
         self.timer_wake.notify_one();
         tracing::info!("store takes writes again");
         true
+    }
+
+    /// Cluster mode: this node lost the lease (or the log refused its
+    /// append). Forget sessions and undecided changes, follow the log again.
+    pub fn step_down(&self, why: &str) {
+        let mut core = self.lock();
+        core.epoch += 1;
+        core.degraded = Some((StorageFault::NotLeader, why.to_string()));
+        for a in core.agents.values_mut() {
+            a.session = None;
+        }
+        match self.store.load() {
+            Ok(loaded) => core.rebuild(loaded, &self.config),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the local copy of the log");
+                core.stale = true;
+            }
+        }
+        core.agent_changed();
+        drop(core);
+        self.note_agents_changed();
+    }
+
+    /// Cluster mode: this node won the lease and fenced the log; take
+    /// writes now (without waiting for the next probe).
+    pub fn take_writes(self: &Arc<Self>) {
+        let hub = self.clone();
+        tokio::task::spawn_blocking(move || {
+            if !hub.try_recover() {
+                hub.recovery_wake.notify_one();
+            }
+        });
     }
 
     /// Probe the store while the hub is degraded. Runs until `shutdown`.

@@ -165,6 +165,13 @@ pub trait Store: Send + Sync + 'static {
     /// Mark a token revoked; false if no such token id.
     fn revoke_token(&self, id: &str) -> Result<bool>;
 
+    /// Does the store keep a copy of a log written elsewhere (cluster
+    /// mode)? Then it publishes events to the bus itself as it applies
+    /// them, and the hub reloads its state whenever it starts writing.
+    fn replicated(&self) -> bool {
+        false
+    }
+
     /// Finish every queued batch, then stop the writer.
     fn close(&self);
 }

@@ -184,6 +184,9 @@ fn parse_report(mut obj: JsonObject) -> Result<Report, ProtocolError> {
 
 /// Encode one hub message as its JSON text frame.
 pub fn encode(msg: &ToAgent) -> String {
+    if let ToAgent::Relayed(text) = msg {
+        return text.clone();
+    }
     serde_json::to_string(msg).unwrap_or_else(|e| {
         // Every field is plain JSON data: this cannot fail.
         tracing::error!(error = %e, "cannot encode a hub message");

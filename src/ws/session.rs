@@ -27,6 +27,8 @@ pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_POLICY: u16 = 1008;
 /// Close code when the hub shuts down or a peer stops answering pings.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code when a cluster's leadership changed: reconnect and identify again.
+pub const CLOSE_SERVICE_RESTART: u16 = 1012;
 /// Close code for a socket replaced by a newer identify for the same agent.
 pub const CLOSE_SESSION_REPLACED: u16 = 4000;
 
@@ -47,6 +49,7 @@ pub fn close_code(why: CloseReason) -> (u16, &'static str) {
             limits::CLOSE_TOO_MANY_FAILURES,
             "too many failed identifies",
         ),
+        CloseReason::LeaderChanged => (CLOSE_SERVICE_RESTART, "leader changed; reconnect"),
     }
 }
 
@@ -228,7 +231,16 @@ pub async fn run(
                     ));
                     continue;
                 }
-                match hub.identify(&ident, &dyn_link) {
+                let identified = match hub.relay() {
+                    Some(relay) => relay.identify(&text, &dyn_link).await,
+                    None => hub.identify(&ident, &dyn_link),
+                };
+                match identified {
+                    Err(crate::error::Error::ShuttingDown) if hub.relay().is_some() => {
+                        // Cluster mode and no leader to answer: reconnect later.
+                        link.close(CloseReason::LeaderChanged);
+                        break;
+                    }
                     Ok(id) => {
                         agent_id = Some(id);
                         admission.identified(&hub, &ident.token);
@@ -243,6 +255,11 @@ pub async fn run(
                 }
             }
             Ok(report) => match &agent_id {
+                Some(_) if hub.relay().is_some() => {
+                    if let Some(relay) = hub.relay() {
+                        relay.frame(session_id, &text).await;
+                    }
+                }
                 Some(agent) => hub.report(agent, &dyn_link, report).await,
                 None => {
                     link.send(ToAgent::error("not_identified", None, None));
@@ -251,7 +268,10 @@ pub async fn run(
         }
     }
     if let Some(agent) = &agent_id {
-        hub.session_closed(agent, session_id);
+        match hub.relay() {
+            Some(relay) => relay.closed(session_id).await,
+            None => hub.session_closed(agent, session_id),
+        }
     }
     link.close(CloseReason::Normal);
     // The writer flushes what is queued and sends the close frame; a writer

@@ -69,6 +69,10 @@ struct Shared {
     event_count: AtomicU64,
     commits: Mutex<CommitStats>,
     faults: Option<Arc<Faults>>,
+    /// A copy of a log kept elsewhere (cluster mode): seqs may skip numbers
+    /// (the log's own entries that are not events), and commits need not
+    /// reach the disk before they are acknowledged (the log is the record).
+    replica: bool,
 }
 
 /// SQLite-backed [`Store`].
@@ -86,6 +90,10 @@ pub struct SqliteStore {
 pub const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn open_conn(path: &Path) -> Result<Connection> {
+    open_conn_with(path, "FULL")
+}
+
+fn open_conn_with(path: &Path, synchronous: &str) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // A new database: these must come before anything creates the file (WAL
@@ -98,7 +106,7 @@ fn open_conn(path: &Path) -> Result<Connection> {
         conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
     }
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "synchronous", synchronous)?;
     Ok(conn)
 }
 
@@ -108,6 +116,40 @@ impl SqliteStore {
     /// commands (`agenthub token ...`).
     pub fn open(dir: &Path, retention: Option<u64>, writer: bool) -> Result<SqliteStore> {
         Self::open_with_faults(dir, retention, writer, None)
+    }
+
+    /// Open `<dir>/agenthub.db` as a local copy of the log named `log_id`
+    /// (cluster mode). A copy of another log is removed first. Seqs may
+    /// skip numbers, and commits are not synced: the copy is rebuilt from
+    /// the log it follows.
+    pub fn open_replica(dir: &Path, log_id: &str) -> Result<SqliteStore> {
+        let path = dir.join("agenthub.db");
+        if path.exists() {
+            let conn = open_conn_with(&path, "NORMAL")?;
+            let stored: Option<String> = conn
+                .query_row("SELECT value FROM meta WHERE key = 'log_id'", [], |r| {
+                    r.get(0)
+                })
+                .ok();
+            drop(conn);
+            if stored.as_deref() != Some(log_id) {
+                tracing::info!(dir = %dir.display(), "local copy belongs to another log; starting it afresh");
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(dir.join(format!("agenthub.db{suffix}")));
+                }
+            }
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::storage(format!("create {}: {e}", dir.display())))?;
+        {
+            let conn = open_conn_with(&path, "NORMAL")?;
+            conn.execute_batch(SCHEMA)?;
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('log_id', ?1)",
+                params![log_id],
+            )?;
+        }
+        Self::open_inner(dir, None, true, None, true)
     }
 
     /// Verify integrity (see [`history::check`]): the problems found.
@@ -131,10 +173,20 @@ impl SqliteStore {
         writer: bool,
         faults: Option<Arc<Faults>>,
     ) -> Result<SqliteStore> {
+        Self::open_inner(dir, retention, writer, faults, false)
+    }
+
+    fn open_inner(
+        dir: &Path,
+        retention: Option<u64>,
+        writer: bool,
+        faults: Option<Arc<Faults>>,
+        replica: bool,
+    ) -> Result<SqliteStore> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::storage(format!("create {}: {e}", dir.display())))?;
         let path = dir.join("agenthub.db");
-        let conn = open_conn(&path)?;
+        let conn = open_conn_with(&path, if replica { "NORMAL" } else { "FULL" })?;
 
         conn.execute_batch(SCHEMA)?;
         history::migrate(&conn)?;
@@ -153,6 +205,7 @@ impl SqliteStore {
             event_count: AtomicU64::new(count),
             commits: Mutex::new(CommitStats::default()),
             faults,
+            replica,
         });
         let (tx, rx) = mpsc::channel::<Batch>();
         let writer = if writer {
@@ -244,7 +297,13 @@ fn writer_loop(
         let started = std::time::Instant::now();
         let result = if writes {
             let last = shared.durable_seq.load(Ordering::Acquire);
-            write_group(&mut conn, &live, last, shared.faults.as_deref())
+            write_group(
+                &mut conn,
+                &live,
+                last,
+                shared.faults.as_deref(),
+                shared.replica,
+            )
         } else {
             Ok(())
         };
@@ -287,12 +346,16 @@ fn write_group(
     group: &[&Batch],
     last_seq: Seq,
     faults: Option<&Faults>,
+    replica: bool,
 ) -> Result<()> {
     if let Some(f) = faults {
         f.before_commit()?;
     }
-    for (expected, ev) in (last_seq + 1..).zip(group.iter().flat_map(|b| &b.events)) {
-        if ev.seq != expected {
+    let mut prev = last_seq;
+    for ev in group.iter().flat_map(|b| &b.events) {
+        let expected = prev + 1;
+        prev = ev.seq;
+        if ev.seq != expected && !(replica && ev.seq > expected) {
             return Err(Error::Storage {
                 fault: crate::error::StorageFault::Conflict,
                 detail: format!("event seq {} where the log expects {expected}", ev.seq),

@@ -1,0 +1,147 @@
+//! The leader lease: one KV entry (`leader` in [`LEASE_BUCKET`]) whose
+//! bucket keeps values for one lease. The holder renews it by
+//! compare-and-set every third of a lease; the others read it every eighth
+//! of a lease and, once it is gone, try to create it (only one can). The
+//! winner then fences the log ([`ClusterStore::promote`]) before it decides
+//! anything: the lease says who should lead, the log's fence makes sure
+//! nobody else still writes.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_nats::jetstream::{kv, stream};
+
+use super::log::ClusterStore;
+use super::{LeaderView, Node, LEASE_BUCKET};
+use crate::hub::Hub;
+
+const KEY: &str = "leader";
+
+async fn bucket(node: &Node) -> kv::Store {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let made = node
+            .js
+            .create_key_value(kv::Config {
+                bucket: LEASE_BUCKET.to_string(),
+                history: 1,
+                max_age: node.options.lease,
+                storage: stream::StorageType::File,
+                num_replicas: node.options.replicas,
+                ..Default::default()
+            })
+            .await;
+        match made {
+            Ok(kv) => return kv,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the lease bucket; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+fn holder(value: &str) -> String {
+    value.split('/').next().unwrap_or("").to_string()
+}
+
+/// Take part in leader election until the process ends.
+pub async fn run(node: Arc<Node>, store: Arc<ClusterStore>, hub: Weak<Hub>) {
+    let lease = node.options.lease;
+    let kv = bucket(&node).await;
+    let mut held: Option<(u64, String)> = None;
+    loop {
+        if held.is_some() && !store.is_leader() {
+            // Deposed by the log (another node appended): let go.
+            if let Some((rev, _)) = held.take() {
+                let _ = kv.delete_expect_revision(KEY, Some(rev)).await;
+            }
+        }
+        match held.clone() {
+            Some((rev, value)) => {
+                match kv.update(KEY, value.clone().into(), rev).await {
+                    Ok(next) => held = Some((next, value)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "leader lease lost");
+                        held = None;
+                        step_down(&node, &store, &hub, "leader lease lost");
+                    }
+                }
+                tokio::time::sleep(lease / 3).await;
+            }
+            None => {
+                match kv.entry(KEY).await {
+                    Ok(Some(e)) if e.operation == kv::Operation::Put => {
+                        let value = String::from_utf8_lossy(&e.value).into_owned();
+                        node.leader.send_if_modified(|v| {
+                            let next = LeaderView {
+                                leader: Some(holder(&value)),
+                                leadership: Some(value.clone()),
+                                is_self: false,
+                            };
+                            let changed = *v != next;
+                            *v = next;
+                            changed
+                        });
+                    }
+                    Ok(_) => {
+                        if let Some(won) = try_lead(&node, &store, &kv).await {
+                            held = Some(won);
+                            if let Some(hub) = hub.upgrade() {
+                                hub.take_writes();
+                            }
+                            continue;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot read the leader lease"),
+                }
+                tokio::time::sleep(lease / 8).await;
+            }
+        }
+    }
+}
+
+/// Create the lease entry and fence the log. `Some((revision, value))` if
+/// this node now leads.
+async fn try_lead(node: &Node, store: &ClusterStore, kv: &kv::Store) -> Option<(u64, String)> {
+    let value = format!(
+        "{}/{}",
+        node.node_id(),
+        hex::encode(rand::random::<[u8; 6]>())
+    );
+    let rev = kv.create(KEY, value.clone().into()).await.ok()?;
+    match tokio::time::timeout(node.options.lease / 2, store.promote()).await {
+        Ok(Ok(term)) => {
+            tracing::info!(node_id = node.node_id(), term, "elected leader");
+            node.leader.send_replace(LeaderView {
+                leader: Some(node.node_id().to_string()),
+                leadership: Some(value.clone()),
+                is_self: true,
+            });
+            Some((rev, value))
+        }
+        outcome => {
+            let why = match outcome {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".to_string(),
+            };
+            tracing::warn!(reason = %why, "won the lease but could not fence the log; letting go");
+            store.demote("could not fence the log");
+            let _ = kv.delete_expect_revision(KEY, Some(rev)).await;
+            None
+        }
+    }
+}
+
+fn step_down(node: &Node, store: &ClusterStore, hub: &Weak<Hub>, why: &str) {
+    store.demote(why);
+    node.leader.send_modify(|v| {
+        v.is_self = false;
+        v.leader = None;
+        v.leadership = None;
+    });
+    if let Some(hub) = hub.upgrade() {
+        hub.step_down(why);
+    }
+}

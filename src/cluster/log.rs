@@ -1,0 +1,977 @@
+//! The cluster's log: a JetStream stream, followed by every node into a
+//! local copy, appended to by the leader only.
+//!
+//! **Entries.** Each event is one stream message on [`EVENT_SUBJECT`]; its
+//! stream sequence is the event's `seq`. The task rows a batch changes ride
+//! on the message of the task's last event in that batch, so a node that
+//! replays the stream rebuilds the same task records. A new leader's first
+//! append is a term entry on [`TERM_SUBJECT`]: not an event (event seqs skip
+//! its number), it fences out whoever wrote before.
+//!
+//! **Appends.** The leader's writer groups queued batches into one append:
+//! one message, or a JetStream atomic batch (all or nothing). The first
+//! message carries `Nats-Expected-Last-Sequence`: if anyone else appended
+//! since this node's term began, the stream refuses the append, whatever any
+//! clock says, and this node steps down.
+//!
+//! **Following.** One ordered consumer per node applies every entry, in
+//! order, to the local SQLite copy (which serves reads, history and watch
+//! catch-up) and then to the node's event bus. The leader's appends become
+//! visible the same way: a batch's callbacks (acks, replies) run once the
+//! stream acknowledged it *and* the local copy holds it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy, kv, stream};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use super::{block_on, nats_err, Node, EVENT_SUBJECT, STREAM, TERM_SUBJECT, TOKEN_BUCKET};
+use crate::bus::EventBus;
+use crate::error::{Error, Result, StorageFault};
+use crate::model::{EventKind, Seq, Task, TokenRecord};
+use crate::pb::wire::EncodedEvent;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{
+    Batch, CommitStats, ListFilter, Loaded, Purged, Store, TaskListing, TaskWrite,
+    COMMIT_BUCKETS_US,
+};
+
+/// Most events in one append (JetStream's atomic batches take up to 1,000 messages).
+const MAX_APPEND_EVENTS: usize = 500;
+/// How long an appended batch may take to reach the local copy before the
+/// append counts as failed.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most stream messages applied to the local copy in one commit.
+const MAX_APPLY: usize = 1000;
+
+/// Header: the node that appended the entry.
+const HDR_NODE: &str = "Agenthub-Node";
+/// Header: the appender's term (the seq of its term entry).
+const HDR_TERM: &str = "Agenthub-Term";
+
+/// The part this node plays in the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    Follower,
+    /// Appends, fenced since its term entry at this seq.
+    Leader { term: Seq },
+}
+
+/// One event entry as stored in the stream: `[u32 json len][json][event proto]`.
+#[derive(Serialize, Deserialize)]
+struct EntryHead {
+    task_id: String,
+    agent_id: String,
+    kind: EventKind,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    rows: Vec<Row>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Row {
+    task: Task,
+    expected: Option<Seq>,
+}
+
+/// A token as kept in the token bucket (the record's hash is not serialized
+/// with the record itself).
+#[derive(Serialize, Deserialize)]
+struct StoredToken {
+    id: String,
+    hash: String,
+    role: crate::model::Role,
+    agent_id: Option<String>,
+    created_at_ms: i64,
+    revoked: bool,
+}
+
+impl StoredToken {
+    fn of(r: &TokenRecord) -> StoredToken {
+        StoredToken {
+            id: r.id.clone(),
+            hash: r.hash.clone(),
+            role: r.role,
+            agent_id: r.agent_id.clone(),
+            created_at_ms: r.created_at_ms,
+            revoked: r.revoked,
+        }
+    }
+
+    fn record(&self) -> TokenRecord {
+        TokenRecord {
+            id: self.id.clone(),
+            hash: self.hash.clone(),
+            role: self.role,
+            agent_id: self.agent_id.clone(),
+            created_at_ms: self.created_at_ms,
+            revoked: self.revoked,
+        }
+    }
+}
+
+fn encode_entry(ev: &EncodedEvent, rows: Vec<Row>) -> Bytes {
+    let head = EntryHead {
+        task_id: ev.task_id.clone(),
+        agent_id: ev.agent_id.clone(),
+        kind: ev.kind,
+        rows,
+    };
+    let json = serde_json::to_vec(&head).expect("entry head serializes");
+    let proto = ev.proto();
+    let mut buf = BytesMut::with_capacity(4 + json.len() + proto.len());
+    buf.put_u32(json.len() as u32);
+    buf.put_slice(&json);
+    buf.put_slice(proto);
+    buf.freeze()
+}
+
+fn decode_entry(seq: Seq, payload: &Bytes) -> Result<(EncodedEvent, Vec<TaskWrite>)> {
+    let bad = |what: &str| Error::storage(format!("log entry {seq}: {what}"));
+    if payload.len() < 4 {
+        return Err(bad("too short"));
+    }
+    let n = u32::from_be_bytes(payload[..4].try_into().expect("4 bytes")) as usize;
+    if payload.len() < 4 + n {
+        return Err(bad("truncated"));
+    }
+    let head: EntryHead =
+        serde_json::from_slice(&payload[4..4 + n]).map_err(|e| bad(&e.to_string()))?;
+    let proto = payload.slice(4 + n..);
+    let event = EncodedEvent::stored(seq, head.task_id, head.agent_id, head.kind, proto);
+    let rows = head
+        .rows
+        .into_iter()
+        .map(|r| TaskWrite {
+            task: r.task,
+            expected_last_seq: r.expected,
+        })
+        .collect();
+    Ok((event, rows))
+}
+
+/// Called when this node loses the right to append (with the reason).
+pub type OnDeposed = Box<dyn Fn(&str) + Send + Sync>;
+
+struct Shared {
+    node: Arc<Node>,
+    rt: tokio::runtime::Handle,
+    replica: SqliteStore,
+    /// Highest stream seq applied to the local copy (term entries included).
+    head: watch::Sender<Seq>,
+    part: Mutex<Part>,
+    bus: Mutex<Option<Arc<EventBus>>>,
+    on_deposed: Mutex<Option<OnDeposed>>,
+    tokens: Mutex<HashMap<String, StoredToken>>,
+    token_kv: kv::Store,
+    stats: Mutex<CommitStats>,
+    log_id: String,
+    /// Entries applied to the local copy (for `event_count` after purges).
+    applied: AtomicU64,
+}
+
+/// [`Store`] on a JetStream stream, with a local SQLite copy for reads.
+pub struct ClusterStore {
+    shared: Arc<Shared>,
+    tx: mpsc::UnboundedSender<Batch>,
+}
+
+impl ClusterStore {
+    /// Create (or find) the stream and token bucket, open the local copy in
+    /// `dir`, and start following the log. Returns once the copy has caught
+    /// up with the log's head as it was at the start.
+    pub async fn open(node: Arc<Node>, dir: &std::path::Path) -> Result<Arc<ClusterStore>> {
+        let opts = &node.options;
+        let mut metadata = HashMap::new();
+        metadata.insert(
+            "agenthub_log_id".to_string(),
+            format!("log-{}", hex::encode(rand::random::<[u8; 8]>())),
+        );
+        let config = stream::Config {
+            name: STREAM.to_string(),
+            subjects: vec!["agenthub.log.>".to_string()],
+            storage: stream::StorageType::File,
+            num_replicas: opts.replicas,
+            allow_atomic_publish: true,
+            allow_direct: true,
+            metadata,
+            ..Default::default()
+        };
+        let stream = node
+            .js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| nats_err("cannot create the log stream", e))?;
+        let info = stream
+            .get_info()
+            .await
+            .map_err(|e| nats_err("cannot read the log stream", e))?;
+        let log_id = info
+            .config
+            .metadata
+            .get("agenthub_log_id")
+            .cloned()
+            .ok_or_else(|| {
+                Error::storage(format!(
+                    "stream {STREAM} exists but was not made by agenthub (no agenthub_log_id)"
+                ))
+            })?;
+        let token_kv = node
+            .js
+            .create_key_value(kv::Config {
+                bucket: TOKEN_BUCKET.to_string(),
+                history: 1,
+                storage: stream::StorageType::File,
+                num_replicas: opts.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_err("cannot create the token bucket", e))?;
+        let replica = SqliteStore::open_replica(dir, &log_id)?;
+        let start = replica.durable_seq();
+        let shared = Arc::new(Shared {
+            node: node.clone(),
+            rt: tokio::runtime::Handle::current(),
+            applied: AtomicU64::new(replica.event_count()),
+            replica,
+            head: watch::Sender::new(start),
+            part: Mutex::new(Part::Follower),
+            bus: Mutex::new(None),
+            on_deposed: Mutex::new(None),
+            tokens: Mutex::new(HashMap::new()),
+            token_kv,
+            stats: Mutex::new(CommitStats::default()),
+            log_id,
+        });
+        follow_tokens(shared.clone()).await?;
+        tokio::spawn(follow(shared.clone(), start));
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer(shared.clone(), rx));
+        let store = Arc::new(ClusterStore { shared, tx });
+        store.catch_up().await?;
+        Ok(store)
+    }
+
+    /// Wait until the local copy holds everything the log holds now.
+    pub async fn catch_up(&self) -> Result<Seq> {
+        let last = self.stream_last_seq().await?;
+        self.wait_head(last, Duration::from_secs(60)).await?;
+        Ok(last)
+    }
+
+    async fn stream_last_seq(&self) -> Result<Seq> {
+        let stream = self
+            .shared
+            .node
+            .js
+            .get_stream(STREAM)
+            .await
+            .map_err(|e| nats_err("cannot read the log stream", e))?;
+        let info = stream
+            .get_info()
+            .await
+            .map_err(|e| nats_err("cannot read the log stream", e))?;
+        Ok(info.state.last_sequence)
+    }
+
+    async fn wait_head(&self, seq: Seq, limit: Duration) -> Result<()> {
+        wait_head(&self.shared, seq, limit).await
+    }
+
+    /// Feed applied events to `bus` (the hub's).
+    pub fn set_bus(&self, bus: Arc<EventBus>) {
+        *self.shared.bus.lock().expect("bus") = Some(bus);
+    }
+
+    /// Run `f` when this node loses the right to append.
+    pub fn on_deposed(&self, f: OnDeposed) {
+        *self.shared.on_deposed.lock().expect("on_deposed") = Some(f);
+    }
+
+    /// Become the log's writer: catch up with the head, then append a term
+    /// entry fenced on it. From then on no earlier leader can append.
+    pub async fn promote(&self) -> Result<Seq> {
+        loop {
+            let last = self.catch_up().await?;
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(HDR_NODE, self.shared.node.node_id());
+            let body = serde_json::to_vec(&serde_json::json!({
+                "node_id": self.shared.node.node_id(),
+                "at_ms": crate::model::now_ms(),
+            }))
+            .expect("json");
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(body.into())
+                .headers(headers)
+                .expected_last_sequence(last);
+            let ack = async {
+                self.shared
+                    .node
+                    .js
+                    .send_publish(TERM_SUBJECT, publish)
+                    .await?
+                    .await
+            }
+            .await;
+            match ack {
+                Ok(ack) => {
+                    let term = ack.sequence;
+                    self.wait_head(term, APPLY_TIMEOUT).await?;
+                    *self.shared.part.lock().expect("part") = Part::Leader { term };
+                    tracing::info!(term, "this node now appends to the log");
+                    return Ok(term);
+                }
+                Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                    // Someone appended after we read the head: catch up again.
+                    continue;
+                }
+                Err(e) => return Err(nats_err("cannot append the term entry", e)),
+            }
+        }
+    }
+
+    /// Stop appending (lease lost). Queued batches fail.
+    pub fn demote(&self, why: &str) {
+        demote(&self.shared, why);
+    }
+
+    pub fn is_leader(&self) -> bool {
+        matches!(*self.shared.part.lock().expect("part"), Part::Leader { .. })
+    }
+
+    /// The highest seq in the local copy.
+    pub fn head(&self) -> Seq {
+        *self.shared.head.borrow()
+    }
+
+    /// The local copy (reads, integrity checks).
+    pub fn replica(&self) -> &SqliteStore {
+        &self.shared.replica
+    }
+}
+
+fn demote(shared: &Shared, why: &str) {
+    let was = std::mem::replace(&mut *shared.part.lock().expect("part"), Part::Follower);
+    if was != Part::Follower {
+        tracing::warn!(reason = why, "this node stops appending to the log");
+        if let Some(f) = &*shared.on_deposed.lock().expect("on_deposed") {
+            f(why);
+        }
+    }
+}
+
+async fn wait_head(shared: &Shared, seq: Seq, limit: Duration) -> Result<()> {
+    let mut rx = shared.head.subscribe();
+    let reached = tokio::time::timeout(limit, rx.wait_for(|h| *h >= seq)).await;
+    match reached {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err(Error::storage(format!(
+            "the local copy of the log did not reach seq {seq} in {limit:?}"
+        ))),
+    }
+}
+
+fn not_leader(shared: &Shared) -> Error {
+    let leader = shared
+        .node
+        .leader_id()
+        .map(|l| format!("the leader is {l}"))
+        .unwrap_or_else(|| "no leader is elected yet".into());
+    Error::Storage {
+        fault: StorageFault::NotLeader,
+        detail: format!("node {} does not append ({leader})", shared.node.node_id()),
+    }
+}
+
+/// Apply the stream to the local copy, from `start + 1`, forever.
+async fn follow(shared: Arc<Shared>, start: Seq) {
+    let mut from = start;
+    loop {
+        match follow_once(&shared, from).await {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, "following the log failed; resuming"),
+        }
+        from = *shared.head.borrow();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn follow_once(shared: &Arc<Shared>, after: Seq) -> Result<()> {
+    let stream = shared
+        .node
+        .js
+        .get_stream(STREAM)
+        .await
+        .map_err(|e| nats_err("log stream", e))?;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::push::OrderedConfig {
+            deliver_subject: shared.node.client.new_inbox(),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: after + 1,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats_err("log consumer", e))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| nats_err("log consumer", e))?;
+    let mut pending: Vec<jetstream::Message> = Vec::new();
+    loop {
+        let first = match messages.next().await {
+            Some(m) => m.map_err(|e| nats_err("log consumer", e))?,
+            None => return Ok(()),
+        };
+        pending.push(first);
+        // Take whatever else has already arrived, to apply it in one commit.
+        while pending.len() < MAX_APPLY {
+            match futures_util::FutureExt::now_or_never(messages.next()) {
+                Some(Some(m)) => pending.push(m.map_err(|e| nats_err("log consumer", e))?),
+                _ => break,
+            }
+        }
+        apply(shared, std::mem::take(&mut pending)).await?;
+    }
+}
+
+/// Apply stream messages to the local copy, then publish their events.
+async fn apply(shared: &Arc<Shared>, messages: Vec<jetstream::Message>) -> Result<()> {
+    let head = *shared.head.borrow();
+    let mut batch = Batch::default();
+    let mut last = head;
+    for msg in messages {
+        let seq = msg
+            .info()
+            .map_err(|e| nats_err("log entry", e))?
+            .stream_sequence;
+        if seq <= last {
+            continue;
+        }
+        last = seq;
+        if msg.subject.as_str() == TERM_SUBJECT {
+            let by = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(HDR_NODE))
+                .map(|v| v.as_str().to_string())
+                .unwrap_or_default();
+            let part = *shared.part.lock().expect("part");
+            if let Part::Leader { term } = part {
+                if seq > term {
+                    demote(shared, &format!("node {by} took over the log at seq {seq}"));
+                }
+            }
+            continue;
+        }
+        let (event, rows) = decode_entry(seq, &msg.payload)?;
+        batch.events.push(Arc::new(event));
+        batch.tasks.extend(rows);
+    }
+    if last == head {
+        return Ok(());
+    }
+    let events = batch.events.clone();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    batch.then(move |r| {
+        let _ = done_tx.send(r.clone());
+    });
+    shared.replica.submit(batch);
+    done_rx
+        .await
+        .map_err(|_| Error::storage("local copy closed"))??;
+    shared
+        .applied
+        .fetch_add(events.len() as u64, Ordering::Relaxed);
+    shared.head.send_replace(last);
+    if !events.is_empty() {
+        if let Some(bus) = &*shared.bus.lock().expect("bus") {
+            bus.publish(&events);
+        }
+    }
+    Ok(())
+}
+
+/// Keep the token cache equal to the token bucket.
+async fn follow_tokens(shared: Arc<Shared>) -> Result<()> {
+    let mut watch = shared
+        .token_kv
+        .watch_with_history(">")
+        .await
+        .map_err(|e| nats_err("token bucket", e))?;
+    // The current values first (the watch ends its history with a marker
+    // we cannot see here: read them directly as well).
+    let mut keys = shared
+        .token_kv
+        .keys()
+        .await
+        .map_err(|e| nats_err("token bucket", e))?;
+    while let Some(Ok(key)) = keys.next().await {
+        if let Ok(Some(v)) = shared.token_kv.get(&key).await {
+            if let Ok(t) = serde_json::from_slice::<StoredToken>(&v) {
+                shared
+                    .tokens
+                    .lock()
+                    .expect("tokens")
+                    .insert(t.id.clone(), t);
+            }
+        }
+    }
+    tokio::spawn(async move {
+        while let Some(entry) = watch.next().await {
+            let Ok(entry) = entry else { continue };
+            if entry.operation != kv::Operation::Put {
+                shared.tokens.lock().expect("tokens").remove(&entry.key);
+                continue;
+            }
+            if let Ok(t) = serde_json::from_slice::<StoredToken>(&entry.value) {
+                shared
+                    .tokens
+                    .lock()
+                    .expect("tokens")
+                    .insert(t.id.clone(), t);
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The leader's writer: groups queued batches into appends.
+async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
+    // Batches of this epoch or older fail unwritten (the store's failure rule).
+    let mut poisoned: Option<(u64, Error)> = None;
+    // Appended, waiting for the local copy: completed in order.
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Seq, Vec<Batch>, Instant)>();
+    let completer = shared.clone();
+    tokio::spawn(async move {
+        while let Some((last, group, started)) = done_rx.recv().await {
+            let r = wait_head(&completer, last, APPLY_TIMEOUT).await;
+            completer.record(started.elapsed(), group.len(), r.is_ok());
+            for b in group {
+                b.complete(&r);
+            }
+        }
+    });
+    while let Some(first) = rx.recv().await {
+        let mut group = vec![first];
+        let mut n_events = group[0].events.len();
+        while n_events < MAX_APPEND_EVENTS {
+            match rx.try_recv() {
+                Ok(b) => {
+                    n_events += b.events.len();
+                    group.push(b);
+                }
+                Err(_) => break,
+            }
+        }
+        let (live, stale): (Vec<Batch>, Vec<Batch>) = group
+            .into_iter()
+            .partition(|b| !matches!(&poisoned, Some((e, _)) if b.epoch <= *e));
+        if let Some((_, e)) = &poisoned {
+            let err = Err(e.clone());
+            for b in stale {
+                b.complete(&err);
+            }
+        }
+        if live.is_empty() {
+            continue;
+        }
+        let started = Instant::now();
+        let part = *shared.part.lock().expect("part");
+        let Part::Leader { term } = part else {
+            let err = not_leader(&shared);
+            let epoch = live.iter().map(|b| b.epoch).max().unwrap_or(0);
+            poisoned = Some((epoch, err.clone()));
+            for b in live {
+                b.complete(&Err(err.clone()));
+            }
+            continue;
+        };
+        if live.iter().all(|b| b.events.is_empty()) {
+            // Barriers only: done once everything before them is applied.
+            let last = *shared.head.borrow();
+            let _ = done_tx.send((last.max(term), live, started));
+            continue;
+        }
+        let prepared = prepare(&live);
+        match append(&shared, term, prepared).await {
+            Ok(last) => {
+                let _ = done_tx.send((last, live, started));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "append to the log failed");
+                if matches!(e, Error::Storage { fault: StorageFault::Conflict, .. }) {
+                    demote(&shared, "the log refused an append (another node appended)");
+                }
+                shared.record(started.elapsed(), live.len(), false);
+                let epoch = live.iter().map(|b| b.epoch).max().unwrap_or(0);
+                poisoned = Some((epoch, e.clone()));
+                let err = Err(e);
+                for b in live {
+                    b.complete(&err);
+                }
+            }
+        }
+    }
+}
+
+/// One append: its first and last seq and a payload per event.
+struct Prepared {
+    first_seq: Seq,
+    last_seq: Seq,
+    payloads: Vec<Bytes>,
+}
+
+/// Encode the events (with their task rows) of `group`.
+fn prepare(group: &[Batch]) -> Prepared {
+    let events: Vec<&Arc<EncodedEvent>> = group.iter().flat_map(|b| &b.events).collect();
+    let first_seq = events[0].seq;
+    let last_seq = events[events.len() - 1].seq;
+    // Each row rides on its task's last event of the group.
+    let mut rows: HashMap<Seq, Vec<Row>> = HashMap::new();
+    let mut expected: HashMap<&str, Option<Seq>> = HashMap::new();
+    for w in group.iter().flat_map(|b| &b.tasks) {
+        let first_expected = *expected
+            .entry(w.task.task_id.as_str())
+            .or_insert(w.expected_last_seq);
+        let at = if w.task.last_seq >= first_seq && w.task.last_seq <= last_seq {
+            w.task.last_seq
+        } else {
+            last_seq
+        };
+        let list = rows.entry(at).or_default();
+        list.retain(|r: &Row| r.task.task_id != w.task.task_id);
+        list.push(Row {
+            task: w.task.clone(),
+            expected: first_expected,
+        });
+    }
+    // A task written at several seqs of the group keeps only its last row.
+    let mut latest: HashMap<String, Seq> = HashMap::new();
+    for (seq, list) in &rows {
+        for r in list {
+            let e = latest.entry(r.task.task_id.clone()).or_insert(*seq);
+            *e = (*e).max(*seq);
+        }
+    }
+    for (seq, list) in rows.iter_mut() {
+        list.retain(|r| latest.get(&r.task.task_id) == Some(seq));
+    }
+    let payloads: Vec<Bytes> = events
+        .iter()
+        .map(|ev| encode_entry(ev, rows.remove(&ev.seq).unwrap_or_default()))
+        .collect();
+    Prepared {
+        first_seq,
+        last_seq,
+        payloads,
+    }
+}
+
+/// Append `p`, fenced on the seq before its first event. Returns the last
+/// seq appended.
+async fn append(shared: &Shared, term: Seq, p: Prepared) -> Result<Seq> {
+    let Prepared {
+        first_seq,
+        last_seq,
+        payloads,
+    } = p;
+    let node_id = shared.node.node_id().to_string();
+    let term_text = term.to_string();
+    let base = |h: &mut async_nats::HeaderMap| {
+        h.insert(HDR_NODE, node_id.as_str());
+        h.insert(HDR_TERM, term_text.as_str());
+    };
+    let js = &shared.node.js;
+    let ack = if payloads.len() == 1 {
+        let mut h = async_nats::HeaderMap::new();
+        base(&mut h);
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(payloads[0].clone())
+            .headers(h)
+            .expected_last_sequence(first_seq - 1);
+        async { js.send_publish(EVENT_SUBJECT, publish).await?.await }.await
+    } else {
+        let batch_id = format!("{node_id}-{first_seq}-{}", hex::encode(rand::random::<[u8; 6]>()));
+        let n = payloads.len();
+        for (i, p) in payloads.iter().enumerate().take(n - 1) {
+            let mut h = async_nats::HeaderMap::new();
+            base(&mut h);
+            h.insert("Nats-Batch-Id", batch_id.as_str());
+            h.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
+            if i == 0 {
+                h.insert("Nats-Expected-Last-Sequence", (first_seq - 1).to_string().as_str());
+            }
+            shared
+                .node
+                .client
+                .publish_with_headers(EVENT_SUBJECT, h, p.clone())
+                .await
+                .map_err(|e| nats_err("append", e))?;
+        }
+        let mut h = async_nats::HeaderMap::new();
+        base(&mut h);
+        h.insert("Nats-Batch-Id", batch_id.as_str());
+        h.insert("Nats-Batch-Sequence", n.to_string().as_str());
+        h.insert("Nats-Batch-Commit", "1");
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(payloads[n - 1].clone())
+            .headers(h);
+        async { js.send_publish(EVENT_SUBJECT, publish).await?.await }.await
+    };
+    match ack {
+        Ok(ack) if ack.sequence == last_seq => Ok(last_seq),
+        Ok(ack) => Err(Error::Storage {
+            fault: StorageFault::Conflict,
+            detail: format!(
+                "the log stored the append at seq {} where {last_seq} was expected",
+                ack.sequence
+            ),
+        }),
+        Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+            Err(Error::Storage {
+                fault: StorageFault::Conflict,
+                detail: format!("another node appended to the log: {e}"),
+            })
+        }
+        Err(e) => {
+            let text = e.to_string();
+            // An atomic batch refused for its fence reports the same cause.
+            if text.contains("wrong last sequence") {
+                Err(Error::Storage {
+                    fault: StorageFault::Conflict,
+                    detail: format!("another node appended to the log: {text}"),
+                })
+            } else {
+                Err(nats_err("append to the log", text))
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn record(&self, took: Duration, batches: usize, ok: bool) {
+        let us = took.as_micros() as u64;
+        let mut s = self.stats.lock().expect("stats");
+        s.commits += 1;
+        if !ok {
+            s.failed_commits += 1;
+        }
+        s.batches += batches as u64;
+        s.total_us += us;
+        for (i, le) in COMMIT_BUCKETS_US.iter().enumerate() {
+            if us <= *le {
+                s.buckets[i] += 1;
+            }
+        }
+    }
+
+    fn put_token(&self, t: StoredToken) -> Result<()> {
+        let value = serde_json::to_vec(&t).expect("token serializes");
+        let kv = self.token_kv.clone();
+        let key = t.id.clone();
+        block_on(&self.rt, async move { kv.put(key, value.into()).await })
+            .map_err(|e| nats_err("token bucket", e))?;
+        self.tokens
+            .lock()
+            .expect("tokens")
+            .insert(t.id.clone(), t);
+        Ok(())
+    }
+}
+
+impl Store for ClusterStore {
+    fn submit(&self, batch: Batch) {
+        if let Err(mpsc::error::SendError(batch)) = self.tx.send(batch) {
+            batch.complete(&Err(Error::ShuttingDown));
+        }
+    }
+
+    fn load(&self) -> Result<Loaded> {
+        let mut loaded = self.shared.replica.load()?;
+        loaded.last_seq = loaded.last_seq.max(self.head());
+        Ok(loaded)
+    }
+
+    fn get_task(&self, task_id: &str) -> Result<Option<Task>> {
+        self.shared.replica.get_task(task_id)
+    }
+
+    fn list_tasks(&self, filter: &ListFilter) -> Result<TaskListing> {
+        self.shared.replica.list_tasks(filter)
+    }
+
+    fn purge_finished(&self, cutoff_ms: i64, limit: usize) -> Result<Purged> {
+        // Retention works on this node's copy only (see docs/cluster.md).
+        self.shared.replica.purge_finished(cutoff_ms, limit)
+    }
+
+    fn disk_bytes(&self) -> u64 {
+        self.shared.replica.disk_bytes()
+    }
+
+    fn read_events(&self, after: Seq, limit: usize) -> Result<Vec<EncodedEvent>> {
+        self.shared.replica.read_events(after, limit)
+    }
+
+    fn first_retained_seq(&self) -> Seq {
+        self.shared.replica.first_retained_seq()
+    }
+
+    fn durable_seq(&self) -> Seq {
+        self.head()
+    }
+
+    fn log_id(&self) -> String {
+        self.shared.log_id.clone()
+    }
+
+    fn probe(&self) -> Result<()> {
+        if self.is_leader() {
+            Ok(())
+        } else {
+            Err(not_leader(&self.shared))
+        }
+    }
+
+    fn event_count(&self) -> u64 {
+        self.shared.replica.event_count()
+    }
+
+    fn commit_stats(&self) -> CommitStats {
+        self.shared.stats.lock().expect("stats").clone()
+    }
+
+    fn insert_token(&self, token: &TokenRecord) -> Result<()> {
+        self.shared.put_token(StoredToken::of(token))
+    }
+
+    fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>> {
+        let found = |tokens: &HashMap<String, StoredToken>| {
+            tokens
+                .values()
+                .find(|t| t.hash == hash)
+                .map(StoredToken::record)
+        };
+        if let Some(r) = found(&self.shared.tokens.lock().expect("tokens")) {
+            return Ok(Some(r));
+        }
+        // Issued a moment ago on another node: read the bucket itself.
+        let id = format!("tok-{}", &hash[..12.min(hash.len())]);
+        let kv = self.shared.token_kv.clone();
+        let got = block_on(&self.shared.rt, async move { kv.get(id).await })
+            .map_err(|e| nats_err("token bucket", e))?;
+        let Some(v) = got else { return Ok(None) };
+        let Ok(t) = serde_json::from_slice::<StoredToken>(&v) else {
+            return Ok(None);
+        };
+        let mut tokens = self.shared.tokens.lock().expect("tokens");
+        tokens.insert(t.id.clone(), t);
+        Ok(found(&tokens))
+    }
+
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
+        let tokens = self.shared.tokens.lock().expect("tokens");
+        let mut out: Vec<TokenRecord> = tokens.values().map(StoredToken::record).collect();
+        out.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        Ok(out)
+    }
+
+    fn revoke_token(&self, id: &str) -> Result<bool> {
+        let current = self.shared.tokens.lock().expect("tokens").get(id).map(|t| {
+            let mut r = t.record();
+            r.revoked = true;
+            StoredToken::of(&r)
+        });
+        match current {
+            Some(t) => {
+                self.shared.put_token(t)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn replicated(&self) -> bool {
+        true
+    }
+
+    fn close(&self) {
+        self.shared.replica.close();
+    }
+}
+
+/// Issue, list and revoke tokens on a cluster without running a node
+/// (`agenthub token ... --nats`).
+pub struct TokenAdmin {
+    kv: kv::Store,
+}
+
+impl TokenAdmin {
+    pub async fn connect(options: &super::ClusterOptions) -> Result<TokenAdmin> {
+        let client = options.connect().await?;
+        let js = jetstream::new(client);
+        let kv = js
+            .create_key_value(kv::Config {
+                bucket: TOKEN_BUCKET.to_string(),
+                history: 1,
+                storage: stream::StorageType::File,
+                num_replicas: options.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_err("cannot open the token bucket", e))?;
+        Ok(TokenAdmin { kv })
+    }
+
+    pub async fn insert(&self, token: &TokenRecord) -> Result<()> {
+        let t = StoredToken::of(token);
+        self.kv
+            .put(t.id.clone(), serde_json::to_vec(&t).expect("json").into())
+            .await
+            .map_err(|e| nats_err("token bucket", e))?;
+        Ok(())
+    }
+
+    pub async fn list(&self) -> Result<Vec<TokenRecord>> {
+        let mut keys = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| nats_err("token bucket", e))?;
+        let mut out = Vec::new();
+        while let Some(Ok(key)) = keys.next().await {
+            if let Ok(Some(v)) = self.kv.get(&key).await {
+                if let Ok(t) = serde_json::from_slice::<StoredToken>(&v) {
+                    out.push(t.record());
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        Ok(out)
+    }
+
+    pub async fn revoke(&self, id: &str) -> Result<bool> {
+        let Some(v) = self
+            .kv
+            .get(id)
+            .await
+            .map_err(|e| nats_err("token bucket", e))?
+        else {
+            return Ok(false);
+        };
+        let mut t: StoredToken =
+            serde_json::from_slice(&v).map_err(|e| nats_err("token bucket", e))?;
+        t.revoked = true;
+        self.kv
+            .put(id, serde_json::to_vec(&t).expect("json").into())
+            .await
+            .map_err(|e| nats_err("token bucket", e))?;
+        Ok(true)
+    }
+}

@@ -1,0 +1,235 @@
+//! Cluster mode (SPEC §9): several hub nodes on one NATS JetStream cluster
+//! act as one hub.
+//!
+//! - [`log`]: the event log is a JetStream stream; every node follows it
+//!   into a local copy (hot standby), and only the leader appends, fenced by
+//!   the stream's expected last sequence.
+//! - [`lease`]: the leader lease, a KV entry that expires unless renewed
+//!   by compare-and-set.
+//! - [`tunnel`]: gRPC calls made to a follower are carried to the leader
+//!   over core NATS (all but `WatchTaskEvents`, which every node serves from
+//!   its own copy of the log).
+//! - [`relay`]: a sidecar's session stays on the node it connected to; its
+//!   messages reach the leader and the leader's replies come back over core
+//!   NATS subjects.
+//!
+//! The design and what an operator sees are in docs/cluster.md.
+
+pub mod lease;
+pub mod log;
+pub mod relay;
+pub mod tunnel;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::error::{Error, Result};
+
+/// The stream that holds the log.
+pub const STREAM: &str = "AGENTHUB_LOG";
+/// Subject of event entries.
+pub const EVENT_SUBJECT: &str = "agenthub.log.event";
+/// Subject of term entries (a new leader's first append: it fences out the
+/// previous leader; not an event, so event seqs skip its number).
+pub const TERM_SUBJECT: &str = "agenthub.log.term";
+/// KV bucket of the leader lease.
+pub const LEASE_BUCKET: &str = "agenthub_lease";
+/// KV bucket of the token set.
+pub const TOKEN_BUCKET: &str = "agenthub_tokens";
+/// gRPC calls carried to the leader.
+pub const RPC_SUBJECT: &str = "agenthub.rpc";
+/// Sidecar messages carried to the leader.
+pub const AGENT_IN_SUBJECT: &str = "agenthub.agent.in";
+/// Node heartbeats (the leader closes the sessions of a node that stops).
+pub const NODE_ALIVE_SUBJECT: &str = "agenthub.node.alive";
+
+/// Messages from the leader to the sessions on node `node`.
+pub fn agent_out_subject(node: &str) -> String {
+    format!("agenthub.node.{node}.out")
+}
+
+/// `agenthub serve --nats ...` settings.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub urls: Vec<String>,
+    pub node_id: String,
+    pub replicas: usize,
+    pub lease: Duration,
+    /// NATS credentials file (`.creds`).
+    pub creds: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    /// CA certificate to verify the NATS servers with.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key for NATS servers that require one.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+impl ClusterOptions {
+    /// Options for `urls` (comma-separated) with defaults.
+    pub fn new(urls: &str, node_id: &str) -> ClusterOptions {
+        ClusterOptions {
+            urls: split_urls(urls),
+            node_id: node_id.to_string(),
+            replicas: 3,
+            lease: Duration::from_secs(3),
+            creds: None,
+            user: None,
+            password: None,
+            token: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.urls.is_empty() {
+            return Err(Error::InvalidArgument("--nats needs at least one URL".into()));
+        }
+        let valid_id = !self.node_id.is_empty()
+            && self.node_id.len() <= 64
+            && self
+                .node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid_id {
+            return Err(Error::InvalidArgument(
+                "--node-id must be 1-64 letters, digits, '-' or '_'".into(),
+            ));
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Err(Error::InvalidArgument(
+                "--nats-replicas must be between 1 and 5".into(),
+            ));
+        }
+        if self.lease < Duration::from_millis(500) {
+            return Err(Error::InvalidArgument("--lease must be at least 500ms".into()));
+        }
+        Ok(())
+    }
+
+    /// Connect to NATS.
+    pub async fn connect(&self) -> Result<async_nats::Client> {
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(format!("agenthub-{}", self.node_id))
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .request_timeout(Some(Duration::from_secs(5)));
+        if let Some(path) = &self.creds {
+            opts = opts
+                .credentials_file(path)
+                .await
+                .map_err(|e| Error::InvalidArgument(format!("NATS credentials: {e}")))?;
+        }
+        if let (Some(u), Some(p)) = (&self.user, &self.password) {
+            opts = opts.user_and_password(u.clone(), p.clone());
+        }
+        if let Some(t) = &self.token {
+            opts = opts.token(t.clone());
+        }
+        if let Some(ca) = &self.tls_ca {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let (Some(c), Some(k)) = (&self.tls_cert, &self.tls_key) {
+            opts = opts.add_client_certificate(c.clone(), k.clone());
+        }
+        let urls: Vec<async_nats::ServerAddr> = self
+            .urls
+            .iter()
+            .map(|u| {
+                u.parse()
+                    .map_err(|e| Error::InvalidArgument(format!("NATS URL {u}: {e}")))
+            })
+            .collect::<Result<_>>()?;
+        opts.connect(urls)
+            .await
+            .map_err(|e| Error::storage(format!("cannot connect to NATS: {e}")))
+    }
+}
+
+/// Split `--nats` into URLs.
+pub fn split_urls(urls: &str) -> Vec<String> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Who leads, as this node sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaderView {
+    /// Node id of the current lease holder, if any.
+    pub leader: Option<String>,
+    /// The lease's value: the holder and a nonce of its term (a leader
+    /// that restarts and wins again is a new leadership).
+    pub leadership: Option<String>,
+    /// Does this node hold the lease and has it fenced the log?
+    pub is_self: bool,
+}
+
+/// What every part of a cluster node shares.
+pub struct Node {
+    pub options: ClusterOptions,
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    /// Changes whenever the leader (or this node's part) changes.
+    pub leader: watch::Sender<LeaderView>,
+}
+
+impl Node {
+    pub async fn connect(options: ClusterOptions) -> Result<Arc<Node>> {
+        options.validate()?;
+        let client = options.connect().await?;
+        let js = async_nats::jetstream::new(client.clone());
+        Ok(Arc::new(Node {
+            options,
+            client,
+            js,
+            leader: watch::Sender::new(LeaderView::default()),
+        }))
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.options.node_id
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader.borrow().is_self
+    }
+
+    pub fn leader_id(&self) -> Option<String> {
+        self.leader.borrow().leader.clone()
+    }
+}
+
+/// A NATS error as a storage error.
+pub(crate) fn nats_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::storage(format!("{what}: {e}"))
+}
+
+/// Run `fut` to completion from synchronous code (the store's reads and
+/// token writes are blocking calls; NATS is async).
+pub(crate) fn block_on<F>(rt: &tokio::runtime::Handle, fut: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| rt.block_on(fut))
+        }
+        Ok(_) => std::thread::scope(|s| {
+            s.spawn(|| rt.block_on(fut))
+                .join()
+                .expect("blocking NATS call panicked")
+        }),
+        Err(_) => rt.block_on(fut),
+    }
+}

@@ -1,0 +1,536 @@
+//! Sidecar sessions across nodes.
+//!
+//! A sidecar's WebSocket stays on the node it connected to. That node
+//! relays the sidecar's messages (as the JSON text it sent) to the leader on
+//! [`AGENT_IN_SUBJECT`]; the leader's hub sees the session as a
+//! [`RemoteLink`] and its messages and closes go back on the node's
+//! [`agent_out_subject`]. Every node relays, the leader's own included, so a
+//! session does not care which node leads.
+//!
+//! When the leadership changes, every node closes its relayed sessions
+//! (close code 1012, "service restart"): the sidecars reconnect (to any
+//! node), identify with the new leader and resend what it has not acked.
+//! Within the reconnect grace they keep their tasks. The leader closes the
+//! sessions of a node that stops sending heartbeats for a lease.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use super::{agent_out_subject, Node, AGENT_IN_SUBJECT, NODE_ALIVE_SUBJECT};
+use crate::error::{Error, Result};
+use crate::hub::Hub;
+use crate::link::{AgentLink, CloseReason, FromAgent, Link, ToAgent};
+use crate::ws::protocol;
+
+const HDR_NODE: &str = "Agenthub-Node";
+const HDR_INCARNATION: &str = "Agenthub-Incarnation";
+const HDR_SESSION: &str = "Agenthub-Session";
+const HDR_KIND: &str = "Agenthub-Kind";
+
+/// How long an identify waits for the leader's answer.
+const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The node side: this node's relayed sessions.
+pub struct Relay {
+    node: Arc<Node>,
+    /// Changes at every start of the process: sessions of an earlier run
+    /// of the same node are never confused with this run's.
+    incarnation: String,
+    sessions: Mutex<HashMap<u64, Link>>,
+}
+
+impl Relay {
+    /// Start relaying for `hub` on `node`: the dispatcher of messages from
+    /// the leader, heartbeats, the leader-change watcher and (while this
+    /// node leads) the intake of every node's sidecar messages.
+    pub fn start(node: Arc<Node>, hub: &Arc<Hub>) -> Arc<Relay> {
+        let relay = Arc::new(Relay {
+            node: node.clone(),
+            incarnation: hex::encode(rand::random::<[u8; 6]>()),
+            sessions: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(dispatch(relay.clone()));
+        tokio::spawn(heartbeat(relay.clone()));
+        tokio::spawn(watch_leader(relay.clone()));
+        tokio::spawn(intake(node, Arc::downgrade(hub)));
+        relay
+    }
+
+    fn headers(&self, session: u64, kind: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(HDR_NODE, self.node.node_id());
+        h.insert(HDR_INCARNATION, self.incarnation.as_str());
+        h.insert(HDR_SESSION, session.to_string().as_str());
+        h.insert(HDR_KIND, kind);
+        h
+    }
+
+    /// Identify a session with the leader. `text`: the `identify` frame as
+    /// the sidecar sent it.
+    pub async fn identify(&self, text: &str, link: &Link) -> Result<String> {
+        if self.node.leader_id().is_none() {
+            return Err(Error::ShuttingDown);
+        }
+        let session = link.id();
+        self.sessions
+            .lock()
+            .expect("sessions")
+            .insert(session, link.clone());
+        let request = async_nats::Request::new()
+            .headers(self.headers(session, "identify"))
+            .payload(Bytes::copy_from_slice(text.as_bytes()))
+            .timeout(Some(IDENTIFY_TIMEOUT));
+        let reply = self
+            .node
+            .client
+            .send_request(AGENT_IN_SUBJECT, request)
+            .await;
+        let answer = match reply {
+            Ok(m) => String::from_utf8_lossy(&m.payload).to_string(),
+            Err(e) => {
+                tracing::warn!(error = %e, "no leader answered an identify");
+                self.forget(session);
+                return Err(Error::ShuttingDown);
+            }
+        };
+        match answer.split_once(':') {
+            Some(("ok", agent)) => Ok(agent.to_string()),
+            Some(("err", code)) => {
+                self.forget(session);
+                Err(error_from_code(code))
+            }
+            _ => {
+                self.forget(session);
+                Err(Error::ShuttingDown)
+            }
+        }
+    }
+
+    /// Relay one frame of an identified session.
+    pub async fn frame(&self, session: u64, text: &str) {
+        let _ = self
+            .node
+            .client
+            .publish_with_headers(
+                AGENT_IN_SUBJECT,
+                self.headers(session, "frame"),
+                Bytes::copy_from_slice(text.as_bytes()),
+            )
+            .await;
+    }
+
+    /// The session's socket closed.
+    pub async fn closed(&self, session: u64) {
+        if self.forget(session) {
+            let _ = self
+                .node
+                .client
+                .publish_with_headers(
+                    AGENT_IN_SUBJECT,
+                    self.headers(session, "closed"),
+                    Bytes::new(),
+                )
+                .await;
+        }
+    }
+
+    fn forget(&self, session: u64) -> bool {
+        self.sessions
+            .lock()
+            .expect("sessions")
+            .remove(&session)
+            .is_some()
+    }
+
+    /// Close every relayed session (the leadership changed).
+    fn close_all(&self, why: CloseReason) {
+        let sessions: Vec<Link> = self
+            .sessions
+            .lock()
+            .expect("sessions")
+            .drain()
+            .map(|(_, l)| l)
+            .collect();
+        if !sessions.is_empty() {
+            tracing::info!(
+                sessions = sessions.len(),
+                "leadership changed: closing relayed sessions"
+            );
+        }
+        for l in sessions {
+            l.close(why);
+        }
+    }
+}
+
+/// The hub error behind a sidecar `error` code (identify answers).
+fn error_from_code(code: &str) -> Error {
+    match code {
+        "invalid_token" => Error::InvalidToken,
+        "token_agent_mismatch" => Error::TokenAgentMismatch,
+        "invalid_message" => Error::InvalidArgument("invalid identify".into()),
+        _ => Error::ShuttingDown,
+    }
+}
+
+fn header<'a>(h: &'a Option<HeaderMap>, name: &str) -> &'a str {
+    h.as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str())
+        .unwrap_or("")
+}
+
+/// Messages from the leader to this node's sessions.
+async fn dispatch(relay: Arc<Relay>) {
+    let subject = agent_out_subject(relay.node.node_id());
+    let mut sub = match relay.node.client.subscribe(subject).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot subscribe to session messages");
+            return;
+        }
+    };
+    while let Some(msg) = sub.next().await {
+        if header(&msg.headers, HDR_INCARNATION) != relay.incarnation {
+            continue;
+        }
+        let Ok(session) = header(&msg.headers, HDR_SESSION).parse::<u64>() else {
+            continue;
+        };
+        let link = relay
+            .sessions
+            .lock()
+            .expect("sessions")
+            .get(&session)
+            .cloned();
+        let Some(link) = link else { continue };
+        match header(&msg.headers, HDR_KIND) {
+            "close" => {
+                let why = close_reason(&String::from_utf8_lossy(&msg.payload));
+                relay.forget(session);
+                link.close(why);
+            }
+            _ => {
+                link.send(ToAgent::Relayed(
+                    String::from_utf8_lossy(&msg.payload).into_owned(),
+                ));
+            }
+        }
+    }
+}
+
+async fn heartbeat(relay: Arc<Relay>) {
+    let every = relay.node.options.lease / 3;
+    loop {
+        let mut h = HeaderMap::new();
+        h.insert(HDR_NODE, relay.node.node_id());
+        h.insert(HDR_INCARNATION, relay.incarnation.as_str());
+        let _ = relay
+            .node
+            .client
+            .publish_with_headers(NODE_ALIVE_SUBJECT, h, Bytes::new())
+            .await;
+        tokio::time::sleep(every).await;
+    }
+}
+
+async fn watch_leader(relay: Arc<Relay>) {
+    let mut rx = relay.node.leader.subscribe();
+    let mut current = rx.borrow_and_update().leadership.clone();
+    while rx.changed().await.is_ok() {
+        let next = rx.borrow_and_update().leadership.clone();
+        if next != current {
+            if current.is_some() {
+                relay.close_all(CloseReason::LeaderChanged);
+            }
+            current = next;
+        }
+    }
+}
+
+/// A session on another node (or this one), as the leader's hub sees it.
+pub struct RemoteLink {
+    id: u64,
+    session: u64,
+    incarnation: String,
+    out: mpsc::UnboundedSender<(HeaderMap, Bytes)>,
+    gone: std::sync::atomic::AtomicBool,
+}
+
+impl RemoteLink {
+    fn post(&self, kind: &str, payload: Bytes) -> bool {
+        if self.gone.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut h = HeaderMap::new();
+        h.insert(HDR_INCARNATION, self.incarnation.as_str());
+        h.insert(HDR_SESSION, self.session.to_string().as_str());
+        h.insert(HDR_KIND, kind);
+        self.out.send((h, payload)).is_ok()
+    }
+}
+
+impl AgentLink for RemoteLink {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn send(&self, msg: ToAgent) -> bool {
+        self.post("msg", Bytes::from(protocol::encode(&msg)))
+    }
+
+    fn close(&self, why: CloseReason) {
+        self.post("close", Bytes::from(why.as_str()));
+        self.gone.store(true, Ordering::Release);
+    }
+}
+
+/// Leader-side link ids: apart from the ids of local WebSocket sessions.
+static NEXT_REMOTE_ID: AtomicU64 = AtomicU64::new(1 << 62);
+
+struct RemoteSession {
+    agent_id: String,
+    link: Arc<RemoteLink>,
+    frames: mpsc::UnboundedSender<FromAgent>,
+    node: String,
+}
+
+struct IntakeState {
+    /// "node/incarnation/session" → session.
+    sessions: HashMap<String, RemoteSession>,
+    /// Per node: a publisher of its messages (in order).
+    outs: HashMap<String, mpsc::UnboundedSender<(HeaderMap, Bytes)>>,
+    /// Per node incarnation: last heartbeat.
+    alive: HashMap<String, Instant>,
+}
+
+/// While this node leads: take every node's sidecar messages.
+async fn intake(node: Arc<Node>, hub: Weak<Hub>) {
+    let mut leader = node.leader.subscribe();
+    loop {
+        if leader.wait_for(|v| v.is_self).await.is_err() {
+            return;
+        }
+        let state = Arc::new(Mutex::new(IntakeState {
+            sessions: HashMap::new(),
+            outs: HashMap::new(),
+            alive: HashMap::new(),
+        }));
+        let Ok(mut sub) = node.client.subscribe(AGENT_IN_SUBJECT).await else {
+            continue;
+        };
+        let Ok(mut alive) = node.client.subscribe(NODE_ALIVE_SUBJECT).await else {
+            continue;
+        };
+        tracing::info!("taking sidecar messages from every node");
+        let mut sweep = tokio::time::interval(node.options.lease / 2);
+        loop {
+            tokio::select! {
+                msg = sub.next() => {
+                    let Some(msg) = msg else { break };
+                    let Some(hub) = hub.upgrade() else { return };
+                    on_agent_message(&node, &hub, &state, msg).await;
+                }
+                beat = alive.next() => {
+                    let Some(beat) = beat else { break };
+                    let key = format!(
+                        "{}/{}",
+                        header(&beat.headers, HDR_NODE),
+                        header(&beat.headers, HDR_INCARNATION)
+                    );
+                    state.lock().expect("intake").alive.insert(key, Instant::now());
+                }
+                _ = sweep.tick() => {
+                    let Some(hub) = hub.upgrade() else { return };
+                    sweep_dead_nodes(&node, &hub, &state);
+                }
+                changed = leader.changed() => {
+                    if changed.is_err() || !leader.borrow().is_self {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = sub.unsubscribe().await;
+        let _ = alive.unsubscribe().await;
+        // Stepped down: the sessions' nodes close them and they identify
+        // with the next leader.
+        let sessions: Vec<RemoteSession> = state
+            .lock()
+            .expect("intake")
+            .sessions
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
+        for s in sessions {
+            s.link.gone.store(true, Ordering::Release);
+        }
+        tracing::info!("no longer taking sidecar messages");
+    }
+}
+
+fn sweep_dead_nodes(node: &Node, hub: &Arc<Hub>, state: &Mutex<IntakeState>) {
+    let limit = node.options.lease;
+    let dead: Vec<RemoteSession> = {
+        let mut st = state.lock().expect("intake");
+        let alive = st.alive.clone();
+        let keys: Vec<String> = st
+            .sessions
+            .iter()
+            .filter(|(key, _)| {
+                let node_inc = key.rsplit_once('/').map(|(n, _)| n).unwrap_or("");
+                !alive.get(node_inc).is_some_and(|t| t.elapsed() < limit)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.iter().filter_map(|k| st.sessions.remove(k)).collect()
+    };
+    for s in dead {
+        tracing::warn!(agent_id = %s.agent_id, node = %s.node, "node stopped sending heartbeats; its session is closed");
+        s.link.gone.store(true, Ordering::Release);
+        hub.session_closed(&s.agent_id, s.link.id);
+    }
+}
+
+fn out_for(node: &Node, state: &mut IntakeState, target: &str) -> mpsc::UnboundedSender<(HeaderMap, Bytes)> {
+    if let Some(tx) = state.outs.get(target) {
+        if !tx.is_closed() {
+            return tx.clone();
+        }
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<(HeaderMap, Bytes)>();
+    let client = node.client.clone();
+    let subject = agent_out_subject(target);
+    tokio::spawn(async move {
+        while let Some((h, payload)) = rx.recv().await {
+            let _ = client
+                .publish_with_headers(subject.clone(), h, payload)
+                .await;
+        }
+    });
+    state.outs.insert(target.to_string(), tx.clone());
+    tx
+}
+
+async fn on_agent_message(
+    node: &Node,
+    hub: &Arc<Hub>,
+    state: &Arc<Mutex<IntakeState>>,
+    msg: async_nats::Message,
+) {
+    let from = header(&msg.headers, HDR_NODE).to_string();
+    let incarnation = header(&msg.headers, HDR_INCARNATION).to_string();
+    let Ok(session) = header(&msg.headers, HDR_SESSION).parse::<u64>() else {
+        return;
+    };
+    let key = format!("{from}/{incarnation}/{session}");
+    let text = String::from_utf8_lossy(&msg.payload).into_owned();
+    state
+        .lock()
+        .expect("intake")
+        .alive
+        .insert(format!("{from}/{incarnation}"), Instant::now());
+    match header(&msg.headers, HDR_KIND) {
+        "identify" => {
+            let answer = match protocol::parse(&text) {
+                Ok(FromAgent::Identify(ident)) => {
+                    let out = out_for(node, &mut state.lock().expect("intake"), &from);
+                    let link = Arc::new(RemoteLink {
+                        id: NEXT_REMOTE_ID.fetch_add(1, Ordering::Relaxed),
+                        session,
+                        incarnation: incarnation.clone(),
+                        out,
+                        gone: Default::default(),
+                    });
+                    let dyn_link: Link = link.clone();
+                    match hub.identify(&ident, &dyn_link) {
+                        Ok(agent_id) => {
+                            let (tx, rx) = mpsc::unbounded_channel();
+                            tokio::spawn(report_worker(
+                                Arc::downgrade(hub),
+                                agent_id.clone(),
+                                dyn_link,
+                                rx,
+                            ));
+                            let old = state.lock().expect("intake").sessions.insert(
+                                key,
+                                RemoteSession {
+                                    agent_id: agent_id.clone(),
+                                    link,
+                                    frames: tx,
+                                    node: from.clone(),
+                                },
+                            );
+                            if let Some(old) = old {
+                                hub.session_closed(&old.agent_id, old.link.id);
+                            }
+                            format!("ok:{agent_id}")
+                        }
+                        Err(e) => format!("err:{}", e.ws_code()),
+                    }
+                }
+                _ => "err:invalid_message".to_string(),
+            };
+            if let Some(reply) = msg.reply {
+                let _ = node.client.publish(reply, answer.into()).await;
+            }
+        }
+        "frame" => {
+            let sender = state
+                .lock()
+                .expect("intake")
+                .sessions
+                .get(&key)
+                .map(|s| s.frames.clone());
+            match (sender, protocol::parse(&text)) {
+                (Some(tx), Ok(report)) => {
+                    let _ = tx.send(report);
+                }
+                (Some(_), Err(_)) => {}
+                (None, _) => {
+                    // A session this leader never saw (it identified with
+                    // an earlier one): have its node close it, so the
+                    // sidecar identifies again here.
+                    let out = out_for(node, &mut state.lock().expect("intake"), &from);
+                    let mut h = HeaderMap::new();
+                    h.insert(HDR_INCARNATION, incarnation.as_str());
+                    h.insert(HDR_SESSION, session.to_string().as_str());
+                    h.insert(HDR_KIND, "close");
+                    let _ = out.send((h, Bytes::from(CloseReason::LeaderChanged.as_str())));
+                }
+            }
+        }
+        "closed" => {
+            let gone = state.lock().expect("intake").sessions.remove(&key);
+            if let Some(s) = gone {
+                s.link.gone.store(true, Ordering::Release);
+                hub.session_closed(&s.agent_id, s.link.id);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// One session's reports, in order.
+async fn report_worker(
+    hub: Weak<Hub>,
+    agent_id: String,
+    link: Link,
+    mut rx: mpsc::UnboundedReceiver<FromAgent>,
+) {
+    while let Some(report) = rx.recv().await {
+        let Some(hub) = hub.upgrade() else { return };
+        hub.report(&agent_id, &link, report).await;
+    }
+}
+
+fn close_reason(name: &str) -> CloseReason {
+    CloseReason::from_name(name).unwrap_or(CloseReason::Normal)
+}
