@@ -78,6 +78,13 @@ pub fn issue_token(
     role: Role,
     agent_id: Option<String>,
 ) -> Result<(String, TokenRecord)> {
+    let (secret, record) = new_token(role, agent_id)?;
+    store.insert_token(&record)?;
+    Ok((secret, record))
+}
+
+/// A new token's secret and record (not stored yet).
+pub fn new_token(role: Role, agent_id: Option<String>) -> Result<(String, TokenRecord)> {
     if (role == Role::Agent) != agent_id.is_some() {
         return Err(Error::InvalidArgument(
             "an agent token needs --agent, and only agent tokens take one".into(),
@@ -96,7 +103,6 @@ pub fn issue_token(
         created_at_ms: now_ms(),
         revoked: false,
     };
-    store.insert_token(&record)?;
     Ok((secret, record))
 }
 

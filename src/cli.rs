@@ -56,8 +56,63 @@ pub enum Command {
     },
 }
 
+/// Connection to a NATS JetStream cluster (cluster mode, SPEC §9).
+#[derive(Args, Debug, Clone, Default)]
+pub struct NatsArgs {
+    /// Cluster mode: NATS server URLs, comma-separated (nats://h1:4222,nats://h2:4222).
+    #[arg(long, env = "AGENTHUB_NATS")]
+    pub nats: Option<String>,
+    /// Replicas of the log stream and the KV buckets (when this node creates them).
+    #[arg(long, env = "AGENTHUB_NATS_REPLICAS", default_value_t = 3)]
+    pub nats_replicas: usize,
+    /// NATS credentials file (.creds: JWT and NKey seed).
+    #[arg(long, env = "AGENTHUB_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// NATS user (with --nats-password).
+    #[arg(long, env = "AGENTHUB_NATS_USER")]
+    pub nats_user: Option<String>,
+    #[arg(long, env = "AGENTHUB_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// NATS authentication token.
+    #[arg(long, env = "AGENTHUB_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// CA certificate (PEM) to verify TLS NATS servers with (turns TLS on).
+    #[arg(long, env = "AGENTHUB_NATS_CA")]
+    pub nats_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for NATS servers that require one.
+    #[arg(long, env = "AGENTHUB_NATS_CERT", requires = "nats_key")]
+    pub nats_cert: Option<PathBuf>,
+    #[arg(long, env = "AGENTHUB_NATS_KEY", requires = "nats_cert")]
+    pub nats_key: Option<PathBuf>,
+}
+
+impl NatsArgs {
+    /// Cluster options for `node_id`, if `--nats` is given.
+    pub fn options(&self, node_id: &str) -> Option<crate::cluster::ClusterOptions> {
+        let urls = self.nats.as_deref()?;
+        let mut o = crate::cluster::ClusterOptions::new(urls, node_id);
+        o.replicas = self.nats_replicas;
+        o.creds = self.nats_creds.clone();
+        o.user = self.nats_user.clone();
+        o.password = self.nats_password.clone();
+        o.token = self.nats_token.clone();
+        o.tls_ca = self.nats_ca.clone();
+        o.tls_cert = self.nats_cert.clone();
+        o.tls_key = self.nats_key.clone();
+        Some(o)
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct ServeArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Cluster mode: this node's name (letters, digits, '-', '_'; unique in the cluster).
+    #[arg(long, env = "AGENTHUB_NODE_ID", requires = "nats")]
+    pub node_id: Option<String>,
+    /// Cluster mode: the leader lease; a leader silent this long is replaced.
+    #[arg(long, env = "AGENTHUB_LEASE", value_parser = parse_duration, default_value = "3s")]
+    pub lease: Duration,
     #[arg(long, env = "AGENTHUB_WS_ADDR", default_value = config::DEFAULT_WS_ADDR)]
     pub ws_addr: SocketAddr,
     #[arg(long, env = "AGENTHUB_GRPC_ADDR", default_value = config::DEFAULT_GRPC_ADDR)]
@@ -229,6 +284,9 @@ pub struct TokenTarget {
     /// CA certificate (PEM) to verify an https:// hub with.
     #[arg(long, env = "AGENTHUB_CA_FILE")]
     pub ca_file: Option<PathBuf>,
+    /// Work on a cluster's token set in NATS (see `serve --nats`).
+    #[command(flatten)]
+    pub nats: NatsArgs,
 }
 
 #[derive(Args, Debug, Clone)]

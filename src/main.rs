@@ -75,7 +75,18 @@ fn check(data_dir: &std::path::Path) -> Result<()> {
 
 async fn serve(args: agenthub::cli::ServeArgs) -> Result<()> {
     let config = args.to_config();
-    let server = Server::build(config.clone()).await?;
+    let server = match &args.nats.nats {
+        Some(_) => {
+            let node_id = args
+                .node_id
+                .clone()
+                .ok_or_else(|| anyhow!("--nats needs --node-id NAME (unique in the cluster)"))?;
+            let mut options = args.nats.options(&node_id).expect("--nats is set");
+            options.lease = args.lease;
+            Server::build_cluster(config.clone(), options).await?
+        }
+        None => Server::build(config.clone()).await?,
+    };
     if let Some(token) = server.hub().take_bootstrap_token() {
         println!(
             "admin token (shown once; also in {}): {token}",
@@ -123,6 +134,9 @@ async fn token(cmd: TokenCommand) -> Result<()> {
         | TokenCommand::List { target }
         | TokenCommand::Revoke { target, .. } => target.clone(),
     };
+    if let Some(options) = target.nats.options("token-cli") {
+        return token_nats(cmd, &options).await;
+    }
     match (&target.data_dir, &target.grpc_addr) {
         (None, Some(addr)) => token_grpc(cmd, addr, &target).await,
         (dir, _) => {
@@ -161,6 +175,31 @@ fn token_local(cmd: TokenCommand, data_dir: &std::path::Path) -> Result<()> {
         }
         TokenCommand::Revoke { id, .. } => {
             if !store.revoke_token(&id)? {
+                bail!("no token with id {id}");
+            }
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
+}
+
+/// Token management on a cluster's token bucket (no node needs to run).
+async fn token_nats(cmd: TokenCommand, options: &agenthub::cluster::ClusterOptions) -> Result<()> {
+    let admin = agenthub::cluster::log::TokenAdmin::connect(options).await?;
+    match cmd {
+        TokenCommand::Issue { agent, role, .. } => {
+            let role = issue_role(&agent, role.as_deref())?;
+            let (secret, record) = agenthub::auth::new_token(role, agent)?;
+            admin.insert(&record).await?;
+            println!("{secret}");
+        }
+        TokenCommand::List { .. } => {
+            for t in admin.list().await? {
+                println!("{}", serde_json::to_string(&t)?);
+            }
+        }
+        TokenCommand::Revoke { id, .. } => {
+            if !admin.revoke(&id).await? {
                 bail!("no token with id {id}");
             }
             println!("revoked {id}");
