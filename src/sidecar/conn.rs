@@ -1,6 +1,7 @@
 //! The sidecar's connection to the hub: connect, identify, then pass frames
 //! both ways until the socket dies; reconnect with exponential backoff
-//! (doubling from `backoff_initial` up to `backoff_max`, with jitter).
+//! (doubling from `backoff_initial` up to `backoff_max`, with jitter), each
+//! attempt to the next of the hub's URLs in turn (round robin).
 //! Sends an application `ping` every heartbeat and drops a socket that has
 //! been silent for three heartbeats. WebSocket pings from the hub are
 //! answered by tungstenite as long as this task keeps reading.
@@ -23,7 +24,8 @@ const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 /// Who the sidecar is and how it reaches the hub.
 #[derive(Clone, Debug)]
 pub struct ConnConfig {
-    pub url: String,
+    /// The hub's URLs (at least one); attempts go through them in turn.
+    pub urls: Vec<String>,
     pub agent_id: String,
     pub token: String,
     /// For a `wss://` hub (`None`: the system's roots).
@@ -101,8 +103,11 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(cfg.backoff_initial, cfg.backoff_max);
+    // Index into `cfg.urls` of the next attempt.
+    let mut next = 0;
     loop {
-        let end = connect_once(&cfg, &events, &mut backoff, &mut shutdown).await;
+        let url = &cfg.urls[next];
+        let end = connect_once(&cfg, url, &events, &mut backoff, &mut shutdown).await;
         let _ = events.send(ConnEvent::Disconnected).await;
         match end {
             End::Shutdown => return,
@@ -113,9 +118,11 @@ pub async fn run(
             End::Replaced => backoff.jump_to_max(),
             End::Retry => {}
         }
+        next = (next + 1) % cfg.urls.len();
         let delay = backoff.next_delay();
         tracing::info!(
             delay_ms = delay.as_millis() as u64,
+            url = %cfg.urls[next],
             "reconnecting after a delay"
         );
         tokio::select! {
@@ -143,6 +150,7 @@ fn identify_msg(cfg: &ConnConfig) -> Value {
 
 async fn connect_once(
     cfg: &ConnConfig,
+    url: &str,
     events: &mpsc::Sender<ConnEvent>,
     backoff: &mut Backoff,
     shutdown: &mut watch::Receiver<bool>,
@@ -153,10 +161,9 @@ async fn connect_once(
         .max_message_size(Some(MAX_FRAME_BYTES))
         .max_frame_size(Some(MAX_FRAME_BYTES));
     let handshake = async {
-        let mut ws =
-            crate::tls::connect_websocket(cfg.url.as_str(), Some(ws_config), cfg.tls.clone())
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
+        let mut ws = crate::tls::connect_websocket(url, Some(ws_config), cfg.tls.clone())
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
         ws.send(Message::Text(identify_msg(cfg).to_string().into()))
             .await
             .map_err(|e| format!("send identify: {e}"))?;
@@ -188,24 +195,24 @@ async fn connect_once(
     };
     let ws = match ws {
         Err(_) => {
-            tracing::warn!(url = %cfg.url, "hub did not answer identify in time");
+            tracing::warn!(url = %url, "hub did not answer identify in time");
             return End::Retry;
         }
         Ok(Err(e)) => {
-            tracing::warn!(url = %cfg.url, error = %e, "cannot reach the hub");
+            tracing::warn!(url = %url, error = %e, "cannot reach the hub");
             return End::Retry;
         }
         Ok(Ok(Err(code))) if code == "invalid_token" || code == "token_agent_mismatch" => {
             return End::Fatal(format!("the hub refused this sidecar's token: {code}"));
         }
         Ok(Ok(Err(code))) => {
-            tracing::warn!(error = %code, "identify refused");
+            tracing::warn!(url = %url, error = %code, "identify refused");
             return End::Retry;
         }
         Ok(Ok(Ok(ws))) => ws,
     };
     backoff.reset();
-    tracing::info!(url = %cfg.url, agent = %cfg.agent_id, "connected to the hub");
+    tracing::info!(url = %url, agent = %cfg.agent_id, "connected to the hub");
     let (tx, mut out) = mpsc::channel::<String>(OUTBOUND_QUEUE);
     if events.send(ConnEvent::Connected(tx)).await.is_err() {
         return End::Shutdown;

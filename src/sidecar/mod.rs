@@ -44,7 +44,8 @@ pub const MAX_TAIL_BYTES: usize = 256 * 1024;
 /// `agenthub sidecar`: connect to a hub and run CMD for every task.
 #[derive(Args, Debug, Clone)]
 pub struct SidecarArgs {
-    /// WebSocket URL of the hub.
+    /// WebSocket URL of the hub (ws:// or wss://). Several, comma-separated
+    /// (the nodes of a cluster): each reconnect tries the next one in turn.
     #[arg(
         long,
         env = "AGENTHUB_WS_URL",
@@ -129,7 +130,10 @@ impl SidecarArgs {
 
     /// TLS settings for a wss:// hub.
     fn tls(&self) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
-        if !self.hub.split(',').any(|u| u.trim().starts_with("wss://")) {
+        if !parse_hub_urls(&self.hub)?
+            .iter()
+            .any(|u| u.starts_with("wss://"))
+        {
             return Ok(None);
         }
         let identity = self.client_cert.as_deref().zip(self.client_key.as_deref());
@@ -158,9 +162,7 @@ impl SidecarArgs {
         if self.output_tail_bytes > MAX_TAIL_BYTES {
             bail!("--output-tail-bytes must be at most {MAX_TAIL_BYTES}");
         }
-        if !(self.hub.starts_with("ws://") || self.hub.starts_with("wss://")) {
-            bail!("--hub must be a ws:// or wss:// URL, e.g. ws://127.0.0.1:4000/ws");
-        }
+        parse_hub_urls(&self.hub)?;
         Ok(())
     }
 
@@ -172,6 +174,28 @@ impl SidecarArgs {
             ))
         })
     }
+}
+
+/// The hub URLs of `--hub`: one or several, comma-separated, each a
+/// `ws://` or `wss://` URL with a host.
+fn parse_hub_urls(list: &str) -> anyhow::Result<Vec<String>> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut urls = Vec::new();
+    for url in list.split(',').map(str::trim) {
+        if url.is_empty() {
+            bail!(
+                "--hub {list:?} has an empty entry; give ws:// or wss:// URLs separated by commas"
+            );
+        }
+        let valid = url.into_client_request().is_ok_and(|req| {
+            matches!(req.uri().scheme_str(), Some("ws" | "wss")) && req.uri().host().is_some()
+        });
+        if !valid {
+            bail!("--hub: {url:?} is not a ws:// or wss:// URL, e.g. ws://127.0.0.1:4000/ws");
+        }
+        urls.push(url.to_string());
+    }
+    Ok(urls)
 }
 
 /// Run the sidecar until SIGTERM/SIGINT (after draining) or a fatal error.
@@ -196,7 +220,7 @@ async fn main_loop(args: SidecarArgs) -> anyhow::Result<()> {
     let (run_tx, mut run_rx) = mpsc::unbounded_channel();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let conn_cfg = conn::ConnConfig {
-        url: args.hub.clone(),
+        urls: parse_hub_urls(&args.hub)?,
         agent_id: args.agent.clone(),
         token: args.read_token()?,
         tls: args.tls()?,
@@ -269,4 +293,27 @@ async fn main_loop(args: SidecarArgs) -> anyhow::Result<()> {
         tracing::info!("sidecar stopped");
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_hub_urls;
+
+    #[test]
+    fn hub_takes_one_or_several_urls_and_names_a_bad_one() {
+        assert_eq!(
+            parse_hub_urls("ws://127.0.0.1:4000/ws").unwrap(),
+            ["ws://127.0.0.1:4000/ws"]
+        );
+        assert_eq!(
+            parse_hub_urls("ws://h1:4000/ws, wss://h2:4000/ws").unwrap(),
+            ["ws://h1:4000/ws", "wss://h2:4000/ws"]
+        );
+        let err = parse_hub_urls("ws://h1:4000/ws,http://h2:4000/ws")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"http://h2:4000/ws\""), "{err}");
+        assert!(parse_hub_urls("ws://h1:4000/ws,").is_err());
+        assert!(parse_hub_urls("ws://").is_err());
+    }
 }

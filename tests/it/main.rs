@@ -4,6 +4,7 @@
 mod helpers;
 
 mod agentcom;
+mod cluster;
 mod core_flow;
 mod cursors;
 mod dashboard;

@@ -3,6 +3,7 @@
 //! task's description (the sidecars run `sh -c 'eval "$AGENTHUB_TASK_DESCRIPTION"'`).
 
 use crate::helpers::ClientExt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -74,6 +75,17 @@ impl Cluster {
 
     /// Start `agenthub sidecar` for `agent` (state file in the temp dir).
     pub fn sidecar(&self, agent: &str, args: &[&str], env: &[(&str, &str)]) -> SidecarProc {
+        self.sidecar_at(&self.ws_url(), agent, args, env)
+    }
+
+    /// Start `agenthub sidecar` for `agent` with `--hub HUB` (one URL or several).
+    pub fn sidecar_at(
+        &self,
+        hub: &str,
+        agent: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> SidecarProc {
         let token = self.agent_token(agent);
         let state_file = self.tmp.path().join(format!("{agent}.state.json"));
         let log = self.tmp.path().join(format!("{agent}.log"));
@@ -82,7 +94,7 @@ impl Cluster {
             token,
             state_file,
             log,
-            url: self.ws_url(),
+            url: hub.to_string(),
             out: self.out.clone(),
             args: args.iter().map(|s| s.to_string()).collect(),
             env: env
@@ -140,11 +152,22 @@ impl Cluster {
 
     /// `kill -9` the hub and start it again on the same data dir and ports.
     pub async fn kill_and_restart_hub(&mut self) {
+        self.kill_hub().await;
+        self.restart_hub_at(self.hub.ws_addr).await;
+    }
+
+    /// `kill -9` the hub and wait until it is gone.
+    pub async fn kill_hub(&mut self) {
         self.hub.kill9();
         self.hub.wait_exit().await;
+    }
+
+    /// Start the (killed) hub again on the same data dir and gRPC port, with
+    /// its WebSocket listener at `ws_addr`.
+    pub async fn restart_hub_at(&mut self, ws_addr: SocketAddr) {
         let args: Vec<&str> = self.hub_args.iter().map(String::as_str).collect();
-        let (ws, grpc) = (self.hub.ws_addr, self.hub.grpc_addr);
-        self.hub = HubProcess::spawn_at(&self.data, ws, grpc, &args).await;
+        let grpc = self.hub.grpc_addr;
+        self.hub = HubProcess::spawn_at(&self.data, ws_addr, grpc, &args).await;
     }
 
     /// Lines a task's script appended to `$OUT/<task id>`.
@@ -287,6 +310,12 @@ impl Drop for SidecarProc {
             }
         }
     }
+}
+
+/// A loopback address nothing listens on (bound once, then released).
+pub fn unused_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
 }
 
 /// `kill -SIG PID` (use `-PGID` for a process group).

@@ -301,3 +301,114 @@ async fn smoke_restarted_sidecar_drops_a_reassigned_task() {
         "a1 got task_reassign"
     );
 }
+
+/// The log lines of a sidecar that contain `message`.
+fn log_lines(sidecar: &SidecarProc, message: &str) -> Vec<String> {
+    std::fs::read_to_string(&sidecar.log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(message))
+        .map(str::to_string)
+        .collect()
+}
+
+/// `--hub` with two URLs, the first one unreachable: the sidecar's next
+/// attempt goes to the second URL, where it identifies and runs a task.
+#[tokio::test]
+async fn smoke_sidecar_with_two_hub_urls_skips_the_unreachable_one() {
+    let cluster = Cluster::start(&[]).await;
+    let dead = format!("ws://{}/ws", unused_addr());
+    let hubs = format!("{dead},{}", cluster.ws_url());
+    let a1 = cluster.sidecar_at(
+        &hubs,
+        "a1",
+        &["--backoff-initial", "100ms", "--backoff-max", "200ms"],
+        &[],
+    );
+    cluster.wait_connected(&["a1"]).await;
+    let follow = Follow::start(&cluster).await;
+    let mut client = cluster.client().await;
+    let task = cluster
+        .push(&mut client, WRITE_ID, pb::Priority::Normal)
+        .await;
+    follow
+        .until("task completed", |ev| {
+            !of(ev, &task, Kind::Completed).is_empty()
+        })
+        .await;
+    assert_eq!(of(&follow.all(), &task, Kind::Completed)[0].agent_id, "a1");
+    assert_eq!(cluster.output_lines(&task), vec![format!("{task} 1")]);
+
+    let unreachable = log_lines(&a1, "cannot reach the hub");
+    assert!(
+        unreachable.first().is_some_and(|l| l.contains(&dead)),
+        "the first attempt went to the first URL: {unreachable:?}"
+    );
+    let connected = log_lines(&a1, "connected to the hub");
+    assert!(
+        connected.len() == 1 && connected[0].contains(&cluster.ws_url()),
+        "identified on the second URL: {connected:?}"
+    );
+}
+
+/// `--hub A,B`: the sidecar runs a task on the hub at A; the hub is killed
+/// and comes back (same data) at B while the command finishes. The sidecar's
+/// next attempt goes to B, where it resends the pending report: the task
+/// completes once, by its first run.
+#[tokio::test]
+async fn smoke_sidecar_follows_the_hub_to_its_second_url_and_resends_its_report() {
+    let mut cluster =
+        Cluster::start(&["--reconnect-grace", "20s", "--accept-timeout", "20s"]).await;
+    let first = cluster.ws_url();
+    let moved_to = unused_addr();
+    let second = format!("ws://{moved_to}/ws");
+    let a1 = cluster.sidecar_at(
+        &format!("{first},{second}"),
+        "a1",
+        &["--backoff-initial", "100ms", "--backoff-max", "200ms"],
+        &[],
+    );
+    cluster.wait_connected(&["a1"]).await;
+    let follow = Follow::start(&cluster).await;
+    let mut client = cluster.client().await;
+    // The command runs until the test creates `$OUT/go`.
+    let script = format!(r#"while [ ! -e "$OUT/go" ]; do sleep 0.02; done; {WRITE_ID}"#);
+    let task = cluster
+        .push(&mut client, &script, pb::Priority::Normal)
+        .await;
+    follow
+        .until("a1 accepted", |ev| {
+            !of(ev, &task, Kind::Accepted).is_empty()
+        })
+        .await;
+    drop(follow);
+
+    cluster.kill_hub().await;
+    std::fs::write(cluster.out.join("go"), "").unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while cluster.output_lines(&task).is_empty() {
+        assert!(Instant::now() < deadline, "the command never finished");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.restart_hub_at(moved_to).await;
+    assert_eq!(cluster.ws_url(), second);
+
+    let follow = Follow::start(&cluster).await;
+    follow
+        .until("task completed", |ev| {
+            !of(ev, &task, Kind::Completed).is_empty()
+        })
+        .await;
+    let events = follow.all();
+    assert_completed_once(&events, std::slice::from_ref(&task));
+    let done = of(&events, &task, Kind::Completed)[0];
+    assert_eq!((done.agent_id.as_str(), done.generation), ("a1", 1));
+    assert_eq!(cluster.output_lines(&task), vec![format!("{task} 1")]);
+    let connected = log_lines(&a1, "connected to the hub");
+    assert!(
+        connected.len() >= 2
+            && connected[0].contains(&first)
+            && connected.last().unwrap().contains(&second),
+        "identified at A, then at B: {connected:?}"
+    );
+}

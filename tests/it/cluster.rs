@@ -1,0 +1,4 @@
+//! Cluster mode (SPEC §9): hub nodes as processes on a 3-node NATS
+//! JetStream cluster.
+
+pub mod nats;
