@@ -88,7 +88,11 @@ async fn ws_upgrade(
 async fn health(State(st): State<AppState>) -> Response {
     let h = st.hub.health();
     // A cluster follower refuses writes by design (it forwards them): it is healthy.
-    let follower = h.node_id.is_some() && h.degraded == Some(crate::error::fault_text(crate::error::StorageFault::NotLeader));
+    let follower = h.node_id.is_some()
+        && h.degraded
+            == Some(crate::error::fault_text(
+                crate::error::StorageFault::NotLeader,
+            ));
     let degraded = h.degraded.filter(|_| !follower);
     let mut body = json!({
         "status": if degraded.is_some() { "degraded" } else { "ok" },

@@ -27,8 +27,8 @@
 pub mod auth;
 pub mod bus;
 pub mod cli;
-pub mod cluster;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod grpc;

@@ -60,7 +60,9 @@ const HDR_TERM: &str = "Agenthub-Term";
 enum Part {
     Follower,
     /// Appends, fenced since its term entry at this seq.
-    Leader { term: Seq },
+    Leader {
+        term: Seq,
+    },
 }
 
 /// One event entry as stored in the stream: `[u32 json len][json][event proto]`.
@@ -605,7 +607,13 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
             }
             Err(e) => {
                 tracing::error!(error = %e, "append to the log failed");
-                if matches!(e, Error::Storage { fault: StorageFault::Conflict, .. }) {
+                if matches!(
+                    e,
+                    Error::Storage {
+                        fault: StorageFault::Conflict,
+                        ..
+                    }
+                ) {
                     demote(&shared, "the log refused an append (another node appended)");
                 }
                 shared.record(started.elapsed(), live.len(), false);
@@ -697,7 +705,10 @@ async fn append(shared: &Shared, term: Seq, p: Prepared) -> Result<Seq> {
             .expected_last_sequence(first_seq - 1);
         async { js.send_publish(EVENT_SUBJECT, publish).await?.await }.await
     } else {
-        let batch_id = format!("{node_id}-{first_seq}-{}", hex::encode(rand::random::<[u8; 6]>()));
+        let batch_id = format!(
+            "{node_id}-{first_seq}-{}",
+            hex::encode(rand::random::<[u8; 6]>())
+        );
         let n = payloads.len();
         for (i, p) in payloads.iter().enumerate().take(n - 1) {
             let mut h = async_nats::HeaderMap::new();
@@ -705,7 +716,10 @@ async fn append(shared: &Shared, term: Seq, p: Prepared) -> Result<Seq> {
             h.insert("Nats-Batch-Id", batch_id.as_str());
             h.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
             if i == 0 {
-                h.insert("Nats-Expected-Last-Sequence", (first_seq - 1).to_string().as_str());
+                h.insert(
+                    "Nats-Expected-Last-Sequence",
+                    (first_seq - 1).to_string().as_str(),
+                );
             }
             shared
                 .node
@@ -777,10 +791,7 @@ impl Shared {
         let key = t.id.clone();
         block_on(&self.rt, async move { kv.put(key, value.into()).await })
             .map_err(|e| nats_err("token bucket", e))?;
-        self.tokens
-            .lock()
-            .expect("tokens")
-            .insert(t.id.clone(), t);
+        self.tokens.lock().expect("tokens").insert(t.id.clone(), t);
         Ok(())
     }
 }

@@ -90,7 +90,9 @@ impl ClusterOptions {
 
     pub fn validate(&self) -> Result<()> {
         if self.urls.is_empty() {
-            return Err(Error::InvalidArgument("--nats needs at least one URL".into()));
+            return Err(Error::InvalidArgument(
+                "--nats needs at least one URL".into(),
+            ));
         }
         let valid_id = !self.node_id.is_empty()
             && self.node_id.len() <= 64
@@ -109,7 +111,9 @@ impl ClusterOptions {
             ));
         }
         if self.lease < Duration::from_millis(500) {
-            return Err(Error::InvalidArgument("--lease must be at least 500ms".into()));
+            return Err(Error::InvalidArgument(
+                "--lease must be at least 500ms".into(),
+            ));
         }
         Ok(())
     }

@@ -399,7 +399,11 @@ fn sweep_dead_nodes(node: &Node, hub: &Arc<Hub>, state: &Mutex<IntakeState>) {
     }
 }
 
-fn out_for(node: &Node, state: &mut IntakeState, target: &str) -> mpsc::UnboundedSender<(HeaderMap, Bytes)> {
+fn out_for(
+    node: &Node,
+    state: &mut IntakeState,
+    target: &str,
+) -> mpsc::UnboundedSender<(HeaderMap, Bytes)> {
     if let Some(tx) = state.outs.get(target) {
         if !tx.is_closed() {
             return tx.clone();

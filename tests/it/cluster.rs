@@ -1,4 +1,6 @@
 //! Cluster mode (SPEC §9): hub nodes as processes on a 3-node NATS
 //! JetStream cluster.
 
+pub mod flow;
+pub mod hubs;
 pub mod nats;

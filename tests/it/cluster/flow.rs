@@ -1,0 +1,83 @@
+//! Cluster mode with every node up: one hub across nodes.
+
+use serde_json::json;
+
+use super::hubs::HubCluster;
+use crate::helpers::{kind, pinned, take_events, ClientExt, Sidecar};
+use agenthub::pb;
+use agenthub::pb::task_event::Kind as K;
+
+async fn identify(url: &str, agent: &str, token: &str) -> Sidecar {
+    let mut sc = Sidecar::connect(url).await;
+    sc.agent_id = agent.to_string();
+    sc.token = token.to_string();
+    sc.send(json!({"type": "identify", "agent_id": agent, "token": token, "protocol_version": 1}))
+        .await;
+    let v = sc.recv_type("identified").await;
+    assert_eq!(v["agent_id"], agent);
+    sc
+}
+
+/// Issue test 1: a push on node A reaches an agent on node C; a watcher on
+/// node B sees every event once, in seq order. Also: the agent registry is
+/// cluster-wide (issue test 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_on_one_node_reaches_an_agent_on_another_and_a_third_node_streams_it() {
+    let c = HubCluster::start(3, &[]).await;
+    let token = c.agent_token("a1");
+    let mut sc = identify(&c.ws_url(2), "a1", &token).await;
+
+    let mut watcher = c.client(1).await;
+    let mut watch = watcher.watch_after(0).await;
+
+    let mut pusher = c.client(0).await;
+    let resp = pusher.push(pinned("a1", "across nodes")).await;
+    assert!(resp.created);
+
+    let assign = sc.recv_type("task_assign").await;
+    assert_eq!(assign["task_id"], resp.task_id.as_str());
+    assert_eq!(assign["description"], "across nodes");
+    let id = resp.task_id.as_str();
+    sc.accept(id, 1).await;
+    sc.complete(id, 1, json!({"ok": true})).await;
+
+    let events = take_events(&mut watch, 4).await;
+    let kinds: Vec<_> = events.iter().map(kind).collect();
+    assert_eq!(kinds, [K::Created, K::Assigned, K::Accepted, K::Completed]);
+    assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert!(events.iter().all(|e| e.task_id == id));
+
+    // Every node answers reads the same way.
+    for i in 0..3 {
+        let mut client = c.client(i).await;
+        let task = client
+            .get_task(pb::GetTaskRequest { task_id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(task.state(), pb::task::State::Completed, "node {i}");
+        let agents = client
+            .list_agents(pb::ListAgentsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .agents;
+        assert!(
+            agents.iter().any(|a| a.agent_id == "a1" && a.connected),
+            "node {i}: {agents:?}"
+        );
+    }
+}
+
+/// The same agent identifying on a second node replaces its first session
+/// (issue test 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_agent_on_two_nodes_is_one_session() {
+    let c = HubCluster::start(3, &[]).await;
+    let token = c.agent_token("a1");
+    let mut first = identify(&c.ws_url(0), "a1", &token).await;
+    let _second = identify(&c.ws_url(1), "a1", &token).await;
+    let err = first.recv_type("error").await;
+    assert_eq!(err["error"], "session_replaced");
+    assert_eq!(first.recv_close().await, Some(4000));
+}

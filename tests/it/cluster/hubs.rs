@@ -1,0 +1,141 @@
+//! Hub nodes as `agenthub serve --nats ...` processes on a [`NatsCluster`].
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use agenthub::client::{connect, HubClient};
+use serde_json::Value;
+
+use super::nats::NatsCluster;
+use crate::core_flow::Http;
+use crate::helpers::HubProcess;
+
+/// How long a cluster test waits for something that should happen.
+pub const DEADLINE: Duration = Duration::from_secs(40);
+
+/// A NATS cluster and hub nodes n0, n1, ... on it.
+pub struct HubCluster {
+    pub nats: NatsCluster,
+    pub tmp: tempfile::TempDir,
+    pub nodes: Vec<Option<HubProcess>>,
+    pub admin: String,
+    extra: Vec<String>,
+}
+
+impl HubCluster {
+    /// Start NATS and `n` hub nodes; returns once one of them leads.
+    pub async fn start(n: usize, extra: &[&str]) -> HubCluster {
+        let nats = NatsCluster::start().await;
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = HubCluster {
+            nats,
+            tmp,
+            nodes: Vec::new(),
+            admin: String::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        for i in 0..n {
+            let p = c.spawn_node(i).await;
+            c.nodes.push(Some(p));
+        }
+        c.leader().await;
+        // The node that bootstrapped the token set wrote admin.token.
+        c.admin = (0..n)
+            .map(|i| c.data_dir(i).join("admin.token"))
+            .find(|p| p.exists())
+            .map(|p| std::fs::read_to_string(p).unwrap().trim().to_string())
+            .expect("one node wrote admin.token");
+        c
+    }
+
+    pub fn node_id(i: usize) -> String {
+        format!("n{i}")
+    }
+
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.tmp.path().join(Self::node_id(i))
+    }
+
+    async fn spawn_node(&self, i: usize) -> HubProcess {
+        let urls = self.nats.url_list();
+        let id = Self::node_id(i);
+        let mut args: Vec<&str> = vec!["--nats", &urls, "--node-id", &id];
+        args.extend(self.extra.iter().map(String::as_str));
+        HubProcess::spawn(&self.data_dir(i), &args).await
+    }
+
+    pub fn node(&self, i: usize) -> &HubProcess {
+        self.nodes[i].as_ref().expect("node running")
+    }
+
+    pub fn ws_url(&self, i: usize) -> String {
+        format!("ws://{}/ws", self.node(i).ws_addr)
+    }
+
+    /// Every running node's WebSocket URL, comma-separated.
+    pub fn ws_urls(&self) -> String {
+        (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].is_some())
+            .map(|i| self.ws_url(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub async fn client(&self, i: usize) -> HubClient {
+        connect(&self.node(i).grpc_addr.to_string(), &self.admin)
+            .await
+            .unwrap()
+    }
+
+    pub async fn health(&self, i: usize) -> Value {
+        Http::new(self.node(i).ws_addr).get("/health").await.1
+    }
+
+    /// The index of the leading node, once every running node agrees on it.
+    pub async fn leader(&self) -> usize {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let mut seen = Vec::new();
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].is_some() {
+                    seen.push(self.health(i).await["leader"].as_str().map(str::to_string));
+                }
+            }
+            if let Some(Some(first)) = seen.first() {
+                if seen.iter().all(|s| s.as_deref() == Some(first.as_str())) {
+                    let i: usize = first.trim_start_matches('n').parse().unwrap();
+                    if self.nodes[i].is_some() {
+                        return i;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no agreed leader: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.nodes[i].take() {
+            p.kill9();
+        }
+    }
+
+    pub async fn restart(&mut self, i: usize) {
+        let p = self.spawn_node(i).await;
+        self.nodes[i] = Some(p);
+    }
+
+    /// `agenthub token issue --agent ID --nats URLS`, as an operator would.
+    pub fn agent_token(&self, agent: &str) -> String {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_agenthub"))
+            .args(["token", "issue", "--agent", agent, "--nats"])
+            .arg(self.nats.url_list())
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "token issue: {out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+}
