@@ -1,6 +1,8 @@
 //! Cluster mode (SPEC §9): hub nodes as processes on a 3-node NATS
 //! JetStream cluster.
 
+pub mod faults;
+pub mod fence;
 pub mod flow;
 pub mod hubs;
 pub mod nats;

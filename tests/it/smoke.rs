@@ -3,7 +3,7 @@
 //! is a small shell script (its description) that appends its id to a file
 //! under `$OUT`. Run with `--nocapture` to see the measured times.
 
-mod harness;
+pub mod harness;
 mod recovery;
 
 use std::collections::HashMap;
