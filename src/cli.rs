@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the hub (WebSocket + HTTP and gRPC listeners, embedded store).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage tokens in the data directory (no server needed) or over gRPC.
     #[command(subcommand)]
     Token(TokenCommand),

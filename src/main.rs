@@ -31,7 +31,7 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing();
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Token(cmd) => token(cmd).await,
         Command::Push(args) => push(args).await,
         Command::Watch(args) => watch(args).await,

@@ -554,6 +554,9 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
         while let Some((last, group, started)) = done_rx.recv().await {
             let r = wait_head(&completer, last, APPLY_TIMEOUT).await;
             completer.record(started.elapsed(), group.len(), r.is_ok());
+            if r.is_err() {
+                demote(&completer, "the local copy of the log stopped following");
+            }
             for b in group {
                 b.complete(&r);
             }
@@ -607,15 +610,25 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
             }
             Err(e) => {
                 tracing::error!(error = %e, "append to the log failed");
-                if matches!(
+                // Refused by the fence: someone else leads. Any other failure
+                // (a timeout, the stream electing its own leader) leaves the
+                // append's outcome unknown: step down either way, and let the
+                // next election catch up with the log before anyone writes.
+                let fenced = matches!(
                     e,
                     Error::Storage {
                         fault: StorageFault::Conflict,
                         ..
                     }
-                ) {
-                    demote(&shared, "the log refused an append (another node appended)");
-                }
+                );
+                demote(
+                    &shared,
+                    if fenced {
+                        "the log refused an append (another node appended)"
+                    } else {
+                        "an append to the log failed"
+                    },
+                );
                 shared.record(started.elapsed(), live.len(), false);
                 let epoch = live.iter().map(|b| b.epoch).max().unwrap_or(0);
                 poisoned = Some((epoch, e.clone()));

@@ -386,7 +386,7 @@ fn sweep_dead_nodes(node: &Node, hub: &Arc<Hub>, state: &Mutex<IntakeState>) {
             .iter()
             .filter(|(key, _)| {
                 let node_inc = key.rsplit_once('/').map(|(n, _)| n).unwrap_or("");
-                !alive.get(node_inc).is_some_and(|t| t.elapsed() < limit)
+                alive.get(node_inc).is_none_or(|t| t.elapsed() >= limit)
             })
             .map(|(k, _)| k.clone())
             .collect();

@@ -171,12 +171,39 @@ async fn forward(
     {
         return Ok(unavailable("cannot reach the cluster"));
     }
-    let head = match tokio::time::timeout(HEAD_TIMEOUT, sub.next()).await {
+    if node.leader_id().is_none() {
+        return Ok(unavailable(
+            "no cluster leader (an election is under way); retry",
+        ));
+    }
+    // The leader may die with the call in flight: give up as soon as the
+    // leadership changes (the client retries and reaches the next leader).
+    let mut leadership = node.leader.subscribe();
+    let asked = leadership.borrow_and_update().leadership.clone();
+    let head = tokio::select! {
+        m = tokio::time::timeout(HEAD_TIMEOUT, sub.next()) => m,
+        _ = async { let _ = leadership.wait_for(|v| v.leadership != asked).await; } => {
+            return Ok(unavailable(
+                "the cluster leader changed while the call was in flight; retry",
+            ));
+        }
+    };
+    let head = match head {
         Ok(Some(m)) if header(&m.headers, HDR_KIND) == "head" => m,
-        _ => {
+        Ok(Some(m)) if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) => {
+            return Ok(unavailable(
+                "the cluster leader is gone (an election is under way); retry",
+            ))
+        }
+        other => {
+            tracing::warn!(
+                path = parts.uri.path(),
+                got = ?other.map(|o| o.map(|m| m.headers)),
+                "no answer from the cluster leader"
+            );
             return Ok(unavailable(
                 "no cluster leader answered (an election may be under way); retry",
-            ))
+            ));
         }
     };
     let responder = header(&head.headers, HDR_NODE).to_string();
@@ -193,6 +220,18 @@ async fn forward(
             let next = tokio::select! {
                 m = sub.next() => m,
                 _ = tx.closed() => None,
+                _ = async { let _ = leadership.wait_for(|v| v.leadership != asked).await; } => {
+                    // The leader serving this stream is gone: end it, so the
+                    // client re-subscribes (to the next leader).
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
+                    trailers.insert(
+                        "grpc-message",
+                        http::HeaderValue::from_static("cluster leader changed; retry"),
+                    );
+                    let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+                    None
+                }
             };
             let Some(m) = next else { break };
             // A deposed leader may answer too: only the first responder counts.

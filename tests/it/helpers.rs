@@ -426,7 +426,12 @@ impl HubProcess {
             .arg("--data-dir")
             .arg(dir)
             .args(extra)
-            .env("RUST_LOG", "warn")
+            // AGENTHUB_TEST_HUB_LOG=info (or a filter) to see a hub process's log.
+            .env(
+                "RUST_LOG",
+                std::env::var("AGENTHUB_TEST_HUB_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)

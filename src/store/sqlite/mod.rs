@@ -201,7 +201,13 @@ impl SqliteStore {
         let head = last.unwrap_or(0).max(purged);
         let shared = Arc::new(Shared {
             durable_seq: AtomicU64::new(head),
-            first_seq: AtomicU64::new(first.unwrap_or(head + 1).max(purged + 1).min(head + 1)),
+            // A replica's seqs skip the log's non-event entries: what it
+            // holds starts right after what retention removed.
+            first_seq: AtomicU64::new(if replica {
+                purged + 1
+            } else {
+                first.unwrap_or(head + 1).max(purged + 1).min(head + 1)
+            }),
             event_count: AtomicU64::new(count),
             commits: Mutex::new(CommitStats::default()),
             faults,

@@ -122,8 +122,19 @@ impl HubCluster {
         }
     }
 
-    pub async fn restart(&mut self, i: usize) {
-        let p = self.spawn_node(i).await;
+    /// Start node `i` again on its data dir and at the same addresses
+    /// (sidecars and clients find it where it was).
+    pub async fn restart(
+        &mut self,
+        i: usize,
+        ws: std::net::SocketAddr,
+        grpc: std::net::SocketAddr,
+    ) {
+        let urls = self.nats.url_list();
+        let id = Self::node_id(i);
+        let mut args: Vec<&str> = vec!["--nats", &urls, "--node-id", &id];
+        args.extend(self.extra.iter().map(String::as_str));
+        let p = HubProcess::spawn_at(&self.data_dir(i), ws, grpc, &args).await;
         self.nodes[i] = Some(p);
     }
 

@@ -193,6 +193,11 @@ impl NatsCluster {
         node.child = Some(child);
     }
 
+    /// Node `i`'s HTTP monitoring port (`/jsz`, `/healthz`).
+    pub fn monitor_port(&self, i: usize) -> u16 {
+        self.nodes[i].http_port
+    }
+
     /// Poll node `i`'s monitoring port until `/healthz` answers 200 and
     /// `/jsz` names a meta leader.
     async fn wait_ready(&mut self, i: usize) {
