@@ -14,6 +14,8 @@
 //! - [`bus`]: event fan-out to watchers; catch-up from the store.
 //! - [`store`]: the `Store` trait, the embedded SQLite backend (and its
 //!   task-output file), fault injection.
+//! - [`cluster`]: cluster mode: the JetStream log and its local copies, the
+//!   leader lease, calls and sidecar sessions carried to the leader.
 //! - [`auth`]: tokens and roles.
 //! - [`grpc`], [`pb`]: the `agenthub.v1.TaskHub` service and its types.
 //! - [`http`], [`ws`]: the HTTP listener and the sidecar WebSocket protocol.

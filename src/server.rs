@@ -98,7 +98,12 @@ impl Server {
         let weak = Arc::downgrade(&hub);
         let deposed_node = node.clone();
         store.on_deposed(Box::new(move |why| {
-            deposed_node.leader.send_modify(|v| v.is_self = false);
+            // Who leads now is unknown until the lease is read again.
+            deposed_node.leader.send_modify(|v| {
+                v.is_self = false;
+                v.leader = None;
+                v.leadership = None;
+            });
             if let Some(hub) = weak.upgrade() {
                 hub.step_down(why);
             }

@@ -298,6 +298,7 @@ impl ClusterStore {
     /// Become the log's writer: catch up with the head, then append a term
     /// entry fenced on it. From then on no earlier leader can append.
     pub async fn promote(&self) -> Result<Seq> {
+        let give_up = Instant::now() + Duration::from_secs(5);
         loop {
             let last = self.catch_up().await?;
             let mut headers = async_nats::HeaderMap::new();
@@ -331,6 +332,12 @@ impl ClusterStore {
                 Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
                     // Someone appended after we read the head: catch up again.
                     continue;
+                }
+                Err(e) if Instant::now() < give_up => {
+                    // The stream may be electing its own leader (just
+                    // created, or a NATS server went away): try again.
+                    tracing::debug!(error = %e, "term entry not appended yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => return Err(nats_err("cannot append the term entry", e)),
             }

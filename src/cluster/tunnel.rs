@@ -156,6 +156,16 @@ async fn forward(
     let Ok(bytes) = body.collect().await.map(|c| c.to_bytes()) else {
         return Ok(tonic::Status::invalid_argument("unreadable request body").into_http());
     };
+    // Sent only to a known leader, and abandoned only if that leadership
+    // ends: a call is answered UNAVAILABLE without having reached anyone,
+    // or because the leader it reached is gone.
+    let mut leadership = node.leader.subscribe();
+    let asked = leadership.borrow_and_update().leadership.clone();
+    if asked.is_none() {
+        return Ok(unavailable(
+            "no cluster leader (an election is under way); retry",
+        ));
+    }
     let mut h = HeaderMap::new();
     h.insert(HDR_PATH, parts.uri.path());
     carry(&parts.headers, &mut h);
@@ -171,15 +181,8 @@ async fn forward(
     {
         return Ok(unavailable("cannot reach the cluster"));
     }
-    if node.leader_id().is_none() {
-        return Ok(unavailable(
-            "no cluster leader (an election is under way); retry",
-        ));
-    }
-    // The leader may die with the call in flight: give up as soon as the
-    // leadership changes (the client retries and reaches the next leader).
-    let mut leadership = node.leader.subscribe();
-    let asked = leadership.borrow_and_update().leadership.clone();
+    // The leader may die with the call in flight: give up as soon as its
+    // leadership ends (the client retries and reaches the next leader).
     let head = tokio::select! {
         m = tokio::time::timeout(HEAD_TIMEOUT, sub.next()) => m,
         _ = async { let _ = leadership.wait_for(|v| v.leadership != asked).await; } => {

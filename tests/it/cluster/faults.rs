@@ -65,11 +65,11 @@ async fn a_paused_leader_is_fenced_out_and_rejoins_as_a_follower() {
         .await
         .expect("the resumed node answers")
         .unwrap();
-    let acked = match outcome {
-        Ok(_) => true,
+    let (acked, why) = match outcome {
+        Ok(_) => (true, String::new()),
         Err(status) => {
             assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-            false
+            (false, status.message().to_string())
         }
     };
 
@@ -91,7 +91,7 @@ async fn a_paused_leader_is_fenced_out_and_rejoins_as_a_follower() {
         assert_eq!(
             ids.contains(&"task-paused-0000001"),
             acked,
-            "node {i}: acked={acked} {ids:?}"
+            "node {i}: acked={acked} ({why}) {ids:?}"
         );
     }
     // A write through the old leader reaches the new one.
