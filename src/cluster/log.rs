@@ -157,6 +157,60 @@ fn decode_entry(seq: Seq, payload: &Bytes) -> Result<(EncodedEvent, Vec<TaskWrit
     Ok((event, rows))
 }
 
+/// How long a node retries setting up the stream and buckets at start.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Create (or find) the log stream and the token bucket: the log's id and the bucket.
+async fn setup(node: &Node) -> Result<(String, kv::Store)> {
+    let opts = &node.options;
+    let mut metadata = HashMap::new();
+    metadata.insert(
+        "agenthub_log_id".to_string(),
+        format!("log-{}", hex::encode(rand::random::<[u8; 8]>())),
+    );
+    let config = stream::Config {
+        name: STREAM.to_string(),
+        subjects: vec!["agenthub.log.>".to_string()],
+        storage: stream::StorageType::File,
+        num_replicas: opts.replicas,
+        allow_atomic_publish: true,
+        allow_direct: true,
+        metadata,
+        ..Default::default()
+    };
+    let stream = node
+        .js
+        .get_or_create_stream(config)
+        .await
+        .map_err(|e| nats_err("cannot create the log stream", e))?;
+    let info = stream
+        .get_info()
+        .await
+        .map_err(|e| nats_err("cannot read the log stream", e))?;
+    let log_id = info
+        .config
+        .metadata
+        .get("agenthub_log_id")
+        .cloned()
+        .ok_or_else(|| {
+            Error::storage(format!(
+                "stream {STREAM} exists but was not made by agenthub (no agenthub_log_id)"
+            ))
+        })?;
+    let token_kv = node
+        .js
+        .create_key_value(kv::Config {
+            bucket: TOKEN_BUCKET.to_string(),
+            history: 1,
+            storage: stream::StorageType::File,
+            num_replicas: opts.replicas,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats_err("cannot create the token bucket", e))?;
+    Ok((log_id, token_kv))
+}
+
 /// Called when this node loses the right to append (with the reason).
 pub type OnDeposed = Box<dyn Fn(&str) + Send + Sync>;
 
@@ -188,52 +242,21 @@ impl ClusterStore {
     /// `dir`, and start following the log. Returns once the copy has caught
     /// up with the log's head as it was at the start.
     pub async fn open(node: Arc<Node>, dir: &std::path::Path) -> Result<Arc<ClusterStore>> {
-        let opts = &node.options;
-        let mut metadata = HashMap::new();
-        metadata.insert(
-            "agenthub_log_id".to_string(),
-            format!("log-{}", hex::encode(rand::random::<[u8; 8]>())),
-        );
-        let config = stream::Config {
-            name: STREAM.to_string(),
-            subjects: vec!["agenthub.log.>".to_string()],
-            storage: stream::StorageType::File,
-            num_replicas: opts.replicas,
-            allow_atomic_publish: true,
-            allow_direct: true,
-            metadata,
-            ..Default::default()
+        // A NATS cluster that is starting (or electing) may time out the
+        // first requests: retry for a while before giving up.
+        let give_up = Instant::now() + SETUP_TIMEOUT;
+        let mut backoff = Duration::from_millis(100);
+        let (log_id, token_kv) = loop {
+            match setup(&node).await {
+                Ok(v) => break v,
+                Err(e) if Instant::now() < give_up => {
+                    tracing::warn!(error = %e, "cannot set up the log in NATS yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
         };
-        let stream = node
-            .js
-            .get_or_create_stream(config)
-            .await
-            .map_err(|e| nats_err("cannot create the log stream", e))?;
-        let info = stream
-            .get_info()
-            .await
-            .map_err(|e| nats_err("cannot read the log stream", e))?;
-        let log_id = info
-            .config
-            .metadata
-            .get("agenthub_log_id")
-            .cloned()
-            .ok_or_else(|| {
-                Error::storage(format!(
-                    "stream {STREAM} exists but was not made by agenthub (no agenthub_log_id)"
-                ))
-            })?;
-        let token_kv = node
-            .js
-            .create_key_value(kv::Config {
-                bucket: TOKEN_BUCKET.to_string(),
-                history: 1,
-                storage: stream::StorageType::File,
-                num_replicas: opts.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats_err("cannot create the token bucket", e))?;
         let replica = SqliteStore::open_replica(dir, &log_id)?;
         let start = replica.durable_seq();
         let shared = Arc::new(Shared {
