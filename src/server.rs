@@ -201,6 +201,9 @@ impl Server {
 
         shutdown.await;
         tracing::info!("shutting down");
+        if let Some(node) = hub.cluster_node() {
+            node.stop(std::time::Duration::from_secs(2)).await;
+        }
         let _ = stop_tx.send(true);
         let grace = hub.config().shutdown_grace;
         sessions.close();

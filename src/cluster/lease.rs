@@ -42,6 +42,14 @@ async fn bucket(node: &Node) -> kv::Store {
     }
 }
 
+/// Sleep for `d`, or less if the node starts shutting down.
+async fn pause(d: Duration, stopping: &mut tokio::sync::watch::Receiver<bool>) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = stopping.changed() => {}
+    }
+}
+
 fn holder(value: &str) -> String {
     value.split('/').next().unwrap_or("").to_string()
 }
@@ -51,7 +59,21 @@ pub async fn run(node: Arc<Node>, store: Arc<ClusterStore>, hub: Weak<Hub>) {
     let lease = node.options.lease;
     let kv = bucket(&node).await;
     let mut held: Option<(u64, String)> = None;
+    let mut stopping = node.stopping.subscribe();
     loop {
+        if *stopping.borrow_and_update() {
+            if let Some((rev, _)) = held.take() {
+                store.demote("shutting down");
+                let _ = kv.delete_expect_revision(KEY, Some(rev)).await;
+                tracing::info!("leader lease handed back");
+            }
+            node.leader.send_modify(|v| {
+                v.is_self = false;
+                v.leader = None;
+                v.leadership = None;
+            });
+            return;
+        }
         if held.is_some() && !store.is_leader() {
             // Deposed by the log (another node appended): let go.
             if let Some((rev, _)) = held.take() {
@@ -68,7 +90,7 @@ pub async fn run(node: Arc<Node>, store: Arc<ClusterStore>, hub: Weak<Hub>) {
                         step_down(&node, &store, &hub, "leader lease lost");
                     }
                 }
-                tokio::time::sleep(lease / 3).await;
+                pause(lease / 3, &mut stopping).await;
             }
             None => {
                 match kv.entry(KEY).await {
@@ -96,7 +118,7 @@ pub async fn run(node: Arc<Node>, store: Arc<ClusterStore>, hub: Weak<Hub>) {
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot read the leader lease"),
                 }
-                tokio::time::sleep(lease / 8).await;
+                pause(lease / 8, &mut stopping).await;
             }
         }
     }

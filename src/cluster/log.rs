@@ -49,6 +49,37 @@ const MAX_APPEND_EVENTS: usize = 500;
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most stream messages applied to the local copy in one commit.
 const MAX_APPLY: usize = 1000;
+/// How long a catch-up waits for the consumer before reading directly.
+const CATCH_UP_WAIT: Duration = Duration::from_millis(500);
+
+/// One stream message, however it was read.
+struct Entry {
+    seq: Seq,
+    subject: String,
+    /// The node that appended it.
+    node: String,
+    payload: Bytes,
+}
+
+impl Entry {
+    fn of(msg: &jetstream::Message) -> Result<Entry> {
+        let seq = msg
+            .info()
+            .map_err(|e| nats_err("log entry", e))?
+            .stream_sequence;
+        Ok(Entry {
+            seq,
+            subject: msg.subject.to_string(),
+            node: msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(HDR_NODE))
+                .map(|v| v.as_str().to_string())
+                .unwrap_or_default(),
+            payload: msg.payload.clone(),
+        })
+    }
+}
 
 /// Header: the node that appended the entry.
 const HDR_NODE: &str = "Agenthub-Node";
@@ -229,6 +260,10 @@ struct Shared {
     log_id: String,
     /// Entries applied to the local copy (for `event_count` after purges).
     applied: AtomicU64,
+    /// One applier at a time (the consumer, or a catch-up reading directly).
+    apply_lock: tokio::sync::Mutex<()>,
+    /// Ask the follower to start a new consumer (its current one stalled).
+    refollow: tokio::sync::Notify,
 }
 
 /// [`Store`] on a JetStream stream, with a local SQLite copy for reads.
@@ -263,6 +298,8 @@ impl ClusterStore {
             node: node.clone(),
             rt: tokio::runtime::Handle::current(),
             applied: AtomicU64::new(replica.event_count()),
+            apply_lock: tokio::sync::Mutex::new(()),
+            refollow: tokio::sync::Notify::new(),
             replica,
             head: watch::Sender::new(start),
             part: Mutex::new(Part::Follower),
@@ -285,7 +322,41 @@ impl ClusterStore {
     /// Wait until the local copy holds everything the log holds now.
     pub async fn catch_up(&self) -> Result<Seq> {
         let last = self.stream_last_seq().await?;
-        self.wait_head(last, Duration::from_secs(60)).await?;
+        if self.wait_head(last, CATCH_UP_WAIT).await.is_ok() {
+            return Ok(last);
+        }
+        // The consumer is behind or stalled (its NATS server went away):
+        // read what is missing directly, and have it start afresh.
+        self.shared.refollow.notify_one();
+        let stream = self
+            .shared
+            .node
+            .js
+            .get_stream(STREAM)
+            .await
+            .map_err(|e| nats_err("log stream", e))?;
+        let mut next = self.head() + 1;
+        while next <= last {
+            let mut entries = Vec::new();
+            while next <= last && entries.len() < MAX_APPLY {
+                let m = stream
+                    .get_raw_message(next)
+                    .await
+                    .map_err(|e| nats_err("log entry", e))?;
+                entries.push(Entry {
+                    seq: m.sequence,
+                    subject: m.subject.to_string(),
+                    node: m
+                        .headers
+                        .get(HDR_NODE)
+                        .map(|v| v.as_str().to_string())
+                        .unwrap_or_default(),
+                    payload: m.payload,
+                });
+                next += 1;
+            }
+            apply(&self.shared, entries).await?;
+        }
         Ok(last)
     }
 
@@ -454,17 +525,25 @@ async fn follow_once(shared: &Arc<Shared>, after: Seq) -> Result<()> {
         .messages()
         .await
         .map_err(|e| nats_err("log consumer", e))?;
-    let mut pending: Vec<jetstream::Message> = Vec::new();
+    let mut pending: Vec<Entry> = Vec::new();
     loop {
-        let first = match messages.next().await {
+        let first = tokio::select! {
+            m = messages.next() => m,
+            _ = shared.refollow.notified() => {
+                return Err(Error::storage("the consumer stalled; starting a new one"));
+            }
+        };
+        let first = match first {
             Some(m) => m.map_err(|e| nats_err("log consumer", e))?,
             None => return Ok(()),
         };
-        pending.push(first);
+        pending.push(Entry::of(&first)?);
         // Take whatever else has already arrived, to apply it in one commit.
         while pending.len() < MAX_APPLY {
             match futures_util::FutureExt::now_or_never(messages.next()) {
-                Some(Some(m)) => pending.push(m.map_err(|e| nats_err("log consumer", e))?),
+                Some(Some(m)) => {
+                    pending.push(Entry::of(&m.map_err(|e| nats_err("log consumer", e))?)?)
+                }
                 _ => break,
             }
         }
@@ -473,26 +552,19 @@ async fn follow_once(shared: &Arc<Shared>, after: Seq) -> Result<()> {
 }
 
 /// Apply stream messages to the local copy, then publish their events.
-async fn apply(shared: &Arc<Shared>, messages: Vec<jetstream::Message>) -> Result<()> {
+async fn apply(shared: &Arc<Shared>, entries: Vec<Entry>) -> Result<()> {
+    let _one = shared.apply_lock.lock().await;
     let head = *shared.head.borrow();
     let mut batch = Batch::default();
     let mut last = head;
-    for msg in messages {
-        let seq = msg
-            .info()
-            .map_err(|e| nats_err("log entry", e))?
-            .stream_sequence;
+    for msg in entries {
+        let seq = msg.seq;
         if seq <= last {
             continue;
         }
         last = seq;
-        if msg.subject.as_str() == TERM_SUBJECT {
-            let by = msg
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(HDR_NODE))
-                .map(|v| v.as_str().to_string())
-                .unwrap_or_default();
+        if msg.subject == TERM_SUBJECT {
+            let by = msg.node;
             let part = *shared.part.lock().expect("part");
             if let Part::Leader { term } = part {
                 if seq > term {

@@ -185,6 +185,8 @@ pub struct Node {
     pub js: async_nats::jetstream::Context,
     /// Changes whenever the leader (or this node's part) changes.
     pub leader: watch::Sender<LeaderView>,
+    /// True once the node shuts down: a leader hands its lease back.
+    pub stopping: watch::Sender<bool>,
 }
 
 impl Node {
@@ -197,6 +199,7 @@ impl Node {
             client,
             js,
             leader: watch::Sender::new(LeaderView::default()),
+            stopping: watch::Sender::new(false),
         }))
     }
 
@@ -210,6 +213,14 @@ impl Node {
 
     pub fn leader_id(&self) -> Option<String> {
         self.leader.borrow().leader.clone()
+    }
+
+    /// Shutting down: stop leading and hand the lease back, so another node
+    /// takes over at once rather than after the lease (waits up to `limit`).
+    pub async fn stop(&self, limit: Duration) {
+        self.stopping.send_replace(true);
+        let mut view = self.leader.subscribe();
+        let _ = tokio::time::timeout(limit, view.wait_for(|v| !v.is_self)).await;
     }
 }
 

@@ -143,3 +143,24 @@ async fn token_revocation_holds_on_every_node() {
         assert_eq!(err["error"], "invalid_token", "node {i}");
     }
 }
+
+/// A leader stopped with SIGTERM hands its lease back: another node leads
+/// before the lease would have run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_shut_down_hands_over_before_its_lease_runs_out() {
+    let mut c = HubCluster::start(3, &[]).await;
+    let old = c.leader().await;
+    let lease = Duration::from_secs(3);
+    let stopped_at = Instant::now();
+    signal(c.node(old).child.id().unwrap(), "TERM");
+    c.nodes[old].as_mut().unwrap().wait_exit().await;
+    c.nodes[old] = None;
+    let new = c.leader().await;
+    let took = stopped_at.elapsed();
+    assert_ne!(new, old);
+    assert!(took < lease, "handover took {took:?} (lease {lease:?})");
+    let mut client = c.client(new).await;
+    let mut req = pinned("nobody", "after the handover");
+    req.queue_if_offline = true;
+    assert!(client.push_task(req).await.unwrap().into_inner().created);
+}
