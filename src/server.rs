@@ -98,12 +98,7 @@ impl Server {
         let weak = Arc::downgrade(&hub);
         let deposed_node = node.clone();
         store.on_deposed(Box::new(move |why| {
-            // Who leads now is unknown until the lease is read again.
-            deposed_node.leader.send_modify(|v| {
-                v.is_self = false;
-                v.leader = None;
-                v.leadership = None;
-            });
+            deposed_node.forget_leader();
             if let Some(hub) = weak.upgrade() {
                 hub.step_down(why);
             }

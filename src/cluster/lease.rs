@@ -67,11 +67,7 @@ pub async fn run(node: Arc<Node>, store: Arc<ClusterStore>, hub: Weak<Hub>) {
                 let _ = kv.delete_expect_revision(KEY, Some(rev)).await;
                 tracing::info!("leader lease handed back");
             }
-            node.leader.send_modify(|v| {
-                v.is_self = false;
-                v.leader = None;
-                v.leadership = None;
-            });
+            node.forget_leader();
             return;
         }
         if held.is_some() && !store.is_leader() {
@@ -158,11 +154,7 @@ async fn try_lead(node: &Node, store: &ClusterStore, kv: &kv::Store) -> Option<(
 
 fn step_down(node: &Node, store: &ClusterStore, hub: &Weak<Hub>, why: &str) {
     store.demote(why);
-    node.leader.send_modify(|v| {
-        v.is_self = false;
-        v.leader = None;
-        v.leadership = None;
-    });
+    node.forget_leader();
     if let Some(hub) = hub.upgrade() {
         hub.step_down(why);
     }

@@ -37,10 +37,7 @@ use crate::error::{Error, Result, StorageFault};
 use crate::model::{EventKind, Seq, Task, TokenRecord};
 use crate::pb::wire::EncodedEvent;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{
-    Batch, CommitStats, ListFilter, Loaded, Purged, Store, TaskListing, TaskWrite,
-    COMMIT_BUCKETS_US,
-};
+use crate::store::{Batch, CommitStats, ListFilter, Loaded, Purged, Store, TaskListing, TaskWrite};
 
 /// Most events in one append (JetStream's atomic batches take up to 1,000 messages).
 const MAX_APPEND_EVENTS: usize = 500;
@@ -228,18 +225,35 @@ async fn setup(node: &Node) -> Result<(String, kv::Store)> {
                 "stream {STREAM} exists but was not made by agenthub (no agenthub_log_id)"
             ))
         })?;
-    let token_kv = node
-        .js
-        .create_key_value(kv::Config {
-            bucket: TOKEN_BUCKET.to_string(),
-            history: 1,
-            storage: stream::StorageType::File,
-            num_replicas: opts.replicas,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| nats_err("cannot create the token bucket", e))?;
+    let token_kv = token_bucket(&node.js, opts.replicas).await?;
     Ok((log_id, token_kv))
+}
+
+/// Create (or open) the token bucket.
+async fn token_bucket(js: &jetstream::Context, replicas: usize) -> Result<kv::Store> {
+    js.create_key_value(kv::Config {
+        bucket: TOKEN_BUCKET.to_string(),
+        history: 1,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| nats_err("cannot open the token bucket", e))
+}
+
+/// Every token in the bucket.
+async fn read_tokens(kv: &kv::Store) -> Result<Vec<StoredToken>> {
+    let mut keys = kv.keys().await.map_err(|e| nats_err("token bucket", e))?;
+    let mut out = Vec::new();
+    while let Some(Ok(key)) = keys.next().await {
+        if let Ok(Some(v)) = kv.get(&key).await {
+            if let Ok(t) = serde_json::from_slice::<StoredToken>(&v) {
+                out.push(t);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Called when this node loses the right to append (with the reason).
@@ -610,21 +624,12 @@ async fn follow_tokens(shared: Arc<Shared>) -> Result<()> {
         .map_err(|e| nats_err("token bucket", e))?;
     // The current values first (the watch ends its history with a marker
     // we cannot see here: read them directly as well).
-    let mut keys = shared
-        .token_kv
-        .keys()
-        .await
-        .map_err(|e| nats_err("token bucket", e))?;
-    while let Some(Ok(key)) = keys.next().await {
-        if let Ok(Some(v)) = shared.token_kv.get(&key).await {
-            if let Ok(t) = serde_json::from_slice::<StoredToken>(&v) {
-                shared
-                    .tokens
-                    .lock()
-                    .expect("tokens")
-                    .insert(t.id.clone(), t);
-            }
-        }
+    for t in read_tokens(&shared.token_kv).await? {
+        shared
+            .tokens
+            .lock()
+            .expect("tokens")
+            .insert(t.id.clone(), t);
     }
     tokio::spawn(async move {
         while let Some(entry) = watch.next().await {
@@ -885,19 +890,7 @@ async fn append(shared: &Shared, term: Seq, p: Prepared) -> Result<Seq> {
 
 impl Shared {
     fn record(&self, took: Duration, batches: usize, ok: bool) {
-        let us = took.as_micros() as u64;
-        let mut s = self.stats.lock().expect("stats");
-        s.commits += 1;
-        if !ok {
-            s.failed_commits += 1;
-        }
-        s.batches += batches as u64;
-        s.total_us += us;
-        for (i, le) in COMMIT_BUCKETS_US.iter().enumerate() {
-            if us <= *le {
-                s.buckets[i] += 1;
-            }
-        }
+        self.stats.lock().expect("stats").record(took, batches, ok);
     }
 
     fn put_token(&self, t: StoredToken) -> Result<()> {
@@ -1041,17 +1034,7 @@ pub struct TokenAdmin {
 impl TokenAdmin {
     pub async fn connect(options: &super::ClusterOptions) -> Result<TokenAdmin> {
         let client = options.connect().await?;
-        let js = jetstream::new(client);
-        let kv = js
-            .create_key_value(kv::Config {
-                bucket: TOKEN_BUCKET.to_string(),
-                history: 1,
-                storage: stream::StorageType::File,
-                num_replicas: options.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats_err("cannot open the token bucket", e))?;
+        let kv = token_bucket(&jetstream::new(client), options.replicas).await?;
         Ok(TokenAdmin { kv })
     }
 
@@ -1065,19 +1048,11 @@ impl TokenAdmin {
     }
 
     pub async fn list(&self) -> Result<Vec<TokenRecord>> {
-        let mut keys = self
-            .kv
-            .keys()
-            .await
-            .map_err(|e| nats_err("token bucket", e))?;
-        let mut out = Vec::new();
-        while let Some(Ok(key)) = keys.next().await {
-            if let Ok(Some(v)) = self.kv.get(&key).await {
-                if let Ok(t) = serde_json::from_slice::<StoredToken>(&v) {
-                    out.push(t.record());
-                }
-            }
-        }
+        let mut out: Vec<TokenRecord> = read_tokens(&self.kv)
+            .await?
+            .iter()
+            .map(StoredToken::record)
+            .collect();
         out.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
         Ok(out)
     }

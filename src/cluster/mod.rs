@@ -215,6 +215,12 @@ impl Node {
         self.leader.borrow().leader.clone()
     }
 
+    /// This node does not lead, and who does is unknown until the lease is
+    /// read again.
+    pub fn forget_leader(&self) {
+        self.leader.send_modify(|v| *v = LeaderView::default());
+    }
+
     /// Shutting down: stop leading and hand the lease back, so another node
     /// takes over at once rather than after the lease (waits up to `limit`).
     pub async fn stop(&self, limit: Duration) {

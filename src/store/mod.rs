@@ -87,6 +87,24 @@ pub struct CommitStats {
     pub buckets: [u64; COMMIT_BUCKETS_US.len()],
 }
 
+impl CommitStats {
+    /// Count one commit of `batches` batches that took `took`.
+    pub fn record(&mut self, took: std::time::Duration, batches: usize, ok: bool) {
+        let us = took.as_micros() as u64;
+        self.commits += 1;
+        if !ok {
+            self.failed_commits += 1;
+        }
+        self.batches += batches as u64;
+        self.total_us += us;
+        for (i, le) in COMMIT_BUCKETS_US.iter().enumerate() {
+            if us <= *le {
+                self.buckets[i] += 1;
+            }
+        }
+    }
+}
+
 /// What the hub reads back at start (and after a failed commit).
 #[derive(Debug, Default)]
 pub struct Loaded {

@@ -20,7 +20,6 @@ pub mod output;
 
 use super::{
     Batch, CommitStats, Faults, ListFilter, Loaded, Purged, Store, TaskListing, TaskWrite,
-    COMMIT_BUCKETS_US,
 };
 use crate::error::{Error, Result};
 use crate::model::{EventKind, Role, Seq, Task, TokenRecord};
@@ -255,19 +254,7 @@ impl SqliteStore {
 
 impl Shared {
     fn record_commit(&self, took: std::time::Duration, batches: usize, ok: bool) {
-        let us = took.as_micros() as u64;
-        let mut s = lock(&self.commits);
-        s.commits += 1;
-        if !ok {
-            s.failed_commits += 1;
-        }
-        s.batches += batches as u64;
-        s.total_us += us;
-        for (i, le) in COMMIT_BUCKETS_US.iter().enumerate() {
-            if us <= *le {
-                s.buckets[i] += 1;
-            }
-        }
+        lock(&self.commits).record(took, batches, ok);
     }
 }
 
