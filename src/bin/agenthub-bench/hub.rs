@@ -129,6 +129,20 @@ pub const PUSH_AGENT: &str = "push-agent";
 
 /// The push workloads on a running hub whose `PUSH_AGENT` token is `token`.
 pub async fn push_on(ctx: &Ctx, hub: &Hub, token: &str) -> Result<(Metrics, Metrics)> {
+    push_measured(ctx, hub, token, "", &[hub.pid()]).await
+}
+
+/// [`push_on`] with task ids starting with `prefix` (unique per run on one
+/// hub: a push of a known task id is answered from the store), and the
+/// server CPU per task summed over `cpu_pids` (in a cluster: every hub node
+/// and every NATS server).
+pub async fn push_measured(
+    ctx: &Ctx,
+    hub: &Hub,
+    token: &str,
+    prefix: &str,
+    cpu_pids: &[u32],
+) -> Result<(Metrics, Metrics)> {
     let s = &ctx.sizes;
     let agent = PUSH_AGENT.to_string();
     let tokens = [(agent.clone(), token.to_string())];
@@ -144,9 +158,9 @@ pub async fn push_on(ctx: &Ctx, hub: &Hub, token: &str) -> Result<(Metrics, Metr
         let mut cpu = None;
         for i in 0..s.push_warmup + s.push_measured {
             if i == s.push_warmup {
-                cpu = Some(CpuMeter::start(hub.pid())?);
+                cpu = Some(CpuMeter::start_all(cpu_pids)?);
             }
-            let task_id = format!("s-{i}");
+            let task_id = format!("{prefix}s-{i}");
             let req = push_request(&agent, task_id.clone(), &meta);
             let t0 = now_ns();
             let (resp, side) = tokio::join!(
@@ -210,36 +224,28 @@ pub async fn push_on(ctx: &Ctx, hub: &Hub, token: &str) -> Result<(Metrics, Metr
 
         // Pipelined: a task leaves the window when its `task_complete` is acked.
         let ws = sidecar(&hub.ws_addr, &agent, &tokens[0].1, 256).await?;
-        let piped = push_pipelined(
-            hub,
-            &mut client,
-            ws,
-            &agent,
-            s.push_pipelined,
-            s.inflight,
-            ctx.limit,
-        )
-        .await?;
+        let piped = push_pipelined(ctx, cpu_pids, &mut client, ws, &agent, prefix).await?;
         Ok::<_, anyhow::Error>((seq, piped))
     }
     .await;
     result
 }
 
+/// `ctx.sizes.push_pipelined` pushes with `ctx.sizes.inflight` tasks in flight.
 async fn push_pipelined(
-    hub: &Hub,
+    ctx: &Ctx,
+    cpu_pids: &[u32],
     client: &mut HubClient,
     ws: ws::Ws,
     agent: &str,
-    count: usize,
-    inflight: usize,
-    limit: Duration,
+    prefix: &str,
 ) -> Result<Metrics> {
+    let (count, inflight, limit) = (ctx.sizes.push_pipelined, ctx.sizes.inflight, ctx.limit);
     let meta = metadata();
     let window = Arc::new(Semaphore::new(inflight));
     let errors = Arc::new(AtomicU64::new(0));
     let (mut sink, mut stream) = ws.split();
-    let cpu = CpuMeter::start(hub.pid())?;
+    let cpu = CpuMeter::start_all(cpu_pids)?;
     let t0 = now_ns();
     let side = {
         let window = window.clone();
@@ -279,7 +285,7 @@ async fn push_pipelined(
         for i in 0..count {
             window.acquire().await?.forget();
             let mut c = client.clone();
-            let req = push_request(agent, format!("q-{i}"), &meta);
+            let req = push_request(agent, format!("{prefix}q-{i}"), &meta);
             let errors = errors.clone();
             tokio::spawn(async move {
                 if c.push_task(req).await.is_err() {
@@ -401,90 +407,120 @@ impl Fanout {
 
 /// Fan-out: one sidecar's `task_progress` stream to `watchers` watch streams.
 pub async fn fanout(ctx: &Ctx, name: &str, watchers: usize, events: usize) -> Result<Metrics> {
-    let agent = "fan-agent".to_string();
+    let agent = FAN_AGENT.to_string();
     let (hub, tokens) = fresh_hub(ctx, name, std::slice::from_ref(&agent), &[]).await?;
-    let result = async {
-        let mut client = connect(&hub.grpc_addr, &hub.admin).await?;
-        let mut ws = sidecar(&hub.ws_addr, &agent, &tokens[0].1, 1).await?;
-        let task_id = "fan-task";
-        let generation = push_and_accept(&mut client, &mut ws, &agent, task_id).await?;
-        let as_of = client
-            .list_tasks(pb::ListTasksRequest {
-                page_size: 1,
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .as_of_seq;
-        let shared = Fanout::new(events, watchers);
-        let mut tasks = Vec::with_capacity(watchers);
-        for w in 0..watchers {
-            let mut stream = watch_lite(&hub.grpc_addr, &hub.admin, Some(as_of)).await?;
-            let shared = shared.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut t = FanoutTally {
-                    lat: Samples::with_capacity(events),
-                    lost: 0,
-                    dup: 0,
-                    last_ns: 0,
-                };
-                let mut expected = as_of + 1;
-                let mut count = 0u64;
-                while count < events as u64 {
-                    let ev = match tokio::time::timeout(WATCH_IDLE, stream.message()).await {
-                        Ok(Ok(Some(ev))) => ev,
-                        _ => {
-                            t.lost += events as u64 - count;
-                            break;
-                        }
-                    };
-                    if ev.seq < expected {
-                        t.dup += 1;
-                        continue;
-                    }
-                    t.lost += ev.seq - expected;
-                    expected = ev.seq + 1;
-                    if ev.kind != pb::task_event::Kind::Progress as i32 {
-                        continue;
-                    }
-                    count += 1;
-                    shared.record(w, ev.seq - as_of - 1, count, &mut t.lat);
-                    t.last_ns = now_ns();
-                }
-                t
-            }));
-        }
-        let cpu = CpuMeter::start(hub.pid())?;
-        let t0 = now_ns();
-        for i in 0..events as u64 {
-            if !shared.fits(i) {
-                ws.flush().await?;
-                shared.admit(i).await?;
-            }
-            let frame = padded(
-                &format!(r#"{{"type":"task_progress","task_id":"{task_id}","generation":{generation},"progress":{{"i":{i}}},"#),
-                "}",
-            );
-            shared.sent_ns[i as usize].store(now_ns(), Ordering::Relaxed);
-            ws.feed(Message::text(frame)).await?;
-            if i % 8 == 7 {
-                ws.flush().await?;
-            }
-        }
-        ws.flush().await?;
-        let mut tallies = Vec::with_capacity(watchers);
-        for t in tasks {
-            tallies.push(t.await?);
-        }
-        let cpu_us = cpu.used_us()?;
-        let mut m = shared.metrics(tallies, t0);
-        m.put("server_cpu_us_per_delivery", cpu_us as f64 / (events * watchers) as f64);
-        Ok::<_, anyhow::Error>(m)
-    }
+    let result = fanout_on(
+        &hub,
+        &tokens[0].1,
+        &[hub.grpc_addr.as_str()],
+        watchers,
+        events,
+        &[hub.pid()],
+    )
     .await;
     hub.stop().await;
     ctx.remove_dir(name);
     result
+}
+
+/// The agent the fan-out workloads run on.
+pub const FAN_AGENT: &str = "fan-agent";
+
+/// Fan-out on a running hub: a `FAN_AGENT` sidecar (token `token`) on `hub`
+/// sends `events` `task_progress` to `watchers` watch streams, watcher `w`
+/// on `watch_addrs[w % len]` (gRPC addresses). Server CPU is summed over
+/// `cpu_pids`.
+pub async fn fanout_on(
+    hub: &Hub,
+    token: &str,
+    watch_addrs: &[&str],
+    watchers: usize,
+    events: usize,
+    cpu_pids: &[u32],
+) -> Result<Metrics> {
+    let agent = FAN_AGENT;
+    let mut client = connect(&hub.grpc_addr, &hub.admin).await?;
+    let mut ws = sidecar(&hub.ws_addr, agent, token, 1).await?;
+    let task_id = "fan-task";
+    let generation = push_and_accept(&mut client, &mut ws, agent, task_id).await?;
+    let as_of = client
+        .list_tasks(pb::ListTasksRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .as_of_seq;
+    let shared = Fanout::new(events, watchers);
+    let mut tasks = Vec::with_capacity(watchers);
+    for w in 0..watchers {
+        let addr = watch_addrs[w % watch_addrs.len()];
+        let mut stream = watch_lite(addr, &hub.admin, Some(as_of)).await?;
+        let shared = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut t = FanoutTally {
+                lat: Samples::with_capacity(events),
+                lost: 0,
+                dup: 0,
+                last_ns: 0,
+            };
+            let mut expected = as_of + 1;
+            let mut count = 0u64;
+            while count < events as u64 {
+                let ev = match tokio::time::timeout(WATCH_IDLE, stream.message()).await {
+                    Ok(Ok(Some(ev))) => ev,
+                    _ => {
+                        t.lost += events as u64 - count;
+                        break;
+                    }
+                };
+                if ev.seq < expected {
+                    t.dup += 1;
+                    continue;
+                }
+                t.lost += ev.seq - expected;
+                expected = ev.seq + 1;
+                if ev.kind != pb::task_event::Kind::Progress as i32 {
+                    continue;
+                }
+                count += 1;
+                shared.record(w, ev.seq - as_of - 1, count, &mut t.lat);
+                t.last_ns = now_ns();
+            }
+            t
+        }));
+    }
+    let cpu = CpuMeter::start_all(cpu_pids)?;
+    let t0 = now_ns();
+    for i in 0..events as u64 {
+        if !shared.fits(i) {
+            ws.flush().await?;
+            shared.admit(i).await?;
+        }
+        let frame = padded(
+            &format!(
+                r#"{{"type":"task_progress","task_id":"{task_id}","generation":{generation},"progress":{{"i":{i}}},"#
+            ),
+            "}",
+        );
+        shared.sent_ns[i as usize].store(now_ns(), Ordering::Relaxed);
+        ws.feed(Message::text(frame)).await?;
+        if i % 8 == 7 {
+            ws.flush().await?;
+        }
+    }
+    ws.flush().await?;
+    let mut tallies = Vec::with_capacity(watchers);
+    for t in tasks {
+        tallies.push(t.await?);
+    }
+    let cpu_us = cpu.used_us()?;
+    let mut m = shared.metrics(tallies, t0);
+    m.put(
+        "server_cpu_us_per_delivery",
+        cpu_us as f64 / (events * watchers) as f64,
+    );
+    Ok(m)
 }
 
 /// Ingest: `sidecars` sidecars, each with an accepted task, each sending

@@ -5,6 +5,8 @@
 //! JetStream with `sync_interval: always`), and a raw tokio-tungstenite echo
 //! server (`agenthub-bench echo-server`, the WebSocket floor). Each rep runs
 //! every workload once, hub and baseline back to back, so the reps interleave.
+//! The cluster groups (`js-cluster`, `cluster`) share one 3-node NATS
+//! cluster per rep, started before the first of them.
 //! Every phase writes one JSON line; the Markdown summary holds medians and
 //! same-run ratios (`scripts/bench.sh`, `docs/benchmarks.md`).
 //!
@@ -13,10 +15,12 @@
 //! - `procs.rs`: server processes and token setup.
 //! - `ws.rs`: sidecar client, echo server and echo workloads.
 //! - `hub.rs`: hub workloads.
+//! - `cluster.rs`: cluster-mode workloads (three hub nodes on NATS).
 //! - `nats.rs`: NATS core and JetStream baselines.
 //! - `report.rs`: JSON lines and the Markdown summary.
 //! - `util.rs`: clock, percentiles, `/proc` readings.
 
+mod cluster;
 mod flood;
 mod grpc_echo;
 mod history;
@@ -86,7 +90,8 @@ struct RunArgs {
     #[arg(long)]
     quick: bool,
     /// Only these groups (comma-separated): fsync, echo, grpc-echo, nats-rr, js-roundtrip,
-    /// hub-push, fanout, ingest, replay, connections, history, output-flood.
+    /// hub-push, fanout, ingest, replay, connections, history, output-flood, js-cluster,
+    /// cluster.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Longest time one measured loop may take, in seconds.
@@ -111,6 +116,8 @@ const GROUPS: &[&str] = &[
     "connections",
     "history",
     "output-flood",
+    "js-cluster",
+    "cluster",
 ];
 
 /// Workload sizes.
@@ -133,6 +140,12 @@ pub struct Sizes {
     pub replay_events: usize,
     /// Finished tasks in the `history` group's store.
     pub history_tasks: usize,
+    /// `cluster` fan-out: watchers on each of the three nodes.
+    pub cluster_watchers_per_node: usize,
+    /// `cluster` fan-out: events sent.
+    pub cluster_fanout_events: usize,
+    /// `cluster` failover: leader kills.
+    pub failover_rounds: usize,
 }
 
 impl Sizes {
@@ -154,6 +167,9 @@ impl Sizes {
             ingest_per_sidecar: 2_000,
             replay_events: 1_000_000,
             history_tasks: 1_000_000,
+            cluster_watchers_per_node: 33,
+            cluster_fanout_events: 10_000,
+            failover_rounds: 5,
         }
     }
 
@@ -175,6 +191,9 @@ impl Sizes {
             ingest_per_sidecar: 200,
             replay_events: 50_000,
             history_tasks: 50_000,
+            cluster_watchers_per_node: 33,
+            cluster_fanout_events: 1_000,
+            failover_rounds: 2,
         }
     }
 }
@@ -273,52 +292,44 @@ async fn run(args: RunArgs) -> Result<()> {
     eprintln!("results: {}", results_path.display());
 
     // Data the replay and connection phases read, made once per run.
-    let mut replay_last_seq = None;
-    let mut conn_tokens = Vec::new();
+    let mut prepared = Prepared::default();
     if groups.contains(&"replay") {
         eprintln!(
             "preparing replay data ({} events each)",
             ctx.sizes.replay_events
         );
         match prepare_replay(&ctx).await {
-            Ok(last) => replay_last_seq = Some(last),
+            Ok(last) => prepared.replay_last_seq = Some(last),
             Err(e) => eprintln!("  replay preparation failed: {e:#}"),
         }
     }
-    let mut history_admin = None;
     if groups.contains(&"history") {
         eprintln!(
             "preparing history data ({} finished tasks)",
             ctx.sizes.history_tasks
         );
         match history::prepare(&ctx, ctx.sizes.history_tasks).await {
-            Ok(admin) => history_admin = Some(admin),
+            Ok(admin) => prepared.history_admin = Some(admin),
             Err(e) => eprintln!("  history preparation failed: {e:#}"),
         }
     }
     if groups.contains(&"connections") {
         let max = ctx.sizes.connections.iter().copied().max().unwrap_or(0);
         eprintln!("issuing {max} agent tokens");
-        conn_tokens = tokio::task::block_in_place(|| hub::prepare_connections(&ctx, max + 1))?;
+        prepared.conn_tokens =
+            tokio::task::block_in_place(|| hub::prepare_connections(&ctx, max + 1))?;
     }
 
     let t_run = now_ns();
     for rep in 1..=args.reps {
+        let mut nats_cluster = RepCluster::default();
         for &group in &groups {
             let t = now_ns();
             eprintln!("rep {rep}/{}: {group}", args.reps);
-            run_group(
-                &ctx,
-                &mut rec,
-                rep,
-                group,
-                replay_last_seq,
-                &conn_tokens,
-                history_admin.as_deref(),
-            )
-            .await?;
+            run_group(&ctx, &mut rec, rep, group, &prepared, &mut nats_cluster).await?;
             eprintln!("  {:.1}s", (now_ns() - t) as f64 / 1e9);
         }
+        nats_cluster.stop(&ctx, rep).await;
     }
     eprintln!("all reps: {:.0}s", (now_ns() - t_run) as f64 / 1e9);
     let _ = std::fs::remove_dir_all(&ctx.work);
@@ -334,6 +345,61 @@ async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// Data some groups read, made once per run before the reps.
+#[derive(Default)]
+struct Prepared {
+    /// The last seq of the hub's replay store.
+    replay_last_seq: Option<u64>,
+    /// `(agent_id, token)` for the connection counts.
+    conn_tokens: Vec<(String, String)>,
+    /// The admin token of the history store.
+    history_admin: Option<String>,
+}
+
+/// The rep's 3-node NATS cluster, started by the first cluster group that
+/// needs it and stopped at the end of the rep.
+#[derive(Default)]
+enum RepCluster {
+    #[default]
+    NotStarted,
+    Running(procs::NatsCluster),
+    /// It did not start: every cluster group of the rep fails with this.
+    Failed(String),
+}
+
+impl RepCluster {
+    async fn get(&mut self, ctx: &Ctx, rep: u32) -> Result<&procs::NatsCluster> {
+        if let RepCluster::NotStarted = self {
+            let name = format!("r{rep}-nats-cluster");
+            let started = match ctx.fresh_dir(&name) {
+                Ok(dir) => {
+                    procs::NatsCluster::start(&ctx.nats, &dir, |i| {
+                        ctx.log(&format!("{name}-n{}", i + 1))
+                    })
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            *self = match started {
+                Ok(c) => RepCluster::Running(c),
+                Err(e) => RepCluster::Failed(format!("{e:#}")),
+            };
+        }
+        match self {
+            RepCluster::Running(c) => Ok(c),
+            RepCluster::Failed(e) => bail!("the NATS cluster did not start: {e}"),
+            RepCluster::NotStarted => unreachable!("started above"),
+        }
+    }
+
+    async fn stop(self, ctx: &Ctx, rep: u32) {
+        if let RepCluster::Running(c) = self {
+            c.stop().await;
+        }
+        ctx.remove_dir(&format!("r{rep}-nats-cluster"));
+    }
+}
+
 async fn prepare_replay(ctx: &Ctx) -> Result<u64> {
     let n = ctx.sizes.replay_events;
     nats::prepare_replay(ctx, n).await?;
@@ -346,10 +412,12 @@ async fn run_group(
     rec: &mut Recorder,
     rep: u32,
     group: &str,
-    replay_last_seq: Option<u64>,
-    conn_tokens: &[(String, String)],
-    history_admin: Option<&str>,
+    prepared: &Prepared,
+    nats_cluster: &mut RepCluster,
 ) -> Result<()> {
+    let replay_last_seq = prepared.replay_last_seq;
+    let conn_tokens = &prepared.conn_tokens;
+    let history_admin = prepared.history_admin.as_deref();
     let r = |phase: &str, system: &str, param: Option<u64>| Record::new(rep, phase, system, param);
     let name = |s: &str| format!("r{rep}-{s}");
     match group {
@@ -476,9 +544,57 @@ async fn run_group(
             let out = flood::run(ctx, &name("hub-output-flood")).await;
             rec.write(r("hub_output_flood", "agenthub", None), out, t)?;
         }
+        "js-cluster" => {
+            let t = now_ns();
+            let out = match nats_cluster.get(ctx, rep).await {
+                Ok(c) => nats::roundtrip_cluster(ctx, c).await,
+                Err(e) => Err(e),
+            };
+            rec.write_pair(
+                r("js_cluster_roundtrip_seq", "jetstream-r3", None),
+                r("js_cluster_roundtrip_pipelined", "jetstream-r3", None),
+                out,
+                t,
+            )?;
+        }
+        "cluster" => {
+            let t = now_ns();
+            let out = match nats_cluster.get(ctx, rep).await {
+                Ok(c) => cluster::run(ctx, &name("cluster"), c).await,
+                Err(e) => Err(e),
+            };
+            let sys = "agenthub-cluster";
+            let (leader, follower, fanout, failover) = match out {
+                Ok(o) => (o.leader_push, o.follower_push, o.fanout, o.failover),
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    (failed(&e), failed(&e), failed(&e), failed(&e))
+                }
+            };
+            rec.write_pair(
+                r("cluster_push_seq", sys, None),
+                r("cluster_push_pipelined", sys, None),
+                leader,
+                t,
+            )?;
+            rec.write_pair(
+                r("cluster_follower_push_seq", sys, None),
+                r("cluster_follower_push_pipelined", sys, None),
+                follower,
+                t,
+            )?;
+            let watchers = (3 * ctx.sizes.cluster_watchers_per_node) as u64;
+            rec.write(r("cluster_fanout", sys, Some(watchers)), fanout, t)?;
+            rec.write(r("cluster_failover", sys, None), failover, t)?;
+        }
         other => bail!("unknown group {other}"),
     }
     Ok(())
+}
+
+/// The same error for each of several phases.
+fn failed<T>(e: &str) -> Result<T> {
+    Err(anyhow::anyhow!("{e}"))
 }
 
 /// The disk's floor: write 200 bytes and fsync, in the scratch directory.

@@ -1,6 +1,7 @@
 //! Baselines on `nats-server`: core request-reply and fan-out, and JetStream
-//! (`sync_interval: always`) durable work-queue round trips, ingest with
-//! PubAck, and ordered-consumer replay. Same shapes as the hub workloads.
+//! (`sync_interval: always`) durable work-queue round trips (on one server,
+//! and R3 on a 3-node cluster), ingest with PubAck, and ordered-consumer
+//! replay. Same shapes as the hub workloads.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +15,7 @@ use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 
 use crate::hub::{Fanout, FanoutTally};
-use crate::procs::Nats;
+use crate::procs::{Nats, NatsCluster};
 use crate::util::{now_ns, padded, CpuMeter, Metrics, Samples};
 use crate::Ctx;
 
@@ -23,10 +24,12 @@ const MSG_TIMEOUT: Duration = Duration::from_secs(30);
 /// Outstanding PubAcks per ingest publisher (100 publishers: 3,200 in all).
 pub const INGEST_WINDOW: usize = 32;
 
+/// Connect to `url`, or to any of a comma-separated list of URLs.
 async fn client(url: &str) -> Result<async_nats::Client> {
+    let urls: Vec<&str> = url.split(',').collect();
     async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(10))
-        .connect(url)
+        .connect(urls)
         .await
         .with_context(|| format!("connect {url}"))
 }
@@ -209,147 +212,170 @@ pub async fn fanout(ctx: &Ctx, name: &str, subscribers: usize, events: usize) ->
     result
 }
 
-/// JetStream durable round trip: publish to a work-queue stream (await the
-/// PubAck), a pull consumer on another connection receives it and
-/// double-acks (awaits the server's confirmation). Sequential latency, then
-/// throughput with 64 messages in flight.
+/// JetStream durable round trip on one fresh server: see [`roundtrip_on`].
 pub async fn roundtrip(ctx: &Ctx, name: &str) -> Result<(Metrics, Metrics)> {
-    let s = &ctx.sizes;
     let nats = fresh_nats(ctx, name).await?;
-    let result = async {
-        let js_pub = js_context(client(&nats.url).await?);
-        let js_con = js_context(client(&nats.url).await?);
-        js_pub
-            .create_stream(stream::Config {
-                name: "WQ".into(),
-                subjects: vec!["wq".into()],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await?;
-        let consumer = js_con
-            .get_stream("WQ")
-            .await?
-            .create_consumer(consumer::pull::Config {
-                durable_name: Some("worker".into()),
-                ack_policy: consumer::AckPolicy::Explicit,
-                max_ack_pending: 100_000,
-                ..Default::default()
-            })
-            .await?;
-        let mut messages = consumer.messages().await?;
-        let body = payload();
-
-        let mut to_puback = Samples::with_capacity(s.push_measured);
-        let mut to_deliver = Samples::with_capacity(s.push_measured);
-        let mut to_done = Samples::with_capacity(s.push_measured);
-        let mut cpu = None;
-        for i in 0..s.js_warmup + s.js_measured {
-            if i == s.js_warmup {
-                cpu = Some(CpuMeter::start(nats.pid())?);
-            }
-            let t0 = now_ns();
-            let (puback, side) = tokio::join!(
-                async {
-                    js_pub.publish("wq", body.clone()).await?.await?;
-                    Ok::<_, anyhow::Error>(now_ns())
-                },
-                async {
-                    let msg = tokio::time::timeout(MSG_TIMEOUT, messages.next())
-                        .await
-                        .context("consumer timed out")?
-                        .context("consumer ended")?
-                        .map_err(|e| anyhow::anyhow!("consumer: {e}"))?;
-                    let t_deliver = now_ns();
-                    msg.double_ack()
-                        .await
-                        .map_err(|e| anyhow::anyhow!("double ack: {e}"))?;
-                    Ok::<_, anyhow::Error>((t_deliver, now_ns()))
-                }
-            );
-            let t_puback = puback?;
-            let (t_deliver, t_done) = side?;
-            if i >= s.js_warmup {
-                to_puback.push(t_puback - t0);
-                to_deliver.push(t_deliver - t0);
-                to_done.push(t_done - t0);
-            }
-        }
-        let cpu_us = cpu.context("no measured round trips")?.used_us()?;
-        let mut seq = Metrics::default();
-        seq.put("count", s.js_measured as f64);
-        to_done.sorted().put(&mut seq, "publish_to_double_ack");
-        to_deliver.sorted().put(&mut seq, "publish_to_deliver");
-        to_puback.sorted().put(&mut seq, "publish_to_puback");
-        seq.put("server_cpu_us_per_op", cpu_us as f64 / s.js_measured as f64);
-
-        // Pipelined.
-        let count = s.js_pipelined;
-        let window = Arc::new(Semaphore::new(s.inflight));
-        let cpu = CpuMeter::start(nats.pid())?;
-        let t0 = now_ns();
-        let side = {
-            let window = window.clone();
-            tokio::spawn(async move {
-                let done = Arc::new(AtomicU64::new(0));
-                let finished = Arc::new(tokio::sync::Notify::new());
-                let mut received = 0usize;
-                while received < count {
-                    let msg = tokio::time::timeout(MSG_TIMEOUT, messages.next())
-                        .await
-                        .context("consumer timed out")?
-                        .context("consumer ended")?
-                        .map_err(|e| anyhow::anyhow!("consumer: {e}"))?;
-                    received += 1;
-                    let (window, done, finished) = (window.clone(), done.clone(), finished.clone());
-                    tokio::spawn(async move {
-                        if msg.double_ack().await.is_ok() {
-                            window.add_permits(1);
-                            if done.fetch_add(1, Ordering::AcqRel) + 1 == count as u64 {
-                                finished.notify_one();
-                            }
-                        }
-                    });
-                }
-                if done.load(Ordering::Acquire) < count as u64 {
-                    tokio::time::timeout(MSG_TIMEOUT, finished.notified())
-                        .await
-                        .context("double acks timed out")?;
-                }
-                Ok::<_, anyhow::Error>(now_ns())
-            })
-        };
-        let publisher = async {
-            let mut acks = VecDeque::new();
-            for _ in 0..count {
-                window.acquire().await?.forget();
-                acks.push_back(js_pub.publish("wq", body.clone()).await?);
-                while acks.len() > s.inflight {
-                    acks.pop_front().expect("non-empty").await?;
-                }
-            }
-            for a in acks {
-                a.await?;
-            }
-            Ok::<_, anyhow::Error>(())
-        };
-        tokio::time::timeout(ctx.limit, publisher)
-            .await
-            .context("pipelined publish timed out")??;
-        let t1 = tokio::time::timeout(ctx.limit, side)
-            .await
-            .context("pipelined consume timed out")???;
-        let cpu_us = cpu.used_us()?;
-        let mut piped = Metrics::default();
-        let secs = (t1 - t0) as f64 / 1e9;
-        crate::util::pipelined_metrics(&mut piped, count, s.inflight, secs, cpu_us);
-        Ok::<_, anyhow::Error>((seq, piped))
-    }
-    .await;
+    let result = roundtrip_on(ctx, &nats.url, &[nats.pid()], 1).await;
     nats.stop().await;
     ctx.remove_dir(name);
     result
+}
+
+/// JetStream R3 durable round trip on the 3-node cluster (the `js-cluster`
+/// group): the same workloads as [`roundtrip`] with `num_replicas: 3`, the
+/// clients connected through the cluster's URL list. Server CPU is summed
+/// over the three servers. The stream is deleted afterwards, so the cluster
+/// goes on to the `cluster` group clean.
+pub async fn roundtrip_cluster(ctx: &Ctx, cluster: &NatsCluster) -> Result<(Metrics, Metrics)> {
+    let url = cluster.url_list();
+    let result = roundtrip_on(ctx, &url, &cluster.pids(), 3).await;
+    let js = js_context(client(&url).await?);
+    let _ = js.delete_stream("WQ").await;
+    result
+}
+
+/// JetStream durable round trip: publish to a work-queue stream of
+/// `replicas` replicas (await the PubAck), a pull consumer on another
+/// connection receives it and double-acks (awaits the server's
+/// confirmation). Sequential latency, then throughput with 64 messages in
+/// flight. `url` may list several servers; `pids` are the servers whose CPU
+/// is counted.
+async fn roundtrip_on(
+    ctx: &Ctx,
+    url: &str,
+    pids: &[u32],
+    replicas: usize,
+) -> Result<(Metrics, Metrics)> {
+    let s = &ctx.sizes;
+    let js_pub = js_context(client(url).await?);
+    let js_con = js_context(client(url).await?);
+    js_pub
+        .create_stream(stream::Config {
+            name: "WQ".into(),
+            subjects: vec!["wq".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        })
+        .await?;
+    let consumer = js_con
+        .get_stream("WQ")
+        .await?
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("worker".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: 100_000,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let body = payload();
+
+    let mut to_puback = Samples::with_capacity(s.push_measured);
+    let mut to_deliver = Samples::with_capacity(s.push_measured);
+    let mut to_done = Samples::with_capacity(s.push_measured);
+    let mut cpu = None;
+    for i in 0..s.js_warmup + s.js_measured {
+        if i == s.js_warmup {
+            cpu = Some(CpuMeter::start_all(pids)?);
+        }
+        let t0 = now_ns();
+        let (puback, side) = tokio::join!(
+            async {
+                js_pub.publish("wq", body.clone()).await?.await?;
+                Ok::<_, anyhow::Error>(now_ns())
+            },
+            async {
+                let msg = tokio::time::timeout(MSG_TIMEOUT, messages.next())
+                    .await
+                    .context("consumer timed out")?
+                    .context("consumer ended")?
+                    .map_err(|e| anyhow::anyhow!("consumer: {e}"))?;
+                let t_deliver = now_ns();
+                msg.double_ack()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("double ack: {e}"))?;
+                Ok::<_, anyhow::Error>((t_deliver, now_ns()))
+            }
+        );
+        let t_puback = puback?;
+        let (t_deliver, t_done) = side?;
+        if i >= s.js_warmup {
+            to_puback.push(t_puback - t0);
+            to_deliver.push(t_deliver - t0);
+            to_done.push(t_done - t0);
+        }
+    }
+    let cpu_us = cpu.context("no measured round trips")?.used_us()?;
+    let mut seq = Metrics::default();
+    seq.put("count", s.js_measured as f64);
+    to_done.sorted().put(&mut seq, "publish_to_double_ack");
+    to_deliver.sorted().put(&mut seq, "publish_to_deliver");
+    to_puback.sorted().put(&mut seq, "publish_to_puback");
+    seq.put("server_cpu_us_per_op", cpu_us as f64 / s.js_measured as f64);
+
+    // Pipelined.
+    let count = s.js_pipelined;
+    let window = Arc::new(Semaphore::new(s.inflight));
+    let cpu = CpuMeter::start_all(pids)?;
+    let t0 = now_ns();
+    let side = {
+        let window = window.clone();
+        tokio::spawn(async move {
+            let done = Arc::new(AtomicU64::new(0));
+            let finished = Arc::new(tokio::sync::Notify::new());
+            let mut received = 0usize;
+            while received < count {
+                let msg = tokio::time::timeout(MSG_TIMEOUT, messages.next())
+                    .await
+                    .context("consumer timed out")?
+                    .context("consumer ended")?
+                    .map_err(|e| anyhow::anyhow!("consumer: {e}"))?;
+                received += 1;
+                let (window, done, finished) = (window.clone(), done.clone(), finished.clone());
+                tokio::spawn(async move {
+                    if msg.double_ack().await.is_ok() {
+                        window.add_permits(1);
+                        if done.fetch_add(1, Ordering::AcqRel) + 1 == count as u64 {
+                            finished.notify_one();
+                        }
+                    }
+                });
+            }
+            if done.load(Ordering::Acquire) < count as u64 {
+                tokio::time::timeout(MSG_TIMEOUT, finished.notified())
+                    .await
+                    .context("double acks timed out")?;
+            }
+            Ok::<_, anyhow::Error>(now_ns())
+        })
+    };
+    let publisher = async {
+        let mut acks = VecDeque::new();
+        for _ in 0..count {
+            window.acquire().await?.forget();
+            acks.push_back(js_pub.publish("wq", body.clone()).await?);
+            while acks.len() > s.inflight {
+                acks.pop_front().expect("non-empty").await?;
+            }
+        }
+        for a in acks {
+            a.await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    tokio::time::timeout(ctx.limit, publisher)
+        .await
+        .context("pipelined publish timed out")??;
+    let t1 = tokio::time::timeout(ctx.limit, side)
+        .await
+        .context("pipelined consume timed out")???;
+    let cpu_us = cpu.used_us()?;
+    let mut piped = Metrics::default();
+    let secs = (t1 - t0) as f64 / 1e9;
+    crate::util::pipelined_metrics(&mut piped, count, s.inflight, secs, cpu_us);
+    Ok((seq, piped))
 }
 
 /// Publish `per_publisher` messages from each of `publishers` connections to

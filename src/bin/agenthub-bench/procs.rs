@@ -1,6 +1,7 @@
 //! Servers under test, each started as its own process on loopback: the hub
-//! (`agenthub serve`), `nats-server` (JetStream, `sync_interval: always`) and
-//! the raw WebSocket echo server (`agenthub-bench echo-server`).
+//! (`agenthub serve`), `nats-server` (JetStream, `sync_interval: always`),
+//! a 3-node `nats-server` cluster for the cluster groups, and the raw
+//! WebSocket echo server (`agenthub-bench echo-server`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -55,6 +56,11 @@ impl Server {
         // Keep draining stdout so the server never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(found)
+    }
+
+    /// SIGKILL, and reap the process.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
     }
 
     /// SIGTERM, wait, then SIGKILL.
@@ -148,6 +154,11 @@ impl Hub {
     pub async fn stop(self) {
         self.server.stop().await
     }
+
+    /// SIGKILL (no chance to hand anything over).
+    pub async fn kill(self) {
+        self.server.kill().await
+    }
 }
 
 /// A `nats-server` process with JetStream.
@@ -200,6 +211,145 @@ impl Nats {
     }
 }
 
+/// Nodes in a [`NatsCluster`].
+pub const CLUSTER_NODES: usize = 3;
+/// Between two readiness polls of a cluster node.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How long one monitoring (or `/health`) request may take.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Three `nats-server` processes (`n1`..`n3`) routed to each other on
+/// loopback as one JetStream cluster, each storing in its own directory with
+/// `sync_interval: always`. Stopped by [`NatsCluster::stop`], killed on drop.
+pub struct NatsCluster {
+    pub nodes: Vec<Nats>,
+}
+
+impl NatsCluster {
+    /// Start the three nodes under `dir` (`n1/`, `n2/`, `n3/`, each with its
+    /// `nats.conf`) and wait until every one reports JetStream healthy
+    /// (`/healthz`) and names a meta leader (`/jsz`). Logs: `log(i)`.
+    pub async fn start(
+        bin: &Path,
+        dir: &Path,
+        log: impl Fn(usize) -> PathBuf,
+    ) -> Result<NatsCluster> {
+        let ports = free_ports(CLUSTER_NODES * 3)?;
+        let (client, rest) = ports.split_at(CLUSTER_NODES);
+        let (route, http) = rest.split_at(CLUSTER_NODES);
+        let routes: String = route
+            .iter()
+            .map(|p| format!("    nats-route://127.0.0.1:{p}\n"))
+            .collect();
+        let mut nodes = Vec::with_capacity(CLUSTER_NODES);
+        for i in 0..CLUSTER_NODES {
+            let node_dir = dir.join(format!("n{}", i + 1));
+            let store = node_dir.join("jetstream");
+            std::fs::create_dir_all(&store)?;
+            let conf = node_dir.join("nats.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "server_name: n{n}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{http}\nmax_payload: 1MB\n\
+                     jetstream {{\n  store_dir: \"{store}\"\n  max_memory_store: 1GB\n  max_file_store: 20GB\n  sync_interval: always\n}}\n\
+                     cluster {{\n  name: agenthub-bench\n  listen: 127.0.0.1:{route}\n  routes: [\n{routes}  ]\n}}\n",
+                    n = i + 1,
+                    client = client[i],
+                    http = http[i],
+                    route = route[i],
+                    store = store.display(),
+                ),
+            )?;
+            let mut cmd = Command::new(bin);
+            cmd.arg("-c").arg(&conf);
+            nodes.push(Nats {
+                server: Server::spawn(cmd, &log(i))?,
+                url: format!("nats://127.0.0.1:{}", client[i]),
+            });
+        }
+        let cluster = NatsCluster { nodes };
+        for &port in http {
+            wait_nats_ready(port).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// Every node's URL, comma-separated (for `--nats`).
+    pub fn url_list(&self) -> String {
+        let urls: Vec<&str> = self.nodes.iter().map(|n| n.url.as_str()).collect();
+        urls.join(",")
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().map(Nats::pid).collect()
+    }
+
+    pub async fn stop(self) {
+        for n in self.nodes {
+            n.stop().await;
+        }
+    }
+}
+
+/// Poll a cluster node's monitoring port until `/healthz` answers 200 and
+/// `/jsz` names a meta leader.
+async fn wait_nats_ready(http_port: u16) -> Result<()> {
+    let addr = format!("127.0.0.1:{http_port}");
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    loop {
+        let why = match nats_ready(&addr).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() > deadline {
+            return Err(why.context(format!("nats node on {addr} not ready")));
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+async fn nats_ready(addr: &str) -> Result<()> {
+    let (status, body) = http_get(addr, "/healthz").await?;
+    if status != 200 {
+        bail!("/healthz {status}: {body}");
+    }
+    let (_, body) = http_get(addr, "/jsz").await?;
+    let jsz: serde_json::Value = serde_json::from_str(&body).context("/jsz")?;
+    match jsz["meta_cluster"]["leader"].as_str() {
+        Some(leader) if !leader.is_empty() => Ok(()),
+        _ => bail!("/jsz: no meta leader yet"),
+    }
+}
+
+/// `GET path` on `addr` (HTTP/1.0: the body ends with the connection);
+/// returns the status and the body.
+pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(HTTP_TIMEOUT, exchange)
+        .await
+        .with_context(|| format!("GET {addr}{path} timed out"))?
+        .with_context(|| format!("GET {addr}{path}"))?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("GET {addr}{path}: no header end"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("GET {addr}{path}: bad status line"))?;
+    Ok((status, body.to_string()))
+}
+
 /// The raw tokio-tungstenite echo server, as its own process.
 pub struct Echo {
     pub server: Server,
@@ -230,6 +380,17 @@ impl Echo {
 fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
+}
+
+/// `count` distinct free ports (all held until all are picked).
+fn free_ports(count: usize) -> Result<Vec<u16>> {
+    let listeners = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
 }
 
 async fn wait_for_port(addr: &str) -> Result<()> {

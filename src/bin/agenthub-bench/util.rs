@@ -170,23 +170,33 @@ fn clock_ticks() -> u64 {
     })
 }
 
-/// A CPU-time meter on one process.
+/// A CPU-time meter on one process, or on several summed (a cluster).
 pub struct CpuMeter {
-    pid: u32,
-    start_us: u64,
+    /// `(pid, CPU µs at start)`.
+    start: Vec<(u32, u64)>,
 }
 
 impl CpuMeter {
     pub fn start(pid: u32) -> Result<CpuMeter> {
-        Ok(CpuMeter {
-            pid,
-            start_us: cpu_us(pid)?,
-        })
+        CpuMeter::start_all(&[pid])
     }
 
-    /// CPU microseconds used since `start`.
+    /// One meter over every process in `pids`.
+    pub fn start_all(pids: &[u32]) -> Result<CpuMeter> {
+        let start = pids
+            .iter()
+            .map(|&pid| Ok((pid, cpu_us(pid)?)))
+            .collect::<Result<_>>()?;
+        Ok(CpuMeter { start })
+    }
+
+    /// CPU microseconds used since `start`, summed over the processes.
     pub fn used_us(&self) -> Result<u64> {
-        Ok(cpu_us(self.pid)?.saturating_sub(self.start_us))
+        let mut used = 0;
+        for &(pid, start_us) in &self.start {
+            used += cpu_us(pid)?.saturating_sub(start_us);
+        }
+        Ok(used)
     }
 }
 
