@@ -41,6 +41,8 @@ use crate::store::{Batch, CommitStats, ListFilter, Loaded, Purged, Store, TaskLi
 
 /// Most events in one append (JetStream's atomic batches take up to 1,000 messages).
 const MAX_APPEND_EVENTS: usize = 500;
+/// Most appends sent and not yet answered by the log.
+const MAX_IN_FLIGHT: usize = 8;
 /// How long an appended batch may take to reach the local copy before the
 /// append counts as failed.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -654,22 +656,52 @@ async fn follow_tokens(shared: Arc<Shared>) -> Result<()> {
 async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
     // Batches of this epoch or older fail unwritten (the store's failure rule).
     let mut poisoned: Option<(u64, Error)> = None;
-    // Appended, waiting for the local copy: completed in order.
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Seq, Vec<Batch>, Instant)>();
+    // Sent, waiting for the log's answer and then the local copy:
+    // completed in order. At most MAX_IN_FLIGHT appends are pending.
+    let window = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(
+        Pending,
+        Vec<Batch>,
+        Instant,
+        tokio::sync::OwnedSemaphorePermit,
+    )>();
     let completer = shared.clone();
     tokio::spawn(async move {
-        while let Some((last, group, started)) = done_rx.recv().await {
-            let r = wait_head(&completer, last, APPLY_TIMEOUT).await;
+        while let Some((pending, group, started, permit)) = done_rx.recv().await {
+            let appended = match pending {
+                Pending::Barrier(seq) => Ok(seq),
+                Pending::Append(ack) => ack.await,
+            };
+            drop(permit);
+            let r = match appended {
+                Ok(last) => {
+                    let r = wait_head(&completer, last, APPLY_TIMEOUT).await;
+                    if r.is_err() {
+                        demote(&completer, "the local copy of the log stopped following");
+                    }
+                    r
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "append to the log failed");
+                    step_down_after(&completer, &e);
+                    Err(e)
+                }
+            };
             completer.record(started.elapsed(), group.len(), r.is_ok());
-            if r.is_err() {
-                demote(&completer, "the local copy of the log stopped following");
-            }
             for b in group {
                 b.complete(&r);
             }
         }
     });
-    while let Some(first) = rx.recv().await {
+    loop {
+        // Take a slot first: while the window is full, more batches queue
+        // up and go out together in the next append.
+        let Ok(permit) = window.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else {
+            return;
+        };
         let mut group = vec![first];
         let mut n_events = group[0].events.len();
         while n_events < MAX_APPEND_EVENTS {
@@ -705,37 +737,19 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
             continue;
         };
         if live.iter().all(|b| b.events.is_empty()) {
-            // Barriers only: done once everything before them is applied.
+            // Barriers only: done once everything sent before them is.
             let last = *shared.head.borrow();
-            let _ = done_tx.send((last.max(term), live, started));
+            let _ = done_tx.send((Pending::Barrier(last.max(term)), live, started, permit));
             continue;
         }
         let prepared = prepare(&live);
-        match append(&shared, term, prepared).await {
-            Ok(last) => {
-                let _ = done_tx.send((last, live, started));
+        match send_append(&shared, term, prepared).await {
+            Ok(ack) => {
+                let _ = done_tx.send((Pending::Append(ack), live, started, permit));
             }
             Err(e) => {
                 tracing::error!(error = %e, "append to the log failed");
-                // Refused by the fence: someone else leads. Any other failure
-                // (a timeout, the stream electing its own leader) leaves the
-                // append's outcome unknown: step down either way, and let the
-                // next election catch up with the log before anyone writes.
-                let fenced = matches!(
-                    e,
-                    Error::Storage {
-                        fault: StorageFault::Conflict,
-                        ..
-                    }
-                );
-                demote(
-                    &shared,
-                    if fenced {
-                        "the log refused an append (another node appended)"
-                    } else {
-                        "an append to the log failed"
-                    },
-                );
+                step_down_after(&shared, &e);
                 shared.record(started.elapsed(), live.len(), false);
                 let epoch = live.iter().map(|b| b.epoch).max().unwrap_or(0);
                 poisoned = Some((epoch, e.clone()));
@@ -746,6 +760,36 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
             }
         }
     }
+}
+
+/// What the completer waits for.
+enum Pending {
+    /// The log's answer to an append.
+    Append(AckFuture),
+    /// Nothing to append: the local copy reaching this seq.
+    Barrier(Seq),
+}
+
+/// An append failed. Refused by the fence: someone else leads. Any other
+/// failure (a timeout, the stream electing its own leader) leaves the
+/// append's outcome unknown. Step down either way, and let the next
+/// election catch up with the log before anyone writes.
+fn step_down_after(shared: &Shared, e: &Error) {
+    let fenced = matches!(
+        e,
+        Error::Storage {
+            fault: StorageFault::Conflict,
+            ..
+        }
+    );
+    demote(
+        shared,
+        if fenced {
+            "the log refused an append (another node appended)"
+        } else {
+            "an append to the log failed"
+        },
+    );
 }
 
 /// One append: its first and last seq and a payload per event.
@@ -801,9 +845,13 @@ fn prepare(group: &[Batch]) -> Prepared {
     }
 }
 
-/// Append `p`, fenced on the seq before its first event. Returns the last
-/// seq appended.
-async fn append(shared: &Shared, term: Seq, p: Prepared) -> Result<Seq> {
+/// The outcome of an append that was sent: the last seq appended.
+type AckFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Seq>> + Send>>;
+
+/// Send the append `p`, fenced on the seq before its first event, without
+/// waiting for the log's answer (appends are pipelined: the next one is
+/// fenced on this one's last seq, so it fails if this one does).
+async fn send_append(shared: &Shared, term: Seq, p: Prepared) -> Result<AckFuture> {
     let Prepared {
         first_seq,
         last_seq,
@@ -823,7 +871,7 @@ async fn append(shared: &Shared, term: Seq, p: Prepared) -> Result<Seq> {
             .payload(payloads[0].clone())
             .headers(h)
             .expected_last_sequence(first_seq - 1);
-        async { js.send_publish(EVENT_SUBJECT, publish).await?.await }.await
+        js.send_publish(EVENT_SUBJECT, publish).await
     } else {
         let batch_id = format!(
             "{node_id}-{first_seq}-{}",
@@ -856,35 +904,42 @@ async fn append(shared: &Shared, term: Seq, p: Prepared) -> Result<Seq> {
         let publish = jetstream::message::PublishMessage::build()
             .payload(payloads[n - 1].clone())
             .headers(h);
-        async { js.send_publish(EVENT_SUBJECT, publish).await?.await }.await
+        js.send_publish(EVENT_SUBJECT, publish).await
     };
-    match ack {
-        Ok(ack) if ack.sequence == last_seq => Ok(last_seq),
-        Ok(ack) => Err(Error::Storage {
+    let ack = ack.map_err(|e| publish_error(&e.to_string(), e.kind()))?;
+    Ok(Box::pin(async move {
+        match ack.await {
+            Ok(ack) => check_ack(ack.sequence, last_seq),
+            Err(e) => Err(publish_error(&e.to_string(), e.kind())),
+        }
+    }))
+}
+
+fn check_ack(stored_at: Seq, last_seq: Seq) -> Result<Seq> {
+    if stored_at == last_seq {
+        Ok(last_seq)
+    } else {
+        Err(Error::Storage {
             fault: StorageFault::Conflict,
             detail: format!(
-                "the log stored the append at seq {} where {last_seq} was expected",
-                ack.sequence
+                "the log stored the append at seq {stored_at} where {last_seq} was expected"
             ),
-        }),
-        Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
-            Err(Error::Storage {
-                fault: StorageFault::Conflict,
-                detail: format!("another node appended to the log: {e}"),
-            })
+        })
+    }
+}
+
+/// A refused or failed publish as a storage error (the fence's refusal is a conflict).
+fn publish_error(text: &str, kind: jetstream::context::PublishErrorKind) -> Error {
+    // An atomic batch refused for its fence reports the same cause.
+    if kind == jetstream::context::PublishErrorKind::WrongLastSequence
+        || text.contains("wrong last sequence")
+    {
+        Error::Storage {
+            fault: StorageFault::Conflict,
+            detail: format!("another node appended to the log: {text}"),
         }
-        Err(e) => {
-            let text = e.to_string();
-            // An atomic batch refused for its fence reports the same cause.
-            if text.contains("wrong last sequence") {
-                Err(Error::Storage {
-                    fault: StorageFault::Conflict,
-                    detail: format!("another node appended to the log: {text}"),
-                })
-            } else {
-                Err(nats_err("append to the log", text))
-            }
-        }
+    } else {
+        nats_err("append to the log", text)
     }
 }
 
