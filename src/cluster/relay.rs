@@ -4,8 +4,8 @@
 //! relays the sidecar's messages (as the JSON text it sent) to the leader on
 //! [`AGENT_IN_SUBJECT`]; the leader's hub sees the session as a
 //! [`RemoteLink`] and its messages and closes go back on the node's
-//! [`agent_out_subject`]. Every node relays, the leader's own included, so a
-//! session does not care which node leads.
+//! [`agent_out_subject`]. A session that identifies on the leader itself
+//! talks to its hub directly.
 //!
 //! When the leadership changes, every node closes its relayed sessions
 //! (close code 1012, "service restart"): the sidecars reconnect (to any
@@ -40,10 +40,14 @@ const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The node side: this node's relayed sessions.
 pub struct Relay {
     node: Arc<Node>,
+    hub: Weak<Hub>,
     /// Changes at every start of the process: sessions of an earlier run
     /// of the same node are never confused with this run's.
     incarnation: String,
     sessions: Mutex<HashMap<u64, Link>>,
+    /// Sessions that identified while this node led: they talk to this
+    /// node's hub directly, without a trip through NATS.
+    direct: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl Relay {
@@ -53,6 +57,8 @@ impl Relay {
     pub fn start(node: Arc<Node>, hub: &Arc<Hub>) -> Arc<Relay> {
         let relay = Arc::new(Relay {
             node: node.clone(),
+            hub: Arc::downgrade(hub),
+            direct: Mutex::new(Default::default()),
             incarnation: hex::encode(rand::random::<[u8; 6]>()),
             sessions: Mutex::new(HashMap::new()),
         });
@@ -83,6 +89,24 @@ impl Relay {
             .lock()
             .expect("sessions")
             .insert(session, link.clone());
+        if self.node.is_leader() {
+            let (Some(hub), Ok(FromAgent::Identify(ident))) =
+                (self.hub.upgrade(), protocol::parse(text))
+            else {
+                self.forget(session);
+                return Err(Error::ShuttingDown);
+            };
+            let identified = hub.identify(&ident, link);
+            match &identified {
+                Ok(_) => {
+                    self.direct.lock().expect("direct").insert(session);
+                }
+                Err(_) => {
+                    self.forget(session);
+                }
+            }
+            return identified;
+        }
         let request = async_nats::Request::new()
             .headers(self.headers(session, "identify"))
             .payload(Bytes::copy_from_slice(text.as_bytes()))
@@ -111,6 +135,12 @@ impl Relay {
                 Err(Error::ShuttingDown)
             }
         }
+    }
+
+    /// Does this session talk to this node's hub directly (it identified
+    /// while this node led)?
+    pub fn is_direct(&self, session: u64) -> bool {
+        self.direct.lock().expect("direct").contains(&session)
     }
 
     /// Relay one frame of an identified session.
@@ -142,6 +172,10 @@ impl Relay {
     }
 
     fn forget(&self, session: u64) -> bool {
+        if self.direct.lock().expect("direct").remove(&session) {
+            self.sessions.lock().expect("sessions").remove(&session);
+            return false;
+        }
         self.sessions
             .lock()
             .expect("sessions")
@@ -158,6 +192,7 @@ impl Relay {
             .drain()
             .map(|(_, l)| l)
             .collect();
+        self.direct.lock().expect("direct").clear();
         if !sessions.is_empty() {
             tracing::info!(
                 sessions = sessions.len(),

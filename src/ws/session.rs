@@ -255,7 +255,7 @@ pub async fn run(
                 }
             }
             Ok(report) => match &agent_id {
-                Some(_) if hub.relay().is_some() => {
+                Some(_) if hub.relay().is_some_and(|r| !r.is_direct(session_id)) => {
                     if let Some(relay) = hub.relay() {
                         relay.frame(session_id, &text).await;
                     }
@@ -269,7 +269,11 @@ pub async fn run(
     }
     if let Some(agent) = &agent_id {
         match hub.relay() {
-            Some(relay) => relay.closed(session_id).await,
+            Some(relay) if !relay.is_direct(session_id) => relay.closed(session_id).await,
+            Some(relay) => {
+                relay.closed(session_id).await;
+                hub.session_closed(agent, session_id);
+            }
             None => hub.session_closed(agent, session_id),
         }
     }
