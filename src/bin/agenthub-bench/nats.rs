@@ -259,7 +259,7 @@ async fn roundtrip_on(
             ..Default::default()
         })
         .await?;
-    let consumer = js_con
+    let mut consumer = js_con
         .get_stream("WQ")
         .await?
         .create_consumer(consumer::pull::Config {
@@ -269,6 +269,33 @@ async fn roundtrip_on(
             ..Default::default()
         })
         .await?;
+    // A replicated stream and consumer answer only once their RAFT groups
+    // have leaders: wait for them before measuring.
+    let ready_by = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let stream_led = js_con
+            .get_stream("WQ")
+            .await?
+            .info()
+            .await
+            .ok()
+            .and_then(|i| i.cluster.clone())
+            .is_none_or(|c| c.leader.is_some());
+        let consumer_led = consumer
+            .info()
+            .await
+            .ok()
+            .and_then(|i| i.cluster.clone())
+            .is_none_or(|c| c.leader.is_some());
+        if stream_led && consumer_led {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < ready_by,
+            "the WQ stream or its consumer has no leader after 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let mut messages = consumer.messages().await?;
     let body = payload();
 
