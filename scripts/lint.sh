@@ -25,6 +25,9 @@ if ! command -v cargo-deny >/dev/null 2>&1; then
   cargo install --locked cargo-deny
 fi
 echo "== cargo deny check advisories bans licenses" >&2
+# cargo-deny reads the metadata of every crate in Cargo.lock, for every
+# target: fetch them all first (an offline check cannot download them).
+cargo fetch --locked
 db_dir="${CARGO_HOME:-$HOME/.cargo}/advisory-db"
 if cargo deny fetch db; then
   cargo deny check advisories bans licenses
