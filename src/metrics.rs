@@ -59,6 +59,8 @@ pub struct Metrics {
     pub last_event_seq: Gauge<i64, AtomicI64>,
     pub watchers: Gauge<i64, AtomicI64>,
     pub tasks_in_memory: Gauge<i64, AtomicI64>,
+    /// Cluster mode: 1 on the node that leads, 0 on the others.
+    pub cluster_leader: Gauge<i64, AtomicI64>,
     pub finished_stored: Gauge<i64, AtomicI64>,
     pub data_dir_bytes: Gauge<i64, AtomicI64>,
     pub retention_purged_tasks: Counter,
@@ -94,6 +96,7 @@ impl Metrics {
             last_event_seq: Gauge::default(),
             watchers: Gauge::default(),
             tasks_in_memory: Gauge::default(),
+            cluster_leader: Gauge::default(),
             finished_stored: Gauge::default(),
             data_dir_bytes: Gauge::default(),
             retention_purged_tasks: Counter::default(),
@@ -169,6 +172,11 @@ impl Metrics {
             "agenthub_watchers",
             "Open WatchTaskEvents streams",
             m.watchers.clone(),
+        );
+        r.register(
+            "agenthub_cluster_leader",
+            "Cluster mode: 1 on the leading node (its task and agent gauges are the cluster's), 0 on the others",
+            m.cluster_leader.clone(),
         );
         r.register(
             "agenthub_tasks_in_memory",

@@ -771,7 +771,7 @@ impl Hub {
             leader: node.and_then(|n| n.leader_id()),
             agents_connected: core.agents.values().filter(|a| a.session.is_some()).count(),
             tasks_queued: core.queue.len(),
-            last_seq: core.last_seq,
+            last_seq: core.last_seq.max(self.store.durable_seq()),
             degraded: core
                 .degraded
                 .as_ref()
@@ -799,7 +799,12 @@ impl Hub {
                 };
                 metrics::gauge_set(&m.queue_depth.get_or_create(&label), n);
             }
-            metrics::gauge_set(&m.last_event_seq, core.last_seq);
+            // A follower's own state is as of when it last led; its copy
+            // of the log is current.
+            metrics::gauge_set(
+                &m.last_event_seq,
+                core.last_seq.max(self.store.durable_seq()),
+            );
             metrics::gauge_set(&m.tasks_in_memory, core.tasks.len() as u64);
             let finished: u64 = TaskState::ALL
                 .iter()
@@ -811,6 +816,9 @@ impl Hub {
         }
         metrics::gauge_set(&m.watchers, self.bus.watcher_count() as u64);
         metrics::gauge_set(&m.data_dir_bytes, self.store.disk_bytes());
+        if let Some(node) = self.cluster_node() {
+            metrics::gauge_set(&m.cluster_leader, u64::from(node.is_leader()));
+        }
         let mut out = String::new();
         m.render(&mut out);
         out
