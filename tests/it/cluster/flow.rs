@@ -47,6 +47,28 @@ async fn a_push_on_one_node_reaches_an_agent_on_another_and_a_third_node_streams
     assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
     assert!(events.iter().all(|e| e.task_id == id));
 
+    // One node says it leads, in /metrics too; every node's copy is at the head.
+    let leader = c.leader().await;
+    let head = events.last().unwrap().seq;
+    for i in 0..3 {
+        let (_, text) = crate::core_flow::Http::new(c.node(i).ws_addr)
+            .get_text("/metrics")
+            .await;
+        let leads = crate::helpers::metric(&text, "agenthub_cluster_leader");
+        assert_eq!(leads, Some(if i == leader { 1.0 } else { 0.0 }), "node {i}");
+        // Followers apply the log as it comes: wait for this one to reach the head.
+        let deadline = std::time::Instant::now() + super::hubs::DEADLINE;
+        loop {
+            let h = c.health(i).await;
+            assert_eq!(h["node_id"], format!("n{i}").as_str());
+            if h["last_seq"].as_u64().unwrap() >= head {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "node {i}: {h}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     // Every node answers reads the same way.
     for i in 0..3 {
         let mut client = c.client(i).await;
