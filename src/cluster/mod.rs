@@ -151,6 +151,7 @@ impl ClusterOptions {
                     .map_err(|e| Error::InvalidArgument(format!("NATS URL {u}: {e}")))
             })
             .collect::<Result<_>>()?;
+        tracing::info!(urls = ?self.urls, node_id = %self.node_id, "connecting to NATS");
         opts.connect(urls)
             .await
             .map_err(|e| Error::storage(format!("cannot connect to NATS: {e}")))
