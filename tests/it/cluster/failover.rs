@@ -102,6 +102,61 @@ async fn push_burst(
     acked
 }
 
+/// A dashboard that follows the log through every failover: it watches
+/// through some node and, when that stream ends or breaks, resumes from the
+/// last seq it saw through another node. Returns what it saw once it has
+/// seen `until` (set when the test is done).
+async fn follow_across_nodes(
+    c: Arc<tokio::sync::RwLock<HubCluster>>,
+    until: Arc<std::sync::atomic::AtomicU64>,
+) -> Vec<pb::TaskEvent> {
+    use tokio_stream::StreamExt;
+    let mut seen: Vec<pb::TaskEvent> = Vec::new();
+    let mut node = 1;
+    loop {
+        let last = seen.last().map(|e| e.seq).unwrap_or(0);
+        let target = until.load(std::sync::atomic::Ordering::Acquire);
+        if target > 0 && last >= target {
+            return seen;
+        }
+        node = (node + 1) % 3;
+        let client = {
+            let c = c.read().await;
+            if c.nodes[node].is_none() {
+                continue;
+            }
+            agenthub::client::connect(&c.node(node).grpc_addr.to_string(), &c.admin).await
+        };
+        let Ok(mut client) = client else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let req = pb::WatchTaskEventsRequest {
+            after_seq: Some(last),
+            ..Default::default()
+        };
+        let Ok(stream) = client.watch_task_events(req).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let mut stream = stream.into_inner();
+        loop {
+            let next = tokio::time::timeout(Duration::from_millis(500), stream.next()).await;
+            match next {
+                Ok(Some(Ok(ev))) => seen.push(ev),
+                Ok(_) => break,
+                Err(_) => {
+                    let target = until.load(std::sync::atomic::Ordering::Acquire);
+                    let last = seen.last().map(|e| e.seq).unwrap_or(0);
+                    if target > 0 && last >= target {
+                        return seen;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Every event of the log, read from node `i` (after everything settled).
 async fn history(c: &HubCluster, i: usize) -> Vec<pb::TaskEvent> {
     use tokio_stream::StreamExt;
@@ -210,6 +265,8 @@ async fn killing_the_leader_five_times_loses_nothing_acked() {
     let _sidecars = Sidecars::start(&c, &["a1", "a2", "a3"]);
     let c = Arc::new(tokio::sync::RwLock::new(c));
     let burst = tokio::spawn(push_burst(c.clone(), "kill", 120));
+    let watched_until = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let watcher = tokio::spawn(follow_across_nodes(c.clone(), watched_until.clone()));
 
     let mut failovers = Vec::new();
     for round in 0..5 {
@@ -247,10 +304,31 @@ async fn killing_the_leader_five_times_loses_nothing_acked() {
         c.write().await.restart(victim, ws, grpc).await;
     }
     let acked = burst.await.unwrap();
-    let c = c.read().await;
-    wait_finished(&c, &acked).await;
-    let events = history(&c, c.leader().await).await;
+    let guard = c.read().await;
+    wait_finished(&guard, &acked).await;
+    let events = history(&guard, guard.leader().await).await;
+    drop(guard);
     let generations = check_history(&events, &acked);
+    // The dashboard that resumed through whichever node answered saw the
+    // same log: every event once, in order, none missing.
+    watched_until.store(
+        events.last().unwrap().seq,
+        std::sync::atomic::Ordering::Release,
+    );
+    let watched = tokio::time::timeout(DEADLINE, watcher)
+        .await
+        .expect("the watcher catches up")
+        .unwrap();
+    let seqs = |v: &[pb::TaskEvent]| {
+        v.iter()
+            .map(|e| (e.seq, e.task_id.clone(), e.kind))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        seqs(&watched),
+        seqs(&events),
+        "a watcher resuming across nodes"
+    );
     let retried: BTreeSet<&String> = acked
         .iter()
         .filter(|id| generations.get(*id).copied().unwrap_or(0) > 1)
