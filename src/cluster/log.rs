@@ -619,14 +619,29 @@ async fn apply(shared: &Arc<Shared>, entries: Vec<Entry>) -> Result<()> {
 
 /// Keep the token cache equal to the token bucket.
 async fn follow_tokens(shared: Arc<Shared>) -> Result<()> {
-    let mut watch = shared
-        .token_kv
-        .watch_with_history(">")
-        .await
-        .map_err(|e| nats_err("token bucket", e))?;
-    // The current values first (the watch ends its history with a marker
-    // we cannot see here: read them directly as well).
-    for t in read_tokens(&shared.token_kv).await? {
+    // A watch of every change, then the current values (read directly: the
+    // watch's own replay of them ends with a marker we cannot see here).
+    // Retried like the rest of the setup: a starting cluster may time out.
+    let give_up = Instant::now() + SETUP_TIMEOUT;
+    let (mut watch, tokens) = loop {
+        let attempt = async {
+            let watch = shared
+                .token_kv
+                .watch_with_history(">")
+                .await
+                .map_err(|e| nats_err("token bucket", e))?;
+            Ok::<_, Error>((watch, read_tokens(&shared.token_kv).await?))
+        };
+        match attempt.await {
+            Ok(v) => break v,
+            Err(e) if Instant::now() < give_up => {
+                tracing::warn!(error = %e, "cannot read the token bucket yet; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    for t in tokens {
         shared
             .tokens
             .lock()

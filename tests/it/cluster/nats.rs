@@ -65,6 +65,18 @@ impl NatsCluster {
     /// and a meta leader exists. Panics (with the nodes' log tails) if that
     /// does not happen within 30 s, or if `AGENTHUB_TEST_NATS_SERVER` is unset.
     pub async fn start() -> NatsCluster {
+        // The ports are picked free, then bound by nats-server a moment
+        // later: another process can take one in between. Such a node exits
+        // at once; start the cluster again on other ports.
+        for _ in 0..3 {
+            if let Some(cluster) = Self::try_start().await {
+                return cluster;
+            }
+        }
+        panic!("a nats node kept exiting while starting (ports taken?)");
+    }
+
+    async fn try_start() -> Option<NatsCluster> {
         let bin = nats_server_bin();
         let ports = free_ports(NODES * 3);
         let (client, rest) = ports.split_at(NODES);
@@ -107,9 +119,11 @@ impl NatsCluster {
             cluster.spawn(i);
         }
         for i in 0..NODES {
-            cluster.wait_ready(i).await;
+            if !cluster.wait_ready(i).await {
+                return None;
+            }
         }
-        cluster
+        Some(cluster)
     }
 
     /// `nats://127.0.0.1:PORT` of every node, in node order.
@@ -160,7 +174,11 @@ impl NatsCluster {
             self.nodes[i].name
         );
         self.spawn(i);
-        self.wait_ready(i).await;
+        assert!(
+            self.wait_ready(i).await,
+            "nats node {} exited while restarting",
+            self.nodes[i].name
+        );
     }
 
     /// Node `i`'s JetStream store directory.
@@ -200,19 +218,21 @@ impl NatsCluster {
 
     /// Poll node `i`'s monitoring port until `/healthz` answers 200 and
     /// `/jsz` names a meta leader.
-    async fn wait_ready(&mut self, i: usize) {
+    /// False if the node exited while starting (its log is printed).
+    async fn wait_ready(&mut self, i: usize) -> bool {
         let deadline = Instant::now() + READY_TIMEOUT;
         let port = self.nodes[i].http_port;
         loop {
             if let Some(Ok(Some(status))) = self.nodes[i].child.as_mut().map(Child::try_wait) {
-                panic!(
+                eprintln!(
                     "nats node {} exited ({status}) while starting; log:\n{}",
                     self.nodes[i].name,
                     self.log_tail(i)
                 );
+                return false;
             }
             let why = match ready(port).await {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(why) => why,
             };
             if Instant::now() >= deadline {
