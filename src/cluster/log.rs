@@ -967,8 +967,22 @@ impl Shared {
         let value = serde_json::to_vec(&t).expect("token serializes");
         let kv = self.token_kv.clone();
         let key = t.id.clone();
-        block_on(&self.rt, async move { kv.put(key, value.into()).await })
-            .map_err(|e| nats_err("token bucket", e))?;
+        let value = Bytes::from(value);
+        block_on(&self.rt, async move {
+            // A bucket just created may not have a leader yet: retry a while.
+            let give_up = Instant::now() + Duration::from_secs(10);
+            loop {
+                match kv.put(key.clone(), value.clone()).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) if Instant::now() < give_up => {
+                        tracing::debug!(error = %e, "token not stored yet; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .map_err(|e| nats_err("token bucket", e))?;
         self.tokens.lock().expect("tokens").insert(t.id.clone(), t);
         Ok(())
     }
