@@ -87,15 +87,8 @@ async fn ws_upgrade(
 /// while the store refuses writes.
 async fn health(State(st): State<AppState>) -> Response {
     let h = st.hub.health();
-    // A cluster follower refuses writes by design (it forwards them): it is healthy.
-    let follower = h.node_id.is_some()
-        && h.degraded
-            == Some(crate::error::fault_text(
-                crate::error::StorageFault::NotLeader,
-            ));
-    let degraded = h.degraded.filter(|_| !follower);
     let mut body = json!({
-        "status": if degraded.is_some() { "degraded" } else { "ok" },
+        "status": if h.degraded.is_some() { "degraded" } else { "ok" },
         "agents_connected": h.agents_connected,
         "tasks_queued": h.tasks_queued,
         "last_seq": h.last_seq,
@@ -106,7 +99,7 @@ async fn health(State(st): State<AppState>) -> Response {
         body["node_id"] = Value::from(node_id.clone());
         body["leader"] = h.leader.clone().map(Value::from).unwrap_or(Value::Null);
     }
-    match degraded {
+    match h.degraded {
         Some(reason) => {
             body["reason"] = Value::from(reason);
             (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()

@@ -83,7 +83,7 @@ pub async fn run(node: Arc<Node>, store: Arc<ClusterStore>, hub: Weak<Hub>) {
                     Err(e) => {
                         tracing::warn!(error = %e, "leader lease lost");
                         held = None;
-                        step_down(&node, &store, &hub, "leader lease lost");
+                        step_down(&node, &store, "leader lease lost");
                     }
                 }
                 pause(lease / 3, &mut stopping).await;
@@ -152,10 +152,9 @@ async fn try_lead(node: &Node, store: &ClusterStore, kv: &kv::Store) -> Option<(
     }
 }
 
-fn step_down(node: &Node, store: &ClusterStore, hub: &Weak<Hub>, why: &str) {
+/// The lease is lost. Demoting the store tells the hub (the store's
+/// `on_deposed`), which steps down once.
+fn step_down(node: &Node, store: &ClusterStore, why: &str) {
     store.demote(why);
     node.forget_leader();
-    if let Some(hub) = hub.upgrade() {
-        hub.step_down(why);
-    }
 }

@@ -79,8 +79,9 @@ impl Relay {
     }
 
     /// Identify a session with the leader. `text`: the `identify` frame as
-    /// the sidecar sent it.
-    pub async fn identify(&self, text: &str, link: &Link) -> Result<String> {
+    /// the sidecar sent it. Returns the agent id and whether the session is
+    /// relayed (false: this node leads, and the session talks to its hub).
+    pub async fn identify(&self, text: &str, link: &Link) -> Result<(String, bool)> {
         if self.node.leader_id().is_none() {
             return Err(Error::ShuttingDown);
         }
@@ -96,16 +97,16 @@ impl Relay {
                 self.forget(session);
                 return Err(Error::ShuttingDown);
             };
-            let identified = hub.identify(&ident, link);
-            match &identified {
-                Ok(_) => {
+            return match hub.identify(&ident, link) {
+                Ok(agent) => {
                     self.direct.lock().expect("direct").insert(session);
+                    Ok((agent, false))
                 }
-                Err(_) => {
+                Err(e) => {
                     self.forget(session);
+                    Err(e)
                 }
-            }
-            return identified;
+            };
         }
         let request = async_nats::Request::new()
             .headers(self.headers(session, "identify"))
@@ -125,7 +126,7 @@ impl Relay {
             }
         };
         match answer.split_once(':') {
-            Some(("ok", agent)) => Ok(agent.to_string()),
+            Some(("ok", agent)) => Ok((agent.to_string(), true)),
             Some(("err", code)) => {
                 self.forget(session);
                 Err(error_from_code(code))
@@ -135,12 +136,6 @@ impl Relay {
                 Err(Error::ShuttingDown)
             }
         }
-    }
-
-    /// Does this session talk to this node's hub directly (it identified
-    /// while this node led)?
-    pub fn is_direct(&self, session: u64) -> bool {
-        self.direct.lock().expect("direct").contains(&session)
     }
 
     /// Relay one frame of an identified session.

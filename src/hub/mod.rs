@@ -772,9 +772,12 @@ impl Hub {
             agents_connected: core.agents.values().filter(|a| a.session.is_some()).count(),
             tasks_queued: core.queue.len(),
             last_seq: core.last_seq.max(self.store.durable_seq()),
+            // A cluster follower refuses writes by design (it forwards
+            // them to the leader): that is not a degraded store.
             degraded: core
                 .degraded
                 .as_ref()
+                .filter(|(fault, _)| *fault != crate::error::StorageFault::NotLeader)
                 .map(|(fault, _)| crate::error::fault_text(*fault)),
         }
     }

@@ -170,6 +170,8 @@ pub async fn run(
     let identify_deadline = tokio::time::sleep(cfg.identify_timeout);
     tokio::pin!(identify_deadline);
     let mut agent_id: Option<String> = None;
+    // Cluster mode: the session's messages go to the leader through the relay.
+    let mut relayed = false;
     // The peer sent its close frame (or the connection is gone).
     let mut peer_closed = false;
     loop {
@@ -231,9 +233,11 @@ pub async fn run(
                     ));
                     continue;
                 }
+                // Cluster mode: through the node's relay (which says whether
+                // the session talks to this node's hub or to the leader's).
                 let identified = match hub.relay() {
                     Some(relay) => relay.identify(&text, &dyn_link).await,
-                    None => hub.identify(&ident, &dyn_link),
+                    None => hub.identify(&ident, &dyn_link).map(|id| (id, false)),
                 };
                 match identified {
                     Err(crate::error::Error::ShuttingDown) if hub.relay().is_some() => {
@@ -241,8 +245,9 @@ pub async fn run(
                         link.close(CloseReason::LeaderChanged);
                         break;
                     }
-                    Ok(id) => {
+                    Ok((id, through_relay)) => {
                         agent_id = Some(id);
+                        relayed = through_relay;
                         admission.identified(&hub, &ident.token);
                     }
                     Err(e) => {
@@ -255,7 +260,7 @@ pub async fn run(
                 }
             }
             Ok(report) => match &agent_id {
-                Some(_) if hub.relay().is_some_and(|r| !r.is_direct(session_id)) => {
+                Some(_) if relayed => {
                     if let Some(relay) = hub.relay() {
                         relay.frame(session_id, &text).await;
                     }
@@ -268,13 +273,11 @@ pub async fn run(
         }
     }
     if let Some(agent) = &agent_id {
-        match hub.relay() {
-            Some(relay) if !relay.is_direct(session_id) => relay.closed(session_id).await,
-            Some(relay) => {
-                relay.closed(session_id).await;
-                hub.session_closed(agent, session_id);
-            }
-            None => hub.session_closed(agent, session_id),
+        if let Some(relay) = hub.relay() {
+            relay.closed(session_id).await;
+        }
+        if !relayed {
+            hub.session_closed(agent, session_id);
         }
     }
     link.close(CloseReason::Normal);

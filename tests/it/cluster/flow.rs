@@ -69,7 +69,29 @@ async fn a_push_on_one_node_reaches_an_agent_on_another_and_a_third_node_streams
         }
     }
 
-    // Every node answers reads the same way.
+    // Every node answers reads the same way, on one log (SPEC §8 `log_id`).
+    let mut log_ids = Vec::new();
+    for i in 0..3 {
+        let mut client = c.client(i).await;
+        let page = client
+            .list_tasks(pb::ListTasksRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        log_ids.push(page.log_id);
+        // WatchTaskEvents is served by each node from its own copy.
+        let watch = client
+            .watch_task_events(pb::WatchTaskEventsRequest {
+                after_seq: Some(head),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let header = watch.metadata().get("agenthub-log-id").unwrap();
+        log_ids.push(header.to_str().unwrap().to_string());
+    }
+    assert!(!log_ids[0].is_empty());
+    assert!(log_ids.iter().all(|l| *l == log_ids[0]), "{log_ids:?}");
     for i in 0..3 {
         let mut client = c.client(i).await;
         let task = client
