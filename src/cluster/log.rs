@@ -21,7 +21,6 @@
 //! stream acknowledged it *and* the local copy holds it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -274,8 +273,6 @@ struct Shared {
     token_kv: kv::Store,
     stats: Mutex<CommitStats>,
     log_id: String,
-    /// Entries applied to the local copy (for `event_count` after purges).
-    applied: AtomicU64,
     /// One applier at a time (the consumer, or a catch-up reading directly).
     apply_lock: tokio::sync::Mutex<()>,
     /// Ask the follower to start a new consumer (its current one stalled).
@@ -313,7 +310,6 @@ impl ClusterStore {
         let shared = Arc::new(Shared {
             node: node.clone(),
             rt: tokio::runtime::Handle::current(),
-            applied: AtomicU64::new(replica.event_count()),
             apply_lock: tokio::sync::Mutex::new(()),
             refollow: tokio::sync::Notify::new(),
             replica,
@@ -467,11 +463,6 @@ impl ClusterStore {
     pub fn head(&self) -> Seq {
         *self.shared.head.borrow()
     }
-
-    /// The local copy (reads, integrity checks).
-    pub fn replica(&self) -> &SqliteStore {
-        &self.shared.replica
-    }
 }
 
 fn demote(shared: &Shared, why: &str) {
@@ -605,9 +596,6 @@ async fn apply(shared: &Arc<Shared>, entries: Vec<Entry>) -> Result<()> {
     done_rx
         .await
         .map_err(|_| Error::storage("local copy closed"))??;
-    shared
-        .applied
-        .fetch_add(events.len() as u64, Ordering::Relaxed);
     shared.head.send_replace(last);
     if !events.is_empty() {
         if let Some(bus) = &*shared.bus.lock().expect("bus") {
