@@ -1,24 +1,28 @@
 //! The cluster's log: a JetStream stream, followed by every node into a
 //! local copy, appended to by the leader only.
 //!
-//! **Entries.** Each event is one stream message on [`EVENT_SUBJECT`]; its
-//! stream sequence is the event's `seq`. The task rows a batch changes ride
-//! on the message of the task's last event in that batch, so a node that
-//! replays the stream rebuilds the same task records. A new leader's first
-//! append is a term entry on [`TERM_SUBJECT`]: not an event (event seqs skip
-//! its number), it fences out whoever wrote before.
+//! **Entries.** Each append is one stream message on [`EVENT_SUBJECT`]: the
+//! events of the batches it groups, each with its own `seq`, and the final
+//! row of every task they change, so a node that replays the stream
+//! rebuilds the same task records. Event seqs are the hub's one global
+//! sequence: consecutive across appends and across leaders. A new leader's
+//! first append is a term entry on [`TERM_SUBJECT`]: it holds no events and
+//! fences out whoever wrote before.
 //!
-//! **Appends.** The leader's writer groups queued batches into one append:
-//! one message, or a JetStream atomic batch (all or nothing). The first
-//! message carries `Nats-Expected-Last-Sequence`: if anyone else appended
-//! since this node's term began, the stream refuses the append, whatever any
-//! clock says, and this node steps down.
+//! **Appends.** The leader's writer groups the batches queued while earlier
+//! appends were in flight into one message, and carries
+//! `Nats-Expected-Last-Sequence` (the stream seq of the entry before it): if
+//! anyone else appended since, the stream refuses the append, whatever any
+//! clock says, and this node steps down. Appends are pipelined, each fenced
+//! on the one before; an append whose first event does not follow the
+//! log's last one is refused before it is sent.
 //!
 //! **Following.** One ordered consumer per node applies every entry, in
 //! order, to the local SQLite copy (which serves reads, history and watch
-//! catch-up) and then to the node's event bus. The leader's appends become
-//! visible the same way: a batch's callbacks (acks, replies) run once the
-//! stream acknowledged it *and* the local copy holds it.
+//! catch-up, and records how far into the stream it is) and then to the
+//! node's event bus. The leader's appends become visible the same way: a
+//! batch's callbacks (acks, replies) run once the stream acknowledged it
+//! *and* the local copy holds it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -38,8 +42,9 @@ use crate::pb::wire::EncodedEvent;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Batch, CommitStats, ListFilter, Loaded, Purged, Store, TaskListing, TaskWrite};
 
-/// Most events in one append (JetStream's atomic batches take up to 1,000 messages).
-const MAX_APPEND_EVENTS: usize = 500;
+/// Most bytes in one append, about (NATS takes messages up to 1 MiB by
+/// default). One batch larger than this still goes alone.
+const MAX_APPEND_BYTES: usize = 512 * 1024;
 /// Most appends sent and not yet answered by the log.
 const MAX_IN_FLIGHT: usize = 8;
 /// How long an appended batch may take to reach the local copy before the
@@ -94,14 +99,24 @@ enum Part {
     },
 }
 
-/// One event entry as stored in the stream: `[u32 json len][json][event proto]`.
+/// The head of an append as stored in the stream. The message is
+/// `[u32 head length][head JSON][each event's proto, in order]`.
 #[derive(Serialize, Deserialize)]
-struct EntryHead {
+struct AppendHead {
+    events: Vec<EventHead>,
+    /// Every task row the append changes, each once, with its final content.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    rows: Vec<Row>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EventHead {
+    seq: Seq,
     task_id: String,
     agent_id: String,
     kind: EventKind,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    rows: Vec<Row>,
+    /// Length of the encoded event in the message's tail.
+    len: u32,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -146,24 +161,52 @@ impl StoredToken {
     }
 }
 
-fn encode_entry(ev: &EncodedEvent, rows: Vec<Row>) -> Bytes {
-    let head = EntryHead {
-        task_id: ev.task_id.clone(),
-        agent_id: ev.agent_id.clone(),
-        kind: ev.kind,
+/// One append: the events of a group of batches, in order, and the final
+/// row of every task they change (checked against the row before the
+/// group's first change of it).
+fn encode_append(group: &[Batch]) -> Bytes {
+    let mut rows: Vec<Row> = Vec::new();
+    let mut at: HashMap<&str, usize> = HashMap::new();
+    for w in group.iter().flat_map(|b| &b.tasks) {
+        match at.get(w.task.task_id.as_str()) {
+            Some(&i) => rows[i].task = w.task.clone(),
+            None => {
+                at.insert(w.task.task_id.as_str(), rows.len());
+                rows.push(Row {
+                    task: w.task.clone(),
+                    expected: w.expected_last_seq,
+                });
+            }
+        }
+    }
+    let events: Vec<&Arc<EncodedEvent>> = group.iter().flat_map(|b| &b.events).collect();
+    let head = AppendHead {
+        events: events
+            .iter()
+            .map(|ev| EventHead {
+                seq: ev.seq,
+                task_id: ev.task_id.clone(),
+                agent_id: ev.agent_id.clone(),
+                kind: ev.kind,
+                len: ev.proto().len() as u32,
+            })
+            .collect(),
         rows,
     };
-    let json = serde_json::to_vec(&head).expect("entry head serializes");
-    let proto = ev.proto();
-    let mut buf = BytesMut::with_capacity(4 + json.len() + proto.len());
+    let json = serde_json::to_vec(&head).expect("append head serializes");
+    let tail: usize = events.iter().map(|ev| ev.proto().len()).sum();
+    let mut buf = BytesMut::with_capacity(4 + json.len() + tail);
     buf.put_u32(json.len() as u32);
     buf.put_slice(&json);
-    buf.put_slice(proto);
+    for ev in events {
+        buf.put_slice(ev.proto());
+    }
     buf.freeze()
 }
 
-fn decode_entry(seq: Seq, payload: &Bytes) -> Result<(EncodedEvent, Vec<TaskWrite>)> {
-    let bad = |what: &str| Error::storage(format!("log entry {seq}: {what}"));
+/// The events and task rows of the append stored at stream seq `at`.
+fn decode_append(at: Seq, payload: &Bytes) -> Result<(Vec<Arc<EncodedEvent>>, Vec<TaskWrite>)> {
+    let bad = |what: &str| Error::storage(format!("log entry {at}: {what}"));
     if payload.len() < 4 {
         return Err(bad("too short"));
     }
@@ -171,10 +214,25 @@ fn decode_entry(seq: Seq, payload: &Bytes) -> Result<(EncodedEvent, Vec<TaskWrit
     if payload.len() < 4 + n {
         return Err(bad("truncated"));
     }
-    let head: EntryHead =
+    let head: AppendHead =
         serde_json::from_slice(&payload[4..4 + n]).map_err(|e| bad(&e.to_string()))?;
-    let proto = payload.slice(4 + n..);
-    let event = EncodedEvent::stored(seq, head.task_id, head.agent_id, head.kind, proto);
+    let mut offset = 4 + n;
+    let mut events = Vec::with_capacity(head.events.len());
+    for ev in head.events {
+        let end = offset + ev.len as usize;
+        if end > payload.len() {
+            return Err(bad("truncated"));
+        }
+        let proto = payload.slice(offset..end);
+        offset = end;
+        events.push(Arc::new(EncodedEvent::stored(
+            ev.seq,
+            ev.task_id,
+            ev.agent_id,
+            ev.kind,
+            proto,
+        )));
+    }
     let rows = head
         .rows
         .into_iter()
@@ -183,7 +241,7 @@ fn decode_entry(seq: Seq, payload: &Bytes) -> Result<(EncodedEvent, Vec<TaskWrit
             expected_last_seq: r.expected,
         })
         .collect();
-    Ok((event, rows))
+    Ok((events, rows))
 }
 
 /// How long a node retries setting up the stream and buckets at start.
@@ -306,7 +364,7 @@ impl ClusterStore {
             }
         };
         let replica = SqliteStore::open_replica(dir, &log_id)?;
-        let start = replica.durable_seq();
+        let start = replica.log_position()?;
         let shared = Arc::new(Shared {
             node: node.clone(),
             rt: tokio::runtime::Handle::current(),
@@ -564,6 +622,9 @@ async fn apply(shared: &Arc<Shared>, entries: Vec<Entry>) -> Result<()> {
     let head = *shared.head.borrow();
     let mut batch = Batch::default();
     let mut last = head;
+    // Event seqs run on without holes across appends (term entries are
+    // not events); an append the copy already holds is skipped whole.
+    let mut last_event = shared.replica.durable_seq();
     for msg in entries {
         let seq = msg.seq;
         if seq <= last {
@@ -580,13 +641,19 @@ async fn apply(shared: &Arc<Shared>, entries: Vec<Entry>) -> Result<()> {
             }
             continue;
         }
-        let (event, rows) = decode_entry(seq, &msg.payload)?;
-        batch.events.push(Arc::new(event));
+        let (events, rows) = decode_append(seq, &msg.payload)?;
+        match events.last() {
+            Some(ev) if ev.seq <= last_event => continue,
+            Some(ev) => last_event = ev.seq,
+            None => {}
+        }
+        batch.events.extend(events);
         batch.tasks.extend(rows);
     }
     if last == head {
         return Ok(());
     }
+    batch.position = Some(last);
     let events = batch.events.clone();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     batch.then(move |r| {
@@ -696,21 +763,34 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
             }
         }
     });
+    // The last append sent in this node's current term: (term, its stream
+    // seq, its last event seq). The next is fenced on it.
+    let mut sent: Option<(Seq, Seq, Seq)> = None;
+    // A batch that did not fit in the previous append.
+    let mut carry: Option<Batch> = None;
     loop {
         // Take a slot first: while the window is full, more batches queue
         // up and go out together in the next append.
         let Ok(permit) = window.clone().acquire_owned().await else {
             return;
         };
-        let Some(first) = rx.recv().await else {
-            return;
+        let first = match carry.take() {
+            Some(b) => b,
+            None => match rx.recv().await {
+                Some(b) => b,
+                None => return,
+            },
         };
+        let mut size = append_size(&first);
         let mut group = vec![first];
-        let mut n_events = group[0].events.len();
-        while n_events < MAX_APPEND_EVENTS {
+        while size < MAX_APPEND_BYTES {
             match rx.try_recv() {
+                Ok(b) if size + append_size(&b) > MAX_APPEND_BYTES => {
+                    carry = Some(b);
+                    break;
+                }
                 Ok(b) => {
-                    n_events += b.events.len();
+                    size += append_size(&b);
                     group.push(b);
                 }
                 Err(_) => break,
@@ -739,15 +819,36 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
             }
             continue;
         };
-        if live.iter().all(|b| b.events.is_empty()) {
+        if live
+            .iter()
+            .all(|b| b.events.is_empty() && b.tasks.is_empty())
+        {
             // Barriers only: done once everything sent before them is.
             let last = *shared.head.borrow();
             let _ = done_tx.send((Pending::Barrier(last.max(term)), live, started, permit));
             continue;
         }
-        let prepared = prepare(&live);
-        match send_append(&shared, term, prepared).await {
+        let (after, after_event) = match sent {
+            Some((t, at, ev)) if t == term => (at, ev),
+            // The term entry is applied: the copy holds every event before it.
+            _ => (term, shared.replica.durable_seq()),
+        };
+        let last_event = live
+            .iter()
+            .flat_map(|b| &b.events)
+            .next_back()
+            .map_or(after_event, |ev| ev.seq);
+        let first_event = live.iter().flat_map(|b| &b.events).next().map(|ev| ev.seq);
+        let outcome = match first_event {
+            Some(seq) if seq != after_event + 1 => Err(Error::Storage {
+                fault: StorageFault::Conflict,
+                detail: format!("event seq {seq} where the log expects {}", after_event + 1),
+            }),
+            _ => send_append(&shared, term, after, encode_append(&live)).await,
+        };
+        match outcome {
             Ok(ack) => {
+                sent = Some((term, after + 1, last_event));
                 let _ = done_tx.send((Pending::Append(ack), live, started, permit));
             }
             Err(e) => {
@@ -795,124 +896,39 @@ fn step_down_after(shared: &Shared, e: &Error) {
     );
 }
 
-/// One append: its first and last seq and a payload per event.
-struct Prepared {
-    first_seq: Seq,
-    last_seq: Seq,
-    payloads: Vec<Bytes>,
-}
-
-/// Encode the events (with their task rows) of `group`.
-fn prepare(group: &[Batch]) -> Prepared {
-    let events: Vec<&Arc<EncodedEvent>> = group.iter().flat_map(|b| &b.events).collect();
-    let first_seq = events[0].seq;
-    let last_seq = events[events.len() - 1].seq;
-    // Each row rides on its task's last event of the group.
-    let mut rows: HashMap<Seq, Vec<Row>> = HashMap::new();
-    let mut expected: HashMap<&str, Option<Seq>> = HashMap::new();
-    for w in group.iter().flat_map(|b| &b.tasks) {
-        let first_expected = *expected
-            .entry(w.task.task_id.as_str())
-            .or_insert(w.expected_last_seq);
-        let at = if w.task.last_seq >= first_seq && w.task.last_seq <= last_seq {
-            w.task.last_seq
-        } else {
-            last_seq
-        };
-        let list = rows.entry(at).or_default();
-        list.retain(|r: &Row| r.task.task_id != w.task.task_id);
-        list.push(Row {
-            task: w.task.clone(),
-            expected: first_expected,
-        });
-    }
-    // A task written at several seqs of the group keeps only its last row.
-    let mut latest: HashMap<String, Seq> = HashMap::new();
-    for (seq, list) in &rows {
-        for r in list {
-            let e = latest.entry(r.task.task_id.clone()).or_insert(*seq);
-            *e = (*e).max(*seq);
-        }
-    }
-    for (seq, list) in rows.iter_mut() {
-        list.retain(|r| latest.get(&r.task.task_id) == Some(seq));
-    }
-    let payloads: Vec<Bytes> = events
+/// About how many bytes `b` adds to an append.
+fn append_size(b: &Batch) -> usize {
+    b.events
         .iter()
-        .map(|ev| encode_entry(ev, rows.remove(&ev.seq).unwrap_or_default()))
-        .collect();
-    Prepared {
-        first_seq,
-        last_seq,
-        payloads,
-    }
+        .map(|ev| ev.proto().len() + 96)
+        .sum::<usize>()
+        + 512 * b.tasks.len()
 }
 
-/// The outcome of an append that was sent: the last seq appended.
+/// The outcome of an append that was sent: its stream seq.
 type AckFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Seq>> + Send>>;
 
-/// Send the append `p`, fenced on the seq before its first event, without
-/// waiting for the log's answer (appends are pipelined: the next one is
-/// fenced on this one's last seq, so it fails if this one does).
-async fn send_append(shared: &Shared, term: Seq, p: Prepared) -> Result<AckFuture> {
-    let Prepared {
-        first_seq,
-        last_seq,
-        payloads,
-    } = p;
-    let node_id = shared.node.node_id().to_string();
-    let term_text = term.to_string();
-    let base = |h: &mut async_nats::HeaderMap| {
-        h.insert(HDR_NODE, node_id.as_str());
-        h.insert(HDR_TERM, term_text.as_str());
-    };
-    let js = &shared.node.js;
-    let ack = if payloads.len() == 1 {
-        let mut h = async_nats::HeaderMap::new();
-        base(&mut h);
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(payloads[0].clone())
-            .headers(h)
-            .expected_last_sequence(first_seq - 1);
-        js.send_publish(EVENT_SUBJECT, publish).await
-    } else {
-        let batch_id = format!(
-            "{node_id}-{first_seq}-{}",
-            hex::encode(rand::random::<[u8; 6]>())
-        );
-        let n = payloads.len();
-        for (i, p) in payloads.iter().enumerate().take(n - 1) {
-            let mut h = async_nats::HeaderMap::new();
-            base(&mut h);
-            h.insert("Nats-Batch-Id", batch_id.as_str());
-            h.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
-            if i == 0 {
-                h.insert(
-                    "Nats-Expected-Last-Sequence",
-                    (first_seq - 1).to_string().as_str(),
-                );
-            }
-            shared
-                .node
-                .client
-                .publish_with_headers(EVENT_SUBJECT, h, p.clone())
-                .await
-                .map_err(|e| nats_err("append", e))?;
-        }
-        let mut h = async_nats::HeaderMap::new();
-        base(&mut h);
-        h.insert("Nats-Batch-Id", batch_id.as_str());
-        h.insert("Nats-Batch-Sequence", n.to_string().as_str());
-        h.insert("Nats-Batch-Commit", "1");
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(payloads[n - 1].clone())
-            .headers(h);
-        js.send_publish(EVENT_SUBJECT, publish).await
-    };
-    let ack = ack.map_err(|e| publish_error(&e.to_string(), e.kind()))?;
+/// Send one append, fenced on the stream seq `after` (the log's last entry
+/// as this writer knows it), without waiting for the log's answer: appends
+/// are pipelined, and the next one is fenced on this one, so it fails if
+/// this one does.
+async fn send_append(shared: &Shared, term: Seq, after: Seq, payload: Bytes) -> Result<AckFuture> {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(HDR_NODE, shared.node.node_id());
+    h.insert(HDR_TERM, term.to_string().as_str());
+    let publish = jetstream::message::PublishMessage::build()
+        .payload(payload)
+        .headers(h)
+        .expected_last_sequence(after);
+    let ack = shared
+        .node
+        .js
+        .send_publish(EVENT_SUBJECT, publish)
+        .await
+        .map_err(|e| publish_error(&e.to_string(), e.kind()))?;
     Ok(Box::pin(async move {
         match ack.await {
-            Ok(ack) => check_ack(ack.sequence, last_seq),
+            Ok(ack) => check_ack(ack.sequence, after + 1),
             Err(e) => Err(publish_error(&e.to_string(), e.kind())),
         }
     }))
@@ -984,9 +1000,7 @@ impl Store for ClusterStore {
     }
 
     fn load(&self) -> Result<Loaded> {
-        let mut loaded = self.shared.replica.load()?;
-        loaded.last_seq = loaded.last_seq.max(self.head());
-        Ok(loaded)
+        self.shared.replica.load()
     }
 
     fn get_task(&self, task_id: &str) -> Result<Option<Task>> {
@@ -1015,7 +1029,7 @@ impl Store for ClusterStore {
     }
 
     fn durable_seq(&self) -> Seq {
-        self.head()
+        self.shared.replica.durable_seq()
     }
 
     fn log_id(&self) -> String {

@@ -46,16 +46,19 @@ pub struct Batch {
     pub events: Vec<Arc<EncodedEvent>>,
     /// Run after the commit, in order (publish, acks, pushes to sidecars, RPC replies).
     pub callbacks: Vec<Callback>,
+    /// A copy of a log kept elsewhere (cluster mode): the position in that
+    /// log this batch brings the copy to, stored with it.
+    pub position: Option<Seq>,
 }
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.tasks.is_empty() && self.events.is_empty() && self.callbacks.is_empty()
+        !self.has_writes() && self.callbacks.is_empty()
     }
 
     /// Does committing this batch write anything?
     pub fn has_writes(&self) -> bool {
-        !self.tasks.is_empty() || !self.events.is_empty()
+        !self.tasks.is_empty() || !self.events.is_empty() || self.position.is_some()
     }
 
     /// Add a callback that runs after the commit.

@@ -151,6 +151,21 @@ impl SqliteStore {
         Self::open_inner(dir, None, true, None, true)
     }
 
+    /// How far into the log it copies this copy holds (the last
+    /// [`Batch::position`] committed; 0 for a new copy).
+    pub fn log_position(&self) -> Result<Seq> {
+        self.with_reader(|conn| {
+            let v: Option<String> = conn
+                .query_row(
+                    "SELECT value FROM meta WHERE key = 'log_position'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
+        })
+    }
+
     /// Verify integrity (see [`history::check`]): the problems found.
     pub fn check(&self) -> Result<Vec<String>> {
         self.with_reader(history::check)
@@ -372,6 +387,12 @@ fn write_group(
                     &ev.proto()[..]
                 ])?;
             }
+        }
+        if let Some(position) = group.iter().rev().find_map(|b| b.position) {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('log_position', ?1)",
+            )?
+            .execute(params![position.to_string()])?;
         }
         // A task changed by several batches of the group is written once, with
         // its final state, checked against the state before the first change.

@@ -39,7 +39,7 @@ fn created(seq: Seq, task_id: &str) -> Batch {
             expected_last_seq: None,
         }],
         events: vec![Arc::new(EncodedEvent::new(event))],
-        callbacks: Vec::new(),
+        ..Batch::default()
     }
 }
 
@@ -61,7 +61,9 @@ async fn open(nats: &NatsCluster, dir: &std::path::Path, id: &str) -> Arc<Cluste
 
 /// A writer that another one fenced out cannot append, whatever it
 /// believes: its append is refused, it stops writing, and no copy of the
-/// log ever holds what it tried to write.
+/// log ever holds what it tried to write. Event seqs run on without a hole
+/// across the change of writer, and an append that would leave one is
+/// refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_out_writer_can_never_append() {
     let nats = NatsCluster::start().await;
@@ -70,12 +72,14 @@ async fn a_fenced_out_writer_can_never_append() {
     let y = open(&nats, tmp.path(), "y").await;
 
     let tx = x.promote().await.unwrap();
-    commit(&x, created(tx + 1, "task-x1")).await.unwrap();
+    let base = x.durable_seq();
+    commit(&x, created(base + 1, "task-x1")).await.unwrap();
     let ty = y.promote().await.unwrap();
-    assert!(ty > tx + 1);
+    // In the stream: x's term entry, x's append, y's term entry.
+    assert_eq!(ty, tx + 2);
 
     // x appends on the head it knows: refused.
-    let refused = commit(&x, created(tx + 2, "task-x2")).await.unwrap_err();
+    let refused = commit(&x, created(base + 2, "task-x2")).await.unwrap_err();
     assert!(
         matches!(
             refused,
@@ -88,7 +92,7 @@ async fn a_fenced_out_writer_can_never_append() {
     );
     assert!(!x.is_leader());
 
-    commit(&y, created(ty + 1, "task-y1")).await.unwrap();
+    commit(&y, created(base + 2, "task-y1")).await.unwrap();
     x.catch_up().await.unwrap();
     for (name, s) in [("x", &x), ("y", &y)] {
         assert!(s.get_task("task-x1").unwrap().is_some(), "{name}");
@@ -100,6 +104,25 @@ async fn a_fenced_out_writer_can_never_append() {
             .iter()
             .map(|e| e.seq)
             .collect();
-        assert_eq!(seqs, [tx + 1, ty + 1], "{name}");
+        assert_eq!(seqs, [base + 1, base + 2], "{name}");
+        assert_eq!(s.durable_seq(), base + 2, "{name}");
     }
+
+    // An append whose first event does not follow the log's last one.
+    let hole = commit(&y, created(base + 4, "task-hole"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            hole,
+            Error::Storage {
+                fault: StorageFault::Conflict,
+                ..
+            }
+        ),
+        "{hole:?}"
+    );
+    y.catch_up().await.unwrap();
+    assert!(y.get_task("task-hole").unwrap().is_none());
+    assert_eq!(y.durable_seq(), base + 2);
 }

@@ -361,6 +361,18 @@ async fn a_three_node_nats_cluster_starts_with_jetstream() {
         })
         .await
         .unwrap();
+    // A new R3 stream takes writes once its replicas have elected a leader.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while stream
+        .info()
+        .await
+        .ok()
+        .and_then(|i| i.cluster.as_ref().and_then(|c| c.leader.clone()))
+        .is_none()
+    {
+        assert!(std::time::Instant::now() < deadline, "no stream leader");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let ack = js
         .publish("selftest.one", "one".into())
         .await
