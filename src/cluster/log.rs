@@ -46,7 +46,7 @@ use crate::store::{Batch, CommitStats, ListFilter, Loaded, Purged, Store, TaskLi
 /// default). One batch larger than this still goes alone.
 const MAX_APPEND_BYTES: usize = 512 * 1024;
 /// Most appends sent and not yet answered by the log.
-const MAX_IN_FLIGHT: usize = 8;
+const MAX_IN_FLIGHT: usize = 2;
 /// How long an appended batch may take to reach the local copy before the
 /// append counts as failed.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
