@@ -19,6 +19,9 @@ pub enum StorageFault {
     /// Cluster mode: this node does not hold the leader lease (it follows
     /// the log and forwards writes to the leader).
     NotLeader,
+    /// Cluster mode: one change is larger than the log takes in one entry
+    /// (NATS's `max_payload`). Only that change is refused; the store is fine.
+    TooLarge,
     /// Anything else.
     Other,
 }
@@ -34,6 +37,7 @@ impl StorageFault {
             StorageFault::Corrupt => "corrupt",
             StorageFault::Conflict => "conflict",
             StorageFault::NotLeader => "not_leader",
+            StorageFault::TooLarge => "entry_too_large",
             StorageFault::Other => "storage_error",
         }
     }
@@ -129,7 +133,11 @@ impl Error {
             Error::StaleGeneration { .. } => "stale_generation",
             Error::UnknownTask(_) => "unknown_task",
             Error::TaskFinished(_) => "task_finished",
-            Error::InvalidArgument(_) => "invalid_message",
+            Error::InvalidArgument(_)
+            | Error::Storage {
+                fault: StorageFault::TooLarge,
+                ..
+            } => "invalid_message",
             Error::ShuttingDown => "shutting_down",
             Error::Storage { .. } => "storage_unavailable",
             _ => "internal_error",
@@ -157,6 +165,10 @@ impl Error {
             Error::AlreadyExists(_) => (409, "already_exists".into()),
             Error::InvalidArgument(m) => (400, m.clone()),
             Error::ShuttingDown => (503, "shutting_down".into()),
+            Error::Storage {
+                fault: StorageFault::TooLarge,
+                detail,
+            } => (413, detail.clone()),
             Error::Storage { fault, .. } => (503, format!("storage_unavailable: {fault}")),
             other => (409, other.to_string()),
         }
@@ -186,6 +198,10 @@ impl From<Error> for tonic::Status {
             | Error::TaskFinished(_)
             | Error::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
             Error::ShuttingDown => Status::unavailable(e.to_string()),
+            Error::Storage {
+                fault: StorageFault::TooLarge,
+                detail,
+            } => Status::resource_exhausted(detail.clone()),
             Error::Storage { fault, detail } => {
                 tracing::warn!(%fault, %detail, "write refused: storage unavailable");
                 let msg = format!(
@@ -212,6 +228,7 @@ pub fn fault_text(fault: StorageFault) -> &'static str {
         StorageFault::Corrupt => "database corrupt",
         StorageFault::Conflict => "write conflict in the log",
         StorageFault::NotLeader => "this node is not the cluster leader",
+        StorageFault::TooLarge => "the change is larger than the cluster log takes in one entry",
         StorageFault::Other => "storage error",
     }
 }

@@ -178,6 +178,10 @@ impl ToAgent {
     /// The error frame for a hub error.
     pub fn from_error(e: &crate::error::Error) -> ToAgent {
         let detail = match e {
+            crate::error::Error::Storage {
+                fault: crate::error::StorageFault::TooLarge,
+                detail,
+            } => Some(detail.clone()),
             crate::error::Error::Storage { fault, .. } => {
                 Some(crate::error::fault_text(*fault).to_string())
             }

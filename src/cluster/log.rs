@@ -324,6 +324,8 @@ struct Shared {
     replica: SqliteStore,
     /// Highest stream seq applied to the local copy (term entries included).
     head: watch::Sender<Seq>,
+    /// Stream seq of the last append this node sent.
+    sent: std::sync::atomic::AtomicU64,
     part: Mutex<Part>,
     bus: Mutex<Option<Arc<EventBus>>>,
     on_deposed: Mutex<Option<OnDeposed>>,
@@ -372,6 +374,7 @@ impl ClusterStore {
             refollow: tokio::sync::Notify::new(),
             replica,
             head: watch::Sender::new(start),
+            sent: std::sync::atomic::AtomicU64::new(0),
             part: Mutex::new(Part::Follower),
             bus: Mutex::new(None),
             on_deposed: Mutex::new(None),
@@ -766,15 +769,23 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
     // The last append sent in this node's current term: (term, its stream
     // seq, its last event seq). The next is fenced on it.
     let mut sent: Option<(Seq, Seq, Seq)> = None;
-    // A batch that did not fit in the previous append.
-    let mut carry: Option<Batch> = None;
+    // Batches that did not fit in the previous append, in order.
+    let mut carry: std::collections::VecDeque<Batch> = Default::default();
+    // An append must fit in one NATS message (headers take a little).
+    let max_payload = shared
+        .node
+        .client
+        .server_info()
+        .max_payload
+        .saturating_sub(4096)
+        .max(64 * 1024);
     loop {
         // Take a slot first: while the window is full, more batches queue
         // up and go out together in the next append.
         let Ok(permit) = window.clone().acquire_owned().await else {
             return;
         };
-        let first = match carry.take() {
+        let first = match carry.pop_front() {
             Some(b) => b,
             None => match rx.recv().await {
                 Some(b) => b,
@@ -784,19 +795,21 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
         let mut size = append_size(&first);
         let mut group = vec![first];
         while size < MAX_APPEND_BYTES {
-            match rx.try_recv() {
-                Ok(b) if size + append_size(&b) > MAX_APPEND_BYTES => {
-                    carry = Some(b);
-                    break;
-                }
-                Ok(b) => {
-                    size += append_size(&b);
-                    group.push(b);
-                }
-                Err(_) => break,
+            let next = match carry.pop_front() {
+                Some(b) => b,
+                None => match rx.try_recv() {
+                    Ok(b) => b,
+                    Err(_) => break,
+                },
+            };
+            if size + append_size(&next) > MAX_APPEND_BYTES {
+                carry.push_front(next);
+                break;
             }
+            size += append_size(&next);
+            group.push(next);
         }
-        let (live, stale): (Vec<Batch>, Vec<Batch>) = group
+        let (mut live, stale): (Vec<Batch>, Vec<Batch>) = group
             .into_iter()
             .partition(|b| !matches!(&poisoned, Some((e, _)) if b.epoch <= *e));
         if let Some((_, e)) = &poisoned {
@@ -828,6 +841,35 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
             let _ = done_tx.send((Pending::Barrier(last.max(term)), live, started, permit));
             continue;
         }
+        let mut payload = encode_append(&live);
+        if payload.len() > max_payload && live.len() > 1 {
+            // The estimate was off (large task rows): the first batch goes
+            // alone, the others next.
+            for b in live.split_off(1).into_iter().rev() {
+                carry.push_front(b);
+            }
+            payload = encode_append(&live);
+        }
+        if payload.len() > max_payload {
+            // One change the log cannot take in one entry. Refuse it (and
+            // what was built on it) without stepping down: the log is fine.
+            let e = Error::Storage {
+                fault: StorageFault::TooLarge,
+                detail: format!(
+                    "the change is {} bytes in the log, more than the {max_payload} one entry takes",
+                    payload.len()
+                ),
+            };
+            tracing::warn!(error = %e, "change refused");
+            shared.record(started.elapsed(), live.len(), false);
+            let epoch = live.iter().map(|b| b.epoch).max().unwrap_or(0);
+            poisoned = Some((epoch, e.clone()));
+            let err = Err(e);
+            for b in live {
+                b.complete(&err);
+            }
+            continue;
+        }
         let (after, after_event) = match sent {
             Some((t, at, ev)) if t == term => (at, ev),
             // The term entry is applied: the copy holds every event before it.
@@ -844,11 +886,14 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
                 fault: StorageFault::Conflict,
                 detail: format!("event seq {seq} where the log expects {}", after_event + 1),
             }),
-            _ => send_append(&shared, term, after, encode_append(&live)).await,
+            _ => send_append(&shared, term, after, payload).await,
         };
         match outcome {
             Ok(ack) => {
                 sent = Some((term, after + 1, last_event));
+                shared
+                    .sent
+                    .store(after + 1, std::sync::atomic::Ordering::Release);
                 let _ = done_tx.send((Pending::Append(ack), live, started, permit));
             }
             Err(e) => {
@@ -1037,11 +1082,19 @@ impl Store for ClusterStore {
     }
 
     fn probe(&self) -> Result<()> {
-        if self.is_leader() {
-            Ok(())
-        } else {
-            Err(not_leader(&self.shared))
+        if !self.is_leader() {
+            return Err(not_leader(&self.shared));
         }
+        // The hub reloads its state from the copy next: it must hold every
+        // append this node sent.
+        let sent = self.shared.sent.load(std::sync::atomic::Ordering::Acquire);
+        if self.head() < sent {
+            return Err(Error::storage(format!(
+                "the local copy of the log is at {}, behind this node's last append {sent}",
+                self.head()
+            )));
+        }
+        Ok(())
     }
 
     fn event_count(&self) -> u64 {

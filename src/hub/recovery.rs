@@ -30,6 +30,15 @@ impl Hub {
             return; // Already rebuilt past it.
         }
         let (fault, detail) = match e {
+            // Only that change was refused; other writers wait the moment
+            // it takes to rebuild, as for any failed commit.
+            Error::Storage {
+                fault: StorageFault::TooLarge,
+                detail,
+            } => (
+                StorageFault::Other,
+                format!("rebuilding after the log refused a change: {detail}"),
+            ),
             Error::Storage { fault, detail } => (*fault, detail.clone()),
             other => (StorageFault::Other, other.to_string()),
         };

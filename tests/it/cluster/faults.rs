@@ -164,3 +164,127 @@ async fn a_leader_shut_down_hands_over_before_its_lease_runs_out() {
     req.queue_if_offline = true;
     assert!(client.push_task(req).await.unwrap().into_inner().created);
 }
+
+/// A change larger than the log takes in one entry (NATS takes 1 MiB
+/// messages) is refused alone, with a clear error: a push whose metadata
+/// grows past it in the log gets `RESOURCE_EXHAUSTED`, and a sidecar whose
+/// result is a 600 KB frame but over 3 MB as a protobuf event gets
+/// `invalid_message`. The leader keeps leading, nothing of either is
+/// stored, and the same report with a normal result is taken right after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_too_large_for_the_log_is_refused_and_the_leader_stays() {
+    let c = HubCluster::start(3, &[]).await;
+    let leader = c.leader().await;
+    let leader_id = HubCluster::node_id(leader);
+    let token = c.agent_token("a1");
+    let mut sc = identify(&c.ws_url(leader), "a1", &token).await;
+    let mut client = c.client(leader).await;
+
+    // Over gRPC: a push whose metadata (300 KB as a request) grows past
+    // 1 MiB in the log (each control character is six bytes in JSON).
+    let ctl = prost_types::Value {
+        kind: Some(prost_types::value::Kind::StringValue(
+            "\u{1}".repeat(300_000),
+        )),
+    };
+    let mut big = pinned("a1", "metadata too large for one log entry");
+    big.task_id = "task-too-large-00001".into();
+    big.metadata = Some(prost_types::Struct {
+        fields: [("ctl".to_string(), ctl)].into(),
+    });
+    let refused = client.push_task(big).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("more than"), "{refused:?}");
+    let deadline = Instant::now() + DEADLINE;
+    while c.health(leader).await["status"] != "ok" {
+        assert!(
+            Instant::now() < deadline,
+            "the leader never took writes again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let missing = client
+        .get_task(pb::GetTaskRequest {
+            task_id: "task-too-large-00001".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+
+    let resp = client
+        .push_task(pinned("a1", "a result too large"))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = resp.task_id;
+    sc.recv_type("task_assign").await;
+    sc.send(json!({"type": "task_accepted", "task_id": id, "generation": 1}))
+        .await;
+    assert_eq!(sc.recv_type("task_ack").await["status"], "accepted");
+
+    let zeros = vec![0; 300_000];
+    sc.send(json!({"type": "task_complete", "task_id": id, "generation": 1, "result": zeros}))
+        .await;
+    let err = sc.recv_type("error").await;
+    assert_eq!(err["error"], "invalid_message", "{err}");
+    let detail = err["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("more than"), "{detail}");
+
+    // The hub rebuilds its state without the refused change (writes wait
+    // for that moment, as after any failed commit); then the same report,
+    // with a result the log takes, completes the task.
+    let deadline = Instant::now() + DEADLINE;
+    while c.health(leader).await["status"] != "ok" {
+        assert!(
+            Instant::now() < deadline,
+            "the leader never took writes again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sc.send(
+        json!({"type": "task_complete", "task_id": id, "generation": 1, "result": {"ok": true}}),
+    )
+    .await;
+    let ack = sc.recv_type("task_ack").await;
+    assert_eq!(ack["status"], "complete", "{ack}");
+    let t = client
+        .get_task(pb::GetTaskRequest {
+            task_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.state(), pb::task::State::Completed);
+    assert_eq!(
+        t.result.as_ref().map(pb::value_to_json),
+        Some(json!({"ok": true}))
+    );
+    // Nobody stepped down: the same node leads, on every node's word.
+    for i in 0..3 {
+        assert_eq!(c.health(i).await["leader"], leader_id.as_str(), "node {i}");
+    }
+    // The refused result was never in the log.
+    let mut watch = client
+        .watch_task_events(pb::WatchTaskEventsRequest {
+            after_seq: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut kinds = Vec::new();
+    while kinds.last() != Some(&pb::task_event::Kind::Completed) {
+        let ev = tokio::time::timeout(DEADLINE, watch.message())
+            .await
+            .expect("events stream")
+            .unwrap()
+            .unwrap();
+        kinds.push(ev.kind());
+    }
+    use pb::task_event::Kind as K;
+    assert_eq!(kinds, [K::Created, K::Assigned, K::Accepted, K::Completed]);
+}
