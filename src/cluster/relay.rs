@@ -138,17 +138,38 @@ impl Relay {
         }
     }
 
-    /// Relay one frame of an identified session.
-    pub async fn frame(&self, session: u64, text: &str) {
-        let _ = self
-            .node
+    /// Relay one frame of an identified session. On failure, the error
+    /// frame to send back (the frame did not reach the leader).
+    pub async fn frame(&self, session: u64, text: &str) -> std::result::Result<(), ToAgent> {
+        self.node
             .client
             .publish_with_headers(
                 AGENT_IN_SUBJECT,
                 self.headers(session, "frame"),
                 Bytes::copy_from_slice(text.as_bytes()),
             )
-            .await;
+            .await
+            .map_err(|e| {
+                if e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded {
+                    // Resending it as it is would fail again.
+                    ToAgent::error(
+                        "invalid_message",
+                        None,
+                        Some(format!(
+                            "the message is {} bytes, more than this node relays to the leader ({})",
+                            text.len(),
+                            self.node.client.server_info().max_payload
+                        )),
+                    )
+                } else {
+                    // Keep it and send it again (as after any storage fault).
+                    ToAgent::error(
+                        "storage_unavailable",
+                        None,
+                        Some(format!("cannot relay to the leader: {e}")),
+                    )
+                }
+            })
     }
 
     /// The session's socket closed.

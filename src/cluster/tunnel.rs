@@ -99,6 +99,16 @@ where
     }
 }
 
+/// `data` in pieces of at most `max` bytes (one, possibly empty, if it fits).
+fn pieces(mut data: Bytes, max: usize) -> Vec<Bytes> {
+    let mut out = Vec::with_capacity(data.len() / max + 1);
+    while data.len() > max {
+        out.push(data.split_to(max));
+    }
+    out.push(data);
+    out
+}
+
 fn unavailable(msg: &str) -> http::Response<Body> {
     tonic::Status::unavailable(msg.to_string()).into_http()
 }
@@ -173,13 +183,23 @@ async fn forward(
     let Ok(mut sub) = node.client.subscribe(inbox.clone()).await else {
         return Ok(unavailable("cannot reach the cluster"));
     };
-    if node
+    let size = bytes.len();
+    match node
         .client
         .publish_with_reply_and_headers(RPC_SUBJECT, inbox.clone(), h, bytes)
         .await
-        .is_err()
     {
-        return Ok(unavailable("cannot reach the cluster"));
+        Ok(()) => {}
+        Err(e) if e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
+            // Retrying it here would fail again: say what to do instead.
+            return Ok(tonic::Status::resource_exhausted(format!(
+                "the request is {size} bytes, more than a follower forwards to the leader \
+                 (NATS max_payload {}); send it to the leader",
+                node.client.server_info().max_payload
+            ))
+            .into_http());
+        }
+        Err(_) => return Ok(unavailable("cannot reach the cluster")),
     }
     // The leader may die with the call in flight: give up as soon as its
     // leadership ends (the client retries and reaches the next leader).
@@ -346,6 +366,12 @@ where
     {
         return;
     }
+    let max = node
+        .client
+        .server_info()
+        .max_payload
+        .saturating_sub(4096)
+        .max(4096);
     let mut cancel = cancel;
     loop {
         let frame = tokio::select! {
@@ -372,12 +398,26 @@ where
                 break;
             }
         };
-        if node
-            .client
-            .publish_with_headers(reply.clone(), h, payload)
-            .await
-            .is_err()
-        {
+        // A response larger than one NATS message (a page of big tasks)
+        // goes in pieces: HTTP/2 data may be split anywhere.
+        let mut sent = true;
+        for piece in pieces(payload, max) {
+            if node
+                .client
+                .publish_with_headers(reply.clone(), h.clone(), piece)
+                .await
+                .is_err()
+            {
+                sent = false;
+                break;
+            }
+        }
+        if !sent {
+            // Tell the caller the answer ends here, if NATS still takes that.
+            let _ = node
+                .client
+                .publish_with_headers(reply.clone(), base("end"), Bytes::new())
+                .await;
             break;
         }
     }

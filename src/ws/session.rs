@@ -262,7 +262,9 @@ pub async fn run(
             Ok(report) => match &agent_id {
                 Some(_) if relayed => {
                     if let Some(relay) = hub.relay() {
-                        relay.frame(session_id, &text).await;
+                        if let Err(reply) = relay.frame(session_id, &text).await {
+                            link.send(reply);
+                        }
                     }
                 }
                 Some(agent) => hub.report(agent, &dyn_link, report).await,

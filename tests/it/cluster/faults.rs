@@ -287,4 +287,23 @@ async fn a_change_too_large_for_the_log_is_refused_and_the_leader_stays() {
     }
     use pb::task_event::Kind as K;
     assert_eq!(kinds, [K::Created, K::Assigned, K::Accepted, K::Completed]);
+
+    // A sidecar on a follower: a frame under the WebSocket limit (1 MiB)
+    // that is over one NATS message with the relay's headers gets an
+    // answer too, instead of vanishing on its way to the leader.
+    let follower = (leader + 1) % 3;
+    let mut far = identify(&c.ws_url(follower), "a2", &c.agent_token("a2")).await;
+    let head = format!(r#"{{"type":"task_progress","task_id":"{id}","generation":1,"progress":""#);
+    let frame = format!(r#"{head}{}"}}"#, "x".repeat(1024 * 1024 - 40 - head.len()));
+    assert!(frame.len() <= 1024 * 1024);
+    far.send_text(&frame).await;
+    let err = far.recv_type("error").await;
+    assert_eq!(err["error"], "invalid_message", "{err}");
+    assert!(
+        err["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("relays"),
+        "{err}"
+    );
 }

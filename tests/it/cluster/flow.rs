@@ -125,3 +125,59 @@ async fn the_same_agent_on_two_nodes_is_one_session() {
     assert_eq!(err["error"], "session_replaced");
     assert_eq!(first.recv_close().await, Some(4000));
 }
+
+/// A follower carries calls whose answers are larger than one NATS message
+/// (a page of tasks with big results, 1 MiB by default), and tells a client
+/// whose request it cannot carry to send it to the leader, instead of
+/// "cannot reach the cluster".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_carries_answers_larger_than_one_nats_message() {
+    let c = HubCluster::start(3, &[]).await;
+    let leader = c.leader().await;
+    let follower = (leader + 1) % 3;
+    let token = c.agent_token("a1");
+    let mut sc = identify(&c.ws_url(leader), "a1", &token).await;
+    let mut to_leader = c.client(leader).await;
+    let big = "r".repeat(450 * 1024);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let id = to_leader.push(pinned("a1", "a big result")).await.task_id;
+        sc.recv_type("task_assign").await;
+        sc.accept(&id, 1).await;
+        sc.complete(&id, 1, json!(big)).await;
+        ids.push(id);
+    }
+
+    let mut via_follower = c.client(follower).await;
+    let page = via_follower
+        .list_tasks(pb::ListTasksRequest::default())
+        .await
+        .expect("a page of 1.3 MB through a follower")
+        .into_inner();
+    let listed: Vec<&String> = page.tasks.iter().map(|t| &t.task_id).collect();
+    assert_eq!(listed, ids.iter().collect::<Vec<_>>());
+    for t in &page.tasks {
+        assert_eq!(
+            t.result.as_ref().map(pb::value_to_json),
+            Some(json!(big)),
+            "{}",
+            t.task_id
+        );
+    }
+
+    // A request over one NATS message with the forwarding headers, though
+    // under the hub's own 1 MiB limit: refused with what to do.
+    let refused = via_follower
+        .push_task(pinned("a1", &"d".repeat(1024 * 1024 - 64)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("send it to the leader"),
+        "{refused:?}"
+    );
+}
