@@ -232,6 +232,26 @@ impl Node {
 }
 
 /// A NATS error as a storage error.
+/// The most payload bytes sent in one NATS message when a larger one goes
+/// in pieces (the server's `max_payload`, less room for headers).
+pub(crate) fn piece_size(client: &async_nats::Client) -> usize {
+    client
+        .server_info()
+        .max_payload
+        .saturating_sub(4096)
+        .max(4096)
+}
+
+/// `data` in pieces of at most `max` bytes (one, possibly empty, if it fits).
+pub(crate) fn pieces(mut data: bytes::Bytes, max: usize) -> Vec<bytes::Bytes> {
+    let mut out = Vec::with_capacity(data.len() / max + 1);
+    while data.len() > max {
+        out.push(data.split_to(max));
+    }
+    out.push(data);
+    out
+}
+
 pub(crate) fn nats_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::storage(format!("{what}: {e}"))
 }

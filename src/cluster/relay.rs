@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
@@ -33,6 +33,8 @@ const HDR_NODE: &str = "Agenthub-Node";
 const HDR_INCARNATION: &str = "Agenthub-Incarnation";
 const HDR_SESSION: &str = "Agenthub-Session";
 const HDR_KIND: &str = "Agenthub-Kind";
+/// On every piece but the last of a message too large for one NATS message.
+const HDR_MORE: &str = "Agenthub-More";
 
 /// How long an identify waits for the leader's answer.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -248,13 +250,28 @@ async fn dispatch(relay: Arc<Relay>) {
             return;
         }
     };
-    while let Some(msg) = sub.next().await {
+    // Pieces of a frame sent in several messages, per session.
+    let mut partial: HashMap<u64, BytesMut> = HashMap::new();
+    while let Some(mut msg) = sub.next().await {
         if header(&msg.headers, HDR_INCARNATION) != relay.incarnation {
             continue;
         }
         let Ok(session) = header(&msg.headers, HDR_SESSION).parse::<u64>() else {
             continue;
         };
+        if !header(&msg.headers, HDR_MORE).is_empty() {
+            partial
+                .entry(session)
+                .or_default()
+                .extend_from_slice(&msg.payload);
+            continue;
+        }
+        if let Some(mut whole) = partial.remove(&session) {
+            if header(&msg.headers, HDR_KIND) != "close" {
+                whole.extend_from_slice(&msg.payload);
+                msg.payload = whole.freeze();
+            }
+        }
         let link = relay
             .sessions
             .lock()
@@ -464,10 +481,19 @@ fn out_for(
     let client = node.client.clone();
     let subject = agent_out_subject(target);
     tokio::spawn(async move {
+        let max = super::piece_size(&client);
         while let Some((h, payload)) = rx.recv().await {
-            let _ = client
-                .publish_with_headers(subject.clone(), h, payload)
-                .await;
+            // A frame larger than one NATS message (a task with a big
+            // description) goes in pieces, put together again by `dispatch`.
+            let pieces = super::pieces(payload, max);
+            let last = pieces.len() - 1;
+            for (i, piece) in pieces.into_iter().enumerate() {
+                let mut h = h.clone();
+                if i < last {
+                    h.insert(HDR_MORE, "1");
+                }
+                let _ = client.publish_with_headers(subject.clone(), h, piece).await;
+            }
         }
     });
     state.outs.insert(target.to_string(), tx.clone());

@@ -99,16 +99,6 @@ where
     }
 }
 
-/// `data` in pieces of at most `max` bytes (one, possibly empty, if it fits).
-fn pieces(mut data: Bytes, max: usize) -> Vec<Bytes> {
-    let mut out = Vec::with_capacity(data.len() / max + 1);
-    while data.len() > max {
-        out.push(data.split_to(max));
-    }
-    out.push(data);
-    out
-}
-
 fn unavailable(msg: &str) -> http::Response<Body> {
     tonic::Status::unavailable(msg.to_string()).into_http()
 }
@@ -366,12 +356,7 @@ where
     {
         return;
     }
-    let max = node
-        .client
-        .server_info()
-        .max_payload
-        .saturating_sub(4096)
-        .max(4096);
+    let max = super::piece_size(&node.client);
     let mut cancel = cancel;
     loop {
         let frame = tokio::select! {
@@ -401,7 +386,7 @@ where
         // A response larger than one NATS message (a page of big tasks)
         // goes in pieces: HTTP/2 data may be split anywhere.
         let mut sent = true;
-        for piece in pieces(payload, max) {
+        for piece in super::pieces(payload, max) {
             if node
                 .client
                 .publish_with_headers(reply.clone(), h.clone(), piece)

@@ -165,6 +165,18 @@ async fn a_follower_carries_answers_larger_than_one_nats_message() {
         );
     }
 
+    // A sidecar relayed through the follower gets a task_assign whose
+    // frame is over 1 MiB (each control character is six bytes in JSON),
+    // whole, and its report about it comes back.
+    let mut far = identify(&c.ws_url(follower), "a2", &c.agent_token("a2")).await;
+    let ctl = "\u{1}".repeat(300_000);
+    let id = to_leader.push(pinned("a2", &ctl)).await.task_id;
+    let assign = far.recv_type("task_assign").await;
+    assert_eq!(assign["task_id"], id.as_str());
+    assert_eq!(assign["description"], ctl.as_str());
+    assert!(assign.to_string().len() > 1024 * 1024);
+    far.accept(&id, 1).await;
+
     // A request over one NATS message with the forwarding headers, though
     // under the hub's own 1 MiB limit: refused with what to do.
     let refused = via_follower
