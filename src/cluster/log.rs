@@ -127,7 +127,7 @@ struct Row {
 
 /// A token as kept in the token bucket (the record's hash is not serialized
 /// with the record itself).
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct StoredToken {
     id: String,
     hash: String,
@@ -492,6 +492,11 @@ impl ClusterStore {
                 Ok(ack) => {
                     let term = ack.sequence;
                     self.wait_head(term, APPLY_TIMEOUT).await?;
+                    // Appends sent in an earlier term (even ones whose
+                    // outcome was never known) are behind the term entry.
+                    self.shared
+                        .sent
+                        .store(term, std::sync::atomic::Ordering::Release);
                     *self.shared.part.lock().expect("part") = Part::Leader { term };
                     tracing::info!(term, "this node now appends to the log");
                     return Ok(term);
@@ -1013,27 +1018,28 @@ impl Shared {
     }
 
     fn put_token(&self, t: StoredToken) -> Result<()> {
-        let value = serde_json::to_vec(&t).expect("token serializes");
         let kv = self.token_kv.clone();
-        let key = t.id.clone();
-        let value = Bytes::from(value);
-        block_on(&self.rt, async move {
-            // A bucket just created may not have a leader yet: retry a while.
-            let give_up = Instant::now() + Duration::from_secs(10);
-            loop {
-                match kv.put(key.clone(), value.clone()).await {
-                    Ok(_) => return Ok(()),
-                    Err(e) if Instant::now() < give_up => {
-                        tracing::debug!(error = %e, "token not stored yet; retrying");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        })
-        .map_err(|e| nats_err("token bucket", e))?;
+        let stored = t.clone();
+        block_on(&self.rt, async move { store_token(&kv, &stored).await })?;
         self.tokens.lock().expect("tokens").insert(t.id.clone(), t);
         Ok(())
+    }
+}
+
+/// Store `t` in the token bucket. A bucket just created may not have a
+/// leader yet, or not be known to every server: retry a while.
+async fn store_token(kv: &kv::Store, t: &StoredToken) -> Result<()> {
+    let value = Bytes::from(serde_json::to_vec(t).expect("token serializes"));
+    let give_up = Instant::now() + Duration::from_secs(10);
+    loop {
+        match kv.put(t.id.clone(), value.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() < give_up => {
+                tracing::debug!(error = %e, "token not stored yet; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(nats_err("token bucket", e)),
+        }
     }
 }
 
@@ -1086,13 +1092,19 @@ impl Store for ClusterStore {
             return Err(not_leader(&self.shared));
         }
         // The hub reloads its state from the copy next: it must hold every
-        // append this node sent.
+        // append this node sent. A leader whose copy stopped following
+        // lets another node lead rather than hold the lease unable to write.
         let sent = self.shared.sent.load(std::sync::atomic::Ordering::Acquire);
         if self.head() < sent {
-            return Err(Error::storage(format!(
-                "the local copy of the log is at {}, behind this node's last append {sent}",
-                self.head()
-            )));
+            let shared = self.shared.clone();
+            let caught_up = block_on(&self.shared.rt, async move {
+                wait_head(&shared, sent, APPLY_TIMEOUT).await
+            });
+            if let Err(e) = caught_up {
+                self.shared.refollow.notify_one();
+                demote(&self.shared, "the local copy of the log stopped following");
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -1178,12 +1190,7 @@ impl TokenAdmin {
     }
 
     pub async fn insert(&self, token: &TokenRecord) -> Result<()> {
-        let t = StoredToken::of(token);
-        self.kv
-            .put(t.id.clone(), serde_json::to_vec(&t).expect("json").into())
-            .await
-            .map_err(|e| nats_err("token bucket", e))?;
-        Ok(())
+        store_token(&self.kv, &StoredToken::of(token)).await
     }
 
     pub async fn list(&self) -> Result<Vec<TokenRecord>> {
@@ -1208,10 +1215,7 @@ impl TokenAdmin {
         let mut t: StoredToken =
             serde_json::from_slice(&v).map_err(|e| nats_err("token bucket", e))?;
         t.revoked = true;
-        self.kv
-            .put(id, serde_json::to_vec(&t).expect("json").into())
-            .await
-            .map_err(|e| nats_err("token bucket", e))?;
+        store_token(&self.kv, &t).await?;
         Ok(true)
     }
 }

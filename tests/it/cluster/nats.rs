@@ -373,12 +373,22 @@ async fn a_three_node_nats_cluster_starts_with_jetstream() {
         assert!(std::time::Instant::now() < deadline, "no stream leader");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let ack = js
-        .publish("selftest.one", "one".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    // ...and once every server routes the stream's subjects to it: until
+    // then a publish may find no stream ("no responders").
+    let ack = loop {
+        match js
+            .publish("selftest.one", "one".into())
+            .await
+            .unwrap()
+            .await
+        {
+            Ok(ack) => break ack,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "{e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    };
     assert_eq!((ack.stream.as_str(), ack.sequence), ("SELFTEST", 1));
 
     // Kill a follower the client is not connected to: the other two are a
