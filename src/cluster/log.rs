@@ -866,13 +866,7 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
                 ),
             };
             tracing::warn!(error = %e, "change refused");
-            shared.record(started.elapsed(), live.len(), false);
-            let epoch = live.iter().map(|b| b.epoch).max().unwrap_or(0);
-            poisoned = Some((epoch, e.clone()));
-            let err = Err(e);
-            for b in live {
-                b.complete(&err);
-            }
+            poisoned = Some(fail_group(&shared, live, e, started));
             continue;
         }
         let (after, after_event) = match sent {
@@ -904,16 +898,23 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
             Err(e) => {
                 tracing::error!(error = %e, "append to the log failed");
                 step_down_after(&shared, &e);
-                shared.record(started.elapsed(), live.len(), false);
-                let epoch = live.iter().map(|b| b.epoch).max().unwrap_or(0);
-                poisoned = Some((epoch, e.clone()));
-                let err = Err(e);
-                for b in live {
-                    b.complete(&err);
-                }
+                poisoned = Some(fail_group(&shared, live, e, started));
             }
         }
     }
+}
+
+/// Fail every batch of `group` with `e` (nothing of it was appended). The
+/// poison it leaves: batches of its epoch or older, still queued, were
+/// built on it and fail too.
+fn fail_group(shared: &Shared, group: Vec<Batch>, e: Error, started: Instant) -> (u64, Error) {
+    shared.record(started.elapsed(), group.len(), false);
+    let epoch = group.iter().map(|b| b.epoch).max().unwrap_or(0);
+    let err = Err(e.clone());
+    for b in group {
+        b.complete(&err);
+    }
+    (epoch, e)
 }
 
 /// What the completer waits for.

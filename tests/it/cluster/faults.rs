@@ -174,6 +174,18 @@ async fn a_leader_shut_down_hands_over_before_its_lease_runs_out() {
     assert!(client.push_task(req).await.unwrap().into_inner().created);
 }
 
+/// Wait until node `i` takes writes (`/health` is `ok`).
+async fn wait_writable(c: &HubCluster, i: usize) {
+    let deadline = Instant::now() + DEADLINE;
+    while c.health(i).await["status"] != "ok" {
+        assert!(
+            Instant::now() < deadline,
+            "node {i} never took writes again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A change larger than the log takes in one entry (NATS takes 1 MiB
 /// messages) is refused alone, with a clear error: a push whose metadata
 /// grows past it in the log gets `RESOURCE_EXHAUSTED`, and a sidecar whose
@@ -208,14 +220,7 @@ async fn a_change_too_large_for_the_log_is_refused_and_the_leader_stays() {
         "{refused:?}"
     );
     assert!(refused.message().contains("more than"), "{refused:?}");
-    let deadline = Instant::now() + DEADLINE;
-    while c.health(leader).await["status"] != "ok" {
-        assert!(
-            Instant::now() < deadline,
-            "the leader never took writes again"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_writable(&c, leader).await;
     let missing = client
         .get_task(pb::GetTaskRequest {
             task_id: "task-too-large-00001".into(),
@@ -246,14 +251,7 @@ async fn a_change_too_large_for_the_log_is_refused_and_the_leader_stays() {
     // The hub rebuilds its state without the refused change (writes wait
     // for that moment, as after any failed commit); then the same report,
     // with a result the log takes, completes the task.
-    let deadline = Instant::now() + DEADLINE;
-    while c.health(leader).await["status"] != "ok" {
-        assert!(
-            Instant::now() < deadline,
-            "the leader never took writes again"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_writable(&c, leader).await;
     sc.send(
         json!({"type": "task_complete", "task_id": id, "generation": 1, "result": {"ok": true}}),
     )
