@@ -231,7 +231,6 @@ impl Node {
     }
 }
 
-/// A NATS error as a storage error.
 /// The most payload bytes sent in one NATS message when a larger one goes
 /// in pieces (the server's `max_payload`, less room for headers).
 pub(crate) fn piece_size(client: &async_nats::Client) -> usize {
@@ -252,6 +251,7 @@ pub(crate) fn pieces(mut data: bytes::Bytes, max: usize) -> Vec<bytes::Bytes> {
     out
 }
 
+/// A NATS error as a storage error.
 pub(crate) fn nats_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::storage(format!("{what}: {e}"))
 }
