@@ -59,6 +59,9 @@ pub async fn run(node: Arc<Node>, store: Arc<ClusterStore>, hub: Weak<Hub>) {
     let lease = node.options.lease;
     let kv = bucket(&node).await;
     let mut held: Option<(u64, String)> = None;
+    // When the held lease was last written (taken before the write: the
+    // entry expires one lease after the server stored it, never sooner).
+    let mut written_at = tokio::time::Instant::now();
     let mut stopping = node.stopping.subscribe();
     loop {
         if *stopping.borrow_and_update() {
@@ -78,8 +81,21 @@ pub async fn run(node: Arc<Node>, store: Arc<ClusterStore>, hub: Weak<Hub>) {
         }
         match held.clone() {
             Some((rev, value)) => {
+                let attempt = tokio::time::Instant::now();
                 match kv.update(KEY, value.clone().into(), rev).await {
-                    Ok(next) => held = Some((next, value)),
+                    Ok(next) => {
+                        held = Some((next, value));
+                        written_at = attempt;
+                    }
+                    // Not refused, just not answered (NATS settling, a
+                    // server away): the lease is still ours until it
+                    // expires, so try again while a try can land before that.
+                    Err(e)
+                        if e.kind() != kv::UpdateErrorKind::WrongLastRevision
+                            && written_at.elapsed() + lease / 3 < lease =>
+                    {
+                        tracing::warn!(error = %e, "leader lease not renewed yet; retrying");
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "leader lease lost");
                         held = None;
@@ -104,8 +120,10 @@ pub async fn run(node: Arc<Node>, store: Arc<ClusterStore>, hub: Weak<Hub>) {
                         });
                     }
                     Ok(_) => {
+                        let attempt = tokio::time::Instant::now();
                         if let Some(won) = try_lead(&node, &store, &kv).await {
                             held = Some(won);
+                            written_at = attempt;
                             if let Some(hub) = hub.upgrade() {
                                 hub.take_writes();
                             }
