@@ -762,6 +762,12 @@ impl Hub {
         self.bus.watch(self.store.clone(), after, filter)
     }
 
+    /// The log's head as this node knows it. A cluster follower's own
+    /// state is as of when it last led; its copy of the log is current.
+    fn head_seq(&self, core: &Core) -> Seq {
+        core.last_seq.max(self.store.durable_seq())
+    }
+
     /// `/health` figures.
     pub fn health(&self) -> Health {
         let core = self.lock();
@@ -771,7 +777,7 @@ impl Hub {
             leader: node.and_then(|n| n.leader_id()),
             agents_connected: core.agents.values().filter(|a| a.session.is_some()).count(),
             tasks_queued: core.queue.len(),
-            last_seq: core.last_seq.max(self.store.durable_seq()),
+            last_seq: self.head_seq(&core),
             // A cluster follower refuses writes by design (it forwards
             // them to the leader): that is not a degraded store.
             degraded: core
@@ -802,12 +808,7 @@ impl Hub {
                 };
                 metrics::gauge_set(&m.queue_depth.get_or_create(&label), n);
             }
-            // A follower's own state is as of when it last led; its copy
-            // of the log is current.
-            metrics::gauge_set(
-                &m.last_event_seq,
-                core.last_seq.max(self.store.durable_seq()),
-            );
+            metrics::gauge_set(&m.last_event_seq, self.head_seq(&core));
             metrics::gauge_set(&m.tasks_in_memory, core.tasks.len() as u64);
             let finished: u64 = TaskState::ALL
                 .iter()

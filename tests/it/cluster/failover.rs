@@ -157,31 +157,6 @@ async fn follow_across_nodes(
     }
 }
 
-/// Every event of the log, read from node `i` (after everything settled).
-async fn history(c: &HubCluster, i: usize) -> Vec<pb::TaskEvent> {
-    use tokio_stream::StreamExt;
-    let mut client = c.client(i).await;
-    let head = c.health(i).await["last_seq"].as_u64().unwrap();
-    let mut watch = client
-        .watch_task_events(pb::WatchTaskEventsRequest {
-            after_seq: Some(0),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while out.last().map(|e: &pb::TaskEvent| e.seq).unwrap_or(0) < head {
-        let ev = tokio::time::timeout(DEADLINE, watch.next())
-            .await
-            .expect("history streams")
-            .unwrap()
-            .unwrap();
-        out.push(ev);
-    }
-    out
-}
-
 /// Wait until every task in `ids` is finished, asking node `i`.
 async fn wait_finished(c: &HubCluster, ids: &[String]) {
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -316,7 +291,7 @@ async fn killing_the_leader_five_times_loses_nothing_acked() {
     let acked = burst.await.unwrap();
     let guard = c.read().await;
     wait_finished(&guard, &acked).await;
-    let events = history(&guard, guard.leader().await).await;
+    let events = guard.history(guard.leader().await).await;
     drop(guard);
     let generations = check_history(&events, &acked);
     // The dashboard that resumed through whichever node answered saw the
@@ -369,7 +344,7 @@ async fn killing_a_nats_server_loses_nothing_acked() {
     {
         let c = c.read().await;
         wait_finished(&c, &acked).await;
-        let events = history(&c, c.leader().await).await;
+        let events = c.history(c.leader().await).await;
         check_history(&events, &acked);
     }
     // The stream's head as the servers that stayed up hold it (stream

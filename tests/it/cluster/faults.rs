@@ -10,14 +10,6 @@ use crate::helpers::{pinned, Sidecar};
 use crate::smoke::harness::signal;
 use agenthub::pb;
 
-async fn identify(url: &str, agent: &str, token: &str) -> Sidecar {
-    let mut sc = Sidecar::connect(url).await;
-    sc.send(json!({"type": "identify", "agent_id": agent, "token": token, "protocol_version": 1}))
-        .await;
-    sc.recv_type("identified").await;
-    sc
-}
-
 /// Issue test 3: SIGSTOP the leader past its lease, then SIGCONT. Another
 /// node leads meanwhile. A push that reached the paused node is either
 /// refused (its append is fenced out by the log) or, if the node noticed
@@ -108,7 +100,7 @@ async fn a_paused_leader_is_fenced_out_and_rejoins_as_a_follower() {
 async fn token_revocation_holds_on_every_node() {
     let c = HubCluster::start(3, &[]).await;
     let token = c.agent_token("a1");
-    let mut sc = identify(&c.ws_url(1), "a1", &token).await;
+    let mut sc = c.identify(1, "a1", &token).await;
     let id = {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_agenthub"))
             .args(["token", "list", "--nats"])
@@ -198,7 +190,7 @@ async fn a_change_too_large_for_the_log_is_refused_and_the_leader_stays() {
     let leader = c.leader().await;
     let leader_id = HubCluster::node_id(leader);
     let token = c.agent_token("a1");
-    let mut sc = identify(&c.ws_url(leader), "a1", &token).await;
+    let mut sc = c.identify(leader, "a1", &token).await;
     let mut client = c.client(leader).await;
 
     // Over gRPC: a push whose metadata (300 KB as a request) grows past
@@ -275,23 +267,7 @@ async fn a_change_too_large_for_the_log_is_refused_and_the_leader_stays() {
         assert_eq!(c.health(i).await["leader"], leader_id.as_str(), "node {i}");
     }
     // The refused result was never in the log.
-    let mut watch = client
-        .watch_task_events(pb::WatchTaskEventsRequest {
-            after_seq: Some(0),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut kinds = Vec::new();
-    while kinds.last() != Some(&pb::task_event::Kind::Completed) {
-        let ev = tokio::time::timeout(DEADLINE, watch.message())
-            .await
-            .expect("events stream")
-            .unwrap()
-            .unwrap();
-        kinds.push(ev.kind());
-    }
+    let kinds: Vec<_> = c.history(leader).await.iter().map(|e| e.kind()).collect();
     use pb::task_event::Kind as K;
     assert_eq!(kinds, [K::Created, K::Assigned, K::Accepted, K::Completed]);
 
@@ -299,7 +275,7 @@ async fn a_change_too_large_for_the_log_is_refused_and_the_leader_stays() {
     // that is over one NATS message with the relay's headers gets an
     // answer too, instead of vanishing on its way to the leader.
     let follower = (leader + 1) % 3;
-    let mut far = identify(&c.ws_url(follower), "a2", &c.agent_token("a2")).await;
+    let mut far = c.identify(follower, "a2", &c.agent_token("a2")).await;
     let head = format!(r#"{{"type":"task_progress","task_id":"{id}","generation":1,"progress":""#);
     let frame = format!(r#"{head}{}"}}"#, "x".repeat(1024 * 1024 - 40 - head.len()));
     assert!(frame.len() <= 1024 * 1024);

@@ -3,20 +3,9 @@
 use serde_json::json;
 
 use super::hubs::HubCluster;
-use crate::helpers::{kind, pinned, take_events, ClientExt, Sidecar};
+use crate::helpers::{kind, pinned, take_events, ClientExt};
 use agenthub::pb;
 use agenthub::pb::task_event::Kind as K;
-
-async fn identify(url: &str, agent: &str, token: &str) -> Sidecar {
-    let mut sc = Sidecar::connect(url).await;
-    sc.agent_id = agent.to_string();
-    sc.token = token.to_string();
-    sc.send(json!({"type": "identify", "agent_id": agent, "token": token, "protocol_version": 1}))
-        .await;
-    let v = sc.recv_type("identified").await;
-    assert_eq!(v["agent_id"], agent);
-    sc
-}
 
 /// Issue test 1: a push on node A reaches an agent on node C; a watcher on
 /// node B sees every event once, in seq order. Also: the agent registry is
@@ -25,7 +14,7 @@ async fn identify(url: &str, agent: &str, token: &str) -> Sidecar {
 async fn a_push_on_one_node_reaches_an_agent_on_another_and_a_third_node_streams_it() {
     let c = HubCluster::start(3, &[]).await;
     let token = c.agent_token("a1");
-    let mut sc = identify(&c.ws_url(2), "a1", &token).await;
+    let mut sc = c.identify(2, "a1", &token).await;
 
     let mut watcher = c.client(1).await;
     let mut watch = watcher.watch_after(0).await;
@@ -119,8 +108,8 @@ async fn a_push_on_one_node_reaches_an_agent_on_another_and_a_third_node_streams
 async fn the_same_agent_on_two_nodes_is_one_session() {
     let c = HubCluster::start(3, &[]).await;
     let token = c.agent_token("a1");
-    let mut first = identify(&c.ws_url(0), "a1", &token).await;
-    let _second = identify(&c.ws_url(1), "a1", &token).await;
+    let mut first = c.identify(0, "a1", &token).await;
+    let _second = c.identify(1, "a1", &token).await;
     let err = first.recv_type("error").await;
     assert_eq!(err["error"], "session_replaced");
     assert_eq!(first.recv_close().await, Some(4000));
@@ -136,7 +125,7 @@ async fn a_follower_carries_answers_larger_than_one_nats_message() {
     let leader = c.leader().await;
     let follower = (leader + 1) % 3;
     let token = c.agent_token("a1");
-    let mut sc = identify(&c.ws_url(leader), "a1", &token).await;
+    let mut sc = c.identify(leader, "a1", &token).await;
     let mut to_leader = c.client(leader).await;
     let big = "r".repeat(450 * 1024);
     let mut ids = Vec::new();
@@ -168,7 +157,7 @@ async fn a_follower_carries_answers_larger_than_one_nats_message() {
     // A sidecar relayed through the follower gets a task_assign whose
     // frame is over 1 MiB (each control character is six bytes in JSON),
     // whole, and its report about it comes back.
-    let mut far = identify(&c.ws_url(follower), "a2", &c.agent_token("a2")).await;
+    let mut far = c.identify(follower, "a2", &c.agent_token("a2")).await;
     let ctl = "\u{1}".repeat(300_000);
     let id = to_leader.push(pinned("a2", &ctl)).await.task_id;
     let assign = far.recv_type("task_assign").await;

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::nats::NatsCluster;
 use crate::core_flow::Http;
-use crate::helpers::HubProcess;
+use crate::helpers::{HubProcess, Sidecar};
 
 /// How long a cluster test waits for something that should happen.
 pub const DEADLINE: Duration = Duration::from_secs(40);
@@ -25,6 +25,49 @@ pub struct HubCluster {
 }
 
 impl HubCluster {
+    /// Every event of the log, read from node `i` up to the head its
+    /// `/health` reports (after everything settled).
+    pub async fn history(&self, i: usize) -> Vec<agenthub::pb::TaskEvent> {
+        use tokio_stream::StreamExt;
+        let mut client = self.client(i).await;
+        let head = self.health(i).await["last_seq"].as_u64().unwrap();
+        let mut watch = client
+            .watch_task_events(agenthub::pb::WatchTaskEventsRequest {
+                after_seq: Some(0),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut out = Vec::new();
+        while out
+            .last()
+            .map(|e: &agenthub::pb::TaskEvent| e.seq)
+            .unwrap_or(0)
+            < head
+        {
+            let ev = tokio::time::timeout(DEADLINE, watch.next())
+                .await
+                .expect("history streams")
+                .unwrap()
+                .unwrap();
+            out.push(ev);
+        }
+        out
+    }
+
+    /// A sidecar identified as `agent` with `token` on node `i`.
+    pub async fn identify(&self, i: usize, agent: &str, token: &str) -> Sidecar {
+        let mut sc = Sidecar::connect(&self.ws_url(i)).await;
+        sc.agent_id = agent.to_string();
+        sc.token = token.to_string();
+        sc.send(serde_json::json!({"type": "identify", "agent_id": agent, "token": token, "protocol_version": 1}))
+            .await;
+        let v = sc.recv_type("identified").await;
+        assert_eq!(v["agent_id"], agent);
+        sc
+    }
+
     /// Start NATS and `n` hub nodes; returns once one of them leads.
     pub async fn start(n: usize, extra: &[&str]) -> HubCluster {
         let nats = NatsCluster::start().await;
