@@ -122,6 +122,11 @@ pub struct ServeArgs {
     /// Print the bound addresses as `ws=ADDR grpc=ADDR` on stdout once listening.
     #[arg(long)]
     pub print_addrs: bool,
+    /// Benchmark builds only: acknowledge every commit without writing it,
+    /// to measure the hub without its storage. Keeps nothing.
+    #[cfg(feature = "bench")]
+    #[arg(long, hide = true)]
+    pub bench_discard_writes: bool,
     /// Reclaim a task not accepted within this (e.g. 60s, 500ms).
     #[arg(long, env = "AGENTHUB_ACCEPT_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
     pub accept_timeout: Duration,

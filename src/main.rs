@@ -86,7 +86,7 @@ async fn serve(args: agenthub::cli::ServeArgs) -> Result<()> {
             options.lease = args.lease;
             Server::build_cluster(config.clone(), options).await?
         }
-        None => Server::build(config.clone()).await?,
+        None => build_single(&args, config.clone()).await?,
     };
     if let Some(token) = server.hub().take_bootstrap_token() {
         println!(
@@ -104,6 +104,28 @@ async fn serve(args: agenthub::cli::ServeArgs) -> Result<()> {
     }
     server.run(shutdown_signal()).await?;
     Ok(())
+}
+
+/// A single-node server on the embedded store.
+async fn build_single(
+    args: &agenthub::cli::ServeArgs,
+    config: agenthub::config::Config,
+) -> Result<Server> {
+    #[cfg(feature = "bench")]
+    if args.bench_discard_writes {
+        let faults = std::sync::Arc::new(agenthub::store::Faults::default());
+        faults.discard_writes();
+        tracing::warn!("--bench-discard-writes: nothing is stored");
+        let store = SqliteStore::open_with_faults(
+            &config.data_dir,
+            config.event_retention,
+            true,
+            Some(faults),
+        )?;
+        return Ok(Server::build_on(config, std::sync::Arc::new(store)).await?);
+    }
+    let _ = args;
+    Ok(Server::build(config).await?)
 }
 
 /// SIGHUP: re-read the TLS certificate and key (live connections keep theirs).

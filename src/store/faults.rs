@@ -4,7 +4,7 @@
 //! the real one (poisoned epochs, rebuild, degraded mode). Used by tests and
 //! fault drills; a store built without it pays nothing.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ pub struct Faults {
     fail_all: Mutex<Option<StorageFault>>,
     delay_us: AtomicU64,
     injected: AtomicU64,
+    discard: AtomicBool,
 }
 
 impl Faults {
@@ -40,6 +41,18 @@ impl Faults {
     pub fn set_delay(&self, delay: Duration) {
         self.delay_us
             .store(delay.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    /// Acknowledge every commit without writing anything: the hub runs as if
+    /// storage cost nothing. For measuring the rest of the hub (the
+    /// benchmark's `hub-bound` group); never for data anyone keeps.
+    pub fn discard_writes(&self) {
+        self.discard.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether commits are acknowledged unwritten ([`Faults::discard_writes`]).
+    pub fn discards(&self) -> bool {
+        self.discard.load(Ordering::Relaxed)
     }
 
     /// Commits failed by injection so far.

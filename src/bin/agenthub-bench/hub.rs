@@ -114,10 +114,11 @@ async fn push_and_accept(
     Ok(generation)
 }
 
-/// Push: sequential latencies, then pipelined throughput, on one fresh hub.
-pub async fn push(ctx: &Ctx, name: &str) -> Result<(Metrics, Metrics)> {
+/// Push: sequential latencies, then pipelined throughput, on one fresh hub
+/// started with `extra` arguments.
+pub async fn push(ctx: &Ctx, name: &str, extra: &[&str]) -> Result<(Metrics, Metrics)> {
     let agent = PUSH_AGENT.to_string();
-    let (hub, tokens) = fresh_hub(ctx, name, std::slice::from_ref(&agent), &[]).await?;
+    let (hub, tokens) = fresh_hub(ctx, name, std::slice::from_ref(&agent), extra).await?;
     let result = push_on(ctx, &hub, &tokens[0].1).await;
     hub.stop().await;
     ctx.remove_dir(name);

@@ -90,7 +90,7 @@ struct RunArgs {
     #[arg(long)]
     quick: bool,
     /// Only these groups (comma-separated): fsync, echo, grpc-echo, nats-rr, js-roundtrip,
-    /// hub-push, fanout, ingest, replay, connections, history, output-flood, js-cluster,
+    /// hub-push, hub-bound, fanout, ingest, replay, connections, history, output-flood, js-cluster,
     /// cluster.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -110,6 +110,7 @@ const GROUPS: &[&str] = &[
     "nats-rr",
     "js-roundtrip",
     "hub-push",
+    "hub-bound",
     "fanout",
     "ingest",
     "replay",
@@ -468,10 +469,20 @@ async fn run_group(
         }
         "hub-push" => {
             let t = now_ns();
-            let out = hub::push(ctx, &name("hub-push")).await;
+            let out = hub::push(ctx, &name("hub-push"), &[]).await;
             rec.write_pair(
                 r("hub_push_seq", "agenthub", None),
                 r("hub_push_pipelined", "agenthub", None),
+                out,
+                t,
+            )?;
+        }
+        "hub-bound" => {
+            let t = now_ns();
+            let out = hub::push(ctx, &name("hub-bound"), &["--bench-discard-writes"]).await;
+            rec.write_pair(
+                r("hub_bound_seq", "agenthub-no-store", None),
+                r("hub_bound_pipelined", "agenthub-no-store", None),
                 out,
                 t,
             )?;

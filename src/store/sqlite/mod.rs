@@ -370,6 +370,9 @@ fn write_group(
             });
         }
     }
+    if faults.is_some_and(Faults::discards) {
+        return Ok(());
+    }
     // IMMEDIATE: take the write lock up front, so a lock held by another
     // process is waited for (up to BUSY_TIMEOUT) instead of failing midway.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
