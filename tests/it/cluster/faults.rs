@@ -47,10 +47,23 @@ async fn a_paused_leader_is_fenced_out_and_rejoins_as_a_follower() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    // Another node's word comes first: until `new` has seen its own
+    // promotion it forwards the call to the leader it knew, and answers
+    // UNAVAILABLE when that leadership ends. Clients retry that
+    // (docs/cluster.md); a task_id makes the retry safe.
     let mut to_new = c.client(new).await;
     let mut after = pinned("nobody", "after the takeover");
+    after.task_id = "task-after-0000001".into();
     after.queue_if_offline = true;
-    let after = to_new.push_task(after).await.unwrap().into_inner();
+    let after = loop {
+        match to_new.push_task(after.clone()).await {
+            Ok(resp) => break resp.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(s) => panic!("push to the new leader n{new}: {s:?}"),
+        }
+    };
 
     signal(pid, "CONT");
     let outcome = tokio::time::timeout(DEADLINE, pending)
