@@ -35,6 +35,8 @@ const HDR_SESSION: &str = "Agenthub-Session";
 const HDR_KIND: &str = "Agenthub-Kind";
 /// On every piece but the last of a message too large for one NATS message.
 const HDR_MORE: &str = "Agenthub-More";
+/// On every piece of a message sent in pieces: its index, from 0.
+const HDR_PIECE: &str = "Agenthub-Piece";
 
 /// How long an identify waits for the leader's answer.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -250,28 +252,19 @@ async fn dispatch(relay: Arc<Relay>) {
             return;
         }
     };
-    // Pieces of a frame sent in several messages, per session.
-    let mut partial: HashMap<u64, BytesMut> = HashMap::new();
-    while let Some(mut msg) = sub.next().await {
+    let mut pieces = Pieces::default();
+    while let Some(msg) = sub.next().await {
         if header(&msg.headers, HDR_INCARNATION) != relay.incarnation {
             continue;
         }
         let Ok(session) = header(&msg.headers, HDR_SESSION).parse::<u64>() else {
             continue;
         };
-        if !header(&msg.headers, HDR_MORE).is_empty() {
-            partial
-                .entry(session)
-                .or_default()
-                .extend_from_slice(&msg.payload);
+        let index = header(&msg.headers, HDR_PIECE).parse::<u32>().unwrap_or(0);
+        let more = !header(&msg.headers, HDR_MORE).is_empty();
+        let Some(payload) = pieces.add(session, index, more, msg.payload) else {
             continue;
-        }
-        if let Some(mut whole) = partial.remove(&session) {
-            if header(&msg.headers, HDR_KIND) != "close" {
-                whole.extend_from_slice(&msg.payload);
-                msg.payload = whole.freeze();
-            }
-        }
+        };
         let link = relay
             .sessions
             .lock()
@@ -281,15 +274,48 @@ async fn dispatch(relay: Arc<Relay>) {
         let Some(link) = link else { continue };
         match header(&msg.headers, HDR_KIND) {
             "close" => {
-                let why = close_reason(&String::from_utf8_lossy(&msg.payload));
+                let why = close_reason(&String::from_utf8_lossy(&payload));
                 relay.forget(session);
                 link.close(why);
             }
             _ => {
                 link.send(ToAgent::Relayed(
-                    String::from_utf8_lossy(&msg.payload).into_owned(),
+                    String::from_utf8_lossy(&payload).into_owned(),
                 ));
             }
+        }
+    }
+}
+
+/// Frames sent in pieces, put together again per session. NATS keeps the
+/// order of one publisher's messages but drops messages while a connection
+/// is broken: a piece that does not follow the one before ends its frame,
+/// which is dropped whole (as a lost frame is) instead of being joined to
+/// the next one.
+#[derive(Default)]
+struct Pieces {
+    /// Per session: the index of the next piece, and the bytes so far.
+    partial: HashMap<u64, (u32, BytesMut)>,
+}
+
+impl Pieces {
+    /// Add piece `index` of a frame for `session` (`more`: pieces follow).
+    /// The whole frame once its last piece is in.
+    fn add(&mut self, session: u64, index: u32, more: bool, piece: Bytes) -> Option<Bytes> {
+        let held = self.partial.remove(&session);
+        let mut frame = match (index, held) {
+            (0, _) if !more => return Some(piece),
+            (0, _) => BytesMut::new(),
+            (i, Some((next, frame))) if i == next => frame,
+            // A piece of a frame whose earlier pieces were lost.
+            _ => return None,
+        };
+        frame.extend_from_slice(&piece);
+        if more {
+            self.partial.insert(session, (index + 1, frame));
+            None
+        } else {
+            Some(frame.freeze())
         }
     }
 }
@@ -489,6 +515,9 @@ fn out_for(
             let last = pieces.len() - 1;
             for (i, piece) in pieces.into_iter().enumerate() {
                 let mut h = h.clone();
+                if last > 0 {
+                    h.insert(HDR_PIECE, i.to_string().as_str());
+                }
                 if i < last {
                     h.insert(HDR_MORE, "1");
                 }
@@ -614,4 +643,44 @@ async fn report_worker(
 
 fn close_reason(name: &str) -> CloseReason {
     CloseReason::from_name(name).unwrap_or(CloseReason::Normal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn add(p: &mut Pieces, session: u64, index: u32, more: bool, piece: &str) -> Option<String> {
+        p.add(session, index, more, Bytes::from(piece.to_string()))
+            .map(|b| String::from_utf8(b.to_vec()).unwrap())
+    }
+
+    #[test]
+    fn a_frame_in_pieces_is_put_together_and_a_whole_one_passes() {
+        let mut p = Pieces::default();
+        assert_eq!(add(&mut p, 1, 0, false, "whole").as_deref(), Some("whole"));
+        assert_eq!(add(&mut p, 1, 0, true, "ab"), None);
+        assert_eq!(add(&mut p, 2, 0, false, "other").as_deref(), Some("other"));
+        assert_eq!(add(&mut p, 1, 1, true, "cd"), None);
+        assert_eq!(add(&mut p, 1, 2, false, "ef").as_deref(), Some("abcdef"));
+        assert!(p.partial.is_empty());
+    }
+
+    #[test]
+    fn a_frame_that_lost_a_piece_is_dropped_and_never_joined_to_the_next() {
+        let mut p = Pieces::default();
+        // Piece 1 of 3 lost: the rest of that frame goes, the next arrives intact.
+        assert_eq!(add(&mut p, 1, 0, true, "ab"), None);
+        assert_eq!(add(&mut p, 1, 2, false, "ef"), None);
+        assert_eq!(add(&mut p, 1, 0, false, "next").as_deref(), Some("next"));
+        // The last piece lost: the next frame, whole or in pieces, is not joined to it.
+        assert_eq!(add(&mut p, 1, 0, true, "ab"), None);
+        assert_eq!(add(&mut p, 1, 0, false, "next").as_deref(), Some("next"));
+        assert_eq!(add(&mut p, 1, 0, true, "ab"), None);
+        assert_eq!(add(&mut p, 1, 0, true, "xy"), None);
+        assert_eq!(add(&mut p, 1, 1, false, "z").as_deref(), Some("xyz"));
+        // The first piece lost: its other pieces are dropped.
+        assert_eq!(add(&mut p, 1, 1, true, "cd"), None);
+        assert_eq!(add(&mut p, 1, 2, false, "ef"), None);
+        assert!(p.partial.is_empty());
+    }
 }
