@@ -155,7 +155,17 @@ impl Run {
         }
         // Everything decided so far is durable and every reply delivered,
         // and the hub takes writes again (so each history is reproducible).
-        while self.hub.flush().await.is_err() || self.hub.health().degraded.is_some() {
+        // Recovery runs on its own thread: it takes writes again and submits
+        // the assignments it makes in one step, so the flush must come after
+        // the hub is seen writable, or those commits could land between the
+        // reads of `check`.
+        loop {
+            if self.hub.health().degraded.is_none()
+                && self.hub.flush().await.is_ok()
+                && self.hub.health().degraded.is_none()
+            {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         self.read_inboxes();
