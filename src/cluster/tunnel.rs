@@ -13,6 +13,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -34,6 +35,9 @@ const HDR_PATH: &str = "Agenthub-Path";
 const HDR_KIND: &str = "Agenthub-Kind";
 const HDR_NODE: &str = "Agenthub-Node";
 const HDR_STATUS: &str = "Agenthub-Status";
+/// Every message of an answer after its head: 1, 2, 3, ... A gap means
+/// NATS lost part of the answer (a connection broke).
+const HDR_SEQ: &str = "Agenthub-Seq";
 /// Prefix of carried HTTP headers (and trailers).
 const HTTP_PREFIX: &str = "Http-";
 
@@ -229,6 +233,8 @@ async fn forward(
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(16);
     let client = node.client.clone();
     tokio::spawn(async move {
+        let mut expected = 1u64;
+        let mut lost = false;
         loop {
             let next = tokio::select! {
                 m = sub.next() => m,
@@ -251,6 +257,22 @@ async fn forward(
             if header(&m.headers, HDR_NODE) != responder {
                 continue;
             }
+            if header(&m.headers, HDR_SEQ).parse::<u64>().ok() != Some(expected) {
+                // Part of the answer is gone: end the call rather than pass
+                // on a stream with a hole in it (the client retries).
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
+                trailers.insert(
+                    "grpc-message",
+                    http::HeaderValue::from_static(
+                        "part of the answer from the cluster leader was lost; retry",
+                    ),
+                );
+                let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+                lost = true;
+                break;
+            }
+            expected += 1;
             let frame = match header(&m.headers, HDR_KIND) {
                 "data" => Frame::data(m.payload),
                 "trailers" => Frame::trailers(uncarry(&m.headers)),
@@ -260,10 +282,10 @@ async fn forward(
                 break;
             }
         }
-        if !tx.is_closed() {
+        if !tx.is_closed() && !lost {
             return;
         }
-        // The caller went away: stop the leader's side.
+        // The caller went away, or the answer broke: stop the leader's side.
         let _ = client
             .publish(format!("{inbox}.cancel"), Bytes::new())
             .await;
@@ -339,10 +361,17 @@ where
     let Ok(resp) = svc.oneshot(req).await;
     let (parts, body) = resp.into_parts();
     let mut body = Body::new(body);
+    // Numbers every message after the head (see HDR_SEQ).
+    let sent = AtomicU64::new(0);
     let base = |kind: &str| {
         let mut h = HeaderMap::new();
         h.insert(HDR_KIND, kind);
         h.insert(HDR_NODE, node.node_id());
+        h
+    };
+    let numbered = |mut h: HeaderMap| {
+        let n = sent.fetch_add(1, Ordering::Relaxed) + 1;
+        h.insert(HDR_SEQ, n.to_string().as_str());
         h
     };
     let mut head = base("head");
@@ -378,7 +407,7 @@ where
             Some(Err(_)) | None => {
                 let _ = node
                     .client
-                    .publish_with_headers(reply.clone(), base("end"), Bytes::new())
+                    .publish_with_headers(reply.clone(), numbered(base("end")), Bytes::new())
                     .await;
                 break;
             }
@@ -389,7 +418,7 @@ where
         for piece in super::pieces(payload, max) {
             if node
                 .client
-                .publish_with_headers(reply.clone(), h.clone(), piece)
+                .publish_with_headers(reply.clone(), numbered(h.clone()), piece)
                 .await
                 .is_err()
             {
@@ -401,7 +430,7 @@ where
             // Tell the caller the answer ends here, if NATS still takes that.
             let _ = node
                 .client
-                .publish_with_headers(reply.clone(), base("end"), Bytes::new())
+                .publish_with_headers(reply.clone(), numbered(base("end")), Bytes::new())
                 .await;
             break;
         }
