@@ -25,6 +25,7 @@
 //! *and* the local copy holds it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -325,7 +326,7 @@ struct Shared {
     /// Highest stream seq applied to the local copy (term entries included).
     head: watch::Sender<Seq>,
     /// Stream seq of the last append this node sent.
-    sent: std::sync::atomic::AtomicU64,
+    sent: AtomicU64,
     part: Mutex<Part>,
     bus: Mutex<Option<Arc<EventBus>>>,
     on_deposed: Mutex<Option<OnDeposed>>,
@@ -374,7 +375,7 @@ impl ClusterStore {
             refollow: tokio::sync::Notify::new(),
             replica,
             head: watch::Sender::new(start),
-            sent: std::sync::atomic::AtomicU64::new(0),
+            sent: AtomicU64::new(0),
             part: Mutex::new(Part::Follower),
             bus: Mutex::new(None),
             on_deposed: Mutex::new(None),
@@ -494,9 +495,7 @@ impl ClusterStore {
                     self.wait_head(term, APPLY_TIMEOUT).await?;
                     // Appends sent in an earlier term (even ones whose
                     // outcome was never known) are behind the term entry.
-                    self.shared
-                        .sent
-                        .store(term, std::sync::atomic::Ordering::Release);
+                    self.shared.sent.store(term, Ordering::Release);
                     *self.shared.part.lock().expect("part") = Part::Leader { term };
                     tracing::info!(term, "this node now appends to the log");
                     return Ok(term);
@@ -776,14 +775,8 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
     let mut sent: Option<(Seq, Seq, Seq)> = None;
     // Batches that did not fit in the previous append, in order.
     let mut carry: std::collections::VecDeque<Batch> = Default::default();
-    // An append must fit in one NATS message (headers take a little).
-    let max_payload = shared
-        .node
-        .client
-        .server_info()
-        .max_payload
-        .saturating_sub(4096)
-        .max(64 * 1024);
+    // An append must fit in one NATS message.
+    let max_payload = super::piece_size(&shared.node.client);
     loop {
         // Take a slot first: while the window is full, more batches queue
         // up and go out together in the next append.
@@ -890,9 +883,7 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
         match outcome {
             Ok(ack) => {
                 sent = Some((term, after + 1, last_event));
-                shared
-                    .sent
-                    .store(after + 1, std::sync::atomic::Ordering::Release);
+                shared.sent.store(after + 1, Ordering::Release);
                 let _ = done_tx.send((Pending::Append(ack), live, started, permit));
             }
             Err(e) => {
@@ -1095,7 +1086,7 @@ impl Store for ClusterStore {
         // The hub reloads its state from the copy next: it must hold every
         // append this node sent. A leader whose copy stopped following
         // lets another node lead rather than hold the lease unable to write.
-        let sent = self.shared.sent.load(std::sync::atomic::Ordering::Acquire);
+        let sent = self.shared.sent.load(Ordering::Acquire);
         if self.head() < sent {
             let shared = self.shared.clone();
             let caught_up = block_on(&self.shared.rt, async move {

@@ -231,8 +231,9 @@ impl Node {
     }
 }
 
-/// The most payload bytes sent in one NATS message when a larger one goes
-/// in pieces (the server's `max_payload`, less room for headers).
+/// The most payload bytes one NATS message carries: the server's
+/// `max_payload`, less room for headers. A log append must fit in it; a
+/// larger relayed frame or answer goes in pieces of this size.
 pub(crate) fn piece_size(client: &async_nats::Client) -> usize {
     client
         .server_info()

@@ -13,7 +13,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -362,16 +361,16 @@ where
     let (parts, body) = resp.into_parts();
     let mut body = Body::new(body);
     // Numbers every message after the head (see HDR_SEQ).
-    let sent = AtomicU64::new(0);
+    let mut sent = 0u64;
     let base = |kind: &str| {
         let mut h = HeaderMap::new();
         h.insert(HDR_KIND, kind);
         h.insert(HDR_NODE, node.node_id());
         h
     };
-    let numbered = |mut h: HeaderMap| {
-        let n = sent.fetch_add(1, Ordering::Relaxed) + 1;
-        h.insert(HDR_SEQ, n.to_string().as_str());
+    let mut numbered = |mut h: HeaderMap| {
+        sent += 1;
+        h.insert(HDR_SEQ, sent.to_string().as_str());
         h
     };
     let mut head = base("head");
