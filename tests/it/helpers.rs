@@ -172,17 +172,9 @@ impl TestHub {
     /// Identify with extra fields (capabilities, max_concurrency...).
     pub async fn sidecar_with(&self, agent: &str, extra: Value) -> Sidecar {
         let token = self.agent_token(agent);
-        let mut s = Sidecar::connect(&self.ws_url()).await;
-        let mut msg =
-            json!({"type": "identify", "agent_id": agent, "token": token, "protocol_version": 1});
-        if let Value::Object(extra) = extra {
-            msg.as_object_mut().unwrap().extend(extra);
-        }
-        s.send(msg).await;
+        let mut s = Sidecar::send_identify(&self.ws_url(), agent, &token, extra).await;
         let reply = s.recv().await;
         assert_eq!(reply["type"], "identified", "{reply}");
-        s.agent_id = agent.to_string();
-        s.token = token;
         s
     }
 }
@@ -195,6 +187,21 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
+    /// Connect to `url` and send an identify as `agent` with `token` (and
+    /// `extra` fields); the answer is the caller's to read.
+    pub async fn send_identify(url: &str, agent: &str, token: &str, extra: Value) -> Sidecar {
+        let mut s = Sidecar::connect(url).await;
+        let mut msg =
+            json!({"type": "identify", "agent_id": agent, "token": token, "protocol_version": 1});
+        if let Value::Object(extra) = extra {
+            msg.as_object_mut().unwrap().extend(extra);
+        }
+        s.send(msg).await;
+        s.agent_id = agent.to_string();
+        s.token = token.to_string();
+        s
+    }
+
     pub async fn connect(url: &str) -> Sidecar {
         let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
         Sidecar {

@@ -144,10 +144,7 @@ async fn token_revocation_holds_on_every_node() {
         // sidecar reconnects, as any does, and asks again.
         let deadline = Instant::now() + DEADLINE;
         let err = loop {
-            let mut again = Sidecar::connect(&c.ws_url(i)).await;
-            again
-                .send(json!({"type": "identify", "agent_id": "a1", "token": token, "protocol_version": 1}))
-                .await;
+            let mut again = Sidecar::send_identify(&c.ws_url(i), "a1", &token, json!({})).await;
             if let Some(v) = again.try_recv(Duration::from_secs(10)).await {
                 break v;
             }

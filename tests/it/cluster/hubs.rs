@@ -58,11 +58,8 @@ impl HubCluster {
 
     /// A sidecar identified as `agent` with `token` on node `i`.
     pub async fn identify(&self, i: usize, agent: &str, token: &str) -> Sidecar {
-        let mut sc = Sidecar::connect(&self.ws_url(i)).await;
-        sc.agent_id = agent.to_string();
-        sc.token = token.to_string();
-        sc.send(serde_json::json!({"type": "identify", "agent_id": agent, "token": token, "protocol_version": 1}))
-            .await;
+        let mut sc =
+            Sidecar::send_identify(&self.ws_url(i), agent, token, serde_json::json!({})).await;
         let v = sc.recv_type("identified").await;
         assert_eq!(v["agent_id"], agent);
         sc
