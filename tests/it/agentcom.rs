@@ -451,14 +451,7 @@ async fn until_event(
 }
 
 async fn task(hub: &TestHub, task_id: &str) -> pb::Task {
-    hub.client()
-        .await
-        .get_task(pb::GetTaskRequest {
-            task_id: task_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
+    hub.client().await.task(task_id).await
 }
 
 fn no_errors(sc: &AgentCom) {

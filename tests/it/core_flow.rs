@@ -68,11 +68,7 @@ async fn full_lifecycle_is_acked_and_watched_in_order() {
     let done = pb::struct_to_json(events[4].payload.as_ref().unwrap());
     assert_eq!(done["result"], json!({"text": "done"}));
 
-    let task = client
-        .get_task(pb::GetTaskRequest { task_id: id.into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let task = client.task(id).await;
     assert_eq!(state_of(&task), pb::task::State::Completed);
     assert_eq!(
         pb::value_to_json(task.result.as_ref().unwrap()),
@@ -286,13 +282,7 @@ async fn bad_input_gets_its_error_and_changes_nothing() {
     let mut owner = hub.sidecar("owner").await;
     let id = client.push(pinned("owner", "t")).await.task_id;
     let (_, g) = owner.next_assign().await;
-    let before = client
-        .get_task(pb::GetTaskRequest {
-            task_id: id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let before = client.task(&id).await;
 
     // Not identified yet.
     let mut anon = Sidecar::connect(&hub.ws_url()).await;
@@ -366,13 +356,7 @@ async fn bad_input_gets_its_error_and_changes_nothing() {
     other.send(json!({"type": "ping"})).await;
     assert_eq!(other.recv().await["type"], "pong");
 
-    let after = client
-        .get_task(pb::GetTaskRequest {
-            task_id: id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let after = client.task(&id).await;
     assert_eq!(before, after, "bad input changed the task");
 
     // A finished task refuses further reports.
@@ -385,11 +369,7 @@ async fn bad_input_gets_its_error_and_changes_nothing() {
         "task_finished",
     )
     .await;
-    let done = client
-        .get_task(pb::GetTaskRequest { task_id: id })
-        .await
-        .unwrap()
-        .into_inner();
+    let done = client.task(&id).await;
     assert_eq!(state_of(&done), pb::task::State::Completed);
     assert_eq!(
         pb::value_to_json(done.result.as_ref().unwrap()),

@@ -188,13 +188,7 @@ async fn sigkill_loses_nothing_acknowledged_and_seq_continues() {
     let mut req = pinned("dur", "after restart");
     req.queue_if_offline = true;
     let fresh = c.push(req).await;
-    let t = c
-        .get_task(pb::GetTaskRequest {
-            task_id: fresh.task_id,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let t = c.task(&fresh.task_id).await;
     assert_eq!(t.last_seq, last + 1, "seq continues without reuse");
     proc.kill9();
     proc.wait_exit().await;
@@ -230,11 +224,7 @@ async fn sigterm_closes_sockets_with_a_close_frame_and_exits_cleanly() {
     // Everything acked before the shutdown is there after a restart.
     let proc = HubProcess::spawn(tmp.path(), &[]).await;
     let mut c = connect(&proc.grpc_addr.to_string(), &admin).await.unwrap();
-    let task = c
-        .get_task(pb::GetTaskRequest { task_id: t.task_id })
-        .await
-        .unwrap()
-        .into_inner();
+    let task = c.task(&t.task_id).await;
     assert_eq!(state_of(&task), pb::task::State::Running);
 }
 

@@ -126,13 +126,7 @@ async fn degraded_hub_refuses_writes_serves_reads_and_recovers_without_restart()
     assert_eq!(body["status"], "degraded");
     assert_eq!(body["reason"], "disk full");
     // Reads go on.
-    let t = client
-        .get_task(pb::GetTaskRequest {
-            task_id: "ok-1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let t = client.task("ok-1").await;
     assert_eq!(t.description, "stored");
     client
         .list_tasks(pb::ListTasksRequest::default())
@@ -173,13 +167,7 @@ async fn a_report_that_cannot_be_stored_gets_storage_unavailable_and_is_taken_on
     assert_eq!(reply["error"], "storage_unavailable", "{reply}");
     assert_eq!(reply["task_id"], task_id.as_str());
     // The session stays open; nothing changed.
-    let t = client
-        .get_task(pb::GetTaskRequest {
-            task_id: task_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let t = client.task(&task_id).await;
     assert_eq!(state_of(&t), pb::task::State::Running);
 
     faults.clear();
@@ -353,13 +341,7 @@ async fn disk_full_refuses_writes_keeps_reads_and_recovers_when_space_returns() 
     assert_eq!(code, 503, "{body}");
     assert_eq!(body["reason"], "disk full");
     // Reads go on.
-    let t = client
-        .get_task(pb::GetTaskRequest {
-            task_id: "ok-0".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let t = client.task("ok-0").await;
     assert_eq!(t.description, "before");
 
     // Space comes back: writes work again, no restart.

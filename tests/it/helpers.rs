@@ -305,11 +305,20 @@ pub trait ClientExt {
     async fn push(&mut self, req: pb::PushTaskRequest) -> pb::PushTaskResponse;
     /// `WatchTaskEvents` with every stored event after `after_seq`, then live ones.
     async fn watch_after(&mut self, after_seq: u64) -> tonic::Streaming<pb::TaskEvent>;
+    /// `GetTask`, which must succeed.
+    async fn task(&mut self, task_id: &str) -> pb::Task;
 }
 
 impl ClientExt for HubClient {
     async fn push(&mut self, req: pb::PushTaskRequest) -> pb::PushTaskResponse {
         self.push_task(req).await.unwrap().into_inner()
+    }
+
+    async fn task(&mut self, task_id: &str) -> pb::Task {
+        let req = pb::GetTaskRequest {
+            task_id: task_id.to_string(),
+        };
+        self.get_task(req).await.unwrap().into_inner()
     }
 
     async fn watch_after(&mut self, after_seq: u64) -> tonic::Streaming<pb::TaskEvent> {

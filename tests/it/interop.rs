@@ -15,7 +15,7 @@ use agenthub::pb;
 use serde_json::{json, Value};
 use tokio::io::AsyncBufReadExt;
 
-use crate::helpers::{admin_token, HubProcess};
+use crate::helpers::{admin_token, ClientExt, HubProcess};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -194,13 +194,7 @@ async fn node_ws_sidecar_and_python_grpc_client_interoperate() {
     let mut rust_client = agenthub::client::connect(&hub.grpc_addr.to_string(), &admin)
         .await
         .unwrap();
-    let task = rust_client
-        .get_task(pb::GetTaskRequest {
-            task_id: "interop-task-1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let task = rust_client.task("interop-task-1").await;
     assert_eq!(task.agent_id, "node-agent");
     assert_eq!(task.priority, pb::Priority::High as i32);
 }

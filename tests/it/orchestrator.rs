@@ -20,13 +20,7 @@ fn wait_req(task_id: &str, timeout_ms: u64) -> pb::WaitTaskRequest {
 }
 
 async fn get(client: &mut HubClient, task_id: &str) -> pb::Task {
-    client
-        .get_task(pb::GetTaskRequest {
-            task_id: task_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
+    client.task(task_id).await
 }
 
 fn error_of(t: &pb::Task) -> Value {

@@ -13,6 +13,7 @@ use agenthub::pb;
 use agenthub::pb::task_event::Kind;
 use serde_json::json;
 
+use crate::helpers::ClientExt;
 use harness::*;
 
 /// 2 sidecars, 10 tasks: all complete, each output file written exactly
@@ -284,13 +285,7 @@ async fn smoke_failure_reports_exit_code_and_output_tails_are_capped() {
     assert_eq!(error["reason"], "exit_code");
     assert_eq!(error["exit_code"], 3);
     assert_eq!(error["stderr"], "boom\n");
-    let task = client
-        .get_task(pb::GetTaskRequest {
-            task_id: failing.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let task = client.task(&failing).await;
     assert_eq!(task.state, pb::task::State::Failed as i32);
 
     let result = &payload(of(&events, &big, Kind::Completed)[0])["result"];

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::hubs::{HubCluster, DEADLINE};
-use crate::helpers::{pinned, Sidecar};
+use crate::helpers::{pinned, ClientExt, Sidecar};
 use crate::smoke::harness::signal;
 use agenthub::pb;
 
@@ -260,13 +260,7 @@ async fn a_change_too_large_for_the_log_is_refused_and_the_leader_stays() {
     .await;
     let ack = sc.recv_type("task_ack").await;
     assert_eq!(ack["status"], "complete", "{ack}");
-    let t = client
-        .get_task(pb::GetTaskRequest {
-            task_id: id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let t = client.task(&id).await;
     assert_eq!(t.state(), pb::task::State::Completed);
     assert_eq!(
         t.result.as_ref().map(pb::value_to_json),

@@ -83,11 +83,7 @@ async fn a_push_on_one_node_reaches_an_agent_on_another_and_a_third_node_streams
     assert!(log_ids.iter().all(|l| *l == log_ids[0]), "{log_ids:?}");
     for i in 0..3 {
         let mut client = c.client(i).await;
-        let task = client
-            .get_task(pb::GetTaskRequest { task_id: id.into() })
-            .await
-            .unwrap()
-            .into_inner();
+        let task = client.task(id).await;
         assert_eq!(task.state(), pb::task::State::Completed, "node {i}");
         let agents = client
             .list_agents(pb::ListAgentsRequest {})
