@@ -396,8 +396,17 @@ impl Hub {
                 None => return Err(Error::InvalidArgument(format!("unknown dependency {dep}"))),
             };
         }
-        let (rx, task, created) = self.push_locked(&req, max_attempts, &known)?;
-        Self::wait(rx).await?;
+        // An id memory does not hold may still be stored (a finished task
+        // past the cache, or one from before a restart): the store decides
+        // whether it exists, never the cache.
+        let stored = match &req.task_id {
+            Some(id) if !self.lock().tasks.contains_key(id) => self.stored_task(id).await?,
+            _ => None,
+        };
+        let (rx, task, created) = self.push_locked(&req, max_attempts, &known, stored)?;
+        if let Some(rx) = rx {
+            Self::wait(rx).await?;
+        }
         if created {
             self.metrics.tasks_pushed.inc();
         }
@@ -405,30 +414,39 @@ impl Hub {
     }
 
     /// The part of `push_task` under the lock. `known`: the states of the
-    /// dependencies as read before it.
+    /// dependencies as read before it; `stored`: the task with the
+    /// requested id as the store held it (when memory did not). Returns
+    /// what to wait for before answering (nothing for a task read from
+    /// the store: it is durable).
     fn push_locked(
         &self,
         req: &PushRequest,
         max_attempts: u32,
         known: &HashMap<String, TaskState>,
-    ) -> Result<(oneshot::Receiver<Result<()>>, Task, bool)> {
+        stored: Option<Task>,
+    ) -> Result<(Option<oneshot::Receiver<Result<()>>>, Task, bool)> {
         let mut core = self.lock();
         self.check_writable(&core)?;
         let mut txn = Txn::new();
-        match req.task_id.as_ref().and_then(|id| core.tasks.get(id)) {
-            Some(existing) if !same_request(existing, req, max_attempts) => {
+        let in_memory = req.task_id.as_ref().and_then(|id| core.tasks.get(id));
+        match (in_memory, stored) {
+            (Some(existing), _) if !same_request(existing, req, max_attempts) => {
                 Err(Error::AlreadyExists(existing.task_id.clone()))
             }
-            Some(existing) => {
+            (Some(existing), _) => {
                 // A safe retry: answer once the original is durable.
                 let task = existing.clone();
                 let rx = Self::durable_signal(&mut txn);
                 self.submit(&mut core, txn);
-                Ok((rx, task, false))
+                Ok((Some(rx), task, false))
             }
-            None => {
+            (None, Some(existing)) if !same_request(&existing, req, max_attempts) => {
+                Err(Error::AlreadyExists(existing.task_id))
+            }
+            (None, Some(existing)) => Ok((None, existing, false)),
+            (None, None) => {
                 let (rx, task) = self.create_task(&mut core, txn, req, max_attempts, known)?;
-                Ok((rx, task, true))
+                Ok((Some(rx), task, true))
             }
         }
     }
