@@ -181,7 +181,7 @@ impl Hub {
         metrics.register_store(store.clone());
         let log_id = store.log_id();
         Ok(Arc::new_cyclic(|weak| Hub {
-            verifier: TokenVerifier::new(store.clone()),
+            verifier: TokenVerifier::with_counters(store.clone(), metrics.tokens.clone()),
             config,
             store,
             bus,
@@ -828,6 +828,7 @@ impl Hub {
             }
             metrics::gauge_set(&m.last_event_seq, self.head_seq(&core));
             metrics::gauge_set(&m.tasks_in_memory, core.tasks.len() as u64);
+            metrics::gauge_set(&m.timers, core.timer_count() as u64);
             let finished: u64 = TaskState::ALL
                 .iter()
                 .zip(core.state_counts)
@@ -837,6 +838,10 @@ impl Hub {
             metrics::gauge_set(&m.finished_stored, finished);
         }
         metrics::gauge_set(&m.watchers, self.bus.watcher_count() as u64);
+        metrics::gauge_set(
+            &m.output_watched,
+            self.output_watches.watched_tasks() as u64,
+        );
         metrics::gauge_set(&m.data_dir_bytes, self.store.disk_bytes());
         if let Some(node) = self.cluster_node() {
             metrics::gauge_set(&m.cluster_leader, u64::from(node.is_leader()));

@@ -205,3 +205,126 @@ async fn event_retention_never_changes_what_get_task_answers() {
         .unwrap();
     assert!(problems.is_empty(), "{problems:?}");
 }
+
+async fn metric_of(hub: &TestHub, name: &str) -> f64 {
+    let text = Http::new(hub.ws_addr).get_text("/metrics").await.1;
+    metric(&text, name).unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_go_with_their_tasks() {
+    use futures_util::StreamExt;
+    let hub = TestHub::start_with(|c| {
+        c.progress_timeout = Some(std::time::Duration::from_secs(3600));
+        c.finished_cache = 16;
+    })
+    .await;
+    // 100,000 tasks, each arming a queue TTL and a deadline, then cancelled.
+    const N: usize = 100_000;
+    let deadline_ms = agenthub::model::now_ms() + 3_600_000;
+    let h = hub.hub.clone();
+    futures_util::stream::iter(0..N)
+        .map(|i| {
+            let h = h.clone();
+            async move {
+                let pushed = h
+                    .push_task(agenthub::hub::PushRequest {
+                        description: format!("t{i}"),
+                        needed_capabilities: vec!["nobody-has-this".into()],
+                        queue_ttl_ms: 3_600_000,
+                        deadline_ms,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                h.cancel_task(&pushed.task.task_id).await.unwrap();
+            }
+        })
+        .buffer_unordered(256)
+        .collect::<Vec<()>>()
+        .await;
+    // Running tasks arm accept and progress timers; cancelled, they go too.
+    let mut client = hub.client().await;
+    let mut sc = hub.sidecar("a").await;
+    for i in 0..20 {
+        let pushed = client.push(pinned("a", &format!("runs {i}"))).await;
+        let (id, g) = sc.next_assign().await;
+        assert_eq!(id, pushed.task_id);
+        sc.accept(&id, g).await;
+        client
+            .cancel_task(pb::CancelTaskRequest { task_id: id })
+            .await
+            .unwrap();
+        sc.recv_type("task_cancelled").await;
+    }
+    assert_eq!(metric_of(&hub, "agenthub_timers").await, 0.0);
+    assert!(metric_of(&hub, "agenthub_tasks_in_memory").await <= 16.0);
+}
+
+#[tokio::test]
+async fn watching_the_output_of_unknown_ids_keeps_nothing() {
+    let hub = TestHub::start().await;
+    let mut client = hub.client().await;
+    for i in 0..1000 {
+        let err = client
+            .watch_task_output(pb::WatchTaskOutputRequest {
+                task_id: format!("no-such-task-{i}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    }
+    assert_eq!(metric_of(&hub, "agenthub_output_watched_tasks").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_tokens_costs_a_bounded_number_of_store_reads() {
+    let hub = TestHub::start().await;
+    let before = metric_of(&hub, "agenthub_token_lookups_total").await;
+    let started = std::time::Instant::now();
+    let mut calls = Vec::new();
+    for worker in 0..16 {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", hub.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        calls.push(tokio::spawn(async move {
+            let mut c = pb::task_hub_client::TaskHubClient::new(channel);
+            for i in 0..625u128 {
+                // Each call a new token, never seen before.
+                let token = format!("{:064x}", (worker as u128) << 64 | i);
+                let mut req = tonic::Request::new(pb::ListAgentsRequest {});
+                req.metadata_mut()
+                    .insert("authorization", format!("Bearer {token}").parse().unwrap());
+                let err = c.list_agents(req).await.unwrap_err();
+                assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+            }
+        }));
+    }
+    for c in calls {
+        c.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let lookups = metric_of(&hub, "agenthub_token_lookups_total").await - before;
+    let bound = agenthub::auth::UNKNOWN_LOOKUP_BURST
+        + agenthub::auth::UNKNOWN_LOOKUPS_PER_SEC * secs
+        + 16.0;
+    assert!(
+        lookups <= bound,
+        "{lookups} store look-ups for 10,000 bad tokens in {secs:.1}s (bound {bound:.0})"
+    );
+    // Valid tokens still work during and after the flood: one issued
+    // without the hub is known after the next revocation poll.
+    let mut admin = hub.client().await;
+    admin.list_agents(pb::ListAgentsRequest {}).await.unwrap();
+    let fresh = hub.token(agenthub::auth::Role::Viewer, None);
+    let mut viewer = hub.client_with(&fresh).await;
+    eventually(|| {
+        let mut v = viewer.clone();
+        async move { v.list_agents(pb::ListAgentsRequest {}).await.ok() }
+    })
+    .await;
+    viewer.list_agents(pb::ListAgentsRequest {}).await.unwrap();
+}
