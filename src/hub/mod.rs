@@ -32,6 +32,10 @@ use crate::store::sqlite::output::OutputStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Batch, Store};
 
+/// Most bytes of sidecar reports received and not yet committed, across all
+/// sessions. A session waits for room before it reads its next frame.
+pub const MAX_REPORT_BYTES_IN_FLIGHT: usize = 64 * 1024 * 1024;
+
 /// Longest caller-supplied task id.
 pub const MAX_TASK_ID_LEN: usize = 128;
 /// Largest `max_attempts` a task may ask for.
@@ -132,6 +136,9 @@ pub struct Hub {
     /// Output watchers, woken by the output store's commits.
     output_watches: Arc<output::OutputWatches>,
     metrics: Metrics,
+    /// Room for sidecar reports in flight, in KiB (see
+    /// [`MAX_REPORT_BYTES_IN_FLIGHT`]); FIFO, so no session starves.
+    report_room: Arc<tokio::sync::Semaphore>,
     closing: AtomicBool,
     /// The admin token created on first start, to print once.
     bootstrap_token: Mutex<Option<String>>,
@@ -195,6 +202,9 @@ impl Hub {
             output,
             output_watches,
             metrics,
+            report_room: Arc::new(tokio::sync::Semaphore::new(
+                MAX_REPORT_BYTES_IN_FLIGHT / 1024,
+            )),
             closing: AtomicBool::new(false),
             bootstrap_token: Mutex::new(bootstrap_token),
             cluster: std::sync::OnceLock::new(),
@@ -247,6 +257,13 @@ impl Hub {
 
     fn lock(&self) -> MutexGuard<'_, Core> {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wait for room for a report of `bytes` in flight (held until its
+    /// commit is done).
+    pub async fn report_room(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let kib = (bytes.div_ceil(1024)).clamp(1, MAX_REPORT_BYTES_IN_FLIGHT / 1024) as u32;
+        self.report_room.clone().acquire_many_owned(kib).await.ok()
     }
 
     /// Tell `WatchAgents` streams to look again (cheap when nobody watches).

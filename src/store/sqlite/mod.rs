@@ -31,6 +31,8 @@ const PAGE_SIZE: i64 = 16 * 1024;
 const MAX_GROUP: usize = 4096;
 /// How long the writer polls for more work before it sleeps.
 const WRITER_POLL: std::time::Duration = std::time::Duration::from_micros(300);
+/// A page of events read back stops once it holds this many bytes.
+const MAX_READ_BYTES: usize = 4 * 1024 * 1024;
 /// Prune old events at most once per this many commits.
 const PRUNE_EVERY: u64 = 64;
 
@@ -553,7 +555,19 @@ impl Store for SqliteStore {
                     bytes::Bytes::copy_from_slice(r.get_ref(4)?.as_blob()?),
                 ))
             })?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            // A page of large events stops early: memory per read is bounded
+            // in bytes, not only in events.
+            let mut out = Vec::new();
+            let mut bytes = 0;
+            for ev in rows {
+                let ev = ev?;
+                bytes += ev.proto().len();
+                out.push(ev);
+                if bytes >= MAX_READ_BYTES {
+                    break;
+                }
+            }
+            Ok(out)
         })
     }
 
