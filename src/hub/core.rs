@@ -384,7 +384,7 @@ impl Core {
 
     /// Take the earliest timer if it is due at `now`.
     pub fn pop_due_timer(&mut self, now: Instant) -> Option<Timer> {
-        if !self.timers.first().is_some_and(|(at, _, _)| *at <= now) {
+        if self.timers.first().is_none_or(|(at, _, _)| *at > now) {
             return None;
         }
         let (_, nonce, timer) = self.timers.pop_first()?;
