@@ -64,7 +64,9 @@ pub enum Outcome {
     Stopped(StopReason),
 }
 
-/// What a watcher tells the sidecar's main loop.
+/// What a watcher tells the sidecar's main loop. `generation` is the one
+/// the run started under ([`TaskRecord::started_under`]): the sidecar reports
+/// under the generation its record holds now.
 #[derive(Debug)]
 pub enum RunEvent {
     Progress {
@@ -232,13 +234,14 @@ fn spawn_watcher(
     let (stop_tx, stop_rx) = oneshot::channel();
     let watcher = Watcher {
         task_id: rec.task_id.clone(),
-        generation: rec.generation,
+        generation: rec.started_under(),
         accepted_at: rec.accepted_at,
         dir: dir.to_path_buf(),
         cfg: cfg.clone(),
         events,
     };
-    let span = tracing::info_span!("task", task_id = %rec.task_id, generation = rec.generation);
+    let span =
+        tracing::info_span!("task", task_id = %rec.task_id, generation = rec.started_under());
     tokio::spawn(watcher.run(proc, tails, stop_rx).instrument(span));
     RunHandle {
         stop: Some(stop_tx),
@@ -410,6 +413,7 @@ mod tests {
         TaskRecord {
             task_id: task_id.into(),
             generation: 1,
+            run_generation: None,
             description: "d".into(),
             metadata: json!({"k": "v"}),
             assigned_at: 0,
