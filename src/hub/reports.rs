@@ -388,26 +388,12 @@ impl Hub {
                 core.reclaim(txn, &self.metrics, &r.task_id, "recovering_stale");
                 txn.reply_after_commit(session, &r.task_id, reassign);
             }
-            (None, Some(g)) if core.can_readopt(agent_id, &r.task_id, g) => {
-                // It names the generation its run has, which nobody held
-                // since: that one stays (a sidecar that sends it keys its
-                // run by it).
-                core.readopt(txn, &self.config, agent_id, &r.task_id, r.payload, false);
-                let msg = ToAgent::TaskContinue {
-                    task_id: r.task_id.clone(),
-                    generation: g,
-                };
-                txn.reply_after_commit(session, &r.task_id, msg);
-            }
-            (None, None)
-                if core.lost_generation(agent_id, &r.task_id).is_some()
-                    && run_outlives_sidecar(&core.tasks[&r.task_id], &r.payload) =>
-            {
-                // A restarted sidecar whose agent still works on the task it
-                // lost while away: its own again, under a new generation that
-                // `task_continue` tells it (it knows none after a restart).
-                let generation =
-                    core.readopt(txn, &self.config, agent_id, &r.task_id, r.payload, true);
+            (None, _) if readoptable(core, agent_id, &r) => {
+                // Its run of a task it lost while away, given to nobody
+                // since: its own again, under a new generation that
+                // `task_continue` tells it. With or without the generation
+                // it names, the same rule (see `Core::readopt`).
+                let generation = core.readopt(txn, &self.config, agent_id, &r.task_id, r.payload);
                 let msg = ToAgent::TaskContinue {
                     task_id: r.task_id.clone(),
                     generation,
@@ -419,6 +405,22 @@ impl Hub {
             }
         }
         Ok(())
+    }
+}
+
+/// May a `task_recovering` about a task `agent_id` does not hold give it
+/// back? When it names a generation: that is the generation the task waits
+/// in the queue at ([`Core::can_readopt`]). Without one (a restarted AgentCom
+/// sidecar, which knows none): the task was lost by this agent while away
+/// and given to nobody since, and its run can go on without the sidecar's
+/// process ([`run_outlives_sidecar`]).
+fn readoptable(core: &Core, agent_id: &str, r: &Report) -> bool {
+    match r.generation {
+        Some(g) => core.can_readopt(agent_id, &r.task_id, g),
+        None => {
+            core.lost_generation(agent_id, &r.task_id).is_some()
+                && run_outlives_sidecar(&core.tasks[&r.task_id], &r.payload)
+        }
     }
 }
 
