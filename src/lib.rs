@@ -25,6 +25,7 @@
 //! - [`web`]: the embedded dashboard page and gRPC-Web on the HTTP listener.
 //! - [`client`]: a gRPC client for the CLI and tests.
 //! - [`sidecar`]: the reference sidecar.
+//! - [`telemetry`]: log format, level and colour; trace export.
 
 pub mod auth;
 pub mod bus;
@@ -45,6 +46,7 @@ pub mod pb;
 pub mod server;
 pub mod sidecar;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod web;
 pub mod ws;

@@ -17,20 +17,10 @@ use agenthub::store::sqlite::SqliteStore;
 use agenthub::store::Store;
 use agenthub::Server;
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // The NATS client logs every reconnect attempt at info: warnings are enough.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_tracing();
+    agenthub::telemetry::init(&cli.log)?;
     match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Token(cmd) => token(cmd).await,

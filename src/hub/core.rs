@@ -228,6 +228,8 @@ pub(crate) struct Core {
     /// The store could not be read after a failed commit: memory may be
     /// ahead of it, so nothing is served until a rebuild succeeds.
     pub stale: bool,
+    /// Cluster mode: this node's id, a field of every task line.
+    pub node_id: Option<String>,
     timer_nonce: u64,
     assign_counter: u64,
     /// A task was queued, a slot freed or an agent became eligible since the
@@ -539,6 +541,14 @@ impl Core {
         if kind == EventKind::Created {
             task.created_seq = seq;
         }
+        log_task_event(
+            task_id,
+            agent_id,
+            self.node_id.as_deref(),
+            kind,
+            task.generation,
+            seq,
+        );
         let event = TaskEvent {
             seq,
             task_id: task_id.to_string(),
@@ -879,6 +889,27 @@ pub(crate) fn obj(v: Value) -> JsonObject {
     match v {
         Value::Object(m) => m,
         _ => JsonObject::new(),
+    }
+}
+
+/// One line per task event, in the task's span (cheap when the level is off:
+/// the span is not even built). Progress is at debug: a busy agent reports often.
+fn log_task_event(
+    task_id: &str,
+    agent_id: &str,
+    node_id: Option<&str>,
+    kind: EventKind,
+    generation: Generation,
+    seq: Seq,
+) {
+    if kind == EventKind::Progress {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            crate::telemetry::task_span(task_id, agent_id, node_id)
+                .in_scope(|| tracing::debug!(generation, seq, "task PROGRESS"));
+        }
+    } else if tracing::enabled!(tracing::Level::INFO) {
+        crate::telemetry::task_span(task_id, agent_id, node_id)
+            .in_scope(|| tracing::info!(generation, seq, "task {}", kind.as_str()));
     }
 }
 

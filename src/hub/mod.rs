@@ -207,6 +207,7 @@ impl Hub {
         node: Arc<crate::cluster::Node>,
         relay: Arc<crate::cluster::relay::Relay>,
     ) {
+        self.lock().node_id = Some(node.node_id().to_string());
         let _ = self.cluster.set((node, relay));
     }
 

@@ -81,7 +81,7 @@ impl Hub {
         }
         core.schedule(&mut txn, &self.config, &self.metrics);
         self.submit(&mut core, txn);
-        tracing::info!(agent = %agent_id, session = session.id(), "sidecar identified");
+        tracing::info!(agent_id = %agent_id, session = session.id(), "sidecar identified");
         Ok(agent_id)
     }
 
@@ -99,7 +99,7 @@ impl Hub {
         let epoch = agent.epoch;
         let holds_tasks = !agent.active.is_empty();
         let was_settling = !agent.settling.is_empty();
-        tracing::info!(agent = %agent_id, session = session_id, "sidecar disconnected");
+        tracing::info!(agent_id = %agent_id, session = session_id, "sidecar disconnected");
         let mut txn = Txn::new();
         if holds_tasks {
             let at = Instant::now() + self.config.reconnect_grace;

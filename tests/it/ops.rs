@@ -1,0 +1,247 @@
+//! Operating the binaries as an operator would: logs on pipes (no colour),
+//! JSON logs a shipper can parse, readiness for a service manager.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use agenthub::client::connect;
+use agenthub::pb;
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::helpers::{admin_token, WAIT};
+
+/// An `agenthub` process with stdout and stderr on pipes, both collected.
+pub struct Piped {
+    pub child: tokio::process::Child,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Piped {
+    /// Run `agenthub ARGS` with `env` (and no `NO_COLOR`, `RUST_LOG` or
+    /// `AGENTHUB_LOG*` from the test's own environment).
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Piped {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agenthub"))
+            .args(args)
+            .env_remove("NO_COLOR")
+            .env_remove("RUST_LOG")
+            .env_remove("AGENTHUB_LOG")
+            .env_remove("AGENTHUB_LOG_FORMAT")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let readers = vec![
+            tokio::spawn(collect(child.stdout.take().unwrap(), stdout.clone())),
+            tokio::spawn(collect(child.stderr.take().unwrap(), stderr.clone())),
+        ];
+        Piped {
+            child,
+            stdout,
+            stderr,
+            readers,
+        }
+    }
+
+    /// Wait for a stdout line starting with `prefix`; returns the rest.
+    pub async fn stdout_line(&self, prefix: &str) -> String {
+        crate::helpers::eventually(|| async {
+            let out = String::from_utf8_lossy(&self.stdout.lock().unwrap()).to_string();
+            out.lines()
+                .find_map(|l| l.strip_prefix(prefix).map(str::to_string))
+        })
+        .await
+    }
+
+    /// SIGTERM, wait for the exit, and return (stdout, stderr).
+    pub async fn stop(mut self) -> (Vec<u8>, Vec<u8>) {
+        let pid = self.child.id().expect("running");
+        crate::smoke::harness::signal(pid, "TERM");
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("exits after SIGTERM")
+            .unwrap();
+        for r in self.readers.drain(..) {
+            let _ = tokio::time::timeout(WAIT, r).await;
+        }
+        let out = std::mem::take(&mut *self.stdout.lock().unwrap());
+        let err = std::mem::take(&mut *self.stderr.lock().unwrap());
+        (out, err)
+    }
+}
+
+async fn collect(mut from: impl AsyncRead + Unpin, into: Arc<Mutex<Vec<u8>>>) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        into.lock().unwrap().extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A hub process on `dir` (port 0) with extra args and env; its addresses.
+pub async fn hub(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> (Piped, String, String) {
+    let dir = dir.to_str().unwrap();
+    let mut args = vec!["serve", "--ws-addr", "127.0.0.1:0", "--grpc-addr"];
+    args.extend(["127.0.0.1:0", "--print-addrs", "--data-dir", dir]);
+    args.extend(extra);
+    let p = Piped::spawn(&args, env);
+    let addrs = p.stdout_line("ws=").await;
+    let (ws, grpc) = addrs.split_once(" grpc=").unwrap();
+    (p, ws.to_string(), grpc.to_string())
+}
+
+/// Issue an agent token through the CLI (its own log on pipes too).
+fn agent_token(data: &Path, agent: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agenthub"))
+        .args(["token", "issue", "--agent", agent, "--data-dir"])
+        .arg(data)
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "token issue: {out:?}");
+    assert!(!out.stderr.contains(&0x1b), "CLI wrote an escape byte");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A reference sidecar for `agent` on `ws` running `script` per task.
+fn sidecar(tmp: &Path, data: &Path, ws: &str, agent: &str, script: &str, extra: &[&str]) -> Piped {
+    let token = agent_token(data, agent);
+    let url = format!("ws://{ws}/ws");
+    let state: PathBuf = tmp.join(format!("{agent}.state.json"));
+    let mut args = vec!["sidecar", "--hub", &url, "--agent", agent, "--state-file"];
+    args.push(state.to_str().unwrap());
+    args.extend(extra);
+    args.extend(["--", "sh", "-c", script]);
+    Piped::spawn(&args, &[("AGENTHUB_TOKEN", &token)])
+}
+
+/// Push one task for `agent` and wait until it COMPLETED.
+async fn push_and_wait(grpc: &str, data: &Path, agent: &str) -> String {
+    let mut client = connect(grpc, &admin_token(data)).await.unwrap();
+    let resp = client
+        .push_task(pb::PushTaskRequest {
+            agent_id: agent.into(),
+            description: "say hi".into(),
+            queue_if_offline: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let task = client
+        .wait_task(pb::WaitTaskRequest {
+            task_id: resp.task_id.clone(),
+            timeout_ms: WAIT.as_millis() as u64,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(task.state, pb::task::State::Completed as i32, "{task:?}");
+    resp.task_id
+}
+
+/// Hub and sidecar with stdout and stderr on pipes (and `NO_COLOR` unset):
+/// not one ANSI escape byte in what they write.
+#[tokio::test]
+async fn logs_on_pipes_have_no_escape_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let (hub, ws, grpc) = hub(&data, &[], &[("AGENTHUB_LOG", "debug")]).await;
+    let sc = sidecar(tmp.path(), &data, &ws, "a1", "echo hi", &[]);
+    push_and_wait(&grpc, &data, "a1").await;
+    let (_, sc_err) = sc.stop().await;
+    let (out, err) = hub.stop().await;
+    let hub_err = String::from_utf8_lossy(&err);
+    assert!(hub_err.contains("task COMPLETED"), "{hub_err}");
+    assert!(!String::from_utf8_lossy(&sc_err).is_empty());
+    for (name, bytes) in [
+        ("hub stdout", &out),
+        ("hub stderr", &err),
+        ("sidecar", &sc_err),
+    ] {
+        assert!(
+            !bytes.contains(&0x1b),
+            "{name} has an escape byte:\n{}",
+            String::from_utf8_lossy(bytes)
+        );
+    }
+}
+
+/// Parse every line as a JSON object (panics on one that is not).
+fn json_lines(bytes: &[u8], who: &str) -> Vec<serde_json::Map<String, Value>> {
+    String::from_utf8(bytes.to_vec())
+        .unwrap()
+        .lines()
+        .map(|l| match serde_json::from_str(l) {
+            Ok(Value::Object(o)) => o,
+            _ => panic!("{who}: not a JSON object: {l:?}"),
+        })
+        .collect()
+}
+
+/// `--log-format json`: every line of the hub and the sidecar parses as a
+/// JSON object; every line of the hub about the task (created, assigned,
+/// accepted, completed) carries its `task_id` and `agent_id` from the task's
+/// span; the sidecar's lines carry its `agent_id`, and those about the task
+/// its `task_id`.
+#[tokio::test]
+async fn json_logs_parse_and_task_lines_carry_task_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let env = [("AGENTHUB_LOG_FORMAT", "json")];
+    let (hub, ws, grpc) = hub(&data, &[], &env).await;
+    let sc = sidecar(
+        tmp.path(),
+        &data,
+        &ws,
+        "a1",
+        "echo hi",
+        &["--log-format", "json"],
+    );
+    let task_id = push_and_wait(&grpc, &data, "a1").await;
+    let (_, sc_err) = sc.stop().await;
+    let (_, err) = hub.stop().await;
+
+    let hub_lines = json_lines(&err, "hub");
+    let about_task: Vec<_> = hub_lines
+        .iter()
+        .filter(|l| l["message"].as_str().unwrap_or("").starts_with("task "))
+        .collect();
+    let said: Vec<&str> = about_task
+        .iter()
+        .map(|l| l["message"].as_str().unwrap())
+        .collect();
+    for kind in ["CREATED", "ASSIGNED", "ACCEPTED", "COMPLETED"] {
+        assert!(said.contains(&&*format!("task {kind}")), "{said:?}");
+    }
+    for l in &about_task {
+        assert_eq!(l["task_id"], task_id.as_str(), "{l:?}");
+        assert_eq!(l["agent_id"], "a1", "{l:?}");
+    }
+    let identified = hub_lines
+        .iter()
+        .find(|l| l["message"] == "sidecar identified")
+        .expect("identify logged");
+    assert_eq!(identified["agent_id"], "a1");
+
+    let sc_lines = json_lines(&sc_err, "sidecar");
+    assert!(!sc_lines.is_empty());
+    for l in &sc_lines {
+        assert_eq!(l["agent_id"], "a1", "{l:?}");
+    }
+    let succeeded = sc_lines
+        .iter()
+        .find(|l| l["message"] == "command succeeded")
+        .expect("sidecar logs the command's end");
+    assert_eq!(succeeded["task_id"], task_id.as_str());
+}
