@@ -92,7 +92,13 @@ async fn serve(args: agenthub::cli::ServeArgs) -> Result<()> {
     if let Some(tls) = server.tls() {
         tokio::spawn(reload_on_sighup(tls));
     }
-    server.run(shutdown_signal()).await?;
+    // `run` polls this first once both listeners accept; the store is open.
+    let shutdown = async {
+        agenthub::notify::notify("READY=1");
+        shutdown_signal().await;
+        agenthub::notify::notify("STOPPING=1");
+    };
+    server.run(shutdown).await?;
     Ok(())
 }
 
