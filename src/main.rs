@@ -20,8 +20,12 @@ use agenthub::Server;
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    agenthub::telemetry::init(&cli.log)?;
-    match cli.command {
+    let service = match cli.command {
+        Command::Sidecar(_) => "agenthub-sidecar",
+        _ => "agenthub",
+    };
+    let telemetry = agenthub::telemetry::init(&cli.log, service)?;
+    let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Token(cmd) => token(cmd).await,
         Command::Push(args) => push(args).await,
@@ -32,7 +36,9 @@ async fn main() -> Result<()> {
         Command::Sidecar(args) => agenthub::sidecar::run(args).await,
         Command::Backup { data_dir, to } => backup(&data_dir, &to),
         Command::Check { data_dir } => check(&data_dir),
-    }
+    };
+    telemetry.shutdown();
+    result
 }
 
 fn backup(data_dir: &std::path::Path, to: &std::path::Path) -> Result<()> {

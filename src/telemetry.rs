@@ -10,9 +10,15 @@
 //! - The filter is `--log-level` (`AGENTHUB_LOG`), else `RUST_LOG`, else
 //!   [`DEFAULT_FILTER`]; any `EnvFilter` directive works (`debug`,
 //!   `agenthub=debug,info`).
+//! - Traces: with `--otlp-endpoint` (or `OTEL_EXPORTER_OTLP_ENDPOINT`) the
+//!   `task` spans (one per task event) are exported over OTLP/gRPC, each a
+//!   child of the W3C `traceparent` the task was pushed with. Without it no
+//!   exporter, no layer and no context parsing exist: [`exporting`] is false
+//!   and the task path only checks that flag.
 
 use std::fmt;
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
@@ -53,6 +59,11 @@ pub struct LogArgs {
     /// (`agenthub=debug,info`). Default: RUST_LOG, else `info`.
     #[arg(long, env = "AGENTHUB_LOG", global = true)]
     pub log_level: Option<String>,
+    /// Export traces over OTLP/gRPC to this collector (e.g.
+    /// http://127.0.0.1:4317). Off when unset. The other OTEL_* variables
+    /// (OTEL_SERVICE_NAME, OTEL_EXPORTER_OTLP_HEADERS, ...) are honoured.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
 }
 
 impl LogArgs {
@@ -90,13 +101,17 @@ pub fn sidecar_span(agent_id: Option<&str>, node_id: Option<&str>) -> tracing::S
 
 /// The span of one change to a task: `task_id`, `agent_id` (when it has
 /// one), `node_id` in cluster mode. Every line about the change is logged
-/// in it.
+/// in it; when exporting it is also the change's span in the task's trace.
 pub fn task_span(task_id: &str, agent_id: &str, node_id: Option<&str>) -> tracing::Span {
+    // A root: a task's spans belong to its own trace, not to whatever
+    // connection or call happened to cause the change.
     let span = tracing::info_span!(
+        parent: None,
         "task",
         task_id,
         agent_id = tracing::field::Empty,
         node_id = tracing::field::Empty,
+        otel.name = tracing::field::Empty,
     );
     if !agent_id.is_empty() {
         span.record("agent_id", agent_id);
@@ -113,10 +128,38 @@ pub fn use_colour(is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool
     is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
-/// Install the process-wide subscriber: logs to stderr as `args` ask.
-pub fn init(args: &LogArgs) -> anyhow::Result<()> {
+/// Set once an exporter is installed; read on every task event.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Are spans exported (was `--otlp-endpoint` given)?
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// What `init` set up; [`Telemetry::shutdown`] flushes spans not yet sent.
+#[must_use = "call shutdown() before exiting, or spans are lost"]
+pub struct Telemetry {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Export the spans still buffered (bounded by the exporter's timeout).
+    pub fn shutdown(self) {
+        if let Some(p) = self.provider {
+            if let Err(e) = p.shutdown() {
+                tracing::warn!(error = %e, "trace export did not finish");
+            }
+        }
+    }
+}
+
+/// Install the process-wide subscriber: logs to stderr as `args` ask, and
+/// span export if an OTLP endpoint is given (call inside a tokio runtime).
+/// `service`: the `service.name` unless `OTEL_SERVICE_NAME` says otherwise.
+pub fn init(args: &LogArgs, service: &'static str) -> anyhow::Result<Telemetry> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
+    type Boxed = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
     let filter = args.filter()?;
     let fmt_layer = match args.log_format {
         LogFormat::Text => {
@@ -136,10 +179,94 @@ pub fn init(args: &LogArgs) -> anyhow::Result<()> {
             .event_format(JsonLine)
             .boxed(),
     };
-    tracing_subscriber::registry()
-        .with(fmt_layer.with_filter(filter))
-        .try_init()?;
-    Ok(())
+    let mut layers: Vec<Boxed> = vec![fmt_layer.with_filter(filter).boxed()];
+    let mut provider = None;
+    if let Some(endpoint) = args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+        let (p, layer) = otlp_layer(endpoint, service)?;
+        layers.push(layer);
+        provider = Some(p);
+    }
+    tracing_subscriber::registry().with(layers).try_init()?;
+    if provider.is_some() {
+        EXPORTING.store(true, Ordering::Relaxed);
+    }
+    Ok(Telemetry { provider })
+}
+
+/// The OTLP/gRPC exporter and the layer that feeds it: agenthub's `task`
+/// spans at info and the lines logged in them (as span events).
+fn otlp_layer(
+    endpoint: &str,
+    service: &'static str,
+) -> anyhow::Result<(
+    opentelemetry_sdk::trace::SdkTracerProvider,
+    Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>,
+)> {
+    use anyhow::Context as _;
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()
+        .with_context(|| format!("--otlp-endpoint {endpoint}"))?;
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name(service);
+    }
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build();
+    let tracer = provider.tracer("agenthub");
+    let only_tasks = tracing_subscriber::filter::filter_fn(|meta| {
+        meta.target().starts_with("agenthub")
+            && *meta.level() <= tracing::Level::INFO
+            && (!meta.is_span() || meta.name() == "task")
+    });
+    let layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(only_tasks)
+        .boxed();
+    Ok((provider, layer))
+}
+
+/// Is `s` a W3C `traceparent` this hub passes on: version `00`, a non-zero
+/// 32-hex-digit trace id, a non-zero 16-hex-digit parent id, 2 hex flag
+/// digits (lower case, as the spec writes them)?
+pub fn valid_traceparent(s: &str) -> bool {
+    let hex = |p: &str, n: usize| {
+        p.len() == n
+            && p.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let parts: Vec<&str> = s.split('-').collect();
+    matches!(parts.as_slice(), [v, t, p, f]
+        if *v == "00" && hex(t, 32) && hex(p, 16) && hex(f, 2)
+            && t.bytes().any(|b| b != b'0') && p.bytes().any(|b| b != b'0'))
+}
+
+/// Name a task span after its event and, if the task came with a
+/// `traceparent`, make the span its child. Only while [`exporting`].
+pub fn trace_task_span(span: &tracing::Span, event: &str, traceparent: Option<&str>) {
+    span.record("otel.name", format!("task {event}"));
+    if let Some(tp) = traceparent {
+        set_remote_parent(span, tp);
+    }
+}
+
+/// Make `span` (not entered yet) a child of the remote span `traceparent`.
+/// Does nothing unless [`exporting`].
+pub fn set_remote_parent(span: &tracing::Span, traceparent: &str) {
+    use opentelemetry::propagation::TextMapPropagator;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if !exporting() {
+        return;
+    }
+    let carrier =
+        std::collections::HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
+    let cx = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier);
+    let _ = span.set_parent(cx);
 }
 
 /// The JSON line format: span fields flattened to the top level (what a log
@@ -236,6 +363,23 @@ mod tests {
         let e = args.filter().unwrap_err().to_string();
         assert!(e.contains("--log-level"), "{e}");
         assert!(e.contains("agenthub=loud"), "{e}");
+    }
+
+    #[test]
+    fn traceparents_are_checked() {
+        let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(valid_traceparent(ok));
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        ] {
+            assert!(!valid_traceparent(bad), "{bad}");
+        }
     }
 
     #[test]

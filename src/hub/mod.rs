@@ -63,6 +63,9 @@ pub struct PushRequest {
     pub queue_ttl_ms: u64,
     /// FAIL (`deadline_exceeded`) if not finished by this Unix ms. 0: none.
     pub deadline_ms: i64,
+    /// W3C trace context (gRPC `traceparent` metadata): parents the task's
+    /// spans and goes to the sidecar in `task_assign`. Checked at the edge.
+    pub traceparent: Option<String>,
 }
 
 /// What `push_task` did.
@@ -475,6 +478,9 @@ impl Hub {
                 queue_ttl_ms: req.queue_ttl_ms,
                 deadline_ms: req.deadline_ms,
             };
+            if let Some(tp) = &req.traceparent {
+                core.traceparents.insert(task_id.clone(), tp.clone());
+            }
             let deps = core.dependency_check(&task, known);
             core.insert_new(&mut txn, task);
             let mut payload = obj(json!({

@@ -64,7 +64,8 @@ impl Hub {
             let generation = task.generation;
             match task.state {
                 TaskState::Assigned => {
-                    let msg = task_assign(task, txn.now);
+                    let traceparent = core.traceparents.get(&task_id).map(String::as_str);
+                    let msg = task_assign(task, txn.now, traceparent);
                     txn.send_after_commit(session, msg);
                     let at = Instant::now() + self.config.accept_timeout;
                     core.add_timer(&mut txn, at, Timer::Accept(task_id, generation));

@@ -262,7 +262,9 @@ async fn the_hub_notifies_readiness_and_stopping_on_notify_socket() {
         .expect("READY=1 in time")
         .unwrap();
     assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), "READY=1");
-    tokio::net::TcpStream::connect(&ws).await.expect("ws listener accepts");
+    tokio::net::TcpStream::connect(&ws)
+        .await
+        .expect("ws listener accepts");
     let mut client = connect(&grpc, &admin_token(&data)).await.unwrap();
     client
         .push_task(pb::PushTaskRequest {
@@ -323,4 +325,118 @@ fn the_service_unit_passes_systemd_analyze_verify() {
         "systemd-analyze verify: {:?}\n{stderr}",
         out.status
     );
+}
+
+/// One task's trace, end to end: a real OTLP/gRPC receiver (Python grpcio
+/// serving opentelemetry-proto's TraceService), the hub exporting to it, the
+/// reference sidecar running a command that records `$TRACEPARENT`, and the
+/// Python client pushing one task with `traceparent=` and one inside a
+/// current OpenTelemetry context. Each task's hub spans (created, assigned,
+/// accepted, completed) are children of the orchestrator's span in its
+/// trace, the sidecar's span for the run is in that trace, and the command
+/// saw a traceparent of that trace.
+#[tokio::test]
+async fn a_task_is_one_trace_from_orchestrator_to_agent_command() {
+    use tokio::io::AsyncBufReadExt;
+    let (python, interop) = crate::interop::require_deps();
+    let mut receiver = tokio::process::Command::new(&python)
+        .arg(interop.join("otlp_receiver.py"))
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut spans_out = tokio::io::BufReader::new(receiver.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(WAIT, spans_out.next_line())
+        .await
+        .expect("receiver listening in time")
+        .unwrap()
+        .unwrap();
+    let port = first.strip_prefix("port=").expect("port line").to_string();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let (hub, ws, grpc) = hub(&data, &["--otlp-endpoint", &endpoint], &[]).await;
+    let seen = tmp.path().join("seen");
+    std::fs::create_dir(&seen).unwrap();
+    let script = format!(
+        r#"printf '%s' "$TRACEPARENT" > "{}/$AGENTHUB_TASK_ID""#,
+        seen.display()
+    );
+    let sc = sidecar(
+        tmp.path(),
+        &data,
+        &ws,
+        "a1",
+        &script,
+        &["--otlp-endpoint", &endpoint],
+    );
+
+    let explicit = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let current = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let out = tokio::process::Command::new(&python)
+        .arg(interop.join("trace_push.py"))
+        .args([
+            "--grpc",
+            &grpc,
+            "--token",
+            &admin_token(&data),
+            "--agent",
+            "a1",
+        ])
+        .args(["--traceparent", explicit, "--current", current])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ids: Value = serde_json::from_slice(&out.stdout).unwrap();
+    sc.stop().await;
+    // The hub exports what it still holds as it stops: after its exit the
+    // receiver has printed every span.
+    hub.stop().await;
+    receiver.start_kill().unwrap();
+    let mut spans = Vec::new();
+    while let Ok(Some(line)) = spans_out.next_line().await {
+        spans.push(serde_json::from_str::<Value>(&line).unwrap());
+    }
+
+    for (which, tp) in [("explicit", explicit), ("current", current)] {
+        let task_id = ids[which].as_str().unwrap();
+        let (_, rest) = tp.split_once('-').unwrap();
+        let (trace_id, rest) = rest.split_once('-').unwrap();
+        let (parent_id, _) = rest.split_once('-').unwrap();
+        let of_task: Vec<&Value> = spans
+            .iter()
+            .filter(|s| s["attributes"]["task_id"] == task_id && s["service"] == "agenthub")
+            .collect();
+        let names: Vec<&str> = of_task
+            .iter()
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
+        for kind in ["CREATED", "ASSIGNED", "ACCEPTED", "COMPLETED"] {
+            assert!(
+                names.contains(&&*format!("task {kind}")),
+                "{which}: {names:?}"
+            );
+        }
+        for s in &of_task {
+            assert_eq!(s["trace_id"], trace_id, "{which}: {s}");
+            assert_eq!(s["parent_span_id"], parent_id, "{which}: {s}");
+        }
+        // The sidecar's span for the command's run is in the trace too.
+        let run = spans
+            .iter()
+            .find(|s| s["service"] == "agenthub-sidecar" && s["attributes"]["task_id"] == task_id)
+            .unwrap_or_else(|| panic!("{which}: no sidecar span in {spans:?}"));
+        assert_eq!(run["trace_id"], trace_id, "{which}: {run}");
+        let saw = std::fs::read_to_string(seen.join(task_id)).unwrap();
+        assert!(
+            saw.starts_with(&format!("00-{trace_id}-")),
+            "{which}: the command saw {saw:?}"
+        );
+    }
 }
