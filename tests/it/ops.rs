@@ -440,3 +440,74 @@ async fn a_task_is_one_trace_from_orchestrator_to_agent_command() {
         );
     }
 }
+
+/// Cluster mode: a node's JSON lines about a task and about a sidecar
+/// carry its `node_id` (from the task and sidecar spans).
+#[tokio::test]
+async fn cluster_json_logs_carry_node_id() {
+    let nats = crate::cluster::nats::NatsCluster::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("n0");
+    let urls = nats.url_list();
+    let args = ["--nats", &urls, "--node-id", "n0", "--log-format", "json"];
+    let (hub, ws, grpc) = hub(&data, &args, &[]).await;
+    let admin = crate::helpers::eventually(|| async {
+        std::fs::read_to_string(data.join("admin.token"))
+            .ok()
+            .map(|t| t.trim().to_string())
+    })
+    .await;
+    let mut client = connect(&grpc, &admin).await.unwrap();
+    // Until the node leads, pushes are refused as unavailable.
+    let task_id = crate::helpers::eventually(|| {
+        let mut client = client.clone();
+        async move {
+            let req = pb::PushTaskRequest {
+                agent_id: "a1".into(),
+                task_id: "cluster-log-task".into(),
+                queue_if_offline: true,
+                ..Default::default()
+            };
+            client
+                .push_task(req)
+                .await
+                .ok()
+                .map(|r| r.into_inner().task_id)
+        }
+    })
+    .await;
+    let token = client
+        .issue_token(pb::IssueTokenRequest {
+            role: "agent".into(),
+            agent_id: "a1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let url = format!("ws://{ws}/ws");
+    let mut sc =
+        crate::helpers::Sidecar::send_identify(&url, "a1", &token, serde_json::json!({})).await;
+    sc.recv_type("identified").await;
+    let (id, generation) = sc.next_assign().await;
+    assert_eq!(id, task_id);
+    sc.accept(&id, generation).await;
+    drop(sc);
+    let (_, err) = hub.stop().await;
+    let lines = json_lines(&err, "cluster node");
+    let about_task: Vec<_> = lines
+        .iter()
+        .filter(|l| l["message"].as_str().unwrap_or("").starts_with("task "))
+        .collect();
+    assert!(about_task.len() >= 3, "{about_task:?}");
+    for l in &about_task {
+        assert_eq!(l["node_id"], "n0", "{l:?}");
+        assert_eq!(l["task_id"], task_id.as_str(), "{l:?}");
+    }
+    let identified = lines
+        .iter()
+        .find(|l| l["message"] == "sidecar identified")
+        .expect("identify logged");
+    assert_eq!(identified["node_id"], "n0", "{identified:?}");
+    assert_eq!(identified["agent_id"], "a1", "{identified:?}");
+}
