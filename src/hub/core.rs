@@ -392,7 +392,7 @@ impl Core {
 
     /// Take the earliest timer if it is due at `now`.
     pub fn pop_due_timer(&mut self, now: Instant) -> Option<Timer> {
-        if !self.timers.first().is_some_and(|(at, _, _)| *at <= now) {
+        if self.timers.first().is_none_or(|(at, _, _)| *at > now) {
             return None;
         }
         let (_, nonce, timer) = self.timers.pop_first()?;
@@ -806,7 +806,14 @@ impl Core {
     /// Take an active task back from its agent (`RECLAIMED`), telling a
     /// still-connected agent to stop (`task_cancelled`).
     pub fn reclaim(&mut self, txn: &mut Txn, metrics: &Metrics, task_id: &str, reason: &str) {
-        let from = self.end_attempt(task_id, json!({ "reason": reason }));
+        let mut error = json!({ "reason": reason });
+        if reason == RECLAIM_DISCONNECTED {
+            // Whose run it was, kept across a hub restart (see `lost_by`).
+            if let Some(agent) = &self.tasks[task_id].agent_id {
+                error["agent_id"] = json!(agent);
+            }
+        }
+        let from = self.end_attempt(task_id, error);
         let agent_id = from.unwrap_or_default();
         if !self.tasks[task_id].state.is_final() {
             // Prefer someone else next time.
@@ -1031,12 +1038,20 @@ impl LostTask {
 }
 
 /// The agent a queued task was taken from for staying away past the grace,
-/// if the stored record tells (pinned tasks keep their agent).
+/// if the stored record tells: the error of that reclaim names it (a record
+/// from before it did: a pinned task keeps its agent). Any later assignment
+/// ends with another error, or leaves the task not queued.
 fn lost_by(task: &Task) -> Option<String> {
-    let reason = task.error.as_ref()?.get("reason")?.as_str()?;
-    (task.state == TaskState::Queued && task.pinned && reason == RECLAIM_DISCONNECTED)
-        .then(|| task.agent_id.clone())
-        .flatten()
+    let error = task.error.as_ref()?;
+    let reason = error.get("reason")?.as_str()?;
+    if task.state != TaskState::Queued || reason != RECLAIM_DISCONNECTED {
+        return None;
+    }
+    match error.get("agent_id").and_then(Value::as_str) {
+        Some(agent) => Some(agent.to_string()),
+        None if task.pinned => task.agent_id.clone(),
+        None => None,
+    }
 }
 
 /// Why the hub FAILED a task: a dependency FAILED or was CANCELLED...

@@ -49,6 +49,9 @@ const RETRY_MARGIN_MS: i64 = 60_000;
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 pub const MAX_PAGE_SIZE: usize = 1000;
 
+/// Resolves once a change is durable (or failed to be).
+type Durable = oneshot::Receiver<Result<()>>;
+
 /// A request to create a task (gRPC `PushTask`, HTTP push, CLI).
 #[derive(Clone, Debug, Default)]
 pub struct PushRequest {
@@ -445,7 +448,7 @@ impl Hub {
         max_attempts: u32,
         known: &HashMap<String, TaskState>,
         stored: Option<Task>,
-    ) -> Result<(Option<oneshot::Receiver<Result<()>>>, Task, bool)> {
+    ) -> Result<(Option<Durable>, Task, bool)> {
         let mut core = self.lock();
         self.check_writable(&core)?;
         let mut txn = Txn::new();

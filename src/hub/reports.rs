@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::agentcom::{on_agent_restarting, REJECT_BUSY};
+use super::agentcom::{on_agent_restarting, run_outlives_sidecar, REJECT_BUSY};
 use super::core::{obj, set_state, task_assign, Agent, Core, Timer, Txn};
 use super::Hub;
 use crate::auth::Role;
@@ -390,10 +390,28 @@ impl Hub {
                 txn.reply_after_commit(session, &r.task_id, reassign);
             }
             (None, Some(g)) if core.can_readopt(agent_id, &r.task_id, g) => {
-                core.readopt(txn, &self.config, agent_id, &r.task_id, r.payload);
+                // It names the generation its run has, which nobody held
+                // since: that one stays (a sidecar that sends it keys its
+                // run by it).
+                core.readopt(txn, &self.config, agent_id, &r.task_id, r.payload, false);
                 let msg = ToAgent::TaskContinue {
                     task_id: r.task_id.clone(),
                     generation: g,
+                };
+                txn.reply_after_commit(session, &r.task_id, msg);
+            }
+            (None, None)
+                if core.lost_generation(agent_id, &r.task_id).is_some()
+                    && run_outlives_sidecar(&core.tasks[&r.task_id], &r.payload) =>
+            {
+                // A restarted sidecar whose agent still works on the task it
+                // lost while away: its own again, under a new generation that
+                // `task_continue` tells it (it knows none after a restart).
+                let generation =
+                    core.readopt(txn, &self.config, agent_id, &r.task_id, r.payload, true);
+                let msg = ToAgent::TaskContinue {
+                    task_id: r.task_id.clone(),
+                    generation,
                 };
                 txn.reply_after_commit(session, &r.task_id, msg);
             }

@@ -58,9 +58,9 @@ static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Reports one session may have received and not yet seen committed; at
 /// the limit it stops reading its socket (TCP pushes back on the sidecar).
-pub const MAX_REPORTS_IN_FLIGHT: usize = 32;
+pub const MAX_REPORTS_IN_FLIGHT: usize = 1024;
 /// The same bound in bytes of the frames.
-pub const MAX_REPORT_BYTES_IN_FLIGHT: usize = 4 * 1024 * 1024;
+pub const MAX_REPORT_BYTES_IN_FLIGHT: usize = 1024 * 1024;
 
 /// A session's reports whose commits are not done yet, oldest first.
 #[derive(Default)]
