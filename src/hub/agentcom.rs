@@ -50,7 +50,7 @@ impl Hub {
             "" => "hub_commanded".to_string(),
             r => r.to_string(),
         };
-        tracing::info!(agent = %agent_id, %reason, "asking the sidecar to restart");
+        tracing::info!(agent_id = %agent_id, %reason, "asking the sidecar to restart");
         if session.send(ToAgent::RestartSidecar { reason }) {
             Ok(())
         } else {
@@ -116,7 +116,7 @@ impl Hub {
                 StateAction::Abort
             }
         };
-        tracing::info!(agent = %agent_id, task_id = %r.task_id, ?action, "state_report");
+        tracing::info!(agent_id = %agent_id, task_id = %r.task_id, ?action, "state_report");
         let ack = ToAgent::StateReportAck {
             task_id: r.task_id.clone(),
             action,
@@ -162,7 +162,7 @@ pub(super) fn run_outlives_sidecar(task: &Task, report: &JsonObject) -> bool {
 /// disconnect).
 pub(super) fn on_agent_restarting(core: &mut Core, agent_id: &str, reason: Option<String>) {
     if let Some(agent) = core.agents.get_mut(agent_id) {
-        tracing::info!(agent = %agent_id, reason = reason.as_deref().unwrap_or(""), "sidecar restarting");
+        tracing::info!(agent_id = %agent_id, reason = reason.as_deref().unwrap_or(""), "sidecar restarting");
         agent.restarting = true;
         agent.status = STATUS_RESTARTING.to_string();
     }
@@ -200,7 +200,7 @@ impl Core {
         agent.before = before;
         agent.settling = settling;
         if !agent.settling.is_empty() {
-            tracing::info!(agent = %agent_id, lost = ?agent.settling, "waiting for the sidecar to report on tasks it lost while away");
+            tracing::info!(agent_id = %agent_id, lost = ?agent.settling, "waiting for the sidecar to report on tasks it lost while away");
             let at = Instant::now() + cfg.reconnect_settle;
             self.add_timer(txn, at, Timer::Settle(agent_id.to_string(), epoch));
         }
@@ -268,7 +268,7 @@ impl Core {
         let payload = json!({"reason": "still_running", "previous_generation": before});
         self.emit(txn, task_id, EventKind::Continued, agent_id, obj(payload));
         self.touch_activity(txn, cfg, task_id, false);
-        tracing::info!(agent = %agent_id, task_id, generation, previous_generation = before, "task given back to the sidecar still running it");
+        tracing::info!(agent_id = %agent_id, task_id, generation, previous_generation = before, "task given back to the sidecar still running it");
         generation
     }
 

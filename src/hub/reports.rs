@@ -65,7 +65,8 @@ impl Hub {
             let generation = task.generation;
             match task.state {
                 TaskState::Assigned => {
-                    let msg = task_assign(task, txn.now);
+                    let traceparent = core.traceparents.get(&task_id).map(String::as_str);
+                    let msg = task_assign(task, txn.now, traceparent);
                     txn.send_after_commit(session, msg);
                     let at = Instant::now() + self.config.accept_timeout;
                     core.add_timer(&mut txn, at, Timer::Accept(task_id, generation));
@@ -82,7 +83,7 @@ impl Hub {
         }
         core.schedule(&mut txn, &self.config, &self.metrics);
         self.submit(&mut core, txn);
-        tracing::info!(agent = %agent_id, session = session.id(), "sidecar identified");
+        tracing::info!(agent_id = %agent_id, session = session.id(), "sidecar identified");
         Ok(agent_id)
     }
 
@@ -100,7 +101,7 @@ impl Hub {
         let epoch = agent.epoch;
         let holds_tasks = !agent.active.is_empty();
         let was_settling = !agent.settling.is_empty();
-        tracing::info!(agent = %agent_id, session = session_id, "sidecar disconnected");
+        tracing::info!(agent_id = %agent_id, session = session_id, "sidecar disconnected");
         let mut txn = Txn::new();
         if holds_tasks {
             let at = Instant::now() + self.config.reconnect_grace;
