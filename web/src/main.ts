@@ -141,6 +141,15 @@ class Dashboard {
     this.route();
     // A typed or pasted address: `#tasks`, or `#task/<id>` for a task's detail.
     window.addEventListener("hashchange", () => this.route(), { signal: this.listeners.signal });
+    // A frame asked for just before the tab was hidden never comes: ask again.
+    document.addEventListener(
+      "visibilitychange",
+      () => {
+        this.scheduled = false;
+        this.invalidate();
+      },
+      { signal: this.listeners.signal },
+    );
     this.ticker = window.setInterval(() => {
       this.model.sampleDepth(Date.now());
       this.invalidate();
@@ -233,7 +242,10 @@ class Dashboard {
   private invalidate(): void {
     if (this.scheduled) return;
     this.scheduled = true;
-    requestAnimationFrame(() => this.render());
+    // A tab in the background gets no animation frames: it still keeps
+    // its views current (they are right the moment it is shown again).
+    if (document.hidden) setTimeout(() => this.render(), 0);
+    else requestAnimationFrame(() => this.render());
   }
 
   private render(): void {

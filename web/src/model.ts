@@ -287,13 +287,13 @@ export class Model {
       if (ev.kind === TaskEvent_Kind.CREATED) {
         row = this.rowFromCreated(ev);
         this.tasks.set(row.id, row);
-        this.order.push(row);
+        this.insertRow(row);
       } else if (!isFinal(ev.state) && ev.seq > this.snapshotSeq) {
         // Live and not in the snapshot (e.g. re-queued between snapshot pages).
         row = this.rowFromCreated(ev);
         row.partial = true;
         this.tasks.set(row.id, row);
-        this.order.push(row);
+        this.insertRow(row);
         this.missing.add(row.id);
       } else {
         this.version++;
@@ -306,6 +306,24 @@ export class Model {
     this.update(row, ev);
     this.version++;
     return true;
+  }
+
+  /** Into `order`, which stays in creation order (events replayed from before the snapshot are older than its rows). */
+  private insertRow(row: TaskRow): void {
+    const o = this.order;
+    const before = (a: TaskRow, b: TaskRow) => a.createdAt < b.createdAt || (a.createdAt === b.createdAt && a.id < b.id);
+    if (o.length === 0 || !before(row, o[o.length - 1])) {
+      o.push(row);
+      return;
+    }
+    let lo = 0;
+    let hi = o.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (before(o[mid], row)) lo = mid + 1;
+      else hi = mid;
+    }
+    o.splice(lo, 0, row);
   }
 
   private rowFromCreated(ev: FeedEvent): TaskRow {
