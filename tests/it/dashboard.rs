@@ -1008,7 +1008,8 @@ async fn dashboard_table_shows_exactly_the_rows_its_filter_counts() {
     // Wide, narrow, wide again, narrower, empty: in the order an operator
     // would click, so the rows of one filter could linger under the next.
     let s = |state: State| (state as i32).to_string();
-    let steps: Vec<(String, &str, Box<dyn Fn(&pb::Task) -> bool>)> = vec![
+    type Wanted = Box<dyn Fn(&pb::Task) -> bool>;
+    let steps: Vec<(String, &str, Wanted)> = vec![
         ("live".into(), "", Box::new(live)),
         ("all".into(), "", Box::new(any)),
         (s(State::Failed), "", Box::new(in_state(State::Failed))),
@@ -1159,6 +1160,11 @@ async fn dashboard_four_tabs_with_live_tasks_stay_live_and_a_fifth_loads() {
     .await;
     page.wait("#timeline li[data-kind='PROGRESS']").await;
     page.wait("#task-detail .pbar:has-text('80%')").await;
+    // Every call went through the page's socket, none as its own request.
+    let requests = page
+        .eval("performance.getEntriesByType('resource').filter(e => e.name.includes('/agenthub.v1.TaskHub/')).length")
+        .await;
+    assert_eq!(requests, 0, "gRPC-Web calls made outside the socket");
     page.close().await;
     hub.stop().await;
 }
