@@ -57,6 +57,22 @@ pub(crate) enum Timer {
     Deadline(String),
 }
 
+impl Timer {
+    /// The task a timer is about (timers about agents have none).
+    pub fn task_id(&self) -> Option<&str> {
+        match self {
+            Timer::Accept(t, _)
+            | Timer::Progress(t, _)
+            | Timer::QueueTtl(t)
+            | Timer::Deadline(t) => Some(t),
+            Timer::Grace(..) | Timer::Settle(..) | Timer::Busy(..) => None,
+        }
+    }
+}
+
+/// An armed timer: when, a nonce that orders equal instants, what.
+pub(crate) type TimerEntry = (Instant, u64, Timer);
+
 /// An agent the hub knows: connected, or holding tasks while away.
 pub(crate) struct Agent {
     pub agent_id: String,
@@ -202,7 +218,10 @@ pub(crate) struct Core {
     pub queue: BTreeSet<QueueKey>,
     pub agents: HashMap<String, Agent>,
     pub last_seq: Seq,
-    pub timers: BTreeSet<(Instant, u64, Timer)>,
+    pub timers: BTreeSet<TimerEntry>,
+    /// The armed timers of each task, so that they go with it when it
+    /// finishes (memory follows live work, not what timers once were).
+    task_timers: HashMap<String, Vec<TimerEntry>>,
     /// Agents that rejected a task: it is not offered to them again
     /// (unless it is pinned to one of them).
     pub rejected_by: HashMap<String, Vec<String>>,
@@ -262,6 +281,7 @@ impl Core {
         self.state_counts = [0; 6];
         self.queued_by_priority = [0; 4];
         self.timers.clear();
+        self.task_timers.clear();
         self.last_activity.clear();
         self.lost.clear();
         self.waiting.clear();
@@ -356,7 +376,43 @@ impl Core {
 
     fn push_timer(&mut self, at: Instant, timer: Timer) {
         self.timer_nonce += 1;
-        self.timers.insert((at, self.timer_nonce, timer));
+        let entry = (at, self.timer_nonce, timer);
+        if let Some(task_id) = entry.2.task_id() {
+            self.task_timers
+                .entry(task_id.to_string())
+                .or_default()
+                .push(entry.clone());
+        }
+        self.timers.insert(entry);
+    }
+
+    /// Take the earliest timer if it is due at `now`.
+    pub fn pop_due_timer(&mut self, now: Instant) -> Option<Timer> {
+        if !self.timers.first().is_some_and(|(at, _, _)| *at <= now) {
+            return None;
+        }
+        let (_, nonce, timer) = self.timers.pop_first()?;
+        if let Some(task_id) = timer.task_id() {
+            if let Some(armed) = self.task_timers.get_mut(task_id) {
+                armed.retain(|(_, n, _)| *n != nonce);
+                if armed.is_empty() {
+                    self.task_timers.remove(task_id);
+                }
+            }
+        }
+        Some(timer)
+    }
+
+    /// Disarm every timer of a task (it finished: none of them can fire).
+    fn cancel_timers(&mut self, task_id: &str) {
+        for entry in self.task_timers.remove(task_id).unwrap_or_default() {
+            self.timers.remove(&entry);
+        }
+    }
+
+    /// Timers armed now (for `/metrics`).
+    pub fn timer_count(&self) -> usize {
+        self.timers.len()
     }
 
     /// Arm the queue-TTL and deadline timers of a live task from the
@@ -815,6 +871,8 @@ impl Core {
             None
         };
         self.forget_preferences(task_id);
+        self.cancel_timers(task_id);
+        self.last_activity.remove(task_id);
         let task = self.tasks.get_mut(task_id).expect("known task");
         set_state(&mut self.state_counts, task, state);
         self.finished.push_back(task_id.to_string());

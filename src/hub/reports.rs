@@ -2,6 +2,7 @@
 //! Replies that follow a change are sent only after the change is durable.
 
 use serde_json::{json, Value};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::agentcom::{on_agent_restarting, REJECT_BUSY};
@@ -118,20 +119,38 @@ impl Hub {
     /// or error) goes to `session`, after everything before it is durable:
     /// replies leave in commit order, and an error never overtakes the ack
     /// of an earlier report.
-    pub async fn report(&self, agent_id: &str, session: &Link, msg: FromAgent) {
+    ///
+    /// Returns once the report is queued for its commit, with a receiver
+    /// that resolves when that commit is done (and the reply queued): the
+    /// session bounds what it has in flight with it.
+    pub async fn report(
+        &self,
+        agent_id: &str,
+        session: &Link,
+        msg: FromAgent,
+    ) -> Option<oneshot::Receiver<()>> {
         if let FromAgent::Output(out) = msg {
             // Not a lifecycle report: no event, no reply (see `output.rs`).
-            return self.task_output(agent_id, out).await;
+            self.task_output(agent_id, out).await;
+            return None;
         }
         if let Some(task_id) = report_task_id(&msg) {
             // A finished task past the cache is read back, so the report
             // gets `task_finished`, not `unknown_task`.
             let _ = self.ensure_loaded(task_id).await;
         }
-        self.report_loaded(agent_id, session, msg);
+        let (done, rx) = oneshot::channel();
+        self.report_loaded(agent_id, session, msg, done);
+        Some(rx)
     }
 
-    fn report_loaded(&self, agent_id: &str, session: &Link, msg: FromAgent) {
+    fn report_loaded(
+        &self,
+        agent_id: &str,
+        session: &Link,
+        msg: FromAgent,
+        done: oneshot::Sender<()>,
+    ) {
         self.metrics.reports.inc();
         let about = report_task_id(&msg).map(str::to_string);
         let mut core = self.lock();
@@ -194,11 +213,15 @@ impl Hub {
                 };
                 let reply = with_task(reply, e.task_id().or(about.as_deref()));
                 link.send(reply);
+                let _ = done.send(());
             });
             self.submit(&mut core, txn);
             return;
         }
         core.schedule(&mut txn, &self.config, &self.metrics);
+        txn.batch.then(move |_| {
+            let _ = done.send(());
+        });
         self.submit(&mut core, txn);
     }
 
