@@ -1074,6 +1074,25 @@ async fn dashboard_table_shows_exactly_the_rows_its_filter_counts() {
     by_id.reverse();
     assert_eq!(page.rows_settled(&by_id).await, by_id, "and the other way");
 
+    // Bulk retry of what the filter shows, after a confirmation.
+    page.call(json!({"op": "select", "sel": "#filter-state", "value": s(State::Failed)}))
+        .await;
+    page.wait("#tasks-count:text-is('3 tasks')").await;
+    page.click("#bulk-retry:text-is('Retry 3 shown')").await;
+    page.click("#bulk-yes:text-is('Yes, retry 3')").await;
+    page.wait("#bulk-message:text-is('Retried 3.')").await;
+    page.wait("#tasks-count:text-is('0 tasks')").await;
+    let failed = client
+        .list_tasks(pb::ListTasksRequest {
+            state: State::Failed as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    assert!(failed.is_empty(), "every failed task was retried");
+
     // A task's address opens it, and opens it again after a reload.
     page.eval(&format!("location.hash = '#task/{running}'"))
         .await;
