@@ -28,7 +28,10 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, St
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
-use tokio::sync::{mpsc, watch};
+use std::sync::Arc;
+
+use futures_util::stream::SplitSink;
+use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 use tower::{Service, ServiceExt};
 
@@ -36,8 +39,15 @@ use tower::{Service, ServiceExt};
 pub const PATH: &str = "/agenthub.v1.TaskHub.socket";
 /// Calls one socket may have open at once (a page needs a handful).
 pub const MAX_CALLS: usize = 64;
-/// Frames queued towards the page before the calls producing them wait.
-const OUTBOUND_QUEUE: usize = 64;
+/// The socket's sending half, shared by its calls: each writes its own
+/// frames (no hop through another task on the way to the page), and waits
+/// while the page reads slowly.
+type Out = Arc<Mutex<SplitSink<WebSocket, Message>>>;
+
+/// False once the socket is gone.
+async fn send(out: &Out, m: Message) -> bool {
+    out.lock().await.send(m).await.is_ok()
+}
 
 const CALL: u8 = 0;
 const CANCEL: u8 = 1;
@@ -99,16 +109,8 @@ where
     S: Service<Request<Body>, Response = Response, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
-    let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::channel::<Message>(OUTBOUND_QUEUE);
-    let writer = tokio::spawn(async move {
-        while let Some(m) = rx.recv().await {
-            if sink.send(m).await.is_err() {
-                break;
-            }
-        }
-        let _ = sink.close().await;
-    });
+    let (sink, mut stream) = socket.split();
+    let out: Out = Arc::new(Mutex::new(sink));
     let mut calls: HashMap<u32, JoinHandle<()>> = HashMap::new();
     loop {
         let msg = tokio::select! {
@@ -135,17 +137,15 @@ where
                 let request = match parse_call(&data[5..]) {
                     Ok(r) => r,
                     Err(e) => {
-                        let _ = tx.send(frame(FAIL, id, e.as_bytes())).await;
+                        send(&out, frame(FAIL, id, e.as_bytes())).await;
                         continue;
                     }
                 };
                 if calls.len() >= MAX_CALLS || calls.contains_key(&id) {
-                    let _ = tx
-                        .send(frame(FAIL, id, b"too many calls on this socket"))
-                        .await;
+                    send(&out, frame(FAIL, id, b"too many calls on this socket")).await;
                     continue;
                 }
-                let handle = tokio::spawn(call(service.clone(), request, id, tx.clone()));
+                let handle = tokio::spawn(call(service.clone(), request, id, out.clone()));
                 calls.insert(id, handle);
             }
             _ => break,
@@ -154,8 +154,7 @@ where
     for (_, h) in calls {
         h.abort();
     }
-    drop(tx);
-    let _ = writer.await;
+    let _ = out.lock().await.close().await;
 }
 
 /// A call frame as the request the gRPC-Web service would have received.
@@ -188,7 +187,7 @@ fn parse_call(rest: &[u8]) -> Result<Request<Body>, String> {
     Ok(request)
 }
 
-async fn call<S>(service: S, request: Request<Body>, id: u32, tx: mpsc::Sender<Message>)
+async fn call<S>(service: S, request: Request<Body>, id: u32, out: Out)
 where
     S: Service<Request<Body>, Response = Response, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
@@ -200,11 +199,7 @@ where
         .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
         .collect();
     let head = serde_json::json!({ "status": response.status().as_u16(), "headers": headers });
-    if tx
-        .send(frame(HEAD, id, head.to_string().as_bytes()))
-        .await
-        .is_err()
-    {
+    if !send(&out, frame(HEAD, id, head.to_string().as_bytes())).await {
         return;
     }
     let mut body = response.into_body().into_data_stream();
@@ -212,15 +207,15 @@ where
         let m = match chunk {
             Ok(b) => frame(DATA, id, &b),
             Err(e) => {
-                let _ = tx.send(frame(FAIL, id, e.to_string().as_bytes())).await;
+                send(&out, frame(FAIL, id, e.to_string().as_bytes())).await;
                 return;
             }
         };
-        if tx.send(m).await.is_err() {
+        if !send(&out, m).await {
             return;
         }
     }
-    let _ = tx.send(frame(END, id, &[])).await;
+    send(&out, frame(END, id, &[])).await;
 }
 
 #[cfg(test)]

@@ -23,6 +23,8 @@ const VIEWS: [View, string][] = [
 /** Views that rebuild wholesale redraw at most this often. */
 const SLOW_VIEW_MS = 250;
 const FEED_ROWS = 100;
+/** A render waits at most this long for an animation frame. */
+const RENDER_LATEST_MS = 100;
 
 declare global {
   interface Window {
@@ -96,6 +98,10 @@ class Dashboard {
   private agentIds = h("datalist", { id: "agent-ids" });
   private agentIdsKey = "";
   private scheduled = false;
+  /** Renders a background tab (see `invalidate`). */
+  private wake = new MessageChannel();
+  /** Bumped per scheduled render: a frame and a timer race to draw it once. */
+  private renderEpoch = 0;
   private lastSlow = 0;
   private slowTimer = 0;
   private ticker = 0;
@@ -141,6 +147,7 @@ class Dashboard {
     this.route();
     // A typed or pasted address: `#tasks`, or `#task/<id>` for a task's detail.
     window.addEventListener("hashchange", () => this.route(), { signal: this.listeners.signal });
+    this.wake.port1.onmessage = () => this.render();
     // A frame asked for just before the tab was hidden never comes: ask again.
     document.addEventListener(
       "visibilitychange",
@@ -242,10 +249,20 @@ class Dashboard {
   private invalidate(): void {
     if (this.scheduled) return;
     this.scheduled = true;
-    // A tab in the background gets no animation frames: it still keeps
-    // its views current (they are right the moment it is shown again).
-    if (document.hidden) setTimeout(() => this.render(), 0);
-    else requestAnimationFrame(() => this.render());
+    // A hidden tab gets no animation frames, and its timers are held back
+    // to once a second: it still keeps its views current (they are right
+    // the moment it is shown again) through a message to itself, which is
+    // neither. A tab that is visible but not in front may get frames
+    // seldom: a timer draws if no frame came within RENDER_LATEST_MS.
+    if (document.hidden) this.wake.port2.postMessage(null);
+    else {
+      const epoch = ++this.renderEpoch;
+      const run = () => {
+        if (this.scheduled && this.renderEpoch === epoch) this.render();
+      };
+      requestAnimationFrame(run);
+      setTimeout(run, RENDER_LATEST_MS);
+    }
   }
 
   private render(): void {
