@@ -115,6 +115,13 @@ impl TaskHub for TaskHubService {
         req: Request<pb::PushTaskRequest>,
     ) -> Result<Response<pb::PushTaskResponse>, Status> {
         allow(&req, Access::Write)?;
+        // An invalid trace context is ignored, as W3C Trace Context says.
+        let traceparent = req
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| crate::telemetry::valid_traceparent(v))
+            .map(str::to_string);
         let r = req.into_inner();
         let priority = pb::Priority::try_from(r.priority)
             .map_err(|_| Error::InvalidArgument(format!("unknown priority {}", r.priority)))?;
@@ -134,6 +141,7 @@ impl TaskHub for TaskHubService {
             depends_on: r.depends_on,
             queue_ttl_ms: r.queue_ttl_ms,
             deadline_ms: r.deadline_ms,
+            traceparent,
         };
         let out = self.hub.push_task(push).await?;
         Ok(Response::new(pb::PushTaskResponse {
@@ -256,12 +264,19 @@ impl TaskHub for TaskHubService {
         req: Request<pb::WaitTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
         allow(&req, Access::Read)?;
+        // A long wait ends when its token is revoked, like a stream.
+        let revoked = self
+            .hub
+            .verifier()
+            .revocations()
+            .revoked(&principal_token_id(&req));
         let r = req.into_inner();
         let timeout = (r.timeout_ms > 0).then(|| std::time::Duration::from_millis(r.timeout_ms));
         let mut shutdown = self.shutdown.clone();
         let task = tokio::select! {
             task = self.hub.wait_task(&r.task_id, timeout) => task?,
             _ = shutdown.wait_for(|s| *s) => return Err(Error::ShuttingDown.into()),
+            _ = revoked => return Err(Status::unauthenticated("token revoked")),
         };
         Ok(Response::new(pb::Task::from(&task)))
     }

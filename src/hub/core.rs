@@ -251,6 +251,12 @@ pub(crate) struct Core {
     /// The store could not be read after a failed commit: memory may be
     /// ahead of it, so nothing is served until a rebuild succeeds.
     pub stale: bool,
+    /// Cluster mode: this node's id, a field of every task line.
+    pub node_id: Option<String>,
+    /// The W3C `traceparent` a task was pushed with, while it is not
+    /// finished: its spans' parent, and passed on in `task_assign`. Memory
+    /// only (after a restart, a task's later spans start a trace of their own).
+    pub traceparents: HashMap<String, String>,
     timer_nonce: u64,
     assign_counter: u64,
     /// A task was queued, a slot freed or an agent became eligible since the
@@ -295,6 +301,8 @@ impl Core {
         }
         self.stale = false;
         self.load(loaded, cfg);
+        let tasks = &self.tasks;
+        self.traceparents.retain(|id, _| tasks.contains_key(id));
     }
 
     fn load(&mut self, loaded: Loaded, cfg: &Config) {
@@ -388,7 +396,7 @@ impl Core {
 
     /// Take the earliest timer if it is due at `now`.
     pub fn pop_due_timer(&mut self, now: Instant) -> Option<Timer> {
-        if !self.timers.first().is_some_and(|(at, _, _)| *at <= now) {
+        if self.timers.first().is_none_or(|(at, _, _)| *at > now) {
             return None;
         }
         let (_, nonce, timer) = self.timers.pop_first()?;
@@ -599,6 +607,20 @@ impl Core {
         if kind == EventKind::Created {
             task.created_seq = seq;
         }
+        let traceparent = match self.traceparents.is_empty() {
+            true => None,
+            false => self.traceparents.get(task_id).map(String::as_str),
+        };
+        log_task_event(
+            task_id,
+            agent_id,
+            self.node_id.as_deref(),
+            traceparent,
+            (kind, task.generation, seq),
+        );
+        if task.state.is_final() && traceparent.is_some() {
+            self.traceparents.remove(task_id);
+        }
         let event = TaskEvent {
             seq,
             task_id: task_id.to_string(),
@@ -747,7 +769,8 @@ impl Core {
             Timer::Accept(task_id.to_string(), generation),
         );
         if let Some(session) = session {
-            let msg = task_assign(&self.tasks[task_id], txn.now);
+            let traceparent = self.traceparents.get(task_id).map(String::as_str);
+            let msg = task_assign(&self.tasks[task_id], txn.now, traceparent);
             txn.send_after_commit(&session, msg);
         }
     }
@@ -787,7 +810,14 @@ impl Core {
     /// Take an active task back from its agent (`RECLAIMED`), telling a
     /// still-connected agent to stop (`task_cancelled`).
     pub fn reclaim(&mut self, txn: &mut Txn, metrics: &Metrics, task_id: &str, reason: &str) {
-        let from = self.end_attempt(task_id, json!({ "reason": reason }));
+        let mut error = json!({ "reason": reason });
+        if reason == RECLAIM_DISCONNECTED {
+            // Whose run it was, kept across a hub restart (see `lost_by`).
+            if let Some(agent) = &self.tasks[task_id].agent_id {
+                error["agent_id"] = json!(agent);
+            }
+        }
+        let from = self.end_attempt(task_id, error);
         let agent_id = from.unwrap_or_default();
         if !self.tasks[task_id].state.is_final() {
             // Prefer someone else next time.
@@ -944,9 +974,39 @@ pub(crate) fn obj(v: Value) -> JsonObject {
     }
 }
 
+/// One line per task event, in the task's span; when exporting, the span
+/// is also sent, under the task's `traceparent`. Cheap when neither wants
+/// it: the span is not even built. Progress is at debug: a busy agent
+/// reports often.
+fn log_task_event(
+    task_id: &str,
+    agent_id: &str,
+    node_id: Option<&str>,
+    traceparent: Option<&str>,
+    (kind, generation, seq): (EventKind, Generation, Seq),
+) {
+    let exporting = crate::telemetry::exporting();
+    let progress = kind == EventKind::Progress;
+    let logged = match progress {
+        true => tracing::enabled!(tracing::Level::DEBUG),
+        false => tracing::enabled!(tracing::Level::INFO),
+    };
+    if !exporting && !logged {
+        return;
+    }
+    let span = crate::telemetry::task_span(task_id, agent_id, node_id);
+    if exporting {
+        crate::telemetry::trace_task_span(&span, kind.as_str(), traceparent);
+    }
+    span.in_scope(|| match progress {
+        true => tracing::debug!(generation, seq, "task PROGRESS"),
+        false => tracing::info!(generation, seq, "task {}", kind.as_str()),
+    });
+}
+
 /// The `task_assign` message for a task's current generation, with the
 /// enrichment fields AgentCom sidecars read at the top level.
-pub(crate) fn task_assign(task: &Task, assigned_at: i64) -> ToAgent {
+pub(crate) fn task_assign(task: &Task, assigned_at: i64, traceparent: Option<&str>) -> ToAgent {
     let extra = ENRICHMENT_KEYS
         .iter()
         .filter_map(|k| Some((k.to_string(), task.metadata.get(*k)?.clone())))
@@ -957,6 +1017,7 @@ pub(crate) fn task_assign(task: &Task, assigned_at: i64) -> ToAgent {
         metadata: task.metadata.clone(),
         generation: task.generation,
         assigned_at,
+        traceparent: traceparent.map(str::to_string),
         extra,
     }
 }
@@ -981,12 +1042,20 @@ impl LostTask {
 }
 
 /// The agent a queued task was taken from for staying away past the grace,
-/// if the stored record tells (pinned tasks keep their agent).
+/// if the stored record tells: the error of that reclaim names it (a record
+/// from before it did: a pinned task keeps its agent). Any later assignment
+/// ends with another error, or leaves the task not queued.
 fn lost_by(task: &Task) -> Option<String> {
-    let reason = task.error.as_ref()?.get("reason")?.as_str()?;
-    (task.state == TaskState::Queued && task.pinned && reason == RECLAIM_DISCONNECTED)
-        .then(|| task.agent_id.clone())
-        .flatten()
+    let error = task.error.as_ref()?;
+    let reason = error.get("reason")?.as_str()?;
+    if task.state != TaskState::Queued || reason != RECLAIM_DISCONNECTED {
+        return None;
+    }
+    match error.get("agent_id").and_then(Value::as_str) {
+        Some(agent) => Some(agent.to_string()),
+        None if task.pinned => task.agent_id.clone(),
+        None => None,
+    }
 }
 
 /// Why the hub FAILED a task: a dependency FAILED or was CANCELLED...

@@ -50,6 +50,9 @@ const RETRY_MARGIN_MS: i64 = 60_000;
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 pub const MAX_PAGE_SIZE: usize = 1000;
 
+/// Resolves once a change is durable (or failed to be).
+type Durable = oneshot::Receiver<Result<()>>;
+
 /// A request to create a task (gRPC `PushTask`, HTTP push, CLI).
 #[derive(Clone, Debug, Default)]
 pub struct PushRequest {
@@ -68,6 +71,9 @@ pub struct PushRequest {
     pub queue_ttl_ms: u64,
     /// FAIL (`deadline_exceeded`) if not finished by this Unix ms. 0: none.
     pub deadline_ms: i64,
+    /// W3C trace context (gRPC `traceparent` metadata): parents the task's
+    /// spans and goes to the sidecar in `task_assign`. Checked at the edge.
+    pub traceparent: Option<String>,
 }
 
 /// What `push_task` did.
@@ -218,6 +224,7 @@ impl Hub {
         node: Arc<crate::cluster::Node>,
         relay: Arc<crate::cluster::relay::Relay>,
     ) {
+        self.lock().node_id = Some(node.node_id().to_string());
         let _ = self.cluster.set((node, relay));
     }
 
@@ -442,7 +449,7 @@ impl Hub {
         max_attempts: u32,
         known: &HashMap<String, TaskState>,
         stored: Option<Task>,
-    ) -> Result<(Option<oneshot::Receiver<Result<()>>>, Task, bool)> {
+    ) -> Result<(Option<Durable>, Task, bool)> {
         let mut core = self.lock();
         self.check_writable(&core)?;
         let mut txn = Txn::new();
@@ -510,6 +517,9 @@ impl Hub {
                 queue_ttl_ms: req.queue_ttl_ms,
                 deadline_ms: req.deadline_ms,
             };
+            if let Some(tp) = &req.traceparent {
+                core.traceparents.insert(task_id.clone(), tp.clone());
+            }
             let deps = core.dependency_check(&task, known);
             core.insert_new(&mut txn, task);
             let mut payload = obj(json!({

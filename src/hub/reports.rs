@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::agentcom::{on_agent_restarting, REJECT_BUSY};
+use super::agentcom::{on_agent_restarting, run_outlives_sidecar, REJECT_BUSY};
 use super::core::{obj, set_state, task_assign, Agent, Core, Timer, Txn};
 use super::Hub;
 use crate::auth::Role;
@@ -65,7 +65,8 @@ impl Hub {
             let generation = task.generation;
             match task.state {
                 TaskState::Assigned => {
-                    let msg = task_assign(task, txn.now);
+                    let traceparent = core.traceparents.get(&task_id).map(String::as_str);
+                    let msg = task_assign(task, txn.now, traceparent);
                     txn.send_after_commit(session, msg);
                     let at = Instant::now() + self.config.accept_timeout;
                     core.add_timer(&mut txn, at, Timer::Accept(task_id, generation));
@@ -82,7 +83,7 @@ impl Hub {
         }
         core.schedule(&mut txn, &self.config, &self.metrics);
         self.submit(&mut core, txn);
-        tracing::info!(agent = %agent_id, session = session.id(), "sidecar identified");
+        tracing::info!(agent_id = %agent_id, session = session.id(), "sidecar identified");
         Ok(agent_id)
     }
 
@@ -101,7 +102,7 @@ impl Hub {
         let epoch = agent.epoch;
         let holds_tasks = !agent.active.is_empty();
         let was_settling = !agent.settling.is_empty();
-        tracing::info!(agent = %agent_id, session = session_id, "sidecar disconnected");
+        tracing::info!(agent_id = %agent_id, session = session_id, "sidecar disconnected");
         let mut txn = Txn::new();
         if holds_tasks {
             let at = Instant::now() + self.config.reconnect_grace;
@@ -390,10 +391,28 @@ impl Hub {
                 txn.reply_after_commit(session, &r.task_id, reassign);
             }
             (None, Some(g)) if core.can_readopt(agent_id, &r.task_id, g) => {
-                core.readopt(txn, &self.config, agent_id, &r.task_id, r.payload);
+                // It names the generation its run has, which nobody held
+                // since: that one stays (a sidecar that sends it keys its
+                // run by it).
+                core.readopt(txn, &self.config, agent_id, &r.task_id, r.payload, false);
                 let msg = ToAgent::TaskContinue {
                     task_id: r.task_id.clone(),
                     generation: g,
+                };
+                txn.reply_after_commit(session, &r.task_id, msg);
+            }
+            (None, None)
+                if core.lost_generation(agent_id, &r.task_id).is_some()
+                    && run_outlives_sidecar(&core.tasks[&r.task_id], &r.payload) =>
+            {
+                // A restarted sidecar whose agent still works on the task it
+                // lost while away: its own again, under a new generation that
+                // `task_continue` tells it (it knows none after a restart).
+                let generation =
+                    core.readopt(txn, &self.config, agent_id, &r.task_id, r.payload, true);
+                let msg = ToAgent::TaskContinue {
+                    task_id: r.task_id.clone(),
+                    generation,
                 };
                 txn.reply_after_commit(session, &r.task_id, msg);
             }

@@ -370,6 +370,10 @@ impl Sidecar {
             pid: None,
             pid_start: None,
             report: None,
+            traceparent: v["traceparent"]
+                .as_str()
+                .filter(|tp| crate::telemetry::valid_traceparent(tp))
+                .map(str::to_string),
         };
         self.state.data.tasks.insert(task_id.to_string(), rec);
         // Durable before the hub hears we took it.

@@ -165,7 +165,8 @@ pub fn start(
         Value::Null => "{}".to_string(),
         m => m.to_string(),
     };
-    let child = tokio::process::Command::new("sh")
+    let mut command = tokio::process::Command::new("sh");
+    command
         .arg("-c")
         .arg(WRAPPER)
         .arg("agenthub-task")
@@ -175,7 +176,13 @@ pub fn start(
         .env("AGENTHUB_TASK_DESCRIPTION", &rec.description)
         .env("AGENTHUB_TASK_METADATA", metadata)
         .env("AGENTHUB_TASK_GENERATION", rec.generation.to_string())
-        .env_remove("AGENTHUB_TOKEN")
+        .env_remove("AGENTHUB_TOKEN");
+    // The task's trace context, never the sidecar's own.
+    match &rec.traceparent {
+        Some(tp) => command.env("TRACEPARENT", tp),
+        None => command.env_remove("TRACEPARENT"),
+    };
+    let child = command
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
@@ -239,6 +246,9 @@ fn spawn_watcher(
         events,
     };
     let span = tracing::info_span!("task", task_id = %rec.task_id, generation = rec.generation);
+    if let Some(tp) = &rec.traceparent {
+        crate::telemetry::set_remote_parent(&span, tp);
+    }
     tokio::spawn(watcher.run(proc, tails, stop_rx).instrument(span));
     RunHandle {
         stop: Some(stop_tx),
@@ -417,6 +427,7 @@ mod tests {
             pid: None,
             pid_start: None,
             report: None,
+            traceparent: None,
         }
     }
 

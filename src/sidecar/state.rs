@@ -44,6 +44,10 @@ pub struct TaskRecord {
     /// hub acknowledges it. `None` while the command runs.
     #[serde(default)]
     pub report: Option<Value>,
+    /// The W3C trace context from `task_assign`, given to the command as
+    /// `TRACEPARENT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl TaskRecord {
@@ -198,6 +202,7 @@ mod tests {
                 pid: Some(42),
                 pid_start: Some(7),
                 report: None,
+                traceparent: None,
             },
         );
         s.save().await.unwrap();

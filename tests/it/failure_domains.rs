@@ -328,3 +328,214 @@ async fn a_flood_of_bad_tokens_costs_a_bounded_number_of_store_reads() {
     .await;
     viewer.list_agents(pb::ListAgentsRequest {}).await.unwrap();
 }
+
+#[tokio::test]
+async fn an_error_about_a_bad_frame_never_overtakes_an_earlier_ack() {
+    let hub = TestHub::start().await;
+    let mut client = hub.client().await;
+    let mut sc = hub.sidecar("a").await;
+    for i in 0..20 {
+        client.push(pinned("a", &format!("job {i}"))).await;
+        let (id, g) = sc.next_assign().await;
+        // The report and a malformed frame back to back: the ack comes first.
+        sc.send(json!({"type": "task_accepted", "task_id": id, "generation": g}))
+            .await;
+        sc.send_text("{not json").await;
+        let first = sc.recv().await;
+        assert_eq!(first["type"], "task_ack", "{first}");
+        assert_eq!(first["task_id"], json!(id));
+        let second = sc.recv().await;
+        assert_eq!(second["type"], "error", "{second}");
+        assert_eq!(second["error"], "invalid_json", "{second}");
+        sc.complete(&id, g, json!(i)).await;
+    }
+}
+
+#[tokio::test]
+async fn wait_task_ends_when_its_token_is_revoked() {
+    let hub = TestHub::start().await;
+    let mut admin = hub.client().await;
+    let issued = admin
+        .issue_token(pb::IssueTokenRequest {
+            role: "viewer".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let queued = admin
+        .push(scheduled(
+            "never runs",
+            &["nobody-has-this"],
+            pb::Priority::Low,
+        ))
+        .await;
+    let mut viewer = hub.client_with(&issued.token).await;
+    let waiting = tokio::spawn(async move {
+        viewer
+            .wait_task(pb::WaitTaskRequest {
+                task_id: queued.task_id,
+                timeout_ms: 600_000,
+            })
+            .await
+    });
+    // The wait is running (a read with the same token works meanwhile).
+    let mut probe = hub.client_with(&issued.token).await;
+    probe.list_agents(pb::ListAgentsRequest {}).await.unwrap();
+    admin
+        .revoke_token(pb::RevokeTokenRequest { id: issued.id })
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(2), waiting)
+        .await
+        .expect("WaitTask ends within 2 s of the revocation")
+        .unwrap();
+    let err = ended.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+}
+
+#[tokio::test]
+async fn sighup_leaves_a_hub_without_tls_running() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut hub = HubProcess::spawn(tmp.path(), &[]).await;
+    let pid = hub.child.id().unwrap();
+    let health = || async { Http::new(hub.ws_addr).get_text("/health").await.0 };
+    assert_eq!(health().await, 200);
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Still there, still answering (a second signal too).
+    assert_eq!(health().await, 200);
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(health().await, 200);
+    assert!(
+        hub.child.try_wait().unwrap().is_none(),
+        "hub exited on SIGHUP"
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Push a task to `sc`'s agent and time push → task_assign → accept → ack.
+async fn round_trip(client: &mut agenthub::client::HubClient, sc: &mut Sidecar) -> f64 {
+    let started = std::time::Instant::now();
+    let pushed = client.push(pinned(&sc.agent_id.clone(), "calm")).await;
+    let (id, g) = sc.next_assign().await;
+    assert_eq!(id, pushed.task_id);
+    sc.accept(&id, g).await;
+    let took = started.elapsed().as_secs_f64() * 1000.0;
+    sc.complete(&id, g, json!("ok")).await;
+    took
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Hub RSS may grow by at most this much while one sidecar floods it
+/// (docs/operations.md, "Backpressure").
+const FLOOD_RSS_BOUND_MIB: u64 = 256;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_flooding_progress_is_slowed_and_others_keep_working() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = HubProcess::spawn(tmp.path(), &[]).await;
+    let pid = hub.child.id().unwrap();
+    let url = format!("ws://{}/ws", hub.ws_addr);
+    let mut admin = agenthub::client::connect(&hub.grpc_addr.to_string(), &admin_token(tmp.path()))
+        .await
+        .unwrap();
+    let agent_token = |agent: &str| {
+        let mut admin = admin.clone();
+        let agent = agent.to_string();
+        async move {
+            admin
+                .issue_token(pb::IssueTokenRequest {
+                    role: "agent".into(),
+                    agent_id: agent,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .token
+        }
+    };
+    let flood_token = agent_token("flood").await;
+    let calm_token = agent_token("calm").await;
+    let mut flood = Sidecar::send_identify(&url, "flood", &flood_token, json!({})).await;
+    assert_eq!(flood.recv().await["type"], "identified");
+    let mut calm = Sidecar::send_identify(&url, "calm", &calm_token, json!({})).await;
+    assert_eq!(calm.recv().await["type"], "identified");
+
+    let mut calm_ms = Vec::new();
+    for _ in 0..20 {
+        calm_ms.push(round_trip(&mut admin, &mut calm).await);
+    }
+    let rss_before = rss_kib(pid);
+
+    // The flooder's task, then 1 MB progress frames as fast as the hub reads them.
+    let flood_task = admin.push(pinned("flood", "floods")).await.task_id;
+    let (id, g) = flood.next_assign().await;
+    assert_eq!(id, flood_task);
+    flood.accept(&id, g).await;
+    let data = "x".repeat(1_000_000);
+    let frame = json!({"type": "task_progress", "task_id": id, "generation": g, "progress": data})
+        .to_string();
+    let flood_for = std::time::Duration::from_secs(30);
+    let flooding = tokio::spawn(async move {
+        use futures_util::SinkExt;
+        let until = std::time::Instant::now() + flood_for;
+        let mut sent = 0u64;
+        while std::time::Instant::now() < until {
+            flood
+                .ws
+                .send(tokio_tungstenite::tungstenite::Message::Text(
+                    frame.clone().into(),
+                ))
+                .await
+                .unwrap();
+            sent += 1;
+        }
+        (flood, sent)
+    });
+    let mut busy_ms = Vec::new();
+    let mut peak = rss_before;
+    while !flooding.is_finished() {
+        busy_ms.push(round_trip(&mut admin, &mut calm).await);
+        peak = peak.max(rss_kib(pid));
+    }
+    let (_flood, sent) = flooding.await.unwrap();
+    let (calm_p50, busy_p50) = (median(calm_ms), median(busy_ms.clone()));
+    let grew_mib = peak.saturating_sub(rss_before) / 1024;
+    eprintln!(
+        "flood: {sent} frames of 1 MB in {flood_for:?}; hub RSS +{grew_mib} MiB at peak; \
+         other agent's round trip p50 {calm_p50:.1} ms calm, {busy_p50:.1} ms during the flood \
+         ({} round trips)",
+        busy_ms.len()
+    );
+    assert!(
+        grew_mib <= FLOOD_RSS_BOUND_MIB,
+        "hub RSS grew by {grew_mib} MiB (bound {FLOOD_RSS_BOUND_MIB} MiB)"
+    );
+    assert!(
+        busy_ms.len() >= 10,
+        "only {} round trips during the flood",
+        busy_ms.len()
+    );
+    // The flooder was slowed to what the hub stores, and it is still served.
+    let health = Http::new(hub.ws_addr).get_text("/health").await.0;
+    assert_eq!(health, 200);
+}
