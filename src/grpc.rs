@@ -337,20 +337,38 @@ impl TaskHub for TaskHubService {
         let slot = self.watch_slots.acquire(&token_id)?;
         let hub = self.hub.clone();
         let changes = hub.agent_changes();
+        // A new list on every change, and when an away agent's grace ends
+        // (it is then listed as gone).
         let lists = futures_util::stream::unfold(
-            (hub, changes, true),
-            |(hub, mut changes, first)| async move {
-                if !first {
-                    changes.changed().await.ok()?;
+            (hub, changes, None),
+            |(hub, mut changes, grace_ends)| async move {
+                if let Some(grace_ends) = grace_ends {
+                    let ended = async {
+                        match grace_ends {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        changed = changes.changed() => changed.ok()?,
+                        () = ended => {}
+                    }
                     // Coalesce a burst of changes into one list.
                     tokio::time::sleep(AGENTS_DEBOUNCE).await;
                     changes.borrow_and_update();
                 }
                 let agents = hub.list_agents();
+                let next_end = agents
+                    .iter()
+                    .filter_map(|a| match a.presence {
+                        crate::model::AgentPresence::Away { grace_ends, .. } => Some(grace_ends),
+                        _ => None,
+                    })
+                    .min();
                 let list = pb::ListAgentsResponse {
                     agents: agents.iter().map(pb::Agent::from).collect(),
                 };
-                Some((Ok(list), (hub, changes, false)))
+                Some((Ok(list), (hub, changes, Some(next_end))))
             },
         );
         let mut shutdown = self.shutdown.clone();

@@ -497,6 +497,8 @@ async fn agents(args: ClientArgs) -> Result<()> {
             serde_json::json!({
                 "agent_id": a.agent_id, "name": a.name, "capabilities": a.capabilities,
                 "status": a.status, "connected": a.connected, "connected_at": a.connected_at,
+                "presence": a.presence().as_str_name().to_ascii_lowercase(),
+                "away_since_ms": a.away_since_ms,
                 "active_task_ids": a.active_task_ids, "max_concurrency": a.max_concurrency,
                 "resources": a.resources.as_ref().map(|r| serde_json::json!({
                     "cpu_percent": r.cpu_percent, "ram_used_bytes": r.ram_used_bytes,

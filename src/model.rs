@@ -305,11 +305,29 @@ pub struct AgentInfo {
     pub capabilities: Vec<String>,
     pub status: String,
     pub connected: bool,
+    #[serde(skip)]
+    pub presence: AgentPresence,
     pub connected_at: i64,
     pub active_task_ids: Vec<String>,
     pub max_concurrency: u32,
     /// Its last `resource_report`, and when the hub received it (Unix ms).
     pub resources: Option<(Resources, i64)>,
+}
+
+/// Whether an agent is here: connected; away (disconnected, within the
+/// reconnect grace, still holding its tasks); or gone (away past the grace).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AgentPresence {
+    Connected,
+    Away {
+        /// When it went away (Unix ms).
+        since_ms: i64,
+        /// When the grace ends (it becomes gone).
+        grace_ends: tokio::time::Instant,
+    },
+    Gone {
+        since_ms: i64,
+    },
 }
 
 /// Host metrics from a sidecar's `resource_report`. Absent or non-numeric

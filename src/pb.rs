@@ -437,6 +437,16 @@ impl From<&model::AgentInfo> for Agent {
             capabilities: a.capabilities.clone(),
             status: a.status.clone(),
             connected: a.connected,
+            presence: match a.presence {
+                model::AgentPresence::Connected => agent::Presence::Connected,
+                model::AgentPresence::Away { .. } => agent::Presence::Away,
+                model::AgentPresence::Gone { .. } => agent::Presence::Gone,
+            } as i32,
+            away_since_ms: match a.presence {
+                model::AgentPresence::Connected => 0,
+                model::AgentPresence::Away { since_ms, .. }
+                | model::AgentPresence::Gone { since_ms } => since_ms,
+            },
             connected_at: a.connected_at,
             active_task_ids: a.active_task_ids.clone(),
             max_concurrency: a.max_concurrency,

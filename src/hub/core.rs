@@ -105,6 +105,9 @@ pub(crate) struct Agent {
     pub restarting: bool,
     /// Its last `resource_report`, and when it arrived (Unix ms).
     pub resources: Option<(Resources, i64)>,
+    /// When its last session ended (or the hub learned of it without one),
+    /// for telling "away within the grace" from "gone" (`list_agents`).
+    pub away_since: (Instant, i64),
 }
 
 impl Agent {
@@ -126,6 +129,7 @@ impl Agent {
             busy: None,
             restarting: false,
             resources: None,
+            away_since: (Instant::now(), crate::model::now_ms()),
         }
     }
 

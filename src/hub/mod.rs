@@ -26,7 +26,8 @@ use crate::error::{Error, Result};
 use crate::link::ToAgent;
 use crate::metrics::{self, Metrics};
 use crate::model::{
-    new_task_id, AgentInfo, EventFilter, EventKind, JsonObject, Priority, Seq, Task, TaskState,
+    new_task_id, AgentInfo, AgentPresence, EventFilter, EventKind, JsonObject, Priority, Seq, Task,
+    TaskState,
 };
 use crate::store::sqlite::output::OutputStore;
 use crate::store::sqlite::SqliteStore;
@@ -766,8 +767,11 @@ impl Hub {
         .await
     }
 
-    /// Every agent the hub knows.
+    /// Every agent the hub knows: connected, away within the reconnect
+    /// grace, or gone (away for longer).
     pub fn list_agents(&self) -> Vec<AgentInfo> {
+        let grace = self.config.reconnect_grace;
+        let now = tokio::time::Instant::now();
         let core = self.lock();
         let mut agents: Vec<AgentInfo> = core
             .agents
@@ -778,6 +782,16 @@ impl Hub {
                 capabilities: a.capabilities.clone(),
                 status: a.status.clone(),
                 connected: a.session.is_some(),
+                presence: match a.session {
+                    Some(_) => AgentPresence::Connected,
+                    None if now < a.away_since.0 + grace => AgentPresence::Away {
+                        since_ms: a.away_since.1,
+                        grace_ends: a.away_since.0 + grace,
+                    },
+                    None => AgentPresence::Gone {
+                        since_ms: a.away_since.1,
+                    },
+                },
                 connected_at: a.connected_at,
                 active_task_ids: a.active.iter().cloned().collect(),
                 max_concurrency: a.max_concurrency,

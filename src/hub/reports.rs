@@ -97,6 +97,7 @@ impl Hub {
             return; // Already replaced by a newer session.
         }
         agent.session = None;
+        agent.away_since = (Instant::now(), now_ms());
         agent.epoch += 1;
         let epoch = agent.epoch;
         let holds_tasks = !agent.active.is_empty();

@@ -3,7 +3,7 @@
 //! connection's outbound queue. The main loop in `mod.rs` feeds it hub frames
 //! and watcher events, one at a time.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -20,6 +20,55 @@ const REPORT_DEAD_ERRORS: [&str; 4] = [
     "stale_generation",
     "unknown_task",
 ];
+
+/// Output kept per task while the hub cannot be told (disconnected, or the
+/// connection's queue is full): the hub's default output cap, which is all
+/// the hub would keep of it anyway. Older output is dropped first.
+pub const HELD_OUTPUT_BYTES: usize = crate::config::DEFAULT_OUTPUT_CAP_BYTES as usize;
+/// Most bytes in one `task_output` sent from held output.
+const HELD_CHUNK_BYTES: usize = 256 * 1024;
+
+/// A task's output not yet handed to the connection, oldest first.
+#[derive(Default)]
+struct HeldOutput {
+    generation: u64,
+    chunks: VecDeque<(&'static str, String)>,
+    bytes: usize,
+    /// Bytes dropped to stay within `HELD_OUTPUT_BYTES`.
+    dropped: u64,
+}
+
+impl HeldOutput {
+    fn push(&mut self, stream: &'static str, data: String, cap: usize) {
+        self.bytes += data.len();
+        match self.chunks.back_mut() {
+            Some((s, d)) if *s == stream && d.len() + data.len() <= HELD_CHUNK_BYTES => {
+                d.push_str(&data)
+            }
+            _ => self.chunks.push_back((stream, data)),
+        }
+        while self.bytes > cap {
+            let Some((_, first)) = self.chunks.front_mut() else {
+                break;
+            };
+            let over = self.bytes - cap;
+            if over >= first.len() {
+                self.bytes -= first.len();
+                self.dropped += first.len() as u64;
+                self.chunks.pop_front();
+            } else {
+                // Cut the oldest chunk at a character boundary.
+                let mut cut = over;
+                while !first.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                first.drain(..cut);
+                self.bytes -= cut;
+                self.dropped += cut as u64;
+            }
+        }
+    }
+}
 
 /// Pause before a report the hub could not store is sent again.
 const REPORT_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -41,6 +90,9 @@ pub(crate) struct Sidecar {
     run_tx: mpsc::UnboundedSender<RunEvent>,
     /// SIGTERM received: no new tasks.
     pub draining: bool,
+    /// Output printed while the hub could not be told, sent when it can.
+    held: HashMap<String, HeldOutput>,
+    held_cap: usize,
 }
 
 impl Sidecar {
@@ -59,6 +111,8 @@ impl Sidecar {
             out: None,
             run_tx,
             draining: false,
+            held: HashMap::new(),
+            held_cap: HELD_OUTPUT_BYTES,
         }
     }
 
@@ -70,6 +124,65 @@ impl Sidecar {
     /// Tasks held at all (running, or waiting for an ack or a recovery answer).
     pub fn held(&self) -> usize {
         self.state.data.tasks.len()
+    }
+
+    /// Hand a frame to the connection; false if there is none or its queue is full.
+    fn try_send(&self, msg: &Value) -> bool {
+        self.out
+            .as_ref()
+            .is_some_and(|out| out.try_send(msg.to_string()).is_ok())
+    }
+
+    /// Send a task's output, or keep it (in order, bounded) until it can be sent.
+    fn send_output(&mut self, task_id: &str, generation: u64, stream: &'static str, data: String) {
+        let held = self.held.entry(task_id.to_string()).or_default();
+        if held.generation != generation {
+            *held = HeldOutput {
+                generation,
+                ..HeldOutput::default()
+            };
+        }
+        held.push(stream, data, self.held_cap);
+        self.flush_output(task_id);
+    }
+
+    /// Send what is held of a task's output, oldest first, as far as the
+    /// connection takes it; a marker says how much was dropped.
+    fn flush_output(&mut self, task_id: &str) {
+        let Some(mut held) = self.held.remove(task_id) else {
+            return;
+        };
+        let frame = |stream: &str, data: &str| json!({"type": "task_output", "task_id": task_id, "generation": held.generation, "stream": stream, "data": data});
+        if held.dropped > 0 {
+            let note = format!(
+                "[agenthub sidecar: {} bytes of output dropped while the hub could not be reached]\n",
+                held.dropped
+            );
+            if !self.try_send(&frame("stderr", &note)) {
+                self.keep_held(task_id, held);
+                return;
+            }
+            held.dropped = 0;
+        }
+        while let Some((stream, data)) = held.chunks.front() {
+            if !self.try_send(&frame(stream, data)) {
+                self.keep_held(task_id, held);
+                return;
+            }
+            held.bytes -= data.len();
+            held.chunks.pop_front();
+        }
+    }
+
+    fn keep_held(&mut self, task_id: &str, held: HeldOutput) {
+        if self.out.is_none() {
+            tracing::debug!(
+                task_id,
+                bytes = held.bytes,
+                "output kept until the hub is reachable"
+            );
+        }
+        self.held.insert(task_id.to_string(), held);
     }
 
     fn send(&self, msg: Value) {
@@ -100,6 +213,21 @@ impl Sidecar {
         self.out = Some(out);
         if self.draining {
             self.announce_draining();
+        }
+        // Output printed while away goes before the reports that end its tasks.
+        let held: Vec<String> = self.held.keys().cloned().collect();
+        for task_id in held {
+            let current = self
+                .state
+                .data
+                .tasks
+                .get(&task_id)
+                .is_some_and(|r| r.generation == self.held[&task_id].generation);
+            if current {
+                self.flush_output(&task_id);
+            } else {
+                self.held.remove(&task_id);
+            }
         }
         for rec in self.state.data.tasks.values() {
             match &rec.report {
@@ -395,6 +523,7 @@ impl Sidecar {
         };
         self.runs.remove(task_id);
         self.resent.remove(task_id);
+        self.held.remove(task_id);
         self.save().await;
         self.remove_dir(task_id, rec.started_under()).await;
     }
@@ -433,13 +562,7 @@ impl Sidecar {
                 data,
             } => {
                 if let Some(generation) = self.reporting_generation(&task_id, generation) {
-                    self.send(json!({
-                        "type": "task_output",
-                        "task_id": task_id,
-                        "generation": generation,
-                        "stream": stream,
-                        "data": data,
-                    }));
+                    self.send_output(&task_id, generation, stream, data);
                 }
             }
             RunEvent::Exited {
@@ -669,5 +792,27 @@ mod tests {
         sc.on_frame(json!({"type": "task_ack", "task_id": "t1", "status": "complete"}))
             .await;
         assert_eq!(sc.held(), 0);
+    }
+
+    #[test]
+    fn held_output_keeps_the_newest_bytes_and_counts_the_dropped() {
+        let mut held = HeldOutput::default();
+        for i in 0..10 {
+            held.push("stdout", format!("line {i}\n"), 20);
+        }
+        let kept: String = held.chunks.iter().map(|(_, d)| d.as_str()).collect();
+        assert_eq!(kept, "ine 7\nline 8\nline 9\n");
+        assert_eq!(held.bytes, kept.len());
+        assert_eq!(held.dropped, 70 - 20);
+        // Another stream starts another chunk; order is kept.
+        held.push("stderr", "oops\n".into(), 20);
+        assert_eq!(
+            held.chunks.back().unwrap(),
+            &("stderr", "oops\n".to_string())
+        );
+        // Never cut inside a character.
+        let mut held = HeldOutput::default();
+        held.push("stdout", "ééé".into(), 3);
+        assert_eq!(held.chunks[0].1, "é");
     }
 }

@@ -1,7 +1,9 @@
 //! The web dashboard (SPEC §11): `GET /` serves a page embedded in the
 //! binary, and the same `agenthub.v1.TaskHub` service is served as gRPC-Web
 //! under `/agenthub.v1.TaskHub/<Method>` on the HTTP listener, so one origin
-//! serves both page and API.
+//! serves both page and API. The page sends those calls through one
+//! WebSocket ([`tunnel`]) so that open streams never exhaust the browser's
+//! six connections per origin.
 //!
 //! The page is built from `web/` at the repository root (`npm ci && npm run
 //! build`) into `src/web/assets/`, which is committed: building the crate
@@ -10,6 +12,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::ws::WebSocketUpgrade;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -19,6 +22,8 @@ use tower::Layer;
 
 use crate::grpc::{auth_interceptor, TaskHubServer, TaskHubService};
 use crate::hub::Hub;
+
+pub mod tunnel;
 
 /// The page shell.
 pub const INDEX_HTML: &str = include_str!("assets/index.html");
@@ -42,18 +47,34 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
 /// Watch streams end when `shutdown` turns true.
 pub fn router(hub: Arc<Hub>, shutdown: watch::Receiver<bool>) -> Router {
     let node = hub.cluster_node().cloned();
+    let max_message = hub.config().max_message_bytes;
     let grpc_web = tonic_web::GrpcWebLayer::new().layer(crate::cluster::tunnel::Forward::new(
         TaskHubServer::with_interceptor(
-            TaskHubService::new(hub.clone(), shutdown),
+            TaskHubService::new(hub.clone(), shutdown.clone()),
             auth_interceptor(hub),
         ),
         node,
     ));
+    let calls = Router::new().route_service(GRPC_WEB_PATH, grpc_web);
+    let tunneled = calls.clone();
     Router::new()
         .route("/", get(index))
         .route("/assets/app.js", get(app_js))
         .route("/assets/app.css", get(app_css))
-        .route_service(GRPC_WEB_PATH, grpc_web)
+        .route(
+            tunnel::PATH,
+            get(move |ws: WebSocketUpgrade, headers: HeaderMap| async move {
+                // Room for the largest request plus the call's own header.
+                tunnel::upgrade(
+                    ws,
+                    &headers,
+                    tunneled,
+                    max_message + 64 * 1024,
+                    shutdown.clone(),
+                )
+            }),
+        )
+        .merge(calls)
 }
 
 async fn index(request: HeaderMap) -> Response {

@@ -13,6 +13,8 @@
 //   → {"op":"eval","js":"…"}              ← {"ok":true,"value":…}
 //   → {"op":"screenshot","name":"fleet"}  ← {"ok":true,"value":"<dir>/fleet.png"}
 //   → {"op":"select","sel":"#filter-state","value":"5"}
+//   → {"op":"tab","index":1}             (switch to tab 1, opening it on the base url if new)
+//   → {"op":"reload"}
 //   → {"op":"close"}
 // Errors come back as {"ok":false,"error":"…"}; the browser's console errors
 // and page errors are printed to stderr.
@@ -56,11 +58,16 @@ try {
 } catch (e) {
   fail(`cannot start ${CHROMIUM} (run scripts/test-deps.sh): ${e.message}`);
 }
-const page = context.pages()[0] ?? (await context.newPage());
-page.on("console", (m) => {
-  if (m.type() === "error" || m.type() === "warning") console.error(`[page ${m.type()}] ${m.text()}`);
-});
-page.on("pageerror", (e) => console.error(`[page error] ${e.message}`));
+const watch = (p, n) => {
+  p.on("console", (m) => {
+    if (m.type() === "error" || m.type() === "warning") console.error(`[tab ${n} ${m.type()}] ${m.text()}`);
+  });
+  p.on("pageerror", (e) => console.error(`[tab ${n} error] ${e.message}`));
+  return p;
+};
+/** Every tab opened, in order; commands go to `page`. */
+const tabs = [watch(context.pages()[0] ?? (await context.newPage()), 0)];
+let page = tabs[0];
 mkdirSync(shots, { recursive: true });
 
 const ops = {
@@ -73,6 +80,15 @@ const ops = {
   text: (c) => page.textContent(c.sel, { timeout: c.timeout ?? 5000 }),
   count: (c) => page.locator(c.sel).count(),
   eval: (c) => page.evaluate(c.js),
+  reload: (c) => page.reload().then(() => undefined),
+  tab: async (c) => {
+    if (c.index === tabs.length) {
+      tabs.push(watch(await context.newPage(), c.index));
+      await tabs[c.index].goto(new URL("/", base).toString());
+    }
+    if (!tabs[c.index]) throw new Error(`no tab ${c.index}`);
+    page = tabs[c.index];
+  },
   screenshot: async (c) => {
     const path = join(shots, `${c.name}.png`);
     await page.screenshot({ path });

@@ -161,6 +161,47 @@ impl Page {
         .await;
     }
 
+    /// Switch to tab `index` (opening it on the hub's page when it is new).
+    async fn tab(&mut self, index: usize) {
+        self.call(json!({"op": "tab", "index": index})).await;
+    }
+
+    async fn reload(&mut self) {
+        self.call(json!({"op": "reload"})).await;
+    }
+
+    /// The Tasks table as the eye sees it: the text of every row drawn
+    /// inside the table's viewport, top to bottom, one `Vec` of cells each.
+    async fn rows_on_screen(&mut self) -> Vec<Vec<String>> {
+        let js = "(() => { const vp = document.getElementById('tasks-viewport').getBoundingClientRect(); \
+                  return [...document.querySelectorAll('#tasks-viewport .vrow')] \
+                  .map(r => [r, r.getBoundingClientRect()]) \
+                  .filter(([r, b]) => b.height > 0 && b.bottom > vp.top && b.top < vp.bottom && getComputedStyle(r).display !== 'none') \
+                  .sort((a, b) => a[1].top - b[1].top) \
+                  .map(([r]) => [...r.children].map(c => c.textContent)); })()";
+        serde_json::from_value(self.eval(js).await).unwrap()
+    }
+
+    /// (task id, state) of the rows on screen, once they are `want` (rows
+    /// are drawn in the frame after the count changes) or after 50 frames.
+    async fn rows_settled(&mut self, want: &[(String, String)]) -> Vec<(String, String)> {
+        let mut shown = Vec::new();
+        for _ in 0..50 {
+            shown = self
+                .rows_on_screen()
+                .await
+                .into_iter()
+                .map(|r| (r[0].clone(), r[1].clone()))
+                .collect::<Vec<_>>();
+            if shown == want {
+                break;
+            }
+            self.eval("new Promise(r => requestAnimationFrame(() => r(null)))")
+                .await;
+        }
+        shown
+    }
+
     /// The page's counters (`window.agenthubStats`).
     async fn stats(&mut self) -> Value {
         self.eval("window.agenthubStats").await
@@ -483,6 +524,8 @@ async fn dashboard_cancels_a_running_task_and_retries_a_failed_one() {
     let (id, generation) = sc.next_assign().await;
     assert_eq!(id, failing);
     sc.accept(&id, generation).await;
+    let out = |generation: u64, data: &str| json!({"type": "task_output", "task_id": failing, "generation": generation, "stream": "stdout", "data": data});
+    sc.send(out(generation, "first attempt\n")).await;
     sc.send(json!({"type": "task_failed", "task_id": id, "generation": generation, "error": "disk full"}))
         .await;
     assert_eq!(sc.recv_type("task_ack").await["status"], "failed");
@@ -491,7 +534,13 @@ async fn dashboard_cancels_a_running_task_and_retries_a_failed_one() {
     page.sign_in(&hub.admin_token).await;
 
     page.open_task(&running).await;
+    // Cancel asks first.
     page.click("#cancel-task").await;
+    page.wait("#cancel-confirm:has-text('Cancel this task?')")
+        .await;
+    page.click("#cancel-task-no").await;
+    page.click("#cancel-task").await;
+    page.click("#cancel-task-yes").await;
     let cancelled = sc.recv_type("task_cancelled").await;
     assert_eq!(cancelled["task_id"], running.as_str());
     page.wait("#timeline li[data-kind='CANCELLED']").await;
@@ -514,6 +563,20 @@ async fn dashboard_cancels_a_running_task_and_retries_a_failed_one() {
     assert_eq!(again, failing);
     assert_eq!(generation, 2);
     page.wait("#timeline h4:has-text('Generation 2')").await;
+    // The new attempt runs: the last attempt's error is not shown as its
+    // own, and its output follows live in the same panel.
+    sc.accept(&again, generation).await;
+    page.wait("#detail-state.st-running").await;
+    assert_eq!(
+        page.count("#detail-error").await,
+        0,
+        "a running retry shows no error"
+    );
+    page.wait("#detail-output:has-text('first attempt')").await;
+    sc.send(out(generation, "second attempt\n")).await;
+    page.wait("#detail-output:has-text('second attempt')").await;
+    sc.send(out(generation, "still going\n")).await;
+    page.wait("#detail-output:has-text('still going')").await;
     page.screenshot("retried").await.unwrap();
     page.close().await;
     hub.stop().await;
@@ -839,6 +902,337 @@ async fn dashboard_task_detail_shows_dependencies_and_live_output() {
     page.wait(&format!("#detail-depends-on:has-text('{first}')"))
         .await;
     assert!(page.text("#task-detail").await.contains("Deadline"));
+    // Why it waits: its dependency, not the scheduler.
+    page.wait(&format!(
+        "#detail-why:has-text('waiting on a dependency: {first} (RUNNING)')"
+    ))
+    .await;
+    page.click("#task-detail button.close").await;
+    page.show("queue").await;
+    page.wait(&format!(
+        "#view tr:has-text('{second}') td.why:has-text('waiting on a dependency')"
+    ))
+    .await;
+    page.screenshot("queue").await.unwrap();
     page.close().await;
     hub.stop().await;
+}
+
+/// What the table shows is what its filter says: after every filter and
+/// search, the rows drawn on screen (their text) are exactly the tasks the
+/// hub has in that state, as many as the count names, newest first. A task
+/// has an address: opened by URL, and again after a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_table_shows_exactly_the_rows_its_filter_counts() {
+    use pb::task::State;
+    let _one = BROWSER.lock().await;
+    let hub = TestHub::start().await;
+    let mut sc = hub.sidecar("w1").await;
+    let mut client = hub.client().await;
+    let mut run = async |description: &str, end: Option<&str>| {
+        let once = pb::PushTaskRequest {
+            max_attempts: 1,
+            ..pinned("w1", description)
+        };
+        let id = client.push(once).await.task_id;
+        let (got, generation) = sc.next_assign().await;
+        assert_eq!(got, id);
+        sc.accept(&id, generation).await;
+        match end {
+            Some("ok") => sc.complete(&id, generation, json!("ok")).await,
+            Some(error) => {
+                sc.send(json!({"type": "task_failed", "task_id": id, "generation": generation, "error": error}))
+                    .await;
+                sc.recv_type("task_ack").await;
+            }
+            None => {}
+        }
+        id
+    };
+    for i in 0..6 {
+        run(&format!("build step {i}"), Some("ok")).await;
+    }
+    for i in 0..3 {
+        run(&format!("flaky test {i}"), Some("boom")).await;
+    }
+    let running = run("long running job", None).await;
+    let mut client = hub.client().await;
+    for i in 0..4 {
+        client
+            .push(scheduled(
+                &format!("needs a gpu {i}"),
+                &["gpu"],
+                pb::Priority::Normal,
+            ))
+            .await;
+    }
+    for i in 0..2 {
+        let id = client
+            .push(scheduled(
+                &format!("abandoned {i}"),
+                &["gpu"],
+                pb::Priority::Low,
+            ))
+            .await
+            .task_id;
+        client
+            .cancel_task(pb::CancelTaskRequest { task_id: id })
+            .await
+            .unwrap();
+    }
+    // Everything the hub has, newest first: what each filter must show.
+    let mut all = client
+        .list_tasks(pb::ListTasksRequest {
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    assert_eq!(all.len(), 16);
+    all.sort_by(|a, b| (b.created_at_ms, &b.task_id).cmp(&(a.created_at_ms, &a.task_id)));
+
+    let mut page = Page::open(&hub).await;
+    page.sign_in(&hub.admin_token).await;
+    page.wait_seq(last_seq(&hub).await).await;
+    page.show("tasks").await;
+    let live = |t: &pb::Task| {
+        matches!(
+            state_of(t),
+            State::Queued | State::Assigned | State::Running
+        )
+    };
+    let in_state = |s: State| move |t: &pb::Task| state_of(t) == s;
+    let any = |_: &pb::Task| true;
+    // Wide, narrow, wide again, narrower, empty: in the order an operator
+    // would click, so the rows of one filter could linger under the next.
+    let s = |state: State| (state as i32).to_string();
+    type Wanted = Box<dyn Fn(&pb::Task) -> bool>;
+    let steps: Vec<(String, &str, Wanted)> = vec![
+        ("live".into(), "", Box::new(live)),
+        ("all".into(), "", Box::new(any)),
+        (s(State::Failed), "", Box::new(in_state(State::Failed))),
+        ("all".into(), "", Box::new(any)),
+        (
+            s(State::Completed),
+            "",
+            Box::new(in_state(State::Completed)),
+        ),
+        (
+            s(State::Cancelled),
+            "",
+            Box::new(in_state(State::Cancelled)),
+        ),
+        (s(State::Queued), "", Box::new(in_state(State::Queued))),
+        (
+            "all".into(),
+            "flaky",
+            Box::new(|t: &pb::Task| t.description.contains("flaky")),
+        ),
+        ("all".into(), "no such task", Box::new(|_: &pb::Task| false)),
+        ("all".into(), "", Box::new(any)),
+        (s(State::Running), "", Box::new(in_state(State::Running))),
+    ];
+    for (state, search, want) in &steps {
+        page.call(json!({"op": "select", "sel": "#filter-state", "value": state}))
+            .await;
+        page.fill("#filter-search", search).await;
+        let want: Vec<&pb::Task> = all.iter().filter(|t| want(t)).collect();
+        let n = want.len();
+        let count = format!("{n} task{}", if n == 1 { "" } else { "s" });
+        page.wait(&format!("#tasks-count:text-is('{count}')")).await;
+        let want_rows: Vec<(String, String)> = want
+            .iter()
+            .map(|t| (t.task_id.clone(), state_of(t).as_str_name().to_string()))
+            .collect();
+        let shown = page.rows_settled(&want_rows).await;
+        assert_eq!(
+            shown, want_rows,
+            "filter {state:?} search {search:?}: the screen shows other rows than the {count} counted"
+        );
+        page.screenshot(&format!(
+            "tasks-filter-{state}-{}",
+            search.replace(' ', "-")
+        ))
+        .await
+        .unwrap();
+    }
+
+    // Sorting by a column, and back.
+    page.call(json!({"op": "select", "sel": "#filter-state", "value": "all"}))
+        .await;
+    page.wait("#tasks-count:text-is('16 tasks')").await;
+    page.click(".vhead .c-task").await;
+    let mut by_id: Vec<(String, String)> = all
+        .iter()
+        .map(|t| (t.task_id.clone(), state_of(t).as_str_name().to_string()))
+        .collect();
+    by_id.sort();
+    assert_eq!(page.rows_settled(&by_id).await, by_id, "sorted by task id");
+    page.click(".vhead .c-task").await;
+    by_id.reverse();
+    assert_eq!(page.rows_settled(&by_id).await, by_id, "and the other way");
+
+    // Bulk retry of what the filter shows, after a confirmation.
+    page.call(json!({"op": "select", "sel": "#filter-state", "value": s(State::Failed)}))
+        .await;
+    page.wait("#tasks-count:text-is('3 tasks')").await;
+    page.click("#bulk-retry:text-is('Retry 3 shown')").await;
+    page.click("#bulk-yes:text-is('Yes, retry 3')").await;
+    page.wait("#bulk-message:text-is('Retried 3.')").await;
+    page.wait("#tasks-count:text-is('0 tasks')").await;
+    let failed = client
+        .list_tasks(pb::ListTasksRequest {
+            state: State::Failed as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    assert!(failed.is_empty(), "every failed task was retried");
+
+    // A task's address opens it, and opens it again after a reload.
+    page.eval(&format!("location.hash = '#task/{running}'"))
+        .await;
+    page.wait(&format!(
+        "#task-detail[data-task='{running}'] #detail-state.st-running"
+    ))
+    .await;
+    page.reload().await;
+    page.wait(&format!(
+        "#task-detail[data-task='{running}'] #detail-state.st-running"
+    ))
+    .await;
+    page.wait("#timeline li[data-kind='ACCEPTED']").await;
+    page.screenshot("task-detail").await.unwrap();
+    // Closing it leaves the view's address; a typed view address shows it.
+    page.click("#task-detail button.close").await;
+    assert_eq!(page.eval("location.hash").await, "#fleet");
+    page.eval("location.hash = '#queue'").await;
+    page.wait("#tab-queue.active").await;
+    page.wait("#view li:has-text('no capable agent')").await;
+    page.show("charts").await;
+    page.wait("#view figure").await;
+    page.screenshot("charts").await.unwrap();
+    page.close().await;
+    hub.stop().await;
+}
+
+/// Four tabs, each with a live task open, all see a new event within a
+/// second, and a fifth tab still loads: the page's calls share one
+/// WebSocket, so open streams never use up the browser's six connections
+/// per origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_four_tabs_with_live_tasks_stay_live_and_a_fifth_loads() {
+    let _one = BROWSER.lock().await;
+    let hub = TestHub::start().await;
+    let mut sc = hub.sidecar_with("w", json!({"max_concurrency": 5})).await;
+    let mut client = hub.client().await;
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        let id = client.push(pinned("w", &format!("job {i}"))).await.task_id;
+        let (got, generation) = sc.next_assign().await;
+        assert_eq!(got, id);
+        sc.accept(&id, generation).await;
+        tasks.push((id, generation));
+    }
+    let mut page = Page::open(&hub).await;
+    for (i, (id, _)) in tasks.iter().take(4).enumerate() {
+        page.tab(i).await;
+        page.sign_in(&hub.admin_token).await;
+        page.open_task(id).await;
+        page.wait("#timeline li[data-kind='ACCEPTED']").await;
+        // When this tab draws the task's next PROGRESS event (page clock, ms).
+        page.eval(
+            "window.progressShown = new Promise(resolve => { const seen = () => document.querySelector(\"#timeline li[data-kind='PROGRESS']\"); \
+             const obs = new MutationObserver(() => { if (seen()) { obs.disconnect(); resolve(Date.now()); } }); \
+             obs.observe(document.body, { childList: true, subtree: true }); }); null",
+        )
+        .await;
+    }
+    let sent = agenthub::model::now_ms();
+    for (id, generation) in tasks.iter().take(4) {
+        sc.send(json!({"type": "task_progress", "task_id": id, "generation": generation, "progress": 42}))
+            .await;
+    }
+    let mut delays = Vec::new();
+    for i in 0..4 {
+        page.tab(i).await;
+        let shown = page.eval("window.progressShown").await.as_i64().unwrap();
+        delays.push(shown - sent);
+    }
+    eprintln!("four tabs: event sent → drawn in {delays:?} ms");
+    assert!(
+        delays.iter().all(|d| *d < 1000),
+        "every tab draws the event within 1 s of its sending: {delays:?} ms"
+    );
+    page.screenshot("four-tabs-live").await.unwrap();
+    // A fifth tab signs in, opens a task and follows it too.
+    page.tab(4).await;
+    page.sign_in(&hub.admin_token).await;
+    let (id, generation) = &tasks[4];
+    page.open_task(id).await;
+    sc.send(
+        json!({"type": "task_progress", "task_id": id, "generation": generation, "progress": 80}),
+    )
+    .await;
+    page.wait("#timeline li[data-kind='PROGRESS']").await;
+    page.wait("#task-detail .pbar:has-text('80%')").await;
+    // Every call went through the page's socket, none as its own request.
+    let requests = page
+        .eval("performance.getEntriesByType('resource').filter(e => e.name.includes('/agenthub.v1.TaskHub/')).length")
+        .await;
+    assert_eq!(requests, 0, "gRPC-Web calls made outside the socket");
+    page.close().await;
+    hub.stop().await;
+}
+
+/// A sidecar that stopped shows as away within the reconnect grace, then
+/// as gone; while the hub itself is unreachable every agent is unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_a_stopped_sidecar_away_then_gone_and_agents_unknown_without_the_hub() {
+    let _one = BROWSER.lock().await;
+    let grace = Duration::from_secs(2);
+    let hub = TestHub::start_with(|c| c.reconnect_grace = grace).await;
+    let leaver = hub.sidecar("leaver").await;
+    let _stayer = hub.sidecar("stayer").await;
+    let mut page = Page::open(&hub).await;
+    page.sign_in(&hub.admin_token).await;
+    page.wait("#fleet-table tr[data-agent='leaver'] .badge.online")
+        .await;
+    let stopped = Instant::now();
+    drop(leaver);
+    page.wait("#fleet-table tr[data-agent='leaver'] .badge.away:text-is('away (in grace)')")
+        .await;
+    page.screenshot("fleet-away").await.unwrap();
+    page.wait("#fleet-table tr[data-agent='leaver'] .badge.gone:text-is('gone')")
+        .await;
+    assert!(
+        stopped.elapsed() >= grace,
+        "gone only once the grace has passed"
+    );
+    page.wait("#fleet-table tr[data-agent='stayer'] .badge.online")
+        .await;
+    let listed = hub
+        .client()
+        .await
+        .list_agents(pb::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    let leaver = listed.iter().find(|a| a.agent_id == "leaver").unwrap();
+    assert_eq!(leaver.presence(), pb::agent::Presence::Gone);
+    assert!(leaver.away_since_ms > 0);
+    page.screenshot("fleet-gone").await.unwrap();
+
+    hub.stop().await;
+    page.wait("#fleet-table tr[data-agent='stayer'] .badge.unknown")
+        .await;
+    page.wait("#fleet-table tr[data-agent='leaver'] .badge.unknown")
+        .await;
+    page.screenshot("fleet-hub-unreachable").await.unwrap();
+    page.close().await;
 }

@@ -592,6 +592,77 @@ async fn orchestrator_reference_sidecar_streams_output_and_logs_prints_it() {
     }
 }
 
+/// Output the command prints while the hub is down is kept by the reference
+/// sidecar and sent when it is back: `agenthub logs` shows every line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orchestrator_reference_sidecar_keeps_output_printed_while_the_hub_is_down() {
+    use tokio::io::AsyncBufReadExt;
+    let hub = TestHub::start().await;
+    let ws_addr = hub.ws_addr;
+    let mut client = hub.client().await;
+    let state = tempfile::tempdir().unwrap();
+    let mut sidecar = reference_sidecar_with_log(&hub, "ref-away", state.path());
+    let mut log = tokio::io::BufReader::new(sidecar.stderr.take().unwrap()).lines();
+    until_connected(&client, "ref-away").await;
+    let (go, done) = (state.path().join("go"), state.path().join("done"));
+    let command = format!(
+        "echo one; until [ -e '{}' ]; do sleep 0.05; done; echo two; echo three >&2; \
+         until [ -e '{}' ]; do sleep 0.05; done; echo four",
+        go.display(),
+        done.display()
+    );
+    let id = client.push(pinned("ref-away", &command)).await.task_id;
+    let mut out = client
+        .watch_task_output(output_req(&id, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read_text(&mut out, 4).await, "one\n");
+
+    // The hub goes away; the command prints; the sidecar keeps what it printed.
+    let tmp = hub.stop().await.unwrap();
+    let mut wait_log = async |what: &str| {
+        tokio::time::timeout(WAIT, async {
+            while let Some(line) = log.next_line().await.unwrap() {
+                if line.contains(what) {
+                    return;
+                }
+            }
+            panic!("the sidecar exited before logging {what:?}");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the sidecar never logged {what:?}"))
+    };
+    wait_log("hub closed the connection").await;
+    std::fs::write(&go, "").unwrap();
+    wait_log("output kept until the hub is reachable").await;
+
+    let hub = TestHub::start_in(tmp.path(), |c| c.ws_addr = ws_addr).await;
+    let mut client = hub.client().await;
+    wait_log("connected to the hub").await;
+    std::fs::write(&done, "").unwrap();
+    let task = client
+        .wait_task(wait_req(&id, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state_of(&task), pb::task::State::Completed);
+    let logs = tokio::process::Command::new(env!("CARGO_BIN_EXE_agenthub"))
+        .args(["logs", &id])
+        .env("AGENTHUB_GRPC_ADDR", hub.grpc_addr.to_string())
+        .env("AGENTHUB_TOKEN", &hub.admin_token)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .output();
+    let logs = tokio::time::timeout(WAIT, logs).await.unwrap().unwrap();
+    assert!(logs.status.success());
+    assert_eq!(String::from_utf8_lossy(&logs.stdout), "one\ntwo\nfour\n");
+    assert_eq!(String::from_utf8_lossy(&logs.stderr), "three\n");
+    drop(sidecar);
+    hub.stop().await;
+    drop(tmp);
+}
+
 // ---- the Python client (clients/python) ------------------------------------
 
 fn root() -> std::path::PathBuf {
@@ -612,6 +683,30 @@ fn client_python() -> std::path::PathBuf {
         python.display()
     );
     python
+}
+
+/// [`reference_sidecar`] with its debug log on a pipe (`stderr`).
+fn reference_sidecar_with_log(
+    hub: &TestHub,
+    agent: &str,
+    state: &std::path::Path,
+) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_agenthub"))
+        .arg("sidecar")
+        .args(["--hub", &hub.ws_url(), "--agent", agent, "--state-file"])
+        .arg(state.join(format!("{agent}.json")))
+        .args(["--kill-grace", "500ms"])
+        .args(["--", "sh", "-c", r#"eval "$AGENTHUB_TASK_DESCRIPTION""#])
+        .current_dir(state)
+        .env("AGENTHUB_TOKEN", hub.agent_token(agent))
+        .env("RUST_LOG", "agenthub=debug")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
 }
 
 /// The reference sidecar running shell descriptions, as `agent`.

@@ -6,6 +6,7 @@ import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { toJson } from "@bufbuild/protobuf";
 import { ValueSchema, type Value } from "@bufbuild/protobuf/wkt";
 import { TaskHub } from "./gen/agenthub/v1/hub_pb";
+import { socketFetch } from "./socket";
 
 export type Hub = Client<typeof TaskHub>;
 
@@ -32,6 +33,8 @@ export function hubClient(token: string): Hub {
   const transport = createGrpcWebTransport({
     baseUrl: location.origin,
     interceptors: [auth],
+    // Every call through the page's one WebSocket (./socket.ts).
+    fetch: socketFetch,
   });
   return createClient(TaskHub, transport);
 }

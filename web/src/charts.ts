@@ -36,14 +36,14 @@ export function renderCharts(el: HTMLElement, model: Model): void {
   fill(
     el,
     h("p", { class: "muted" }, "The last hour, per minute, from the event stream (the events stored before the page opened are read back, up to 5,000)."),
-    chart("Tasks per minute", "tasks", [
+    chart("Tasks per minute", (v) => `${Math.round(v)}`, [
       { name: "completed", cls: "s-ok", values: minutes.map((b) => b?.completed ?? 0) },
       { name: "failed", cls: "s-bad", values: minutes.map((b) => b?.failed ?? 0) },
     ], "bars"),
-    chart("Queue depth", "tasks", [{ name: "queued", cls: "s-queue", values: depths }], "line"),
+    chart("Queue depth", (v) => `${Math.round(v)}`, [{ name: "queued", cls: "s-queue", values: depths }], "line"),
     chart(
-      `Assignment wait (last hour: p50 ${fmtMs(percentile(all, 50))}, p99 ${fmtMs(percentile(all, 99))})`,
-      "ms",
+      all.length ? `Assignment wait (last hour: p50 ${fmtMs(percentile(all, 50))}, p99 ${fmtMs(percentile(all, 99))})` : "Assignment wait (no task assigned in the last hour)",
+      fmtMs,
       [
         { name: "p50", cls: "s-p50", values: waits.map((w) => (w.length ? percentile(w, 50) : null)) },
         { name: "p99", cls: "s-p99", values: waits.map((w) => (w.length ? percentile(w, 99) : null)) },
@@ -53,7 +53,7 @@ export function renderCharts(el: HTMLElement, model: Model): void {
   );
 }
 
-function fmtMs(ms: number): string {
+export function fmtMs(ms: number): string {
   return ms >= 10_000 ? `${(ms / 1000).toFixed(0)} s` : ms >= 1000 ? `${(ms / 1000).toFixed(1)} s` : `${Math.round(ms)} ms`;
 }
 
@@ -63,14 +63,15 @@ function svg(tag: string, attrs: Record<string, string | number>): SVGElement {
   return el;
 }
 
-function chart(title: string, unit: string, series: Series[], kind: "bars" | "line"): HTMLElement {
+/** Axis labels in the same unit as the title (`fmt`). */
+function chart(title: string, fmt: (v: number) => string, series: Series[], kind: "bars" | "line"): HTMLElement {
   const max = Math.max(1, ...series.flatMap((s) => s.values.map((v) => v ?? 0)));
   const root = svg("svg", { viewBox: `0 0 ${W} ${H + 20}`, class: "chart", role: "img", "aria-label": title });
   for (const f of [0, 0.5, 1]) {
     const y = H - f * H;
     root.appendChild(svg("line", { x1: 0, x2: W, y1: y, y2: y, class: "gridline" }));
     const t = svg("text", { x: 2, y: Math.max(11, y - 2), class: "axis" });
-    t.textContent = `${Math.round(f * max)} ${unit}`;
+    t.textContent = fmt(f * max);
     root.appendChild(t);
   }
   const step = W / MINUTES;

@@ -27,6 +27,12 @@ export class TaskDetail {
   private output = "";
   private outputCut = false;
   private outputOffset = 0n;
+  /** Wakes the output follower after its stream ended (the task was retried). */
+  private outputWake: (() => void) | undefined;
+  /** Cancel was pressed once: the next press confirms. */
+  private confirming = false;
+  /** Seq of the last event known when the panel opened (older ones are history). */
+  private openedAt = -1;
 
   constructor(
     readonly taskId: string,
@@ -34,6 +40,8 @@ export class TaskDetail {
     private role: Role,
     private close: () => void,
     private changed: () => void,
+    /** Why a queued task waits, as the Queue view says it. */
+    private why: (id: string) => string | undefined = () => undefined,
   ) {
     this.el = h("aside", { class: "detail", id: "task-detail", "data-task": taskId });
     void this.load();
@@ -41,11 +49,13 @@ export class TaskDetail {
 
   stop(): void {
     this.abort.abort();
+    this.outputWake?.();
   }
 
   private async load(): Promise<void> {
     try {
       this.task = await this.hub.getTask({ taskId: this.taskId }, { signal: this.abort.signal });
+      this.openedAt = Number(this.task.lastSeq);
       this.mark();
     } catch (e) {
       if (this.abort.signal.aborted) return;
@@ -64,6 +74,11 @@ export class TaskDetail {
           if (ev.seq <= this.lastSeq) continue;
           this.lastSeq = ev.seq;
           this.events.push(ev);
+          if (ev.kind === TaskEvent_Kind.RETRIED) {
+            // A new attempt: its output follows on from here.
+            if (ev.seq > this.openedAt && this.output) this.output += `\n── retried at ${clock(ev.ts)}: the next attempt's output ──\n`;
+            this.outputWake?.();
+          }
           if (this.task && ev.seq > Number(this.task.lastSeq)) this.refreshSoon();
           this.mark();
         }
@@ -82,15 +97,19 @@ export class TaskDetail {
         const stream = this.hub.watchTaskOutput({ taskId: this.taskId, afterOffset: this.outputOffset }, { signal: this.abort.signal });
         for await (const c of stream) {
           this.outputOffset = c.offset + BigInt(new TextEncoder().encode(c.data).length);
-          this.output += c.data;
+          this.output += withoutProgress(c.data);
           if (this.output.length > MAX_OUTPUT) {
             this.output = this.output.slice(-MAX_OUTPUT);
             this.outputCut = true;
           }
           this.mark();
         }
-        // Ended: the task is finished and all its output was sent.
-        return;
+        // Ended: the task is finished and all its output was sent. A retry
+        // starts another attempt: follow its output from where this ended.
+        const last = this.events.at(-1);
+        if (!last || isFinal(last.state)) await new Promise<void>((wake) => (this.outputWake = wake));
+        this.outputWake = undefined;
+        continue;
       } catch {
         if (this.abort.signal.aborted) return;
       }
@@ -121,9 +140,11 @@ export class TaskDetail {
 
   private async act(what: "cancel" | "retry"): Promise<void> {
     this.message = "";
+    this.confirming = false;
     try {
       this.task = what === "cancel" ? await this.hub.cancelTask({ taskId: this.taskId }) : await this.hub.retryTask({ taskId: this.taskId });
       this.message = what === "cancel" ? "Cancelled." : "Queued again.";
+      if (what === "retry") this.outputWake?.();
     } catch (e) {
       this.message = explain(e);
     }
@@ -156,7 +177,16 @@ export class TaskDetail {
       h(
         "div",
         { class: "actions" },
-        canCancel ? h("button", { type: "button", id: "cancel-task", class: "danger", onclick: () => void this.act("cancel") }, "Cancel task") : null,
+        canCancel && !this.confirming ? h("button", { type: "button", id: "cancel-task", class: "danger", onclick: () => ((this.confirming = true), this.mark()) }, "Cancel task") : null,
+        canCancel && this.confirming
+          ? h(
+              "span",
+              { class: "confirm", id: "cancel-confirm" },
+              "Cancel this task? ",
+              h("button", { type: "button", id: "cancel-task-yes", class: "danger", onclick: () => void this.act("cancel") }, "Yes, cancel it"),
+              h("button", { type: "button", id: "cancel-task-no", onclick: () => ((this.confirming = false), this.mark()) }, "Keep it"),
+            )
+          : null,
         canRetry ? h("button", { type: "button", id: "retry-task", onclick: () => void this.act("retry") }, "Retry task") : null,
         this.message ? h("span", { class: "message" }, this.message) : null,
       ),
@@ -164,6 +194,7 @@ export class TaskDetail {
         "dl",
         { class: "facts" },
         ...fact("State", h("span", { class: `st-${stateName(t.state).toLowerCase()}`, id: "detail-state" }, stateName(t.state))),
+        ...(t.state === Task_State.QUEUED && this.why(t.taskId) ? fact("Waiting", h("span", { id: "detail-why" }, this.why(t.taskId)!)) : []),
         ...fact("Agent", `${t.agentId || "—"}${t.pinned ? " (pinned)" : ""}`),
         ...fact("Priority", priorityName(t.priority)),
         ...fact("Generation", String(t.generation)),
@@ -178,9 +209,10 @@ export class TaskDetail {
         ...(t.queueTtlMs ? fact("Queue TTL", `${Number(t.queueTtlMs) / 1000} s (until ${dateTime(Number(t.createdAtMs) + Number(t.queueTtlMs))})`) : []),
         ...(t.deadlineMs ? fact("Deadline", dateTime(Number(t.deadlineMs))) : []),
         ...(t.metadata && Object.keys(t.metadata).length ? fact("Metadata", h("pre", {}, JSON.stringify(t.metadata, null, 1))) : []),
-        ...(lastProgress ? fact("Progress", h("pre", {}, JSON.stringify(lastProgress.payload.progress ?? lastProgress.payload))) : []),
+        ...(lastProgress && !isFinal(t.state) ? fact("Progress", progressView(lastProgress.payload.progress ?? lastProgress.payload)) : []),
         ...(t.result ? fact("Result", h("pre", { id: "detail-result" }, valueText(t.result))) : []),
-        ...(t.error ? fact("Error", h("pre", { class: "error", id: "detail-error" }, valueText(t.error))) : []),
+        // A retried task's error belongs to an attempt that is over: shown only once the task ended again.
+        ...(t.error && isFinal(t.state) ? fact("Error", h("pre", { class: "error", id: "detail-error" }, valueText(t.error))) : []),
       ),
       ...(this.output
         ? [
@@ -202,12 +234,13 @@ export class TaskDetail {
             h(
               "ol",
               {},
-              ...evs.map((e) =>
+              ...evs.map((e, i) =>
                 h(
                   "li",
                   { "data-seq": e.seq, "data-kind": kindName(e.kind) },
                   h("span", { class: "seq" }, `#${e.seq}`),
-                  h("span", { class: "time" }, clock(e.ts)),
+                  h("span", { class: "time", title: dateTime(e.ts) }, clock(e.ts)),
+                  h("span", { class: "delta", title: "since the previous event" }, i ? `+${duration(e.ts - evs[i - 1].ts)}` : ""),
                   h("span", { class: `kind k-${kindName(e.kind).toLowerCase()}` }, kindName(e.kind)),
                   e.agentId ? h("span", { class: "agent" }, e.agentId) : null,
                   shownPayload(e) ? h("code", {}, shownPayload(e)) : null,
@@ -229,4 +262,37 @@ function shownPayload(e: FeedEvent): string {
 
 function fact(label: string, value: string | Node): Node[] {
   return [h("dt", {}, label), h("dd", {}, value)];
+}
+
+/** Output without the `::progress` lines (the sidecar turns them into progress events, shown above). */
+function withoutProgress(data: string): string {
+  return data.includes("::progress") ? data.replace(/^::progress[^\n]*(\n|$)/gm, "") : data;
+}
+
+/** A duration for a person: 850 ms, 4.2 s, 3 min 5 s, 2 h 10 min. */
+export function duration(ms: number): string {
+  if (ms < 1000) return `${Math.max(0, Math.round(ms))} ms`;
+  if (ms < 60_000) return `${(ms / 1000).toFixed(1)} s`;
+  const s = Math.round(ms / 1000);
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+}
+
+/** A number (0–100, or a fraction up to 1) or an object with `percent` as a bar; anything else as text. */
+export function progressView(p: unknown): HTMLElement {
+  const pct = percentOf(p);
+  if (pct === undefined) return h("pre", {}, typeof p === "string" ? p : JSON.stringify(p));
+  const inner = h("div", {});
+  inner.style.width = `${pct}%`;
+  const message = p && typeof p === "object" && "message" in p ? ` ${String((p as { message: unknown }).message)}` : "";
+  return h("span", { class: "pbar", title: JSON.stringify(p) }, h("div", { class: "bar" }, inner), h("span", {}, `${Math.round(pct)}%${message}`));
+}
+
+export function percentOf(p: unknown): number | undefined {
+  let v = p;
+  if (v && typeof v === "object" && !Array.isArray(v)) v = (v as Record<string, unknown>).percent ?? (v as Record<string, unknown>).progress;
+  if (typeof v === "string" && v.trim() !== "" && !Number.isNaN(Number(v))) v = Number(v);
+  if (typeof v !== "number" || !Number.isFinite(v)) return undefined;
+  const pct = v > 0 && v < 1 ? v * 100 : v;
+  return Math.min(100, Math.max(0, pct));
 }

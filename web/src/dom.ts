@@ -33,15 +33,20 @@ export function setText(el: Element, text: string): void {
   if (el.textContent !== text) el.textContent = text;
 }
 
+const pad = (n: number) => String(n).padStart(2, "0");
+
+/** Local time of day, 24 h: `14:03:07`. The one time format of the page. */
 export function clock(ms: number): string {
   if (!ms) return "";
   const d = new Date(ms);
-  return d.toLocaleTimeString([], { hour12: false });
+  return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
 }
 
+/** Local date and time, ISO-like, 24 h: `2026-12-06 14:03:07`. */
 export function dateTime(ms: number): string {
   if (!ms) return "";
-  return new Date(ms).toLocaleString([], { hour12: false });
+  const d = new Date(ms);
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${clock(ms)}`;
 }
 
 export function ago(ms: number, now = Date.now()): string {

@@ -138,6 +138,9 @@ export class Live {
         this.refreshFailed(e);
       }
       if (this.stopped) return;
+      // Until the hub lists them again, nobody knows whether they are there.
+      this.model.lostHub();
+      this.changed();
       await sleep(retry, this.abort.signal);
       retry = Math.min(retry * 2, RETRY_MAX_MS);
     }

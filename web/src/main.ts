@@ -9,7 +9,7 @@ import { renderFleet } from "./fleet";
 import { Live, type Connection } from "./live";
 import { kindName, Model, stateName, type FeedEvent } from "./model";
 import { pushForm } from "./push";
-import { renderQueue } from "./queue";
+import { renderQueue, unfinishedDeps, whyWaiting } from "./queue";
 import { TasksView } from "./tasks";
 
 type View = "fleet" | "queue" | "tasks" | "charts" | "push";
@@ -23,6 +23,8 @@ const VIEWS: [View, string][] = [
 /** Views that rebuild wholesale redraw at most this often. */
 const SLOW_VIEW_MS = 250;
 const FEED_ROWS = 100;
+/** A render waits at most this long for an animation frame. */
+const RENDER_LATEST_MS = 100;
 
 declare global {
   interface Window {
@@ -96,6 +98,10 @@ class Dashboard {
   private agentIds = h("datalist", { id: "agent-ids" });
   private agentIdsKey = "";
   private scheduled = false;
+  /** Renders a background tab (see `invalidate`). */
+  private wake = new MessageChannel();
+  /** Bumped per scheduled render: a frame and a timer race to draw it once. */
+  private renderEpoch = 0;
   private lastSlow = 0;
   private slowTimer = 0;
   private ticker = 0;
@@ -110,7 +116,7 @@ class Dashboard {
   ) {
     window.agenthubStats = this.model.stats;
     this.live = new Live(hub, this.model, () => this.invalidate(), (c, m) => this.connection(c, m), (m) => this.signOut(m));
-    this.tasks = new TasksView(this.model, hub, (id) => this.openTask(id), () => this.invalidate());
+    this.tasks = new TasksView(this.model, hub, (id) => this.openTask(id), () => this.invalidate(), role);
   }
 
   mount(): void {
@@ -138,8 +144,19 @@ class Dashboard {
       this.detailSlot,
       this.agentIds,
     );
-    const wanted = location.hash.slice(1) as View;
-    this.show(this.tabs.has(wanted) ? wanted : "fleet");
+    this.route();
+    // A typed or pasted address: `#tasks`, or `#task/<id>` for a task's detail.
+    window.addEventListener("hashchange", () => this.route(), { signal: this.listeners.signal });
+    this.wake.port1.onmessage = () => this.render();
+    // A frame asked for just before the tab was hidden never comes: ask again.
+    document.addEventListener(
+      "visibilitychange",
+      () => {
+        this.scheduled = false;
+        this.invalidate();
+      },
+      { signal: this.listeners.signal },
+    );
     this.ticker = window.setInterval(() => {
       this.model.sampleDepth(Date.now());
       this.invalidate();
@@ -156,6 +173,20 @@ class Dashboard {
       { signal },
     );
     void this.live.start();
+  }
+
+  /** Show what the address names. */
+  private route(): void {
+    const hash = decodeURIComponent(location.hash.slice(1));
+    if (hash.startsWith("task/")) {
+      const id = hash.slice(5);
+      if (!this.tabs.has(this.view) || this.main.childElementCount === 0) this.show(this.view, false);
+      if (id && this.detail?.taskId !== id) this.openTask(id);
+      return;
+    }
+    const wanted = hash as View;
+    this.show(this.tabs.has(wanted) ? wanted : "fleet");
+    if (this.detail) this.closeTask();
   }
 
   private signOut(message: string): void {
@@ -181,9 +212,9 @@ class Dashboard {
     }
   }
 
-  private show(v: View): void {
+  private show(v: View, address = true): void {
     this.view = v;
-    history.replaceState(null, "", `#${v}`);
+    if (address) history.replaceState(null, "", this.detail ? `#task/${encodeURIComponent(this.detail.taskId)}` : `#${v}`);
     for (const [name, tab] of this.tabs) tab.classList.toggle("active", name === v);
     if (v === "tasks") fill(this.main, this.tasks.el);
     else if (v === "push") fill(this.main, (this.push ??= pushForm(this.hub, (id) => this.openTask(id))));
@@ -194,8 +225,9 @@ class Dashboard {
 
   private openTask(id: string): void {
     this.detail?.stop();
-    this.detail = new TaskDetail(id, this.hub, this.role, () => this.closeTask(), () => this.invalidate());
+    this.detail = new TaskDetail(id, this.hub, this.role, () => this.closeTask(), () => this.invalidate(), (t) => this.whyWaiting(t));
     fill(this.detailSlot, this.detail.el);
+    history.replaceState(null, "", `#task/${encodeURIComponent(id)}`);
     this.invalidate();
   }
 
@@ -203,12 +235,34 @@ class Dashboard {
     this.detail?.stop();
     this.detail = undefined;
     this.detailSlot.replaceChildren();
+    history.replaceState(null, "", `#${this.view}`);
+  }
+
+  private whyWaiting(id: string): string | undefined {
+    const t = this.model.tasks.get(id);
+    if (!t) return undefined;
+    const deps = unfinishedDeps(t, this.model.tasks);
+    const why = whyWaiting(t, this.model.agents, this.model.tasks);
+    return deps.length ? `${why}: ${deps.map((d) => `${d.id} (${stateName(d.state)})`).join(", ")}` : why;
   }
 
   private invalidate(): void {
     if (this.scheduled) return;
     this.scheduled = true;
-    requestAnimationFrame(() => this.render());
+    // A hidden tab gets no animation frames, and its timers are held back
+    // to once a second: it still keeps its views current (they are right
+    // the moment it is shown again) through a message to itself, which is
+    // neither. A tab that is visible but not in front may get frames
+    // seldom: a timer draws if no frame came within RENDER_LATEST_MS.
+    if (document.hidden) this.wake.port2.postMessage(null);
+    else {
+      const epoch = ++this.renderEpoch;
+      const run = () => {
+        if (this.scheduled && this.renderEpoch === epoch) this.render();
+      };
+      requestAnimationFrame(run);
+      setTimeout(run, RENDER_LATEST_MS);
+    }
   }
 
   private render(): void {
@@ -259,7 +313,8 @@ class Dashboard {
         h("span", { class: "seq" }, `#${e.seq}`),
         h("span", { class: "time" }, clock(e.ts)),
         h("span", { class: `kind k-${kindName(e.kind).toLowerCase()}` }, kindName(e.kind)),
-        h("span", { class: "task" }, e.taskId),
+        h("span", { class: "task", title: this.model.tasks.get(e.taskId)?.description ?? "" }, e.taskId),
+        h("span", { class: "desc" }, this.model.tasks.get(e.taskId)?.description ?? ""),
         h("span", { class: "agent" }, e.agentId),
         h("span", { class: "state" }, stateName(e.state)),
       ),

@@ -3,7 +3,7 @@
 // Every event goes through `applyEvent`, which drops any seq already seen.
 
 import type { JsonObject, JsonValue } from "@bufbuild/protobuf";
-import { Priority, Task_State, TaskEvent_Kind, type Agent, type Task, type TaskEvent } from "./gen/agenthub/v1/hub_pb";
+import { Agent_Presence, Priority, Task_State, TaskEvent_Kind, type Agent, type Task, type TaskEvent } from "./gen/agenthub/v1/hub_pb";
 import { valueText } from "./api";
 
 export interface TaskRow {
@@ -24,6 +24,8 @@ export interface TaskRow {
   /** When the task last entered QUEUED (Unix ms). */
   queuedSince: number;
   progress: string;
+  /** Tasks it waits for (PushTask depends_on). */
+  deps: string[];
   result: string;
   error: string;
   /** Only what an event told us so far; details come from GetTask. */
@@ -36,10 +38,15 @@ export interface AgentRow {
   caps: string[];
   status: string;
   connected: boolean;
+  /** As the hub lists it; "unknown" while the hub is unreachable. */
+  presence: Presence;
+  awaySince: number;
   connectedAt: number;
   active: Set<string>;
   max: number;
 }
+
+export type Presence = "connected" | "away" | "gone" | "unknown";
 
 export interface FeedEvent {
   seq: number;
@@ -99,6 +106,7 @@ export function rowFromTask(t: Task): TaskRow {
     lastSeq: num(t.lastSeq),
     queuedSince: t.state === Task_State.QUEUED ? num(t.updatedAtMs) : 0,
     progress: "",
+    deps: t.dependsOn,
     result: valueText(t.result),
     error: valueText(t.error),
     partial: false,
@@ -116,6 +124,20 @@ export function feedEvent(e: TaskEvent): FeedEvent {
     ts: num(e.timestampMs),
     payload: e.payload ?? {},
   };
+}
+
+function presenceOf(a: Agent): Presence {
+  switch (a.presence) {
+    case Agent_Presence.CONNECTED:
+      return "connected";
+    case Agent_Presence.AWAY:
+      return "away";
+    case Agent_Presence.GONE:
+      return "gone";
+    default:
+      // A hub from before presence was listed.
+      return a.connected ? "connected" : "away";
+  }
 }
 
 /** Counters a test (or a curious operator, from the console) can read. */
@@ -209,13 +231,31 @@ export class Model {
         caps: a.capabilities,
         status: a.status,
         connected: a.connected,
+        presence: presenceOf(a),
+        awaySince: num(a.awaySinceMs),
         connectedAt: num(a.connectedAt),
         active: new Set(a.activeTaskIds),
         max: a.maxConcurrency || 1,
       });
     }
     this.agents = next;
+    this.hubReachable = true;
     this.version++;
+  }
+
+  /** The hub stopped answering: what it last said about agents may be stale. */
+  lostHub(): void {
+    if (!this.hubReachable) return;
+    this.hubReachable = false;
+    this.version++;
+  }
+
+  /** False from a broken stream until the hub lists agents again. */
+  hubReachable = true;
+
+  /** How an agent is shown: what the hub listed, or unknown while it cannot be asked. */
+  presence(a: AgentRow): Presence {
+    return this.hubReachable ? a.presence : "unknown";
   }
 
   private trackAgentTask(row: TaskRow): void {
@@ -247,13 +287,13 @@ export class Model {
       if (ev.kind === TaskEvent_Kind.CREATED) {
         row = this.rowFromCreated(ev);
         this.tasks.set(row.id, row);
-        this.order.push(row);
+        this.insertRow(row);
       } else if (!isFinal(ev.state) && ev.seq > this.snapshotSeq) {
         // Live and not in the snapshot (e.g. re-queued between snapshot pages).
         row = this.rowFromCreated(ev);
         row.partial = true;
         this.tasks.set(row.id, row);
-        this.order.push(row);
+        this.insertRow(row);
         this.missing.add(row.id);
       } else {
         this.version++;
@@ -266,6 +306,24 @@ export class Model {
     this.update(row, ev);
     this.version++;
     return true;
+  }
+
+  /** Into `order`, which stays in creation order (events replayed from before the snapshot are older than its rows). */
+  private insertRow(row: TaskRow): void {
+    const o = this.order;
+    const before = (a: TaskRow, b: TaskRow) => a.createdAt < b.createdAt || (a.createdAt === b.createdAt && a.id < b.id);
+    if (o.length === 0 || !before(row, o[o.length - 1])) {
+      o.push(row);
+      return;
+    }
+    let lo = 0;
+    let hi = o.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (before(o[mid], row)) lo = mid + 1;
+      else hi = mid;
+    }
+    o.splice(lo, 0, row);
   }
 
   private rowFromCreated(ev: FeedEvent): TaskRow {
@@ -287,6 +345,7 @@ export class Model {
       lastSeq: 0,
       queuedSince: ev.ts,
       progress: "",
+      deps: Array.isArray(p.depends_on) ? p.depends_on.map(String) : [],
       result: "",
       error: "",
       partial: false,

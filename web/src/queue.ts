@@ -3,12 +3,24 @@
 
 import { ago, fill, h } from "./dom";
 import { card } from "./fleet";
-import { Priority } from "./gen/agenthub/v1/hub_pb";
+import { Priority, Task_State } from "./gen/agenthub/v1/hub_pb";
 import { priorityName, type AgentRow, type Model, type TaskRow } from "./model";
 
-export type WaitReason = "no capable agent" | "all capable agents busy" | "pinned agent offline" | "pinned agent busy" | "being assigned";
+export type WaitReason =
+  | "waiting on a dependency"
+  | "no capable agent"
+  | "all capable agents busy"
+  | "pinned agent offline"
+  | "pinned agent busy"
+  | "being assigned";
 
-export function whyWaiting(t: TaskRow, agents: Map<string, AgentRow>): WaitReason {
+/** The dependencies of a queued task that have not completed (those the page holds; a finished one it no longer holds completed, or this task would have failed). */
+export function unfinishedDeps(t: TaskRow, tasks: Map<string, TaskRow>): TaskRow[] {
+  return t.deps.map((d) => tasks.get(d)).filter((d): d is TaskRow => !!d && d.state !== Task_State.COMPLETED);
+}
+
+export function whyWaiting(t: TaskRow, agents: Map<string, AgentRow>, tasks: Map<string, TaskRow>): WaitReason {
+  if (unfinishedDeps(t, tasks).length) return "waiting on a dependency";
   const free = (a: AgentRow) => a.active.size < a.max;
   if (t.pinned) {
     const a = agents.get(t.agent);
@@ -33,7 +45,7 @@ export function renderQueue(el: HTMLElement, model: Model, openTask: (id: string
   for (const t of queued) {
     const p = t.priority || Priority.NORMAL;
     byPriority.set(p, (byPriority.get(p) ?? 0) + 1);
-    const r = whyWaiting(t, model.agents);
+    const r = whyWaiting(t, model.agents, model.tasks);
     why.set(t.id, r);
     reasons.set(r, (reasons.get(r) ?? 0) + 1);
     if (!oldest || (t.queuedSince || t.createdAt) < (oldest.queuedSince || oldest.createdAt)) oldest = t;
@@ -61,7 +73,7 @@ export function renderQueue(el: HTMLElement, model: Model, openTask: (id: string
       ? h(
           "table",
           { class: "grid" },
-          h("thead", {}, h("tr", {}, ...["Task", "Priority", "Needs", "Pinned to", "Waiting", "Why"].map((t) => h("th", {}, t)))),
+          h("thead", {}, h("tr", {}, ...["Task", "Description", "Priority", "Needs", "Pinned to", "Waiting", "Why"].map((t) => h("th", {}, t)))),
           h(
             "tbody",
             {},
@@ -70,11 +82,12 @@ export function renderQueue(el: HTMLElement, model: Model, openTask: (id: string
                 "tr",
                 {},
                 h("td", {}, h("a", { href: "#", class: "task-link", onclick: (e: Event) => (e.preventDefault(), openTask(t.id)) }, t.id)),
+                h("td", { class: "cut", title: t.description }, t.description),
                 h("td", {}, priorityName(t.priority)),
                 h("td", {}, t.caps.join(", ") || "—"),
                 h("td", {}, t.pinned ? t.agent : "—"),
                 h("td", {}, ago(waitingSince(t), now)),
-                h("td", {}, why.get(t.id) ?? ""),
+                h("td", { class: "why" }, why.get(t.id) ?? "", ...dependencyNote(t, model)),
               ),
             ),
           ),
@@ -82,4 +95,9 @@ export function renderQueue(el: HTMLElement, model: Model, openTask: (id: string
       : null,
     queued.length > SHOWN ? h("p", { class: "muted" }, `The ${SHOWN} first in line of ${queued.length}.`) : null,
   );
+}
+
+function dependencyNote(t: TaskRow, model: Model): (string | HTMLElement)[] {
+  const deps = unfinishedDeps(t, model.tasks);
+  return deps.length ? [" ", h("span", { class: "muted" }, `(${deps.map((d) => d.id).join(", ")})`)] : [];
 }

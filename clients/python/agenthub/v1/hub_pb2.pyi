@@ -254,7 +254,17 @@ class ListAgentsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Agent(_message.Message):
-    __slots__ = ("agent_id", "name", "capabilities", "status", "connected", "connected_at", "active_task_ids", "resources", "max_concurrency")
+    __slots__ = ("agent_id", "name", "capabilities", "status", "connected", "connected_at", "active_task_ids", "resources", "max_concurrency", "presence", "away_since_ms")
+    class Presence(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        PRESENCE_UNSPECIFIED: _ClassVar[Agent.Presence]
+        CONNECTED: _ClassVar[Agent.Presence]
+        AWAY: _ClassVar[Agent.Presence]
+        GONE: _ClassVar[Agent.Presence]
+    PRESENCE_UNSPECIFIED: Agent.Presence
+    CONNECTED: Agent.Presence
+    AWAY: Agent.Presence
+    GONE: Agent.Presence
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
@@ -264,6 +274,8 @@ class Agent(_message.Message):
     ACTIVE_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_FIELD_NUMBER: _ClassVar[int]
+    AWAY_SINCE_MS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     name: str
     capabilities: _containers.RepeatedScalarFieldContainer[str]
@@ -273,7 +285,9 @@ class Agent(_message.Message):
     active_task_ids: _containers.RepeatedScalarFieldContainer[str]
     resources: AgentResources
     max_concurrency: int
-    def __init__(self, agent_id: _Optional[str] = ..., name: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., status: _Optional[str] = ..., connected: _Optional[bool] = ..., connected_at: _Optional[int] = ..., active_task_ids: _Optional[_Iterable[str]] = ..., resources: _Optional[_Union[AgentResources, _Mapping]] = ..., max_concurrency: _Optional[int] = ...) -> None: ...
+    presence: Agent.Presence
+    away_since_ms: int
+    def __init__(self, agent_id: _Optional[str] = ..., name: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., status: _Optional[str] = ..., connected: _Optional[bool] = ..., connected_at: _Optional[int] = ..., active_task_ids: _Optional[_Iterable[str]] = ..., resources: _Optional[_Union[AgentResources, _Mapping]] = ..., max_concurrency: _Optional[int] = ..., presence: _Optional[_Union[Agent.Presence, str]] = ..., away_since_ms: _Optional[int] = ...) -> None: ...
 
 class ListAgentsResponse(_message.Message):
     __slots__ = ("agents",)
