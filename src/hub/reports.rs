@@ -266,8 +266,9 @@ impl Hub {
         txn: &mut Txn,
         agent_id: &str,
         session: &Link,
-        r: Report,
+        mut r: Report,
     ) -> Result<()> {
+        self.take_back_finished_run(core, txn, agent_id, &mut r);
         fence(core, agent_id, &r)?;
         core.finalize(&r.task_id, TaskState::Completed);
         let task = core.tasks.get_mut(&r.task_id).expect("fenced");
@@ -287,8 +288,9 @@ impl Hub {
         txn: &mut Txn,
         agent_id: &str,
         session: &Link,
-        r: Report,
+        mut r: Report,
     ) -> Result<()> {
+        self.take_back_finished_run(core, txn, agent_id, &mut r);
         fence(core, agent_id, &r)?;
         let error = r
             .payload
@@ -344,6 +346,38 @@ impl Hub {
             core.mark_busy(txn, agent_id, self.config.busy_backoff);
         }
         Ok(())
+    }
+
+    /// A final report about a run of a task this agent lost while away and
+    /// that nobody was given since (its command ended while the sidecar was
+    /// gone past the grace): the run is taken back (see [`Core::readopt`])
+    /// and the report then lands on it under the new generation, instead of
+    /// being refused and the task run a second time.
+    fn take_back_finished_run(
+        &self,
+        core: &mut Core,
+        txn: &mut Txn,
+        agent_id: &str,
+        r: &mut Report,
+    ) {
+        let held = core
+            .tasks
+            .get(&r.task_id)
+            .is_some_and(|t| t.state.is_active());
+        if held {
+            return;
+        }
+        let run = r
+            .generation
+            .or_else(|| core.lost_generation(agent_id, &r.task_id));
+        let Some(g) = run.filter(|g| core.can_readopt(agent_id, &r.task_id, *g)) else {
+            return;
+        };
+        core.settled(agent_id, &r.task_id);
+        let payload = obj(json!({"reason": "finished_while_away"}));
+        let generation = core.readopt(txn, &self.config, agent_id, &r.task_id, payload);
+        tracing::info!(agent_id = %agent_id, task_id = %r.task_id, previous_generation = g, "final report of a run finished while its sidecar was away: taken");
+        r.generation = Some(generation);
     }
 
     fn on_recovering(

@@ -1546,3 +1546,56 @@ async fn lost_tasks_are_held_back_for_a_returning_sidecar_only_while_it_stays() 
     let (id2, g2) = b.next_assign().await;
     assert_eq!((id2.as_str(), g2), (id.as_str(), g + 1));
 }
+
+/// A run that ended while its sidecar was away past the grace (the task
+/// waits in the queue, given to nobody since): the final report the sidecar
+/// sends on reconnect is taken under a new generation and completes the
+/// task, instead of being refused and the task run a second time.
+#[tokio::test]
+async fn a_final_report_sent_after_the_grace_completes_the_task_it_ran() {
+    let hub = TestHub::start_with(|c| c.reconnect_grace = Duration::from_millis(200)).await;
+    let mut client = hub.client().await;
+    let mut watch = client.watch_after(0).await;
+    let mut sc = hub.sidecar("fin").await;
+    let id = client.push(pinned("fin", "ends while away")).await.task_id;
+    let (_, g) = sc.next_assign().await;
+    sc.accept(&id, g).await;
+    drop(sc);
+    until_event(&mut watch, "reclaim", |ev| kind(ev) == Kind::Reclaimed).await;
+
+    let mut sc = hub.sidecar("fin").await;
+    sc.send(json!({"type": "task_complete", "task_id": id, "generation": g, "result": "done"}))
+        .await;
+    let ack = sc.recv_type("task_ack").await;
+    assert_eq!(
+        (ack["task_id"].as_str(), ack["status"].as_str()),
+        (Some(id.as_str()), Some("complete")),
+        "{ack}"
+    );
+    let done = task(&hub, &id).await;
+    assert_eq!(state_of(&done), pb::task::State::Completed, "{done:?}");
+    assert_eq!((done.generation, done.attempts), (2, 1));
+    let mut watch = client.watch_after(0).await;
+    assert_eq!(
+        history(&mut watch, &id, Kind::Completed).await,
+        [
+            (Kind::Created, 0),
+            (Kind::Assigned, 1),
+            (Kind::Accepted, 1),
+            (Kind::Reclaimed, 1),
+            (Kind::Recovering, 1),
+            (Kind::Continued, 2),
+            (Kind::Completed, 2),
+        ]
+    );
+    // A report at the old generation for a task given to someone else is
+    // still refused.
+    let other = client.push(pinned("fin", "second")).await.task_id;
+    let (_, g2) = sc.next_assign().await;
+    sc.send(
+        json!({"type": "task_complete", "task_id": other, "generation": g2 + 5, "result": "x"}),
+    )
+    .await;
+    let err = sc.recv_type("error").await;
+    assert_eq!(err["error"], "stale_generation", "{err}");
+}
