@@ -31,7 +31,8 @@ cargo fetch --locked
 db_dir="${CARGO_HOME:-$HOME/.cargo}/advisory-db"
 if cargo deny fetch db; then
   cargo deny check advisories bans licenses
-elif [ -d "$db_dir" ] && [ -n "$(ls -A "$db_dir" 2>/dev/null)" ]; then
+elif [ -n "$(find "$db_dir" -mindepth 2 -maxdepth 2 -name .git 2>/dev/null | head -n 1)" ]; then
+  # A clone of the database is there (a failed fetch leaves only its lock file).
   echo "lint: cannot fetch the advisory database; checking offline against $db_dir" >&2
   for db in "$db_dir"/*/; do
     git -C "$db" log -1 --format='lint: advisory database as of %cd' 2>/dev/null >&2 || true
