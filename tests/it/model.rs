@@ -419,9 +419,27 @@ impl Run {
             assert_eq!(ev.seq, i as u64 + 1, "seed {seed}: hole in the log");
         }
         let mut finals: HashMap<(String, i32, u64), usize> = HashMap::new();
+        // A run given back to its agent (CONTINUED): its reports land under
+        // the new generation. Key: (task, new generation) → the run's own.
+        let mut continued: HashMap<(String, u64), u64> = HashMap::new();
         for ev in &events {
             let e = pb::TaskEvent::decode(ev.proto().clone()).unwrap();
-            *finals.entry((e.task_id, e.kind, e.generation)).or_default() += 1;
+            if e.kind == pb::task_event::Kind::Continued as i32 {
+                let payload = pb::struct_to_json(e.payload.as_ref().unwrap());
+                if let Some(prev) = payload.get("previous_generation").and_then(|v| v.as_u64()) {
+                    continued.insert((e.task_id.clone(), e.generation), prev);
+                }
+            }
+            let run = continued
+                .get(&(e.task_id.clone(), e.generation))
+                .copied()
+                .unwrap_or(e.generation);
+            *finals
+                .entry((e.task_id.clone(), e.kind, e.generation))
+                .or_default() += 1;
+            if run != e.generation {
+                *finals.entry((e.task_id, e.kind, run)).or_default() += 1;
+            }
         }
         for (task, status, generation) in &self.acked {
             let kind = match status {
