@@ -2,14 +2,19 @@
 //!
 //! A sidecar's WebSocket stays on the node it connected to. That node
 //! relays the sidecar's messages (as the JSON text it sent) to the leader on
-//! [`AGENT_IN_SUBJECT`]; the leader's hub sees the session as a
+//! the subject of the leadership it identified with ([`agent_in_subject`]:
+//! a deposed leader never takes the next one's); the leader's hub sees the session as a
 //! [`RemoteLink`] and its messages and closes go back on the node's
 //! [`agent_out_subject`]. A session that identifies on the leader itself
 //! talks to its hub directly.
 //!
-//! When the leadership changes, every node closes its relayed sessions
-//! (close code 1012, "service restart"): the sidecars reconnect (to any
-//! node), identify with the new leader and resend what it has not acked.
+//! An identify that arrives while the node is not ready (an election under
+//! way) waits for a leader (at most about 2 × the lease). When the
+//! leadership changes, every node closes its relayed sessions once, with
+//! close code 1012 ("service restart"), after the new leader is known (a
+//! lease that lapses and comes back to the same leadership closes nothing):
+//! the sidecars reconnect (to any node), identify with the new leader and
+//! resend what it has not acked.
 //! Within the reconnect grace they keep their tasks. The leader closes the
 //! sessions of a node that stops sending heartbeats for a lease.
 
@@ -23,7 +28,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use super::{agent_out_subject, Node, AGENT_IN_SUBJECT, NODE_ALIVE_SUBJECT};
+use super::{agent_in_subject, agent_out_subject, Node, NODE_ALIVE_SUBJECT};
 use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::link::{AgentLink, CloseReason, FromAgent, Link, ToAgent};
@@ -48,7 +53,9 @@ pub struct Relay {
     /// Changes at every start of the process: sessions of an earlier run
     /// of the same node are never confused with this run's.
     incarnation: String,
-    sessions: Mutex<HashMap<u64, Link>>,
+    /// Each session and the leadership it identified with (its frames go
+    /// to that leader only).
+    sessions: Mutex<HashMap<u64, (Link, String)>>,
     /// Sessions that identified while this node led: they talk to this
     /// node's hub directly, without a trip through NATS.
     direct: Mutex<std::collections::HashSet<u64>>,
@@ -86,14 +93,36 @@ impl Relay {
     /// the sidecar sent it. Returns the agent id and whether the session is
     /// relayed (false: this node leads, and the session talks to its hub).
     pub async fn identify(&self, text: &str, link: &Link) -> Result<(String, bool)> {
-        if self.node.leader_id().is_none() {
+        let started = Instant::now();
+        let limit = self.node.leader_wait(Some(IDENTIFY_TIMEOUT));
+        loop {
+            match self.identify_once(text, link).await {
+                // No leader listened (an election, or it is taking over):
+                // wait for the next within the limit.
+                Ok(None) if started.elapsed() < limit => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(None) => return Err(Error::ShuttingDown),
+                Ok(Some(identified)) => return Ok(identified),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One try; `None` if no leader listened.
+    async fn identify_once(&self, text: &str, link: &Link) -> Result<Option<(String, bool)>> {
+        let limit = self.node.leader_wait(Some(IDENTIFY_TIMEOUT));
+        if !self.node.wait_ready(limit).await {
             return Err(Error::ShuttingDown);
         }
+        let Some(leadership) = self.node.leader.borrow().leadership.clone() else {
+            return Ok(None);
+        };
         let session = link.id();
         self.sessions
             .lock()
             .expect("sessions")
-            .insert(session, link.clone());
+            .insert(session, (link.clone(), leadership.clone()));
         if self.node.is_leader() {
             let (Some(hub), Ok(FromAgent::Identify(ident))) =
                 (self.hub.upgrade(), protocol::parse(text))
@@ -104,7 +133,7 @@ impl Relay {
             return match hub.identify(&ident, link) {
                 Ok(agent) => {
                     self.direct.lock().expect("direct").insert(session);
-                    Ok((agent, false))
+                    Ok(Some((agent, false)))
                 }
                 Err(e) => {
                     self.forget(session);
@@ -119,10 +148,14 @@ impl Relay {
         let reply = self
             .node
             .client
-            .send_request(AGENT_IN_SUBJECT, request)
+            .send_request(agent_in_subject(&leadership), request)
             .await;
         let answer = match reply {
             Ok(m) => String::from_utf8_lossy(&m.payload).to_string(),
+            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
+                self.forget(session);
+                return Ok(None);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "no leader answered an identify");
                 self.forget(session);
@@ -130,7 +163,7 @@ impl Relay {
             }
         };
         match answer.split_once(':') {
-            Some(("ok", agent)) => Ok((agent.to_string(), true)),
+            Some(("ok", agent)) => Ok(Some((agent.to_string(), true))),
             Some(("err", code)) => {
                 self.forget(session);
                 Err(error_from_code(code))
@@ -145,10 +178,14 @@ impl Relay {
     /// Relay one frame of an identified session. On failure, the error
     /// frame to send back (the frame did not reach the leader).
     pub async fn frame(&self, session: u64, text: &str) -> std::result::Result<(), ToAgent> {
+        let Some(subject) = self.subject(session) else {
+            // Closed for a change of leader a moment ago: the close follows.
+            return Ok(());
+        };
         self.node
             .client
             .publish_with_headers(
-                AGENT_IN_SUBJECT,
+                subject,
                 self.headers(session, "frame"),
                 Bytes::copy_from_slice(text.as_bytes()),
             )
@@ -178,17 +215,23 @@ impl Relay {
 
     /// The session's socket closed.
     pub async fn closed(&self, session: u64) {
-        if self.forget(session) {
+        let subject = self.subject(session);
+        if let (true, Some(subject)) = (self.forget(session), subject) {
             let _ = self
                 .node
                 .client
-                .publish_with_headers(
-                    AGENT_IN_SUBJECT,
-                    self.headers(session, "closed"),
-                    Bytes::new(),
-                )
+                .publish_with_headers(subject, self.headers(session, "closed"), Bytes::new())
                 .await;
         }
+    }
+
+    /// The subject of the leader a session identified with.
+    fn subject(&self, session: u64) -> Option<String> {
+        self.sessions
+            .lock()
+            .expect("sessions")
+            .get(&session)
+            .map(|(_, l)| agent_in_subject(l))
     }
 
     fn forget(&self, session: u64) -> bool {
@@ -210,7 +253,7 @@ impl Relay {
             .lock()
             .expect("sessions")
             .drain()
-            .map(|(_, l)| l)
+            .map(|(_, (l, _))| l)
             .collect();
         self.direct.lock().expect("direct").clear();
         if !sessions.is_empty() {
@@ -270,7 +313,7 @@ async fn dispatch(relay: Arc<Relay>) {
             .lock()
             .expect("sessions")
             .get(&session)
-            .cloned();
+            .map(|(l, _)| l.clone());
         let Some(link) = link else { continue };
         match header(&msg.headers, HDR_KIND) {
             "close" => {
@@ -335,16 +378,21 @@ async fn heartbeat(relay: Arc<Relay>) {
     }
 }
 
+/// Close the relayed sessions once the next leader is known: a moment
+/// without a known leader (a lease read that failed, a renewal late) that
+/// ends with the same leadership closes nothing.
 async fn watch_leader(relay: Arc<Relay>) {
     let mut rx = relay.node.leader.subscribe();
     let mut current = rx.borrow_and_update().leadership.clone();
     while rx.changed().await.is_ok() {
-        let next = rx.borrow_and_update().leadership.clone();
-        if next != current {
+        let Some(next) = rx.borrow_and_update().leadership.clone() else {
+            continue;
+        };
+        if current.as_ref() != Some(&next) {
             if current.is_some() {
                 relay.close_all(CloseReason::LeaderChanged);
             }
-            current = next;
+            current = Some(next);
         }
     }
 }
@@ -409,20 +457,26 @@ struct IntakeState {
 async fn intake(node: Arc<Node>, hub: Weak<Hub>) {
     let mut leader = node.leader.subscribe();
     loop {
-        if leader.wait_for(|v| v.is_self).await.is_err() {
-            return;
-        }
+        let leadership = match leader.wait_for(|v| v.is_self).await {
+            Ok(view) => view.leadership.clone(),
+            Err(_) => return,
+        };
+        let Some(leadership) = leadership else {
+            continue;
+        };
         let state = Arc::new(Mutex::new(IntakeState {
             sessions: HashMap::new(),
             outs: HashMap::new(),
             alive: HashMap::new(),
         }));
-        let Ok(mut sub) = node.client.subscribe(AGENT_IN_SUBJECT).await else {
+        let Ok(mut sub) = node.client.subscribe(agent_in_subject(&leadership)).await else {
             continue;
         };
         let Ok(mut alive) = node.client.subscribe(NODE_ALIVE_SUBJECT).await else {
             continue;
         };
+        // Messages wait in the subscription until the hub takes writes.
+        node.wait_ready(node.options.lease * 2).await;
         tracing::info!("taking sidecar messages from every node");
         let mut sweep = tokio::time::interval(node.options.lease / 2);
         loop {

@@ -6,4 +6,6 @@ pub mod faults;
 pub mod fence;
 pub mod flow;
 pub mod hubs;
+pub mod leader;
 pub mod nats;
+pub mod ready;
