@@ -211,7 +211,7 @@ impl Server {
         if let Some(node) = hub.cluster_node() {
             tokio::spawn(crate::cluster::tunnel::serve(node.clone(), svc.clone()));
         }
-        let svc = crate::cluster::tunnel::Forward::new(svc, hub.cluster_node().cloned());
+        let svc = crate::cluster::tunnel::Forward::new(svc, &hub);
         let routes = tonic::service::Routes::new(health_svc)
             .add_service(reflection)
             .add_service(reflection_alpha)

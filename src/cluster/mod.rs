@@ -314,6 +314,37 @@ pub async fn track_ready(node: Arc<Node>, writable: impl Fn() -> Option<bool> + 
     }
 }
 
+/// A principal a follower verified at the edge, carried to the leader with
+/// a forwarded call or relayed identify instead of the token (which never
+/// crosses NATS). The leader's authentication takes it as verified: only
+/// the cluster's own forwarding puts it on a request.
+#[derive(Clone, Debug)]
+pub struct Forwarded(pub crate::auth::Principal);
+
+/// Header carrying a [`Forwarded`] principal: `role/token_id/agent_id`.
+pub(crate) const HDR_PRINCIPAL: &str = "Agenthub-Principal";
+
+pub(crate) fn encode_principal(p: &crate::auth::Principal) -> String {
+    format!(
+        "{}/{}/{}",
+        p.role.as_str(),
+        p.token_id,
+        p.agent_id.as_deref().unwrap_or("")
+    )
+}
+
+pub(crate) fn decode_principal(s: &str) -> Option<crate::auth::Principal> {
+    let mut parts = s.splitn(3, '/');
+    let role = crate::model::Role::parse(parts.next()?)?;
+    let token_id = parts.next()?.to_string();
+    let agent_id = parts.next().filter(|a| !a.is_empty()).map(str::to_string);
+    Some(crate::auth::Principal {
+        token_id,
+        role,
+        agent_id,
+    })
+}
+
 /// The most payload bytes one NATS message carries: the server's
 /// `max_payload`, less room for headers. A log append must fit in it; a
 /// larger relayed frame or answer goes in pieces of this size.

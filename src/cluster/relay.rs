@@ -28,7 +28,10 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use super::{agent_in_subject, agent_out_subject, Node, NODE_ALIVE_SUBJECT};
+use super::{
+    agent_in_subject, agent_out_subject, decode_principal, encode_principal, Node, HDR_PRINCIPAL,
+    NODE_ALIVE_SUBJECT,
+};
 use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::link::{AgentLink, CloseReason, FromAgent, Link, ToAgent};
@@ -111,6 +114,17 @@ impl Relay {
 
     /// One try; `None` if no leader listened.
     async fn identify_once(&self, text: &str, link: &Link) -> Result<Option<(String, bool)>> {
+        // Authenticate at the edge, against the replicated token set: the
+        // leader gets the principal, the token never crosses NATS.
+        let (Some(hub), Ok(FromAgent::Identify(ident))) =
+            (self.hub.upgrade(), protocol::parse(text))
+        else {
+            return Err(Error::ShuttingDown);
+        };
+        let principal = hub
+            .verifier()
+            .verify(&ident.token)
+            .map_err(|_| Error::InvalidToken)?;
         let limit = self.node.leader_wait(Some(IDENTIFY_TIMEOUT));
         if !self.node.wait_ready(limit).await {
             return Err(Error::ShuttingDown);
@@ -124,13 +138,7 @@ impl Relay {
             .expect("sessions")
             .insert(session, (link.clone(), leadership.clone()));
         if self.node.is_leader() {
-            let (Some(hub), Ok(FromAgent::Identify(ident))) =
-                (self.hub.upgrade(), protocol::parse(text))
-            else {
-                self.forget(session);
-                return Err(Error::ShuttingDown);
-            };
-            return match hub.identify(&ident, link) {
+            return match hub.identify_as(principal, &ident, link) {
                 Ok(agent) => {
                     self.direct.lock().expect("direct").insert(session);
                     Ok(Some((agent, false)))
@@ -141,9 +149,11 @@ impl Relay {
                 }
             };
         }
+        let mut headers = self.headers(session, "identify");
+        headers.insert(HDR_PRINCIPAL, encode_principal(&principal).as_str());
         let request = async_nats::Request::new()
-            .headers(self.headers(session, "identify"))
-            .payload(Bytes::copy_from_slice(text.as_bytes()))
+            .headers(headers)
+            .payload(Bytes::from(without_token(text)))
             .timeout(Some(IDENTIFY_TIMEOUT));
         let reply = self
             .node
@@ -187,7 +197,7 @@ impl Relay {
             .publish_with_headers(
                 subject,
                 self.headers(session, "frame"),
-                Bytes::copy_from_slice(text.as_bytes()),
+                Bytes::from(without_token(text)),
             )
             .await
             .map_err(|e| {
@@ -266,6 +276,26 @@ impl Relay {
             l.close(why);
         }
     }
+}
+
+/// A sidecar frame as relayed: without any `token` field (the identify's
+/// is verified on this node; reports ignore it). The identify keeps a
+/// placeholder, as the frame's format requires one.
+fn without_token(text: &str) -> String {
+    if !text.contains("token") {
+        return text.to_string();
+    }
+    let Ok(serde_json::Value::Object(mut obj)) = serde_json::from_str::<serde_json::Value>(text)
+    else {
+        return text.to_string();
+    };
+    if obj.remove("token").is_none() {
+        return text.to_string();
+    }
+    if obj.get("type").and_then(|t| t.as_str()) == Some("identify") {
+        obj.insert("token".into(), "verified-at-the-edge".into());
+    }
+    serde_json::Value::Object(obj).to_string()
 }
 
 /// The hub error behind a sidecar `error` code (identify answers).
@@ -604,7 +634,12 @@ async fn on_agent_message(
     match header(&msg.headers, HDR_KIND) {
         "identify" => {
             let answer = match protocol::parse(&text) {
-                Ok(FromAgent::Identify(ident)) => {
+                Ok(FromAgent::Identify(ident)) => 'identify: {
+                    // The node the sidecar is on verified its token.
+                    let Some(principal) = decode_principal(header(&msg.headers, HDR_PRINCIPAL))
+                    else {
+                        break 'identify "err:invalid_token".to_string();
+                    };
                     let out = out_for(node, &mut state.lock().expect("intake"), &from);
                     let link = Arc::new(RemoteLink {
                         id: NEXT_REMOTE_ID.fetch_add(1, Ordering::Relaxed),
@@ -614,7 +649,7 @@ async fn on_agent_message(
                         gone: Default::default(),
                     });
                     let dyn_link: Link = link.clone();
-                    match hub.identify(&ident, &dyn_link) {
+                    match hub.identify_as(principal, &ident, &dyn_link) {
                         Ok(agent_id) => {
                             let (tx, rx) = mpsc::unbounded_channel();
                             tokio::spawn(report_worker(

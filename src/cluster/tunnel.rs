@@ -36,7 +36,8 @@ use tonic::body::Body;
 use tonic::server::NamedService;
 use tower::{Service, ServiceExt};
 
-use super::{rpc_subject, Node};
+use super::{decode_principal, encode_principal, rpc_subject, Node, HDR_PRINCIPAL};
+use crate::hub::Hub;
 
 const HDR_PATH: &str = "Agenthub-Path";
 const HDR_KIND: &str = "Agenthub-Kind";
@@ -151,12 +152,16 @@ fn with_task_id(body: &Bytes) -> Option<Bytes> {
 #[derive(Clone)]
 pub struct Forward<S> {
     inner: S,
-    node: Option<Arc<Node>>,
+    /// Cluster mode: this node, and its hub (to verify tokens at the edge).
+    cluster: Option<(Arc<Node>, Arc<Hub>)>,
 }
 
 impl<S> Forward<S> {
-    pub fn new(inner: S, node: Option<Arc<Node>>) -> Forward<S> {
-        Forward { inner, node }
+    pub fn new(inner: S, hub: &Arc<Hub>) -> Forward<S> {
+        Forward {
+            inner,
+            cluster: hub.cluster_node().map(|n| (n.clone(), hub.clone())),
+        }
     }
 }
 
@@ -190,11 +195,11 @@ where
             let Ok(resp) = inner.oneshot(req).await;
             Ok(resp.map(Body::new))
         };
-        match &self.node {
-            Some(node) if !served_locally(req.uri().path()) => {
-                let node = node.clone();
+        match &self.cluster {
+            Some((node, hub)) if !served_locally(req.uri().path()) => {
+                let (node, hub) = (node.clone(), hub.clone());
                 Box::pin(async move {
-                    match forward(node, req).await {
+                    match forward(node, hub, req).await {
                         Routed::Answered(resp) => Ok(resp),
                         Routed::Local(req) => local(req).await,
                     }
@@ -221,7 +226,7 @@ fn carry(from: &http::HeaderMap, to: &mut HeaderMap) {
     for (name, value) in from {
         if matches!(
             name.as_str(),
-            "te" | "content-length" | "host" | "connection" | "transfer-encoding"
+            "te" | "content-length" | "host" | "connection" | "transfer-encoding" | "authorization"
         ) {
             continue;
         }
@@ -266,7 +271,7 @@ enum Routed {
 /// this node is ready, then run the call here if it leads, or carry it to
 /// the leader, again to the next one if that one went away before it
 /// answered and the call is [`resendable`].
-async fn forward(node: Arc<Node>, req: http::Request<Body>) -> Routed {
+async fn forward(node: Arc<Node>, hub: Arc<Hub>, req: http::Request<Body>) -> Routed {
     let started = tokio::time::Instant::now();
     let deadline = grpc_timeout(req.headers());
     let wait = node.leader_wait(deadline);
@@ -279,6 +284,16 @@ async fn forward(node: Arc<Node>, req: http::Request<Body>) -> Routed {
     if node.is_leader() {
         return Routed::Local(req);
     }
+    // Authenticate at the edge, against the replicated token set: the
+    // leader gets the principal, the token never crosses NATS.
+    let bearer = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    let principal = match hub.verifier().verify_bearer(bearer) {
+        Ok(p) => p,
+        Err(e) => return Routed::Answered(tonic::Status::from(e).into_http()),
+    };
     let (parts, body) = req.into_parts();
     // As strict as the front door, before anything else: a body larger
     // than one NATS message could not be forwarded anyway, and is not
@@ -310,7 +325,7 @@ async fn forward(node: Arc<Node>, req: http::Request<Body>) -> Routed {
     }
     let resend = resendable(&path);
     loop {
-        let outcome = forward_once(&node, &parts, bytes.clone()).await;
+        let outcome = forward_once(&node, &parts, &principal, bytes.clone()).await;
         let again = match outcome {
             Attempt::Answered(resp) => return Routed::Answered(resp),
             Attempt::Unreached(resp) => resp,
@@ -346,7 +361,12 @@ enum Attempt {
     Lost(http::Response<Body>),
 }
 
-async fn forward_once(node: &Arc<Node>, parts: &http::request::Parts, bytes: Bytes) -> Attempt {
+async fn forward_once(
+    node: &Arc<Node>,
+    parts: &http::request::Parts,
+    principal: &crate::auth::Principal,
+    bytes: Bytes,
+) -> Attempt {
     // Sent only to a known leader, and abandoned only if that leadership
     // ends: a call is answered UNAVAILABLE without having reached anyone,
     // or because the leader it reached is gone.
@@ -359,6 +379,7 @@ async fn forward_once(node: &Arc<Node>, parts: &http::request::Parts, bytes: Byt
     };
     let mut h = HeaderMap::new();
     h.insert(HDR_PATH, parts.uri.path());
+    h.insert(HDR_PRINCIPAL, encode_principal(principal).as_str());
     carry(&parts.headers, &mut h);
     let inbox = node.client.new_inbox();
     let Ok(mut sub) = node.client.subscribe(inbox.clone()).await else {
@@ -603,6 +624,11 @@ where
         Err(_) => return,
     };
     *req.headers_mut() = uncarry(&msg.headers);
+    // The follower verified the caller's token; its principal stands in
+    // for it. (No principal: the call is unauthenticated.)
+    if let Some(p) = decode_principal(header(&msg.headers, HDR_PRINCIPAL)) {
+        req.extensions_mut().insert(super::Forwarded(p));
+    }
     let Ok(cancel) = node.client.subscribe(format!("{reply}.cancel")).await else {
         return;
     };

@@ -41,13 +41,12 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
 /// `agenthub.v1.TaskHub` with the same auth interceptor as the gRPC listener.
 /// Watch streams end when `shutdown` turns true.
 pub fn router(hub: Arc<Hub>, shutdown: watch::Receiver<bool>) -> Router {
-    let node = hub.cluster_node().cloned();
     let grpc_web = tonic_web::GrpcWebLayer::new().layer(crate::cluster::tunnel::Forward::new(
         TaskHubServer::with_interceptor(
             TaskHubService::new(hub.clone(), shutdown),
-            auth_interceptor(hub),
+            auth_interceptor(hub.clone()),
         ),
-        node,
+        &hub,
     ));
     Router::new()
         .route("/", get(index))
