@@ -931,7 +931,20 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
                 ),
             };
             tracing::warn!(error = %e, "change refused");
-            poisoned = Some(fail_group(&shared, live, e, started));
+            let (epoch, _) = fail_group(&shared, live, e, started);
+            // What was queued behind it was built on it and fails too, but
+            // for its own caller that is no fault of its own: a retryable
+            // error (UNAVAILABLE, `storage_unavailable`: sidecars keep the
+            // report and send it again), never the refused change's.
+            poisoned = Some((
+                epoch,
+                Error::Storage {
+                    fault: StorageFault::Other,
+                    detail: "not stored: queued behind a change the log refused as too large; \
+                             send it again"
+                        .into(),
+                },
+            ));
             continue;
         }
         let (after, after_event) = match sent {
