@@ -611,6 +611,8 @@ fn term_leadership(payload: &[u8]) -> Option<String> {
 /// First and largest pause before following the log again after a failure.
 const FOLLOW_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Failures in a row after which each is logged as an error.
+const STUCK_LOUD: u32 = 5;
 
 /// Apply the stream to the local copy, from `start + 1`, forever. A failure
 /// (the local store busy or full, the consumer gone) is retried with
@@ -619,10 +621,19 @@ const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(5);
 async fn follow(shared: Arc<Shared>, start: Seq) {
     let mut from = start;
     let mut backoff = FOLLOW_BACKOFF_MIN;
+    // Failures in a row without the copy moving on.
+    let mut stuck = 0u32;
     loop {
         let before = *shared.head.borrow();
         match follow_once(&shared, from).await {
             Ok(()) => {}
+            Err(e) if stuck >= STUCK_LOUD => tracing::error!(
+                error = %e,
+                after_seq = before,
+                failures = stuck + 1,
+                "the local copy cannot apply the log past this seq; this node is not ready \
+                 until it can (a local fault that persists, or an entry no node can apply)"
+            ),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "following the log failed; resuming")
             }
@@ -630,6 +641,9 @@ async fn follow(shared: Arc<Shared>, start: Seq) {
         from = *shared.head.borrow();
         if from > before {
             backoff = FOLLOW_BACKOFF_MIN;
+            stuck = 0;
+        } else {
+            stuck += 1;
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(FOLLOW_BACKOFF_MAX);

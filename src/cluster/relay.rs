@@ -367,25 +367,34 @@ async fn dispatch(relay: Arc<Relay>) {
 /// the next one.
 #[derive(Default)]
 struct Pieces {
-    /// Per session: the index of the next piece, and the bytes so far.
-    partial: HashMap<u64, (u32, BytesMut)>,
+    /// Per session: the index of the next piece, the bytes so far, and
+    /// when the frame's first piece came.
+    partial: HashMap<u64, (u32, BytesMut, Instant)>,
 }
+
+/// A frame whose pieces have not all come within this is dropped (its
+/// other pieces were lost, or its session ended).
+const PIECES_EXPIRE: Duration = Duration::from_secs(30);
 
 impl Pieces {
     /// Add piece `index` of a frame for `session` (`more`: pieces follow).
     /// The whole frame once its last piece is in.
     fn add(&mut self, session: u64, index: u32, more: bool, piece: Bytes) -> Option<Bytes> {
+        if index == 0 {
+            self.partial
+                .retain(|_, (_, _, since)| since.elapsed() < PIECES_EXPIRE);
+        }
         let held = self.partial.remove(&session);
-        let mut frame = match (index, held) {
+        let (mut frame, since) = match (index, held) {
             (0, _) if !more => return Some(piece),
-            (0, _) => BytesMut::new(),
-            (i, Some((next, frame))) if i == next => frame,
+            (0, _) => (BytesMut::new(), Instant::now()),
+            (i, Some((next, frame, since))) if i == next => (frame, since),
             // A piece of a frame whose earlier pieces were lost.
             _ => return None,
         };
         frame.extend_from_slice(&piece);
         if more {
-            self.partial.insert(session, (index + 1, frame));
+            self.partial.insert(session, (index + 1, frame, since));
             None
         } else {
             Some(frame.freeze())
@@ -752,6 +761,19 @@ mod tests {
         assert_eq!(add(&mut p, 1, 1, true, "cd"), None);
         assert_eq!(add(&mut p, 1, 2, false, "ef").as_deref(), Some("abcdef"));
         assert!(p.partial.is_empty());
+    }
+
+    #[test]
+    fn a_partial_frame_expires_when_its_pieces_stop_coming() {
+        let mut p = Pieces::default();
+        assert_eq!(add(&mut p, 1, 0, true, "ab"), None);
+        assert_eq!(add(&mut p, 2, 0, true, "cd"), None);
+        // Session 1's frame started long ago (its session ended, say).
+        let long_ago = Instant::now() - PIECES_EXPIRE - Duration::from_secs(1);
+        p.partial.get_mut(&1).unwrap().2 = long_ago;
+        assert_eq!(add(&mut p, 3, 0, false, "whole").as_deref(), Some("whole"));
+        assert!(!p.partial.contains_key(&1));
+        assert_eq!(add(&mut p, 2, 1, false, "ef").as_deref(), Some("cdef"));
     }
 
     #[test]
