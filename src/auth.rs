@@ -153,19 +153,97 @@ impl Revocations {
     }
 }
 
-/// Verifies bearer tokens against the store, with a short positive cache.
+/// How long a token the store does not know is answered from memory.
+/// Tokens are random: a token issued later was never tried before it.
+pub const UNKNOWN_TOKEN_TTL: Duration = Duration::from_secs(60);
+/// Most unknown tokens remembered (the oldest half goes when full).
+pub const MAX_UNKNOWN_TOKENS: usize = 10_000;
+/// Store look-ups that find no token: a bucket of this many, refilled at
+/// this many per second. While it is empty, a token not in memory is
+/// refused without asking the store (`agenthub_token_lookups_refused_total`).
+pub const UNKNOWN_LOOKUP_BURST: f64 = 20.0;
+pub const UNKNOWN_LOOKUPS_PER_SEC: f64 = 20.0;
+
+/// Tokens the store said it does not know, and the budget for asking it.
+struct Unknown {
+    seen: HashMap<String, Instant>,
+    budget: f64,
+    refilled: Instant,
+}
+
+impl Unknown {
+    fn new() -> Unknown {
+        Unknown {
+            seen: HashMap::new(),
+            budget: UNKNOWN_LOOKUP_BURST,
+            refilled: Instant::now(),
+        }
+    }
+
+    /// Known to be unknown (recently)?
+    fn known_unknown(&self, hash: &str) -> bool {
+        self.seen
+            .get(hash)
+            .is_some_and(|at| at.elapsed() < UNKNOWN_TOKEN_TTL)
+    }
+
+    /// May the store be asked about a token not in memory? Only look-ups
+    /// that find nothing spend the budget ([`Unknown::remember`]), so valid
+    /// tokens are refused only while a flood of bad ones has spent it.
+    fn may_look_up(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.refilled).as_secs_f64() * UNKNOWN_LOOKUPS_PER_SEC;
+        self.budget = (self.budget + refill).min(UNKNOWN_LOOKUP_BURST);
+        self.refilled = now;
+        self.budget >= 1.0
+    }
+
+    fn remember(&mut self, hash: String) {
+        self.budget -= 1.0;
+        if self.seen.len() >= MAX_UNKNOWN_TOKENS {
+            let mut ages: Vec<Instant> = self.seen.values().copied().collect();
+            ages.sort_unstable();
+            let cut = ages[ages.len() / 2];
+            self.seen.retain(|_, at| *at > cut);
+        }
+        self.seen.insert(hash, Instant::now());
+    }
+}
+
+/// Counts of what the verifier asked the store (for `/metrics`).
+#[derive(Clone, Default)]
+pub struct VerifierCounters {
+    /// Token look-ups that reached the store.
+    pub lookups: prometheus_client::metrics::counter::Counter,
+    /// Unknown tokens refused without a look-up (budget spent).
+    pub refused: prometheus_client::metrics::counter::Counter,
+}
+
+/// Verifies bearer tokens against the store, with a short positive cache, a
+/// negative cache and a budget for look-ups of tokens it has not seen: a
+/// flood of bad tokens costs memory look-ups, not store reads.
 pub struct TokenVerifier {
     store: Arc<dyn Store>,
     cache: Mutex<HashMap<String, (Principal, Instant)>>,
+    /// Tokens the store did not know. A std mutex, never held across a
+    /// store read.
+    unknown: Mutex<Unknown>,
     revocations: Revocations,
+    counters: VerifierCounters,
 }
 
 impl TokenVerifier {
     pub fn new(store: Arc<dyn Store>) -> TokenVerifier {
+        Self::with_counters(store, VerifierCounters::default())
+    }
+
+    pub fn with_counters(store: Arc<dyn Store>, counters: VerifierCounters) -> TokenVerifier {
         TokenVerifier {
             store,
             cache: Mutex::new(HashMap::new()),
+            unknown: Mutex::new(Unknown::new()),
             revocations: Revocations::default(),
+            counters,
         }
     }
 
@@ -175,7 +253,13 @@ impl TokenVerifier {
 
     /// Issue a token (admin API).
     pub fn issue(&self, role: Role, agent_id: Option<String>) -> Result<(String, TokenRecord)> {
-        issue_token(&*self.store, role, agent_id)
+        let (secret, record) = issue_token(&*self.store, role, agent_id)?;
+        self.lock_unknown().seen.remove(&record.hash);
+        Ok((secret, record))
+    }
+
+    fn lock_unknown(&self) -> std::sync::MutexGuard<'_, Unknown> {
+        self.unknown.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Every token, secrets excluded (admin API).
@@ -193,15 +277,30 @@ impl TokenVerifier {
     }
 
     /// Re-read the revoked ids from the store (revocations made without the hub).
+    /// Valid tokens are taken into the cache too, so one issued without the
+    /// hub is known within one poll even while bad tokens spend the
+    /// look-up budget.
     pub fn refresh_revocations(&self) -> Result<()> {
-        let ids = self
-            .store
-            .list_tokens()?
-            .into_iter()
+        let tokens = self.store.list_tokens()?;
+        let ids = tokens
+            .iter()
             .filter(|t| t.revoked)
-            .map(|t| t.id)
+            .map(|t| t.id.clone())
             .collect();
         self.revocations.set(ids);
+        let now = Instant::now();
+        let mut cache = self.cache.lock().expect("token cache");
+        if cache.len() + tokens.len() > 10_000 {
+            cache.clear();
+        }
+        for t in tokens.into_iter().filter(|t| !t.revoked) {
+            let principal = Principal {
+                token_id: t.id,
+                role: t.role,
+                agent_id: t.agent_id,
+            };
+            cache.insert(t.hash, (principal, now));
+        }
         Ok(())
     }
 
@@ -211,6 +310,7 @@ impl TokenVerifier {
             return Err(Error::Unauthenticated);
         }
         let hash = hash_token(token);
+        let mut known = false;
         if let Some((p, at)) = self.cache.lock().expect("token cache").get(&hash) {
             if at.elapsed() < TOKEN_CACHE_TTL {
                 if self.revocations.is_revoked(&p.token_id) {
@@ -218,11 +318,24 @@ impl TokenVerifier {
                 }
                 return Ok(p.clone());
             }
+            known = true;
         }
-        let record = self
-            .store
-            .find_token(&hash)?
-            .ok_or(Error::Unauthenticated)?;
+        // A token verified before is asked about again whatever the budget.
+        if !known {
+            let mut unknown = self.lock_unknown();
+            if unknown.known_unknown(&hash) {
+                return Err(Error::Unauthenticated);
+            }
+            if !unknown.may_look_up() {
+                self.counters.refused.inc();
+                return Err(Error::Unauthenticated);
+            }
+        }
+        self.counters.lookups.inc();
+        let Some(record) = self.store.find_token(&hash)? else {
+            self.lock_unknown().remember(hash);
+            return Err(Error::Unauthenticated);
+        };
         // The lookup is by hash; compare the full stored hash in constant time anyway.
         if !bool::from(record.hash.as_bytes().ct_eq(hash.as_bytes())) || record.revoked {
             return Err(Error::Unauthenticated);

@@ -21,9 +21,34 @@ const CATCH_UP_PAGE: usize = 2048;
 /// Events queued per watcher between its task and its gRPC stream.
 const WATCHER_QUEUE: usize = 256;
 
+/// Most bytes of encoded events the live buffer holds. An event that would
+/// take it past this goes out as a [`Live::Stored`] notice instead, and
+/// watchers read it from the store: a burst of large events cannot grow
+/// memory by the buffer's length times their size.
+pub const MAX_LIVE_BYTES: usize = 32 * 1024 * 1024;
+
+/// What the live buffer carries.
+#[derive(Clone)]
+enum Live {
+    Event(Arc<EncodedEvent>),
+    /// Event `seq` is committed but too large for the buffer now: read it
+    /// from the store.
+    Stored,
+}
+
+/// Sizes of the events in the live buffer, oldest first, and their sum.
+#[derive(Default)]
+struct LiveBytes {
+    sizes: std::collections::VecDeque<usize>,
+    total: usize,
+}
+
 /// Broadcasts committed events to watchers.
 pub struct EventBus {
-    tx: broadcast::Sender<Arc<EncodedEvent>>,
+    tx: broadcast::Sender<Live>,
+    capacity: usize,
+    /// Bytes in the live buffer. A std mutex, taken once per publish.
+    bytes: std::sync::Mutex<LiveBytes>,
     watchers: Arc<AtomicUsize>,
 }
 
@@ -35,15 +60,36 @@ impl EventBus {
         let (tx, _) = broadcast::channel(capacity);
         EventBus {
             tx,
+            capacity,
+            bytes: Default::default(),
             watchers: Arc::new(AtomicUsize::new(0)),
         }
     }
 
     /// Called by the store right after a commit.
     pub fn publish(&self, events: &[Arc<EncodedEvent>]) {
+        if self.tx.receiver_count() == 0 {
+            return; // Nobody is watching: nothing to keep.
+        }
+        let mut bytes = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
         for ev in events {
-            // No receivers is fine: nobody is watching.
-            let _ = self.tx.send(ev.clone());
+            let size = ev.proto().len() + ev.task_id.len() + ev.agent_id.len();
+            let item = if bytes.total + size <= MAX_LIVE_BYTES {
+                Live::Event(ev.clone())
+            } else {
+                Live::Stored
+            };
+            let kept = match item {
+                Live::Event(_) => size,
+                Live::Stored => 0,
+            };
+            bytes.sizes.push_back(kept);
+            bytes.total += kept;
+            if bytes.sizes.len() > self.capacity {
+                let gone = bytes.sizes.pop_front().unwrap_or(0);
+                bytes.total -= gone;
+            }
+            let _ = self.tx.send(item);
         }
     }
 
@@ -126,7 +172,7 @@ struct Watcher {
 }
 
 impl Watcher {
-    async fn run(&mut self, mut live: broadcast::Receiver<Arc<EncodedEvent>>) -> Result<()> {
+    async fn run(&mut self, mut live: broadcast::Receiver<Live>) -> Result<()> {
         loop {
             if !self.catch_up().await? {
                 return Ok(());
@@ -138,11 +184,13 @@ impl Watcher {
                     _ = self.out.closed() => return Ok(()),
                 };
                 match next {
-                    Ok(ev) => {
+                    Ok(Live::Event(ev)) => {
                         if !self.offer(ev).await {
                             return Ok(());
                         }
                     }
+                    // Too large for the live buffer: from the store.
+                    Ok(Live::Stored) => break,
                     // Fell behind the live buffer: read the missed part from the store.
                     Err(broadcast::error::RecvError::Lagged(_)) => break,
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),

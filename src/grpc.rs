@@ -262,12 +262,19 @@ impl TaskHub for TaskHubService {
         req: Request<pb::WaitTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
         allow(&req, Access::Read)?;
+        // A long wait ends when its token is revoked, like a stream.
+        let revoked = self
+            .hub
+            .verifier()
+            .revocations()
+            .revoked(&principal_token_id(&req));
         let r = req.into_inner();
         let timeout = (r.timeout_ms > 0).then(|| std::time::Duration::from_millis(r.timeout_ms));
         let mut shutdown = self.shutdown.clone();
         let task = tokio::select! {
             task = self.hub.wait_task(&r.task_id, timeout) => task?,
             _ = shutdown.wait_for(|s| *s) => return Err(Error::ShuttingDown.into()),
+            _ = revoked => return Err(Status::unauthenticated("token revoked")),
         };
         Ok(Response::new(pb::Task::from(&task)))
     }

@@ -99,9 +99,8 @@ async fn serve(args: agenthub::cli::ServeArgs) -> Result<()> {
         println!("ws={} grpc={}", server.ws_addr(), server.grpc_addr());
     }
     std::io::stdout().flush()?;
-    if let Some(tls) = server.tls() {
-        tokio::spawn(reload_on_sighup(tls));
-    }
+    // Always handled: SIGHUP's default action would end a hub without TLS.
+    tokio::spawn(reload_on_sighup(server.tls()));
     server.run(shutdown_signal()).await?;
     Ok(())
 }
@@ -128,16 +127,22 @@ async fn build_single(
     Ok(Server::build(config).await?)
 }
 
-/// SIGHUP: re-read the TLS certificate and key (live connections keep theirs).
-async fn reload_on_sighup(tls: std::sync::Arc<agenthub::tls::Tls>) {
+/// SIGHUP: re-read the TLS certificate and key (live connections keep
+/// theirs); without TLS there is nothing to re-read, and the hub goes on.
+async fn reload_on_sighup(tls: Option<std::sync::Arc<agenthub::tls::Tls>>) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot install a SIGHUP handler; TLS reload disabled");
         return;
     };
     while hup.recv().await.is_some() {
-        if let Err(e) = tls.reload() {
-            tracing::error!(error = %e, "TLS reload failed; keeping the current certificate");
+        match &tls {
+            Some(tls) => {
+                if let Err(e) = tls.reload() {
+                    tracing::error!(error = %e, "TLS reload failed; keeping the current certificate");
+                }
+            }
+            None => tracing::info!("SIGHUP: no TLS certificate to re-read"),
         }
     }
 }

@@ -45,6 +45,8 @@ pub struct PriorityLabel {
 pub struct Metrics {
     registry: Registry,
     pub tasks_pushed: Counter,
+    /// What the token verifier asked the store.
+    pub tokens: crate::auth::VerifierCounters,
     pub reports: Counter,
     pub ws_connections: Counter,
     pub storage_faults: Counter,
@@ -59,6 +61,10 @@ pub struct Metrics {
     pub last_event_seq: Gauge<i64, AtomicI64>,
     pub watchers: Gauge<i64, AtomicI64>,
     pub tasks_in_memory: Gauge<i64, AtomicI64>,
+    /// Timers armed (reclaims, TTLs, deadlines, grace): bounded by live work.
+    pub timers: Gauge<i64, AtomicI64>,
+    /// Tasks whose output someone follows.
+    pub output_watched: Gauge<i64, AtomicI64>,
     /// Cluster mode: 1 on the node that leads, 0 on the others.
     pub cluster_leader: Gauge<i64, AtomicI64>,
     pub finished_stored: Gauge<i64, AtomicI64>,
@@ -84,6 +90,7 @@ impl Metrics {
         let mut registry = Registry::default();
         let m = Metrics {
             tasks_pushed: Counter::default(),
+            tokens: Default::default(),
             reports: Counter::default(),
             ws_connections: Counter::default(),
             storage_faults: Counter::default(),
@@ -96,6 +103,8 @@ impl Metrics {
             last_event_seq: Gauge::default(),
             watchers: Gauge::default(),
             tasks_in_memory: Gauge::default(),
+            timers: Gauge::default(),
+            output_watched: Gauge::default(),
             cluster_leader: Gauge::default(),
             finished_stored: Gauge::default(),
             data_dir_bytes: Gauge::default(),
@@ -182,6 +191,26 @@ impl Metrics {
             "agenthub_tasks_in_memory",
             "Tasks held in memory: live ones and a bounded cache of finished ones",
             m.tasks_in_memory.clone(),
+        );
+        r.register(
+            "agenthub_token_lookups",
+            "Token look-ups that reached the store (tokens not in memory)",
+            m.tokens.lookups.clone(),
+        );
+        r.register(
+            "agenthub_token_lookups_refused",
+            "Tokens not in memory refused without a store look-up (look-up budget spent)",
+            m.tokens.refused.clone(),
+        );
+        r.register(
+            "agenthub_timers",
+            "Timers armed (accept and progress timeouts, queue TTLs, deadlines, reconnect grace): they go with their task",
+            m.timers.clone(),
+        );
+        r.register(
+            "agenthub_output_watched_tasks",
+            "Tasks whose output a WatchTaskOutput stream follows",
+            m.output_watched.clone(),
         );
         r.register(
             "agenthub_finished_tasks_stored",

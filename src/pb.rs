@@ -26,8 +26,9 @@ pub mod wire {
         pub task_id: String,
         pub agent_id: String,
         pub kind: crate::model::EventKind,
-        /// The event itself until it is encoded (new events only).
-        source: Option<crate::model::TaskEvent>,
+        /// The event itself until it is encoded (new events only): taken
+        /// when it is, so an event is held once, as bytes.
+        source: std::sync::Mutex<Option<crate::model::TaskEvent>>,
         proto: std::sync::OnceLock<bytes::Bytes>,
     }
 
@@ -39,7 +40,7 @@ pub mod wire {
                 task_id: event.task_id.clone(),
                 agent_id: event.agent_id.clone(),
                 kind: event.kind,
-                source: Some(event),
+                source: std::sync::Mutex::new(Some(event)),
                 proto: std::sync::OnceLock::new(),
             }
         }
@@ -57,16 +58,19 @@ pub mod wire {
                 task_id,
                 agent_id,
                 kind,
-                source: None,
+                source: std::sync::Mutex::new(None),
                 proto: std::sync::OnceLock::from(proto),
             }
         }
 
         /// The encoded `agenthub.v1.crate::model::TaskEvent`.
         pub fn proto(&self) -> &bytes::Bytes {
-            self.proto.get_or_init(|| match &self.source {
-                Some(e) => super::encode_event(e),
-                None => bytes::Bytes::new(),
+            self.proto.get_or_init(|| {
+                let source = self.source.lock().unwrap_or_else(|e| e.into_inner()).take();
+                match source {
+                    Some(e) => super::encode_event(&e),
+                    None => bytes::Bytes::new(),
+                }
             })
         }
     }

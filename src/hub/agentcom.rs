@@ -11,9 +11,12 @@
 //!   identifies again, it gets no new task, and those tasks go to nobody,
 //!   until it has reported on each of them, leaves again, or `reconnect_settle`
 //!   passes (once per task: a flapping sidecar cannot starve the others). If it
-//!   reports (with the generation) that it is still running a task that was
-//!   not assigned again since, the hub gives the task back to it: no other
-//!   run can exist, since any new assignment raises the generation.
+//!   reports that it is still running a task that was not assigned again
+//!   since, the hub gives the task back to it: no other run can exist, since
+//!   any new assignment raises the generation. A `state_report` or a
+//!   generation-less `task_recovering` (AgentCom's forms) gets it back under
+//!   a new generation, told in `task_continue`; a `task_recovering` that names
+//!   its generation keeps that one (see [`Core::readopt`]).
 //! - A `busy` rejection does not cost an attempt and leaves the agent alone
 //!   until it has room again.
 
@@ -26,7 +29,7 @@ use super::Hub;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::link::{Link, Report, StateAction, ToAgent};
-use crate::model::{EventKind, Generation, JsonObject, TaskState};
+use crate::model::{EventKind, Generation, JsonObject, Task, TaskState};
 
 /// The `task_rejected` reason that means "no free slot right now".
 pub const REJECT_BUSY: &str = "busy";
@@ -57,7 +60,8 @@ impl Hub {
 
     /// `state_report`: `continue` if the task is this agent's, active, at the
     /// reported generation — or was taken from it while it was away and not
-    /// assigned since (then it is its own again); `abort` otherwise.
+    /// assigned since (then it is its own again, under a new generation that
+    /// a `task_continue` after the ack tells it); `abort` otherwise.
     pub(super) fn on_state_report(
         &self,
         core: &mut Core,
@@ -85,8 +89,23 @@ impl Hub {
                 StateAction::Continue
             }
             (None, Some(g)) if core.can_readopt(agent_id, &r.task_id, g) => {
-                core.readopt(txn, &self.config, agent_id, &r.task_id, r.payload);
-                StateAction::Continue
+                let task_id = r.task_id.clone();
+                let generation =
+                    core.readopt(txn, &self.config, agent_id, &task_id, r.payload, true);
+                let ack = ToAgent::StateReportAck {
+                    task_id: task_id.clone(),
+                    action: StateAction::Continue,
+                };
+                txn.reply_after_commit(session, &task_id, ack);
+                // The ack names no generation: AgentCom's sidecar learns the
+                // new one from `task_continue` (for a task in its active slot
+                // it only takes the generation).
+                let msg = ToAgent::TaskContinue {
+                    task_id: task_id.clone(),
+                    generation,
+                };
+                txn.reply_after_commit(session, &task_id, msg);
+                return;
             }
             (None, _) => {
                 // It drops the task: whatever made it busy is gone.
@@ -116,6 +135,27 @@ impl Hub {
             core.touch_activity(txn, &self.config, &r.task_id, true);
         }
     }
+}
+
+/// Does the run a restarted sidecar reports with a generation-less
+/// `task_recovering` (AgentCom's `reportRecovery`) go on without the
+/// sidecar's process? On AgentCom's wake path, once the agent was woken, it
+/// does: the woken agent is a process of its own and writes its result file
+/// later, which the restarted sidecar picks up after `task_continue`. A task
+/// the sidecar executes itself (`routing_decision` with a `target_type` other
+/// than `wake`) ran inside the killed process, and one it reports as
+/// `accepted` or `waking` may never have woken its agent: given back, either
+/// would sit in its active slot with nothing running it.
+pub(super) fn run_outlives_sidecar(task: &Task, report: &JsonObject) -> bool {
+    let target = task
+        .metadata
+        .get("routing_decision")
+        .and_then(|r| r.get("target_type"))
+        .and_then(Value::as_str);
+    let in_process = target.is_some_and(|t| !t.is_empty() && t != "wake");
+    let status = report.get("last_status").and_then(Value::as_str);
+    let not_started = matches!(status, Some("accepted" | "waking" | "failed"));
+    !in_process && !not_started
 }
 
 /// `agent_restarting`: the sidecar is about to exit and come back; it gets no
@@ -167,6 +207,15 @@ impl Core {
         }
     }
 
+    /// A generation-less `task_recovering` is about the run of a task lost by
+    /// `agent_id` while it was away and not assigned since: the generation
+    /// it had then, if so.
+    pub fn lost_generation(&self, agent_id: &str, task_id: &str) -> Option<Generation> {
+        let lost = self.lost.get(task_id).filter(|l| l.agent_id == agent_id)?;
+        self.can_readopt(agent_id, task_id, lost.generation)
+            .then_some(lost.generation)
+    }
+
     /// May `agent_id`, reporting that it still runs `task_id` at `generation`,
     /// have it back? Only if the task waits in the queue at that very
     /// generation: every assignment raises the generation, so it was given
@@ -190,7 +239,12 @@ impl Core {
     }
 
     /// Give a task back to the agent it was taken from (see [`Core::can_readopt`]):
-    /// RUNNING again at the same generation and attempt (`RECOVERING`, `CONTINUED`).
+    /// RUNNING again, same attempt (it is the same run). `RECOVERING` stores
+    /// the report (at the generation the task had), `CONTINUED` the give-back.
+    /// With `new_generation` it is a new assignment of that run to the same
+    /// agent: the generation rises, as for every assignment, so nothing the
+    /// reclaimed generation sends lands any more, and `CONTINUED` carries the
+    /// new one. Returns the generation the agent now holds it at.
     pub fn readopt(
         &mut self,
         txn: &mut Txn,
@@ -198,20 +252,30 @@ impl Core {
         agent_id: &str,
         task_id: &str,
         report: JsonObject,
-    ) {
+        new_generation: bool,
+    ) -> Generation {
         self.dequeue(task_id);
         self.forget_lost(task_id);
         if let Some(agent) = self.agents.get_mut(agent_id) {
             agent.active.insert(task_id.to_string());
         }
+        self.emit(txn, task_id, EventKind::Recovering, agent_id, report);
         let task = self.tasks.get_mut(task_id).expect("known task");
         set_state(&mut self.state_counts, task, TaskState::Running);
         task.agent_id = Some(agent_id.to_string());
-        self.emit(txn, task_id, EventKind::Recovering, agent_id, report);
-        let payload = obj(json!({"reason": "still_running"}));
-        self.emit(txn, task_id, EventKind::Continued, agent_id, payload);
+        let before = task.generation;
+        if new_generation {
+            task.generation += 1;
+        }
+        let generation = task.generation;
+        let mut payload = json!({"reason": "still_running"});
+        if new_generation {
+            payload["previous_generation"] = json!(before);
+        }
+        self.emit(txn, task_id, EventKind::Continued, agent_id, obj(payload));
         self.touch_activity(txn, cfg, task_id, false);
-        tracing::info!(agent = %agent_id, task_id, "task given back to the sidecar still running it");
+        tracing::info!(agent = %agent_id, task_id, generation, "task given back to the sidecar still running it");
+        generation
     }
 
     /// The agent rejected a task as `busy`: no new task for it until one of

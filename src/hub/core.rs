@@ -57,6 +57,22 @@ pub(crate) enum Timer {
     Deadline(String),
 }
 
+impl Timer {
+    /// The task a timer is about (timers about agents have none).
+    pub fn task_id(&self) -> Option<&str> {
+        match self {
+            Timer::Accept(t, _)
+            | Timer::Progress(t, _)
+            | Timer::QueueTtl(t)
+            | Timer::Deadline(t) => Some(t),
+            Timer::Grace(..) | Timer::Settle(..) | Timer::Busy(..) => None,
+        }
+    }
+}
+
+/// An armed timer: when, a nonce that orders equal instants, what.
+pub(crate) type TimerEntry = (Instant, u64, Timer);
+
 /// An agent the hub knows: connected, or holding tasks while away.
 pub(crate) struct Agent {
     pub agent_id: String,
@@ -198,7 +214,10 @@ pub(crate) struct Core {
     pub queue: BTreeSet<QueueKey>,
     pub agents: HashMap<String, Agent>,
     pub last_seq: Seq,
-    pub timers: BTreeSet<(Instant, u64, Timer)>,
+    pub timers: BTreeSet<TimerEntry>,
+    /// The armed timers of each task, so that they go with it when it
+    /// finishes (memory follows live work, not what timers once were).
+    task_timers: HashMap<String, Vec<TimerEntry>>,
     /// Agents that rejected a task: it is not offered to them again
     /// (unless it is pinned to one of them).
     pub rejected_by: HashMap<String, Vec<String>>,
@@ -258,6 +277,7 @@ impl Core {
         self.state_counts = [0; 6];
         self.queued_by_priority = [0; 4];
         self.timers.clear();
+        self.task_timers.clear();
         self.last_activity.clear();
         self.lost.clear();
         self.waiting.clear();
@@ -352,7 +372,43 @@ impl Core {
 
     fn push_timer(&mut self, at: Instant, timer: Timer) {
         self.timer_nonce += 1;
-        self.timers.insert((at, self.timer_nonce, timer));
+        let entry = (at, self.timer_nonce, timer);
+        if let Some(task_id) = entry.2.task_id() {
+            self.task_timers
+                .entry(task_id.to_string())
+                .or_default()
+                .push(entry.clone());
+        }
+        self.timers.insert(entry);
+    }
+
+    /// Take the earliest timer if it is due at `now`.
+    pub fn pop_due_timer(&mut self, now: Instant) -> Option<Timer> {
+        if self.timers.first().is_none_or(|(at, _, _)| *at > now) {
+            return None;
+        }
+        let (_, nonce, timer) = self.timers.pop_first()?;
+        if let Some(task_id) = timer.task_id() {
+            if let Some(armed) = self.task_timers.get_mut(task_id) {
+                armed.retain(|(_, n, _)| *n != nonce);
+                if armed.is_empty() {
+                    self.task_timers.remove(task_id);
+                }
+            }
+        }
+        Some(timer)
+    }
+
+    /// Disarm every timer of a task (it finished: none of them can fire).
+    fn cancel_timers(&mut self, task_id: &str) {
+        for entry in self.task_timers.remove(task_id).unwrap_or_default() {
+            self.timers.remove(&entry);
+        }
+    }
+
+    /// Timers armed now (for `/metrics`).
+    pub fn timer_count(&self) -> usize {
+        self.timers.len()
     }
 
     /// Arm the queue-TTL and deadline timers of a live task from the
@@ -727,7 +783,14 @@ impl Core {
     /// Take an active task back from its agent (`RECLAIMED`), telling a
     /// still-connected agent to stop (`task_cancelled`).
     pub fn reclaim(&mut self, txn: &mut Txn, metrics: &Metrics, task_id: &str, reason: &str) {
-        let from = self.end_attempt(task_id, json!({ "reason": reason }));
+        let mut error = json!({ "reason": reason });
+        if reason == RECLAIM_DISCONNECTED {
+            // Whose run it was, kept across a hub restart (see `lost_by`).
+            if let Some(agent) = &self.tasks[task_id].agent_id {
+                error["agent_id"] = json!(agent);
+            }
+        }
+        let from = self.end_attempt(task_id, error);
         let agent_id = from.unwrap_or_default();
         if !self.tasks[task_id].state.is_final() {
             // Prefer someone else next time.
@@ -811,6 +874,8 @@ impl Core {
             None
         };
         self.forget_preferences(task_id);
+        self.cancel_timers(task_id);
+        self.last_activity.remove(task_id);
         let task = self.tasks.get_mut(task_id).expect("known task");
         set_state(&mut self.state_counts, task, state);
         self.finished.push_back(task_id.to_string());
@@ -919,12 +984,20 @@ impl LostTask {
 }
 
 /// The agent a queued task was taken from for staying away past the grace,
-/// if the stored record tells (pinned tasks keep their agent).
+/// if the stored record tells: the error of that reclaim names it (a record
+/// from before it did: a pinned task keeps its agent). Any later assignment
+/// ends with another error, or leaves the task not queued.
 fn lost_by(task: &Task) -> Option<String> {
-    let reason = task.error.as_ref()?.get("reason")?.as_str()?;
-    (task.state == TaskState::Queued && task.pinned && reason == RECLAIM_DISCONNECTED)
-        .then(|| task.agent_id.clone())
-        .flatten()
+    let error = task.error.as_ref()?;
+    let reason = error.get("reason")?.as_str()?;
+    if task.state != TaskState::Queued || reason != RECLAIM_DISCONNECTED {
+        return None;
+    }
+    match error.get("agent_id").and_then(Value::as_str) {
+        Some(agent) => Some(agent.to_string()),
+        None if task.pinned => task.agent_id.clone(),
+        None => None,
+    }
 }
 
 /// Why the hub FAILED a task: a dependency FAILED or was CANCELLED...

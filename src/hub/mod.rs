@@ -32,6 +32,10 @@ use crate::store::sqlite::output::OutputStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Batch, Store};
 
+/// Most bytes of sidecar reports received and not yet committed, across all
+/// sessions. A session waits for room before it reads its next frame.
+pub const MAX_REPORT_BYTES_IN_FLIGHT: usize = 64 * 1024 * 1024;
+
 /// Longest caller-supplied task id.
 pub const MAX_TASK_ID_LEN: usize = 128;
 /// Largest `max_attempts` a task may ask for.
@@ -44,6 +48,9 @@ const RETRY_MARGIN_MS: i64 = 60_000;
 /// Default and largest `ListTasks` page.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// Resolves once a change is durable (or failed to be).
+type Durable = oneshot::Receiver<Result<()>>;
 
 /// A request to create a task (gRPC `PushTask`, HTTP push, CLI).
 #[derive(Clone, Debug, Default)]
@@ -136,6 +143,9 @@ pub struct Hub {
     /// Output watchers, woken by the output store's commits.
     output_watches: Arc<output::OutputWatches>,
     metrics: Metrics,
+    /// Room for sidecar reports in flight, in KiB (see
+    /// [`MAX_REPORT_BYTES_IN_FLIGHT`]); FIFO, so no session starves.
+    report_room: Arc<tokio::sync::Semaphore>,
     closing: AtomicBool,
     /// The admin token created on first start, to print once.
     bootstrap_token: Mutex<Option<String>>,
@@ -185,7 +195,7 @@ impl Hub {
         metrics.register_store(store.clone());
         let log_id = store.log_id();
         Ok(Arc::new_cyclic(|weak| Hub {
-            verifier: TokenVerifier::new(store.clone()),
+            verifier: TokenVerifier::with_counters(store.clone(), metrics.tokens.clone()),
             config,
             store,
             bus,
@@ -199,6 +209,9 @@ impl Hub {
             output,
             output_watches,
             metrics,
+            report_room: Arc::new(tokio::sync::Semaphore::new(
+                MAX_REPORT_BYTES_IN_FLIGHT / 1024,
+            )),
             closing: AtomicBool::new(false),
             bootstrap_token: Mutex::new(bootstrap_token),
             cluster: std::sync::OnceLock::new(),
@@ -251,6 +264,13 @@ impl Hub {
 
     fn lock(&self) -> MutexGuard<'_, Core> {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wait for room for a report of `bytes` in flight (held until its
+    /// commit is done).
+    pub async fn report_room(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let kib = (bytes.div_ceil(1024)).clamp(1, MAX_REPORT_BYTES_IN_FLIGHT / 1024) as u32;
+        self.report_room.clone().acquire_many_owned(kib).await.ok()
     }
 
     /// Tell `WatchAgents` streams to look again (cheap when nobody watches).
@@ -400,8 +420,17 @@ impl Hub {
                 None => return Err(Error::InvalidArgument(format!("unknown dependency {dep}"))),
             };
         }
-        let (rx, task, created) = self.push_locked(&req, max_attempts, &known)?;
-        Self::wait(rx).await?;
+        // An id memory does not hold may still be stored (a finished task
+        // past the cache, or one from before a restart): the store decides
+        // whether it exists, never the cache.
+        let stored = match &req.task_id {
+            Some(id) if !self.lock().tasks.contains_key(id) => self.stored_task(id).await?,
+            _ => None,
+        };
+        let (rx, task, created) = self.push_locked(&req, max_attempts, &known, stored)?;
+        if let Some(rx) = rx {
+            Self::wait(rx).await?;
+        }
         if created {
             self.metrics.tasks_pushed.inc();
         }
@@ -409,30 +438,39 @@ impl Hub {
     }
 
     /// The part of `push_task` under the lock. `known`: the states of the
-    /// dependencies as read before it.
+    /// dependencies as read before it; `stored`: the task with the
+    /// requested id as the store held it (when memory did not). Returns
+    /// what to wait for before answering (nothing for a task read from
+    /// the store: it is durable).
     fn push_locked(
         &self,
         req: &PushRequest,
         max_attempts: u32,
         known: &HashMap<String, TaskState>,
-    ) -> Result<(oneshot::Receiver<Result<()>>, Task, bool)> {
+        stored: Option<Task>,
+    ) -> Result<(Option<Durable>, Task, bool)> {
         let mut core = self.lock();
         self.check_writable(&core)?;
         let mut txn = Txn::new();
-        match req.task_id.as_ref().and_then(|id| core.tasks.get(id)) {
-            Some(existing) if !same_request(existing, req, max_attempts) => {
+        let in_memory = req.task_id.as_ref().and_then(|id| core.tasks.get(id));
+        match (in_memory, stored) {
+            (Some(existing), _) if !same_request(existing, req, max_attempts) => {
                 Err(Error::AlreadyExists(existing.task_id.clone()))
             }
-            Some(existing) => {
+            (Some(existing), _) => {
                 // A safe retry: answer once the original is durable.
                 let task = existing.clone();
                 let rx = Self::durable_signal(&mut txn);
                 self.submit(&mut core, txn);
-                Ok((rx, task, false))
+                Ok((Some(rx), task, false))
             }
-            None => {
+            (None, Some(existing)) if !same_request(&existing, req, max_attempts) => {
+                Err(Error::AlreadyExists(existing.task_id))
+            }
+            (None, Some(existing)) => Ok((None, existing, false)),
+            (None, None) => {
                 let (rx, task) = self.create_task(&mut core, txn, req, max_attempts, known)?;
-                Ok((rx, task, true))
+                Ok((Some(rx), task, true))
             }
         }
     }
@@ -821,6 +859,7 @@ impl Hub {
             }
             metrics::gauge_set(&m.last_event_seq, self.head_seq(&core));
             metrics::gauge_set(&m.tasks_in_memory, core.tasks.len() as u64);
+            metrics::gauge_set(&m.timers, core.timer_count() as u64);
             let finished: u64 = TaskState::ALL
                 .iter()
                 .zip(core.state_counts)
@@ -830,6 +869,10 @@ impl Hub {
             metrics::gauge_set(&m.finished_stored, finished);
         }
         metrics::gauge_set(&m.watchers, self.bus.watcher_count() as u64);
+        metrics::gauge_set(
+            &m.output_watched,
+            self.output_watches.watched_tasks() as u64,
+        );
         metrics::gauge_set(&m.data_dir_bytes, self.store.disk_bytes());
         if let Some(node) = self.cluster_node() {
             metrics::gauge_set(&m.cluster_leader, u64::from(node.is_leader()));

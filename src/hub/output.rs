@@ -45,6 +45,11 @@ impl OutputWatches {
             .subscribe()
     }
 
+    /// Tasks with an entry (for tests and `/metrics`).
+    pub fn watched_tasks(&self) -> usize {
+        self.lock().len()
+    }
+
     /// Drop the entry of a task nobody watches any more.
     fn forget_unwatched(&self, task_id: &str) {
         let mut map = self.lock();
@@ -105,7 +110,12 @@ impl Hub {
         // Subscribe to both signals before the first read.
         let ends = self.output_watches.subscribe(task_id);
         let finished = self.waiters.register(task_id);
-        self.get_task(task_id).await?;
+        if let Err(e) = self.get_task(task_id).await {
+            // Nothing is kept for an id nobody can watch.
+            drop((ends, finished));
+            self.output_watches.forget_unwatched(task_id);
+            return Err(e);
+        }
         let (tx, rx) = mpsc::channel(WATCHER_QUEUE);
         let hub = self.clone();
         let task_id = task_id.to_string();

@@ -45,16 +45,34 @@ impl Hub {
         tracing::error!(%fault, %detail, "commit failed: refusing writes and rebuilding state from the store");
         core.epoch = epoch + 1;
         core.degraded = Some((fault, detail));
-        match self.store.load() {
-            Ok(loaded) => core.rebuild(loaded, &self.config),
+        drop(core);
+        self.reload(epoch + 1);
+        self.metrics.storage_fault();
+        self.recovery_wake.notify_one();
+    }
+
+    /// Rebuild task state from the store for write epoch `epoch`. The store
+    /// is read without the core lock (a load reads every live task: every
+    /// request would wait on the lock meanwhile); the writes it could miss
+    /// are refused while the hub is degraded. False: the store could not be
+    /// read (nothing is served until a later rebuild succeeds).
+    fn reload(&self, epoch: u64) -> bool {
+        let loaded = self.store.load();
+        let mut core = self.lock();
+        if core.epoch != epoch {
+            return true; // A newer failure rebuilds past this one.
+        }
+        match loaded {
+            Ok(loaded) => {
+                core.rebuild(loaded, &self.config);
+                true
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the store; reads wait for recovery");
                 core.stale = true;
+                false
             }
         }
-        self.metrics.storage_fault();
-        drop(core);
-        self.recovery_wake.notify_one();
     }
 
     /// Leave degraded mode if the store takes writes again. True: recovered.
@@ -63,14 +81,18 @@ impl Hub {
             tracing::debug!(error = %e, "store still unavailable");
             return false;
         }
-        let mut core = self.lock();
         // A cluster node that just won the lease: its state is the log's
         // as of now, not as of when it last led.
-        if core.stale || self.store.replicated() {
-            match self.store.load() {
-                Ok(loaded) => core.rebuild(loaded, &self.config),
-                Err(_) => return false,
-            }
+        let (stale, epoch) = {
+            let core = self.lock();
+            (core.stale, core.epoch)
+        };
+        if (stale || self.store.replicated()) && !self.reload(epoch) {
+            return false;
+        }
+        let mut core = self.lock();
+        if core.epoch != epoch || core.stale {
+            return false; // Failed again meanwhile: probe again.
         }
         core.degraded = None;
         core.agent_changed();
@@ -86,21 +108,17 @@ impl Hub {
     /// Cluster mode: this node lost the lease (or the log refused its
     /// append). Forget sessions and undecided changes, follow the log again.
     pub fn step_down(&self, why: &str) {
-        let mut core = self.lock();
-        core.epoch += 1;
-        core.degraded = Some((StorageFault::NotLeader, why.to_string()));
-        for a in core.agents.values_mut() {
-            a.session = None;
-        }
-        match self.store.load() {
-            Ok(loaded) => core.rebuild(loaded, &self.config),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the local copy of the log");
-                core.stale = true;
+        let epoch = {
+            let mut core = self.lock();
+            core.epoch += 1;
+            core.degraded = Some((StorageFault::NotLeader, why.to_string()));
+            for a in core.agents.values_mut() {
+                a.session = None;
             }
-        }
-        core.agent_changed();
-        drop(core);
+            core.epoch
+        };
+        self.reload(epoch);
+        self.lock().agent_changed();
         self.note_agents_changed();
     }
 

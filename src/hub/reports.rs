@@ -2,9 +2,10 @@
 //! Replies that follow a change are sent only after the change is durable.
 
 use serde_json::{json, Value};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::agentcom::{on_agent_restarting, REJECT_BUSY};
+use super::agentcom::{on_agent_restarting, run_outlives_sidecar, REJECT_BUSY};
 use super::core::{obj, set_state, task_assign, Agent, Core, Timer, Txn};
 use super::Hub;
 use crate::auth::Role;
@@ -128,20 +129,38 @@ impl Hub {
     /// or error) goes to `session`, after everything before it is durable:
     /// replies leave in commit order, and an error never overtakes the ack
     /// of an earlier report.
-    pub async fn report(&self, agent_id: &str, session: &Link, msg: FromAgent) {
+    ///
+    /// Returns once the report is queued for its commit, with a receiver
+    /// that resolves when that commit is done (and the reply queued): the
+    /// session bounds what it has in flight with it.
+    pub async fn report(
+        &self,
+        agent_id: &str,
+        session: &Link,
+        msg: FromAgent,
+    ) -> Option<oneshot::Receiver<()>> {
         if let FromAgent::Output(out) = msg {
             // Not a lifecycle report: no event, no reply (see `output.rs`).
-            return self.task_output(agent_id, out).await;
+            self.task_output(agent_id, out).await;
+            return None;
         }
         if let Some(task_id) = report_task_id(&msg) {
             // A finished task past the cache is read back, so the report
             // gets `task_finished`, not `unknown_task`.
             let _ = self.ensure_loaded(task_id).await;
         }
-        self.report_loaded(agent_id, session, msg);
+        let (done, rx) = oneshot::channel();
+        self.report_loaded(agent_id, session, msg, done);
+        Some(rx)
     }
 
-    fn report_loaded(&self, agent_id: &str, session: &Link, msg: FromAgent) {
+    fn report_loaded(
+        &self,
+        agent_id: &str,
+        session: &Link,
+        msg: FromAgent,
+        done: oneshot::Sender<()>,
+    ) {
         self.metrics.reports.inc();
         let about = report_task_id(&msg).map(str::to_string);
         let mut core = self.lock();
@@ -204,11 +223,15 @@ impl Hub {
                 };
                 let reply = with_task(reply, e.task_id().or(about.as_deref()));
                 link.send(reply);
+                let _ = done.send(());
             });
             self.submit(&mut core, txn);
             return;
         }
         core.schedule(&mut txn, &self.config, &self.metrics);
+        txn.batch.then(move |_| {
+            let _ = done.send(());
+        });
         self.submit(&mut core, txn);
     }
 
@@ -377,10 +400,28 @@ impl Hub {
                 txn.reply_after_commit(session, &r.task_id, reassign);
             }
             (None, Some(g)) if core.can_readopt(agent_id, &r.task_id, g) => {
-                core.readopt(txn, &self.config, agent_id, &r.task_id, r.payload);
+                // It names the generation its run has, which nobody held
+                // since: that one stays (a sidecar that sends it keys its
+                // run by it).
+                core.readopt(txn, &self.config, agent_id, &r.task_id, r.payload, false);
                 let msg = ToAgent::TaskContinue {
                     task_id: r.task_id.clone(),
                     generation: g,
+                };
+                txn.reply_after_commit(session, &r.task_id, msg);
+            }
+            (None, None)
+                if core.lost_generation(agent_id, &r.task_id).is_some()
+                    && run_outlives_sidecar(&core.tasks[&r.task_id], &r.payload) =>
+            {
+                // A restarted sidecar whose agent still works on the task it
+                // lost while away: its own again, under a new generation that
+                // `task_continue` tells it (it knows none after a restart).
+                let generation =
+                    core.readopt(txn, &self.config, agent_id, &r.task_id, r.payload, true);
+                let msg = ToAgent::TaskContinue {
+                    task_id: r.task_id.clone(),
+                    generation,
                 };
                 txn.reply_after_commit(session, &r.task_id, msg);
             }

@@ -54,8 +54,7 @@ impl Hub {
             return;
         }
         let mut txn = Txn::new();
-        while core.timers.first().is_some_and(|(at, _, _)| *at <= now) {
-            let (_, _, timer) = core.timers.pop_first().expect("non-empty");
+        while let Some(timer) = core.pop_due_timer(now) {
             match timer {
                 Timer::Accept(task_id, generation) => {
                     let due = core.tasks.get(&task_id).is_some_and(|t| {

@@ -55,6 +55,60 @@ pub fn close_code(why: CloseReason) -> (u16, &'static str) {
 
 static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Reports one session may have received and not yet seen committed; at
+/// the limit it stops reading its socket (TCP pushes back on the sidecar).
+pub const MAX_REPORTS_IN_FLIGHT: usize = 1024;
+/// The same bound in bytes of the frames.
+pub const MAX_REPORT_BYTES_IN_FLIGHT: usize = 1024 * 1024;
+
+/// A session's reports whose commits are not done yet, oldest first.
+#[derive(Default)]
+struct InFlight {
+    reports: std::collections::VecDeque<(
+        tokio::sync::oneshot::Receiver<()>,
+        usize,
+        Option<tokio::sync::OwnedSemaphorePermit>,
+    )>,
+    bytes: usize,
+}
+
+impl InFlight {
+    /// Wait until a report of `bytes` more fits.
+    async fn room_for(&mut self, bytes: usize) {
+        while !self.reports.is_empty()
+            && (self.reports.len() >= MAX_REPORTS_IN_FLIGHT
+                || self.bytes + bytes > MAX_REPORT_BYTES_IN_FLIGHT)
+        {
+            self.pop().await;
+        }
+    }
+
+    /// Wait until every report received so far is committed and answered
+    /// (an error about a later frame never overtakes their replies).
+    async fn drain(&mut self) {
+        while !self.reports.is_empty() {
+            self.pop().await;
+        }
+    }
+
+    async fn pop(&mut self) {
+        if let Some((done, bytes, _room)) = self.reports.pop_front() {
+            let _ = done.await;
+            self.bytes -= bytes;
+        }
+    }
+
+    fn push(
+        &mut self,
+        done: tokio::sync::oneshot::Receiver<()>,
+        bytes: usize,
+        room: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        self.bytes += bytes;
+        self.reports.push_back((done, bytes, room));
+    }
+}
+
 /// Shared between the hub's handle, the reader and the writer.
 #[derive(Default)]
 struct SessionCtl {
@@ -174,6 +228,7 @@ pub async fn run(
     let mut relayed = false;
     // The peer sent its close frame (or the connection is gone).
     let mut peer_closed = false;
+    let mut in_flight = InFlight::default();
     loop {
         let frame = tokio::select! {
             frame = stream.next() => frame,
@@ -195,6 +250,7 @@ pub async fn run(
         let text = match frame {
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(Message::Binary(_))) => {
+                in_flight.drain().await;
                 link.send(ToAgent::error(
                     "invalid_json",
                     None,
@@ -215,7 +271,11 @@ pub async fn run(
                 break;
             }
         };
-        match protocol::parse(&text) {
+        let parsed = protocol::parse(&text);
+        if parsed.is_err() || agent_id.is_none() {
+            in_flight.drain().await;
+        }
+        match parsed {
             Err(e) => {
                 link.send(ToAgent::error(e.code, None, Some(e.detail)));
             }
@@ -267,7 +327,13 @@ pub async fn run(
                         }
                     }
                 }
-                Some(agent) => hub.report(agent, &dyn_link, report).await,
+                Some(agent) => {
+                    in_flight.room_for(text.len()).await;
+                    let room = hub.report_room(text.len()).await;
+                    if let Some(done) = hub.report(agent, &dyn_link, report).await {
+                        in_flight.push(done, text.len(), room);
+                    }
+                }
                 None => {
                     link.send(ToAgent::error("not_identified", None, None));
                 }

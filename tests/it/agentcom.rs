@@ -9,12 +9,16 @@
 //! it knows none). After a restart its active task becomes `recovering`,
 //! reported with a generation-less `task_recovering`; after a reconnect its
 //! still active task is reported with `state_report`. Tasks with a
-//! `routing_decision` run directly (its shell executor runs
-//! `metadata.shell_command`, streaming `task_progress`); the others go
-//! through the wake path (`wake_result`). It sends `resource_report` and
-//! `ping` periodically, and `agent_restarting` before a restart.
+//! `routing_decision` run directly, inside its process (its shell executor
+//! runs `metadata.shell_command`, streaming `task_progress`); the others go
+//! through the wake path: its wake command wakes an agent that is a process
+//! of its own (it outlives a killed sidecar), which drops `<task>.started`
+//! and later `<task>.json` into the results directory the sidecar watches
+//! (`wake_result`, `handleConfirmation`, `handleResult`). It sends
+//! `resource_report` and `ping` periodically, and `agent_restarting` before
+//! a restart.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -58,7 +62,65 @@ enum Event {
         ok: bool,
         output: String,
     },
+    /// A new file in the results directory (its chokidar watcher).
+    ResultFile(String),
     Closed,
+}
+
+/// The woken agent's side, which outlives the sidecar: the results directory
+/// (the sidecar's `results_dir`), a log with one `wake <task>` line per wake,
+/// and a gate file the agent waits for before it writes its result.
+struct AgentHome {
+    _tmp: tempfile::TempDir,
+    results: PathBuf,
+    wakes: PathBuf,
+    gate: PathBuf,
+}
+
+impl AgentHome {
+    fn new() -> AgentHome {
+        let tmp = tempfile::tempdir().unwrap();
+        let results = tmp.path().join("results");
+        std::fs::create_dir(&results).unwrap();
+        AgentHome {
+            results,
+            wakes: tmp.path().join("wakes.log"),
+            gate: tmp.path().join("gate"),
+            _tmp: tmp,
+        }
+    }
+
+    /// One whose agent finishes as soon as it is woken.
+    fn open() -> AgentHome {
+        let home = AgentHome::new();
+        home.let_agent_finish();
+        home
+    }
+
+    fn let_agent_finish(&self) {
+        std::fs::write(&self.gate, "").unwrap();
+    }
+
+    /// The sidecar's `wake_command`: log the wake, start the agent in the
+    /// background (not a child the sidecar waits for) and return. The agent
+    /// confirms (`.started`), works until the gate opens (10 s at most), then
+    /// writes its result file whole (`awaitWriteFinish`).
+    fn wake_command(&self) -> String {
+        format!(
+            r#"echo "wake $TASK_ID" >> {wakes}; ( touch {results}/$TASK_ID.started; i=0; while [ ! -e {gate} ] && [ $i -lt 500 ]; do sleep 0.02; i=$((i+1)); done; printf '{{"status":"success","output":"%s"}}' "$TASK_ID" > {results}/$TASK_ID.tmp; mv {results}/$TASK_ID.tmp {results}/$TASK_ID.json ) </dev/null >/dev/null 2>&1 &"#,
+            wakes = self.wakes.display(),
+            results = self.results.display(),
+            gate = self.gate.display(),
+        )
+    }
+
+    /// The tasks its agent was woken for, one entry per wake.
+    fn wakes(&self) -> Vec<String> {
+        lines(&self.wakes)
+            .into_iter()
+            .filter_map(|l| l.strip_prefix("wake ").map(str::to_string))
+            .collect()
+    }
 }
 
 struct AgentCom {
@@ -77,21 +139,48 @@ struct AgentCom {
     started: Vec<(String, u64)>,
     /// A restart was asked for while a task was working.
     pending_restart: Option<String>,
+    /// Its `results_dir` and `wake_command`.
+    results: PathBuf,
+    wake_command: String,
+    /// The agent home it owns (`start`), if any.
+    _home: Option<AgentHome>,
+    /// Files of `results` it has seen (present at start: ignored, as
+    /// chokidar's `ignoreInitial`).
+    seen: HashSet<String>,
 }
 
 impl AgentCom {
-    /// Start it with an empty queue file and wait for `identified`.
+    /// Start it with an empty queue file and an agent that finishes at once,
+    /// and wait for `identified`.
     async fn start(hub: &TestHub, agent: &str) -> AgentCom {
+        let home = AgentHome::open();
+        let mut s = Self::start_in(hub, agent, &home).await;
+        s._home = Some(home);
+        s
+    }
+
+    /// Start it with an empty queue file, waking the agent of `home`.
+    async fn start_in(hub: &TestHub, agent: &str, home: &AgentHome) -> AgentCom {
         let token = hub.agent_token(agent);
-        Self::start_with(hub.ws_url(), agent, token, QueueFile::default()).await
+        Self::start_with(hub.ws_url(), agent, token, QueueFile::default(), home).await
     }
 
     /// Start it on a queue file left by an earlier run (crash recovery: the
     /// active task becomes the recovering one).
-    async fn start_with(url: String, agent: &str, token: String, mut queue: QueueFile) -> AgentCom {
+    async fn start_with(
+        url: String,
+        agent: &str,
+        token: String,
+        mut queue: QueueFile,
+        home: &AgentHome,
+    ) -> AgentCom {
         if let Some(job) = queue.active.take() {
             queue.recovering = Some(job);
         }
+        let seen = std::fs::read_dir(&home.results)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         let mut s = AgentCom {
             agent_id: agent.to_string(),
             token,
@@ -103,6 +192,10 @@ impl AgentCom {
             received: Vec::new(),
             started: Vec::new(),
             pending_restart: None,
+            results: home.results.clone(),
+            wake_command: home.wake_command(),
+            seen,
+            _home: None,
         };
         s.connect().await;
         s.pump_until("identified", |v| v["type"] == "identified")
@@ -137,8 +230,8 @@ impl AgentCom {
         }
     }
 
-    /// The process dies (`kill -9`): the socket drops, its command dies with
-    /// it; only the queue file is left.
+    /// The process dies (`kill -9`): the socket drops, a command it executes
+    /// dies with it; only the queue file (and a woken agent) is left.
     fn kill(mut self) -> QueueFile {
         if let Some((_, child)) = self.run.as_mut() {
             let _ = child.start_kill();
@@ -153,30 +246,63 @@ impl AgentCom {
             let event = tokio::time::timeout_at(deadline, self.next_event())
                 .await
                 .unwrap_or_else(|_| panic!("{}: no {what} within {WAIT:?}", self.agent_id));
-            match event {
-                Event::Frame(v) => {
-                    self.received.push(v.clone());
-                    self.on_frame(&v).await;
-                    if done(&v) {
-                        return v;
-                    }
+            if let Some(v) = self.handle(event).await {
+                if done(&v) {
+                    return v;
                 }
-                Event::Exited {
-                    task_id,
-                    ok,
-                    output,
-                } => self.on_command_exit(&task_id, ok, output).await,
-                // `ws.on('close')`: reconnect.
-                Event::Closed => self.connect().await,
             }
         }
+    }
+
+    /// Handle events until its active task is `status`.
+    async fn pump_until_status(&mut self, task_id: &str, status: &str) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !self
+            .queue
+            .active
+            .as_ref()
+            .is_some_and(|j| j.task_id == task_id && j.status == status)
+        {
+            let event = tokio::time::timeout_at(deadline, self.next_event())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("{}: {task_id} not {status} within {WAIT:?}", self.agent_id)
+                });
+            self.handle(event).await;
+        }
+    }
+
+    /// React to one event; a frame is returned.
+    async fn handle(&mut self, event: Event) -> Option<Value> {
+        match event {
+            Event::Frame(v) => {
+                self.received.push(v.clone());
+                self.on_frame(&v).await;
+                return Some(v);
+            }
+            Event::Exited {
+                task_id,
+                ok,
+                output,
+            } => self.on_command_exit(&task_id, ok, output).await,
+            Event::ResultFile(name) => self.on_result_file(&name).await,
+            // `ws.on('close')`: reconnect.
+            Event::Closed => self.connect().await,
+        }
+        None
     }
 
     async fn next_event(&mut self) -> Event {
         let ws = self.ws.as_mut().expect("connected");
         let run = &mut self.run;
+        let (results, seen) = (&self.results, &mut self.seen);
         loop {
             tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                    if let Some(name) = new_file(results, seen) {
+                        return Event::ResultFile(name);
+                    }
+                }
                 msg = ws.next() => match msg {
                     Some(Ok(Message::Text(t))) => return Event::Frame(serde_json::from_str(&t).unwrap()),
                     Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return Event::Closed,
@@ -295,10 +421,10 @@ impl AgentCom {
             .as_str()
             .is_some_and(|t| t != "wake");
         if !direct {
-            // The wake path: the wake command succeeded; the woken agent runs it.
-            self.send(json!({"type": "wake_result", "task_id": task_id, "status": "success", "attempt": 1}))
-                .await;
+            self.wake_agent(&job).await;
+            return;
         }
+        // `executeTask`.
         self.set_status(&task_id, "working");
         let command = job.metadata["shell_command"]
             .as_str()
@@ -314,12 +440,74 @@ impl AgentCom {
             .unwrap();
         self.started.push((task_id.clone(), job.generation));
         self.run = Some((task_id.clone(), child));
-        if direct {
-            let event = json!({"event_type": "status", "text": "running", "tokens_so_far": null, "model": null, "timestamp": 1});
-            self.send(
-                json!({"type": "task_progress", "task_id": task_id, "execution_event": event}),
-            )
+        let event = json!({"event_type": "status", "text": "running", "tokens_so_far": null, "model": null, "timestamp": 1});
+        self.send(json!({"type": "task_progress", "task_id": task_id, "execution_event": event}))
             .await;
+    }
+
+    /// Its `wakeAgent`: run the wake command (it returns once the agent is
+    /// woken), report it, wait for the agent's confirmation.
+    async fn wake_agent(&mut self, job: &Job) {
+        self.set_status(&job.task_id, "waking");
+        let woke = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(&self.wake_command)
+            .env("TASK_ID", &job.task_id)
+            .status()
+            .await
+            .unwrap();
+        assert!(woke.success());
+        self.started.push((job.task_id.clone(), job.generation));
+        self.send(json!({"type": "wake_result", "task_id": job.task_id, "status": "success", "attempt": 1}))
+            .await;
+        self.set_status(&job.task_id, "waking_confirmation");
+    }
+
+    /// Its result watcher: `handleConfirmation` (`.started`) and
+    /// `handleResult` (`.json`), both for the active task only.
+    async fn on_result_file(&mut self, name: &str) {
+        let active = self.queue.active.as_ref().map(|j| j.task_id.clone());
+        if let Some(task_id) = name.strip_suffix(".started") {
+            let confirming = self
+                .queue
+                .active
+                .as_ref()
+                .is_some_and(|j| j.task_id == task_id && j.status == "waking_confirmation");
+            if confirming {
+                self.set_status(task_id, "working");
+            }
+            return;
+        }
+        let Some(task_id) = name.strip_suffix(".json") else {
+            return;
+        };
+        if active.as_deref() != Some(task_id) {
+            return; // result_ignored: not the active task
+        }
+        let path = self.results.join(name);
+        let result: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let generation = self.generations.remove(task_id).unwrap_or(0);
+        if result["status"] == "success" {
+            self.send(json!({
+                "type": "task_complete",
+                "task_id": task_id,
+                "result": result,
+                "generation": generation,
+                "verification_report": {"status": "skip"},
+                "verification_history": null,
+            }))
+            .await;
+        } else {
+            self.send(json!({"type": "task_failed", "task_id": task_id, "reason": result["reason"], "generation": generation}))
+                .await;
+        }
+        self.queue.active = None;
+        for ext in ["started", "json"] {
+            let _ = std::fs::remove_file(self.results.join(format!("{task_id}.{ext}")));
+        }
+        if let Some(reason) = self.pending_restart.take() {
+            self.send(json!({"type": "agent_restarting", "reason": reason}))
+                .await;
         }
     }
 
@@ -391,6 +579,20 @@ impl AgentCom {
     fn frames(&self, ty: &str) -> Vec<&Value> {
         self.received.iter().filter(|v| v["type"] == ty).collect()
     }
+}
+
+/// A file of `dir` not in `seen` yet (it is added). Temporary files are
+/// left until renamed (`awaitWriteFinish`).
+fn new_file(dir: &Path, seen: &mut HashSet<String>) -> Option<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+        .filter(|n| !n.ends_with(".tmp") && !seen.contains(n))
+        .collect();
+    names.sort_by_key(|n| !n.ends_with(".started"));
+    let name = names.into_iter().next()?;
+    seen.insert(name.clone());
+    Some(name)
 }
 
 async fn wait_run(run: &mut Option<(String, Child)>) -> bool {
@@ -588,16 +790,18 @@ async fn agentcom_task_assign_carries_enrichment_fields_at_top_level() {
     no_errors(&sc);
 }
 
-/// Issue scenario 1: killed for longer than the grace, restarted: the task
-/// it was running is settled (`task_recovering` → `task_reassign`) before it
-/// gets the task again, so it runs once, to completion.
+/// Killed for longer than the grace while it executes a task itself
+/// (`routing_decision`): that run died with it. The task is settled
+/// (`task_recovering` → `task_reassign`) before it gets the task again, so
+/// it runs once, to completion.
 #[tokio::test]
 async fn agentcom_sidecar_killed_past_the_grace_runs_the_task_exactly_once() {
     let hub = TestHub::start_with(|c| c.reconnect_grace = Duration::from_millis(200)).await;
     let mut client = hub.client().await;
     let mut watch = client.watch_after(0).await;
     let d = dir();
-    let mut sc = AgentCom::start(&hub, "ac-3").await;
+    let home = AgentHome::open();
+    let mut sc = AgentCom::start_in(&hub, "ac-3", &home).await;
     let (url, token) = (sc.url.clone(), sc.token.clone());
     let t = client
         .push(shell_task("ac-3", &gated_command(&d.log, &d.gate)))
@@ -610,7 +814,7 @@ async fn agentcom_sidecar_killed_past_the_grace_runs_the_task_exactly_once() {
     let queue = sc.kill();
     until_event(&mut watch, "reclaim", |ev| kind(ev) == Kind::Reclaimed).await;
 
-    let mut sc = AgentCom::start_with(url, "ac-3", token, queue).await;
+    let mut sc = AgentCom::start_with(url, "ac-3", token, queue, &home).await;
     std::fs::write(&d.gate, "").unwrap();
     sc.pump_until("complete ack", |v| {
         v["type"] == "task_ack" && v["status"] == "complete"
@@ -636,9 +840,121 @@ async fn agentcom_sidecar_killed_past_the_grace_runs_the_task_exactly_once() {
     no_errors(&sc);
 }
 
-/// Issue scenario 2: the connection is silent past the grace while the
-/// sidecar keeps working; on reconnect its `state_report` gets the task
-/// back (`continue`) and its completion is stored: COMPLETED, one run.
+/// Events of one task, from a watch of everything: (kind, generation).
+async fn history(
+    watch: &mut tonic::Streaming<pb::TaskEvent>,
+    task_id: &str,
+    until: Kind,
+) -> Vec<(Kind, u64)> {
+    let mut seen = Vec::new();
+    loop {
+        let ev = until_event(watch, "event", |ev| ev.task_id == task_id).await;
+        seen.push((kind(&ev), ev.generation));
+        if kind(&ev) == until {
+            return seen;
+        }
+    }
+}
+
+/// The frames about tasks it got, by type, in order.
+fn task_frames(sc: &AgentCom) -> Vec<&str> {
+    sc.received
+        .iter()
+        .filter_map(|v| v["type"].as_str())
+        .filter(|t| {
+            matches!(
+                *t,
+                "task_assign" | "task_reassign" | "task_continue" | "task_cancelled"
+            )
+        })
+        .collect()
+}
+
+/// Push a wake-path task to `agent` (an AgentCom sidecar started on `home`)
+/// and wait until its agent is at work on it (`working`, after `.started`).
+async fn working_task(hub: &TestHub, sc: &mut AgentCom, req: pb::PushTaskRequest) -> String {
+    let t = hub.client().await.push(req).await;
+    sc.pump_until_status(&t.task_id, "working").await;
+    t.task_id
+}
+
+/// The issue's sequence: killed (SIGKILL) while its woken agent works, back
+/// after the grace on the same queue file. Its generation-less
+/// `task_recovering` (`last_status: "working"`) gets `task_continue` with a
+/// new generation instead of `task_reassign` + `task_assign`: the agent is
+/// woken once, and its result completes the task under that generation.
+#[tokio::test]
+async fn agentcom_killed_while_its_agent_works_continues_the_task_and_wakes_it_once() {
+    let hub = TestHub::start_with(|c| c.reconnect_grace = Duration::from_millis(200)).await;
+    let mut client = hub.client().await;
+    let mut watch = client.watch_after(0).await;
+    let home = AgentHome::new();
+    let mut sc = AgentCom::start_in(&hub, "ac-11", &home).await;
+    let (url, token) = (sc.url.clone(), sc.token.clone());
+    let id = working_task(&hub, &mut sc, pinned("ac-11", "wake me")).await;
+    let queue = sc.kill();
+    assert_eq!(queue.active.as_ref().unwrap().status, "working");
+    until_event(&mut watch, "reclaim", |ev| kind(ev) == Kind::Reclaimed).await;
+
+    let mut sc = AgentCom::start_with(url, "ac-11", token, queue, &home).await;
+    let reply = sc
+        .pump_until("recovery answer", |v| {
+            matches!(v["type"].as_str(), Some("task_continue" | "task_reassign"))
+        })
+        .await;
+    assert_eq!(
+        (reply["type"].as_str(), reply["generation"].as_u64()),
+        (Some("task_continue"), Some(2)),
+        "{reply}"
+    );
+    assert_eq!(
+        sc.queue.active.as_ref().unwrap().task_id,
+        id,
+        "moved back to active"
+    );
+    // The agent, still at work, finishes; the restarted sidecar reports it.
+    home.let_agent_finish();
+    sc.pump_until("complete ack", |v| {
+        v["type"] == "task_ack" && v["status"] == "complete"
+    })
+    .await;
+    assert_eq!(home.wakes(), [id.as_str()], "the agent was woken once");
+    assert_eq!(task_frames(&sc), ["task_continue"]);
+    no_errors(&sc);
+    let done = task(&hub, &id).await;
+    assert_eq!(state_of(&done), pb::task::State::Completed, "{done:?}");
+    assert_eq!((done.generation, done.attempts), (2, 1));
+    assert_eq!(
+        pb::value_to_json(done.result.as_ref().unwrap())["output"],
+        id.as_str()
+    );
+    let mut watch = client.watch_after(0).await;
+    assert_eq!(
+        history(&mut watch, &id, Kind::Completed).await,
+        [
+            (Kind::Created, 0),
+            (Kind::Assigned, 1),
+            (Kind::Accepted, 1),
+            (Kind::Reclaimed, 1),
+            (Kind::Recovering, 1),
+            (Kind::Continued, 2),
+            (Kind::Completed, 2),
+        ]
+    );
+    let continued = until_event(&mut client.watch_after(0).await, "continued", |ev| {
+        kind(ev) == Kind::Continued
+    })
+    .await;
+    assert_eq!(
+        Value::Object(pb::struct_to_json(continued.payload.as_ref().unwrap())),
+        json!({"reason": "still_running", "previous_generation": 1})
+    );
+}
+
+/// The same with `state_report`: the connection is silent past the grace
+/// while the sidecar (and its woken agent) keep working; on reconnect its
+/// `state_report` gets `continue`, then `task_continue` with the new
+/// generation, which its result carries: COMPLETED, one wake.
 #[tokio::test]
 async fn agentcom_connection_paused_past_the_grace_still_completes() {
     let hub = TestHub::start_with(|c| {
@@ -650,15 +966,9 @@ async fn agentcom_connection_paused_past_the_grace_still_completes() {
     .await;
     let mut client = hub.client().await;
     let mut watch = client.watch_after(0).await;
-    let d = dir();
-    let mut sc = AgentCom::start(&hub, "ac-4").await;
-    let t = client
-        .push(shell_task("ac-4", &gated_command(&d.log, &d.gate)))
-        .await;
-    sc.pump_until("accepted", |v| {
-        v["type"] == "task_ack" && v["status"] == "accepted"
-    })
-    .await;
+    let home = AgentHome::new();
+    let mut sc = AgentCom::start_in(&hub, "ac-4", &home).await;
+    let id = working_task(&hub, &mut sc, pinned("ac-4", "wake me")).await;
     // Paused: it reads nothing and answers no ping until the hub has given
     // the task up.
     let reclaimed = until_event(&mut watch, "reclaim", |ev| kind(ev) == Kind::Reclaimed).await;
@@ -671,20 +981,267 @@ async fn agentcom_connection_paused_past_the_grace_still_completes() {
         .pump_until("state_report_ack", |v| v["type"] == "state_report_ack")
         .await;
     assert_eq!(ack["action"], "continue", "{ack}");
-    assert_eq!(ack["task_id"], t.task_id.as_str());
-    std::fs::write(&d.gate, "").unwrap();
+    assert_eq!(ack["task_id"], id.as_str());
+    let cont = sc
+        .pump_until("task_continue", |v| v["type"] == "task_continue")
+        .await;
+    assert_eq!(cont["generation"], 2, "{cont}");
+    assert_eq!(sc.generations[&id], 2);
+    home.let_agent_finish();
     sc.pump_until("complete ack", |v| {
         v["type"] == "task_ack" && v["status"] == "complete"
     })
     .await;
-    let done = task(&hub, &t.task_id).await;
+    let done = task(&hub, &id).await;
     assert_eq!(state_of(&done), pb::task::State::Completed, "{done:?}");
-    assert_eq!((done.generation, done.attempts), (1, 1));
-    assert_eq!(sc.started.len(), 1);
-    assert!(sc.frames("task_assign").len() == 1 && sc.frames("task_rejected").is_empty());
+    assert_eq!((done.generation, done.attempts), (2, 1));
+    assert_eq!(home.wakes(), [id.as_str()], "the agent was woken once");
+    assert_eq!(task_frames(&sc), ["task_assign", "task_continue"]);
+    assert!(sc.frames("task_rejected").is_empty());
     no_errors(&sc);
-    let events = until_event(&mut watch, "completed", |ev| kind(ev) == Kind::Completed).await;
-    assert_eq!(events.generation, 1);
+    let mut watch = client.watch_after(0).await;
+    assert_eq!(
+        history(&mut watch, &id, Kind::Completed).await,
+        [
+            (Kind::Created, 0),
+            (Kind::Assigned, 1),
+            (Kind::Accepted, 1),
+            (Kind::Reclaimed, 1),
+            (Kind::Recovering, 1),
+            (Kind::Continued, 2),
+            (Kind::Completed, 2),
+        ]
+    );
+}
+
+/// The same with a hub restart between the reclaim and the sidecar's return,
+/// for a scheduled task (which has no agent once queued: the reclaim's error
+/// names it, so the restarted hub still knows whose run it was).
+#[tokio::test]
+async fn agentcom_killed_sidecar_continues_its_task_after_a_hub_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tweak = |c: &mut agenthub::Config| {
+        c.reconnect_grace = Duration::from_millis(200);
+        c.reconnect_settle = Duration::from_secs(3600);
+    };
+    let hub = TestHub::start_in(tmp.path(), tweak).await;
+    let mut watch = hub.client().await.watch_after(0).await;
+    let home = AgentHome::new();
+    let mut sc = AgentCom::start_in(&hub, "ac-12", &home).await;
+    let token = sc.token.clone();
+    let id = working_task(
+        &hub,
+        &mut sc,
+        scheduled("wake me", &[], pb::Priority::Normal),
+    )
+    .await;
+    let queue = sc.kill();
+    until_event(&mut watch, "reclaim", |ev| kind(ev) == Kind::Reclaimed).await;
+    let lost = task(&hub, &id).await;
+    assert_eq!(state_of(&lost), pb::task::State::Queued);
+    assert_eq!(lost.agent_id, "", "a queued scheduled task has no agent");
+    assert_eq!(
+        pb::value_to_json(lost.error.as_ref().unwrap()),
+        json!({"reason": "agent_disconnected", "agent_id": "ac-12"})
+    );
+    drop(watch);
+    hub.stop().await;
+
+    let hub = TestHub::start_in(tmp.path(), tweak).await;
+    let mut sc = AgentCom::start_with(hub.ws_url(), "ac-12", token, queue, &home).await;
+    let reply = sc
+        .pump_until("recovery answer", |v| {
+            matches!(v["type"].as_str(), Some("task_continue" | "task_reassign"))
+        })
+        .await;
+    assert_eq!(
+        (reply["type"].as_str(), reply["generation"].as_u64()),
+        (Some("task_continue"), Some(2)),
+        "{reply}"
+    );
+    home.let_agent_finish();
+    sc.pump_until("complete ack", |v| {
+        v["type"] == "task_ack" && v["status"] == "complete"
+    })
+    .await;
+    assert_eq!(home.wakes(), [id.as_str()], "the agent was woken once");
+    assert_eq!(task_frames(&sc), ["task_continue"]);
+    no_errors(&sc);
+    let done = task(&hub, &id).await;
+    assert_eq!(state_of(&done), pb::task::State::Completed, "{done:?}");
+    assert_eq!(
+        (done.generation, done.attempts, done.agent_id.as_str()),
+        (2, 1, "ac-12")
+    );
+    let mut watch = hub.client().await.watch_after(0).await;
+    let events = history(&mut watch, &id, Kind::Completed).await;
+    assert_eq!(
+        events[3..],
+        [
+            (Kind::Reclaimed, 1),
+            (Kind::Recovering, 1),
+            (Kind::Continued, 2),
+            (Kind::Completed, 2),
+        ]
+    );
+}
+
+/// Kill `agent`'s sidecar while its woken agent works on a new task (pushed
+/// with `req`), and wait until the hub takes the task back: the task, and
+/// what the sidecar leaves to its next start.
+async fn lose_working_task(
+    hub: &TestHub,
+    home: &AgentHome,
+    agent: &str,
+    req: pb::PushTaskRequest,
+) -> (String, QueueFile) {
+    let mut watch = hub.client().await.watch_after(0).await;
+    let mut sc = AgentCom::start_in(hub, agent, home).await;
+    let id = working_task(hub, &mut sc, req).await;
+    let queue = sc.kill();
+    until_event(&mut watch, "reclaim", |ev| {
+        kind(ev) == Kind::Reclaimed && ev.task_id == id
+    })
+    .await;
+    (id, queue)
+}
+
+/// Restart `agent`'s sidecar on `queue`: the hub's answer to its
+/// `task_recovering`, and the sidecar.
+async fn recover(
+    hub: &TestHub,
+    home: &AgentHome,
+    agent: &str,
+    queue: QueueFile,
+) -> (Value, AgentCom) {
+    let token = hub.agent_token(agent);
+    let mut sc = AgentCom::start_with(hub.ws_url(), agent, token, queue, home).await;
+    let reply = sc
+        .pump_until("recovery answer", |v| {
+            matches!(v["type"].as_str(), Some("task_continue" | "task_reassign"))
+        })
+        .await;
+    (reply, sc)
+}
+
+#[track_caller]
+fn reassigned(reply: &Value, id: &str) {
+    assert_eq!(
+        (reply["type"].as_str(), reply["task_id"].as_str()),
+        (Some("task_reassign"), Some(id)),
+        "{reply}"
+    );
+}
+
+/// The counter-cases: a task that is no longer the returning sidecar's to
+/// continue gets `task_reassign` (and `abort` for `state_report`), and the
+/// hub's record of it does not change: given to another agent, finished,
+/// cancelled, or held by another agent since (its report names an older
+/// generation). Nor does a run the sidecar's restart ended (`last_status`
+/// before its agent was woken).
+#[tokio::test]
+async fn agentcom_recovery_of_a_task_no_longer_its_own_is_reassigned() {
+    let hub = TestHub::start_with(|c| {
+        c.reconnect_grace = Duration::from_millis(200);
+        c.reconnect_settle = Duration::from_secs(3600);
+    })
+    .await;
+    let mut client = hub.client().await;
+    let home = AgentHome::new();
+
+    // Given to another agent while it was away (scheduled: anyone may run it).
+    let req = scheduled("x", &[], pb::Priority::Normal);
+    let (id, queue) = lose_working_task(&hub, &home, "cc-a", req).await;
+    let mut other = hub.sidecar("cc-b").await;
+    let (id2, g2) = other.next_assign().await;
+    assert_eq!((id2.as_str(), g2), (id.as_str(), 2));
+    other.accept(&id, 2).await;
+    let (reply, sc) = recover(&hub, &home, "cc-a", queue.clone()).await;
+    reassigned(&reply, &id);
+    assert!(sc.queue.recovering.is_none() && sc.queue.active.is_none());
+    no_errors(&sc);
+    let now = task(&hub, &id).await;
+    assert_eq!(
+        (state_of(&now), now.generation, now.agent_id.as_str()),
+        (pb::task::State::Running, 2, "cc-b")
+    );
+    drop(sc);
+
+    // Finished (by that agent) before it came back.
+    other.complete(&id, 2, json!("by b")).await;
+    let (reply, sc) = recover(&hub, &home, "cc-a", queue).await;
+    reassigned(&reply, &id);
+    let done = task(&hub, &id).await;
+    assert_eq!(
+        (state_of(&done), done.generation, done.agent_id.as_str()),
+        (pb::task::State::Completed, 2, "cc-b")
+    );
+    drop((sc, other));
+
+    // Cancelled while it was away.
+    let (id, queue) = lose_working_task(&hub, &home, "cc-a", pinned("cc-a", "y")).await;
+    client
+        .cancel_task(pb::CancelTaskRequest {
+            task_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    let (reply, sc) = recover(&hub, &home, "cc-a", queue).await;
+    reassigned(&reply, &id);
+    assert_eq!(state_of(&task(&hub, &id).await), pb::task::State::Cancelled);
+    drop(sc);
+
+    // Held by another agent since, which lost it in turn: the returning
+    // sidecar's run is of an older generation than that agent's.
+    let req = scheduled("z", &[], pb::Priority::Normal);
+    let (id, queue) = lose_working_task(&hub, &home, "cc-c", req).await;
+    let mut watch = client.watch_after(0).await;
+    let mut other = hub.sidecar("cc-d").await;
+    let (_, g2) = other.next_assign().await;
+    other.accept(&id, g2).await;
+    drop(other);
+    until_event(&mut watch, "reclaim from cc-d", |ev| {
+        kind(ev) == Kind::Reclaimed && ev.agent_id == "cc-d"
+    })
+    .await;
+    // Back, silent: the task waits for its report (not for cc-c's).
+    let _d = hub.sidecar("cc-d").await;
+    let (reply, sc) = recover(&hub, &home, "cc-c", queue).await;
+    reassigned(&reply, &id);
+    drop(sc);
+    let mut raw = hub.sidecar("cc-c").await;
+    raw.send(json!({"type": "state_report", "task_id": id, "status": "working", "generation": 1}))
+        .await;
+    let ack = raw.recv_type("state_report_ack").await;
+    assert_eq!(ack["action"], "abort", "{ack}");
+    raw.send(json!({"type": "task_recovering", "task_id": id, "generation": 1, "last_status": "working"}))
+        .await;
+    reassigned(&raw.recv().await, &id);
+    let queued = task(&hub, &id).await;
+    assert_eq!(
+        (state_of(&queued), queued.generation),
+        (pb::task::State::Queued, 2)
+    );
+    drop(raw);
+
+    // Killed before its agent was woken: no run is left to continue.
+    let mut sc = AgentCom::start_in(&hub, "cc-e", &home).await;
+    let mut watch = client.watch_after(0).await;
+    let t = client.push(pinned("cc-e", "w")).await;
+    sc.pump_until("accepted", |v| v["type"] == "task_ack").await;
+    let mut queue = sc.kill();
+    until_event(&mut watch, "reclaim", |ev| {
+        kind(ev) == Kind::Reclaimed && ev.task_id == t.task_id
+    })
+    .await;
+    queue.active.as_mut().unwrap().status = "waking".into();
+    let (reply, mut sc) = recover(&hub, &home, "cc-e", queue).await;
+    reassigned(&reply, &t.task_id);
+    // Then it gets the task again, as a new assignment.
+    let assign = sc
+        .pump_until("task_assign", |v| v["type"] == "task_assign")
+        .await;
+    assert_eq!(assign["generation"], 2);
 }
 
 /// Without any report from it, the wait for a returning sidecar ends after
@@ -928,11 +1485,17 @@ async fn pinned_task_lost_before_a_hub_restart_is_still_settled_first() {
         (Some("state_report_ack"), Some("continue")),
         "{first}"
     );
-    sc.complete(&id, g, json!(1)).await;
+    let cont = sc.recv().await;
+    assert_eq!(
+        (cont["type"].as_str(), cont["generation"].as_u64()),
+        (Some("task_continue"), Some(g + 1)),
+        "{cont}"
+    );
+    sc.complete(&id, g + 1, json!(1)).await;
     let done = task(&hub, &t.task_id).await;
     assert_eq!(
         (state_of(&done), done.generation),
-        (pb::task::State::Completed, 1)
+        (pb::task::State::Completed, g + 1)
     );
 }
 

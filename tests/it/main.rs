@@ -9,6 +9,7 @@ mod core_flow;
 mod cursors;
 mod dashboard;
 mod durability;
+mod failure_domains;
 mod faults;
 mod history;
 mod interop;

@@ -374,6 +374,19 @@ pub fn purged_upto(conn: &Connection) -> Result<Seq> {
     Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
+/// The oldest seq event pruning kept whole (0: never pruned). Below it only
+/// the CREATED and COMPLETED events of stored tasks remain.
+pub fn pruned_below(conn: &Connection) -> Result<Seq> {
+    let v: Option<String> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'pruned_below'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
+}
+
 /// Integrity problems, if any: SQLite's own check, seq continuity above the
 /// purged part, and every live task's latest event present.
 pub fn check(conn: &Connection) -> Result<Vec<String>> {
@@ -385,7 +398,7 @@ pub fn check(conn: &Connection) -> Result<Vec<String>> {
             problems.push(format!("integrity_check: {row}"));
         }
     }
-    let floor = purged_upto(conn)? as i64;
+    let floor = purged_upto(conn)?.max(pruned_below(conn)?.saturating_sub(1)) as i64;
     let (n, max): (i64, Option<i64>) = conn.query_row(
         "SELECT COUNT(*), MAX(seq) FROM events WHERE seq > ?1",
         params![floor],

@@ -31,6 +31,8 @@ const PAGE_SIZE: i64 = 16 * 1024;
 const MAX_GROUP: usize = 4096;
 /// How long the writer polls for more work before it sleeps.
 const WRITER_POLL: std::time::Duration = std::time::Duration::from_micros(300);
+/// A page of events read back stops once it holds this many bytes.
+const MAX_READ_BYTES: usize = 4 * 1024 * 1024;
 /// Prune old events at most once per this many commits.
 const PRUNE_EVERY: u64 = 64;
 
@@ -214,6 +216,7 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA)?;
         history::migrate(&conn)?;
         let purged = history::purged_upto(&conn)?;
+        let pruned = history::pruned_below(&conn)?;
         let (first, last, count): (Option<u64>, Option<u64>, u64) =
             conn.query_row("SELECT MIN(seq), MAX(seq), COUNT(*) FROM events", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -229,7 +232,11 @@ impl SqliteStore {
             first_seq: AtomicU64::new(if replica {
                 purged + 1
             } else {
-                first.unwrap_or(head + 1).max(purged + 1).min(head + 1)
+                first
+                    .unwrap_or(head + 1)
+                    .max(purged + 1)
+                    .max(pruned)
+                    .min(head + 1)
             }),
             event_count: AtomicU64::new(count),
             commits: Mutex::new(CommitStats::default()),
@@ -348,7 +355,7 @@ fn writer_loop(
             batch.complete(if stale { &poison } else { &result });
         }
         if let (Some(keep), true, true) = (retention, writes, commits.is_multiple_of(PRUNE_EVERY)) {
-            if let Err(e) = prune(&conn, keep, &shared) {
+            if let Err(e) = prune(&mut conn, keep, &shared) {
                 tracing::warn!(error = %e, "event pruning failed");
             }
         }
@@ -433,17 +440,33 @@ fn coalesce<'a>(group: &[&'a Batch]) -> HashMap<&'a str, (&'a TaskWrite, Option<
     out
 }
 
-fn prune(conn: &Connection, keep: u64, shared: &Shared) -> Result<()> {
+/// Keep the newest `keep` events for watch resumption. The CREATED and
+/// COMPLETED events of tasks still stored are kept below that line: they
+/// hold the task's description and result, which `GetTask` reads (they go
+/// with their task when `--retention` removes it).
+fn prune(conn: &mut Connection, keep: u64, shared: &Shared) -> Result<()> {
     let last = shared.durable_seq.load(Ordering::Acquire);
     let first = shared.first_seq.load(Ordering::Acquire);
     if last < keep || last - keep < first {
         return Ok(());
     }
     let new_first = last - keep + 1;
-    let n = conn.execute(
-        "DELETE FROM events WHERE seq < ?1",
-        params![new_first as i64],
+    let tx = conn.transaction()?;
+    let n = tx.execute(
+        "DELETE FROM events WHERE seq >= ?1 AND seq < ?2 AND NOT (kind IN (?3, ?4) \
+         AND EXISTS (SELECT 1 FROM tasks t WHERE t.task_id = events.task_id))",
+        params![
+            first as i64,
+            new_first as i64,
+            EventKind::Created.code(),
+            EventKind::Completed.code()
+        ],
     )?;
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('pruned_below', ?1)",
+        params![new_first.to_string()],
+    )?;
+    tx.commit()?;
     shared.first_seq.store(new_first, Ordering::Release);
     shared.event_count.fetch_sub(n as u64, Ordering::Relaxed);
     Ok(())
@@ -541,7 +564,19 @@ impl Store for SqliteStore {
                     bytes::Bytes::copy_from_slice(r.get_ref(4)?.as_blob()?),
                 ))
             })?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            // A page of large events stops early: memory per read is bounded
+            // in bytes, not only in events.
+            let mut out = Vec::new();
+            let mut bytes = 0;
+            for ev in rows {
+                let ev = ev?;
+                bytes += ev.proto().len();
+                out.push(ev);
+                if bytes >= MAX_READ_BYTES {
+                    break;
+                }
+            }
+            Ok(out)
         })
     }
 
