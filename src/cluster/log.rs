@@ -1267,6 +1267,9 @@ impl Store for ClusterStore {
     }
 }
 
+/// How long `agenthub token ... --nats` retries opening the token bucket.
+const TOKEN_ADMIN_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Issue, list and revoke tokens on a cluster without running a node
 /// (`agenthub token ... --nats`).
 pub struct TokenAdmin {
@@ -1276,8 +1279,22 @@ pub struct TokenAdmin {
 impl TokenAdmin {
     pub async fn connect(options: &super::ClusterOptions) -> Result<TokenAdmin> {
         let client = options.connect().await?;
-        let kv = token_bucket(&jetstream::new(client), options.replicas).await?;
-        Ok(TokenAdmin { kv })
+        let js = jetstream::new(client);
+        // A NATS cluster that is starting may time out the first requests
+        // (as for a node's own setup): retry a while before giving up.
+        let give_up = Instant::now() + TOKEN_ADMIN_SETUP_TIMEOUT;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match token_bucket(&js, options.replicas).await {
+                Ok(kv) => return Ok(TokenAdmin { kv }),
+                Err(e) if Instant::now() < give_up => {
+                    tracing::debug!(error = %e, "cannot open the token bucket yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     pub async fn insert(&self, token: &TokenRecord) -> Result<()> {
