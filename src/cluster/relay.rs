@@ -46,6 +46,10 @@ const HDR_MORE: &str = "Agenthub-More";
 /// On every piece of a message sent in pieces: its index, from 0.
 const HDR_PIECE: &str = "Agenthub-Piece";
 
+/// Reports of one relayed session the leader queues for its hub; past
+/// that, one is answered `storage_unavailable` (kept and sent again).
+const MAX_QUEUED_REPORTS: usize = 64;
+
 /// How long an identify waits for the leader's answer.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -479,7 +483,7 @@ static NEXT_REMOTE_ID: AtomicU64 = AtomicU64::new(1 << 62);
 struct RemoteSession {
     agent_id: String,
     link: Arc<RemoteLink>,
-    frames: mpsc::UnboundedSender<FromAgent>,
+    frames: mpsc::Sender<FromAgent>,
     node: String,
 }
 
@@ -660,7 +664,7 @@ async fn on_agent_message(
                     let dyn_link: Link = link.clone();
                     match hub.identify_as(principal, &ident, &dyn_link) {
                         Ok(agent_id) => {
-                            let (tx, rx) = mpsc::unbounded_channel();
+                            let (tx, rx) = mpsc::channel(MAX_QUEUED_REPORTS);
                             tokio::spawn(report_worker(
                                 Arc::downgrade(hub),
                                 agent_id.clone(),
@@ -696,10 +700,22 @@ async fn on_agent_message(
                 .expect("intake")
                 .sessions
                 .get(&key)
-                .map(|s| s.frames.clone());
+                .map(|s| (s.frames.clone(), s.link.clone()));
             match (sender, protocol::parse(&text)) {
-                (Some(tx), Ok(report)) => {
-                    let _ = tx.send(report);
+                (Some((tx, link)), Ok(report)) => {
+                    if let Err(mpsc::error::TrySendError::Full(report)) = tx.try_send(report) {
+                        // Bounded, like a direct session: the sidecar keeps
+                        // the report and sends it again.
+                        let task = crate::hub::report_task_id(&report);
+                        link.send(ToAgent::error(
+                            "storage_unavailable",
+                            task,
+                            Some(format!(
+                                "the leader has {MAX_QUEUED_REPORTS} reports of this session \
+                                 waiting; send it again"
+                            )),
+                        ));
+                    }
                 }
                 (Some(_), Err(_)) => {}
                 (None, _) => {
@@ -731,7 +747,7 @@ async fn report_worker(
     hub: Weak<Hub>,
     agent_id: String,
     link: Link,
-    mut rx: mpsc::UnboundedReceiver<FromAgent>,
+    mut rx: mpsc::Receiver<FromAgent>,
 ) {
     while let Some(report) = rx.recv().await {
         let Some(hub) = hub.upgrade() else { return };

@@ -19,6 +19,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use self::core::{obj, Core, Txn, REASON_DEPENDENCY_FAILED};
+pub(crate) use self::reports::report_task_id;
 use crate::auth::{issue_token, Role, TokenVerifier};
 use crate::bus::{EventBus, WatchItem};
 use crate::config::Config;

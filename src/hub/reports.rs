@@ -536,7 +536,7 @@ fn with_task(mut reply: ToAgent, task_id: Option<&str>) -> ToAgent {
 }
 
 /// The task a sidecar message is about, if any.
-fn report_task_id(msg: &FromAgent) -> Option<&str> {
+pub(crate) fn report_task_id(msg: &FromAgent) -> Option<&str> {
     match msg {
         FromAgent::Accepted(r)
         | FromAgent::Progress(r)
