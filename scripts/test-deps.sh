@@ -2,7 +2,8 @@
 # Install what the interop tests need, into the work tree only:
 #   - tests/interop/node_modules: the npm `ws` package (npm ci, from the
 #     committed package.json + package-lock.json);
-#   - .venv: a Python virtualenv with grpcio + grpcio-tools (pinned in
+#   - .venv: a Python virtualenv with grpcio + grpcio-tools, and the
+#     OpenTelemetry proto + API packages for the trace test (pinned in
 #     tests/interop/requirements.txt) and the Python client (clients/python);
 #   - Debian's chromium + chromium-driver (apt-get, as root) and
 #     tests/dashboard/node_modules (playwright-core) for the dashboard
@@ -43,7 +44,7 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 if [ -f "$py_stamp" ] && [ "$(cat "$py_stamp")" = "$py_hash" ] \
-  && "$venv/bin/python" -c 'import grpc, grpc_tools.protoc' 2>/dev/null; then
+  && "$venv/bin/python" -c 'import grpc, grpc_tools.protoc, opentelemetry.trace, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc' 2>/dev/null; then
   echo "test-deps: python packages up to date"
 else
   echo "test-deps: pip install -r $req into $venv"

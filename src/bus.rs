@@ -53,7 +53,26 @@ pub struct EventBus {
 }
 
 /// What a watcher's stream yields.
-pub type WatchItem = Result<Arc<EncodedEvent>>;
+pub type WatchItem = Result<Queued>;
+
+/// Most bytes of events queued for one watcher's stream (at least one
+/// event): a slow reader of large events holds this much, not its queue's
+/// length times their size.
+pub const MAX_WATCHER_QUEUE_BYTES: usize = 8 * 1024 * 1024;
+
+/// An event queued for a watcher, holding its share of the watcher's room
+/// until the stream takes it.
+pub struct Queued {
+    pub event: Arc<EncodedEvent>,
+    _room: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl std::ops::Deref for Queued {
+    type Target = EncodedEvent;
+    fn deref(&self) -> &EncodedEvent {
+        &self.event
+    }
+}
 
 impl EventBus {
     pub fn new(capacity: usize) -> EventBus {
@@ -128,6 +147,7 @@ impl EventBus {
                 filter,
                 cursor,
                 out,
+                room: Arc::new(tokio::sync::Semaphore::new(MAX_WATCHER_QUEUE_BYTES / 1024)),
             };
             if let Err(e) = w.run(live).await {
                 let _ = w.out.send(Err(e)).await;
@@ -169,6 +189,8 @@ struct Watcher {
     /// Last seq handled (sent or filtered out).
     cursor: Seq,
     out: mpsc::Sender<WatchItem>,
+    /// Room in the queue to the stream, in KiB of events.
+    room: Arc<tokio::sync::Semaphore>,
 }
 
 impl Watcher {
@@ -234,7 +256,24 @@ impl Watcher {
             return true;
         }
         self.cursor = ev.seq;
-        !self.filter.matches(&ev.task_id, &ev.agent_id, ev.kind)
-            || self.out.send(Ok(ev)).await.is_ok()
+        if !self.filter.matches(&ev.task_id, &ev.agent_id, ev.kind) {
+            return true;
+        }
+        let kib = ev
+            .proto()
+            .len()
+            .div_ceil(1024)
+            .clamp(1, MAX_WATCHER_QUEUE_BYTES / 1024) as u32;
+        let room = tokio::select! {
+            room = self.room.clone().acquire_many_owned(kib) => room.ok(),
+            _ = self.out.closed() => return false,
+        };
+        self.out
+            .send(Ok(Queued {
+                event: ev,
+                _room: room,
+            }))
+            .await
+            .is_ok()
     }
 }

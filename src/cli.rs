@@ -16,6 +16,8 @@ use crate::config::{self, parse_duration, Config};
     about = "A durable task hub for AI-agent sidecars"
 )]
 pub struct Cli {
+    #[command(flatten)]
+    pub log: crate::telemetry::LogArgs,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -121,6 +121,13 @@ impl TaskHub for TaskHubService {
         req: Request<pb::PushTaskRequest>,
     ) -> Result<Response<pb::PushTaskResponse>, Status> {
         allow(&req, Access::Write)?;
+        // An invalid trace context is ignored, as W3C Trace Context says.
+        let traceparent = req
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| crate::telemetry::valid_traceparent(v))
+            .map(str::to_string);
         let r = req.into_inner();
         let priority = pb::Priority::try_from(r.priority)
             .map_err(|_| Error::InvalidArgument(format!("unknown priority {}", r.priority)))?;
@@ -140,6 +147,7 @@ impl TaskHub for TaskHubService {
             depends_on: r.depends_on,
             queue_ttl_ms: r.queue_ttl_ms,
             deadline_ms: r.deadline_ms,
+            traceparent,
         };
         let out = self.hub.push_task(push).await?;
         Ok(Response::new(pb::PushTaskResponse {

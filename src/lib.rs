@@ -25,6 +25,8 @@
 //! - [`web`]: the embedded dashboard page and gRPC-Web on the HTTP listener.
 //! - [`client`]: a gRPC client for the CLI and tests.
 //! - [`sidecar`]: the reference sidecar.
+//! - [`notify`]: readiness for systemd (`Type=notify`).
+//! - [`telemetry`]: log format, level and colour; trace export.
 
 pub mod auth;
 pub mod bus;
@@ -41,10 +43,12 @@ pub mod link;
 pub mod listener;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod pb;
 pub mod server;
 pub mod sidecar;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod web;
 pub mod ws;

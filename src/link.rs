@@ -128,6 +128,10 @@ pub enum ToAgent {
         metadata: JsonObject,
         generation: Generation,
         assigned_at: i64,
+        /// The W3C trace context the task was pushed with, if any (the
+        /// reference sidecar gives it to its command as `TRACEPARENT`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
         #[serde(flatten)]
         extra: JsonObject,
     },

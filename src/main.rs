@@ -17,21 +17,15 @@ use agenthub::store::sqlite::SqliteStore;
 use agenthub::store::Store;
 use agenthub::Server;
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // The NATS client logs every reconnect attempt at info: warnings are enough.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_tracing();
-    match cli.command {
+    let service = match cli.command {
+        Command::Sidecar(_) => "agenthub-sidecar",
+        _ => "agenthub",
+    };
+    let telemetry = agenthub::telemetry::init(&cli.log, service)?;
+    let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Token(cmd) => token(cmd).await,
         Command::Push(args) => push(args).await,
@@ -42,7 +36,9 @@ async fn main() -> Result<()> {
         Command::Sidecar(args) => agenthub::sidecar::run(args).await,
         Command::Backup { data_dir, to } => backup(&data_dir, &to),
         Command::Check { data_dir } => check(&data_dir),
-    }
+    };
+    telemetry.shutdown();
+    result
 }
 
 fn backup(data_dir: &std::path::Path, to: &std::path::Path) -> Result<()> {
@@ -101,7 +97,13 @@ async fn serve(args: agenthub::cli::ServeArgs) -> Result<()> {
     std::io::stdout().flush()?;
     // Always handled: SIGHUP's default action would end a hub without TLS.
     tokio::spawn(reload_on_sighup(server.tls()));
-    server.run(shutdown_signal()).await?;
+    // `run` polls this first once both listeners accept; the store is open.
+    let shutdown = async {
+        agenthub::notify::notify("READY=1");
+        shutdown_signal().await;
+        agenthub::notify::notify("STOPPING=1");
+    };
+    server.run(shutdown).await?;
     Ok(())
 }
 

@@ -134,7 +134,8 @@ impl Server {
         &self.hub
     }
 
-    /// Serve until `shutdown` resolves.
+    /// Serve until `shutdown` resolves. `shutdown` is first polled once both
+    /// listeners accept (the binary sends its readiness there).
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
         let Server {
             hub,

@@ -13,10 +13,10 @@
 //!   passes (once per task: a flapping sidecar cannot starve the others). If it
 //!   reports that it is still running a task that was not assigned again
 //!   since, the hub gives the task back to it: no other run can exist, since
-//!   any new assignment raises the generation. A `state_report` or a
-//!   generation-less `task_recovering` (AgentCom's forms) gets it back under
-//!   a new generation, told in `task_continue`; a `task_recovering` that names
-//!   its generation keeps that one (see [`Core::readopt`]).
+//!   any new assignment raises the generation. It gets the task back under a
+//!   new generation, told in `task_continue`, whichever form its report takes
+//!   (`state_report`, `task_recovering` with or without the generation; see
+//!   [`Core::readopt`]).
 //! - A `busy` rejection does not cost an attempt and leaves the agent alone
 //!   until it has room again.
 
@@ -50,7 +50,7 @@ impl Hub {
             "" => "hub_commanded".to_string(),
             r => r.to_string(),
         };
-        tracing::info!(agent = %agent_id, %reason, "asking the sidecar to restart");
+        tracing::info!(agent_id = %agent_id, %reason, "asking the sidecar to restart");
         if session.send(ToAgent::RestartSidecar { reason }) {
             Ok(())
         } else {
@@ -90,8 +90,7 @@ impl Hub {
             }
             (None, Some(g)) if core.can_readopt(agent_id, &r.task_id, g) => {
                 let task_id = r.task_id.clone();
-                let generation =
-                    core.readopt(txn, &self.config, agent_id, &task_id, r.payload, true);
+                let generation = core.readopt(txn, &self.config, agent_id, &task_id, r.payload);
                 let ack = ToAgent::StateReportAck {
                     task_id: task_id.clone(),
                     action: StateAction::Continue,
@@ -117,7 +116,7 @@ impl Hub {
                 StateAction::Abort
             }
         };
-        tracing::info!(agent = %agent_id, task_id = %r.task_id, ?action, "state_report");
+        tracing::info!(agent_id = %agent_id, task_id = %r.task_id, ?action, "state_report");
         let ack = ToAgent::StateReportAck {
             task_id: r.task_id.clone(),
             action,
@@ -163,7 +162,7 @@ pub(super) fn run_outlives_sidecar(task: &Task, report: &JsonObject) -> bool {
 /// disconnect).
 pub(super) fn on_agent_restarting(core: &mut Core, agent_id: &str, reason: Option<String>) {
     if let Some(agent) = core.agents.get_mut(agent_id) {
-        tracing::info!(agent = %agent_id, reason = reason.as_deref().unwrap_or(""), "sidecar restarting");
+        tracing::info!(agent_id = %agent_id, reason = reason.as_deref().unwrap_or(""), "sidecar restarting");
         agent.restarting = true;
         agent.status = STATUS_RESTARTING.to_string();
     }
@@ -201,7 +200,7 @@ impl Core {
         agent.before = before;
         agent.settling = settling;
         if !agent.settling.is_empty() {
-            tracing::info!(agent = %agent_id, lost = ?agent.settling, "waiting for the sidecar to report on tasks it lost while away");
+            tracing::info!(agent_id = %agent_id, lost = ?agent.settling, "waiting for the sidecar to report on tasks it lost while away");
             let at = Instant::now() + cfg.reconnect_settle;
             self.add_timer(txn, at, Timer::Settle(agent_id.to_string(), epoch));
         }
@@ -241,10 +240,11 @@ impl Core {
     /// Give a task back to the agent it was taken from (see [`Core::can_readopt`]):
     /// RUNNING again, same attempt (it is the same run). `RECOVERING` stores
     /// the report (at the generation the task had), `CONTINUED` the give-back.
-    /// With `new_generation` it is a new assignment of that run to the same
-    /// agent: the generation rises, as for every assignment, so nothing the
-    /// reclaimed generation sends lands any more, and `CONTINUED` carries the
-    /// new one. Returns the generation the agent now holds it at.
+    /// It is a new assignment of that run to the same agent: the generation
+    /// rises, as for every assignment, so nothing sent at the reclaimed
+    /// generation lands any more, and `CONTINUED` carries the new one with
+    /// `previous_generation`. Returns the generation the agent now holds it
+    /// at (the sidecar learns it from `task_continue`).
     pub fn readopt(
         &mut self,
         txn: &mut Txn,
@@ -252,7 +252,6 @@ impl Core {
         agent_id: &str,
         task_id: &str,
         report: JsonObject,
-        new_generation: bool,
     ) -> Generation {
         self.dequeue(task_id);
         self.forget_lost(task_id);
@@ -264,17 +263,12 @@ impl Core {
         set_state(&mut self.state_counts, task, TaskState::Running);
         task.agent_id = Some(agent_id.to_string());
         let before = task.generation;
-        if new_generation {
-            task.generation += 1;
-        }
+        task.generation += 1;
         let generation = task.generation;
-        let mut payload = json!({"reason": "still_running"});
-        if new_generation {
-            payload["previous_generation"] = json!(before);
-        }
+        let payload = json!({"reason": "still_running", "previous_generation": before});
         self.emit(txn, task_id, EventKind::Continued, agent_id, obj(payload));
         self.touch_activity(txn, cfg, task_id, false);
-        tracing::info!(agent = %agent_id, task_id, generation, "task given back to the sidecar still running it");
+        tracing::info!(agent_id = %agent_id, task_id, generation, previous_generation = before, "task given back to the sidecar still running it");
         generation
     }
 

@@ -247,6 +247,12 @@ pub(crate) struct Core {
     /// The store could not be read after a failed commit: memory may be
     /// ahead of it, so nothing is served until a rebuild succeeds.
     pub stale: bool,
+    /// Cluster mode: this node's id, a field of every task line.
+    pub node_id: Option<String>,
+    /// The W3C `traceparent` a task was pushed with, while it is not
+    /// finished: its spans' parent, and passed on in `task_assign`. Memory
+    /// only (after a restart, a task's later spans start a trace of their own).
+    pub traceparents: HashMap<String, String>,
     timer_nonce: u64,
     assign_counter: u64,
     /// A task was queued, a slot freed or an agent became eligible since the
@@ -291,6 +297,8 @@ impl Core {
         }
         self.stale = false;
         self.load(loaded, cfg);
+        let tasks = &self.tasks;
+        self.traceparents.retain(|id, _| tasks.contains_key(id));
     }
 
     fn load(&mut self, loaded: Loaded, cfg: &Config) {
@@ -595,6 +603,20 @@ impl Core {
         if kind == EventKind::Created {
             task.created_seq = seq;
         }
+        let traceparent = match self.traceparents.is_empty() {
+            true => None,
+            false => self.traceparents.get(task_id).map(String::as_str),
+        };
+        log_task_event(
+            task_id,
+            agent_id,
+            self.node_id.as_deref(),
+            traceparent,
+            (kind, task.generation, seq),
+        );
+        if task.state.is_final() && traceparent.is_some() {
+            self.traceparents.remove(task_id);
+        }
         let event = TaskEvent {
             seq,
             task_id: task_id.to_string(),
@@ -743,7 +765,8 @@ impl Core {
             Timer::Accept(task_id.to_string(), generation),
         );
         if let Some(session) = session {
-            let msg = task_assign(&self.tasks[task_id], txn.now);
+            let traceparent = self.traceparents.get(task_id).map(String::as_str);
+            let msg = task_assign(&self.tasks[task_id], txn.now, traceparent);
             txn.send_after_commit(&session, msg);
         }
     }
@@ -947,9 +970,39 @@ pub(crate) fn obj(v: Value) -> JsonObject {
     }
 }
 
+/// One line per task event, in the task's span; when exporting, the span
+/// is also sent, under the task's `traceparent`. Cheap when neither wants
+/// it: the span is not even built. Progress is at debug: a busy agent
+/// reports often.
+fn log_task_event(
+    task_id: &str,
+    agent_id: &str,
+    node_id: Option<&str>,
+    traceparent: Option<&str>,
+    (kind, generation, seq): (EventKind, Generation, Seq),
+) {
+    let exporting = crate::telemetry::exporting();
+    let progress = kind == EventKind::Progress;
+    let logged = match progress {
+        true => tracing::enabled!(tracing::Level::DEBUG),
+        false => tracing::enabled!(tracing::Level::INFO),
+    };
+    if !exporting && !logged {
+        return;
+    }
+    let span = crate::telemetry::task_span(task_id, agent_id, node_id);
+    if exporting {
+        crate::telemetry::trace_task_span(&span, kind.as_str(), traceparent);
+    }
+    span.in_scope(|| match progress {
+        true => tracing::debug!(generation, seq, "task PROGRESS"),
+        false => tracing::info!(generation, seq, "task {}", kind.as_str()),
+    });
+}
+
 /// The `task_assign` message for a task's current generation, with the
 /// enrichment fields AgentCom sidecars read at the top level.
-pub(crate) fn task_assign(task: &Task, assigned_at: i64) -> ToAgent {
+pub(crate) fn task_assign(task: &Task, assigned_at: i64, traceparent: Option<&str>) -> ToAgent {
     let extra = ENRICHMENT_KEYS
         .iter()
         .filter_map(|k| Some((k.to_string(), task.metadata.get(*k)?.clone())))
@@ -960,6 +1013,7 @@ pub(crate) fn task_assign(task: &Task, assigned_at: i64) -> ToAgent {
         metadata: task.metadata.clone(),
         generation: task.generation,
         assigned_at,
+        traceparent: traceparent.map(str::to_string),
         extra,
     }
 }

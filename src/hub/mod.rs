@@ -71,6 +71,9 @@ pub struct PushRequest {
     pub queue_ttl_ms: u64,
     /// FAIL (`deadline_exceeded`) if not finished by this Unix ms. 0: none.
     pub deadline_ms: i64,
+    /// W3C trace context (gRPC `traceparent` metadata): parents the task's
+    /// spans and goes to the sidecar in `task_assign`. Checked at the edge.
+    pub traceparent: Option<String>,
 }
 
 /// What `push_task` did.
@@ -225,6 +228,7 @@ impl Hub {
         node: Arc<crate::cluster::Node>,
         relay: Arc<crate::cluster::relay::Relay>,
     ) {
+        self.lock().node_id = Some(node.node_id().to_string());
         let _ = self.cluster.set((node, relay));
     }
 
@@ -517,6 +521,9 @@ impl Hub {
                 queue_ttl_ms: req.queue_ttl_ms,
                 deadline_ms: req.deadline_ms,
             };
+            if let Some(tp) = &req.traceparent {
+                core.traceparents.insert(task_id.clone(), tp.clone());
+            }
             let deps = core.dependency_check(&task, known);
             core.insert_new(&mut txn, task);
             let mut payload = obj(json!({

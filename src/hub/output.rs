@@ -90,7 +90,7 @@ impl Hub {
         };
         if !owned {
             self.metrics.task_output_dropped.inc();
-            tracing::debug!(agent = %agent_id, task = %out.task_id, "task_output for a task the agent does not hold; dropped");
+            tracing::debug!(agent_id = %agent_id, task_id = %out.task_id, "task_output for a task the agent does not hold; dropped");
             return;
         }
         self.metrics.task_output_bytes.inc_by(out.data.len() as u64);

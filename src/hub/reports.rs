@@ -76,7 +76,8 @@ impl Hub {
             let generation = task.generation;
             match task.state {
                 TaskState::Assigned => {
-                    let msg = task_assign(task, txn.now);
+                    let traceparent = core.traceparents.get(&task_id).map(String::as_str);
+                    let msg = task_assign(task, txn.now, traceparent);
                     txn.send_after_commit(session, msg);
                     let at = Instant::now() + self.config.accept_timeout;
                     core.add_timer(&mut txn, at, Timer::Accept(task_id, generation));
@@ -93,7 +94,7 @@ impl Hub {
         }
         core.schedule(&mut txn, &self.config, &self.metrics);
         self.submit(&mut core, txn);
-        tracing::info!(agent = %agent_id, session = session.id(), "sidecar identified");
+        tracing::info!(agent_id = %agent_id, session = session.id(), "sidecar identified");
         Ok(agent_id)
     }
 
@@ -111,7 +112,7 @@ impl Hub {
         let epoch = agent.epoch;
         let holds_tasks = !agent.active.is_empty();
         let was_settling = !agent.settling.is_empty();
-        tracing::info!(agent = %agent_id, session = session_id, "sidecar disconnected");
+        tracing::info!(agent_id = %agent_id, session = session_id, "sidecar disconnected");
         let mut txn = Txn::new();
         if holds_tasks {
             let at = Instant::now() + self.config.reconnect_grace;
@@ -399,26 +400,12 @@ impl Hub {
                 core.reclaim(txn, &self.metrics, &r.task_id, "recovering_stale");
                 txn.reply_after_commit(session, &r.task_id, reassign);
             }
-            (None, Some(g)) if core.can_readopt(agent_id, &r.task_id, g) => {
-                // It names the generation its run has, which nobody held
-                // since: that one stays (a sidecar that sends it keys its
-                // run by it).
-                core.readopt(txn, &self.config, agent_id, &r.task_id, r.payload, false);
-                let msg = ToAgent::TaskContinue {
-                    task_id: r.task_id.clone(),
-                    generation: g,
-                };
-                txn.reply_after_commit(session, &r.task_id, msg);
-            }
-            (None, None)
-                if core.lost_generation(agent_id, &r.task_id).is_some()
-                    && run_outlives_sidecar(&core.tasks[&r.task_id], &r.payload) =>
-            {
-                // A restarted sidecar whose agent still works on the task it
-                // lost while away: its own again, under a new generation that
-                // `task_continue` tells it (it knows none after a restart).
-                let generation =
-                    core.readopt(txn, &self.config, agent_id, &r.task_id, r.payload, true);
+            (None, _) if readoptable(core, agent_id, &r) => {
+                // Its run of a task it lost while away, given to nobody
+                // since: its own again, under a new generation that
+                // `task_continue` tells it. With or without the generation
+                // it names, the same rule (see `Core::readopt`).
+                let generation = core.readopt(txn, &self.config, agent_id, &r.task_id, r.payload);
                 let msg = ToAgent::TaskContinue {
                     task_id: r.task_id.clone(),
                     generation,
@@ -430,6 +417,22 @@ impl Hub {
             }
         }
         Ok(())
+    }
+}
+
+/// May a `task_recovering` about a task `agent_id` does not hold give it
+/// back? When it names a generation: that is the generation the task waits
+/// in the queue at ([`Core::can_readopt`]). Without one (a restarted AgentCom
+/// sidecar, which knows none): the task was lost by this agent while away
+/// and given to nobody since, and its run can go on without the sidecar's
+/// process ([`run_outlives_sidecar`]).
+fn readoptable(core: &Core, agent_id: &str, r: &Report) -> bool {
+    match r.generation {
+        Some(g) => core.can_readopt(agent_id, &r.task_id, g),
+        None => {
+            core.lost_generation(agent_id, &r.task_id).is_some()
+                && run_outlives_sidecar(&core.tasks[&r.task_id], &r.payload)
+        }
     }
 }
 

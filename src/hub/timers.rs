@@ -106,7 +106,7 @@ impl Hub {
                         continue;
                     };
                     if agent.epoch == epoch && !agent.settling.is_empty() {
-                        tracing::info!(agent = %agent_id, unreported = ?agent.settling, "settle window over");
+                        tracing::info!(agent_id = %agent_id, unreported = ?agent.settling, "settle window over");
                         core.settle_all(&agent_id);
                     }
                 }

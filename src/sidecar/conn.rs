@@ -212,7 +212,7 @@ async fn connect_once(
         Ok(Ok(Ok(ws))) => ws,
     };
     backoff.reset();
-    tracing::info!(url = %url, agent = %cfg.agent_id, "connected to the hub");
+    tracing::info!(url = %url, agent_id = %cfg.agent_id, "connected to the hub");
     let (tx, mut out) = mpsc::channel::<String>(OUTBOUND_QUEUE);
     if events.send(ConnEvent::Connected(tx)).await.is_err() {
         return End::Shutdown;
@@ -235,7 +235,7 @@ async fn connect_once(
                         match v["type"].as_str() {
                             Some("pong") => {}
                             Some("error") if v["error"] == "session_replaced" => {
-                                tracing::error!(agent = %cfg.agent_id, "another sidecar connected as this agent; backing off");
+                                tracing::error!(agent_id = %cfg.agent_id, "another sidecar connected as this agent; backing off");
                                 break End::Replaced;
                             }
                             _ => {

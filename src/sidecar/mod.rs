@@ -201,7 +201,7 @@ fn parse_hub_urls(list: &str) -> anyhow::Result<Vec<String>> {
 /// Run the sidecar until SIGTERM/SIGINT (after draining) or a fatal error.
 pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     args.validate()?;
-    let span = tracing::info_span!("sidecar", agent = %args.agent);
+    let span = crate::telemetry::sidecar_span(Some(&args.agent), None);
     main_loop(args).instrument(span).await
 }
 

@@ -64,7 +64,9 @@ pub enum Outcome {
     Stopped(StopReason),
 }
 
-/// What a watcher tells the sidecar's main loop.
+/// What a watcher tells the sidecar's main loop. `generation` is the one
+/// the run started under ([`TaskRecord::started_under`]): the sidecar reports
+/// under the generation its record holds now.
 #[derive(Debug)]
 pub enum RunEvent {
     Progress {
@@ -165,7 +167,8 @@ pub fn start(
         Value::Null => "{}".to_string(),
         m => m.to_string(),
     };
-    let child = tokio::process::Command::new("sh")
+    let mut command = tokio::process::Command::new("sh");
+    command
         .arg("-c")
         .arg(WRAPPER)
         .arg("agenthub-task")
@@ -175,7 +178,13 @@ pub fn start(
         .env("AGENTHUB_TASK_DESCRIPTION", &rec.description)
         .env("AGENTHUB_TASK_METADATA", metadata)
         .env("AGENTHUB_TASK_GENERATION", rec.generation.to_string())
-        .env_remove("AGENTHUB_TOKEN")
+        .env_remove("AGENTHUB_TOKEN");
+    // The task's trace context, never the sidecar's own.
+    match &rec.traceparent {
+        Some(tp) => command.env("TRACEPARENT", tp),
+        None => command.env_remove("TRACEPARENT"),
+    };
+    let child = command
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
@@ -232,13 +241,17 @@ fn spawn_watcher(
     let (stop_tx, stop_rx) = oneshot::channel();
     let watcher = Watcher {
         task_id: rec.task_id.clone(),
-        generation: rec.generation,
+        generation: rec.started_under(),
         accepted_at: rec.accepted_at,
         dir: dir.to_path_buf(),
         cfg: cfg.clone(),
         events,
     };
-    let span = tracing::info_span!("task", task_id = %rec.task_id, generation = rec.generation);
+    let span =
+        tracing::info_span!("task", task_id = %rec.task_id, generation = rec.started_under());
+    if let Some(tp) = &rec.traceparent {
+        crate::telemetry::set_remote_parent(&span, tp);
+    }
     tokio::spawn(watcher.run(proc, tails, stop_rx).instrument(span));
     RunHandle {
         stop: Some(stop_tx),
@@ -410,6 +423,7 @@ mod tests {
         TaskRecord {
             task_id: task_id.into(),
             generation: 1,
+            run_generation: None,
             description: "d".into(),
             metadata: json!({"k": "v"}),
             assigned_at: 0,
@@ -417,6 +431,7 @@ mod tests {
             pid: None,
             pid_start: None,
             report: None,
+            traceparent: None,
         }
     }
 

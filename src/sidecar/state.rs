@@ -4,9 +4,10 @@
 //! and asks the hub what to do with each task (`task_recovering`).
 //!
 //! Each task also gets a directory beside the state file
-//! (`<state-file>.tasks/<task>-g<generation>/`) holding the command's
-//! `stdout`, `stderr` and `exit` (its exit code, written by the wrapper
-//! shell), so a restarted sidecar can still read what a command left.
+//! (`<state-file>.tasks/<task>-g<generation>/`, named by the generation its
+//! command started under) holding the command's `stdout`, `stderr` and
+//! `exit` (its exit code, written by the wrapper shell), so a restarted
+//! sidecar can still read what a command left.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -23,7 +24,14 @@ pub const STATE_VERSION: u32 = 1;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskRecord {
     pub task_id: String,
+    /// The generation the hub has the task at: every report names it.
     pub generation: u64,
+    /// The generation the command started under, when the hub has since
+    /// given the run a newer one (`task_continue` after it took the task
+    /// back while the sidecar was away). It names the run's directory, which
+    /// is never renamed: the wrapper shell writes `exit` to its path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_generation: Option<u64>,
     pub description: String,
     #[serde(default)]
     pub metadata: Value,
@@ -44,9 +52,18 @@ pub struct TaskRecord {
     /// hub acknowledges it. `None` while the command runs.
     #[serde(default)]
     pub report: Option<Value>,
+    /// The W3C trace context from `task_assign`, given to the command as
+    /// `TRACEPARENT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl TaskRecord {
+    /// The generation the command started under (its directory's name).
+    pub fn started_under(&self) -> u64 {
+        self.run_generation.unwrap_or(self.generation)
+    }
+
     /// The command still runs (no final report yet).
     pub fn is_running(&self) -> bool {
         self.report.is_none()
@@ -123,10 +140,15 @@ impl StateFile {
         self.path.with_file_name(name)
     }
 
-    /// The directory of one task run.
+    /// The directory of one task run, by the generation it started under.
     pub fn task_dir(&self, task_id: &str, generation: u64) -> PathBuf {
         self.tasks_root()
             .join(format!("{}-g{generation}", path_safe(task_id)))
+    }
+
+    /// The directory of the run a record holds.
+    pub fn run_dir(&self, rec: &TaskRecord) -> PathBuf {
+        self.task_dir(&rec.task_id, rec.started_under())
     }
 
     /// Write the current state atomically and durably.
@@ -190,7 +212,8 @@ mod tests {
             "t1".into(),
             TaskRecord {
                 task_id: "t1".into(),
-                generation: 2,
+                generation: 3,
+                run_generation: Some(2),
                 description: "d".into(),
                 metadata: serde_json::json!({"k": 1}),
                 assigned_at: 1,
@@ -198,6 +221,7 @@ mod tests {
                 pid: Some(42),
                 pid_start: Some(7),
                 report: None,
+                traceparent: None,
             },
         );
         s.save().await.unwrap();
@@ -205,5 +229,8 @@ mod tests {
         assert_eq!(again.data.tasks, s.data.tasks);
         assert!(StateFile::load(&path, "other").is_err());
         assert!(s.task_dir("a/b", 3).ends_with("s.json.tasks/a%2Fb-g3"));
+        assert!(s
+            .run_dir(&again.data.tasks["t1"])
+            .ends_with("s.json.tasks/t1-g2"));
     }
 }

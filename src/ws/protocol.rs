@@ -290,10 +290,15 @@ mod tests {
             metadata: JsonObject::new(),
             generation: 1,
             assigned_at: 7,
+            traceparent: None,
             extra,
         }))
         .unwrap();
         assert_eq!(v["type"], "task_assign");
+        assert!(
+            v.get("traceparent").is_none(),
+            "absent when the push had none"
+        );
         assert_eq!(v["routing_decision"], json!({"target_type": "shell"}));
         assert_eq!(v["generation"], 1);
         let v: Value = serde_json::from_str(&encode(&ToAgent::StateReportAck {

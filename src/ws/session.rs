@@ -13,6 +13,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch, Notify};
+use tracing::Instrument;
 
 use crate::hub::Hub;
 use crate::link::{AgentLink, CloseReason, FromAgent, Link, ToAgent};
@@ -186,12 +187,27 @@ struct Timing {
     close_timeout: Duration,
 }
 
-/// Drive one upgraded socket until it closes.
+/// Drive one upgraded socket until it closes, in a `sidecar` span whose
+/// `agent_id` is filled in once the socket identifies.
 pub async fn run(
+    socket: WebSocket,
+    hub: Arc<Hub>,
+    shutdown: watch::Receiver<bool>,
+    admission: Admission,
+) {
+    let node_id = hub.cluster_node().map(|n| n.node_id().to_string());
+    let span = crate::telemetry::sidecar_span(None, node_id.as_deref());
+    run_in_span(socket, hub, shutdown, admission, span.clone())
+        .instrument(span)
+        .await
+}
+
+async fn run_in_span(
     socket: WebSocket,
     hub: Arc<Hub>,
     mut shutdown: watch::Receiver<bool>,
     mut admission: Admission,
+    span: tracing::Span,
 ) {
     hub.metrics().ws_connections.inc();
     let _open = OpenGuard::new(hub.clone());
@@ -210,6 +226,7 @@ pub async fn run(
         ctl: ctl.clone(),
     });
     let session_id = link.id;
+    span.record("session", session_id);
     let dyn_link: Link = link.clone();
     let (sink, mut stream) = socket.split();
     let last_seen = Arc::new(AtomicI64::new(now_ms()));
@@ -306,6 +323,7 @@ pub async fn run(
                         break;
                     }
                     Ok((id, through_relay)) => {
+                        span.record("agent_id", id.as_str());
                         agent_id = Some(id);
                         relayed = through_relay;
                         admission.identified(&hub, &ident.token);

@@ -1419,7 +1419,8 @@ async fn agentcom_admin_restarts_a_sidecar() {
 
 /// A sidecar that names the generation in `task_recovering` (as the
 /// reference sidecar does) gets back a task it lost while away if nobody
-/// got it since.
+/// got it since, under a new generation: `task_continue` tells it, and a
+/// report of the old generation no longer lands.
 #[tokio::test]
 async fn recovering_with_generation_after_the_grace_gets_the_task_back() {
     let hub = TestHub::start_with(|c| c.reconnect_grace = Duration::from_millis(100)).await;
@@ -1437,20 +1438,38 @@ async fn recovering_with_generation_after_the_grace_gets_the_task_back() {
     let reply = sc.recv().await;
     assert_eq!(
         (reply["type"].as_str(), reply["generation"].as_u64()),
-        (Some("task_continue"), Some(g)),
+        (Some("task_continue"), Some(g + 1)),
         "{reply}"
     );
-    sc.complete(&id, g, json!("one run")).await;
+    sc.send(json!({"type": "task_complete", "task_id": id, "generation": g, "result": "old"}))
+        .await;
+    assert_eq!(sc.recv_type("error").await["error"], "stale_generation");
+    sc.complete(&id, g + 1, json!("one run")).await;
     let done = task(&hub, &t.task_id).await;
     assert_eq!(state_of(&done), pb::task::State::Completed);
     assert_eq!(
         (done.generation, done.attempts, done.agent_id.as_str()),
-        (1, 1, "rg-1")
+        (g + 1, 1, "rg-1")
     );
     let continued = until_event(&mut watch, "continued", |ev| kind(ev) == Kind::Continued).await;
+    assert_eq!(continued.generation, g + 1);
     assert_eq!(
-        pb::struct_to_json(continued.payload.as_ref().unwrap())["reason"],
-        "still_running"
+        Value::Object(pb::struct_to_json(continued.payload.as_ref().unwrap())),
+        json!({"reason": "still_running", "previous_generation": g})
+    );
+    let mut all = client.watch_after(0).await;
+    assert_eq!(
+        history(&mut all, &t.task_id, Kind::Completed).await,
+        [
+            (Kind::Created, 0),
+            (Kind::Assigned, 1),
+            (Kind::Accepted, 1),
+            (Kind::Reclaimed, 1),
+            (Kind::Recovering, 1),
+            (Kind::Continued, 2),
+            (Kind::Completed, 2),
+        ],
+        "assigned once: the run was given back, not run again"
     );
 }
 

@@ -347,6 +347,7 @@ async fn an_error_about_a_bad_frame_never_overtakes_an_earlier_ack() {
         let second = sc.recv().await;
         assert_eq!(second["type"], "error", "{second}");
         assert_eq!(second["error"], "invalid_json", "{second}");
+        sc.complete(&id, g, json!(i)).await;
     }
 }
 

@@ -14,6 +14,7 @@ mod faults;
 mod history;
 mod interop;
 mod model;
+mod ops;
 mod orchestrator;
 mod scheduler;
 mod security;

@@ -18,7 +18,7 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 import grpc
 
-from agenthub._types import FINAL_STATES, OutputChunk, Task, TaskEvent, push_request
+from agenthub._types import FINAL_STATES, OutputChunk, Task, TaskEvent, push_request, trace_metadata
 from agenthub.v1 import hub_pb2 as pb
 from agenthub.v1 import hub_pb2_grpc as pb_grpc
 
@@ -90,12 +90,15 @@ class Hub:
     def close(self) -> None:
         self._channel.close()
 
-    def push(self, **fields: Any) -> str:
+    def push(self, *, traceparent: Optional[str] = None, **fields: Any) -> str:
         """PushTask with ``PushTaskRequest`` field names as keywords
         (``description``, ``agent_id``, ``metadata`` as a dict, ``depends_on``,
         ``queue_ttl_ms``, ``deadline_ms``, ``priority`` as "HIGH"...).
+        The task joins the trace ``traceparent`` (W3C), else the current
+        OpenTelemetry context if ``opentelemetry`` is installed.
         Returns the task id."""
-        resp = self.stub.PushTask(push_request(fields), metadata=self._auth)
+        metadata = [*self._auth, *trace_metadata(traceparent)]
+        resp = self.stub.PushTask(push_request(fields), metadata=metadata)
         return resp.task_id
 
     def get(self, task_id: str) -> Task:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from google.protobuf import json_format, struct_pb2
 
@@ -142,3 +142,18 @@ def push_request(fields: Dict[str, Any]) -> pb.PushTaskRequest:
     if isinstance(prio, str):
         fields["priority"] = pb.Priority.Value(prio.upper())
     return pb.PushTaskRequest(**{k: v for k, v in fields.items() if v is not None})
+
+
+def trace_metadata(traceparent: Optional[str]) -> List[Tuple[str, str]]:
+    """gRPC metadata carrying a W3C trace context: ``traceparent`` if given,
+    else the current OpenTelemetry context when ``opentelemetry`` is
+    installed (``traceparent`` and ``tracestate``), else nothing."""
+    if traceparent is not None:
+        return [("traceparent", traceparent)]
+    try:
+        from opentelemetry.propagate import inject
+    except ImportError:
+        return []
+    carrier: Dict[str, str] = {}
+    inject(carrier)
+    return [(k, v) for k, v in carrier.items() if k in ("traceparent", "tracestate")]

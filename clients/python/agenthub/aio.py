@@ -13,7 +13,7 @@ import grpc
 import grpc.aio
 
 from agenthub import LOG_ID_HEADER, RETRY_CODES, Backoff, channel_target
-from agenthub._types import OutputChunk, Task, TaskEvent, push_request
+from agenthub._types import OutputChunk, Task, TaskEvent, push_request, trace_metadata
 from agenthub.v1 import hub_pb2 as pb
 from agenthub.v1 import hub_pb2_grpc as pb_grpc
 
@@ -54,9 +54,11 @@ class Hub:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def push(self, **fields: Any) -> str:
-        """PushTask with ``PushTaskRequest`` field names as keywords; the task id."""
-        resp = await self.stub.PushTask(push_request(fields), metadata=self._auth)
+    async def push(self, *, traceparent: Optional[str] = None, **fields: Any) -> str:
+        """PushTask with ``PushTaskRequest`` field names as keywords; the task
+        id. Trace context as in ``agenthub.Hub.push``."""
+        metadata = [*self._auth, *trace_metadata(traceparent)]
+        resp = await self.stub.PushTask(push_request(fields), metadata=metadata)
         return resp.task_id
 
     async def get(self, task_id: str) -> Task:

@@ -251,6 +251,103 @@ async fn smoke_restarted_sidecar_continues_its_tasks() {
     }
 }
 
+/// `kill -9` a sidecar while its command runs and restart it after the
+/// reconnect grace, on the same state file. The hub took the task back
+/// (`agent_disconnected`) but gave it to nobody; the sidecar's
+/// `task_recovering` (naming generation 1) gets it back under generation 2
+/// (`task_continue`). The sidecar follows the command it left running, which
+/// ran once (under generation 1), and reports its end under generation 2.
+#[tokio::test]
+async fn smoke_sidecar_killed_past_the_grace_continues_its_command_under_a_new_generation() {
+    let cluster = Cluster::start(&["--reconnect-grace", "1s"]).await;
+    let mut a1 = cluster.sidecar("a1", &[], &[]);
+    cluster.wait_connected(&["a1"]).await;
+    let follow = Follow::start(&cluster).await;
+    let mut client = cluster.client().await;
+    // The command runs until the test creates `$OUT/go`.
+    let script =
+        format!(r#"while [ ! -e "$OUT/go" ]; do sleep 0.02; done; {WRITE_ID}; echo went-on"#);
+    let task = cluster
+        .push(&mut client, &script, pb::Priority::Normal)
+        .await;
+    follow
+        .until("a1 accepted", |ev| {
+            !of(ev, &task, Kind::Accepted).is_empty()
+        })
+        .await;
+    let orphan = a1.recorded_pid(&task).await;
+    a1.kill9().await;
+    follow
+        .until("reclaimed after the grace", |ev| {
+            !of(ev, &task, Kind::Reclaimed).is_empty()
+        })
+        .await;
+    assert!(pid_alive(orphan), "the command outlived its sidecar");
+
+    a1.spawn();
+    follow
+        .until("given back", |ev| {
+            !of(ev, &task, Kind::Continued).is_empty()
+        })
+        .await;
+    // The sidecar takes the new generation for its record; the run keeps
+    // its directory (named by generation 1).
+    let deadline = Instant::now() + DEADLINE;
+    while a1.state()["tasks"][&task]["generation"] != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the state file never took generation 2: {}",
+            a1.state()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(a1.state()["tasks"][&task]["run_generation"], 1);
+    assert_eq!(a1.state()["tasks"][&task]["pid"], orphan);
+    std::fs::write(cluster.out.join("go"), "").unwrap();
+    follow
+        .until("task completed", |ev| {
+            !of(ev, &task, Kind::Completed).is_empty()
+        })
+        .await;
+
+    let events = follow.all();
+    assert_completed_once(&events, std::slice::from_ref(&task));
+    let reclaimed = of(&events, &task, Kind::Reclaimed);
+    assert_eq!(payload(reclaimed[0])["reason"], "agent_disconnected");
+    assert_eq!(
+        of(&events, &task, Kind::Assigned).len(),
+        1,
+        "never reassigned"
+    );
+    let continued = of(&events, &task, Kind::Continued);
+    assert_eq!((continued.len(), continued[0].generation), (1, 2));
+    assert_eq!(
+        payload(continued[0]),
+        serde_json::json!({"reason": "still_running", "previous_generation": 1})
+    );
+    let done = of(&events, &task, Kind::Completed)[0];
+    assert_eq!((done.agent_id.as_str(), done.generation), ("a1", 2));
+    assert_eq!(payload(done)["result"]["stdout"], "went-on\n");
+    assert_eq!(
+        cluster.output_lines(&task),
+        vec![format!("{task} 1")],
+        "the command ran once"
+    );
+    // Forgotten once acked: the record, then the run's directory.
+    let runs = a1.state_file.with_extension("json.tasks");
+    let deadline = Instant::now() + DEADLINE;
+    while !a1.state()["tasks"].as_object().unwrap().is_empty()
+        || std::fs::read_dir(&runs).unwrap().count() > 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar still holds the task: {}",
+            a1.state()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A sidecar restarted after the hub gave its task to another sidecar:
 /// `task_recovering` → `task_reassign`; it stops the command it left running
 /// and forgets the task. Exactly one completion, by the other sidecar.
