@@ -84,7 +84,9 @@ async fn ws_upgrade(
 }
 
 /// 200 `{"status":"ok",...}`, or 503 `{"status":"degraded","reason":..}`
-/// while the store refuses writes.
+/// while the store refuses writes. Cluster mode adds `node_id`, `role` and
+/// `leader`, and answers 503 `{"status":"unavailable","reason":..}` while
+/// the node cannot serve (no known leader, or its copy is catching up).
 async fn health(State(st): State<AppState>) -> Response {
     let h = st.hub.health();
     let mut body = json!({
@@ -98,6 +100,12 @@ async fn health(State(st): State<AppState>) -> Response {
     if let Some(node_id) = &h.node_id {
         body["node_id"] = Value::from(node_id.clone());
         body["leader"] = h.leader.clone().map(Value::from).unwrap_or(Value::Null);
+        body["role"] = h.role.map(Value::from).unwrap_or(Value::Null);
+    }
+    if let (None, Some(reason)) = (h.degraded, h.not_ready) {
+        body["status"] = Value::from("unavailable");
+        body["reason"] = Value::from(reason);
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
     match h.degraded {
         Some(reason) => {

@@ -105,6 +105,10 @@ impl Server {
         }));
         let relay = crate::cluster::relay::Relay::start(node.clone(), &hub);
         hub.set_cluster(node.clone(), relay);
+        let ready_hub = Arc::downgrade(&hub);
+        tokio::spawn(crate::cluster::track_ready(node.clone(), move || {
+            Hub::writable(&ready_hub)
+        }));
         tokio::spawn(crate::cluster::lease::run(
             node,
             store,
@@ -161,7 +165,35 @@ impl Server {
         ));
 
         let (health, health_svc) = tonic_health::server::health_reporter();
-        health.set_serving::<TaskHubServer<TaskHubService>>().await;
+        match hub.cluster_node() {
+            // Cluster mode: SERVING only while the node is ready (it knows
+            // the leader and its copy caught up; see docs/cluster.md).
+            Some(node) => {
+                let mut ready = node.ready.subscribe();
+                let health = health.clone();
+                tokio::spawn(async move {
+                    loop {
+                        if *ready.borrow_and_update() {
+                            health.set_serving::<TaskHubServer<TaskHubService>>().await;
+                            health
+                                .set_service_status("", tonic_health::ServingStatus::Serving)
+                                .await;
+                        } else {
+                            health
+                                .set_not_serving::<TaskHubServer<TaskHubService>>()
+                                .await;
+                            health
+                                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                                .await;
+                        }
+                        if ready.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            None => health.set_serving::<TaskHubServer<TaskHubService>>().await,
+        }
         // Both reflection versions: v1 for current tools, v1alpha for older ones.
         let reflection_builder = || {
             tonic_reflection::server::Builder::configure()
@@ -180,7 +212,7 @@ impl Server {
         if let Some(node) = hub.cluster_node() {
             tokio::spawn(crate::cluster::tunnel::serve(node.clone(), svc.clone()));
         }
-        let svc = crate::cluster::tunnel::Forward::new(svc, hub.cluster_node().cloned());
+        let svc = crate::cluster::tunnel::Forward::new(svc, &hub);
         let routes = tonic::service::Routes::new(health_svc)
             .add_service(reflection)
             .add_service(reflection_alpha)

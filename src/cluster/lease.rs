@@ -147,7 +147,7 @@ async fn try_lead(node: &Node, store: &ClusterStore, kv: &kv::Store) -> Option<(
         hex::encode(rand::random::<[u8; 6]>())
     );
     let rev = kv.create(KEY, value.clone().into()).await.ok()?;
-    match tokio::time::timeout(node.options.lease / 2, store.promote()).await {
+    match tokio::time::timeout(node.options.lease / 2, store.promote(&value)).await {
         Ok(Ok(term)) => {
             tracing::info!(node_id = node.node_id(), term, "elected leader");
             node.leader.send_replace(LeaderView {

@@ -338,6 +338,10 @@ struct Shared {
     apply_lock: tokio::sync::Mutex<()>,
     /// Ask the follower to start a new consumer (its current one stalled).
     refollow: tokio::sync::Notify,
+    /// Write epoch of the next apply to the local copy: one failed apply
+    /// fails only itself (the local store's failure rule), and its retry
+    /// is a new epoch.
+    apply_epoch: AtomicU64,
 }
 
 /// [`Store`] on a JetStream stream, with a local SQLite copy for reads.
@@ -351,6 +355,16 @@ impl ClusterStore {
     /// `dir`, and start following the log. Returns once the copy has caught
     /// up with the log's head as it was at the start.
     pub async fn open(node: Arc<Node>, dir: &std::path::Path) -> Result<Arc<ClusterStore>> {
+        Self::open_with_faults(node, dir, None).await
+    }
+
+    /// [`ClusterStore::open`] with fault injection on the local copy (tests,
+    /// fault drills).
+    pub async fn open_with_faults(
+        node: Arc<Node>,
+        dir: &std::path::Path,
+        faults: Option<Arc<crate::store::Faults>>,
+    ) -> Result<Arc<ClusterStore>> {
         // A NATS cluster that is starting (or electing) may time out the
         // first requests: retry for a while before giving up.
         let give_up = Instant::now() + SETUP_TIMEOUT;
@@ -366,13 +380,14 @@ impl ClusterStore {
                 Err(e) => return Err(e),
             }
         };
-        let replica = SqliteStore::open_replica(dir, &log_id)?;
+        let replica = SqliteStore::open_replica_with_faults(dir, &log_id, faults)?;
         let start = replica.log_position()?;
         let shared = Arc::new(Shared {
             node: node.clone(),
             rt: tokio::runtime::Handle::current(),
             apply_lock: tokio::sync::Mutex::new(()),
             refollow: tokio::sync::Notify::new(),
+            apply_epoch: AtomicU64::new(1),
             replica,
             head: watch::Sender::new(start),
             sent: AtomicU64::new(0),
@@ -390,6 +405,7 @@ impl ClusterStore {
         tokio::spawn(writer(shared.clone(), rx));
         let store = Arc::new(ClusterStore { shared, tx });
         store.catch_up().await?;
+        store.note_last_term().await;
         Ok(store)
     }
 
@@ -434,6 +450,24 @@ impl ClusterStore {
         Ok(last)
     }
 
+    /// The copy held the last term entry before this start: say whose it is
+    /// (a follower is ready once it holds its leader's term entry).
+    async fn note_last_term(&self) {
+        if self.shared.node.applied_term.borrow().is_some() {
+            return;
+        }
+        let Ok(stream) = self.shared.node.js.get_stream(STREAM).await else {
+            return;
+        };
+        if let Ok(m) = stream.get_last_raw_message_by_subject(TERM_SUBJECT).await {
+            if m.sequence <= self.head() {
+                if let Some(l) = term_leadership(&m.payload) {
+                    self.shared.node.applied_term.send_replace(Some(l));
+                }
+            }
+        }
+    }
+
     async fn stream_last_seq(&self) -> Result<Seq> {
         let stream = self
             .shared
@@ -463,9 +497,10 @@ impl ClusterStore {
         *self.shared.on_deposed.lock().expect("on_deposed") = Some(f);
     }
 
-    /// Become the log's writer: catch up with the head, then append a term
-    /// entry fenced on it. From then on no earlier leader can append.
-    pub async fn promote(&self) -> Result<Seq> {
+    /// Become the log's writer for `leadership` (the lease's value): catch
+    /// up with the head, then append a term entry fenced on it. From then
+    /// on no earlier leader can append.
+    pub async fn promote(&self, leadership: &str) -> Result<Seq> {
         let give_up = Instant::now() + Duration::from_secs(5);
         loop {
             let last = self.catch_up().await?;
@@ -473,6 +508,7 @@ impl ClusterStore {
             headers.insert(HDR_NODE, self.shared.node.node_id());
             let body = serde_json::to_vec(&serde_json::json!({
                 "node_id": self.shared.node.node_id(),
+                "leadership": leadership,
                 "at_ms": crate::model::now_ms(),
             }))
             .expect("json");
@@ -563,16 +599,54 @@ fn not_leader(shared: &Shared) -> Error {
     }
 }
 
-/// Apply the stream to the local copy, from `start + 1`, forever.
+/// The leadership named in a term entry's body.
+fn term_leadership(payload: &[u8]) -> Option<String> {
+    serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()?
+        .get("leadership")?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// First and largest pause before following the log again after a failure.
+const FOLLOW_BACKOFF_MIN: Duration = Duration::from_millis(200);
+const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Failures in a row after which each is logged as an error.
+const STUCK_LOUD: u32 = 5;
+
+/// Apply the stream to the local copy, from `start + 1`, forever. A failure
+/// (the local store busy or full, the consumer gone) is retried with
+/// backoff from what the copy holds: it catches up once the cause clears,
+/// without a restart.
 async fn follow(shared: Arc<Shared>, start: Seq) {
     let mut from = start;
+    let mut backoff = FOLLOW_BACKOFF_MIN;
+    // Failures in a row without the copy moving on.
+    let mut stuck = 0u32;
     loop {
+        let before = *shared.head.borrow();
         match follow_once(&shared, from).await {
             Ok(()) => {}
-            Err(e) => tracing::warn!(error = %e, "following the log failed; resuming"),
+            Err(e) if stuck >= STUCK_LOUD => tracing::error!(
+                error = %e,
+                after_seq = before,
+                failures = stuck + 1,
+                "the local copy cannot apply the log past this seq; this node is not ready \
+                 until it can (a local fault that persists, or an entry no node can apply)"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "following the log failed; resuming")
+            }
         }
         from = *shared.head.borrow();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        if from > before {
+            backoff = FOLLOW_BACKOFF_MIN;
+            stuck = 0;
+        } else {
+            stuck += 1;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(FOLLOW_BACKOFF_MAX);
     }
 }
 
@@ -632,6 +706,7 @@ async fn apply(shared: &Arc<Shared>, entries: Vec<Entry>) -> Result<()> {
     // Event seqs run on without holes across appends (term entries are
     // not events); an append the copy already holds is skipped whole.
     let mut last_event = shared.replica.durable_seq();
+    let mut term = None;
     for msg in entries {
         let seq = msg.seq;
         if seq <= last {
@@ -646,6 +721,7 @@ async fn apply(shared: &Arc<Shared>, entries: Vec<Entry>) -> Result<()> {
                     demote(shared, &format!("node {by} took over the log at seq {seq}"));
                 }
             }
+            term = term_leadership(&msg.payload).or(term);
             continue;
         }
         let (events, rows) = decode_append(seq, &msg.payload)?;
@@ -661,16 +737,26 @@ async fn apply(shared: &Arc<Shared>, entries: Vec<Entry>) -> Result<()> {
         return Ok(());
     }
     batch.position = Some(last);
+    batch.epoch = shared.apply_epoch.fetch_add(1, Ordering::Relaxed);
     let events = batch.events.clone();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     batch.then(move |r| {
         let _ = done_tx.send(r.clone());
     });
     shared.replica.submit(batch);
-    done_rx
+    let applied = done_rx
         .await
-        .map_err(|_| Error::storage("local copy closed"))??;
+        .map_err(|_| Error::storage("local copy closed"))
+        .and_then(|r| r);
+    if let Err(e) = applied {
+        shared.node.copy_ok.send_replace(false);
+        return Err(e);
+    }
     shared.head.send_replace(last);
+    shared.node.copy_ok.send_replace(true);
+    if term.is_some() {
+        shared.node.applied_term.send_replace(term);
+    }
     if !events.is_empty() {
         if let Some(bus) = &*shared.bus.lock().expect("bus") {
             bus.publish(&events);
@@ -859,7 +945,20 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
                 ),
             };
             tracing::warn!(error = %e, "change refused");
-            poisoned = Some(fail_group(&shared, live, e, started));
+            let (epoch, _) = fail_group(&shared, live, e, started);
+            // What was queued behind it was built on it and fails too, but
+            // for its own caller that is no fault of its own: a retryable
+            // error (UNAVAILABLE, `storage_unavailable`: sidecars keep the
+            // report and send it again), never the refused change's.
+            poisoned = Some((
+                epoch,
+                Error::Storage {
+                    fault: StorageFault::Other,
+                    detail: "not stored: queued behind a change the log refused as too large; \
+                             send it again"
+                        .into(),
+                },
+            ));
             continue;
         }
         let (after, after_event) = match sent {
@@ -1168,6 +1267,9 @@ impl Store for ClusterStore {
     }
 }
 
+/// How long `agenthub token ... --nats` retries opening the token bucket.
+const TOKEN_ADMIN_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Issue, list and revoke tokens on a cluster without running a node
 /// (`agenthub token ... --nats`).
 pub struct TokenAdmin {
@@ -1177,8 +1279,22 @@ pub struct TokenAdmin {
 impl TokenAdmin {
     pub async fn connect(options: &super::ClusterOptions) -> Result<TokenAdmin> {
         let client = options.connect().await?;
-        let kv = token_bucket(&jetstream::new(client), options.replicas).await?;
-        Ok(TokenAdmin { kv })
+        let js = jetstream::new(client);
+        // A NATS cluster that is starting may time out the first requests
+        // (as for a node's own setup): retry a while before giving up.
+        let give_up = Instant::now() + TOKEN_ADMIN_SETUP_TIMEOUT;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match token_bucket(&js, options.replicas).await {
+                Ok(kv) => return Ok(TokenAdmin { kv }),
+                Err(e) if Instant::now() < give_up => {
+                    tracing::debug!(error = %e, "cannot open the token bucket yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     pub async fn insert(&self, token: &TokenRecord) -> Result<()> {

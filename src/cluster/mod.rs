@@ -39,16 +39,24 @@ pub const TERM_SUBJECT: &str = "agenthub.log.term";
 pub const LEASE_BUCKET: &str = "agenthub_lease";
 /// KV bucket of the token set.
 pub const TOKEN_BUCKET: &str = "agenthub_tokens";
-/// gRPC calls carried to the leader.
-pub const RPC_SUBJECT: &str = "agenthub.rpc";
-/// Sidecar messages carried to the leader.
-pub const AGENT_IN_SUBJECT: &str = "agenthub.agent.in";
 /// Node heartbeats (the leader closes the sessions of a node that stops).
 pub const NODE_ALIVE_SUBJECT: &str = "agenthub.node.alive";
 
 /// Messages from the leader to the sessions on node `node`.
 pub fn agent_out_subject(node: &str) -> String {
     format!("agenthub.node.{node}.out")
+}
+
+/// gRPC calls carried to the leader of `leadership` (the lease's value,
+/// `node/nonce`): only that leadership listens on it, so a deposed leader
+/// never takes a call meant for the next one.
+pub fn rpc_subject(leadership: &str) -> String {
+    format!("agenthub.rpc.{}", leadership.replace('/', "."))
+}
+
+/// Sidecar messages carried to the leader of `leadership` (as [`rpc_subject`]).
+pub fn agent_in_subject(leadership: &str) -> String {
+    format!("agenthub.agent.in.{}", leadership.replace('/', "."))
 }
 
 /// `agenthub serve --nats ...` settings.
@@ -188,6 +196,14 @@ pub struct Node {
     pub leader: watch::Sender<LeaderView>,
     /// True once the node shuts down: a leader hands its lease back.
     pub stopping: watch::Sender<bool>,
+    /// The leadership (lease value) of the last term entry in the local
+    /// copy: a follower has caught up with a leader once it holds that
+    /// leader's term entry.
+    pub applied_term: watch::Sender<Option<String>>,
+    /// False while applying the log to the local copy fails (it is retried).
+    pub copy_ok: watch::Sender<bool>,
+    /// Ready to serve (see [`Node::not_ready`]), kept by [`track_ready`].
+    pub ready: watch::Sender<bool>,
 }
 
 impl Node {
@@ -201,6 +217,9 @@ impl Node {
             js,
             leader: watch::Sender::new(LeaderView::default()),
             stopping: watch::Sender::new(false),
+            applied_term: watch::Sender::new(None),
+            copy_ok: watch::Sender::new(true),
+            ready: watch::Sender::new(false),
         }))
     }
 
@@ -216,6 +235,49 @@ impl Node {
         self.leader.borrow().leader.clone()
     }
 
+    /// "leader" or "follower" (`/health`'s `role`).
+    pub fn role(&self) -> &'static str {
+        if self.is_leader() {
+            "leader"
+        } else {
+            "follower"
+        }
+    }
+
+    /// Why this node cannot serve now, or `None` when it can: it knows the
+    /// current leader and, leading, its hub takes writes (`writable`) or,
+    /// following, its copy holds the leader's term entry and applies the
+    /// log without failing.
+    pub fn not_ready(&self, writable: bool) -> Option<&'static str> {
+        let view = self.leader.borrow().clone();
+        let Some(leadership) = view.leadership else {
+            return Some("no cluster leader (an election is under way)");
+        };
+        if view.is_self {
+            return (!writable).then_some("taking over as the cluster leader");
+        }
+        if self.applied_term.borrow().as_deref() != Some(leadership.as_str())
+            || !*self.copy_ok.borrow()
+        {
+            return Some("the local copy of the log is catching up");
+        }
+        None
+    }
+
+    /// The most a call waits for a leader (about 2 × the lease), capped
+    /// by the caller's own deadline.
+    pub fn leader_wait(&self, deadline: Option<Duration>) -> Duration {
+        let cap = self.options.lease * 2;
+        deadline.map_or(cap, |d| d.min(cap))
+    }
+
+    /// Wait up to `limit` for this node to be ready. False: it is not.
+    pub async fn wait_ready(&self, limit: Duration) -> bool {
+        let mut rx = self.ready.subscribe();
+        let ready = tokio::time::timeout(limit, rx.wait_for(|r| *r)).await;
+        matches!(ready, Ok(Ok(_)))
+    }
+
     /// This node does not lead, and who does is unknown until the lease is
     /// read again.
     pub fn forget_leader(&self) {
@@ -229,6 +291,58 @@ impl Node {
         let mut view = self.leader.subscribe();
         let _ = tokio::time::timeout(limit, view.wait_for(|v| !v.is_self)).await;
     }
+}
+
+/// Keep [`Node::ready`] equal to what `not_ready` says, with the hub's
+/// writability from `writable` (checked on every change of leader or copy,
+/// and every 20 ms: a leader's hub takes writes a moment after it won).
+pub async fn track_ready(node: Arc<Node>, writable: impl Fn() -> Option<bool> + Send + 'static) {
+    let mut leader = node.leader.subscribe();
+    let mut applied = node.applied_term.subscribe();
+    let mut copy = node.copy_ok.subscribe();
+    loop {
+        let Some(w) = writable() else { return };
+        let ready = node.not_ready(w).is_none();
+        node.ready
+            .send_if_modified(|r| std::mem::replace(r, ready) != ready);
+        tokio::select! {
+            _ = leader.changed() => {}
+            _ = applied.changed() => {}
+            _ = copy.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+}
+
+/// A principal a follower verified at the edge, carried to the leader with
+/// a forwarded call or relayed identify instead of the token (which never
+/// crosses NATS). The leader's authentication takes it as verified: only
+/// the cluster's own forwarding puts it on a request.
+#[derive(Clone, Debug)]
+pub struct Forwarded(pub crate::auth::Principal);
+
+/// Header carrying a [`Forwarded`] principal: `role/token_id/agent_id`.
+pub(crate) const HDR_PRINCIPAL: &str = "Agenthub-Principal";
+
+pub(crate) fn encode_principal(p: &crate::auth::Principal) -> String {
+    format!(
+        "{}/{}/{}",
+        p.role.as_str(),
+        p.token_id,
+        p.agent_id.as_deref().unwrap_or("")
+    )
+}
+
+pub(crate) fn decode_principal(s: &str) -> Option<crate::auth::Principal> {
+    let mut parts = s.splitn(3, '/');
+    let role = crate::model::Role::parse(parts.next()?)?;
+    let token_id = parts.next()?.to_string();
+    let agent_id = parts.next().filter(|a| !a.is_empty()).map(str::to_string);
+    Some(crate::auth::Principal {
+        token_id,
+        role,
+        agent_id,
+    })
 }
 
 /// The most payload bytes one NATS message carries: the server's

@@ -2,14 +2,19 @@
 //!
 //! A sidecar's WebSocket stays on the node it connected to. That node
 //! relays the sidecar's messages (as the JSON text it sent) to the leader on
-//! [`AGENT_IN_SUBJECT`]; the leader's hub sees the session as a
+//! the subject of the leadership it identified with ([`agent_in_subject`]:
+//! a deposed leader never takes the next one's); the leader's hub sees the session as a
 //! [`RemoteLink`] and its messages and closes go back on the node's
 //! [`agent_out_subject`]. A session that identifies on the leader itself
 //! talks to its hub directly.
 //!
-//! When the leadership changes, every node closes its relayed sessions
-//! (close code 1012, "service restart"): the sidecars reconnect (to any
-//! node), identify with the new leader and resend what it has not acked.
+//! An identify that arrives while the node is not ready (an election under
+//! way) waits for a leader (at most about 2 × the lease). When the
+//! leadership changes, every node closes its relayed sessions once, with
+//! close code 1012 ("service restart"), after the new leader is known (a
+//! lease that lapses and comes back to the same leadership closes nothing):
+//! the sidecars reconnect (to any node), identify with the new leader and
+//! resend what it has not acked.
 //! Within the reconnect grace they keep their tasks. The leader closes the
 //! sessions of a node that stops sending heartbeats for a lease.
 
@@ -23,7 +28,10 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use super::{agent_out_subject, Node, AGENT_IN_SUBJECT, NODE_ALIVE_SUBJECT};
+use super::{
+    agent_in_subject, agent_out_subject, decode_principal, encode_principal, Node, HDR_PRINCIPAL,
+    NODE_ALIVE_SUBJECT,
+};
 use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::link::{AgentLink, CloseReason, FromAgent, Link, ToAgent};
@@ -38,6 +46,10 @@ const HDR_MORE: &str = "Agenthub-More";
 /// On every piece of a message sent in pieces: its index, from 0.
 const HDR_PIECE: &str = "Agenthub-Piece";
 
+/// Reports of one relayed session the leader queues for its hub; past
+/// that, one is answered `storage_unavailable` (kept and sent again).
+const MAX_QUEUED_REPORTS: usize = 64;
+
 /// How long an identify waits for the leader's answer.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -48,7 +60,9 @@ pub struct Relay {
     /// Changes at every start of the process: sessions of an earlier run
     /// of the same node are never confused with this run's.
     incarnation: String,
-    sessions: Mutex<HashMap<u64, Link>>,
+    /// Each session and the leadership it identified with (its frames go
+    /// to that leader only).
+    sessions: Mutex<HashMap<u64, (Link, String)>>,
     /// Sessions that identified while this node led: they talk to this
     /// node's hub directly, without a trip through NATS.
     direct: Mutex<std::collections::HashSet<u64>>,
@@ -86,25 +100,52 @@ impl Relay {
     /// the sidecar sent it. Returns the agent id and whether the session is
     /// relayed (false: this node leads, and the session talks to its hub).
     pub async fn identify(&self, text: &str, link: &Link) -> Result<(String, bool)> {
-        if self.node.leader_id().is_none() {
+        let started = Instant::now();
+        let limit = self.node.leader_wait(Some(IDENTIFY_TIMEOUT));
+        loop {
+            match self.identify_once(text, link).await {
+                // No leader listened (an election, or it is taking over):
+                // wait for the next within the limit.
+                Ok(None) if started.elapsed() < limit => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(None) => return Err(Error::ShuttingDown),
+                Ok(Some(identified)) => return Ok(identified),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One try; `None` if no leader listened.
+    async fn identify_once(&self, text: &str, link: &Link) -> Result<Option<(String, bool)>> {
+        // Authenticate at the edge, against the replicated token set: the
+        // leader gets the principal, the token never crosses NATS.
+        let (Some(hub), Ok(FromAgent::Identify(ident))) =
+            (self.hub.upgrade(), protocol::parse(text))
+        else {
+            return Err(Error::ShuttingDown);
+        };
+        let principal = hub
+            .verifier()
+            .verify(&ident.token)
+            .map_err(|_| Error::InvalidToken)?;
+        let limit = self.node.leader_wait(Some(IDENTIFY_TIMEOUT));
+        if !self.node.wait_ready(limit).await {
             return Err(Error::ShuttingDown);
         }
+        let Some(leadership) = self.node.leader.borrow().leadership.clone() else {
+            return Ok(None);
+        };
         let session = link.id();
         self.sessions
             .lock()
             .expect("sessions")
-            .insert(session, link.clone());
+            .insert(session, (link.clone(), leadership.clone()));
         if self.node.is_leader() {
-            let (Some(hub), Ok(FromAgent::Identify(ident))) =
-                (self.hub.upgrade(), protocol::parse(text))
-            else {
-                self.forget(session);
-                return Err(Error::ShuttingDown);
-            };
-            return match hub.identify(&ident, link) {
+            return match hub.identify_as(principal, &ident, link) {
                 Ok(agent) => {
                     self.direct.lock().expect("direct").insert(session);
-                    Ok((agent, false))
+                    Ok(Some((agent, false)))
                 }
                 Err(e) => {
                     self.forget(session);
@@ -112,17 +153,23 @@ impl Relay {
                 }
             };
         }
+        let mut headers = self.headers(session, "identify");
+        headers.insert(HDR_PRINCIPAL, encode_principal(&principal).as_str());
         let request = async_nats::Request::new()
-            .headers(self.headers(session, "identify"))
-            .payload(Bytes::copy_from_slice(text.as_bytes()))
+            .headers(headers)
+            .payload(Bytes::from(without_token(text)))
             .timeout(Some(IDENTIFY_TIMEOUT));
         let reply = self
             .node
             .client
-            .send_request(AGENT_IN_SUBJECT, request)
+            .send_request(agent_in_subject(&leadership), request)
             .await;
         let answer = match reply {
             Ok(m) => String::from_utf8_lossy(&m.payload).to_string(),
+            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
+                self.forget(session);
+                return Ok(None);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "no leader answered an identify");
                 self.forget(session);
@@ -130,7 +177,7 @@ impl Relay {
             }
         };
         match answer.split_once(':') {
-            Some(("ok", agent)) => Ok((agent.to_string(), true)),
+            Some(("ok", agent)) => Ok(Some((agent.to_string(), true))),
             Some(("err", code)) => {
                 self.forget(session);
                 Err(error_from_code(code))
@@ -145,12 +192,16 @@ impl Relay {
     /// Relay one frame of an identified session. On failure, the error
     /// frame to send back (the frame did not reach the leader).
     pub async fn frame(&self, session: u64, text: &str) -> std::result::Result<(), ToAgent> {
+        let Some(subject) = self.subject(session) else {
+            // Closed for a change of leader a moment ago: the close follows.
+            return Ok(());
+        };
         self.node
             .client
             .publish_with_headers(
-                AGENT_IN_SUBJECT,
+                subject,
                 self.headers(session, "frame"),
-                Bytes::copy_from_slice(text.as_bytes()),
+                Bytes::from(without_token(text)),
             )
             .await
             .map_err(|e| {
@@ -178,17 +229,23 @@ impl Relay {
 
     /// The session's socket closed.
     pub async fn closed(&self, session: u64) {
-        if self.forget(session) {
+        let subject = self.subject(session);
+        if let (true, Some(subject)) = (self.forget(session), subject) {
             let _ = self
                 .node
                 .client
-                .publish_with_headers(
-                    AGENT_IN_SUBJECT,
-                    self.headers(session, "closed"),
-                    Bytes::new(),
-                )
+                .publish_with_headers(subject, self.headers(session, "closed"), Bytes::new())
                 .await;
         }
+    }
+
+    /// The subject of the leader a session identified with.
+    fn subject(&self, session: u64) -> Option<String> {
+        self.sessions
+            .lock()
+            .expect("sessions")
+            .get(&session)
+            .map(|(_, l)| agent_in_subject(l))
     }
 
     fn forget(&self, session: u64) -> bool {
@@ -210,7 +267,7 @@ impl Relay {
             .lock()
             .expect("sessions")
             .drain()
-            .map(|(_, l)| l)
+            .map(|(_, (l, _))| l)
             .collect();
         self.direct.lock().expect("direct").clear();
         if !sessions.is_empty() {
@@ -223,6 +280,26 @@ impl Relay {
             l.close(why);
         }
     }
+}
+
+/// A sidecar frame as relayed: without any `token` field (the identify's
+/// is verified on this node; reports ignore it). The identify keeps a
+/// placeholder, as the frame's format requires one.
+fn without_token(text: &str) -> String {
+    if !text.contains("token") {
+        return text.to_string();
+    }
+    let Ok(serde_json::Value::Object(mut obj)) = serde_json::from_str::<serde_json::Value>(text)
+    else {
+        return text.to_string();
+    };
+    if obj.remove("token").is_none() {
+        return text.to_string();
+    }
+    if obj.get("type").and_then(|t| t.as_str()) == Some("identify") {
+        obj.insert("token".into(), "verified-at-the-edge".into());
+    }
+    serde_json::Value::Object(obj).to_string()
 }
 
 /// The hub error behind a sidecar `error` code (identify answers).
@@ -270,7 +347,7 @@ async fn dispatch(relay: Arc<Relay>) {
             .lock()
             .expect("sessions")
             .get(&session)
-            .cloned();
+            .map(|(l, _)| l.clone());
         let Some(link) = link else { continue };
         match header(&msg.headers, HDR_KIND) {
             "close" => {
@@ -294,25 +371,34 @@ async fn dispatch(relay: Arc<Relay>) {
 /// the next one.
 #[derive(Default)]
 struct Pieces {
-    /// Per session: the index of the next piece, and the bytes so far.
-    partial: HashMap<u64, (u32, BytesMut)>,
+    /// Per session: the index of the next piece, the bytes so far, and
+    /// when the frame's first piece came.
+    partial: HashMap<u64, (u32, BytesMut, Instant)>,
 }
+
+/// A frame whose pieces have not all come within this is dropped (its
+/// other pieces were lost, or its session ended).
+const PIECES_EXPIRE: Duration = Duration::from_secs(30);
 
 impl Pieces {
     /// Add piece `index` of a frame for `session` (`more`: pieces follow).
     /// The whole frame once its last piece is in.
     fn add(&mut self, session: u64, index: u32, more: bool, piece: Bytes) -> Option<Bytes> {
+        if index == 0 {
+            self.partial
+                .retain(|_, (_, _, since)| since.elapsed() < PIECES_EXPIRE);
+        }
         let held = self.partial.remove(&session);
-        let mut frame = match (index, held) {
+        let (mut frame, since) = match (index, held) {
             (0, _) if !more => return Some(piece),
-            (0, _) => BytesMut::new(),
-            (i, Some((next, frame))) if i == next => frame,
+            (0, _) => (BytesMut::new(), Instant::now()),
+            (i, Some((next, frame, since))) if i == next => (frame, since),
             // A piece of a frame whose earlier pieces were lost.
             _ => return None,
         };
         frame.extend_from_slice(&piece);
         if more {
-            self.partial.insert(session, (index + 1, frame));
+            self.partial.insert(session, (index + 1, frame, since));
             None
         } else {
             Some(frame.freeze())
@@ -335,16 +421,21 @@ async fn heartbeat(relay: Arc<Relay>) {
     }
 }
 
+/// Close the relayed sessions once the next leader is known: a moment
+/// without a known leader (a lease read that failed, a renewal late) that
+/// ends with the same leadership closes nothing.
 async fn watch_leader(relay: Arc<Relay>) {
     let mut rx = relay.node.leader.subscribe();
     let mut current = rx.borrow_and_update().leadership.clone();
     while rx.changed().await.is_ok() {
-        let next = rx.borrow_and_update().leadership.clone();
-        if next != current {
+        let Some(next) = rx.borrow_and_update().leadership.clone() else {
+            continue;
+        };
+        if current.as_ref() != Some(&next) {
             if current.is_some() {
                 relay.close_all(CloseReason::LeaderChanged);
             }
-            current = next;
+            current = Some(next);
         }
     }
 }
@@ -392,7 +483,7 @@ static NEXT_REMOTE_ID: AtomicU64 = AtomicU64::new(1 << 62);
 struct RemoteSession {
     agent_id: String,
     link: Arc<RemoteLink>,
-    frames: mpsc::UnboundedSender<FromAgent>,
+    frames: mpsc::Sender<FromAgent>,
     node: String,
 }
 
@@ -409,20 +500,26 @@ struct IntakeState {
 async fn intake(node: Arc<Node>, hub: Weak<Hub>) {
     let mut leader = node.leader.subscribe();
     loop {
-        if leader.wait_for(|v| v.is_self).await.is_err() {
-            return;
-        }
+        let leadership = match leader.wait_for(|v| v.is_self).await {
+            Ok(view) => view.leadership.clone(),
+            Err(_) => return,
+        };
+        let Some(leadership) = leadership else {
+            continue;
+        };
         let state = Arc::new(Mutex::new(IntakeState {
             sessions: HashMap::new(),
             outs: HashMap::new(),
             alive: HashMap::new(),
         }));
-        let Ok(mut sub) = node.client.subscribe(AGENT_IN_SUBJECT).await else {
+        let Ok(mut sub) = node.client.subscribe(agent_in_subject(&leadership)).await else {
             continue;
         };
         let Ok(mut alive) = node.client.subscribe(NODE_ALIVE_SUBJECT).await else {
             continue;
         };
+        // Messages wait in the subscription until the hub takes writes.
+        node.wait_ready(node.options.lease * 2).await;
         tracing::info!("taking sidecar messages from every node");
         let mut sweep = tokio::time::interval(node.options.lease / 2);
         loop {
@@ -550,7 +647,12 @@ async fn on_agent_message(
     match header(&msg.headers, HDR_KIND) {
         "identify" => {
             let answer = match protocol::parse(&text) {
-                Ok(FromAgent::Identify(ident)) => {
+                Ok(FromAgent::Identify(ident)) => 'identify: {
+                    // The node the sidecar is on verified its token.
+                    let Some(principal) = decode_principal(header(&msg.headers, HDR_PRINCIPAL))
+                    else {
+                        break 'identify "err:invalid_token".to_string();
+                    };
                     let out = out_for(node, &mut state.lock().expect("intake"), &from);
                     let link = Arc::new(RemoteLink {
                         id: NEXT_REMOTE_ID.fetch_add(1, Ordering::Relaxed),
@@ -560,9 +662,9 @@ async fn on_agent_message(
                         gone: Default::default(),
                     });
                     let dyn_link: Link = link.clone();
-                    match hub.identify(&ident, &dyn_link) {
+                    match hub.identify_as(principal, &ident, &dyn_link) {
                         Ok(agent_id) => {
-                            let (tx, rx) = mpsc::unbounded_channel();
+                            let (tx, rx) = mpsc::channel(MAX_QUEUED_REPORTS);
                             tokio::spawn(report_worker(
                                 Arc::downgrade(hub),
                                 agent_id.clone(),
@@ -598,10 +700,22 @@ async fn on_agent_message(
                 .expect("intake")
                 .sessions
                 .get(&key)
-                .map(|s| s.frames.clone());
+                .map(|s| (s.frames.clone(), s.link.clone()));
             match (sender, protocol::parse(&text)) {
-                (Some(tx), Ok(report)) => {
-                    let _ = tx.send(report);
+                (Some((tx, link)), Ok(report)) => {
+                    if let Err(mpsc::error::TrySendError::Full(report)) = tx.try_send(report) {
+                        // Bounded, like a direct session: the sidecar keeps
+                        // the report and sends it again.
+                        let task = crate::hub::report_task_id(&report);
+                        link.send(ToAgent::error(
+                            "storage_unavailable",
+                            task,
+                            Some(format!(
+                                "the leader has {MAX_QUEUED_REPORTS} reports of this session \
+                                 waiting; send it again"
+                            )),
+                        ));
+                    }
                 }
                 (Some(_), Err(_)) => {}
                 (None, _) => {
@@ -633,7 +747,7 @@ async fn report_worker(
     hub: Weak<Hub>,
     agent_id: String,
     link: Link,
-    mut rx: mpsc::UnboundedReceiver<FromAgent>,
+    mut rx: mpsc::Receiver<FromAgent>,
 ) {
     while let Some(report) = rx.recv().await {
         let Some(hub) = hub.upgrade() else { return };
@@ -663,6 +777,19 @@ mod tests {
         assert_eq!(add(&mut p, 1, 1, true, "cd"), None);
         assert_eq!(add(&mut p, 1, 2, false, "ef").as_deref(), Some("abcdef"));
         assert!(p.partial.is_empty());
+    }
+
+    #[test]
+    fn a_partial_frame_expires_when_its_pieces_stop_coming() {
+        let mut p = Pieces::default();
+        assert_eq!(add(&mut p, 1, 0, true, "ab"), None);
+        assert_eq!(add(&mut p, 2, 0, true, "cd"), None);
+        // Session 1's frame started long ago (its session ended, say).
+        let long_ago = Instant::now() - PIECES_EXPIRE - Duration::from_secs(1);
+        p.partial.get_mut(&1).unwrap().2 = long_ago;
+        assert_eq!(add(&mut p, 3, 0, false, "whole").as_deref(), Some("whole"));
+        assert!(!p.partial.contains_key(&1));
+        assert_eq!(add(&mut p, 2, 1, false, "ef").as_deref(), Some("cdef"));
     }
 
     #[test]

@@ -2,13 +2,21 @@
 //!
 //! A follower's `TaskHub` service forwards every call but `WatchTaskEvents`
 //! (which each node serves from its own copy of the log): the request's
-//! path, metadata and body go to [`RPC_SUBJECT`]; the leader runs the call
-//! through its own service (authentication included) and streams back the
-//! response head, each body frame and the trailers to the caller's inbox.
+//! path, metadata and body go to the subject of the current leadership
+//! ([`rpc_subject`]: only that leader listens, so a deposed one never runs
+//! a call meant for its successor); the leader runs the call through its
+//! own service (authentication included) and streams back the response
+//! head, each body frame and the trailers to the caller's inbox.
 //! Server-streaming calls (`WatchAgents`, `WatchTaskOutput`) work the same
 //! way; when the caller goes away, the follower tells the leader to stop.
-//! With no leader (an election under way) a call fails `UNAVAILABLE`: the
-//! client retries.
+//!
+//! A call that arrives while the node is not ready (an election under way)
+//! waits for a leader, within its deadline and at most about 2 × the lease,
+//! before it answers `UNAVAILABLE`. A call that reached no leader, or whose
+//! leader went away before answering, is sent again to the next one when
+//! sending it twice is harmless: reads, and `PushTask`, which the follower
+//! gives a `task_id` before it forwards it (a second run answers
+//! `created=false`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -28,7 +36,8 @@ use tonic::body::Body;
 use tonic::server::NamedService;
 use tower::{Service, ServiceExt};
 
-use super::{Node, RPC_SUBJECT};
+use super::{decode_principal, encode_principal, rpc_subject, Node, HDR_PRINCIPAL};
+use crate::hub::Hub;
 
 const HDR_PATH: &str = "Agenthub-Path";
 const HDR_KIND: &str = "Agenthub-Kind";
@@ -40,12 +49,102 @@ const HDR_SEQ: &str = "Agenthub-Seq";
 /// Prefix of carried HTTP headers (and trailers).
 const HTTP_PREFIX: &str = "Http-";
 
-/// How long a follower waits for the leader to start answering.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Kind of the keep-alives each side of a forwarded call sends every third
+/// of a lease while the call runs (not numbered: they carry no answer).
+/// A side that hears nothing from the other for 2 × the lease ends the
+/// call: the leader frees what a follower that died held (a watch slot),
+/// the follower answers UNAVAILABLE instead of waiting for an answer whose
+/// end was lost.
+const KIND_ALIVE: &str = "alive";
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Publish a keep-alive to `subject` every third of a lease until dropped.
+fn keep_alive(node: &Arc<Node>, subject: String) -> AbortOnDrop {
+    let client = node.client.clone();
+    let every = node.options.lease / 3;
+    let mut h = HeaderMap::new();
+    h.insert(HDR_KIND, KIND_ALIVE);
+    h.insert(HDR_NODE, node.node_id());
+    AbortOnDrop(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let _ = client
+                .publish_with_headers(subject.clone(), h.clone(), Bytes::new())
+                .await;
+        }
+    }))
+}
 
 /// Calls every node serves itself.
 fn served_locally(path: &str) -> bool {
     path.ends_with("/WatchTaskEvents")
+}
+
+/// Calls that may run twice with the same outcome: sent again to the next
+/// leader when the one they went to went away before it answered.
+fn resendable(path: &str) -> bool {
+    const SAFE: [&str; 8] = [
+        "/PushTask",
+        "/GetTask",
+        "/ListTasks",
+        "/ListAgents",
+        "/WatchAgents",
+        "/WaitTask",
+        "/WatchTaskOutput",
+        "/ListTokens",
+    ];
+    SAFE.iter().any(|m| path.ends_with(m))
+}
+
+/// The caller's deadline (`grpc-timeout`), if it set one.
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A `PushTask` body with a `task_id` (a fresh one if it had none), so that
+/// the leader running it twice creates one task. `None`: not a body this
+/// node can read (compressed, malformed): forwarded as it is, for the
+/// leader to answer.
+fn with_task_id(body: &Bytes) -> Option<Bytes> {
+    use prost::Message;
+    if body.len() < 5 || body[0] != 0 {
+        return None;
+    }
+    let len = u32::from_be_bytes(body[1..5].try_into().ok()?) as usize;
+    if body.len() != 5 + len {
+        return None;
+    }
+    let mut req = crate::pb::PushTaskRequest::decode(&body[5..]).ok()?;
+    if !req.task_id.is_empty() {
+        return Some(body.clone());
+    }
+    req.task_id = crate::model::new_task_id();
+    let proto = req.encode_to_vec();
+    let mut out = Vec::with_capacity(5 + proto.len());
+    out.push(0);
+    out.extend_from_slice(&(proto.len() as u32).to_be_bytes());
+    out.extend_from_slice(&proto);
+    Some(Bytes::from(out))
 }
 
 /// The `TaskHub` service of a node: itself on the leader (or a single
@@ -53,12 +152,16 @@ fn served_locally(path: &str) -> bool {
 #[derive(Clone)]
 pub struct Forward<S> {
     inner: S,
-    node: Option<Arc<Node>>,
+    /// Cluster mode: this node, and its hub (to verify tokens at the edge).
+    cluster: Option<(Arc<Node>, Arc<Hub>)>,
 }
 
 impl<S> Forward<S> {
-    pub fn new(inner: S, node: Option<Arc<Node>>) -> Forward<S> {
-        Forward { inner, node }
+    pub fn new(inner: S, hub: &Arc<Hub>) -> Forward<S> {
+        Forward {
+            inner,
+            cluster: hub.cluster_node().map(|n| (n.clone(), hub.clone())),
+        }
     }
 }
 
@@ -87,17 +190,22 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        match &self.node {
-            Some(node) if !node.is_leader() && !served_locally(req.uri().path()) => {
-                Box::pin(forward(node.clone(), req))
-            }
-            _ => {
-                let inner = self.inner.clone();
+        let inner = self.inner.clone();
+        let local = |req| async move {
+            let Ok(resp) = inner.oneshot(req).await;
+            Ok(resp.map(Body::new))
+        };
+        match &self.cluster {
+            Some((node, hub)) if !served_locally(req.uri().path()) => {
+                let (node, hub) = (node.clone(), hub.clone());
                 Box::pin(async move {
-                    let Ok(resp) = inner.oneshot(req).await;
-                    Ok(resp.map(Body::new))
+                    match forward(node, hub, req).await {
+                        Routed::Answered(resp) => Ok(resp),
+                        Routed::Local(req) => local(req).await,
+                    }
                 })
             }
+            _ => Box::pin(local(req)),
         }
     }
 }
@@ -118,7 +226,7 @@ fn carry(from: &http::HeaderMap, to: &mut HeaderMap) {
     for (name, value) in from {
         if matches!(
             name.as_str(),
-            "te" | "content-length" | "host" | "connection" | "transfer-encoding"
+            "te" | "content-length" | "host" | "connection" | "transfer-encoding" | "authorization"
         ) {
             continue;
         }
@@ -151,63 +259,176 @@ fn uncarry(from: &Option<HeaderMap>) -> http::HeaderMap {
     out
 }
 
-async fn forward(
-    node: Arc<Node>,
-    req: http::Request<Body>,
-) -> Result<http::Response<Body>, Infallible> {
-    let (parts, body) = req.into_parts();
-    let Ok(bytes) = body.collect().await.map(|c| c.to_bytes()) else {
-        return Ok(tonic::Status::invalid_argument("unreadable request body").into_http());
+/// Where a call went.
+enum Routed {
+    /// Answered (by the leader, or UNAVAILABLE without one).
+    Answered(http::Response<Body>),
+    /// This node leads: its own service runs the call.
+    Local(http::Request<Body>),
+}
+
+/// Wait (within the caller's deadline, at most about 2 × the lease) until
+/// this node is ready, then run the call here if it leads, or carry it to
+/// the leader, again to the next one if that one went away before it
+/// answered and the call is [`resendable`].
+async fn forward(node: Arc<Node>, hub: Arc<Hub>, req: http::Request<Body>) -> Routed {
+    let started = tokio::time::Instant::now();
+    let deadline = grpc_timeout(req.headers());
+    let wait = node.leader_wait(deadline);
+    if !node.wait_ready(wait).await {
+        return Routed::Answered(unavailable(&format!(
+            "{} after {wait:?}; retry",
+            node.not_ready(true).unwrap_or("no cluster leader")
+        )));
+    }
+    if node.is_leader() {
+        return Routed::Local(req);
+    }
+    // Authenticate at the edge, against the replicated token set: the
+    // leader gets the principal, the token never crosses NATS.
+    let bearer = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    let principal = match hub.verifier().verify_bearer(bearer) {
+        Ok(p) => p,
+        Err(e) => return Routed::Answered(tonic::Status::from(e).into_http()),
     };
+    let (parts, body) = req.into_parts();
+    // As strict as the front door, before anything else: a body larger
+    // than one NATS message could not be forwarded anyway, and is not
+    // buffered past that.
+    let max = node.client.server_info().max_payload;
+    let bytes = http_body_util::Limited::new(body, max).collect().await;
+    let mut bytes = match bytes {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Routed::Answered(
+                tonic::Status::resource_exhausted(format!(
+                    "the request is more than the {max} bytes a follower forwards to the \
+                     leader (NATS max_payload); send it to the leader"
+                ))
+                .into_http(),
+            );
+        }
+        Err(_) => {
+            return Routed::Answered(
+                tonic::Status::invalid_argument("unreadable request body").into_http(),
+            );
+        }
+    };
+    let path = parts.uri.path().to_string();
+    if path.ends_with("/PushTask") {
+        if let Some(b) = with_task_id(&bytes) {
+            bytes = b;
+        }
+    }
+    let resend = resendable(&path);
+    loop {
+        let outcome = forward_once(&node, &parts, &principal, bytes.clone()).await;
+        let again = match outcome {
+            Attempt::Answered(resp) => return Routed::Answered(resp),
+            Attempt::Unreached(resp) => resp,
+            Attempt::Lost(resp) if resend => resp,
+            Attempt::Lost(resp) => return Routed::Answered(resp),
+        };
+        // The leader it went to is gone, or not listening yet: wait for
+        // the next (or for that one to listen), within the deadline.
+        let left = match deadline {
+            Some(d) => d.saturating_sub(started.elapsed()),
+            None => node.options.lease * 2,
+        };
+        tokio::time::sleep(Duration::from_millis(20).min(left)).await;
+        if left.is_zero() || !node.wait_ready(node.leader_wait(Some(left))).await {
+            return Routed::Answered(again);
+        }
+        if node.is_leader() {
+            let mut req =
+                http::Request::from_parts(parts, Body::new(http_body_util::Full::new(bytes)));
+            req.headers_mut().remove("content-length");
+            return Routed::Local(req);
+        }
+    }
+}
+
+/// One try at carrying a call to the leader.
+enum Attempt {
+    /// The leader's answer (or a final error).
+    Answered(http::Response<Body>),
+    /// It reached no leader: safe to send again.
+    Unreached(http::Response<Body>),
+    /// The leader it reached went away before answering.
+    Lost(http::Response<Body>),
+}
+
+async fn forward_once(
+    node: &Arc<Node>,
+    parts: &http::request::Parts,
+    principal: &crate::auth::Principal,
+    bytes: Bytes,
+) -> Attempt {
     // Sent only to a known leader, and abandoned only if that leadership
     // ends: a call is answered UNAVAILABLE without having reached anyone,
     // or because the leader it reached is gone.
     let mut leadership = node.leader.subscribe();
     let asked = leadership.borrow_and_update().leadership.clone();
-    if asked.is_none() {
-        return Ok(unavailable(
+    let Some(subject) = asked.as_deref().map(rpc_subject) else {
+        return Attempt::Unreached(unavailable(
             "no cluster leader (an election is under way); retry",
         ));
-    }
+    };
     let mut h = HeaderMap::new();
     h.insert(HDR_PATH, parts.uri.path());
+    h.insert(HDR_PRINCIPAL, encode_principal(principal).as_str());
     carry(&parts.headers, &mut h);
     let inbox = node.client.new_inbox();
     let Ok(mut sub) = node.client.subscribe(inbox.clone()).await else {
-        return Ok(unavailable("cannot reach the cluster"));
+        return Attempt::Answered(unavailable("cannot reach the cluster"));
     };
     let size = bytes.len();
     match node
         .client
-        .publish_with_reply_and_headers(RPC_SUBJECT, inbox.clone(), h, bytes)
+        .publish_with_reply_and_headers(subject, inbox.clone(), h, bytes)
         .await
     {
         Ok(()) => {}
         Err(e) if e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
             // Retrying it here would fail again: say what to do instead.
-            return Ok(tonic::Status::resource_exhausted(format!(
-                "the request is {size} bytes, more than a follower forwards to the leader \
-                 (NATS max_payload {}); send it to the leader",
-                node.client.server_info().max_payload
-            ))
-            .into_http());
+            return Attempt::Answered(
+                tonic::Status::resource_exhausted(format!(
+                    "the request is {size} bytes, more than a follower forwards to the leader \
+                     (NATS max_payload {}); send it to the leader",
+                    node.client.server_info().max_payload
+                ))
+                .into_http(),
+            );
         }
-        Err(_) => return Ok(unavailable("cannot reach the cluster")),
+        Err(_) => return Attempt::Answered(unavailable("cannot reach the cluster")),
     }
+    // Tell the leader this follower is still there while the call runs.
+    let pinger = keep_alive(node, format!("{inbox}.alive"));
+    let silence = node.options.lease * 2;
     // The leader may die with the call in flight: give up as soon as its
     // leadership ends (the client retries and reaches the next leader).
-    let head = tokio::select! {
-        m = tokio::time::timeout(HEAD_TIMEOUT, sub.next()) => m,
-        _ = async { let _ = leadership.wait_for(|v| v.leadership != asked).await; } => {
-            return Ok(unavailable(
-                "the cluster leader changed while the call was in flight; retry",
-            ));
+    let head = loop {
+        let m = tokio::select! {
+            m = tokio::time::timeout(silence, sub.next()) => m,
+            _ = async { let _ = leadership.wait_for(|v| v.leadership != asked).await; } => {
+                return Attempt::Lost(unavailable(
+                    "the cluster leader changed while the call was in flight; retry",
+                ));
+            }
+        };
+        match m {
+            // The leader is working on it (a WaitTask, a slow store).
+            Ok(Some(m)) if header(&m.headers, HDR_KIND) == KIND_ALIVE => continue,
+            other => break other,
         }
     };
     let head = match head {
         Ok(Some(m)) if header(&m.headers, HDR_KIND) == "head" => m,
         Ok(Some(m)) if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) => {
-            return Ok(unavailable(
+            return Attempt::Unreached(unavailable(
                 "the cluster leader is gone (an election is under way); retry",
             ))
         }
@@ -217,7 +438,7 @@ async fn forward(
                 got = ?other.map(|o| o.map(|m| m.headers)),
                 "no answer from the cluster leader"
             );
-            return Ok(unavailable(
+            return Attempt::Lost(unavailable(
                 "no cluster leader answered (an election may be under way); retry",
             ));
         }
@@ -232,11 +453,29 @@ async fn forward(
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(16);
     let client = node.client.clone();
     tokio::spawn(async move {
+        let _pinger = pinger;
         let mut expected = 1u64;
         let mut lost = false;
         loop {
             let next = tokio::select! {
-                m = sub.next() => m,
+                m = tokio::time::timeout(silence, sub.next()) => match m {
+                    Ok(m) => m,
+                    Err(_) => {
+                        // Nothing from the leader for 2 × the lease: the
+                        // end of the answer was lost. Say so.
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
+                        trailers.insert(
+                            "grpc-message",
+                            http::HeaderValue::from_static(
+                                "the cluster leader stopped answering; retry",
+                            ),
+                        );
+                        let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+                        lost = true;
+                        None
+                    }
+                },
                 _ = tx.closed() => None,
                 _ = async { let _ = leadership.wait_for(|v| v.leadership != asked).await; } => {
                     // The leader serving this stream is gone: end it, so the
@@ -253,7 +492,9 @@ async fn forward(
             };
             let Some(m) = next else { break };
             // A deposed leader may answer too: only the first responder counts.
-            if header(&m.headers, HDR_NODE) != responder {
+            if header(&m.headers, HDR_NODE) != responder
+                || header(&m.headers, HDR_KIND) == KIND_ALIVE
+            {
                 continue;
             }
             if header(&m.headers, HDR_SEQ).parse::<u64>().ok() != Some(expected) {
@@ -293,7 +534,7 @@ async fn forward(
     let mut resp = http::Response::new(Body::new(body));
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
-    Ok(resp)
+    Attempt::Answered(resp)
 }
 
 /// While this node leads: answer the calls followers forward, with `svc`
@@ -310,10 +551,16 @@ where
 {
     let mut leader = node.leader.subscribe();
     loop {
-        if leader.wait_for(|v| v.is_self).await.is_err() {
-            return;
-        }
-        let Ok(mut sub) = node.client.subscribe(RPC_SUBJECT).await else {
+        let leadership = match leader.wait_for(|v| v.is_self).await {
+            Ok(view) => view.leadership.clone(),
+            Err(_) => return,
+        };
+        let Some(leadership) = leadership else {
+            continue;
+        };
+        // Calls that arrive before this node's hub takes writes wait in
+        // the subscription, and then in `answer` for the node to be ready.
+        let Ok(mut sub) = node.client.subscribe(rpc_subject(&leadership)).await else {
             continue;
         };
         loop {
@@ -345,6 +592,29 @@ where
     let Some(reply) = msg.reply.clone() else {
         return;
     };
+    // Tell the follower the call is being worked on, and end it if the
+    // follower goes silent (it died, or lost NATS): what it holds (a watch
+    // slot) is freed within 2 × the lease.
+    let _pinger = keep_alive(&node, reply.to_string());
+    let Ok(mut alive) = node.client.subscribe(format!("{reply}.alive")).await else {
+        return;
+    };
+    let silence = node.options.lease * 2;
+    let follower_gone = tokio_util::sync::CancellationToken::new();
+    let _watcher = {
+        let gone = follower_gone.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            while let Ok(Some(_)) = tokio::time::timeout(silence, alive.next()).await {}
+            gone.cancel();
+        }))
+    };
+    // Won the lease a moment ago: the hub takes writes once it reloaded.
+    node.wait_ready(node.options.lease * 2).await;
+    if !node.is_leader() {
+        // No longer the leader: say nothing; the follower sees this
+        // leadership end and asks the next one.
+        return;
+    }
     let path = header(&msg.headers, HDR_PATH).to_string();
     let mut req = http::Request::new(Body::new(http_body_util::Full::new(msg.payload.clone())));
     *req.method_mut() = http::Method::POST;
@@ -354,10 +624,19 @@ where
         Err(_) => return,
     };
     *req.headers_mut() = uncarry(&msg.headers);
+    // The follower verified the caller's token; its principal stands in
+    // for it. (No principal: the call is unauthenticated.)
+    if let Some(p) = decode_principal(header(&msg.headers, HDR_PRINCIPAL)) {
+        req.extensions_mut().insert(super::Forwarded(p));
+    }
     let Ok(cancel) = node.client.subscribe(format!("{reply}.cancel")).await else {
         return;
     };
-    let Ok(resp) = svc.oneshot(req).await;
+    let resp = tokio::select! {
+        r = svc.oneshot(req) => r,
+        _ = follower_gone.cancelled() => return,
+    };
+    let Ok(resp) = resp;
     let (parts, body) = resp.into_parts();
     let mut body = Body::new(body);
     // Numbers every message after the head (see HDR_SEQ).
@@ -390,6 +669,10 @@ where
         let frame = tokio::select! {
             f = body.frame() => f,
             _ = cancel.next() => break,
+            _ = follower_gone.cancelled() => {
+                tracing::info!(path, "the follower of a forwarded call went silent; ending it");
+                break;
+            }
         };
         let (h, payload) = match frame {
             Some(Ok(f)) => match f.into_data() {

@@ -19,6 +19,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use self::core::{obj, Core, Txn, REASON_DEPENDENCY_FAILED};
+pub(crate) use self::reports::report_task_id;
 use crate::auth::{issue_token, Role, TokenVerifier};
 use crate::bus::{EventBus, WatchItem};
 use crate::config::Config;
@@ -108,6 +109,10 @@ pub struct Health {
     /// Cluster mode: this node's id and the leader's.
     pub node_id: Option<String>,
     pub leader: Option<String>,
+    /// Cluster mode: "leader" or "follower", and why the node cannot serve
+    /// yet, if it cannot (see `cluster::Node::not_ready`).
+    pub role: Option<&'static str>,
+    pub not_ready: Option<&'static str>,
     pub agents_connected: usize,
     pub tasks_queued: usize,
     pub last_seq: Seq,
@@ -834,6 +839,8 @@ impl Hub {
         Health {
             node_id: node.map(|n| n.node_id().to_string()),
             leader: node.and_then(|n| n.leader_id()),
+            role: node.map(|n| n.role()),
+            not_ready: node.and_then(|n| n.not_ready(core.degraded.is_none())),
             agents_connected: core.agents.values().filter(|a| a.session.is_some()).count(),
             tasks_queued: core.queue.len(),
             last_seq: self.head_seq(&core),
@@ -845,6 +852,11 @@ impl Hub {
                 .filter(|(fault, _)| *fault != crate::error::StorageFault::NotLeader)
                 .map(|(fault, _)| crate::error::fault_text(*fault)),
         }
+    }
+
+    /// Cluster mode: does the hub take writes now? (`None` once it is gone.)
+    pub fn writable(weak: &Weak<Hub>) -> Option<bool> {
+        weak.upgrade().map(|h| h.lock().degraded.is_none())
     }
 
     /// The `/metrics` exposition. Gauges are set from counters kept as

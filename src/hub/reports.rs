@@ -23,6 +23,17 @@ impl Hub {
             .verifier
             .verify(&ident.token)
             .map_err(|_| Error::InvalidToken)?;
+        self.identify_as(principal, ident, session)
+    }
+
+    /// [`Hub::identify`] with a principal already verified (cluster mode:
+    /// by the node the sidecar is connected to; its token stays there).
+    pub fn identify_as(
+        &self,
+        principal: crate::auth::Principal,
+        ident: &Identify,
+        session: &Link,
+    ) -> Result<String> {
         let agent_id = match (principal.role, principal.agent_id) {
             (Role::Agent, Some(a)) => a,
             _ => return Err(Error::InvalidToken),
@@ -563,7 +574,7 @@ fn with_task(mut reply: ToAgent, task_id: Option<&str>) -> ToAgent {
 }
 
 /// The task a sidecar message is about, if any.
-fn report_task_id(msg: &FromAgent) -> Option<&str> {
+pub(crate) fn report_task_id(msg: &FromAgent) -> Option<&str> {
     match msg {
         FromAgent::Accepted(r)
         | FromAgent::Progress(r)

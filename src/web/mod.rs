@@ -46,14 +46,13 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
 /// `agenthub.v1.TaskHub` with the same auth interceptor as the gRPC listener.
 /// Watch streams end when `shutdown` turns true.
 pub fn router(hub: Arc<Hub>, shutdown: watch::Receiver<bool>) -> Router {
-    let node = hub.cluster_node().cloned();
     let max_message = hub.config().max_message_bytes;
     let grpc_web = tonic_web::GrpcWebLayer::new().layer(crate::cluster::tunnel::Forward::new(
         TaskHubServer::with_interceptor(
             TaskHubService::new(hub.clone(), shutdown.clone()),
-            auth_interceptor(hub),
+            auth_interceptor(hub.clone()),
         ),
-        node,
+        &hub,
     ));
     let calls = Router::new().route_service(GRPC_WEB_PATH, grpc_web);
     let tunneled = calls.clone();

@@ -4,7 +4,7 @@
 //! agent, protocol-violation close codes and gRPC status codes.
 
 mod access;
-mod lab;
+pub mod lab;
 mod limits;
 mod tls;
 mod wire;

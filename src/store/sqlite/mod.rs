@@ -124,6 +124,15 @@ impl SqliteStore {
     /// skip numbers, and commits are not synced: the copy is rebuilt from
     /// the log it follows.
     pub fn open_replica(dir: &Path, log_id: &str) -> Result<SqliteStore> {
+        Self::open_replica_with_faults(dir, log_id, None)
+    }
+
+    /// [`SqliteStore::open_replica`] with fault injection (tests, fault drills).
+    pub fn open_replica_with_faults(
+        dir: &Path,
+        log_id: &str,
+        faults: Option<Arc<Faults>>,
+    ) -> Result<SqliteStore> {
         let path = dir.join("agenthub.db");
         if path.exists() {
             let conn = open_conn_with(&path, "NORMAL")?;
@@ -150,7 +159,7 @@ impl SqliteStore {
                 params![log_id],
             )?;
         }
-        Self::open_inner(dir, None, true, None, true)
+        Self::open_inner(dir, None, true, faults, true)
     }
 
     /// How far into the log it copies this copy holds (the last

@@ -1,6 +1,8 @@
 //! Cluster mode under faults: a paused leader, killed leaders, a killed
 //! NATS server, revoked tokens.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -292,5 +294,98 @@ async fn a_change_too_large_for_the_log_is_refused_and_the_leader_stays() {
             .unwrap_or_default()
             .contains("relays"),
         "{err}"
+    );
+}
+
+/// One oversized report among many valid ones, sent at the same moment:
+/// the oversized one gets `invalid_message`; no valid one does. A valid
+/// report that was queued behind the refused one (and built on it) gets a
+/// retryable `storage_unavailable`, and is taken when sent again, as a
+/// sidecar does with that error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_oversized_report_among_valid_ones_fails_alone() {
+    const VALID: usize = 8;
+    let c = HubCluster::start(3, &[]).await;
+    let leader = c.leader().await;
+    let mut client = c.client(leader).await;
+    let mut sidecars = Vec::new();
+    for i in 0..=VALID {
+        let agent = format!("s{i}");
+        let mut sc = c.identify(leader, &agent, &c.agent_token(&agent)).await;
+        let id = client.push(pinned(&agent, "to complete")).await.task_id;
+        let (task, generation) = sc.next_assign().await;
+        assert_eq!(task, id);
+        sc.accept(&task, generation).await;
+        sidecars.push((sc, task, generation));
+    }
+    let (mut big, big_task, big_gen) = sidecars.remove(0);
+    // Keep the leader's log writer busy, so that reports queue up behind
+    // one another (and behind the oversized one) while appends are in flight.
+    let flooding = Arc::new(AtomicBool::new(true));
+    let flooded = Arc::new(AtomicUsize::new(0));
+    let mut flood = Vec::new();
+    for _ in 0..4 {
+        let mut client = c.client(leader).await;
+        let (on, n) = (flooding.clone(), flooded.clone());
+        flood.push(tokio::spawn(async move {
+            while on.load(Ordering::Relaxed) {
+                let mut req = pinned("nobody", "flood");
+                req.queue_if_offline = true;
+                if client.push_task(req).await.is_ok() {
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    crate::helpers::eventually(|| async { (flooded.load(Ordering::Relaxed) >= 40).then_some(()) })
+        .await;
+    // Over 3 MB as a protobuf event: no log entry can take it.
+    let zeros = vec![0; 300_000];
+    big.send(
+        json!({"type": "task_complete", "task_id": big_task, "generation": big_gen,
+                    "result": zeros}),
+    )
+    .await;
+    let valid: Vec<_> = sidecars
+        .into_iter()
+        .map(|(mut sc, task, generation)| {
+            tokio::spawn(async move {
+                let report = json!({"type": "task_complete", "task_id": task,
+                                    "generation": generation, "result": {"ok": true}});
+                sc.send(report.clone()).await;
+                let deadline = Instant::now() + DEADLINE;
+                let mut resent = 0;
+                loop {
+                    let v = sc.recv().await;
+                    match v["type"].as_str() {
+                        Some("task_ack") => {
+                            assert_eq!(v["status"], "complete", "{v}");
+                            return (task, resent);
+                        }
+                        Some("error") if v["error"] == "storage_unavailable" => {
+                            assert!(Instant::now() < deadline, "never taken: {v}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            sc.send(report.clone()).await;
+                            resent += 1;
+                        }
+                        _ => panic!("valid report of {task}: {v}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let err = big.recv_type("error").await;
+    assert_eq!(err["error"], "invalid_message", "{err}");
+    for v in valid {
+        let (task, _resent) = tokio::time::timeout(DEADLINE, v).await.unwrap().unwrap();
+        assert_eq!(client.task(&task).await.state(), pb::task::State::Completed);
+    }
+    flooding.store(false, Ordering::Relaxed);
+    for f in flood {
+        f.await.unwrap();
+    }
+    assert_eq!(
+        client.task(&big_task).await.state(),
+        pb::task::State::Running
     );
 }

@@ -13,7 +13,7 @@ use serde_json::json;
 use super::nats::NatsCluster;
 
 /// A batch that creates `task_id` with the event at `seq`.
-fn created(seq: Seq, task_id: &str) -> Batch {
+pub fn created(seq: Seq, task_id: &str) -> Batch {
     let mut task: Task = serde_json::from_value(json!({
         "task_id": task_id, "agent_id": null, "state": "QUEUED", "generation": 0,
         "attempts": 0, "max_attempts": 3, "priority": "NORMAL", "result": null,
@@ -43,7 +43,7 @@ fn created(seq: Seq, task_id: &str) -> Batch {
     }
 }
 
-async fn commit(store: &ClusterStore, mut batch: Batch) -> Result<(), Error> {
+pub async fn commit(store: &ClusterStore, mut batch: Batch) -> Result<(), Error> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     batch.then(move |r| {
         let _ = tx.send(r.clone());
@@ -52,7 +52,7 @@ async fn commit(store: &ClusterStore, mut batch: Batch) -> Result<(), Error> {
     rx.await.unwrap()
 }
 
-async fn open(nats: &NatsCluster, dir: &std::path::Path, id: &str) -> Arc<ClusterStore> {
+pub async fn open(nats: &NatsCluster, dir: &std::path::Path, id: &str) -> Arc<ClusterStore> {
     let node = Node::connect(ClusterOptions::new(&nats.url_list(), id))
         .await
         .unwrap();
@@ -71,10 +71,10 @@ async fn a_fenced_out_writer_can_never_append() {
     let x = open(&nats, tmp.path(), "x").await;
     let y = open(&nats, tmp.path(), "y").await;
 
-    let tx = x.promote().await.unwrap();
+    let tx = x.promote("x/1").await.unwrap();
     let base = x.durable_seq();
     commit(&x, created(base + 1, "task-x1")).await.unwrap();
-    let ty = y.promote().await.unwrap();
+    let ty = y.promote("y/1").await.unwrap();
     // In the stream: x's term entry, x's append, y's term entry.
     assert_eq!(ty, tx + 2);
 

@@ -67,7 +67,11 @@ impl HubCluster {
 
     /// Start NATS and `n` hub nodes; returns once one of them leads.
     pub async fn start(n: usize, extra: &[&str]) -> HubCluster {
-        let nats = NatsCluster::start().await;
+        Self::start_on(NatsCluster::start().await, n, extra).await
+    }
+
+    /// [`HubCluster::start`] on a NATS cluster already running.
+    pub async fn start_on(nats: NatsCluster, n: usize, extra: &[&str]) -> HubCluster {
         let tmp = tempfile::tempdir().unwrap();
         let mut c = HubCluster {
             nats,

@@ -65,18 +65,24 @@ impl NatsCluster {
     /// and a meta leader exists. Panics (with the nodes' log tails) if that
     /// does not happen within 30 s, or if `AGENTHUB_TEST_NATS_SERVER` is unset.
     pub async fn start() -> NatsCluster {
+        Self::start_with("").await
+    }
+
+    /// [`NatsCluster::start`] with `extra` added to every node's config
+    /// (TLS, authorization).
+    pub async fn start_with(extra: &str) -> NatsCluster {
         // The ports are picked free, then bound by nats-server a moment
         // later: another process can take one in between. Such a node exits
         // at once; start the cluster again on other ports.
         for _ in 0..3 {
-            if let Some(cluster) = Self::try_start().await {
+            if let Some(cluster) = Self::try_start(extra).await {
                 return cluster;
             }
         }
         panic!("a nats node kept exiting while starting (ports taken?)");
     }
 
-    async fn try_start() -> Option<NatsCluster> {
+    async fn try_start(extra: &str) -> Option<NatsCluster> {
         let bin = nats_server_bin();
         let ports = free_ports(NODES * 3);
         let (client, rest) = ports.split_at(NODES);
@@ -98,7 +104,7 @@ impl NatsCluster {
                  listen: 127.0.0.1:{client}\n\
                  http: 127.0.0.1:{http}\n\
                  jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n}}\n\
-                 cluster {{\n  name: agenthub-test\n  listen: 127.0.0.1:{route}\n  routes: [\n{routes}  ]\n}}\n",
+                 cluster {{\n  name: agenthub-test\n  listen: 127.0.0.1:{route}\n  routes: [\n{routes}  ]\n}}\n{extra}\n",
                 client = client[i],
                 http = http[i],
                 route = route[i],

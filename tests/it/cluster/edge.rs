@@ -1,0 +1,170 @@
+//! Authenticate at the edge: a follower verifies tokens itself and carries
+//! the principal to the leader, never the token; and a cluster on NATS
+//! with TLS and user credentials.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::json;
+
+use super::hubs::{HubCluster, DEADLINE};
+use super::nats::NatsCluster;
+use crate::helpers::{pinned, ClientExt};
+use crate::security::lab::{self, Ca};
+use agenthub::pb;
+
+/// A message the spy saw: its subject, and its headers and payload.
+type Seen = (String, Vec<u8>);
+
+/// Everything on NATS (every subject, headers and payload) while sidecars
+/// and clients work through a follower: no token's bytes in any of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_crosses_nats() {
+    let c = HubCluster::start(3, &[]).await;
+    let spy = async_nats::connect(c.nats.urls()[0].as_str())
+        .await
+        .unwrap();
+    let mut sub = spy.subscribe(">").await.unwrap();
+    spy.flush().await.unwrap();
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let sink = seen.clone();
+    let spying = tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let mut bytes = Vec::new();
+            if let Some(h) = &m.headers {
+                for (k, vs) in h.iter() {
+                    for v in vs {
+                        bytes.extend_from_slice(format!("{k}: {}\n", v.as_str()).as_bytes());
+                    }
+                }
+            }
+            bytes.extend_from_slice(&m.payload);
+            sink.lock().unwrap().push((m.subject.to_string(), bytes));
+        }
+    });
+
+    let leader = c.leader().await;
+    let via = (leader + 1) % 3;
+    let agent_token = c.agent_token("edge-agent");
+    let mut sc = c.identify(via, "edge-agent", &agent_token).await;
+    let mut client = c.client(via).await;
+    let pushed = client
+        .push(pinned("edge-agent", "through a follower"))
+        .await;
+    let (task, generation) = sc.next_assign().await;
+    assert_eq!(task, pushed.task_id);
+    sc.accept(&task, generation).await;
+    // A report that carries the token too (sidecars may send it): it is
+    // stored without it, and relayed without it.
+    sc.send(
+        json!({"type": "task_progress", "task_id": task, "generation": generation,
+                   "progress": 50, "token": agent_token}),
+    )
+    .await;
+    sc.complete(&task, generation, json!({"ok": true})).await;
+    assert_eq!(client.task(&task).await.task_id, task);
+    let mut agents = client
+        .watch_agents(pb::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(DEADLINE, agents.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    drop(agents);
+    // What was sent before the complete's ack reached the spy's server
+    // before it: a message of the spy's own after that marks the end.
+    spy.publish("edge.end", "end".into()).await.unwrap();
+    spy.flush().await.unwrap();
+    crate::helpers::eventually(|| async {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|(s, _)| s == "edge.end")
+            .then_some(())
+    })
+    .await;
+    spying.abort();
+
+    let seen = seen.lock().unwrap();
+    let forwarded = seen
+        .iter()
+        .filter(|(s, _)| s.starts_with("agenthub.rpc.") || s.starts_with("agenthub.agent.in."))
+        .count();
+    assert!(
+        forwarded > 0,
+        "the spy saw no forwarded call or relayed frame"
+    );
+    for secret in [&c.admin, &agent_token] {
+        let leak = seen
+            .iter()
+            .find(|(_, bytes)| bytes.windows(secret.len()).any(|w| w == secret.as_bytes()));
+        assert!(
+            leak.is_none(),
+            "a token crossed NATS on {:?}",
+            leak.map(|(s, _)| s)
+        );
+    }
+}
+
+/// A cluster on NATS servers that require TLS and a user and password,
+/// through `--nats-ca`, `--nats-user` and `--nats-password`: it elects a
+/// leader, takes a push through a follower and relays a sidecar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_runs_on_nats_with_tls_and_user_credentials() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new("nats test CA");
+    let ca_file = lab::write(certs.path(), "ca.pem", &ca.pem());
+    let (cert, key, _) = ca.leaf("nats", &["127.0.0.1", "localhost"], false);
+    let cert_file = lab::write(certs.path(), "nats.pem", &cert);
+    let key_file = lab::write(certs.path(), "nats.key", &key);
+    let conf = format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  timeout: 5\n}}\n\
+         authorization {{\n  users: [ {{ user: agenthub, password: \"s3cret-pass\" }} ]\n}}\n",
+        cert_file.display(),
+        key_file.display()
+    );
+    let nats = NatsCluster::start_with(&conf).await;
+    // Without the credentials, nothing gets in.
+    let refused = async_nats::ConnectOptions::new()
+        .add_root_certificates(ca_file.clone())
+        .require_tls(true)
+        .connect(nats.urls()[0].as_str())
+        .await;
+    assert!(refused.is_err(), "connected without credentials");
+
+    let ca_arg = ca_file.display().to_string();
+    let c = HubCluster::start_on(
+        nats,
+        3,
+        &[
+            "--nats-ca",
+            &ca_arg,
+            "--nats-user",
+            "agenthub",
+            "--nats-password",
+            "s3cret-pass",
+        ],
+    )
+    .await;
+    let leader = c.leader().await;
+    let via = (leader + 1) % 3;
+    let mut client = c.client(via).await;
+    let issued = client
+        .issue_token(pb::IssueTokenRequest {
+            role: "agent".into(),
+            agent_id: "tls-agent".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut sc = c.identify(via, "tls-agent", &issued.token).await;
+    let pushed = client.push(pinned("tls-agent", "over TLS")).await;
+    let (task, _) = tokio::time::timeout(Duration::from_secs(20), sc.next_assign())
+        .await
+        .unwrap();
+    assert_eq!(task, pushed.task_id);
+}

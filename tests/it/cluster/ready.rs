@@ -1,0 +1,172 @@
+//! Ready means ready: a node that reports SERVING serves, and a copy that
+//! fails to apply the log once catches up by itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agenthub::client::connect;
+use agenthub::cluster::log::ClusterStore;
+use agenthub::cluster::{ClusterOptions, Node};
+use agenthub::store::{Faults, Store};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use super::fence::{commit, created, open};
+use super::hubs::DEADLINE;
+use super::nats::NatsCluster;
+use crate::helpers::{eventually, pinned, HubProcess, Sidecar, WAIT};
+
+/// `agenthub token issue ARGS --nats URLS`, as an operator would before
+/// starting the nodes.
+fn issue(urls: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agenthub"))
+        .args(["token", "issue"])
+        .args(args)
+        .args(["--nats", urls])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "token issue: {out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Wait until the node's gRPC health answers SERVING (polled as a load
+/// balancer would).
+async fn serving(node: &HubProcess) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let endpoint = format!("http://{}", node.grpc_addr);
+    loop {
+        let status = async {
+            let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
+                .ok()?
+                .connect()
+                .await
+                .ok()?;
+            let r = HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: "agenthub.v1.TaskHub".into(),
+                })
+                .await
+                .ok()?;
+            Some(r.into_inner().status)
+        }
+        .await;
+        if status == Some(1) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never SERVING");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// One fresh three-node cluster: the three nodes start together; on each,
+/// as soon as it reports SERVING, a sidecar identifies; then each node
+/// takes a push pinned to the agent on the next node. Nothing is answered
+/// UNAVAILABLE, no socket is closed.
+async fn one_fresh_cluster(round: usize) {
+    let nats = NatsCluster::start().await;
+    let urls = nats.url_list();
+    let tmp = tempfile::tempdir().unwrap();
+    let orchestrator = issue(&urls, &["--role", "orchestrator"]);
+    let agents: Vec<String> = (0..3).map(|i| format!("agent-{i}")).collect();
+    let tokens: Vec<String> = agents
+        .iter()
+        .map(|a| issue(&urls, &["--agent", a]))
+        .collect();
+    let nodes = futures_util::future::join_all((0..3).map(|i| {
+        let dir = tmp.path().join(format!("n{i}"));
+        let urls = urls.clone();
+        async move {
+            let id = format!("n{i}");
+            HubProcess::spawn(&dir, &["--nats", &urls, "--node-id", &id]).await
+        }
+    }))
+    .await;
+    let sidecars = futures_util::future::join_all((0..3).map(|i| {
+        let node = &nodes[i];
+        let (agent, token) = (&agents[i], &tokens[i]);
+        async move {
+            serving(node).await;
+            let url = format!("ws://{}/ws", node.ws_addr);
+            let mut sc = Sidecar::send_identify(&url, agent, token, serde_json::json!({})).await;
+            let answer = sc.try_recv(WAIT).await;
+            assert_eq!(
+                answer.as_ref().map(|v| v["type"].clone()),
+                Some("identified".into()),
+                "round {round}: node n{i} reported SERVING, then its identify got {answer:?} \
+                 (None: the socket was closed)"
+            );
+            sc
+        }
+    }))
+    .await;
+    let pushed = futures_util::future::join_all((0..3).map(|i| {
+        let node = &nodes[i];
+        let target = &agents[(i + 1) % 3];
+        let token = &orchestrator;
+        async move {
+            let mut client = connect(&node.grpc_addr.to_string(), token).await.unwrap();
+            match client.push_task(pinned(target, "ready?")).await {
+                Ok(r) => r.into_inner().task_id,
+                Err(s) => panic!("round {round}: push through n{i}: {s:?}"),
+            }
+        }
+    }))
+    .await;
+    for (i, mut sc) in sidecars.into_iter().enumerate() {
+        let task = &pushed[(i + 2) % 3];
+        let got = sc.try_recv(WAIT).await;
+        assert_eq!(
+            got.as_ref()
+                .map(|v| (v["type"].clone(), v["task_id"].clone())),
+            Some(("task_assign".into(), task.as_str().into())),
+            "round {round}: sidecar on n{i} got {got:?} (None: the socket was closed)"
+        );
+    }
+}
+
+/// Fresh three-node clusters in a row (`AGENTHUB_TEST_FRESH_CLUSTERS`,
+/// default 20), each used as soon as its nodes report SERVING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_clusters_serve_as_soon_as_they_report_serving() {
+    let rounds: usize = std::env::var("AGENTHUB_TEST_FRESH_CLUSTERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    for round in 0..rounds {
+        one_fresh_cluster(round).await;
+    }
+}
+
+/// A follower whose local copy fails to apply an entry (a transient local
+/// fault: SQLITE_BUSY, a full disk) retries with backoff and catches up
+/// with everything appended since, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_whose_apply_fails_once_catches_up_without_a_restart() {
+    let nats = NatsCluster::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let writer = open(&nats, tmp.path(), "w").await;
+    let faults = Arc::new(Faults::default());
+    let node = Node::connect(ClusterOptions::new(&nats.url_list(), "f"))
+        .await
+        .unwrap();
+    let follower =
+        ClusterStore::open_with_faults(node, &tmp.path().join("f"), Some(faults.clone()))
+            .await
+            .unwrap();
+    writer.promote("w/1").await.unwrap();
+    let base = writer.durable_seq();
+
+    faults.fail_next(1);
+    commit(&writer, created(base + 1, "task-f1")).await.unwrap();
+    eventually(|| async { (faults.injected() == 1).then_some(()) }).await;
+    commit(&writer, created(base + 2, "task-f2")).await.unwrap();
+    commit(&writer, created(base + 3, "task-f3")).await.unwrap();
+
+    // The follower's own following (no catch-up asked of it) gets there.
+    eventually(|| async { (follower.durable_seq() == base + 3).then_some(()) }).await;
+    for id in ["task-f1", "task-f2", "task-f3"] {
+        assert!(follower.get_task(id).unwrap().is_some(), "{id}");
+    }
+    assert_eq!(faults.injected(), 1);
+}
