@@ -164,6 +164,9 @@ pub struct ServeArgs {
     /// Keep only the newest N events (0 = keep all).
     #[arg(long, env = "AGENTHUB_EVENT_RETENTION", default_value_t = 0)]
     pub event_retention: u64,
+    /// Finished tasks kept in memory; older ones are read from the store.
+    #[arg(long, env = "AGENTHUB_FINISHED_CACHE", default_value_t = config::DEFAULT_FINISHED_CACHE)]
+    pub finished_cache: usize,
     /// TLS certificate chain (PEM) for both listeners; re-read on SIGHUP.
     #[arg(long, env = "AGENTHUB_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -226,6 +229,7 @@ impl ServeArgs {
         c.max_message_bytes = self.max_message_bytes;
         c.outbound_queue = self.outbound_queue;
         c.event_retention = (self.event_retention > 0).then_some(self.event_retention);
+        c.finished_cache = self.finished_cache;
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             c.tls = Some(config::TlsConfig {
                 cert: cert.clone(),

@@ -178,3 +178,42 @@ async fn a_follower_carries_answers_larger_than_one_nats_message() {
         "{refused:?}"
     );
 }
+
+/// A re-push of a task id that has left every node's memory, through a
+/// follower: the store decides it exists, the answer is `created=false`
+/// (a different request: `ALREADY_EXISTS`), and the cluster keeps taking
+/// writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repush_of_a_long_finished_id_through_a_follower_answers_created_false() {
+    let c = HubCluster::start(3, &["--finished-cache", "4"]).await;
+    let leader = c.leader().await;
+    let follower = (leader + 1) % 3;
+    let mut pusher = c.client(leader).await;
+    let req = |i: usize| pb::PushTaskRequest {
+        task_id: format!("fixed-{i}"),
+        description: format!("fixed {i}"),
+        needed_capabilities: vec!["nobody-has-this".into()],
+        ..Default::default()
+    };
+    for i in 0..40 {
+        let id = pusher.push(req(i)).await.task_id;
+        pusher
+            .cancel_task(pb::CancelTaskRequest { task_id: id })
+            .await
+            .unwrap();
+    }
+    let mut through = c.client(follower).await;
+    let again = through.push(req(0)).await;
+    assert!(!again.created);
+    assert_eq!(again.state, pb::task::State::Cancelled as i32);
+    let mut other = req(1);
+    other.description = "not the same".into();
+    let err = through.push_task(other).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+    // Writes go on, through every node.
+    for i in 0..3 {
+        let mut c_i = c.client(i).await;
+        assert!(c_i.push(req(1000 + i)).await.created);
+    }
+    assert_eq!(c.health(leader).await["status"], "ok");
+}
