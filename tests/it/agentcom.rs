@@ -897,32 +897,14 @@ async fn agentcom_killed_while_its_agent_works_continues_the_task_and_wakes_it_o
     until_event(&mut watch, "reclaim", |ev| kind(ev) == Kind::Reclaimed).await;
 
     let mut sc = AgentCom::start_with(url, "ac-11", token, queue, &home).await;
-    let reply = sc
-        .pump_until("recovery answer", |v| {
-            matches!(v["type"].as_str(), Some("task_continue" | "task_reassign"))
-        })
-        .await;
-    assert_eq!(
-        (reply["type"].as_str(), reply["generation"].as_u64()),
-        (Some("task_continue"), Some(2)),
-        "{reply}"
-    );
+    continued_at(&mut sc, 2).await;
     assert_eq!(
         sc.queue.active.as_ref().unwrap().task_id,
         id,
         "moved back to active"
     );
     // The agent, still at work, finishes; the restarted sidecar reports it.
-    home.let_agent_finish();
-    sc.pump_until("complete ack", |v| {
-        v["type"] == "task_ack" && v["status"] == "complete"
-    })
-    .await;
-    assert_eq!(home.wakes(), [id.as_str()], "the agent was woken once");
-    assert_eq!(task_frames(&sc), ["task_continue"]);
-    no_errors(&sc);
-    let done = task(&hub, &id).await;
-    assert_eq!(state_of(&done), pb::task::State::Completed, "{done:?}");
+    let done = finished_once(&hub, &mut sc, &home, &id).await;
     assert_eq!((done.generation, done.attempts), (2, 1));
     assert_eq!(
         pb::value_to_json(done.result.as_ref().unwrap())["output"],
@@ -1049,26 +1031,8 @@ async fn agentcom_killed_sidecar_continues_its_task_after_a_hub_restart() {
 
     let hub = TestHub::start_in(tmp.path(), tweak).await;
     let mut sc = AgentCom::start_with(hub.ws_url(), "ac-12", token, queue, &home).await;
-    let reply = sc
-        .pump_until("recovery answer", |v| {
-            matches!(v["type"].as_str(), Some("task_continue" | "task_reassign"))
-        })
-        .await;
-    assert_eq!(
-        (reply["type"].as_str(), reply["generation"].as_u64()),
-        (Some("task_continue"), Some(2)),
-        "{reply}"
-    );
-    home.let_agent_finish();
-    sc.pump_until("complete ack", |v| {
-        v["type"] == "task_ack" && v["status"] == "complete"
-    })
-    .await;
-    assert_eq!(home.wakes(), [id.as_str()], "the agent was woken once");
-    assert_eq!(task_frames(&sc), ["task_continue"]);
-    no_errors(&sc);
-    let done = task(&hub, &id).await;
-    assert_eq!(state_of(&done), pb::task::State::Completed, "{done:?}");
+    continued_at(&mut sc, 2).await;
+    let done = finished_once(&hub, &mut sc, &home, &id).await;
     assert_eq!(
         (done.generation, done.attempts, done.agent_id.as_str()),
         (2, 1, "ac-12")
@@ -1084,6 +1048,37 @@ async fn agentcom_killed_sidecar_continues_its_task_after_a_hub_restart() {
             (Kind::Completed, 2),
         ]
     );
+}
+
+/// The sidecar's recovery answer: `task_continue` at `generation`.
+async fn continued_at(sc: &mut AgentCom, generation: u64) {
+    let reply = sc
+        .pump_until("recovery answer", |v| {
+            matches!(v["type"].as_str(), Some("task_continue" | "task_reassign"))
+        })
+        .await;
+    assert_eq!(
+        (reply["type"].as_str(), reply["generation"].as_u64()),
+        (Some("task_continue"), Some(generation)),
+        "{reply}"
+    );
+}
+
+/// Let the woken agent finish; the sidecar reports it: the task is
+/// COMPLETED, its agent was woken once, and the only task frame the sidecar
+/// got was `task_continue`.
+async fn finished_once(hub: &TestHub, sc: &mut AgentCom, home: &AgentHome, id: &str) -> pb::Task {
+    home.let_agent_finish();
+    sc.pump_until("complete ack", |v| {
+        v["type"] == "task_ack" && v["status"] == "complete"
+    })
+    .await;
+    assert_eq!(home.wakes(), [id], "the agent was woken once");
+    assert_eq!(task_frames(sc), ["task_continue"]);
+    no_errors(sc);
+    let done = task(hub, id).await;
+    assert_eq!(state_of(&done), pb::task::State::Completed, "{done:?}");
+    done
 }
 
 /// Kill `agent`'s sidecar while its woken agent works on a new task (pushed
