@@ -751,7 +751,7 @@ async fn report_worker(
 ) {
     while let Some(report) = rx.recv().await {
         let Some(hub) = hub.upgrade() else { return };
-        hub.report(&agent_id, &link, report).await;
+        hub.report(&agent_id, &link, report, None).await;
     }
 }
 

@@ -148,7 +148,7 @@ pub struct Hub {
     /// Output watchers, woken by the output store's commits.
     output_watches: Arc<output::OutputWatches>,
     metrics: Metrics,
-    /// Room for sidecar reports in flight, in KiB (see
+    /// Room for sidecar reports in flight, in bytes (see
     /// [`MAX_REPORT_BYTES_IN_FLIGHT`]); FIFO, so no session starves.
     report_room: Arc<tokio::sync::Semaphore>,
     closing: AtomicBool,
@@ -214,9 +214,7 @@ impl Hub {
             output,
             output_watches,
             metrics,
-            report_room: Arc::new(tokio::sync::Semaphore::new(
-                MAX_REPORT_BYTES_IN_FLIGHT / 1024,
-            )),
+            report_room: Arc::new(tokio::sync::Semaphore::new(MAX_REPORT_BYTES_IN_FLIGHT)),
             closing: AtomicBool::new(false),
             bootstrap_token: Mutex::new(bootstrap_token),
             cluster: std::sync::OnceLock::new(),
@@ -275,8 +273,8 @@ impl Hub {
     /// Wait for room for a report of `bytes` in flight (held until its
     /// commit is done).
     pub async fn report_room(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let kib = (bytes.div_ceil(1024)).clamp(1, MAX_REPORT_BYTES_IN_FLIGHT / 1024) as u32;
-        self.report_room.clone().acquire_many_owned(kib).await.ok()
+        let n = bytes.clamp(1, MAX_REPORT_BYTES_IN_FLIGHT) as u32;
+        self.report_room.clone().acquire_many_owned(n).await.ok()
     }
 
     /// Tell `WatchAgents` streams to look again (cheap when nobody watches).

@@ -135,11 +135,15 @@ impl Hub {
     /// Returns once the report is queued for its commit, with a receiver
     /// that resolves when that commit is done (and the reply queued): the
     /// session bounds what it has in flight with it.
+    ///
+    /// `room`: the report's share of the room for reports in flight (see
+    /// [`Hub::report_room`]), given back when its commit is done.
     pub async fn report(
         &self,
         agent_id: &str,
         session: &Link,
         msg: FromAgent,
+        room: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Option<oneshot::Receiver<()>> {
         if let FromAgent::Output(out) = msg {
             // Not a lifecycle report: no event, no reply (see `output.rs`).
@@ -151,7 +155,11 @@ impl Hub {
             // gets `task_finished`, not `unknown_task`.
             let _ = self.ensure_loaded(task_id).await;
         }
-        let (done, rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
+        let done = move || {
+            drop(room);
+            let _ = tx.send(());
+        };
         self.report_loaded(agent_id, session, msg, done);
         Some(rx)
     }
@@ -161,7 +169,7 @@ impl Hub {
         agent_id: &str,
         session: &Link,
         msg: FromAgent,
-        done: oneshot::Sender<()>,
+        done: impl FnOnce() + Send + 'static,
     ) {
         self.metrics.reports.inc();
         let about = report_task_id(&msg).map(str::to_string);
@@ -225,15 +233,13 @@ impl Hub {
                 };
                 let reply = with_task(reply, e.task_id().or(about.as_deref()));
                 link.send(reply);
-                let _ = done.send(());
+                done();
             });
             self.submit(&mut core, txn);
             return;
         }
         core.schedule(&mut txn, &self.config, &self.metrics);
-        txn.batch.then(move |_| {
-            let _ = done.send(());
-        });
+        txn.batch.then(move |_| done());
         self.submit(&mut core, txn);
     }
 

@@ -65,11 +65,7 @@ pub const MAX_REPORT_BYTES_IN_FLIGHT: usize = 1024 * 1024;
 /// A session's reports whose commits are not done yet, oldest first.
 #[derive(Default)]
 struct InFlight {
-    reports: std::collections::VecDeque<(
-        tokio::sync::oneshot::Receiver<()>,
-        usize,
-        Option<tokio::sync::OwnedSemaphorePermit>,
-    )>,
+    reports: std::collections::VecDeque<(tokio::sync::oneshot::Receiver<()>, usize)>,
     bytes: usize,
 }
 
@@ -93,20 +89,15 @@ impl InFlight {
     }
 
     async fn pop(&mut self) {
-        if let Some((done, bytes, _room)) = self.reports.pop_front() {
+        if let Some((done, bytes)) = self.reports.pop_front() {
             let _ = done.await;
             self.bytes -= bytes;
         }
     }
 
-    fn push(
-        &mut self,
-        done: tokio::sync::oneshot::Receiver<()>,
-        bytes: usize,
-        room: Option<tokio::sync::OwnedSemaphorePermit>,
-    ) {
+    fn push(&mut self, done: tokio::sync::oneshot::Receiver<()>, bytes: usize) {
         self.bytes += bytes;
-        self.reports.push_back((done, bytes, room));
+        self.reports.push_back((done, bytes));
     }
 }
 
@@ -348,8 +339,8 @@ async fn run_in_span(
                 Some(agent) => {
                     in_flight.room_for(text.len()).await;
                     let room = hub.report_room(text.len()).await;
-                    if let Some(done) = hub.report(agent, &dyn_link, report).await {
-                        in_flight.push(done, text.len(), room);
+                    if let Some(done) = hub.report(agent, &dyn_link, report, room).await {
+                        in_flight.push(done, text.len());
                     }
                 }
                 None => {
