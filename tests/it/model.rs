@@ -273,7 +273,7 @@ impl Run {
         };
         let agent = &self.agents[i];
         let link: Link = agent.link.clone().unwrap();
-        self.hub.report(&agent.name, &link, msg).await;
+        self.hub.report(&agent.name, &link, msg, None).await;
     }
 
     /// Apply what each sidecar was told.
@@ -529,7 +529,9 @@ async fn progress_without_accept_arms_the_progress_timeout() {
         })
     };
     // Progress straight away (no task_accepted): the task is RUNNING...
-    run.hub.report("a0", &link, progress(generation)).await;
+    run.hub
+        .report("a0", &link, progress(generation), None)
+        .await;
     run.hub.flush().await.unwrap();
     assert_eq!(
         run.hub.get_task(&task_id).await.unwrap().state,
@@ -539,7 +541,9 @@ async fn progress_without_accept_arms_the_progress_timeout() {
     for _ in 0..4 {
         tokio::time::advance(Duration::from_secs(20)).await;
         run.hub.fire_due_timers();
-        run.hub.report("a0", &link, progress(generation)).await;
+        run.hub
+            .report("a0", &link, progress(generation), None)
+            .await;
         run.hub.flush().await.unwrap();
     }
     assert_eq!(
