@@ -309,6 +309,7 @@ impl TaskHub for TaskHubService {
                     offset: c.offset,
                     stream: c.stream.as_str().to_string(),
                     data: c.data,
+                    generation: c.generation,
                 }),
                 Err(e) => Err(Status::from(e)),
             })

@@ -447,6 +447,9 @@ pub struct OutputChunk {
     pub offset: u64,
     pub stream: OutputStream,
     pub data: String,
+    /// The task's generation (attempt) it was written under; 0 for output
+    /// stored before generations were kept.
+    pub generation: Generation,
 }
 
 impl OutputChunk {

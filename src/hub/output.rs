@@ -80,21 +80,28 @@ impl Hub {
     /// A sidecar's `task_output`: stored if the agent holds the task (at
     /// the generation given, if any); otherwise dropped (no reply).
     pub async fn task_output(&self, agent_id: &str, out: Output) {
-        let owned = {
+        let generation = {
             let core = self.lock();
-            core.tasks.get(&out.task_id).is_some_and(|t| {
-                t.state.is_active()
-                    && t.agent_id.as_deref() == Some(agent_id)
-                    && out.generation.is_none_or(|g| g == t.generation)
-            })
+            core.tasks
+                .get(&out.task_id)
+                .filter(|t| {
+                    t.state.is_active()
+                        && t.agent_id.as_deref() == Some(agent_id)
+                        && out.generation.is_none_or(|g| g == t.generation)
+                })
+                .map(|t| t.generation)
         };
-        if !owned {
+        let Some(generation) = generation else {
             self.metrics.task_output_dropped.inc();
             tracing::debug!(agent_id = %agent_id, task_id = %out.task_id, "task_output for a task the agent does not hold; dropped");
             return;
-        }
+        };
         self.metrics.task_output_bytes.inc_by(out.data.len() as u64);
-        if let Err(e) = self.output.append(&out.task_id, out.stream, out.data).await {
+        if let Err(e) = self
+            .output
+            .append(&out.task_id, generation, out.stream, out.data)
+            .await
+        {
             tracing::debug!(error = %e, "task_output not stored");
         }
     }

@@ -575,9 +575,31 @@ async fn dashboard_cancels_a_running_task_and_retries_a_failed_one() {
     page.wait("#detail-output:has-text('first attempt')").await;
     sc.send(out(generation, "second attempt\n")).await;
     page.wait("#detail-output:has-text('second attempt')").await;
-    sc.send(out(generation, "still going\n")).await;
+    sc.send(out(generation, "::progress 50\nstill going\n"))
+        .await;
     page.wait("#detail-output:has-text('still going')").await;
+    // The output is split by attempt, live, without the `::progress` lines.
+    let js = "[...document.querySelectorAll('#detail-output section.attempt')] \
+              .map(s => [s.querySelector('h4').innerText, s.querySelector('pre').textContent])";
+    let want = json!([
+        ["Attempt 1 · generation 1", "first attempt\n"],
+        ["Attempt 2 · generation 2", "second attempt\nstill going\n"],
+    ]);
+    assert_eq!(page.eval(js).await, want, "live output, split by attempt");
     page.screenshot("retried").await.unwrap();
+    assert_eq!(page.eval("location.hash").await, format!("#task/{failing}"));
+    // After a reload the stored output is split the same way.
+    page.reload().await;
+    page.wait(&format!(
+        "#task-detail[data-task='{failing}'] #detail-state.st-running"
+    ))
+    .await;
+    page.wait("#detail-output section.attempt[data-generation='2'] pre:has-text('still going')")
+        .await;
+    page.wait("#detail-output h4:has-text('Attempt 2 · generation 2')")
+        .await;
+    assert_eq!(page.eval(js).await, want, "stored output, split by attempt");
+    page.screenshot("output-by-attempt").await.unwrap();
     page.close().await;
     hub.stop().await;
 }

@@ -467,8 +467,8 @@ async fn orchestrator_output_streams_live_to_two_readers_and_resumes_from_an_off
     sc.send(output(&id, g, "stderr", "oops é\n")).await;
     let c = next_chunk(&mut a).await.unwrap();
     assert_eq!(
-        (c.offset, c.stream.as_str(), c.data.as_str()),
-        (9, "stderr", "oops é\n")
+        (c.offset, c.stream.as_str(), c.data.as_str(), c.generation),
+        (9, "stderr", "oops é\n", g)
     );
     assert_eq!(read_text(&mut b, 8).await, "oops é\n");
     // Output for a task the agent does not hold (stale generation) is dropped.
@@ -485,7 +485,11 @@ async fn orchestrator_output_streams_live_to_two_readers_and_resumes_from_an_off
     let c = next_chunk(&mut r).await.unwrap();
     assert_eq!((c.offset, c.data.as_str()), (14, "é\n"));
     let c = next_chunk(&mut r).await.unwrap();
-    assert_eq!((c.offset, c.data.as_str()), (17, "three\n"));
+    // Stored output keeps the generation it was written under.
+    assert_eq!(
+        (c.offset, c.data.as_str(), c.generation),
+        (17, "three\n", g)
+    );
 
     // Finishing ends every stream once all output is sent.
     sc.send(output(&id, g, "stdout", "last\n")).await;

@@ -1,7 +1,8 @@
 // Task detail: the task (GetTask) and its whole event timeline
 // (WatchTaskEvents for this task from seq 0: the stored history, then live),
 // grouped by generation; its dependencies and deadlines; its output
-// (WatchTaskOutput: stored, then live); Cancel and Retry for tokens that may.
+// (WatchTaskOutput: stored, then live), split by the attempt (generation)
+// each chunk was written under, without the `::progress` lines; Cancel and Retry for tokens that may.
 
 import { explain, valueText, type Hub, type Role } from "./api";
 import { clock, dateTime, fill, h } from "./dom";
@@ -23,16 +24,16 @@ export class TaskDetail {
   private message = "";
   private dirty = true;
   private refreshing = false;
-  /** The task's output shown so far (the latest MAX_OUTPUT characters). */
-  private output = "";
+  /** The task's output shown so far (the latest MAX_OUTPUT characters),
+   *  one part per run of chunks of one generation. */
+  private output: OutputPart[] = [];
+  private outputChars = 0;
   private outputCut = false;
   private outputOffset = 0n;
   /** Wakes the output follower after its stream ended (the task was retried). */
   private outputWake: (() => void) | undefined;
   /** Cancel was pressed once: the next press confirms. */
   private confirming = false;
-  /** Seq of the last event known when the panel opened (older ones are history). */
-  private openedAt = -1;
 
   constructor(
     readonly taskId: string,
@@ -55,7 +56,6 @@ export class TaskDetail {
   private async load(): Promise<void> {
     try {
       this.task = await this.hub.getTask({ taskId: this.taskId }, { signal: this.abort.signal });
-      this.openedAt = Number(this.task.lastSeq);
       this.mark();
     } catch (e) {
       if (this.abort.signal.aborted) return;
@@ -74,11 +74,8 @@ export class TaskDetail {
           if (ev.seq <= this.lastSeq) continue;
           this.lastSeq = ev.seq;
           this.events.push(ev);
-          if (ev.kind === TaskEvent_Kind.RETRIED) {
-            // A new attempt: its output follows on from here.
-            if (ev.seq > this.openedAt && this.output) this.output += `\n── retried at ${clock(ev.ts)}: the next attempt's output ──\n`;
-            this.outputWake?.();
-          }
+          // A new attempt: its output follows on from where the last ended.
+          if (ev.kind === TaskEvent_Kind.RETRIED) this.outputWake?.();
           if (this.task && ev.seq > Number(this.task.lastSeq)) this.refreshSoon();
           this.mark();
         }
@@ -97,11 +94,7 @@ export class TaskDetail {
         const stream = this.hub.watchTaskOutput({ taskId: this.taskId, afterOffset: this.outputOffset }, { signal: this.abort.signal });
         for await (const c of stream) {
           this.outputOffset = c.offset + BigInt(new TextEncoder().encode(c.data).length);
-          this.output += withoutProgress(c.data);
-          if (this.output.length > MAX_OUTPUT) {
-            this.output = this.output.slice(-MAX_OUTPUT);
-            this.outputCut = true;
-          }
+          this.addOutput(Number(c.generation), withoutProgress(c.data));
           this.mark();
         }
         // Ended: the task is finished and all its output was sent. A retry
@@ -114,6 +107,27 @@ export class TaskDetail {
         if (this.abort.signal.aborted) return;
       }
       await new Promise((r) => setTimeout(r, 1000));
+    }
+  }
+
+  /** Append output of `generation`, keeping the latest MAX_OUTPUT characters. */
+  private addOutput(generation: number, text: string): void {
+    if (!text) return;
+    const last = this.output.at(-1);
+    if (last && last.generation === generation) last.text += text;
+    else this.output.push({ generation, text });
+    this.outputChars += text.length;
+    while (this.outputChars > MAX_OUTPUT && this.output.length) {
+      const first = this.output[0];
+      const over = this.outputChars - MAX_OUTPUT;
+      this.outputCut = true;
+      if (first.text.length <= over) {
+        this.output.shift();
+        this.outputChars -= first.text.length;
+      } else {
+        first.text = first.text.slice(over);
+        this.outputChars -= over;
+      }
     }
   }
 
@@ -166,6 +180,9 @@ export class TaskDetail {
     const lastProgress = [...this.events].reverse().find((e) => e.kind === TaskEvent_Kind.PROGRESS);
     const generations = new Map<number, FeedEvent[]>();
     const hidden = Math.max(0, this.events.length - MAX_TIMELINE);
+    // Attempts in order: the generations the task was assigned under.
+    const attempts: number[] = [];
+    for (const e of this.events) if (e.kind === TaskEvent_Kind.ASSIGNED && !attempts.includes(e.generation)) attempts.push(e.generation);
     for (const e of this.events.slice(hidden)) {
       const g = generations.get(e.generation) ?? [];
       g.push(e);
@@ -214,11 +231,22 @@ export class TaskDetail {
         // A retried task's error belongs to an attempt that is over: shown only once the task ended again.
         ...(t.error && isFinal(t.state) ? fact("Error", h("pre", { class: "error", id: "detail-error" }, valueText(t.error))) : []),
       ),
-      ...(this.output
+      ...(this.output.length
         ? [
             h("h3", {}, "Output"),
             this.outputCut ? h("p", { class: "muted" }, `Earlier output not shown (the latest ${MAX_OUTPUT / 1024} KiB is).`) : null,
-            h("pre", { class: "output", id: "detail-output" }, this.output),
+            h(
+              "div",
+              { id: "detail-output" },
+              ...this.output.map((p) =>
+                h(
+                  "section",
+                  { class: "attempt", "data-generation": p.generation },
+                  h("h4", {}, attemptTitle(p.generation, attempts)),
+                  h("pre", { class: "output" }, p.text),
+                ),
+              ),
+            ),
           ]
         : []),
       h("h3", {}, "Timeline"),
@@ -262,6 +290,20 @@ function shownPayload(e: FeedEvent): string {
 
 function fact(label: string, value: string | Node): Node[] {
   return [h("dt", {}, label), h("dd", {}, value)];
+}
+
+/** Output of one generation, in arrival order. */
+interface OutputPart {
+  generation: number;
+  text: string;
+}
+
+/** The header of one attempt's output: its ordinal among the task's
+ *  assignments (once the timeline has it) and its generation. */
+function attemptTitle(generation: number, attempts: number[]): string {
+  if (generation === 0) return "Output of an unknown attempt (stored before generations were kept)";
+  const n = attempts.indexOf(generation);
+  return n < 0 ? `Generation ${generation}` : `Attempt ${n + 1} · generation ${generation}`;
 }
 
 /** Output without the `::progress` lines (the sidecar turns them into progress events, shown above). */

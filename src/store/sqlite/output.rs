@@ -24,7 +24,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
-use crate::model::{OutputChunk, OutputStream};
+use crate::model::{Generation, OutputChunk, OutputStream};
 
 /// Chunks queued to the writer before senders wait.
 const QUEUE: usize = 1024;
@@ -39,9 +39,26 @@ CREATE TABLE IF NOT EXISTS task_output (
     offset INTEGER NOT NULL,
     stream INTEGER NOT NULL,
     data TEXT NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (task_id, offset)
 ) WITHOUT ROWID;
 ";
+
+/// Add the `generation` column to a table made before it existed (its
+/// chunks read as generation 0: unknown).
+fn migrate(conn: &Connection) -> Result<()> {
+    let has: bool = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('task_output') WHERE name = 'generation'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has {
+        conn.execute_batch(
+            "ALTER TABLE task_output ADD COLUMN generation INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
+    Ok(())
+}
 
 /// Called after each commit with the tasks that got output and their new
 /// end offsets.
@@ -50,6 +67,7 @@ pub type OnCommit = Box<dyn Fn(&[(String, u64)]) + Send>;
 enum Cmd {
     Append {
         task_id: String,
+        generation: Generation,
         stream: OutputStream,
         data: String,
     },
@@ -93,6 +111,7 @@ impl OutputStore {
         // Before the first table of a new file: retention gives pages back.
         conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let writer = std::thread::Builder::new()
             .name("agenthub-output".into())
@@ -110,10 +129,18 @@ impl OutputStore {
         lock(&self.tx).clone().ok_or(Error::ShuttingDown)
     }
 
-    /// Queue a chunk (waits while the writer's queue is full).
-    pub async fn append(&self, task_id: &str, stream: OutputStream, data: String) -> Result<()> {
+    /// Queue a chunk written under `generation` (waits while the writer's
+    /// queue is full).
+    pub async fn append(
+        &self,
+        task_id: &str,
+        generation: Generation,
+        stream: OutputStream,
+        data: String,
+    ) -> Result<()> {
         let cmd = Cmd::Append {
             task_id: task_id.to_string(),
+            generation,
             stream,
             data,
         };
@@ -179,7 +206,7 @@ fn read_chunks(
 ) -> Result<Vec<OutputChunk>> {
     let after_i = i64::try_from(after).unwrap_or(i64::MAX);
     let mut stmt = conn.prepare_cached(
-        "SELECT offset, stream, data FROM task_output \
+        "SELECT offset, stream, data, generation FROM task_output \
          WHERE task_id = ?1 AND offset + length(CAST(data AS BLOB)) > ?2 ORDER BY offset",
     )?;
     let mut rows = stmt.query(params![task_id, after_i])?;
@@ -203,6 +230,7 @@ fn read_chunks(
             offset: start,
             stream: OutputStream::from_code(row.get(1)?),
             data,
+            generation: row.get::<_, i64>(3)? as Generation,
         });
         if bytes >= max_bytes {
             break;
@@ -295,13 +323,15 @@ fn write_group(
     let mut touched: Vec<String> = Vec::new();
     {
         let mut insert = tx.prepare_cached(
-            "INSERT OR REPLACE INTO task_output (task_id, offset, stream, data) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT OR REPLACE INTO task_output (task_id, offset, stream, data, generation) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
         let mut purge = tx.prepare_cached("DELETE FROM task_output WHERE task_id = ?1")?;
         for cmd in group {
             match cmd {
                 Cmd::Append {
                     task_id,
+                    generation,
                     stream,
                     mut data,
                 } => {
@@ -323,7 +353,13 @@ fn write_group(
                         data = data[cut..].to_string();
                         offset += cut as u64;
                     }
-                    insert.execute(params![task_id, offset as i64, stream.code(), data])?;
+                    insert.execute(params![
+                        task_id,
+                        offset as i64,
+                        stream.code(),
+                        data,
+                        generation as i64
+                    ])?;
                     let end = offset + data.len() as u64;
                     let first = if span.end == 0 && span.first == 0 {
                         offset
@@ -366,4 +402,41 @@ fn write_group(
         .into_iter()
         .filter_map(|id| spans.get(&id).map(|s| (id.clone(), s.end)))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A table made before generations were kept gains the column; its
+    /// chunks read as generation 0 and new ones keep theirs.
+    #[tokio::test]
+    async fn an_old_output_table_is_migrated_and_keeps_its_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("output.db")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE task_output (task_id TEXT NOT NULL, offset INTEGER NOT NULL, \
+             stream INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (task_id, offset)) WITHOUT ROWID;
+             INSERT INTO task_output VALUES ('t', 0, 1, 'old\n');",
+        )
+        .unwrap();
+        drop(conn);
+        let store = OutputStore::open(dir.path(), 1 << 20, Box::new(|_| {})).unwrap();
+        store
+            .append("t", 3, OutputStream::Stdout, "new\n".into())
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        let chunks = store.read("t", 0, usize::MAX).unwrap();
+        let seen: Vec<_> = chunks
+            .iter()
+            .map(|c| (c.offset, c.generation, c.data.as_str()))
+            .collect();
+        assert_eq!(seen, vec![(0, 0, "old\n"), (4, 3, "new\n")]);
+        store.close();
+        // Opened again: nothing to migrate, nothing changed.
+        let store = OutputStore::open(dir.path(), 1 << 20, Box::new(|_| {})).unwrap();
+        assert_eq!(store.read("t", 0, usize::MAX).unwrap().len(), 2);
+        store.close();
+    }
 }

@@ -314,16 +314,18 @@ class WatchTaskOutputRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., after_offset: _Optional[int] = ..., stored_only: _Optional[bool] = ...) -> None: ...
 
 class TaskOutputChunk(_message.Message):
-    __slots__ = ("task_id", "offset", "stream", "data")
+    __slots__ = ("task_id", "offset", "stream", "data", "generation")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     offset: int
     stream: str
     data: str
-    def __init__(self, task_id: _Optional[str] = ..., offset: _Optional[int] = ..., stream: _Optional[str] = ..., data: _Optional[str] = ...) -> None: ...
+    generation: int
+    def __init__(self, task_id: _Optional[str] = ..., offset: _Optional[int] = ..., stream: _Optional[str] = ..., data: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class IssueTokenRequest(_message.Message):
     __slots__ = ("role", "agent_id")
