@@ -913,15 +913,7 @@ async fn agentcom_killed_while_its_agent_works_continues_the_task_and_wakes_it_o
     let mut watch = client.watch_after(0).await;
     assert_eq!(
         history(&mut watch, &id, Kind::Completed).await,
-        [
-            (Kind::Created, 0),
-            (Kind::Assigned, 1),
-            (Kind::Accepted, 1),
-            (Kind::Reclaimed, 1),
-            (Kind::Recovering, 1),
-            (Kind::Continued, 2),
-            (Kind::Completed, 2),
-        ]
+        CONTINUED_RUN
     );
     let continued = until_event(&mut client.watch_after(0).await, "continued", |ev| {
         kind(ev) == Kind::Continued
@@ -984,15 +976,7 @@ async fn agentcom_connection_paused_past_the_grace_still_completes() {
     let mut watch = client.watch_after(0).await;
     assert_eq!(
         history(&mut watch, &id, Kind::Completed).await,
-        [
-            (Kind::Created, 0),
-            (Kind::Assigned, 1),
-            (Kind::Accepted, 1),
-            (Kind::Reclaimed, 1),
-            (Kind::Recovering, 1),
-            (Kind::Continued, 2),
-            (Kind::Completed, 2),
-        ]
+        CONTINUED_RUN
     );
 }
 
@@ -1049,6 +1033,18 @@ async fn agentcom_killed_sidecar_continues_its_task_after_a_hub_restart() {
         ]
     );
 }
+
+/// The events of a task taken back for its agent's absence, given back to
+/// it under generation 2, and completed by that run.
+const CONTINUED_RUN: [(Kind, u64); 7] = [
+    (Kind::Created, 0),
+    (Kind::Assigned, 1),
+    (Kind::Accepted, 1),
+    (Kind::Reclaimed, 1),
+    (Kind::Recovering, 1),
+    (Kind::Continued, 2),
+    (Kind::Completed, 2),
+];
 
 /// The sidecar's recovery answer: `task_continue` at `generation`.
 async fn continued_at(sc: &mut AgentCom, generation: u64) {
@@ -1573,15 +1569,7 @@ async fn a_final_report_sent_after_the_grace_completes_the_task_it_ran() {
     let mut watch = client.watch_after(0).await;
     assert_eq!(
         history(&mut watch, &id, Kind::Completed).await,
-        [
-            (Kind::Created, 0),
-            (Kind::Assigned, 1),
-            (Kind::Accepted, 1),
-            (Kind::Reclaimed, 1),
-            (Kind::Recovering, 1),
-            (Kind::Continued, 2),
-            (Kind::Completed, 2),
-        ]
+        CONTINUED_RUN
     );
     // A report at the old generation for a task given to someone else is
     // still refused.
