@@ -55,10 +55,13 @@ pub struct EventBus {
 /// What a watcher's stream yields.
 pub type WatchItem = Result<Queued>;
 
-/// Most bytes of events queued for one watcher's stream (at least one
-/// event): a slow reader of large events holds this much, not its queue's
-/// length times their size.
+/// Most bytes of large events queued for one watcher's stream (at least
+/// one event): a slow reader of large events holds this much, not its
+/// queue's length times their size.
 pub const MAX_WATCHER_QUEUE_BYTES: usize = 8 * 1024 * 1024;
+/// Events this large count against [`MAX_WATCHER_QUEUE_BYTES`]; smaller
+/// ones are bounded by the queue's length (256 × 4 KiB at most).
+const LARGE_EVENT_BYTES: usize = 4 * 1024;
 
 /// An event queued for a watcher, holding its share of the watcher's room
 /// until the stream takes it.
@@ -98,9 +101,10 @@ impl EventBus {
             } else {
                 Live::Stored
             };
-            let kept = match item {
-                Live::Event(_) => size,
-                Live::Stored => 0,
+            let kept = if matches!(item, Live::Event(_)) {
+                size
+            } else {
+                0
             };
             bytes.sizes.push_back(kept);
             bytes.total += kept;
@@ -259,14 +263,17 @@ impl Watcher {
         if !self.filter.matches(&ev.task_id, &ev.agent_id, ev.kind) {
             return true;
         }
-        let kib = ev
-            .proto()
-            .len()
-            .div_ceil(1024)
-            .clamp(1, MAX_WATCHER_QUEUE_BYTES / 1024) as u32;
-        let room = tokio::select! {
-            room = self.room.clone().acquire_many_owned(kib) => room.ok(),
-            _ = self.out.closed() => return false,
+        // Small events are bounded by the queue's length alone; only large
+        // ones take room (no semaphore on the common path).
+        let len = ev.proto().len();
+        let room = if len < LARGE_EVENT_BYTES {
+            None
+        } else {
+            let kib = len.div_ceil(1024).min(MAX_WATCHER_QUEUE_BYTES / 1024) as u32;
+            tokio::select! {
+                room = self.room.clone().acquire_many_owned(kib) => room.ok(),
+                _ = self.out.closed() => return false,
+            }
         };
         self.out
             .send(Ok(Queued {
