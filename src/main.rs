@@ -48,23 +48,30 @@ fn backup(data_dir: &std::path::Path, to: &std::path::Path) -> Result<()> {
     if !data_dir.join("agenthub.db").exists() {
         bail!("no store in {}", data_dir.display());
     }
-    let store = SqliteStore::open(data_dir, None, false)?;
-    store.backup_to(to)?;
-    println!("backed up {} to {}", data_dir.display(), to.display());
+    let records = agenthub::store::file::backup(data_dir, to)?;
+    println!(
+        "backed up {} to {} ({records} log records past the copy applied)",
+        data_dir.display(),
+        to.display()
+    );
     Ok(())
 }
 
 fn check(data_dir: &std::path::Path) -> Result<()> {
-    if !data_dir.join("agenthub.db").exists() {
+    if !data_dir.join("agenthub.db").exists()
+        && !agenthub::store::file::log_dir(data_dir).exists()
+    {
         bail!("no store in {}", data_dir.display());
     }
-    let store = SqliteStore::open(data_dir, None, false)?;
-    let problems = store.check()?;
-    if problems.is_empty() {
+    let report = agenthub::store::file::check(data_dir)?;
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+    if report.problems.is_empty() {
         println!("ok: {} is sound", data_dir.display());
         return Ok(());
     }
-    for p in &problems {
+    for p in &report.problems {
         println!("problem: {p}");
     }
     std::process::exit(1);
@@ -117,10 +124,9 @@ async fn build_single(
         let faults = std::sync::Arc::new(agenthub::store::Faults::default());
         faults.discard_writes();
         tracing::warn!("--bench-discard-writes: nothing is stored");
-        let store = SqliteStore::open_with_faults(
+        let store = agenthub::store::file::FileStore::open_with_faults(
             &config.data_dir,
             config.event_retention,
-            true,
             Some(faults),
         )?;
         return Ok(Server::build_on(config, std::sync::Arc::new(store)).await?);

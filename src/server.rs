@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::grpc::{auth_interceptor, TaskHubServer, TaskHubService};
 use crate::hub::Hub;
 use crate::listener::{ListenerOptions, Protocol};
-use crate::store::sqlite::SqliteStore;
+use crate::store::file::FileStore;
 use crate::store::Store;
 use crate::tls::Tls;
 
@@ -57,7 +57,7 @@ impl Server {
     /// Open the embedded store and bind both listeners.
     pub async fn build(config: Config) -> Result<Server> {
         config.validate()?;
-        let store = SqliteStore::open(&config.data_dir, config.event_retention, true)?;
+        let store = FileStore::open(&config.data_dir, config.event_retention)?;
         Self::build_on(config, Arc::new(store)).await
     }
 

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy, kv, stream};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -38,10 +38,10 @@ use tokio::sync::{mpsc, watch};
 use super::{block_on, nats_err, Node, EVENT_SUBJECT, STREAM, TERM_SUBJECT, TOKEN_BUCKET};
 use crate::bus::EventBus;
 use crate::error::{Error, Result, StorageFault};
-use crate::model::{EventKind, Seq, Task, TokenRecord};
+use crate::model::{Seq, Task, TokenRecord};
 use crate::pb::wire::EncodedEvent;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{Batch, CommitStats, ListFilter, Loaded, Purged, Store, TaskListing, TaskWrite};
+use crate::store::{Batch, CommitStats, ListFilter, Loaded, Purged, Store, TaskListing};
 
 /// Most bytes in one append, about (NATS takes messages up to 1 MiB by
 /// default). One batch larger than this still goes alone.
@@ -100,32 +100,6 @@ enum Part {
     },
 }
 
-/// The head of an append as stored in the stream. The message is
-/// `[u32 head length][head JSON][each event's proto, in order]`.
-#[derive(Serialize, Deserialize)]
-struct AppendHead {
-    events: Vec<EventHead>,
-    /// Every task row the append changes, each once, with its final content.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    rows: Vec<Row>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct EventHead {
-    seq: Seq,
-    task_id: String,
-    agent_id: String,
-    kind: EventKind,
-    /// Length of the encoded event in the message's tail.
-    len: u32,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Row {
-    task: Task,
-    expected: Option<Seq>,
-}
-
 /// A token as kept in the token bucket (the record's hash is not serialized
 /// with the record itself).
 #[derive(Clone, Serialize, Deserialize)]
@@ -160,89 +134,6 @@ impl StoredToken {
             revoked: self.revoked,
         }
     }
-}
-
-/// One append: the events of a group of batches, in order, and the final
-/// row of every task they change (checked against the row before the
-/// group's first change of it).
-fn encode_append(group: &[Batch]) -> Bytes {
-    let mut rows: Vec<Row> = Vec::new();
-    let mut at: HashMap<&str, usize> = HashMap::new();
-    for w in group.iter().flat_map(|b| &b.tasks) {
-        match at.get(w.task.task_id.as_str()) {
-            Some(&i) => rows[i].task = w.task.clone(),
-            None => {
-                at.insert(w.task.task_id.as_str(), rows.len());
-                rows.push(Row {
-                    task: w.task.clone(),
-                    expected: w.expected_last_seq,
-                });
-            }
-        }
-    }
-    let events: Vec<&Arc<EncodedEvent>> = group.iter().flat_map(|b| &b.events).collect();
-    let head = AppendHead {
-        events: events
-            .iter()
-            .map(|ev| EventHead {
-                seq: ev.seq,
-                task_id: ev.task_id.clone(),
-                agent_id: ev.agent_id.clone(),
-                kind: ev.kind,
-                len: ev.proto().len() as u32,
-            })
-            .collect(),
-        rows,
-    };
-    let json = serde_json::to_vec(&head).expect("append head serializes");
-    let tail: usize = events.iter().map(|ev| ev.proto().len()).sum();
-    let mut buf = BytesMut::with_capacity(4 + json.len() + tail);
-    buf.put_u32(json.len() as u32);
-    buf.put_slice(&json);
-    for ev in events {
-        buf.put_slice(ev.proto());
-    }
-    buf.freeze()
-}
-
-/// The events and task rows of the append stored at stream seq `at`.
-fn decode_append(at: Seq, payload: &Bytes) -> Result<(Vec<Arc<EncodedEvent>>, Vec<TaskWrite>)> {
-    let bad = |what: &str| Error::storage(format!("log entry {at}: {what}"));
-    if payload.len() < 4 {
-        return Err(bad("too short"));
-    }
-    let n = u32::from_be_bytes(payload[..4].try_into().expect("4 bytes")) as usize;
-    if payload.len() < 4 + n {
-        return Err(bad("truncated"));
-    }
-    let head: AppendHead =
-        serde_json::from_slice(&payload[4..4 + n]).map_err(|e| bad(&e.to_string()))?;
-    let mut offset = 4 + n;
-    let mut events = Vec::with_capacity(head.events.len());
-    for ev in head.events {
-        let end = offset + ev.len as usize;
-        if end > payload.len() {
-            return Err(bad("truncated"));
-        }
-        let proto = payload.slice(offset..end);
-        offset = end;
-        events.push(Arc::new(EncodedEvent::stored(
-            ev.seq,
-            ev.task_id,
-            ev.agent_id,
-            ev.kind,
-            proto,
-        )));
-    }
-    let rows = head
-        .rows
-        .into_iter()
-        .map(|r| TaskWrite {
-            task: r.task,
-            expected_last_seq: r.expected,
-        })
-        .collect();
-    Ok((events, rows))
 }
 
 /// How long a node retries setting up the stream and buckets at start.
@@ -724,7 +615,7 @@ async fn apply(shared: &Arc<Shared>, entries: Vec<Entry>) -> Result<()> {
             term = term_leadership(&msg.payload).or(term);
             continue;
         }
-        let (events, rows) = decode_append(seq, &msg.payload)?;
+        let (events, rows) = crate::store::entry::decode(&seq.to_string(), &msg.payload)?;
         match events.last() {
             Some(ev) if ev.seq <= last_event => continue,
             Some(ev) => last_event = ev.seq,
@@ -925,14 +816,14 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
             let _ = done_tx.send((Pending::Barrier(last.max(term)), live, started, permit));
             continue;
         }
-        let mut payload = encode_append(&live);
+        let mut payload = crate::store::entry::encode(&live);
         if payload.len() > max_payload && live.len() > 1 {
             // The estimate was off (large task rows): the first batch goes
             // alone, the others next.
             for b in live.split_off(1).into_iter().rev() {
                 carry.push_front(b);
             }
-            payload = encode_append(&live);
+            payload = crate::store::entry::encode(&live);
         }
         if payload.len() > max_payload {
             // One change the log cannot take in one entry. Refuse it (and

@@ -31,7 +31,7 @@ use crate::model::{
     TaskState,
 };
 use crate::store::sqlite::output::OutputStore;
-use crate::store::sqlite::SqliteStore;
+use crate::store::file::FileStore;
 use crate::store::{Batch, Store};
 
 /// Most bytes of sidecar reports received and not yet committed, across all
@@ -162,10 +162,9 @@ impl Hub {
     /// Open the embedded store in `config.data_dir` and rebuild state from it.
     pub fn open(config: Config) -> Result<Arc<Hub>> {
         config.validate()?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(
+        let store: Arc<dyn Store> = Arc::new(FileStore::open(
             &config.data_dir,
             config.event_retention,
-            true,
         )?);
         Hub::with_store(config, store)
     }
@@ -428,7 +427,9 @@ impl Hub {
         // past the cache, or one from before a restart): the store decides
         // whether it exists, never the cache.
         let stored = match &req.task_id {
-            Some(id) if !self.lock().tasks.contains_key(id) => self.stored_task(id).await?,
+            Some(id) if !self.lock().tasks.contains_key(id) && self.store.may_hold_task(id) => {
+                self.stored_task(id).await?
+            }
             _ => None,
         };
         let (rx, task, created) = self.push_locked(&req, max_attempts, &known, stored)?;

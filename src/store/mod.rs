@@ -13,7 +13,9 @@
 //! built on the state the failed commit would have made. The hub then
 //! rebuilds its state from the store and continues with a newer epoch.
 
+pub mod entry;
 pub mod faults;
+pub mod file;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -158,6 +160,12 @@ pub trait Store: Send + Sync + 'static {
     fn load(&self) -> Result<Loaded>;
     /// One stored task (finished ones included).
     fn get_task(&self, task_id: &str) -> Result<Option<Task>>;
+    /// May a task with this id be stored? `false` is certain (a store that
+    /// keeps a filter of its ids answers it without a read); `true` means
+    /// "look it up".
+    fn may_hold_task(&self, _task_id: &str) -> bool {
+        true
+    }
     /// A page of stored tasks in creation order, as of one seq.
     fn list_tasks(&self, filter: &ListFilter) -> Result<TaskListing>;
     /// Remove up to `limit` tasks finished before `cutoff_ms` (Unix ms), with

@@ -11,7 +11,7 @@ use std::time::Duration;
 use agenthub::auth::{issue_token, Role};
 use agenthub::client::{connect, HubClient};
 use agenthub::pb;
-use agenthub::store::sqlite::SqliteStore;
+use agenthub::store::file::FileStore;
 use agenthub::store::Faults;
 use agenthub::{Config, Server};
 use futures_util::{SinkExt, StreamExt};
@@ -90,8 +90,7 @@ impl TestHub {
     ) -> TestHub {
         let mut config = test_config(dir);
         tweak(&mut config);
-        let store =
-            SqliteStore::open_with_faults(dir, config.event_retention, true, faults).unwrap();
+        let store = FileStore::open_with_faults(dir, config.event_retention, faults).unwrap();
         let server = Server::build_on(config, std::sync::Arc::new(store))
             .await
             .expect("hub starts");

@@ -29,8 +29,6 @@ use crate::pb::wire::EncodedEvent;
 const PAGE_SIZE: i64 = 16 * 1024;
 /// Most batches folded into one transaction.
 const MAX_GROUP: usize = 4096;
-/// How long the writer polls for more work before it sleeps.
-const WRITER_POLL: std::time::Duration = std::time::Duration::from_micros(300);
 /// A page of events read back stops once it holds this many bytes.
 const MAX_READ_BYTES: usize = 4 * 1024 * 1024;
 /// Prune old events at most once per this many commits.
@@ -162,6 +160,75 @@ impl SqliteStore {
         Self::open_inner(dir, None, true, faults, true)
     }
 
+    /// Open `<dir>/agenthub.db` as the query copy of the single node's log
+    /// file (see [`crate::store::file`]): commits are not synced (the log
+    /// is the record; the copy is synced at checkpoints, before the log
+    /// drops what it copied). `log_id`: the log's name when the log has
+    /// records; a copy of another log is refused, never removed.
+    pub fn open_copy(
+        dir: &Path,
+        log_id: Option<&str>,
+        retention: Option<u64>,
+    ) -> Result<SqliteStore> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::storage(format!("create {}: {e}", dir.display())))?;
+        let path = dir.join("agenthub.db");
+        {
+            let conn = open_conn_with(&path, "NORMAL")?;
+            conn.execute_batch(SCHEMA)?;
+            if let Some(id) = log_id {
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('log_id', ?1)",
+                    params![id],
+                )?;
+                let stored: String =
+                    conn.query_row("SELECT value FROM meta WHERE key = 'log_id'", [], |r| {
+                        r.get(0)
+                    })?;
+                if stored != id {
+                    return Err(Error::Storage {
+                        fault: crate::error::StorageFault::Corrupt,
+                        detail: format!(
+                            "{} is the copy of log {stored}, but the log in {} is {id}: \
+                             they come from different data directories",
+                            path.display(),
+                            dir.join("log").display()
+                        ),
+                    });
+                }
+            }
+        }
+        Self::open_inner(dir, retention, true, None, true)
+    }
+
+    /// Make everything committed to the copy durable (a WAL checkpoint,
+    /// which syncs the WAL and the database).
+    pub fn checkpoint(&self) -> Result<()> {
+        self.with_reader(|conn| {
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+            Ok(())
+        })
+    }
+
+    /// Number of stored tasks.
+    pub fn task_count(&self) -> Result<u64> {
+        self.with_reader(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM tasks", [], |r| r.get(0))?))
+    }
+
+    /// Call `f` with every stored task id.
+    pub fn for_each_task_id(&self, mut f: impl FnMut(&str)) -> Result<()> {
+        self.with_reader(|conn| {
+            let mut stmt = conn.prepare("SELECT task_id FROM tasks")?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                if let Ok(id) = row.get_ref(0)?.as_str() {
+                    f(id);
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// How far into the log it copies this copy holds (the last
     /// [`Batch::position`] committed; 0 for a new copy).
     pub fn log_position(&self) -> Result<Seq> {
@@ -230,7 +297,7 @@ impl SqliteStore {
             // A replica's seqs skip the log's non-event entries: what it
             // holds starts right after what retention removed.
             first_seq: AtomicU64::new(if replica {
-                purged + 1
+                (purged + 1).max(pruned).min(head + 1)
             } else {
                 first
                     .unwrap_or(head + 1)
@@ -299,7 +366,7 @@ fn writer_loop(
     // Batches of this epoch or older fail unwritten (see the failure rule),
     // with the error that poisoned it.
     let mut poisoned: (u64, Option<Error>) = (0, None);
-    while let Ok(first) = recv_spin(&rx) {
+    while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -663,25 +730,6 @@ impl Store for SqliteStore {
         drop(lock(&self.tx).take());
         if let Some(handle) = lock(&self.writer).take() {
             let _ = handle.join();
-        }
-    }
-}
-
-/// Wait for the next batch, polling for up to [`WRITER_POLL`] before
-/// sleeping: on a VM whose idle CPUs halt, waking a sleeping thread costs
-/// more than the poll, and every durable step of a request would pay it.
-fn recv_spin(rx: &mpsc::Receiver<Batch>) -> std::result::Result<Batch, mpsc::RecvError> {
-    let deadline = std::time::Instant::now() + WRITER_POLL;
-    loop {
-        match rx.try_recv() {
-            Ok(b) => return Ok(b),
-            Err(mpsc::TryRecvError::Disconnected) => return Err(mpsc::RecvError),
-            Err(mpsc::TryRecvError::Empty) => {
-                if std::time::Instant::now() > deadline {
-                    return rx.recv();
-                }
-                std::thread::yield_now();
-            }
         }
     }
 }

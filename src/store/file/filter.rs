@@ -1,0 +1,95 @@
+//! Which task ids may be stored: a Bloom filter, so that a `PushTask` with
+//! a new caller-chosen id (the common case) is not a store read. "No" is
+//! certain and "maybe" is looked up: the store decides, the filter only
+//! saves reads.
+//!
+//! Sized at open for twice the stored tasks (at least a million ids), 10
+//! bits and 7 hashes an id: 1 % false "maybe" at that size, more past it,
+//! until the next start sizes it again. Ids of removed tasks stay in it
+//! (a "maybe" more). Until the stored ids are loaded, every id is a "maybe".
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+const BITS_PER_ID: u64 = 10;
+const HASHES: u64 = 7;
+const MIN_IDS: u64 = 1 << 20;
+
+pub struct IdFilter {
+    words: Vec<AtomicU64>,
+    bits: u64,
+    ready: AtomicBool,
+    keys: std::hash::RandomState,
+}
+
+impl IdFilter {
+    /// A filter for about twice `stored` ids.
+    pub fn new(stored: u64) -> IdFilter {
+        let ids = (stored * 2).max(MIN_IDS);
+        let words = (ids * BITS_PER_ID).div_ceil(64);
+        IdFilter {
+            words: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            bits: words * 64,
+            ready: AtomicBool::new(false),
+            keys: std::hash::RandomState::new(),
+        }
+    }
+
+    fn hashes(&self, id: &str) -> (u64, u64) {
+        let mut h = self.keys.build_hasher();
+        h.write(id.as_bytes());
+        let a = h.finish();
+        // Double hashing: bit i is a + i·b.
+        (a, a.rotate_left(32) | 1)
+    }
+
+    pub fn insert(&self, id: &str) {
+        let (a, b) = self.hashes(id);
+        for i in 0..HASHES {
+            let bit = a.wrapping_add(i.wrapping_mul(b)) % self.bits;
+            self.words[(bit / 64) as usize].fetch_or(1 << (bit % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// May `id` be stored? Always true until [`IdFilter::set_ready`].
+    pub fn may_contain(&self, id: &str) -> bool {
+        if !self.ready.load(Ordering::Acquire) {
+            return true;
+        }
+        let (a, b) = self.hashes(id);
+        (0..HASHES).all(|i| {
+            let bit = a.wrapping_add(i.wrapping_mul(b)) % self.bits;
+            self.words[(bit / 64) as usize].load(Ordering::Relaxed) & (1 << (bit % 64)) != 0
+        })
+    }
+
+    /// Every stored id is in: "no" answers are certain from now on.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Bytes the filter holds.
+    pub fn bytes(&self) -> usize {
+        self.words.len() * 8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inserted_ids_are_maybes_and_few_others_are() {
+        let f = IdFilter::new(0);
+        assert!(f.may_contain("anything"), "not ready: every id is a maybe");
+        for i in 0..100_000 {
+            f.insert(&format!("task-{i}"));
+        }
+        f.set_ready();
+        assert!((0..100_000).all(|i| f.may_contain(&format!("task-{i}"))));
+        let false_maybes = (0..100_000)
+            .filter(|i| f.may_contain(&format!("other-{i}")))
+            .count();
+        assert!(false_maybes < 1_000, "{false_maybes} false maybes");
+    }
+}
