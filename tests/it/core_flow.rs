@@ -789,9 +789,21 @@ async fn tokens_are_stored_only_as_hashes_and_the_admin_token_file_is_private() 
         .mode();
     assert_eq!(mode & 0o777, 0o600);
     assert_eq!(hub.admin_token.len(), 64);
-    // Nothing on disk holds a secret (database, WAL).
-    for entry in std::fs::read_dir(&hub.dir).unwrap() {
-        let path = entry.unwrap().path();
+    // Nothing on disk holds a secret (database, WAL, log segments).
+    let mut files: Vec<std::path::PathBuf> = Vec::new();
+    let mut dirs = vec![hub.dir.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    assert!(files.iter().any(|p| p.extension().is_some_and(|e| e == "seg")));
+    for path in files {
         if path.file_name().unwrap() == "admin.token" {
             continue;
         }

@@ -220,33 +220,33 @@ async fn errors_and_acks_leave_in_commit_order() {
 }
 
 #[tokio::test]
-async fn an_outside_reader_holding_the_write_lock_is_waited_for() {
+async fn an_outside_reader_holding_the_copys_write_lock_delays_reads_never_acks() {
     let hub = TestHub::start().await;
     let mut client = hub.client().await;
-    // Another process (a backup, a curious operator) holds the write lock.
+    // Another process (a backup, a curious operator) holds the query
+    // copy's write lock.
     let db = rusqlite::Connection::open(hub.dir.join("agenthub.db")).unwrap();
     db.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let push = tokio::spawn({
-        let mut client = client.clone();
-        async move {
-            client
-                .push_task(scheduled("waits", &[], pb::Priority::Normal))
-                .await
-        }
-    });
-    // The push cannot commit while the lock is held...
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!push.is_finished());
-    db.execute_batch("COMMIT").unwrap();
-    // ...and goes through once it is released (within the store's busy wait).
-    let r = push.await.unwrap().unwrap().into_inner();
+    // Writes go to the log: the push is acknowledged all the same.
+    let r = client
+        .push_task(scheduled("goes-on", &[], pb::Priority::Normal))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(r.created);
+    // A read of the copy waits until the copy holds that push...
+    let list = tokio::spawn({
+        let mut client = client.clone();
+        async move { client.list_tasks(pb::ListTasksRequest::default()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!list.is_finished(), "a read answered from a copy behind the log");
+    db.execute_batch("COMMIT").unwrap();
+    // ...and answers with it once the lock is released.
+    let page = list.await.unwrap().unwrap().into_inner();
+    assert!(page.tasks.iter().any(|t| t.task_id == r.task_id));
     let (code, _) = Http::new(hub.ws_addr).get("/health").await;
     assert_eq!(code, 200);
-    client
-        .get_task(pb::GetTaskRequest { task_id: r.task_id })
-        .await
-        .unwrap();
 }
 
 /// A tmpfs of `size`, unmounted (lazily) on drop. Needs root, as the test

@@ -142,7 +142,7 @@ impl TestHub {
 
     /// Issue a token directly in the store.
     pub fn token(&self, role: Role, agent: Option<&str>) -> String {
-        let store = SqliteStore::open(&self.dir, None, false).unwrap();
+        let store = agenthub::store::sqlite::SqliteStore::open(&self.dir, None, false).unwrap();
         issue_token(&store, role, agent.map(str::to_string))
             .unwrap()
             .0
