@@ -13,6 +13,7 @@ mod failure_domains;
 mod faults;
 mod history;
 mod interop;
+mod log_file;
 mod model;
 mod ops;
 mod orchestrator;

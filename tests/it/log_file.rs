@@ -1,0 +1,279 @@
+//! The single node's log file under crashes and damage: SIGKILL at random
+//! points loses nothing acknowledged; a torn last record is dropped; a
+//! damaged record in the middle stops the start and `agenthub check` names
+//! it; a deleted copy is rebuilt from the log.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use agenthub::client::connect;
+use agenthub::pb;
+use agenthub::store::file::{segment, FileStore};
+use serde_json::json;
+
+use crate::helpers::*;
+
+fn agenthub(args: &[&str], dir: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_agenthub"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .output()
+        .unwrap()
+}
+
+/// Every task the hub lists, by id.
+async fn all_tasks(c: &mut HubClient) -> HashMap<String, pb::Task> {
+    let mut tasks = HashMap::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_tasks(pb::ListTasksRequest {
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for t in page.tasks {
+            tasks.insert(t.task_id.clone(), t);
+        }
+        if page.next_page_token.is_empty() {
+            return tasks;
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// The log's segments, scanned.
+fn segments(dir: &Path) -> Vec<segment::Scan> {
+    segment::list(&dir.join("log"))
+        .unwrap()
+        .into_iter()
+        .map(|(_, p)| segment::scan(&p).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn sigkill_at_random_points_under_load_loses_nothing_acknowledged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut acked: HashSet<String> = HashSet::new();
+    for round in 0..6 {
+        let mut proc = HubProcess::spawn(dir, &[]).await;
+        let admin = admin_token(dir);
+        let grpc = proc.grpc_addr.to_string();
+        {
+            // Everything acknowledged before the last kill is there.
+            let mut c = connect(&grpc, &admin).await.unwrap();
+            let tasks = all_tasks(&mut c).await;
+            for id in &acked {
+                assert!(tasks.contains_key(id), "round {round}: acknowledged {id} lost");
+            }
+        }
+        let kill_after = rand::random_range(20..300usize);
+        let now_acked: Arc<Mutex<Vec<String>>> = Default::default();
+        let mut pushers = Vec::new();
+        for p in 0..3 {
+            let (grpc, admin, now_acked) = (grpc.clone(), admin.clone(), now_acked.clone());
+            pushers.push(tokio::spawn(async move {
+                let mut c = connect(&grpc, &admin).await.unwrap();
+                for i in 0.. {
+                    let mut req = scheduled("crash", &[], pb::Priority::Normal);
+                    req.task_id = format!("r{round}-p{p}-{i}");
+                    match c.push_task(req).await {
+                        Ok(r) => now_acked.lock().unwrap().push(r.into_inner().task_id),
+                        Err(_) => return, // killed under us
+                    }
+                }
+            }));
+        }
+        eventually(|| {
+            let n = now_acked.lock().unwrap().len();
+            async move { (n >= kill_after).then_some(()) }
+        })
+        .await;
+        proc.kill9();
+        proc.wait_exit().await;
+        for p in pushers {
+            let _ = p.await;
+        }
+        acked.extend(now_acked.lock().unwrap().iter().cloned());
+    }
+    let proc = HubProcess::spawn(dir, &[]).await;
+    let mut c = connect(&proc.grpc_addr.to_string(), &admin_token(dir))
+        .await
+        .unwrap();
+    let tasks = all_tasks(&mut c).await;
+    for id in &acked {
+        assert!(tasks.contains_key(id), "acknowledged {id} lost");
+    }
+    drop(proc);
+    let out = agenthub(&["check"], dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Push `n` tasks and stop the hub: their ids.
+async fn some_history(dir: &Path, n: usize) -> Vec<String> {
+    let hub = TestHub::start_in(dir, |_| {}).await;
+    let mut c = hub.client().await;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let r = c
+            .push_task(scheduled(&format!("task {i}"), &[], pb::Priority::Normal))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(r.task_id);
+    }
+    hub.stop().await;
+    ids
+}
+
+#[tokio::test]
+async fn a_torn_last_record_is_dropped_and_a_damaged_one_in_the_middle_stops_the_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ids = some_history(dir, 20).await;
+    // A crash in the middle of an append: the start of a record, cut short.
+    let seg = segments(dir).pop().unwrap();
+    let record = segment::encode_record(seg.last_index + 1, 9_999, &[7u8; 500]);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg.path)
+        .unwrap();
+    f.write_all_at(&record[..200], seg.end).unwrap();
+    drop(f);
+    let out = agenthub(&["check"], dir);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("cut short"), "{text}");
+
+    // The start drops it and every task is there; the log goes on.
+    let hub = TestHub::start_in(dir, |_| {}).await;
+    let mut c = hub.client().await;
+    let tasks = all_tasks(&mut c).await;
+    for id in &ids {
+        assert!(tasks.contains_key(id), "{id} lost");
+    }
+    let more = c
+        .push_task(scheduled("after the tear", &[], pb::Priority::Normal))
+        .await
+        .unwrap()
+        .into_inner();
+    hub.stop().await;
+    let out = agenthub(&["check"], dir);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && !text.contains("cut short"), "{text}");
+
+    // One bit flipped in the first record: sound records follow it.
+    let seg = segments(dir).remove(0);
+    let at = segment::HEADER_LEN + segment::RECORD_HEAD as u64 + 10;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&seg.path)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    f.read_exact_at(&mut byte, at).unwrap();
+    f.write_all_at(&[byte[0] ^ 0x10], at).unwrap();
+    drop(f);
+    let name = seg.path.file_name().unwrap().to_str().unwrap().to_string();
+    let err = FileStore::open(dir, None).err().expect("a damaged log stops the start");
+    let text = err.to_string();
+    assert!(
+        text.contains(&name) && text.contains(&format!("offset {}", segment::HEADER_LEN)),
+        "{text}"
+    );
+    let out = agenthub(&["check"], dir);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("problem: log damaged") && text.contains(&name), "{text}");
+    // The binary refuses to start, saying why.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agenthub"))
+        .args(["serve", "--ws-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("log damaged") && text.contains(&name), "{text}");
+    assert!(!more.task_id.is_empty());
+}
+
+#[tokio::test]
+async fn the_copy_deleted_while_the_hub_is_stopped_is_rebuilt_from_the_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let before = {
+        let hub = TestHub::start_in(dir, |_| {}).await;
+        let mut c = hub.client().await;
+        let mut sc = hub.sidecar("rebuild").await;
+        for i in 0..30 {
+            c.push(pinned("rebuild", &format!("work {i}"))).await;
+        }
+        for i in 0..30 {
+            let (id, g) = sc.next_assign().await;
+            sc.accept(&id, g).await;
+            if i % 3 != 0 {
+                sc.complete(&id, g, json!({"answer": i})).await;
+            }
+        }
+        // Every report is acknowledged, so durable.
+        eventually(|| {
+            let mut c = c.clone();
+            async move {
+                let t = all_tasks(&mut c).await;
+                (t.values()
+                    .filter(|t| state_of(t) == pb::task::State::Completed)
+                    .count()
+                    == 20)
+                    .then_some(())
+            }
+        })
+        .await;
+        let tasks = all_tasks(&mut c).await;
+        let mut got = HashMap::new();
+        for id in tasks.keys() {
+            let t = c
+                .get_task(pb::GetTaskRequest {
+                    task_id: id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            got.insert(id.clone(), t);
+        }
+        drop(sc);
+        hub.stop().await;
+        got
+    };
+    assert_eq!(before.len(), 30);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(dir.join(format!("agenthub.db{suffix}")));
+    }
+    let hub = TestHub::start_in(dir, |_| {}).await;
+    let mut c = hub.client().await;
+    for (id, t) in &before {
+        let now = c
+            .get_task(pb::GetTaskRequest { task_id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(&now, t, "{id} differs after the rebuild");
+    }
+    hub.stop().await;
+    let out = agenthub(&["check"], dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
