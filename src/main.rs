@@ -58,8 +58,7 @@ fn backup(data_dir: &std::path::Path, to: &std::path::Path) -> Result<()> {
 }
 
 fn check(data_dir: &std::path::Path) -> Result<()> {
-    if !data_dir.join("agenthub.db").exists()
-        && !agenthub::store::file::log_dir(data_dir).exists()
+    if !data_dir.join("agenthub.db").exists() && !agenthub::store::file::log_dir(data_dir).exists()
     {
         bail!("no store in {}", data_dir.display());
     }

@@ -30,8 +30,8 @@ use crate::model::{
     new_task_id, AgentInfo, AgentPresence, EventFilter, EventKind, JsonObject, Priority, Seq, Task,
     TaskState,
 };
-use crate::store::sqlite::output::OutputStore;
 use crate::store::file::FileStore;
+use crate::store::sqlite::output::OutputStore;
 use crate::store::{Batch, Store};
 
 /// Most bytes of sidecar reports received and not yet committed, across all
@@ -162,10 +162,8 @@ impl Hub {
     /// Open the embedded store in `config.data_dir` and rebuild state from it.
     pub fn open(config: Config) -> Result<Arc<Hub>> {
         config.validate()?;
-        let store: Arc<dyn Store> = Arc::new(FileStore::open(
-            &config.data_dir,
-            config.event_retention,
-        )?);
+        let store: Arc<dyn Store> =
+            Arc::new(FileStore::open(&config.data_dir, config.event_retention)?);
         Hub::with_store(config, store)
     }
 

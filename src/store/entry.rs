@@ -102,8 +102,7 @@ pub fn decode(at: &str, payload: &Bytes) -> Result<(Vec<Arc<EncodedEvent>>, Vec<
     if payload.len() < 4 + n {
         return Err(bad("truncated"));
     }
-    let head: Head =
-        serde_json::from_slice(&payload[4..4 + n]).map_err(|e| bad(&e.to_string()))?;
+    let head: Head = serde_json::from_slice(&payload[4..4 + n]).map_err(|e| bad(&e.to_string()))?;
     let mut offset = 4 + n;
     let mut events = Vec::with_capacity(head.events.len());
     for ev in head.events {

@@ -802,7 +802,9 @@ async fn tokens_are_stored_only_as_hashes_and_the_admin_token_file_is_private() 
             }
         }
     }
-    assert!(files.iter().any(|p| p.extension().is_some_and(|e| e == "seg")));
+    assert!(files
+        .iter()
+        .any(|p| p.extension().is_some_and(|e| e == "seg")));
     for path in files {
         if path.file_name().unwrap() == "admin.token" {
             continue;

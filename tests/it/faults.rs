@@ -240,7 +240,10 @@ async fn an_outside_reader_holding_the_copys_write_lock_delays_reads_never_acks(
         async move { client.list_tasks(pb::ListTasksRequest::default()).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!list.is_finished(), "a read answered from a copy behind the log");
+    assert!(
+        !list.is_finished(),
+        "a read answered from a copy behind the log"
+    );
     db.execute_batch("COMMIT").unwrap();
     // ...and answers with it once the lock is released.
     let page = list.await.unwrap().unwrap().into_inner();

@@ -10,6 +10,7 @@
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 const BITS_PER_ID: u64 = 10;
 const HASHES: u64 = 7;
@@ -71,6 +72,48 @@ impl IdFilter {
     /// Bytes the filter holds.
     pub fn bytes(&self) -> usize {
         self.words.len() * 8
+    }
+}
+
+/// The filter once it is sized (at the first load, from the number of
+/// stored tasks), and the ids created before that.
+#[derive(Default)]
+pub struct Ids {
+    inner: Mutex<(Option<Arc<IdFilter>>, Vec<String>)>,
+}
+
+impl Ids {
+    pub fn insert(&self, id: &str) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match &inner.0 {
+            Some(f) => f.insert(id),
+            None => inner.1.push(id.to_string()),
+        }
+    }
+
+    pub fn may_contain(&self, id: &str) -> bool {
+        let f = self
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone();
+        f.is_none_or(|f| f.may_contain(id))
+    }
+
+    /// Size the filter for `stored` ids, once: the filter to fill, or
+    /// `None` if it already was.
+    pub fn install(&self, stored: u64) -> Option<Arc<IdFilter>> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.0.is_some() {
+            return None;
+        }
+        let f = Arc::new(IdFilter::new(stored));
+        for id in inner.1.drain(..) {
+            f.insert(&id);
+        }
+        inner.0 = Some(f.clone());
+        Some(f)
     }
 }
 

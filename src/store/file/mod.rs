@@ -44,9 +44,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::sqlite::SqliteStore;
-use super::{
-    entry, Batch, CommitStats, Faults, ListFilter, Loaded, Purged, Store, TaskListing,
-};
+use super::{entry, Batch, CommitStats, Faults, ListFilter, Loaded, Purged, Store, TaskListing};
 use crate::error::{Error, Result, StorageFault};
 use crate::model::{Seq, Task, TokenRecord};
 use crate::pb::wire::EncodedEvent;
@@ -85,7 +83,7 @@ struct Shared {
     log_id: String,
     dir: PathBuf,
     /// Task ids that may be stored (see [`filter`]).
-    ids: filter::IdFilter,
+    ids: filter::Ids,
 }
 
 struct State {
@@ -177,7 +175,11 @@ impl FileStore {
                 // The copy is ahead (restored from a backup, or the log's
                 // tail was dropped after the copy had it): every record
                 // here is in the copy; the log goes on after the copy.
-                tracing::warn!(log = last, copy = position, "the copy is ahead of the log; starting the log after the copy");
+                tracing::warn!(
+                    log = last,
+                    copy = position,
+                    "the copy is ahead of the log; starting the log after the copy"
+                );
                 for s in scans.drain(..) {
                     let _ = std::fs::remove_file(&s.path);
                 }
@@ -194,7 +196,6 @@ impl FileStore {
             Some(s) => Writer::resume(&ldir, &log_id, s, last_seq)?,
             None => Writer::create(&ldir, &log_id, position, last_seq)?,
         };
-        let ids = filter::IdFilter::new(copy.task_count().unwrap_or(0));
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 durable_index: writer.next_index - 1,
@@ -202,7 +203,10 @@ impl FileStore {
                 segments: if scans.is_empty() {
                     vec![(writer.base, writer.path.clone())]
                 } else {
-                    scans.iter().map(|s| (s.header.base, s.path.clone())).collect()
+                    scans
+                        .iter()
+                        .map(|s| (s.header.base, s.path.clone()))
+                        .collect()
                 },
                 copy_error: None,
                 closing: false,
@@ -213,7 +217,7 @@ impl FileStore {
             faults,
             log_id,
             dir: ldir.clone(),
-            ids,
+            ids: filter::Ids::default(),
         });
         let (tx, rx) = mpsc::channel();
         let mut threads = Vec::new();
@@ -235,14 +239,12 @@ impl FileStore {
                     .map_err(|e| Error::storage(e.to_string()))?,
             );
         }
-        let store = FileStore {
+        Ok(FileStore {
             copy,
             shared,
             tx: Mutex::new(Some(tx)),
             threads: Mutex::new(threads),
-        };
-        store.fill_filter();
-        Ok(store)
+        })
     }
 
     /// Wait until the copy holds every record durable now.
@@ -272,27 +274,18 @@ impl FileStore {
         Ok(())
     }
 
-    /// Load every stored task id into the id filter, off the caller's thread.
-    fn fill_filter(&self) {
-        let (copy, shared) = (self.copy.clone(), self.shared.clone());
+    /// Load every stored task id into the id filter (sized for `stored`),
+    /// off the caller's thread; once, at the first load.
+    fn fill_filter(&self, stored: u64) {
+        let Some(filter) = self.shared.ids.install(stored) else {
+            return;
+        };
+        let copy = self.copy.clone();
         let _ = std::thread::Builder::new()
             .name("agenthub-ids".into())
-            .spawn(move || {
-                // What the log holds beyond the copy is applied first.
-                let target = lock(&shared.state).durable_index;
-                let mut st = lock(&shared.state);
-                while st.applied < target && !st.closing {
-                    st = shared
-                        .changed
-                        .wait_timeout(st, Duration::from_millis(100))
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
-                }
-                drop(st);
-                match copy.for_each_task_id(|id| shared.ids.insert(id)) {
-                    Ok(()) => shared.ids.set_ready(),
-                    Err(e) => tracing::warn!(error = %e, "could not read the stored task ids; every unknown id is looked up"),
-                }
+            .spawn(move || match copy.for_each_task_id(|id| filter.insert(id)) {
+                Ok(()) => filter.set_ready(),
+                Err(e) => tracing::warn!(error = %e, "could not read the stored task ids; every unknown id is looked up"),
             });
     }
 
@@ -606,8 +599,8 @@ impl Reader {
                         .find(|(b, _)| *b < want)
                         .cloned()
                         .ok_or_else(|| {
-                            Error::storage(format!("no log segment holds record {want}"))
-                        })?;
+                        Error::storage(format!("no log segment holds record {want}"))
+                    })?;
                     drop(st);
                     let f = File::open(&path)
                         .map_err(|e| segment::io_err(&format!("open {}", path.display()), e))?;
@@ -633,7 +626,9 @@ impl Reader {
             }
             let len = u32::from_le_bytes(head[4..8].try_into().expect("4")) as usize;
             if len > segment::MAX_ENTRY {
-                return Err(Error::storage(format!("log record {want}: bad length {len}")));
+                return Err(Error::storage(format!(
+                    "log record {want}: bad length {len}"
+                )));
             }
             let mut buf = vec![0u8; RECORD_HEAD + len];
             let got = read_at_most(file, &mut buf, *offset)?;
@@ -722,7 +717,9 @@ fn applier_loop(shared: Arc<Shared>, copy: Arc<SqliteStore>) {
                 };
                 shared.changed.notify_all();
                 if closing && backoff >= MAX_BACKOFF {
-                    tracing::error!("giving up on the query copy at shutdown; the next start replays the log");
+                    tracing::error!(
+                        "giving up on the query copy at shutdown; the next start replays the log"
+                    );
                     break;
                 }
                 epoch += 1;
@@ -805,6 +802,9 @@ impl Store for FileStore {
     fn load(&self) -> Result<Loaded> {
         self.caught_up()?;
         let mut loaded = self.copy.load()?;
+        // The copy holds every record durable now: ids created from here
+        // on go into the filter as they are submitted.
+        self.fill_filter(loaded.state_counts.iter().sum());
         loaded.last_seq = loaded
             .last_seq
             .max(self.shared.durable_seq.load(Ordering::Acquire));

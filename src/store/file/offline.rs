@@ -71,9 +71,10 @@ pub fn check(data_dir: &Path) -> Result<Report> {
                 first_base.unwrap_or(0)
             ));
         } else {
-            report
-                .notes
-                .push(format!("{} is missing: the next start rebuilds it from the log", db.display()));
+            report.notes.push(format!(
+                "{} is missing: the next start rebuilds it from the log",
+                db.display()
+            ));
         }
         return Ok(report);
     }
@@ -196,7 +197,10 @@ fn records_after(ldir: &Path, after: u64) -> Result<Option<Vec<(u64, Bytes)>>> {
                 break;
             };
             if h.index > after && h.index <= s.last_index {
-                out.push((h.index, bytes.slice(at + RECORD_HEAD..at + RECORD_HEAD + h.len)));
+                out.push((
+                    h.index,
+                    bytes.slice(at + RECORD_HEAD..at + RECORD_HEAD + h.len),
+                ));
             }
             at += RECORD_HEAD + h.len;
         }

@@ -208,8 +208,7 @@ pub struct Scan {
 
 /// Read a whole segment, checking every record and that indexes follow on.
 pub fn scan(path: &Path) -> Result<Scan> {
-    let bytes =
-        std::fs::read(path).map_err(|e| io_err(&format!("read {}", path.display()), e))?;
+    let bytes = std::fs::read(path).map_err(|e| io_err(&format!("read {}", path.display()), e))?;
     let header = Header::decode(&bytes).map_err(|why| corrupt(path, 0, &why))?;
     let mut at = HEADER_LEN as usize;
     let mut expected = header.base + 1;
@@ -265,12 +264,9 @@ pub fn scan(path: &Path) -> Result<Scan> {
 fn sound_record_after(bytes: &[u8], from: usize, min_index: u64) -> Option<usize> {
     let mut at = from;
     while at + RECORD_HEAD <= bytes.len() {
-        let Some(pos) = bytes[at..]
+        let pos = bytes[at..]
             .windows(RECORD_MAGIC.len())
-            .position(|w| w == RECORD_MAGIC)
-        else {
-            return None;
-        };
+            .position(|w| w == RECORD_MAGIC)?;
         let start = at + pos;
         if let Parsed::Record(h) = parse(&bytes[start..]) {
             if h.index >= min_index {
@@ -389,9 +385,14 @@ mod tests {
         let third = HEADER_LEN + 2 * RECORD_HEAD as u64 + 6;
         // Cut the last record: its end is zeros.
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&[0; 3], third + RECORD_HEAD as u64 + 2).unwrap();
+        f.write_all_at(&[0; 3], third + RECORD_HEAD as u64 + 2)
+            .unwrap();
         let s = scan(&path).unwrap();
-        assert!(matches!(s.tail, Tail::Torn { at, .. } if at == third), "{:?}", s.tail);
+        assert!(
+            matches!(s.tail, Tail::Torn { at, .. } if at == third),
+            "{:?}",
+            s.tail
+        );
         assert_eq!(s.last_index, 2);
         // A bit flipped in the first record, sound ones after it.
         let path = segment(
@@ -399,9 +400,14 @@ mod tests {
             &[(1, b"one"), (2, b"two")],
         );
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&[b'O'], HEADER_LEN + RECORD_HEAD as u64).unwrap();
+        f.write_all_at(b"O", HEADER_LEN + RECORD_HEAD as u64)
+            .unwrap();
         let s = scan(&path).unwrap();
-        assert!(matches!(s.tail, Tail::Corrupt { at, .. } if at == HEADER_LEN), "{:?}", s.tail);
+        assert!(
+            matches!(s.tail, Tail::Corrupt { at, .. } if at == HEADER_LEN),
+            "{:?}",
+            s.tail
+        );
         assert_eq!(s.last_index, 0);
     }
 

@@ -210,15 +210,12 @@ impl SqliteStore {
         })
     }
 
-    /// Number of stored tasks.
-    pub fn task_count(&self) -> Result<u64> {
-        self.with_reader(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM tasks", [], |r| r.get(0))?))
-    }
-
     /// Call `f` with every stored task id.
     pub fn for_each_task_id(&self, mut f: impl FnMut(&str)) -> Result<()> {
         self.with_reader(|conn| {
-            let mut stmt = conn.prepare("SELECT task_id FROM tasks")?;
+            // The smallest index that holds every id (the table itself holds
+            // whole rows).
+            let mut stmt = conn.prepare("SELECT task_id FROM tasks INDEXED BY tasks_by_created")?;
             let mut rows = stmt.query([])?;
             while let Some(row) = rows.next()? {
                 if let Ok(id) = row.get_ref(0)?.as_str() {
