@@ -369,7 +369,7 @@ impl TokenVerifier {
 /// Re-read revocations every `every` until `shutdown` turns true, so a
 /// `token revoke` run on the data directory reaches live sessions too.
 pub async fn poll_revocations(
-    hub: Arc<crate::hub::Hub>,
+    verifier: Arc<TokenVerifier>,
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -380,8 +380,8 @@ pub async fn poll_revocations(
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        let h = hub.clone();
-        match tokio::task::spawn_blocking(move || h.verifier().refresh_revocations()).await {
+        let v = verifier.clone();
+        match tokio::task::spawn_blocking(move || v.refresh_revocations()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot re-read revoked tokens"),
             Err(_) => return,

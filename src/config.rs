@@ -1,5 +1,7 @@
 //! Hub configuration: defaults, validation. Built before anything binds; tests
-//! construct it directly (`Config::for_data_dir`).
+//! construct it directly (`Config::for_data_dir`). Also the one form of an
+//! origin ([`normalize_origin`]) that `--allowed-origins` is validated in and
+//! that the WebSocket and dashboard upgrades compare `Origin` headers in.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -204,7 +206,7 @@ impl Config {
             return bad("header timeout, keepalive and revocation poll must be greater than zero");
         }
         for origin in &self.allowed_origins {
-            if crate::ws::upgrade::normalize_origin(origin).is_none() {
+            if normalize_origin(origin).is_none() {
                 return Err(Error::InvalidArgument(format!(
                     "allowed origin `{origin}` must be scheme://host[:port]"
                 )));
@@ -218,6 +220,30 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `scheme://host[:port]` as (scheme, host, port), lowercased, with the
+/// scheme's default port filled in; `None` if it is not such an origin.
+pub fn normalize_origin(origin: &str) -> Option<(String, String, u16)> {
+    let origin = origin.trim().to_ascii_lowercase();
+    let (scheme, rest) = origin.split_once("://")?;
+    let default_port = match scheme {
+        "http" | "ws" => 80,
+        "https" | "wss" => 443,
+        _ => return None,
+    };
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@']) {
+        return None;
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        // An IPv6 literal without a port: `[::1]`.
+        Some((h, p)) if !p.contains(']') => (h, p.parse().ok()?),
+        _ => (rest, default_port),
+    };
+    if host.is_empty() {
+        return None;
+    }
+    Some((scheme.to_string(), host.to_string(), port))
 }
 
 /// `500ms`, `10s`, `2m`, `1h`, `30d`, or a bare number of seconds.
@@ -241,4 +267,21 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
         }
     };
     Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_normalize_with_default_ports() {
+        let o = |s| normalize_origin(s);
+        assert_eq!(o("https://Example.com"), o("https://example.com:443"));
+        assert_eq!(o("http://127.0.0.1:4000").unwrap().2, 4000);
+        assert_eq!(o("http://[::1]").unwrap().1, "[::1]");
+        assert_eq!(o("http://[::1]:8080").unwrap().2, 8080);
+        assert!(o("null").is_none());
+        assert!(o("https://evil.example/path").is_none());
+        assert!(o("ftp://x").is_none());
+    }
 }

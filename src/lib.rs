@@ -5,12 +5,14 @@
 //! is told about it.
 //!
 //! # Layout
-//! - [`config`]: `Config`, defaults, validation.
+//! - [`config`]: `Config`, defaults, validation (and the form origins are
+//!   compared in).
 //! - [`error`]: the one error type and its mapping to gRPC / WebSocket / HTTP.
 //! - [`model`]: tasks, events, agents, tokens: plain data.
 //! - [`link`]: typed messages between the hub and agent connections.
 //! - [`hub`]: task state transitions, sessions registry, scheduler, timers,
-//!   dependencies, WaitTask, live task output.
+//!   dependencies, WaitTask, live task output. It knows cluster mode only as
+//!   the [`hub::Cluster`] trait, which [`cluster`] implements.
 //! - [`bus`]: event fan-out to watchers; catch-up from the store.
 //! - [`store`]: the `Store` trait, the embedded SQLite backend (and its
 //!   task-output file), fault injection.

@@ -104,7 +104,10 @@ impl Server {
             }
         }));
         let relay = crate::cluster::relay::Relay::start(node.clone(), &hub);
-        hub.set_cluster(node.clone(), relay);
+        hub.set_cluster(Arc::new(crate::cluster::Member {
+            node: node.clone(),
+            relay,
+        }));
         let ready_hub = Arc::downgrade(&hub);
         tokio::spawn(crate::cluster::track_ready(node.clone(), move || {
             Hub::writable(&ready_hub)
@@ -151,7 +154,7 @@ impl Server {
         let sessions = TaskTracker::new();
 
         let revocations = tokio::spawn(crate::auth::poll_revocations(
-            hub.clone(),
+            hub.verifier().clone(),
             hub.config().revocation_poll,
             stop_rx.clone(),
         ));

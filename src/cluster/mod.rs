@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use self::relay::Relay;
 use crate::error::{Error, Result};
+use crate::hub::Hub;
 
 /// The stream that holds the log.
 pub const STREAM: &str = "AGENTHUB_LOG";
@@ -290,6 +292,54 @@ impl Node {
         self.stopping.send_replace(true);
         let mut view = self.leader.subscribe();
         let _ = tokio::time::timeout(limit, view.wait_for(|v| !v.is_self)).await;
+    }
+}
+
+/// A hub's part in the cluster: this node and the relay its sidecar
+/// sessions go through. The hub holds it as a [`crate::hub::Cluster`].
+pub struct Member {
+    pub node: Arc<Node>,
+    pub relay: Arc<Relay>,
+}
+
+impl crate::hub::Cluster for Member {
+    fn node_id(&self) -> &str {
+        self.node.node_id()
+    }
+
+    fn leader_id(&self) -> Option<String> {
+        self.node.leader_id()
+    }
+
+    fn is_leader(&self) -> bool {
+        self.node.is_leader()
+    }
+
+    fn role(&self) -> &'static str {
+        self.node.role()
+    }
+
+    fn not_ready(&self, writable: bool) -> Option<&'static str> {
+        self.node.not_ready(writable)
+    }
+}
+
+/// Cluster mode's handles on a hub that is a [`Member`] (the hub itself
+/// knows only the [`crate::hub::Cluster`] calls it makes).
+impl Hub {
+    /// Cluster mode: the session relay.
+    pub fn relay(&self) -> Option<&Arc<Relay>> {
+        self.member().map(|m| &m.relay)
+    }
+
+    /// Cluster mode: this node.
+    pub fn cluster_node(&self) -> Option<&Arc<Node>> {
+        self.member().map(|m| &m.node)
+    }
+
+    fn member(&self) -> Option<&Member> {
+        let cluster: &dyn std::any::Any = &**self.cluster()?;
+        cluster.downcast_ref()
     }
 }
 

@@ -23,8 +23,7 @@
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use super::core::{obj, set_state, Core, Timer, Txn};
-use super::reports::fence;
+use super::core::{fence, obj, set_state, Core, Timer, Txn};
 use super::Hub;
 use crate::config::Config;
 use crate::error::{Error, Result};

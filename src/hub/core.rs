@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::error::{Error, StorageFault};
-use crate::link::{Link, Resources, ToAgent, ENRICHMENT_KEYS};
+use crate::link::{Link, Report, Resources, ToAgent, ENRICHMENT_KEYS};
 use crate::metrics::Metrics;
 use crate::model::{EventKind, Generation, JsonObject, Priority, Seq, Task, TaskEvent, TaskState};
 use crate::pb::wire::EncodedEvent;
@@ -1039,6 +1039,31 @@ impl LostTask {
             waited: false,
         }
     }
+}
+
+/// A report is applied only if the reporter is the task's current assignee
+/// and, when it gives a generation, that generation is current.
+pub(super) fn fence(core: &Core, agent_id: &str, r: &Report) -> crate::error::Result<()> {
+    let task = core
+        .tasks
+        .get(&r.task_id)
+        .ok_or_else(|| Error::UnknownTask(r.task_id.clone()))?;
+    if r.generation.is_some_and(|g| g != task.generation) {
+        return Err(Error::StaleGeneration {
+            task_id: r.task_id.clone(),
+            current: task.generation,
+        });
+    }
+    if task.agent_id.as_deref() != Some(agent_id) {
+        return Err(Error::NotTaskOwner(r.task_id.clone()));
+    }
+    if task.state.is_final() {
+        return Err(Error::TaskFinished(r.task_id.clone()));
+    }
+    if !task.state.is_active() {
+        return Err(Error::NotTaskOwner(r.task_id.clone()));
+    }
+    Ok(())
 }
 
 /// The agent a queued task was taken from for staying away past the grace,

@@ -110,7 +110,7 @@ pub struct Health {
     pub node_id: Option<String>,
     pub leader: Option<String>,
     /// Cluster mode: "leader" or "follower", and why the node cannot serve
-    /// yet, if it cannot (see `cluster::Node::not_ready`).
+    /// yet, if it cannot (see [`Cluster::not_ready`]).
     pub role: Option<&'static str>,
     pub not_ready: Option<&'static str>,
     pub agents_connected: usize,
@@ -120,12 +120,31 @@ pub struct Health {
     pub degraded: Option<&'static str>,
 }
 
+/// What the hub asks of cluster mode: who this node is and who leads (for
+/// `/health` and `/metrics`). Implemented by `cluster::Member`, which also
+/// holds the node's own handles: `Hub::relay` and `Hub::cluster_node`, for
+/// the sessions and listeners, are defined in `cluster` and find them again
+/// through `Any`.
+pub trait Cluster: std::any::Any + Send + Sync {
+    /// This node's id.
+    fn node_id(&self) -> &str;
+    /// The node that leads now, if one does.
+    fn leader_id(&self) -> Option<String>;
+    /// Does this node lead?
+    fn is_leader(&self) -> bool;
+    /// "leader" or "follower" (`/health`'s `role`).
+    fn role(&self) -> &'static str;
+    /// Why this node cannot serve now (`None`: it can), given whether its
+    /// hub takes writes.
+    fn not_ready(&self, writable: bool) -> Option<&'static str>;
+}
+
 /// The hub core. Cheap to share: `Arc<Hub>`.
 pub struct Hub {
     config: Config,
     store: Arc<dyn Store>,
     bus: Arc<EventBus>,
-    verifier: TokenVerifier,
+    verifier: Arc<TokenVerifier>,
     /// All mutable task, agent and timer state. A std mutex, never held
     /// across `.await`; a panic under it leaves state that is still
     /// consistent with the store's (it is rebuilt on the next failure).
@@ -154,8 +173,8 @@ pub struct Hub {
     closing: AtomicBool,
     /// The admin token created on first start, to print once.
     bootstrap_token: Mutex<Option<String>>,
-    /// Cluster mode: this node and its session relay.
-    cluster: std::sync::OnceLock<(Arc<crate::cluster::Node>, Arc<crate::cluster::relay::Relay>)>,
+    /// Cluster mode: this node (and, behind it, its session relay).
+    cluster: std::sync::OnceLock<Arc<dyn Cluster>>,
 }
 
 impl Hub {
@@ -197,7 +216,10 @@ impl Hub {
         metrics.register_store(store.clone());
         let log_id = store.log_id();
         Ok(Arc::new_cyclic(|weak| Hub {
-            verifier: TokenVerifier::with_counters(store.clone(), metrics.tokens.clone()),
+            verifier: Arc::new(TokenVerifier::with_counters(
+                store.clone(),
+                metrics.tokens.clone(),
+            )),
             config,
             store,
             bus,
@@ -218,24 +240,15 @@ impl Hub {
         }))
     }
 
-    /// Cluster mode: this hub is `node`, its sidecar sessions go through `relay`.
-    pub fn set_cluster(
-        &self,
-        node: Arc<crate::cluster::Node>,
-        relay: Arc<crate::cluster::relay::Relay>,
-    ) {
-        self.lock().node_id = Some(node.node_id().to_string());
-        let _ = self.cluster.set((node, relay));
+    /// Cluster mode: this hub is a node of `cluster` (set once, at start).
+    pub fn set_cluster(&self, cluster: Arc<dyn Cluster>) {
+        self.lock().node_id = Some(cluster.node_id().to_string());
+        let _ = self.cluster.set(cluster);
     }
 
-    /// Cluster mode: the session relay.
-    pub fn relay(&self) -> Option<&Arc<crate::cluster::relay::Relay>> {
-        self.cluster.get().map(|(_, r)| r)
-    }
-
-    /// Cluster mode: this node.
-    pub fn cluster_node(&self) -> Option<&Arc<crate::cluster::Node>> {
-        self.cluster.get().map(|(n, _)| n)
+    /// Cluster mode: the cluster this hub is a node of.
+    pub fn cluster(&self) -> Option<&Arc<dyn Cluster>> {
+        self.cluster.get()
     }
 
     /// The event bus (cluster mode: the log's follower feeds it).
@@ -247,7 +260,8 @@ impl Hub {
         &self.config
     }
 
-    pub fn verifier(&self) -> &TokenVerifier {
+    /// The token verifier (shared with the task that re-reads revocations).
+    pub fn verifier(&self) -> &Arc<TokenVerifier> {
         &self.verifier
     }
 
@@ -832,7 +846,7 @@ impl Hub {
     /// `/health` figures.
     pub fn health(&self) -> Health {
         let core = self.lock();
-        let node = self.cluster_node();
+        let node = self.cluster();
         Health {
             node_id: node.map(|n| n.node_id().to_string()),
             leader: node.and_then(|n| n.leader_id()),
@@ -893,7 +907,7 @@ impl Hub {
             self.output_watches.watched_tasks() as u64,
         );
         metrics::gauge_set(&m.data_dir_bytes, self.store.disk_bytes());
-        if let Some(node) = self.cluster_node() {
+        if let Some(node) = self.cluster() {
             metrics::gauge_set(&m.cluster_leader, u64::from(node.is_leader()));
         }
         let mut out = String::new();

@@ -6,7 +6,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::agentcom::{on_agent_restarting, run_outlives_sidecar, REJECT_BUSY};
-use super::core::{obj, set_state, task_assign, Agent, Core, Timer, Txn};
+use super::core::{fence, obj, set_state, task_assign, Agent, Core, Timer, Txn};
 use super::Hub;
 use crate::auth::Role;
 use crate::error::{Error, Result};
@@ -524,31 +524,6 @@ fn end_attempt_on_report(
         status,
     };
     txn.reply_after_commit(session, &r.task_id, ack);
-}
-
-/// A report is applied only if the reporter is the task's current assignee
-/// and, when it gives a generation, that generation is current.
-pub(super) fn fence(core: &Core, agent_id: &str, r: &Report) -> Result<()> {
-    let task = core
-        .tasks
-        .get(&r.task_id)
-        .ok_or_else(|| Error::UnknownTask(r.task_id.clone()))?;
-    if r.generation.is_some_and(|g| g != task.generation) {
-        return Err(Error::StaleGeneration {
-            task_id: r.task_id.clone(),
-            current: task.generation,
-        });
-    }
-    if task.agent_id.as_deref() != Some(agent_id) {
-        return Err(Error::NotTaskOwner(r.task_id.clone()));
-    }
-    if task.state.is_final() {
-        return Err(Error::TaskFinished(r.task_id.clone()));
-    }
-    if !task.state.is_active() {
-        return Err(Error::NotTaskOwner(r.task_id.clone()));
-    }
-    Ok(())
 }
 
 /// Reports that change stored state (refused while the store is degraded).

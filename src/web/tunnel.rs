@@ -84,7 +84,7 @@ where
 
 /// No `Origin` (not a browser), or the one the request was sent to.
 fn own_origin(headers: &HeaderMap) -> bool {
-    use crate::ws::upgrade::normalize_origin;
+    use crate::config::normalize_origin;
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };

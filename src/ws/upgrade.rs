@@ -11,34 +11,11 @@ use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use crate::config::normalize_origin;
 use crate::hub::Hub;
 use crate::listener::ConnInfo;
 use crate::metrics::LimitMetrics;
 use crate::ws::limits::{Admission, Refusal, WsLimits, CLOSE_TOO_MANY_FAILURES};
-
-/// `scheme://host[:port]` as (scheme, host, port), lowercased, with the
-/// scheme's default port filled in; `None` if it is not such an origin.
-pub fn normalize_origin(origin: &str) -> Option<(String, String, u16)> {
-    let origin = origin.trim().to_ascii_lowercase();
-    let (scheme, rest) = origin.split_once("://")?;
-    let default_port = match scheme {
-        "http" | "ws" => 80,
-        "https" | "wss" => 443,
-        _ => return None,
-    };
-    if rest.is_empty() || rest.contains(['/', '?', '#', '@']) {
-        return None;
-    }
-    let (host, port) = match rest.rsplit_once(':') {
-        // An IPv6 literal without a port: `[::1]`.
-        Some((h, p)) if !p.contains(']') => (h, p.parse().ok()?),
-        _ => (rest, default_port),
-    };
-    if host.is_empty() {
-        return None;
-    }
-    Some((scheme.to_string(), host.to_string(), port))
-}
 
 /// Why an upgrade was refused, and how to say it.
 pub enum Refused {
@@ -133,22 +110,5 @@ impl UpgradeGate {
             .and_then(|h| h.to_str().ok())
             .and_then(|h| normalize_origin(&format!("{scheme}://{h}")));
         own.as_ref() == Some(&origin) || self.allowed.contains(&origin)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn origins_normalize_with_default_ports() {
-        let o = |s| normalize_origin(s);
-        assert_eq!(o("https://Example.com"), o("https://example.com:443"));
-        assert_eq!(o("http://127.0.0.1:4000").unwrap().2, 4000);
-        assert_eq!(o("http://[::1]").unwrap().1, "[::1]");
-        assert_eq!(o("http://[::1]:8080").unwrap().2, 8080);
-        assert!(o("null").is_none());
-        assert!(o("https://evil.example/path").is_none());
-        assert!(o("ftp://x").is_none());
     }
 }
