@@ -27,51 +27,32 @@
 //! on from the record before. A damaged record anywhere else stops the
 //! start with the segment and offset; `agenthub check` names it too.
 
+mod applier;
 pub mod filter;
 pub mod offline;
 pub mod segment;
+mod writer;
 
 pub use offline::{backup, check, Report};
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-
 use super::sqlite::SqliteStore;
-use super::{entry, Batch, CommitStats, Faults, ListFilter, Loaded, Purged, Store, TaskListing};
+use super::{Batch, CommitStats, Faults, ListFilter, Loaded, Purged, Store, TaskListing};
 use crate::error::{Error, Result, StorageFault};
 use crate::model::{Seq, Task, TokenRecord};
 use crate::pb::wire::EncodedEvent;
-use segment::{Header, Parsed, Tail, HEADER_LEN, RECORD_HEAD};
+use applier::applier_loop;
+use segment::Tail;
+use writer::{writer_loop, Writer};
 
-/// A segment is closed once it holds this many bytes (a larger record
-/// goes alone into a segment of its own).
-pub const SEGMENT_BYTES: u64 = 64 << 20;
-/// The first zeros written ahead in a new segment; each extension doubles
-/// what the segment holds, up to [`MAX_EXTEND`] at a time.
-const FIRST_EXTEND: u64 = 256 << 10;
-const MAX_EXTEND: u64 = 8 << 20;
-/// Most batches folded into one record.
-const MAX_GROUP: usize = 4096;
-/// Most bytes of records the copy applies in one transaction.
-const MAX_APPLY_BYTES: usize = 8 << 20;
-/// The copy applies once this many records wait, or once the oldest has
-/// waited [`APPLY_DELAY`], or at once when a read waits for it: few large
-/// transactions instead of one per record (a sequential workload would
-/// otherwise pay a SQLite commit per acknowledgement, off its path but
-/// not off the CPU).
-const APPLY_RECORDS: u64 = 256;
-const APPLY_DELAY: Duration = Duration::from_millis(10);
 /// How long a read waits for the copy to reach the log before it fails.
 const READ_WAIT: Duration = Duration::from_secs(10);
-/// The longest pause between two tries of a copy that failed to apply.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Log directory inside the data directory.
 pub fn log_dir(data_dir: &Path) -> PathBuf {
@@ -79,40 +60,40 @@ pub fn log_dir(data_dir: &Path) -> PathBuf {
 }
 
 /// What the writer, the applier and readers share.
-struct Shared {
-    state: Mutex<State>,
+pub(super) struct Shared {
+    pub(super) state: Mutex<State>,
     /// Signalled when `durable_index` or `applied` move, or on close.
-    applied_cv: Condvar,
+    pub(super) applied_cv: Condvar,
     /// Signalled for the applier: records to apply, a reader waiting, close.
-    durable_cv: Condvar,
+    pub(super) durable_cv: Condvar,
     /// Highest event seq durable in the log.
-    durable_seq: AtomicU64,
-    commits: Mutex<CommitStats>,
-    faults: Option<Arc<Faults>>,
-    log_id: String,
-    dir: PathBuf,
+    pub(super) durable_seq: AtomicU64,
+    pub(super) commits: Mutex<CommitStats>,
+    pub(super) faults: Option<Arc<Faults>>,
+    pub(super) log_id: String,
+    pub(super) dir: PathBuf,
     /// Task ids that may be stored (see [`filter`]).
-    ids: filter::Ids,
+    pub(super) ids: filter::Ids,
 }
 
-struct State {
+pub(super) struct State {
     /// Index of the last durable record.
-    durable_index: u64,
+    pub(super) durable_index: u64,
     /// Index of the last record the copy holds.
-    applied: u64,
+    pub(super) applied: u64,
     /// The segments, by base: `(base, path)`.
-    segments: Vec<(u64, PathBuf)>,
+    pub(super) segments: Vec<(u64, PathBuf)>,
     /// Why the copy could not apply lately (cleared when it does).
-    copy_error: Option<Error>,
+    pub(super) copy_error: Option<Error>,
     /// The writer has stopped: the applier finishes and stops too.
-    closing: bool,
+    pub(super) closing: bool,
     /// Reads waiting for the copy (it applies at once while there are).
-    readers: usize,
+    pub(super) readers: usize,
     /// The applier waits for a record to be durable.
-    applier_idle: bool,
+    pub(super) applier_idle: bool,
 }
 
-enum Msg {
+pub(super) enum Msg {
     Batch(Batch),
     /// Make sure the log takes writes again (see [`Store::probe`]).
     Probe(mpsc::Sender<Result<()>>),
@@ -366,469 +347,12 @@ pub fn scan_log(ldir: &Path) -> Result<Vec<segment::Scan>> {
     Ok(scans)
 }
 
-fn open_rw(path: &Path) -> Result<File> {
+pub(super) fn open_rw(path: &Path) -> Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
         .map_err(|e| segment::io_err(&format!("open {}", path.display()), e))
-}
-
-/// The writer's end of the log.
-struct Writer {
-    dir: PathBuf,
-    log_id: String,
-    file: File,
-    path: PathBuf,
-    base: u64,
-    /// Offset right after the last durable record.
-    end: u64,
-    /// Bytes of the file written (records or zeros).
-    filled: u64,
-    /// Bytes past `end` up to here may hold a write that failed: zeroed
-    /// before anything else is written.
-    dirty: u64,
-    next_index: u64,
-    /// Highest event seq durable.
-    last_seq: Seq,
-}
-
-impl Writer {
-    fn create(dir: &Path, log_id: &str, base: u64, last_seq: Seq) -> Result<Writer> {
-        let header = Header {
-            base,
-            log_id: log_id.to_string(),
-        };
-        let (file, path) = segment::create(dir, &header, FIRST_EXTEND)
-            .map_err(|e| segment::io_err("create a log segment", e))?;
-        Ok(Writer {
-            dir: dir.to_path_buf(),
-            log_id: log_id.to_string(),
-            file,
-            path,
-            base,
-            end: HEADER_LEN,
-            filled: FIRST_EXTEND.max(HEADER_LEN),
-            dirty: HEADER_LEN,
-            next_index: base + 1,
-            last_seq,
-        })
-    }
-
-    fn resume(dir: &Path, log_id: &str, s: &segment::Scan, last_seq: Seq) -> Result<Writer> {
-        let file = open_rw(&s.path)?;
-        Ok(Writer {
-            dir: dir.to_path_buf(),
-            log_id: log_id.to_string(),
-            file,
-            path: s.path.clone(),
-            base: s.header.base,
-            end: s.end,
-            filled: s.file_len,
-            dirty: s.end,
-            next_index: s.last_index + 1,
-            last_seq,
-        })
-    }
-
-    /// Append one record and sync it: the record is durable on `Ok`.
-    fn append(&mut self, entry: &[u8], last_seq: Seq, shared: &Shared) -> Result<()> {
-        let record = segment::encode_record(self.next_index, last_seq, entry);
-        let len = record.len() as u64;
-        if self.end > HEADER_LEN && self.end + len > SEGMENT_BYTES {
-            self.roll(shared)?;
-        }
-        let end = self.end + len;
-        let written = self.write(&record, end);
-        if let Err(e) = written {
-            self.dirty = self.dirty.max(end);
-            return Err(segment::io_err("append to the log", e));
-        }
-        self.end = end;
-        self.dirty = end;
-        self.next_index += 1;
-        self.last_seq = last_seq;
-        Ok(())
-    }
-
-    fn write(&mut self, record: &[u8], end: u64) -> std::io::Result<()> {
-        if end > self.filled {
-            let grow = self.filled.clamp(FIRST_EXTEND, MAX_EXTEND);
-            let to = end.max(self.filled + grow);
-            segment::write_zeros(&self.file, self.filled, to)?;
-            self.filled = to;
-        }
-        self.file.write_all_at(record, self.end)?;
-        if self.dirty > end {
-            segment::write_zeros(&self.file, end, self.dirty)?;
-        }
-        self.file.sync_data()
-    }
-
-    /// Close the current segment and start the next.
-    fn roll(&mut self, shared: &Shared) -> Result<()> {
-        if self.dirty > self.end {
-            segment::write_zeros(&self.file, self.end, self.dirty)
-                .and_then(|_| self.file.sync_data())
-                .map_err(|e| segment::io_err("clear a failed write", e))?;
-            self.dirty = self.end;
-        }
-        let next = Writer::create(&self.dir, &self.log_id, self.next_index - 1, self.last_seq)?;
-        lock(&shared.state)
-            .segments
-            .push((next.base, next.path.clone()));
-        *self = next;
-        Ok(())
-    }
-
-    /// Clear what a failed write may have left and sync: `Ok` once the log
-    /// takes writes again.
-    fn probe(&mut self) -> Result<()> {
-        let to = self.dirty.max(self.end);
-        segment::write_zeros(&self.file, self.end, to)
-            .and_then(|_| self.file.sync_data())
-            .map_err(|e| segment::io_err("probe the log", e))?;
-        self.dirty = self.end;
-        Ok(())
-    }
-}
-
-fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Msg>, shared: Arc<Shared>) {
-    // Batches of this epoch or older fail unwritten (the failure rule of
-    // `store`), with the error that poisoned it.
-    let mut poisoned: (u64, Option<Error>) = (0, None);
-    let mut carry: Option<Msg> = None;
-    loop {
-        let first = match carry.take() {
-            Some(m) => m,
-            None => match rx.recv() {
-                Ok(m) => m,
-                Err(_) => break,
-            },
-        };
-        let mut group = match first {
-            Msg::Probe(reply) => {
-                let r = match shared.faults.as_deref().map(Faults::before_probe) {
-                    Some(Err(e)) => Err(e),
-                    _ => w.probe(),
-                };
-                let _ = reply.send(r);
-                continue;
-            }
-            Msg::Batch(b) => vec![b],
-        };
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(Msg::Batch(b)) => group.push(b),
-                Ok(m) => {
-                    carry = Some(m);
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        let stale: Vec<bool> = group
-            .iter()
-            .map(|b| poisoned.1.is_some() && b.epoch <= poisoned.0)
-            .collect();
-        let live: Vec<&Batch> = group
-            .iter()
-            .zip(&stale)
-            .filter(|(_, s)| !**s)
-            .map(|(b, _)| b)
-            .collect();
-        let writes = live.iter().any(|b| b.has_writes());
-        let started = Instant::now();
-        let result = if writes {
-            commit(&mut w, &live, &shared)
-        } else {
-            Ok(())
-        };
-        match &result {
-            Ok(()) if writes => {
-                shared.durable_seq.store(w.last_seq, Ordering::Release);
-                let mut st = lock(&shared.state);
-                st.durable_index = w.next_index - 1;
-                // Wake the applier only when it waits for any record or
-                // enough have gathered (it also wakes by itself).
-                let wake = st.applier_idle || st.durable_index - st.applied == APPLY_RECORDS;
-                drop(st);
-                if wake {
-                    shared.durable_cv.notify_all();
-                }
-            }
-            Ok(()) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "append to the log failed; queued changes of this epoch are dropped");
-                let epoch = live.iter().map(|b| b.epoch).max().unwrap_or(0);
-                poisoned = (poisoned.0.max(epoch), Some(e.clone()));
-            }
-        }
-        if writes {
-            lock(&shared.commits).record(started.elapsed(), live.len(), result.is_ok());
-        }
-        drop(live);
-        let poison = Err(poisoned.1.clone().unwrap_or(Error::ShuttingDown));
-        for (batch, stale) in group.into_iter().zip(stale) {
-            batch.complete(if stale { &poison } else { &result });
-        }
-    }
-    lock(&shared.state).closing = true;
-    shared.durable_cv.notify_all();
-}
-
-/// Append the live batches of a group as one record. The log takes events
-/// only in order: the first must follow the last durable one and each the
-/// one before (a writer that is behind, or that skipped, conflicts instead
-/// of leaving a hole).
-fn commit(w: &mut Writer, live: &[&Batch], shared: &Shared) -> Result<()> {
-    if let Some(f) = &shared.faults {
-        f.before_commit()?;
-    }
-    let mut prev = w.last_seq;
-    for ev in live.iter().flat_map(|b| &b.events) {
-        if ev.seq != prev + 1 {
-            return Err(Error::Storage {
-                fault: StorageFault::Conflict,
-                detail: format!("event seq {} where the log expects {}", ev.seq, prev + 1),
-            });
-        }
-        prev = ev.seq;
-    }
-    if shared.faults.as_deref().is_some_and(Faults::discards) {
-        w.last_seq = prev;
-        return Ok(());
-    }
-    let entry = entry::encode(live.iter().copied());
-    w.append(&entry, prev, shared)
-}
-
-/// Reads durable records back from the log, in order.
-struct Reader {
-    /// The open segment: its base and file, and the offset of the next record.
-    at: Option<(u64, File, u64)>,
-    /// Index of the next record to read.
-    next: u64,
-}
-
-impl Reader {
-    /// Records from `self.next` up to `upto`, at most about `max_bytes`.
-    fn read(&mut self, shared: &Shared, upto: u64, max_bytes: usize) -> Result<Vec<(u64, Bytes)>> {
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        while self.next <= upto && bytes < max_bytes {
-            let want = self.next;
-            let (base, file, offset) = match &mut self.at {
-                Some(at) => at,
-                None => {
-                    let st = lock(&shared.state);
-                    let (base, path) = st
-                        .segments
-                        .iter()
-                        .rev()
-                        .find(|(b, _)| *b < want)
-                        .cloned()
-                        .ok_or_else(|| {
-                        Error::storage(format!("no log segment holds record {want}"))
-                    })?;
-                    drop(st);
-                    let f = File::open(&path)
-                        .map_err(|e| segment::io_err(&format!("open {}", path.display()), e))?;
-                    self.at.insert((base, f, HEADER_LEN))
-                }
-            };
-            let mut head = [0u8; RECORD_HEAD];
-            let n = read_at_most(file, &mut head, *offset)?;
-            let parsed_head = segment::parse(&head[..n]);
-            if matches!(parsed_head, Parsed::End) || n < RECORD_HEAD {
-                // This segment ends: the record is in the next one.
-                let next_base = *base;
-                let st = lock(&shared.state);
-                let has_next = st.segments.iter().any(|(b, _)| *b > next_base && *b < want);
-                drop(st);
-                if !has_next {
-                    return Err(Error::storage(format!(
-                        "the log ends before record {want}, which it reported durable"
-                    )));
-                }
-                self.at = None;
-                continue;
-            }
-            let len = u32::from_le_bytes(head[4..8].try_into().expect("4")) as usize;
-            if len > segment::MAX_ENTRY {
-                return Err(Error::storage(format!(
-                    "log record {want}: bad length {len}"
-                )));
-            }
-            let mut buf = vec![0u8; RECORD_HEAD + len];
-            let got = read_at_most(file, &mut buf, *offset)?;
-            let h = match segment::parse(&buf[..got]) {
-                Parsed::Record(h) => h,
-                other => {
-                    return Err(Error::Storage {
-                        fault: StorageFault::Corrupt,
-                        detail: format!("log record {want} at offset {offset}: {other:?}"),
-                    })
-                }
-            };
-            *offset += (RECORD_HEAD + len) as u64;
-            if h.index < want {
-                continue;
-            }
-            if h.index > want {
-                return Err(Error::Storage {
-                    fault: StorageFault::Corrupt,
-                    detail: format!("log record {} where record {want} was expected", h.index),
-                });
-            }
-            bytes += len;
-            out.push((h.index, Bytes::from(buf).slice(RECORD_HEAD..)));
-            self.next += 1;
-        }
-        Ok(out)
-    }
-}
-
-fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match file.read_at(&mut buf[got..], offset + got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(segment::io_err("read the log", e)),
-        }
-    }
-    Ok(got)
-}
-
-fn applier_loop(shared: Arc<Shared>, copy: Arc<SqliteStore>) {
-    let applied = lock(&shared.state).applied;
-    let mut reader = Reader {
-        at: None,
-        next: applied + 1,
-    };
-    let mut epoch: u64 = 1;
-    let mut backoff = Duration::from_millis(20);
-    loop {
-        let upto = {
-            let mut st = lock(&shared.state);
-            while st.applied >= st.durable_index && !st.closing {
-                st.applier_idle = true;
-                st = shared.durable_cv.wait(st).unwrap_or_else(|e| e.into_inner());
-            }
-            st.applier_idle = false;
-            if st.applied >= st.durable_index {
-                break;
-            }
-            // Let records gather, unless someone waits for them.
-            let until = Instant::now() + APPLY_DELAY;
-            while !st.closing
-                && st.readers == 0
-                && st.durable_index - st.applied < APPLY_RECORDS
-                && st.copy_error.is_none()
-            {
-                let now = Instant::now();
-                if now >= until {
-                    break;
-                }
-                st = shared
-                    .durable_cv
-                    .wait_timeout(st, until - now)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
-            st.durable_index
-        };
-        match apply(&shared, &copy, &mut reader, upto, epoch) {
-            Ok(last) => {
-                backoff = Duration::from_millis(20);
-                let mut st = lock(&shared.state);
-                st.applied = last;
-                st.copy_error = None;
-                let drop_first = st.segments.len() > 1 && st.segments[1].0 <= last;
-                drop(st);
-                shared.applied_cv.notify_all();
-                if drop_first {
-                    remove_applied_segments(&shared, &copy, last);
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, retry_in = ?backoff, "applying the log to the query copy failed");
-                let closing = {
-                    let mut st = lock(&shared.state);
-                    st.copy_error = Some(e);
-                    reader = Reader {
-                        at: None,
-                        next: st.applied + 1,
-                    };
-                    st.closing
-                };
-                shared.applied_cv.notify_all();
-                if closing && backoff >= MAX_BACKOFF {
-                    tracing::error!(
-                        "giving up on the query copy at shutdown; the next start replays the log"
-                    );
-                    break;
-                }
-                epoch += 1;
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
-        }
-    }
-}
-
-/// Apply records up to `upto` (at most [`MAX_APPLY_BYTES`] of them) to the
-/// copy in one commit: the index of the last one applied.
-fn apply(
-    shared: &Shared,
-    copy: &SqliteStore,
-    reader: &mut Reader,
-    upto: u64,
-    epoch: u64,
-) -> Result<u64> {
-    let records = reader.read(shared, upto, MAX_APPLY_BYTES)?;
-    let Some(last) = records.last().map(|r| r.0) else {
-        return Err(Error::storage("no record read"));
-    };
-    let mut batch = Batch {
-        epoch,
-        position: Some(last),
-        ..Batch::default()
-    };
-    for (index, entry) in &records {
-        let (events, rows) = entry::decode(&index.to_string(), entry)?;
-        batch.events.extend(events);
-        batch.tasks.extend(rows);
-    }
-    let (done_tx, done_rx) = mpsc::channel();
-    batch.then(move |r| {
-        let _ = done_tx.send(r.clone());
-    });
-    copy.submit(batch);
-    done_rx
-        .recv()
-        .map_err(|_| Error::storage("the query copy closed"))??;
-    Ok(last)
-}
-
-/// Remove segments whose every record the copy holds, once a checkpoint
-/// has made the copy durable.
-fn remove_applied_segments(shared: &Shared, copy: &SqliteStore, applied: u64) {
-    if let Err(e) = copy.checkpoint() {
-        tracing::warn!(error = %e, "checkpoint of the query copy failed; keeping log segments");
-        return;
-    }
-    let mut st = lock(&shared.state);
-    while st.segments.len() > 1 && st.segments[1].0 <= applied {
-        let (_, path) = st.segments.remove(0);
-        if let Err(e) = std::fs::remove_file(&path) {
-            tracing::warn!(segment = %path.display(), error = %e, "could not remove an applied log segment");
-        }
-    }
-    drop(st);
-    let _ = segment::sync_dir(&shared.dir);
 }
 
 impl Store for FileStore {
@@ -945,6 +469,6 @@ impl Store for FileStore {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

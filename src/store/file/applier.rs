@@ -1,0 +1,259 @@
+//! The applier thread: reads durable records back from the log and
+//! applies them to the SQLite copy in large batches (retrying with backoff
+//! when the copy fails), then removes the segments the copy holds.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::segment::{self, Parsed, HEADER_LEN, RECORD_HEAD};
+use super::{lock, Shared};
+use crate::error::{Error, Result, StorageFault};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{entry, Batch, Store};
+
+/// Most bytes of records the copy applies in one transaction.
+const MAX_APPLY_BYTES: usize = 8 << 20;
+/// The copy applies once this many records wait, or once the oldest has
+/// waited [`APPLY_DELAY`], or at once when a read waits for it: few large
+/// transactions instead of one per record (a sequential workload would
+/// otherwise pay a SQLite commit per acknowledgement, off its path but
+/// not off the CPU).
+pub(super) const APPLY_RECORDS: u64 = 256;
+const APPLY_DELAY: Duration = Duration::from_millis(10);
+/// The longest pause between two tries of a copy that failed to apply.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Reads durable records back from the log, in order.
+struct Reader {
+    /// The open segment: its base and file, and the offset of the next record.
+    at: Option<(u64, File, u64)>,
+    /// Index of the next record to read.
+    next: u64,
+}
+
+impl Reader {
+    /// Records from `self.next` up to `upto`, at most about `max_bytes`.
+    fn read(&mut self, shared: &Shared, upto: u64, max_bytes: usize) -> Result<Vec<(u64, Bytes)>> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while self.next <= upto && bytes < max_bytes {
+            let want = self.next;
+            let (base, file, offset) = match &mut self.at {
+                Some(at) => at,
+                None => {
+                    let st = lock(&shared.state);
+                    let (base, path) = st
+                        .segments
+                        .iter()
+                        .rev()
+                        .find(|(b, _)| *b < want)
+                        .cloned()
+                        .ok_or_else(|| {
+                        Error::storage(format!("no log segment holds record {want}"))
+                    })?;
+                    drop(st);
+                    let f = File::open(&path)
+                        .map_err(|e| segment::io_err(&format!("open {}", path.display()), e))?;
+                    self.at.insert((base, f, HEADER_LEN))
+                }
+            };
+            let mut head = [0u8; RECORD_HEAD];
+            let n = read_at_most(file, &mut head, *offset)?;
+            let parsed_head = segment::parse(&head[..n]);
+            if matches!(parsed_head, Parsed::End) || n < RECORD_HEAD {
+                // This segment ends: the record is in the next one.
+                let next_base = *base;
+                let st = lock(&shared.state);
+                let has_next = st.segments.iter().any(|(b, _)| *b > next_base && *b < want);
+                drop(st);
+                if !has_next {
+                    return Err(Error::storage(format!(
+                        "the log ends before record {want}, which it reported durable"
+                    )));
+                }
+                self.at = None;
+                continue;
+            }
+            let len = u32::from_le_bytes(head[4..8].try_into().expect("4")) as usize;
+            if len > segment::MAX_ENTRY {
+                return Err(Error::storage(format!(
+                    "log record {want}: bad length {len}"
+                )));
+            }
+            let mut buf = vec![0u8; RECORD_HEAD + len];
+            let got = read_at_most(file, &mut buf, *offset)?;
+            let h = match segment::parse(&buf[..got]) {
+                Parsed::Record(h) => h,
+                other => {
+                    return Err(Error::Storage {
+                        fault: StorageFault::Corrupt,
+                        detail: format!("log record {want} at offset {offset}: {other:?}"),
+                    })
+                }
+            };
+            *offset += (RECORD_HEAD + len) as u64;
+            if h.index < want {
+                continue;
+            }
+            if h.index > want {
+                return Err(Error::Storage {
+                    fault: StorageFault::Corrupt,
+                    detail: format!("log record {} where record {want} was expected", h.index),
+                });
+            }
+            bytes += len;
+            out.push((h.index, Bytes::from(buf).slice(RECORD_HEAD..)));
+            self.next += 1;
+        }
+        Ok(out)
+    }
+}
+
+fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(segment::io_err("read the log", e)),
+        }
+    }
+    Ok(got)
+}
+
+pub(super) fn applier_loop(shared: Arc<Shared>, copy: Arc<SqliteStore>) {
+    let applied = lock(&shared.state).applied;
+    let mut reader = Reader {
+        at: None,
+        next: applied + 1,
+    };
+    let mut epoch: u64 = 1;
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let upto = {
+            let mut st = lock(&shared.state);
+            while st.applied >= st.durable_index && !st.closing {
+                st.applier_idle = true;
+                st = shared
+                    .durable_cv
+                    .wait(st)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            st.applier_idle = false;
+            if st.applied >= st.durable_index {
+                break;
+            }
+            // Let records gather, unless someone waits for them.
+            let until = Instant::now() + APPLY_DELAY;
+            while !st.closing
+                && st.readers == 0
+                && st.durable_index - st.applied < APPLY_RECORDS
+                && st.copy_error.is_none()
+            {
+                let now = Instant::now();
+                if now >= until {
+                    break;
+                }
+                st = shared
+                    .durable_cv
+                    .wait_timeout(st, until - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            st.durable_index
+        };
+        match apply(&shared, &copy, &mut reader, upto, epoch) {
+            Ok(last) => {
+                backoff = Duration::from_millis(20);
+                let mut st = lock(&shared.state);
+                st.applied = last;
+                st.copy_error = None;
+                let drop_first = st.segments.len() > 1 && st.segments[1].0 <= last;
+                drop(st);
+                shared.applied_cv.notify_all();
+                if drop_first {
+                    remove_applied_segments(&shared, &copy, last);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, retry_in = ?backoff, "applying the log to the query copy failed");
+                let closing = {
+                    let mut st = lock(&shared.state);
+                    st.copy_error = Some(e);
+                    reader = Reader {
+                        at: None,
+                        next: st.applied + 1,
+                    };
+                    st.closing
+                };
+                shared.applied_cv.notify_all();
+                if closing && backoff >= MAX_BACKOFF {
+                    tracing::error!(
+                        "giving up on the query copy at shutdown; the next start replays the log"
+                    );
+                    break;
+                }
+                epoch += 1;
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Apply records up to `upto` (at most [`MAX_APPLY_BYTES`] of them) to the
+/// copy in one commit: the index of the last one applied.
+fn apply(
+    shared: &Shared,
+    copy: &SqliteStore,
+    reader: &mut Reader,
+    upto: u64,
+    epoch: u64,
+) -> Result<u64> {
+    let records = reader.read(shared, upto, MAX_APPLY_BYTES)?;
+    let Some(last) = records.last().map(|r| r.0) else {
+        return Err(Error::storage("no record read"));
+    };
+    let mut batch = Batch {
+        epoch,
+        position: Some(last),
+        ..Batch::default()
+    };
+    for (index, entry) in &records {
+        let (events, rows) = entry::decode(&index.to_string(), entry)?;
+        batch.events.extend(events);
+        batch.tasks.extend(rows);
+    }
+    let (done_tx, done_rx) = mpsc::channel();
+    batch.then(move |r| {
+        let _ = done_tx.send(r.clone());
+    });
+    copy.submit(batch);
+    done_rx
+        .recv()
+        .map_err(|_| Error::storage("the query copy closed"))??;
+    Ok(last)
+}
+
+/// Remove segments whose every record the copy holds, once a checkpoint
+/// has made the copy durable.
+fn remove_applied_segments(shared: &Shared, copy: &SqliteStore, applied: u64) {
+    if let Err(e) = copy.checkpoint() {
+        tracing::warn!(error = %e, "checkpoint of the query copy failed; keeping log segments");
+        return;
+    }
+    let mut st = lock(&shared.state);
+    while st.segments.len() > 1 && st.segments[1].0 <= applied {
+        let (_, path) = st.segments.remove(0);
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(segment = %path.display(), error = %e, "could not remove an applied log segment");
+        }
+    }
+    drop(st);
+    let _ = segment::sync_dir(&shared.dir);
+}

@@ -1,0 +1,262 @@
+//! The log's writer thread: group commit, one record and one sync per
+//! group, segments extended with zeros ahead of their records and rolled
+//! at [`SEGMENT_BYTES`]; the failure rule of [`crate::store`] (a failed
+//! append poisons its write epoch).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use super::applier::APPLY_RECORDS;
+use super::segment::{self, Header, HEADER_LEN};
+use super::{lock, open_rw, Msg, Shared};
+use crate::error::{Error, Result, StorageFault};
+use crate::model::Seq;
+use crate::store::{entry, Batch, Faults};
+
+/// A segment is closed once it holds this many bytes (a larger record
+/// goes alone into a segment of its own).
+pub const SEGMENT_BYTES: u64 = 64 << 20;
+/// The first zeros written ahead in a new segment; each extension doubles
+/// what the segment holds, up to [`MAX_EXTEND`] at a time.
+const FIRST_EXTEND: u64 = 256 << 10;
+const MAX_EXTEND: u64 = 8 << 20;
+/// Most batches folded into one record.
+const MAX_GROUP: usize = 4096;
+
+/// The writer's end of the log.
+pub(super) struct Writer {
+    pub(super) dir: PathBuf,
+    pub(super) log_id: String,
+    pub(super) file: File,
+    pub(super) path: PathBuf,
+    pub(super) base: u64,
+    /// Offset right after the last durable record.
+    pub(super) end: u64,
+    /// Bytes of the file written (records or zeros).
+    pub(super) filled: u64,
+    /// Bytes past `end` up to here may hold a write that failed: zeroed
+    /// before anything else is written.
+    pub(super) dirty: u64,
+    pub(super) next_index: u64,
+    /// Highest event seq durable.
+    pub(super) last_seq: Seq,
+}
+
+impl Writer {
+    pub(super) fn create(dir: &Path, log_id: &str, base: u64, last_seq: Seq) -> Result<Writer> {
+        let header = Header {
+            base,
+            log_id: log_id.to_string(),
+        };
+        let (file, path) = segment::create(dir, &header, FIRST_EXTEND)
+            .map_err(|e| segment::io_err("create a log segment", e))?;
+        Ok(Writer {
+            dir: dir.to_path_buf(),
+            log_id: log_id.to_string(),
+            file,
+            path,
+            base,
+            end: HEADER_LEN,
+            filled: FIRST_EXTEND.max(HEADER_LEN),
+            dirty: HEADER_LEN,
+            next_index: base + 1,
+            last_seq,
+        })
+    }
+
+    pub(super) fn resume(
+        dir: &Path,
+        log_id: &str,
+        s: &segment::Scan,
+        last_seq: Seq,
+    ) -> Result<Writer> {
+        let file = open_rw(&s.path)?;
+        Ok(Writer {
+            dir: dir.to_path_buf(),
+            log_id: log_id.to_string(),
+            file,
+            path: s.path.clone(),
+            base: s.header.base,
+            end: s.end,
+            filled: s.file_len,
+            dirty: s.end,
+            next_index: s.last_index + 1,
+            last_seq,
+        })
+    }
+
+    /// Append one record and sync it: the record is durable on `Ok`.
+    fn append(&mut self, entry: &[u8], last_seq: Seq, shared: &Shared) -> Result<()> {
+        let record = segment::encode_record(self.next_index, last_seq, entry);
+        let len = record.len() as u64;
+        if self.end > HEADER_LEN && self.end + len > SEGMENT_BYTES {
+            self.roll(shared)?;
+        }
+        let end = self.end + len;
+        let written = self.write(&record, end);
+        if let Err(e) = written {
+            self.dirty = self.dirty.max(end);
+            return Err(segment::io_err("append to the log", e));
+        }
+        self.end = end;
+        self.dirty = end;
+        self.next_index += 1;
+        self.last_seq = last_seq;
+        Ok(())
+    }
+
+    fn write(&mut self, record: &[u8], end: u64) -> std::io::Result<()> {
+        if end > self.filled {
+            let grow = self.filled.clamp(FIRST_EXTEND, MAX_EXTEND);
+            let to = end.max(self.filled + grow);
+            segment::write_zeros(&self.file, self.filled, to)?;
+            self.filled = to;
+        }
+        self.file.write_all_at(record, self.end)?;
+        if self.dirty > end {
+            segment::write_zeros(&self.file, end, self.dirty)?;
+        }
+        self.file.sync_data()
+    }
+
+    /// Close the current segment and start the next.
+    fn roll(&mut self, shared: &Shared) -> Result<()> {
+        if self.dirty > self.end {
+            segment::write_zeros(&self.file, self.end, self.dirty)
+                .and_then(|_| self.file.sync_data())
+                .map_err(|e| segment::io_err("clear a failed write", e))?;
+            self.dirty = self.end;
+        }
+        let next = Writer::create(&self.dir, &self.log_id, self.next_index - 1, self.last_seq)?;
+        lock(&shared.state)
+            .segments
+            .push((next.base, next.path.clone()));
+        *self = next;
+        Ok(())
+    }
+
+    /// Clear what a failed write may have left and sync: `Ok` once the log
+    /// takes writes again.
+    fn probe(&mut self) -> Result<()> {
+        let to = self.dirty.max(self.end);
+        segment::write_zeros(&self.file, self.end, to)
+            .and_then(|_| self.file.sync_data())
+            .map_err(|e| segment::io_err("probe the log", e))?;
+        self.dirty = self.end;
+        Ok(())
+    }
+}
+
+pub(super) fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Msg>, shared: Arc<Shared>) {
+    // Batches of this epoch or older fail unwritten (the failure rule of
+    // `store`), with the error that poisoned it.
+    let mut poisoned: (u64, Option<Error>) = (0, None);
+    let mut carry: Option<Msg> = None;
+    loop {
+        let first = match carry.take() {
+            Some(m) => m,
+            None => match rx.recv() {
+                Ok(m) => m,
+                Err(_) => break,
+            },
+        };
+        let mut group = match first {
+            Msg::Probe(reply) => {
+                let r = match shared.faults.as_deref().map(Faults::before_probe) {
+                    Some(Err(e)) => Err(e),
+                    _ => w.probe(),
+                };
+                let _ = reply.send(r);
+                continue;
+            }
+            Msg::Batch(b) => vec![b],
+        };
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(Msg::Batch(b)) => group.push(b),
+                Ok(m) => {
+                    carry = Some(m);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let stale: Vec<bool> = group
+            .iter()
+            .map(|b| poisoned.1.is_some() && b.epoch <= poisoned.0)
+            .collect();
+        let live: Vec<&Batch> = group
+            .iter()
+            .zip(&stale)
+            .filter(|(_, s)| !**s)
+            .map(|(b, _)| b)
+            .collect();
+        let writes = live.iter().any(|b| b.has_writes());
+        let started = Instant::now();
+        let result = if writes {
+            commit(&mut w, &live, &shared)
+        } else {
+            Ok(())
+        };
+        match &result {
+            Ok(()) if writes => {
+                shared.durable_seq.store(w.last_seq, Ordering::Release);
+                let mut st = lock(&shared.state);
+                st.durable_index = w.next_index - 1;
+                // Wake the applier only when it waits for any record or
+                // enough have gathered (it also wakes by itself).
+                let wake = st.applier_idle || st.durable_index - st.applied == APPLY_RECORDS;
+                drop(st);
+                if wake {
+                    shared.durable_cv.notify_all();
+                }
+            }
+            Ok(()) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "append to the log failed; queued changes of this epoch are dropped");
+                let epoch = live.iter().map(|b| b.epoch).max().unwrap_or(0);
+                poisoned = (poisoned.0.max(epoch), Some(e.clone()));
+            }
+        }
+        if writes {
+            lock(&shared.commits).record(started.elapsed(), live.len(), result.is_ok());
+        }
+        drop(live);
+        let poison = Err(poisoned.1.clone().unwrap_or(Error::ShuttingDown));
+        for (batch, stale) in group.into_iter().zip(stale) {
+            batch.complete(if stale { &poison } else { &result });
+        }
+    }
+    lock(&shared.state).closing = true;
+    shared.durable_cv.notify_all();
+}
+
+/// Append the live batches of a group as one record. The log takes events
+/// only in order: the first must follow the last durable one and each the
+/// one before (a writer that is behind, or that skipped, conflicts instead
+/// of leaving a hole).
+fn commit(w: &mut Writer, live: &[&Batch], shared: &Shared) -> Result<()> {
+    if let Some(f) = &shared.faults {
+        f.before_commit()?;
+    }
+    let mut prev = w.last_seq;
+    for ev in live.iter().flat_map(|b| &b.events) {
+        if ev.seq != prev + 1 {
+            return Err(Error::Storage {
+                fault: StorageFault::Conflict,
+                detail: format!("event seq {} where the log expects {}", ev.seq, prev + 1),
+            });
+        }
+        prev = ev.seq;
+    }
+    if shared.faults.as_deref().is_some_and(Faults::discards) {
+        w.last_seq = prev;
+        return Ok(());
+    }
+    let entry = entry::encode(live.iter().copied());
+    w.append(&entry, prev, shared)
+}
