@@ -139,6 +139,10 @@ impl Core {
     }
 }
 
+/// The target of the task event lines: the core's, whichever of its files
+/// logs them (docs/operations.md shows it; log filters name it).
+const TASK_TARGET: &str = "agenthub::hub::core";
+
 /// One line per task event, in the task's span; when exporting, the span
 /// is also sent, under the task's `traceparent`. Cheap when neither wants
 /// it: the span is not even built. Progress is at debug: a busy agent
@@ -153,8 +157,8 @@ fn log_task_event(
     let exporting = crate::telemetry::exporting();
     let progress = kind == EventKind::Progress;
     let logged = match progress {
-        true => tracing::enabled!(tracing::Level::DEBUG),
-        false => tracing::enabled!(tracing::Level::INFO),
+        true => tracing::enabled!(target: TASK_TARGET, tracing::Level::DEBUG),
+        false => tracing::enabled!(target: TASK_TARGET, tracing::Level::INFO),
     };
     if !exporting && !logged {
         return;
@@ -164,7 +168,7 @@ fn log_task_event(
         crate::telemetry::trace_task_span(&span, kind.as_str(), traceparent);
     }
     span.in_scope(|| match progress {
-        true => tracing::debug!(generation, seq, "task PROGRESS"),
-        false => tracing::info!(generation, seq, "task {}", kind.as_str()),
+        true => tracing::debug!(target: TASK_TARGET, generation, seq, "task PROGRESS"),
+        false => tracing::info!(target: TASK_TARGET, generation, seq, "task {}", kind.as_str()),
     });
 }
