@@ -288,3 +288,39 @@ async fn the_copy_deleted_while_the_hub_is_stopped_is_rebuilt_from_the_log() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[tokio::test]
+async fn a_store_without_a_log_is_taken_over_as_the_copy_and_then_cannot_be_rebuilt_without_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // A data directory as an earlier version left it: the database alone.
+    let ids = some_history(dir, 10).await;
+    std::fs::remove_dir_all(dir.join("log")).unwrap();
+    let hub = TestHub::start_in(dir, |_| {}).await;
+    let mut c = hub.client().await;
+    let later = c
+        .push_task(scheduled("after the upgrade", &[], pb::Priority::Normal))
+        .await
+        .unwrap()
+        .into_inner();
+    let tasks = all_tasks(&mut c).await;
+    for id in ids.iter().chain([&later.task_id]) {
+        assert!(tasks.contains_key(id), "{id} missing");
+    }
+    hub.stop().await;
+    let out = agenthub(&["check"], dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The log starts after the database's history: without the database
+    // there is nothing to rebuild it from, and the start says so.
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(dir.join(format!("agenthub.db{suffix}")));
+    }
+    let err = FileStore::open(dir, None).err().expect("refused");
+    assert!(err.to_string().contains("cannot be rebuilt"), "{err}");
+    let out = agenthub(&["check"], dir);
+    assert_eq!(out.status.code(), Some(1));
+}

@@ -137,14 +137,15 @@ impl FileStore {
         }
         let db = dir.join("agenthub.db");
         if let Some(first) = scans.first() {
-            if !db.exists() && first.header.base > 0 {
+            if !db.exists() && (first.header.base > 0 || first.header.base_seq > 0) {
                 return Err(Error::Storage {
                     fault: StorageFault::Corrupt,
                     detail: format!(
-                        "{} is missing and the log starts after record {}: the copy cannot be \
-                         rebuilt; restore agenthub.db from a backup",
+                        "{} is missing and the log starts after record {} (event seq {}): the \
+                         copy cannot be rebuilt; restore agenthub.db from a backup",
                         db.display(),
-                        first.header.base
+                        first.header.base,
+                        first.header.base_seq
                     ),
                 });
             }

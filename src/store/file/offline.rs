@@ -29,6 +29,7 @@ pub fn check(data_dir: &Path) -> Result<Report> {
     let list = segment::list(&ldir)?;
     let mut last_index = None;
     let mut first_base = None;
+    let mut first_seq = None;
     let n = list.len();
     for (i, (base, path)) in list.iter().enumerate() {
         let s = match segment::scan(path) {
@@ -39,6 +40,7 @@ pub fn check(data_dir: &Path) -> Result<Report> {
             }
         };
         first_base.get_or_insert(*base);
+        first_seq.get_or_insert(s.header.base_seq);
         if let Some(prev) = last_index {
             if prev != s.header.base {
                 report.problems.push(format!(
@@ -64,11 +66,13 @@ pub fn check(data_dir: &Path) -> Result<Report> {
     }
     let db = data_dir.join("agenthub.db");
     if !db.exists() {
-        if first_base.is_some_and(|b| b > 0) {
+        if first_base.is_some_and(|b| b > 0) || first_seq.is_some_and(|s| s > 0) {
             report.problems.push(format!(
-                "{} is missing and the log starts after record {}: it cannot be rebuilt",
+                "{} is missing and the log starts after record {} (event seq {}): it cannot be \
+                 rebuilt",
                 db.display(),
-                first_base.unwrap_or(0)
+                first_base.unwrap_or(0),
+                first_seq.unwrap_or(0)
             ));
         } else {
             report.notes.push(format!(

@@ -7,8 +7,9 @@
 //! |---|---|
 //! | 0..8 | magic `AHLOG\0\0\x01` |
 //! | 8..16 | base index, little-endian |
-//! | 16..17 | length of the log id |
-//! | 17..57 | the log id (SPEC §8 `log_id`), zero-padded |
+//! | 16..24 | the highest event seq before its first record |
+//! | 24..25 | length of the log id |
+//! | 25..57 | the log id (SPEC §8 `log_id`), zero-padded |
 //! | 60..64 | CRC-32 of bytes 0..60 |
 //!
 //! Records follow back to back, each a 28-byte head and an [entry](super::super::entry):
@@ -37,7 +38,7 @@ pub const RECORD_HEAD: usize = 28;
 const SEGMENT_MAGIC: &[u8; 8] = b"AHLOG\0\0\x01";
 const RECORD_MAGIC: &[u8; 4] = b"AHR1";
 /// Longest log id a header holds.
-const MAX_LOG_ID: usize = 40;
+const MAX_LOG_ID: usize = 32;
 /// Largest entry a record may declare (a sanity bound for scans).
 pub const MAX_ENTRY: usize = 1 << 30;
 
@@ -45,6 +46,9 @@ pub const MAX_ENTRY: usize = 1 << 30;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Header {
     pub base: u64,
+    /// The highest event seq before the segment's first record (a log
+    /// started on an existing copy starts above 0).
+    pub base_seq: Seq,
     pub log_id: String,
 }
 
@@ -53,10 +57,11 @@ impl Header {
         let mut h = [0u8; HEADER_LEN as usize];
         h[0..8].copy_from_slice(SEGMENT_MAGIC);
         h[8..16].copy_from_slice(&self.base.to_le_bytes());
+        h[16..24].copy_from_slice(&self.base_seq.to_le_bytes());
         let id = self.log_id.as_bytes();
         let n = id.len().min(MAX_LOG_ID);
-        h[16] = n as u8;
-        h[17..17 + n].copy_from_slice(&id[..n]);
+        h[24] = n as u8;
+        h[25..25 + n].copy_from_slice(&id[..n]);
         let crc = crc32fast::hash(&h[0..60]);
         h[60..64].copy_from_slice(&crc.to_le_bytes());
         h
@@ -73,10 +78,11 @@ impl Header {
         if crc != crc32fast::hash(&h[0..60]) {
             return Err("segment header checksum mismatch".into());
         }
-        let n = (h[16] as usize).min(MAX_LOG_ID);
+        let n = (h[24] as usize).min(MAX_LOG_ID);
         Ok(Header {
             base: u64::from_le_bytes(h[8..16].try_into().expect("8")),
-            log_id: String::from_utf8_lossy(&h[17..17 + n]).into_owned(),
+            base_seq: u64::from_le_bytes(h[16..24].try_into().expect("8")),
+            log_id: String::from_utf8_lossy(&h[25..25 + n]).into_owned(),
         })
     }
 }
@@ -356,6 +362,7 @@ mod tests {
     fn segment(dir: &Path, records: &[(u64, &[u8])]) -> PathBuf {
         let header = Header {
             base: records.first().map_or(0, |r| r.0 - 1),
+            base_seq: 0,
             log_id: "log-test".into(),
         };
         let (file, path) = create(dir, &header, 4096).unwrap();

@@ -50,6 +50,7 @@ impl Writer {
     pub(super) fn create(dir: &Path, log_id: &str, base: u64, last_seq: Seq) -> Result<Writer> {
         let header = Header {
             base,
+            base_seq: last_seq,
             log_id: log_id.to_string(),
         };
         let (file, path) = segment::create(dir, &header, FIRST_EXTEND)

@@ -1,0 +1,288 @@
+//! The follower: one ordered consumer per node applies every entry of the
+//! log, in order, to the local copy and then to the node's event bus; a
+//! catch-up reads what it misses directly.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::{demote, term_leadership, wait_head, ClusterStore, Part, Shared, HDR_NODE};
+use crate::cluster::{nats_err, STREAM, TERM_SUBJECT};
+use crate::error::{Error, Result};
+use crate::model::Seq;
+use crate::store::{Batch, Store};
+
+/// Most stream messages applied to the local copy in one commit.
+const MAX_APPLY: usize = 1000;
+/// How long a catch-up waits for the consumer before reading directly.
+const CATCH_UP_WAIT: Duration = Duration::from_millis(500);
+
+/// One stream message, however it was read.
+struct Entry {
+    seq: Seq,
+    subject: String,
+    /// The node that appended it.
+    node: String,
+    payload: Bytes,
+}
+
+impl Entry {
+    fn of(msg: &jetstream::Message) -> Result<Entry> {
+        let seq = msg
+            .info()
+            .map_err(|e| nats_err("log entry", e))?
+            .stream_sequence;
+        Ok(Entry {
+            seq,
+            subject: msg.subject.to_string(),
+            node: msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(HDR_NODE))
+                .map(|v| v.as_str().to_string())
+                .unwrap_or_default(),
+            payload: msg.payload.clone(),
+        })
+    }
+}
+
+impl ClusterStore {
+    /// Wait until the local copy holds everything the log holds now.
+    pub async fn catch_up(&self) -> Result<Seq> {
+        let last = self.stream_last_seq().await?;
+        if self.wait_head(last, CATCH_UP_WAIT).await.is_ok() {
+            return Ok(last);
+        }
+        // The consumer is behind or stalled (its NATS server went away):
+        // read what is missing directly, and have it start afresh.
+        self.shared.refollow.notify_one();
+        let stream = self
+            .shared
+            .node
+            .js
+            .get_stream(STREAM)
+            .await
+            .map_err(|e| nats_err("log stream", e))?;
+        let mut next = self.head() + 1;
+        while next <= last {
+            let mut entries = Vec::new();
+            while next <= last && entries.len() < MAX_APPLY {
+                let m = stream
+                    .get_raw_message(next)
+                    .await
+                    .map_err(|e| nats_err("log entry", e))?;
+                entries.push(Entry {
+                    seq: m.sequence,
+                    subject: m.subject.to_string(),
+                    node: m
+                        .headers
+                        .get(HDR_NODE)
+                        .map(|v| v.as_str().to_string())
+                        .unwrap_or_default(),
+                    payload: m.payload,
+                });
+                next += 1;
+            }
+            apply(&self.shared, entries).await?;
+        }
+        Ok(last)
+    }
+
+    /// The copy held the last term entry before this start: say whose it is
+    /// (a follower is ready once it holds its leader's term entry).
+    pub(super) async fn note_last_term(&self) {
+        if self.shared.node.applied_term.borrow().is_some() {
+            return;
+        }
+        let Ok(stream) = self.shared.node.js.get_stream(STREAM).await else {
+            return;
+        };
+        if let Ok(m) = stream.get_last_raw_message_by_subject(TERM_SUBJECT).await {
+            if m.sequence <= self.head() {
+                if let Some(l) = term_leadership(&m.payload) {
+                    self.shared.node.applied_term.send_replace(Some(l));
+                }
+            }
+        }
+    }
+
+    async fn stream_last_seq(&self) -> Result<Seq> {
+        let stream = self
+            .shared
+            .node
+            .js
+            .get_stream(STREAM)
+            .await
+            .map_err(|e| nats_err("cannot read the log stream", e))?;
+        let info = stream
+            .get_info()
+            .await
+            .map_err(|e| nats_err("cannot read the log stream", e))?;
+        Ok(info.state.last_sequence)
+    }
+
+    pub(super) async fn wait_head(&self, seq: Seq, limit: Duration) -> Result<()> {
+        wait_head(&self.shared, seq, limit).await
+    }
+}
+
+/// First and largest pause before following the log again after a failure.
+const FOLLOW_BACKOFF_MIN: Duration = Duration::from_millis(200);
+const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Failures in a row after which each is logged as an error.
+const STUCK_LOUD: u32 = 5;
+
+/// Apply the stream to the local copy, from `start + 1`, forever. A failure
+/// (the local store busy or full, the consumer gone) is retried with
+/// backoff from what the copy holds: it catches up once the cause clears,
+/// without a restart.
+pub(super) async fn follow(shared: Arc<Shared>, start: Seq) {
+    let mut from = start;
+    let mut backoff = FOLLOW_BACKOFF_MIN;
+    // Failures in a row without the copy moving on.
+    let mut stuck = 0u32;
+    loop {
+        let before = *shared.head.borrow();
+        match follow_once(&shared, from).await {
+            Ok(()) => {}
+            Err(e) if stuck >= STUCK_LOUD => tracing::error!(
+                error = %e,
+                after_seq = before,
+                failures = stuck + 1,
+                "the local copy cannot apply the log past this seq; this node is not ready \
+                 until it can (a local fault that persists, or an entry no node can apply)"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "following the log failed; resuming")
+            }
+        }
+        from = *shared.head.borrow();
+        if from > before {
+            backoff = FOLLOW_BACKOFF_MIN;
+            stuck = 0;
+        } else {
+            stuck += 1;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(FOLLOW_BACKOFF_MAX);
+    }
+}
+
+async fn follow_once(shared: &Arc<Shared>, after: Seq) -> Result<()> {
+    let stream = shared
+        .node
+        .js
+        .get_stream(STREAM)
+        .await
+        .map_err(|e| nats_err("log stream", e))?;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::push::OrderedConfig {
+            deliver_subject: shared.node.client.new_inbox(),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: after + 1,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats_err("log consumer", e))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| nats_err("log consumer", e))?;
+    let mut pending: Vec<Entry> = Vec::new();
+    loop {
+        let first = tokio::select! {
+            m = messages.next() => m,
+            _ = shared.refollow.notified() => {
+                return Err(Error::storage("the consumer stalled; starting a new one"));
+            }
+        };
+        let first = match first {
+            Some(m) => m.map_err(|e| nats_err("log consumer", e))?,
+            None => return Ok(()),
+        };
+        pending.push(Entry::of(&first)?);
+        // Take whatever else has already arrived, to apply it in one commit.
+        while pending.len() < MAX_APPLY {
+            match futures_util::FutureExt::now_or_never(messages.next()) {
+                Some(Some(m)) => {
+                    pending.push(Entry::of(&m.map_err(|e| nats_err("log consumer", e))?)?)
+                }
+                _ => break,
+            }
+        }
+        apply(shared, std::mem::take(&mut pending)).await?;
+    }
+}
+
+/// Apply stream messages to the local copy, then publish their events.
+async fn apply(shared: &Arc<Shared>, entries: Vec<Entry>) -> Result<()> {
+    let _one = shared.apply_lock.lock().await;
+    let head = *shared.head.borrow();
+    let mut batch = Batch::default();
+    let mut last = head;
+    // Event seqs run on without holes across appends (term entries are
+    // not events); an append the copy already holds is skipped whole.
+    let mut last_event = shared.replica.durable_seq();
+    let mut term = None;
+    for msg in entries {
+        let seq = msg.seq;
+        if seq <= last {
+            continue;
+        }
+        last = seq;
+        if msg.subject == TERM_SUBJECT {
+            let by = msg.node;
+            let part = *shared.part.lock().expect("part");
+            if let Part::Leader { term } = part {
+                if seq > term {
+                    demote(shared, &format!("node {by} took over the log at seq {seq}"));
+                }
+            }
+            term = term_leadership(&msg.payload).or(term);
+            continue;
+        }
+        let (events, rows) = crate::store::entry::decode(&seq.to_string(), &msg.payload)?;
+        match events.last() {
+            Some(ev) if ev.seq <= last_event => continue,
+            Some(ev) => last_event = ev.seq,
+            None => {}
+        }
+        batch.events.extend(events);
+        batch.tasks.extend(rows);
+    }
+    if last == head {
+        return Ok(());
+    }
+    batch.position = Some(last);
+    batch.epoch = shared.apply_epoch.fetch_add(1, Ordering::Relaxed);
+    let events = batch.events.clone();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    batch.then(move |r| {
+        let _ = done_tx.send(r.clone());
+    });
+    shared.replica.submit(batch);
+    let applied = done_rx
+        .await
+        .map_err(|_| Error::storage("local copy closed"))
+        .and_then(|r| r);
+    if let Err(e) = applied {
+        shared.node.copy_ok.send_replace(false);
+        return Err(e);
+    }
+    shared.head.send_replace(last);
+    shared.node.copy_ok.send_replace(true);
+    if term.is_some() {
+        shared.node.applied_term.send_replace(term);
+    }
+    if !events.is_empty() {
+        if let Some(bus) = &*shared.bus.lock().expect("bus") {
+            bus.publish(&events);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! Setting up: the log stream and the token bucket in NATS (retried while
+//! a starting cluster times out), then opening the store on them.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{kv, stream};
+use tokio::sync::{mpsc, watch};
+
+use super::follower::follow;
+use super::tokens::{follow_tokens, token_bucket};
+use super::writer::writer;
+use super::{ClusterStore, Part, Shared};
+use crate::cluster::{nats_err, Node, STREAM};
+use crate::error::{Error, Result};
+use crate::store::sqlite::SqliteStore;
+use crate::store::CommitStats;
+
+/// How long a node retries setting up the stream and buckets at start.
+pub(super) const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Create (or find) the log stream and the token bucket: the log's id and the bucket.
+async fn setup(node: &Node) -> Result<(String, kv::Store)> {
+    let opts = &node.options;
+    let mut metadata = HashMap::new();
+    metadata.insert(
+        "agenthub_log_id".to_string(),
+        format!("log-{}", hex::encode(rand::random::<[u8; 8]>())),
+    );
+    let config = stream::Config {
+        name: STREAM.to_string(),
+        subjects: vec!["agenthub.log.>".to_string()],
+        storage: stream::StorageType::File,
+        num_replicas: opts.replicas,
+        allow_atomic_publish: true,
+        allow_direct: true,
+        metadata,
+        ..Default::default()
+    };
+    let stream = node
+        .js
+        .get_or_create_stream(config)
+        .await
+        .map_err(|e| nats_err("cannot create the log stream", e))?;
+    let info = stream
+        .get_info()
+        .await
+        .map_err(|e| nats_err("cannot read the log stream", e))?;
+    let log_id = info
+        .config
+        .metadata
+        .get("agenthub_log_id")
+        .cloned()
+        .ok_or_else(|| {
+            Error::storage(format!(
+                "stream {STREAM} exists but was not made by agenthub (no agenthub_log_id)"
+            ))
+        })?;
+    let token_kv = token_bucket(&node.js, opts.replicas).await?;
+    Ok((log_id, token_kv))
+}
+
+impl ClusterStore {
+    /// Create (or find) the stream and token bucket, open the local copy in
+    /// `dir`, and start following the log. Returns once the copy has caught
+    /// up with the log's head as it was at the start.
+    pub async fn open(node: Arc<Node>, dir: &std::path::Path) -> Result<Arc<ClusterStore>> {
+        Self::open_with_faults(node, dir, None).await
+    }
+
+    /// [`ClusterStore::open`] with fault injection on the local copy (tests,
+    /// fault drills).
+    pub async fn open_with_faults(
+        node: Arc<Node>,
+        dir: &std::path::Path,
+        faults: Option<Arc<crate::store::Faults>>,
+    ) -> Result<Arc<ClusterStore>> {
+        // A NATS cluster that is starting (or electing) may time out the
+        // first requests: retry for a while before giving up.
+        let give_up = Instant::now() + SETUP_TIMEOUT;
+        let mut backoff = Duration::from_millis(100);
+        let (log_id, token_kv) = loop {
+            match setup(&node).await {
+                Ok(v) => break v,
+                Err(e) if Instant::now() < give_up => {
+                    tracing::warn!(error = %e, "cannot set up the log in NATS yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let replica = SqliteStore::open_replica_with_faults(dir, &log_id, faults)?;
+        let start = replica.log_position()?;
+        let shared = Arc::new(Shared {
+            node: node.clone(),
+            rt: tokio::runtime::Handle::current(),
+            apply_lock: tokio::sync::Mutex::new(()),
+            refollow: tokio::sync::Notify::new(),
+            apply_epoch: AtomicU64::new(1),
+            replica,
+            head: watch::Sender::new(start),
+            sent: AtomicU64::new(0),
+            part: Mutex::new(Part::Follower),
+            bus: Mutex::new(None),
+            on_deposed: Mutex::new(None),
+            tokens: Mutex::new(HashMap::new()),
+            token_kv,
+            stats: Mutex::new(CommitStats::default()),
+            log_id,
+        });
+        follow_tokens(shared.clone()).await?;
+        tokio::spawn(follow(shared.clone(), start));
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer(shared.clone(), rx));
+        let store = Arc::new(ClusterStore { shared, tx });
+        store.catch_up().await?;
+        store.note_last_term().await;
+        Ok(store)
+    }
+}
