@@ -437,7 +437,14 @@ impl Store for FileStore {
     }
 
     fn event_count(&self) -> u64 {
-        self.copy.event_count()
+        // Durable events the copy has not applied yet count too (seqs are
+        // consecutive on one node).
+        let pending = self
+            .shared
+            .durable_seq
+            .load(Ordering::Acquire)
+            .saturating_sub(self.copy.durable_seq());
+        self.copy.event_count() + pending
     }
 
     fn commit_stats(&self) -> CommitStats {

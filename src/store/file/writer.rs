@@ -114,8 +114,17 @@ impl Writer {
         if end > self.filled {
             let grow = self.filled.clamp(FIRST_EXTEND, MAX_EXTEND);
             let to = end.max(self.filled + grow);
-            segment::write_zeros(&self.file, self.filled, to)?;
-            self.filled = to;
+            match segment::write_zeros(&self.file, self.filled, to) {
+                Ok(()) => self.filled = to,
+                // A nearly full disk may still hold this record: extend by
+                // what it needs alone.
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    let to = end.next_multiple_of(4096);
+                    segment::write_zeros(&self.file, self.filled, to)?;
+                    self.filled = to;
+                }
+                Err(e) => return Err(e),
+            }
         }
         self.file.write_all_at(record, self.end)?;
         if self.dirty > end {

@@ -17,8 +17,9 @@ use crate::store::{Batch, Faults, TaskWrite};
 /// Most batches folded into one transaction.
 const MAX_GROUP: usize = 4096;
 
-/// Prune old events at most once per this many commits.
-const PRUNE_EVERY: u64 = 64;
+/// Prune old events once at least this many are past the line (one
+/// DELETE for many events, and none for a burst too small to matter).
+const PRUNE_SLACK: u64 = 64;
 
 impl Shared {
     fn record_commit(&self, took: std::time::Duration, batches: usize, ok: bool) {
@@ -32,7 +33,6 @@ pub(super) fn writer_loop(
     retention: Option<u64>,
     shared: Arc<Shared>,
 ) {
-    let mut commits: u64 = 0;
     // Batches of this epoch or older fail unwritten (see the failure rule),
     // with the error that poisoned it.
     let mut poisoned: (u64, Option<Error>) = (0, None);
@@ -84,14 +84,13 @@ pub(super) fn writer_loop(
         }
         if writes {
             shared.record_commit(started.elapsed(), live.len(), result.is_ok());
-            commits += 1;
         }
         drop(live);
         let poison = Err(poisoned.1.clone().unwrap_or(Error::ShuttingDown));
         for (batch, stale) in group.into_iter().zip(stale) {
             batch.complete(if stale { &poison } else { &result });
         }
-        if let (Some(keep), true, true) = (retention, writes, commits.is_multiple_of(PRUNE_EVERY)) {
+        if let (Some(keep), true) = (retention, writes) {
             if let Err(e) = prune(&mut conn, keep, &shared) {
                 tracing::warn!(error = %e, "event pruning failed");
             }
@@ -184,7 +183,7 @@ fn coalesce<'a>(group: &[&'a Batch]) -> HashMap<&'a str, (&'a TaskWrite, Option<
 fn prune(conn: &mut Connection, keep: u64, shared: &Shared) -> Result<()> {
     let last = shared.durable_seq.load(Ordering::Acquire);
     let first = shared.first_seq.load(Ordering::Acquire);
-    if last < keep || last - keep < first {
+    if last < keep || last - keep < first + PRUNE_SLACK.min(keep) {
         return Ok(());
     }
     let new_first = last - keep + 1;
