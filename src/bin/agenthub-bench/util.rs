@@ -155,6 +155,46 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .parse()?)
 }
 
+/// This process's soft open-file limit (`Max open files` in
+/// `/proc/self/limits`; children such as the hub inherit it). `None`: unlimited.
+pub fn open_file_limit() -> Result<Option<u64>> {
+    let limits = std::fs::read_to_string("/proc/self/limits").context("read /proc/self/limits")?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .context("no `Max open files` in /proc/self/limits")?;
+    parse_limit(line)
+}
+
+/// The soft limit of a `/proc/*/limits` line.
+fn parse_limit(line: &str) -> Result<Option<u64>> {
+    // "Max open files            20000                20000                files"
+    let soft = line
+        .split_whitespace()
+        .nth(3)
+        .context("odd `Max open files` line")?;
+    if soft == "unlimited" {
+        return Ok(None);
+    }
+    Ok(Some(soft.parse().context("open-file limit")?))
+}
+
+/// How many local ports `net.ipv4.ip_local_port_range` offers (the ports a
+/// source address can connect from, to one server).
+pub fn local_port_count() -> Result<u64> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .context("read /proc/sys/net/ipv4/ip_local_port_range")?;
+    let ports: Vec<u64> = range
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("odd ip_local_port_range")?;
+    match ports[..] {
+        [low, high] if low <= high => Ok(high - low + 1),
+        _ => anyhow::bail!("odd ip_local_port_range `{}`", range.trim()),
+    }
+}
+
 /// Clock ticks per second (`getconf CLK_TCK`, 100 on Linux).
 fn clock_ticks() -> u64 {
     static TICKS: OnceLock<u64> = OnceLock::new();
@@ -223,5 +263,15 @@ mod tests {
         assert_eq!(s.pct_us(0.99), 990.0);
         assert_eq!(s.pct_us(0.999), 999.0);
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+    }
+
+    #[test]
+    fn open_file_limit_reads_the_soft_column() {
+        let line = "Max open files            20000                1048576              files";
+        assert_eq!(parse_limit(line).unwrap(), Some(20_000));
+        let line = "Max open files            unlimited            unlimited            files";
+        assert_eq!(parse_limit(line).unwrap(), None);
+        assert!(open_file_limit().is_ok());
+        assert!(local_port_count().unwrap() > 0);
     }
 }

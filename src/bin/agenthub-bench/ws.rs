@@ -2,6 +2,7 @@
 //! the raw tokio-tungstenite echo server and its workloads (the floor).
 
 use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
@@ -89,6 +90,36 @@ pub async fn recv_text(ws: &mut Ws) -> Result<String> {
     }
 }
 
+/// Open a WebSocket to `ws://{addr}{path}` from the local address
+/// `source` (bound with port 0: the kernel picks a free port of
+/// `net.ipv4.ip_local_port_range` on that address), with TCP_NODELAY.
+pub async fn connect_from(source: IpAddr, addr: &str, path: &str) -> Result<Ws> {
+    let server: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("server address {addr}"))?;
+    let socket = match source {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .with_context(|| format!("bind {source}:0"))?;
+    let stream = socket
+        .connect(server)
+        .await
+        .with_context(|| format!("connect {addr} from {source}"))?;
+    stream.set_nodelay(true)?;
+    let url = format!("ws://{addr}{path}");
+    let (ws, _) = tokio_tungstenite::client_async_with_config(
+        url,
+        MaybeTlsStream::Plain(stream),
+        Some(ws_config()),
+    )
+    .await
+    .with_context(|| format!("WebSocket handshake with ws://{addr}{path} from {source}"))?;
+    Ok(ws)
+}
+
 /// Connect to the hub and identify as `agent_id`.
 pub async fn sidecar(
     ws_addr: &str,
@@ -96,7 +127,24 @@ pub async fn sidecar(
     token: &str,
     max_concurrency: u32,
 ) -> Result<Ws> {
-    let mut ws = connect(ws_addr, "/ws").await?;
+    let ws = connect(ws_addr, "/ws").await?;
+    identify(ws, agent_id, token, max_concurrency).await
+}
+
+/// [`sidecar`] connecting from the local address `source`.
+pub async fn sidecar_from(
+    source: IpAddr,
+    ws_addr: &str,
+    agent_id: &str,
+    token: &str,
+    max_concurrency: u32,
+) -> Result<Ws> {
+    let ws = connect_from(source, ws_addr, "/ws").await?;
+    identify(ws, agent_id, token, max_concurrency).await
+}
+
+/// Send `identify` and wait for `identified`.
+async fn identify(mut ws: Ws, agent_id: &str, token: &str, max_concurrency: u32) -> Result<Ws> {
     let identify = serde_json::json!({
         "type": "identify", "agent_id": agent_id, "token": token,
         "protocol_version": 1, "client_type": "sidecar",
