@@ -72,8 +72,6 @@ pub(super) struct Shared {
     pub(super) faults: Option<Arc<Faults>>,
     pub(super) log_id: String,
     pub(super) dir: PathBuf,
-    /// Runs the callbacks of committed groups on the runtime (none outside one).
-    pub(crate) completer: Option<tokio::sync::mpsc::UnboundedSender<writer::Done>>,
     /// Task ids that may be stored (see [`filter`]).
     pub(super) ids: filter::Ids,
 }
@@ -218,7 +216,6 @@ impl FileStore {
             log_id,
             dir: ldir.clone(),
             ids: filter::Ids::default(),
-            completer: writer::completer(),
         });
         let (tx, rx) = mpsc::channel();
         let mut threads = Vec::new();

@@ -236,21 +236,9 @@ pub(super) fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Msg>, shared: Arc<Sh
             lock(&shared.commits).record(started.elapsed(), live.len(), result.is_ok());
         }
         drop(live);
-        let done = Done {
-            group,
-            stale,
-            result,
-            poison: Err(poisoned.1.clone().unwrap_or(Error::ShuttingDown)),
-        };
-        // One hand-off to the runtime for the whole group: its callbacks
-        // wake their tasks from there, not one cross-thread wake-up each.
-        match &shared.completer {
-            Some(tx) => {
-                if let Err(unsent) = tx.send(done) {
-                    unsent.0.run();
-                }
-            }
-            None => done.run(),
+        let poison = Err(poisoned.1.clone().unwrap_or(Error::ShuttingDown));
+        for (batch, stale) in group.into_iter().zip(stale) {
+            batch.complete(if stale { &poison } else { &result });
         }
     }
     lock(&shared.state).closing = true;
@@ -281,34 +269,4 @@ fn commit(w: &mut Writer, live: &[&Batch], shared: &Shared) -> Result<()> {
     }
     let entry = entry::encode(live.iter().copied());
     w.append(&entry, prev, shared)
-}
-
-/// A group's outcome, for its callbacks.
-pub(crate) struct Done {
-    group: Vec<Batch>,
-    stale: Vec<bool>,
-    result: Result<()>,
-    poison: Result<()>,
-}
-
-impl Done {
-    /// Run every callback, in order, with its batch's outcome.
-    pub(super) fn run(self) {
-        for (batch, stale) in self.group.into_iter().zip(self.stale) {
-            batch.complete(if stale { &self.poison } else { &self.result });
-        }
-    }
-}
-
-/// Where groups are completed: a task on the runtime the store was opened
-/// on (callbacks are short and never block), in order.
-pub(super) fn completer() -> Option<tokio::sync::mpsc::UnboundedSender<Done>> {
-    let handle = tokio::runtime::Handle::try_current().ok()?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Done>();
-    handle.spawn(async move {
-        while let Some(done) = rx.recv().await {
-            done.run();
-        }
-    });
-    Some(tx)
 }
