@@ -298,6 +298,33 @@ async fn roundtrip_on(
     }
     let mut messages = consumer.messages().await?;
     let body = payload();
+    // A fresh cluster may answer a publish with "no stream" for a moment
+    // after the stream has a leader (its subject's interest is still
+    // spreading): one message, retried until it is stored, then taken.
+    loop {
+        let stored = match js_pub.publish("wq", body.clone()).await {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        };
+        match stored {
+            true => break,
+            false => {
+                anyhow::ensure!(
+                    std::time::Instant::now() < ready_by,
+                    "the WQ stream takes no message after 30 s"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tokio::time::timeout(MSG_TIMEOUT, messages.next())
+        .await
+        .context("consumer timed out")?
+        .context("consumer ended")?
+        .map_err(|e| anyhow::anyhow!("consumer: {e}"))?
+        .double_ack()
+        .await
+        .map_err(|e| anyhow::anyhow!("double ack: {e}"))?;
 
     let mut to_puback = Samples::with_capacity(s.push_measured);
     let mut to_deliver = Samples::with_capacity(s.push_measured);

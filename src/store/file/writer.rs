@@ -26,6 +26,15 @@ const FIRST_EXTEND: u64 = 256 << 10;
 const MAX_EXTEND: u64 = 8 << 20;
 /// Most batches folded into one record.
 const MAX_GROUP: usize = 4096;
+/// A group stops growing once its events hold this many bytes: records
+/// stay far below what a record's length field and a scan take (one
+/// change is bounded by the request and frame size limits).
+const MAX_GROUP_BYTES: usize = 64 << 20;
+
+/// About how many bytes a batch adds to a record.
+fn batch_bytes(b: &Batch) -> usize {
+    b.events.iter().map(|e| e.proto().len() + 64).sum::<usize>() + b.tasks.len() * 512
+}
 
 /// The writer's end of the log.
 pub(super) struct Writer {
@@ -92,6 +101,16 @@ impl Writer {
 
     /// Append one record and sync it: the record is durable on `Ok`.
     fn append(&mut self, entry: &[u8], last_seq: Seq, shared: &Shared) -> Result<()> {
+        if entry.len() > segment::MAX_ENTRY {
+            // Never write a record the log could not read back.
+            return Err(Error::Storage {
+                fault: StorageFault::TooLarge,
+                detail: format!(
+                    "a group of {} bytes is more than one record holds",
+                    entry.len()
+                ),
+            });
+        }
         let record = segment::encode_record(self.next_index, last_seq, entry);
         let len = record.len() as u64;
         if self.end > HEADER_LEN && self.end + len > SEGMENT_BYTES {
@@ -185,9 +204,13 @@ pub(super) fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Msg>, shared: Arc<Sh
             }
             Msg::Batch(b) => vec![b],
         };
-        while group.len() < MAX_GROUP {
+        let mut bytes = batch_bytes(&group[0]);
+        while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
             match rx.try_recv() {
-                Ok(Msg::Batch(b)) => group.push(b),
+                Ok(Msg::Batch(b)) => {
+                    bytes += batch_bytes(&b);
+                    group.push(b);
+                }
                 Ok(m) => {
                     carry = Some(m);
                     break;
