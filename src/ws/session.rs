@@ -258,7 +258,7 @@ async fn run_in_span(
         let text = match frame {
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(Message::Binary(_))) => {
-                in_flight.drain().await;
+                Box::pin(in_flight.drain()).await;
                 link.send(ToAgent::error(
                     "invalid_json",
                     None,
@@ -279,11 +279,13 @@ async fn run_in_span(
                 break;
             }
         };
-        let parsed = protocol::parse(&text);
+        // Boxed while the drain is awaited: a parsed message is large, and
+        // what lives across an await sizes every session's future.
+        let parsed = protocol::parse(&text).map(Box::new);
         if parsed.is_err() || agent_id.is_none() {
-            in_flight.drain().await;
+            Box::pin(in_flight.drain()).await;
         }
-        match parsed {
+        match parsed.map(|m| *m) {
             Err(e) => {
                 link.send(ToAgent::error(e.code, None, Some(e.detail)));
             }
@@ -304,7 +306,7 @@ async fn run_in_span(
                 // Cluster mode: through the node's relay (which says whether
                 // the session talks to this node's hub or to the leader's).
                 let identified = match hub.relay() {
-                    Some(relay) => relay.identify(&text, &dyn_link).await,
+                    Some(relay) => Box::pin(relay.identify(&text, &dyn_link)).await,
                     None => hub.identify(&ident, &dyn_link).map(|id| (id, false)),
                 };
                 match identified {
@@ -331,15 +333,15 @@ async fn run_in_span(
             Ok(report) => match &agent_id {
                 Some(_) if relayed => {
                     if let Some(relay) = hub.relay() {
-                        if let Err(reply) = relay.frame(session_id, &text).await {
+                        if let Err(reply) = Box::pin(relay.frame(session_id, &text)).await {
                             link.send(reply);
                         }
                     }
                 }
                 Some(agent) => {
-                    in_flight.room_for(text.len()).await;
-                    let room = hub.report_room(text.len()).await;
-                    if let Some(done) = hub.report(agent, &dyn_link, report, room).await {
+                    Box::pin(in_flight.room_for(text.len())).await;
+                    let room = Box::pin(hub.report_room(text.len())).await;
+                    if let Some(done) = Box::pin(hub.report(agent, &dyn_link, report, room)).await {
                         in_flight.push(done, text.len());
                     }
                 }
@@ -351,7 +353,7 @@ async fn run_in_span(
     }
     if let Some(agent) = &agent_id {
         if let Some(relay) = hub.relay() {
-            relay.closed(session_id).await;
+            Box::pin(relay.closed(session_id)).await;
         }
         if !relayed {
             hub.session_closed(agent, session_id);
