@@ -14,8 +14,9 @@
 //!   dependencies, WaitTask, live task output. It knows cluster mode only as
 //!   the [`hub::Cluster`] trait, which [`cluster`] implements.
 //! - [`bus`]: event fan-out to watchers; catch-up from the store.
-//! - [`store`]: the `Store` trait, the embedded SQLite backend (and its
-//!   task-output file), fault injection.
+//! - [`store`]: the `Store` trait; the single node's store (a segmented log
+//!   file, and a SQLite copy applied from it); the entry codec and the SQLite
+//!   copy both modes share; the task-output file; fault injection.
 //! - [`cluster`]: cluster mode: the JetStream log and its local copies, the
 //!   leader lease, calls and sidecar sessions carried to the leader.
 //! - [`auth`]: tokens and roles.
