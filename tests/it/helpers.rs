@@ -78,6 +78,16 @@ impl TestHub {
         (hub, faults)
     }
 
+    /// Start on `dir` with a store opened by the caller.
+    pub async fn start_on_store(
+        dir: &Path,
+        tweak: impl FnOnce(&mut Config),
+        store: std::sync::Arc<dyn agenthub::store::Store>,
+    ) -> TestHub {
+        init_logs();
+        Self::start_with_store(dir, tweak, store).await
+    }
+
     /// Start on an existing data dir (restart tests).
     pub async fn start_in(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestHub {
         Self::start_on(dir, tweak, None).await
@@ -91,9 +101,17 @@ impl TestHub {
         let mut config = test_config(dir);
         tweak(&mut config);
         let store = FileStore::open_with_faults(dir, config.event_retention, faults).unwrap();
-        let server = Server::build_on(config, std::sync::Arc::new(store))
-            .await
-            .expect("hub starts");
+        Self::start_with_store(dir, |c| *c = config, std::sync::Arc::new(store)).await
+    }
+
+    async fn start_with_store(
+        dir: &Path,
+        tweak: impl FnOnce(&mut Config),
+        store: std::sync::Arc<dyn agenthub::store::Store>,
+    ) -> TestHub {
+        let mut config = test_config(dir);
+        tweak(&mut config);
+        let server = Server::build_on(config, store).await.expect("hub starts");
         let admin_token = std::fs::read_to_string(dir.join("admin.token"))
             .unwrap()
             .trim()

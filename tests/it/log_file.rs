@@ -324,3 +324,64 @@ async fn a_store_without_a_log_is_taken_over_as_the_copy_and_then_cannot_be_rebu
     let out = agenthub(&["check"], dir);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[tokio::test]
+async fn segments_roll_and_those_the_copy_holds_are_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // 64 KiB segments: a few hundred tasks roll the log many times.
+    let store = FileStore::open_with_segments(dir, None, None, 64 << 10).unwrap();
+    let hub = TestHub::start_on_store(dir, |_| {}, std::sync::Arc::new(store)).await;
+    let mut c = hub.client().await;
+    let mut ids = Vec::new();
+    for i in 0..400 {
+        let r = c
+            .push_task(scheduled(
+                &format!("{i} {}", "d".repeat(600)),
+                &[],
+                pb::Priority::Normal,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(r.task_id);
+    }
+    // The first task is read back from the copy, through every segment.
+    let first = c
+        .get_task(pb::GetTaskRequest {
+            task_id: ids[0].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.description.starts_with("0 d"));
+    // Segments whose records the copy holds go, once it is checkpointed.
+    eventually(|| {
+        let n = segment::list(&dir.join("log")).unwrap().len();
+        async move { (n <= 2).then_some(()) }
+    })
+    .await;
+    let bases: Vec<u64> = segment::list(&dir.join("log"))
+        .unwrap()
+        .into_iter()
+        .map(|(b, _)| b)
+        .collect();
+    assert!(bases[0] > 0, "the first segment is still there: {bases:?}");
+    hub.stop().await;
+    // A restart reads the remaining segments and the copy: every task is there.
+    let hub = TestHub::start_in(dir, |_| {}).await;
+    let mut c = hub.client().await;
+    let tasks = all_tasks(&mut c).await;
+    for id in &ids {
+        assert!(tasks.contains_key(id), "{id} lost");
+    }
+    c.push(scheduled("after the restart", &[], pb::Priority::Normal))
+        .await;
+    hub.stop().await;
+    let out = agenthub(&["check"], dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

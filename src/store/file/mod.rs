@@ -17,7 +17,7 @@
 //! the copy holds every record that was durable when the read began, so it
 //! never misses an acknowledged change.
 //!
-//! **Segments.** A segment grows to [`SEGMENT_BYTES`], then the writer
+//! **Segments.** A segment grows to [`writer::SEGMENT_BYTES`], then the writer
 //! starts the next. One whose records the copy holds is removed after a
 //! checkpoint has made the copy durable (watch resumption and history are
 //! served by the copy, so the log keeps nothing else).
@@ -120,6 +120,18 @@ impl FileStore {
         retention: Option<u64>,
         faults: Option<Arc<Faults>>,
     ) -> Result<FileStore> {
+        Self::open_with_segments(dir, retention, faults, writer::SEGMENT_BYTES)
+    }
+
+    /// [`FileStore::open_with_faults`] with segments closed at
+    /// `segment_bytes` instead of [`SEGMENT_BYTES`] (tests of rolling).
+    #[doc(hidden)]
+    pub fn open_with_segments(
+        dir: &Path,
+        retention: Option<u64>,
+        faults: Option<Arc<Faults>>,
+        segment_bytes: u64,
+    ) -> Result<FileStore> {
         let ldir = log_dir(dir);
         std::fs::create_dir_all(&ldir)
             .map_err(|e| segment::io_err(&format!("create {}", ldir.display()), e))?;
@@ -187,10 +199,11 @@ impl FileStore {
             .find_map(|s| s.last_seq)
             .unwrap_or(0)
             .max(copy.durable_seq());
-        let writer = match scans.last() {
+        let mut writer = match scans.last() {
             Some(s) => Writer::resume(&ldir, &log_id, s, last_seq)?,
             None => Writer::create(&ldir, &log_id, position, last_seq)?,
         };
+        writer.segment_bytes = segment_bytes;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 durable_index: writer.next_index - 1,

@@ -53,6 +53,8 @@ pub(super) struct Writer {
     pub(super) next_index: u64,
     /// Highest event seq durable.
     pub(super) last_seq: Seq,
+    /// A segment is closed once it holds this many bytes.
+    pub(super) segment_bytes: u64,
 }
 
 impl Writer {
@@ -75,6 +77,7 @@ impl Writer {
             dirty: HEADER_LEN,
             next_index: base + 1,
             last_seq,
+            segment_bytes: SEGMENT_BYTES,
         })
     }
 
@@ -96,6 +99,7 @@ impl Writer {
             dirty: s.end,
             next_index: s.last_index + 1,
             last_seq,
+            segment_bytes: SEGMENT_BYTES,
         })
     }
 
@@ -113,7 +117,7 @@ impl Writer {
         }
         let record = segment::encode_record(self.next_index, last_seq, entry);
         let len = record.len() as u64;
-        if self.end > HEADER_LEN && self.end + len > SEGMENT_BYTES {
+        if self.end > HEADER_LEN && self.end + len > self.segment_bytes {
             self.roll(shared)?;
         }
         let end = self.end + len;
@@ -160,7 +164,8 @@ impl Writer {
                 .map_err(|e| segment::io_err("clear a failed write", e))?;
             self.dirty = self.end;
         }
-        let next = Writer::create(&self.dir, &self.log_id, self.next_index - 1, self.last_seq)?;
+        let mut next = Writer::create(&self.dir, &self.log_id, self.next_index - 1, self.last_seq)?;
+        next.segment_bytes = self.segment_bytes;
         lock(&shared.state)
             .segments
             .push((next.base, next.path.clone()));
