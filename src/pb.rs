@@ -75,6 +75,22 @@ pub mod wire {
         }
     }
 
+    /// One field of an encoded event's payload, as JSON (`None` without
+    /// it). What a store reads from stored events: the description of a
+    /// CREATED event, the result of a COMPLETED one.
+    pub fn payload_field(
+        proto: &[u8],
+        field: &str,
+    ) -> Result<Option<serde_json::Value>, prost::DecodeError> {
+        use prost::Message;
+        let ev = super::TaskEvent::decode(proto)?;
+        Ok(ev
+            .payload
+            .as_ref()
+            .and_then(|p| p.fields.get(field))
+            .map(super::value_to_json))
+    }
+
     /// An `agenthub.v1.TaskEvent` that is already encoded: sending it copies
     /// the bytes into the stream, with no per-watcher conversion or encoding.
     #[derive(Clone, Debug, Default, PartialEq)]

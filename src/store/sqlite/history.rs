@@ -12,13 +12,12 @@
 //! a reader connection, off the commit path, and gives the pages back with
 //! incremental vacuum.
 
-use prost::Message;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::model::{JsonObject, Priority, Seq, Task, TaskState};
-use crate::pb;
+use crate::pb::wire;
 use crate::store::{ListFilter, Purged, TaskListing};
 
 /// Schema version this code writes (`PRAGMA user_version`).
@@ -168,12 +167,7 @@ fn event_field(conn: &Connection, seq: Seq, field: &str) -> Result<Option<serde_
         .query_row(params![seq as i64], |r| r.get(0))
         .optional()?;
     let Some(body) = body else { return Ok(None) };
-    let ev = pb::TaskEvent::decode(&body[..]).map_err(|e| Error::storage(e.to_string()))?;
-    Ok(ev
-        .payload
-        .as_ref()
-        .and_then(|p| p.fields.get(field))
-        .map(pb::value_to_json))
+    wire::payload_field(&body, field).map_err(|e| Error::storage(e.to_string()))
 }
 
 /// A row as read: `task_id, last_seq, created_seq, body`.
