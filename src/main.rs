@@ -97,12 +97,14 @@ async fn serve(args: agenthub::cli::ServeArgs) -> Result<()> {
         );
     }
     tracing::info!(ws = %server.ws_addr(), grpc = %server.grpc_addr(), data_dir = %config.data_dir.display(), "agenthub listening");
+    // Always handled, and installed before the hub says it is up: SIGHUP's
+    // default action would end a hub without TLS.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    tokio::spawn(reload_on_sighup(hup, server.tls()));
     if args.print_addrs {
         println!("ws={} grpc={}", server.ws_addr(), server.grpc_addr());
     }
     std::io::stdout().flush()?;
-    // Always handled: SIGHUP's default action would end a hub without TLS.
-    tokio::spawn(reload_on_sighup(server.tls()));
     // `run` polls this first once both listeners accept; the store is open.
     let shutdown = async {
         agenthub::notify::notify("READY=1");
@@ -136,9 +138,11 @@ async fn build_single(
 
 /// SIGHUP: re-read the TLS certificate and key (live connections keep
 /// theirs); without TLS there is nothing to re-read, and the hub goes on.
-async fn reload_on_sighup(tls: Option<std::sync::Arc<agenthub::tls::Tls>>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+async fn reload_on_sighup(
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+    tls: Option<std::sync::Arc<agenthub::tls::Tls>>,
+) {
+    let Ok(mut hup) = hup else {
         tracing::error!("cannot install a SIGHUP handler; TLS reload disabled");
         return;
     };
