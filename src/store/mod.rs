@@ -76,6 +76,45 @@ impl Batch {
     }
 }
 
+/// The failure rule as a writer keeps it: the newest poisoned epoch and
+/// the error that poisoned it (both store writers use it).
+#[derive(Default)]
+pub struct Poison {
+    epoch: u64,
+    error: Option<crate::error::Error>,
+}
+
+impl Poison {
+    /// Which batches of `group` fail unwritten (poisoned), and the others.
+    pub fn split<'a>(&self, group: &'a [Batch]) -> (Vec<bool>, Vec<&'a Batch>) {
+        let stale: Vec<bool> = group
+            .iter()
+            .map(|b| self.error.is_some() && b.epoch <= self.epoch)
+            .collect();
+        let live = group
+            .iter()
+            .zip(&stale)
+            .filter(|(_, s)| !**s)
+            .map(|(b, _)| b)
+            .collect();
+        (stale, live)
+    }
+
+    /// A commit of batches up to `epoch` failed with `e`.
+    pub fn record(&mut self, epoch: u64, e: crate::error::Error) {
+        self.epoch = self.epoch.max(epoch);
+        self.error = Some(e);
+    }
+
+    /// What a poisoned batch is completed with.
+    pub fn outcome(&self) -> Result<()> {
+        Err(self
+            .error
+            .clone()
+            .unwrap_or(crate::error::Error::ShuttingDown))
+    }
+}
+
 /// Upper bounds (µs) of the commit-duration histogram buckets.
 pub const COMMIT_BUCKETS_US: [u64; 10] = [
     100, 200, 500, 1_000, 2_000, 5_000, 10_000, 50_000, 100_000, 1_000_000,

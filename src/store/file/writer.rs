@@ -15,7 +15,7 @@ use super::segment::{self, Header, HEADER_LEN};
 use super::{lock, open_rw, Msg, Shared};
 use crate::error::{Error, Result, StorageFault};
 use crate::model::Seq;
-use crate::store::{entry, Batch, Faults};
+use crate::store::{entry, Batch, Faults, Poison};
 
 /// A segment is closed once it holds this many bytes (a larger record
 /// goes alone into a segment of its own).
@@ -188,7 +188,7 @@ impl Writer {
 pub(super) fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Msg>, shared: Arc<Shared>) {
     // Batches of this epoch or older fail unwritten (the failure rule of
     // `store`), with the error that poisoned it.
-    let mut poisoned: (u64, Option<Error>) = (0, None);
+    let mut poisoned = Poison::default();
     let mut carry: Option<Msg> = None;
     loop {
         let first = match carry.take() {
@@ -223,16 +223,7 @@ pub(super) fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Msg>, shared: Arc<Sh
                 Err(_) => break,
             }
         }
-        let stale: Vec<bool> = group
-            .iter()
-            .map(|b| poisoned.1.is_some() && b.epoch <= poisoned.0)
-            .collect();
-        let live: Vec<&Batch> = group
-            .iter()
-            .zip(&stale)
-            .filter(|(_, s)| !**s)
-            .map(|(b, _)| b)
-            .collect();
+        let (stale, live) = poisoned.split(&group);
         let writes = live.iter().any(|b| b.has_writes());
         let started = Instant::now();
         let result = if writes {
@@ -257,14 +248,14 @@ pub(super) fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Msg>, shared: Arc<Sh
             Err(e) => {
                 tracing::error!(error = %e, "append to the log failed; queued changes of this epoch are dropped");
                 let epoch = live.iter().map(|b| b.epoch).max().unwrap_or(0);
-                poisoned = (poisoned.0.max(epoch), Some(e.clone()));
+                poisoned.record(epoch, e.clone());
             }
         }
         if writes {
             lock(&shared.commits).record(started.elapsed(), live.len(), result.is_ok());
         }
         drop(live);
-        let poison = Err(poisoned.1.clone().unwrap_or(Error::ShuttingDown));
+        let poison = poisoned.outcome();
         for (batch, stale) in group.into_iter().zip(stale) {
             batch.complete(if stale { &poison } else { &result });
         }

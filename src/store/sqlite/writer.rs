@@ -12,7 +12,7 @@ use rusqlite::{params, Connection};
 use super::{history, lock, Shared};
 use crate::error::{Error, Result};
 use crate::model::{EventKind, Seq};
-use crate::store::{Batch, Faults, TaskWrite};
+use crate::store::{Batch, Faults, Poison, TaskWrite};
 
 /// Most batches folded into one transaction.
 const MAX_GROUP: usize = 4096;
@@ -35,7 +35,7 @@ pub(super) fn writer_loop(
 ) {
     // Batches of this epoch or older fail unwritten (see the failure rule),
     // with the error that poisoned it.
-    let mut poisoned: (u64, Option<Error>) = (0, None);
+    let mut poisoned = Poison::default();
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -44,16 +44,7 @@ pub(super) fn writer_loop(
                 Err(_) => break,
             }
         }
-        let stale: Vec<bool> = group
-            .iter()
-            .map(|b| poisoned.1.is_some() && b.epoch <= poisoned.0)
-            .collect();
-        let live: Vec<&Batch> = group
-            .iter()
-            .zip(&stale)
-            .filter(|(_, s)| !**s)
-            .map(|(b, _)| b)
-            .collect();
+        let (stale, live) = poisoned.split(&group);
         let writes = live.iter().any(|b| b.has_writes());
         let started = std::time::Instant::now();
         let result = if writes {
@@ -79,14 +70,14 @@ pub(super) fn writer_loop(
             Err(e) => {
                 tracing::error!(error = %e, "commit failed; queued changes of this epoch are dropped");
                 let epoch = live.iter().map(|b| b.epoch).max().unwrap_or(0);
-                poisoned = (poisoned.0.max(epoch), Some(e.clone()));
+                poisoned.record(epoch, e.clone());
             }
         }
         if writes {
             shared.record_commit(started.elapsed(), live.len(), result.is_ok());
         }
         drop(live);
-        let poison = Err(poisoned.1.clone().unwrap_or(Error::ShuttingDown));
+        let poison = poisoned.outcome();
         for (batch, stale) in group.into_iter().zip(stale) {
             batch.complete(if stale { &poison } else { &result });
         }
