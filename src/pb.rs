@@ -91,6 +91,12 @@ pub mod wire {
             .map(super::value_to_json))
     }
 
+    /// Bytes a JSON payload takes in an encoded event (its
+    /// `google.protobuf.Struct`), computed without encoding it.
+    pub fn payload_len(payload: &crate::model::JsonObject) -> usize {
+        super::direct::struct_len(payload)
+    }
+
     /// An `agenthub.v1.TaskEvent` that is already encoded: sending it copies
     /// the bytes into the stream, with no per-watcher conversion or encoding.
     #[derive(Clone, Debug, Default, PartialEq)]

@@ -2,6 +2,7 @@
 //! scheduler. `grpc`, `http` and `ws` call it; it is the only caller of the
 //! store's write side.
 
+mod admit;
 mod agentcom;
 mod core;
 mod output;
@@ -422,6 +423,10 @@ impl Hub {
     /// Create a task (or return the identical existing one).
     pub async fn push_task(&self, req: PushRequest) -> Result<PushOutcome> {
         validate_push(&req)?;
+        self.admit(
+            req.task_id.as_deref().unwrap_or_default(),
+            admit::push_bytes(&req),
+        )?;
         let max_attempts = match req.max_attempts {
             0 => self.config.default_max_attempts,
             n => n,

@@ -173,9 +173,16 @@ impl Hub {
     ) {
         self.metrics.reports.inc();
         let about = report_task_id(&msg).map(str::to_string);
+        // Checked before the change is built: a report the log could not
+        // take fails alone, never the group commit it would have joined.
+        let admitted = match &about {
+            Some(task_id) => self.admit(task_id, super::admit::report_bytes(&msg)),
+            None => Ok(()),
+        };
         let mut core = self.lock();
         let mut txn = Txn::new();
         let outcome = match core.refuse_writes() {
+            _ if admitted.is_err() => admitted,
             Some(e) if is_durable_report(&msg) => Err(e),
             _ => match msg {
                 FromAgent::Accepted(r) => {

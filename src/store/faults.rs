@@ -18,6 +18,7 @@ pub struct Faults {
     delay_us: AtomicU64,
     injected: AtomicU64,
     discard: AtomicBool,
+    refuse_change: Mutex<Option<String>>,
 }
 
 impl Faults {
@@ -82,6 +83,27 @@ impl Faults {
                 })
             }
             None => Ok(()),
+        }
+    }
+
+    /// Refuse every change of this one task (`None`: stop), as a change
+    /// that fails for a reason of its own would be: the rest of the hub's
+    /// writes go on.
+    pub fn refuse_changes_of(&self, task_id: Option<&str>) {
+        *self.refuse_change.lock().unwrap_or_else(|e| e.into_inner()) = task_id.map(str::to_string);
+    }
+
+    /// Called when one change is checked: the injected refusal, if any.
+    pub fn check_change(&self, task_id: &str) -> Result<(), Error> {
+        let refused = self.refuse_change.lock().unwrap_or_else(|e| e.into_inner());
+        match refused.as_deref() {
+            Some(id) if id == task_id => {
+                self.injected.fetch_add(1, Ordering::SeqCst);
+                Err(Error::InvalidArgument(format!(
+                    "the change of task {task_id} was refused (injected fault)"
+                )))
+            }
+            _ => Ok(()),
         }
     }
 

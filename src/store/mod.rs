@@ -115,6 +115,10 @@ impl Poison {
     }
 }
 
+/// The most one change may take in a log without a smaller limit of its
+/// own: far above any request or frame the hub accepts.
+pub const MAX_CHANGE_BYTES: usize = 64 << 20;
+
 /// Upper bounds (µs) of the commit-duration histogram buckets.
 pub const COMMIT_BUCKETS_US: [u64; 10] = [
     100, 200, 500, 1_000, 2_000, 5_000, 10_000, 50_000, 100_000, 1_000_000,
@@ -204,6 +208,18 @@ pub trait Store: Send + Sync + 'static {
     /// "look it up".
     fn may_hold_task(&self, _task_id: &str) -> bool {
         true
+    }
+    /// The most bytes one change (one request's rows and events) may take
+    /// in the log: what one entry takes. The hub checks a change against it
+    /// before the change joins a group commit.
+    fn max_change_bytes(&self) -> usize {
+        MAX_CHANGE_BYTES
+    }
+    /// Checked with [`Store::max_change_bytes`] before a change of
+    /// `task_id` is built: a store with injected faults can refuse one
+    /// change here, as a change failing for a reason of its own would be.
+    fn check_change(&self, _task_id: &str) -> Result<()> {
+        Ok(())
     }
     /// A page of stored tasks in creation order, as of one seq.
     fn list_tasks(&self, filter: &ListFilter) -> Result<TaskListing>;

@@ -105,6 +105,78 @@ async fn a_repush_of_an_id_only_the_store_holds_answers_created_false() {
     assert_eq!(failed_commits(&hub).await, 0.0);
 }
 
+/// A change that fails for a reason of its own (the store's fault switch
+/// refuses every change of one task, as a change too large for the log is
+/// refused) fails its caller alone: the changes committed with it in the
+/// same group commits all commit, the hub never reports degraded, and the
+/// log has no hole.
+#[tokio::test]
+async fn a_change_refused_for_a_reason_of_its_own_fails_alone_and_the_rest_commit() {
+    let (hub, faults) = TestHub::start_with_faults(|_| {}).await;
+    let mut client = hub.client().await;
+    let mut sc = hub.sidecar("a").await;
+    let victim = client
+        .push(pinned("a", "its report is refused"))
+        .await
+        .task_id;
+    let (id, g) = sc.next_assign().await;
+    assert_eq!(id, victim);
+    sc.accept(&id, g).await;
+
+    faults.refuse_changes_of(Some(&victim));
+    // Slow commits: what arrives meanwhile is committed in groups.
+    faults.set_delay(std::time::Duration::from_millis(5));
+    let mut pushes = Vec::new();
+    for i in 0..40 {
+        let mut c = client.clone();
+        pushes.push(tokio::spawn(async move {
+            let req = scheduled(
+                &format!("other {i}"),
+                &["nobody-has-this"],
+                pb::Priority::Low,
+            );
+            c.push_task(req).await.map(|r| r.into_inner())
+        }));
+    }
+    sc.send(json!({"type": "task_progress", "task_id": id, "generation": g, "progress": 50}))
+        .await;
+    sc.send(json!({"type": "task_complete", "task_id": id, "generation": g, "result": "done"}))
+        .await;
+    let mut errors = Vec::new();
+    for _ in 0..2 {
+        let v = sc.recv().await;
+        assert_eq!(v["type"], "error", "{v}");
+        assert_eq!(v["task_id"], json!(victim), "{v}");
+        errors.push(v["error"].clone());
+    }
+    assert_eq!(errors, [json!("invalid_message"), json!("invalid_message")]);
+    for p in pushes {
+        let r = p
+            .await
+            .unwrap()
+            .expect("a change committed beside the refused one");
+        assert!(r.created);
+    }
+    faults.set_delay(std::time::Duration::ZERO);
+    assert!(faults.injected() >= 2);
+    assert_eq!(client.task(&victim).await.state(), pb::task::State::Running);
+    assert_eq!(health_status(&hub).await, 200);
+    assert_eq!(failed_commits(&hub).await, 0.0);
+
+    // The fault gone, the same report is taken.
+    faults.refuse_changes_of(None);
+    sc.complete(&id, g, json!("done")).await;
+    assert_eq!(
+        client.task(&victim).await.state(),
+        pb::task::State::Completed
+    );
+    // Every seq from 1 to the last is there, once: no change left a hole.
+    let last = client.task(&victim).await.last_seq;
+    let events = take_events(&mut client.watch_after(0).await, last as usize).await;
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=last).collect::<Vec<u64>>());
+}
+
 fn other_request(i: usize) -> pb::PushTaskRequest {
     let mut req = probe(i);
     req.priority = pb::Priority::Urgent as i32;

@@ -70,6 +70,11 @@ impl Store for ClusterStore {
         self.shared.replica.list_tasks(filter)
     }
 
+    fn max_change_bytes(&self) -> usize {
+        // One append is one NATS message.
+        crate::cluster::piece_size(&self.shared.node.client)
+    }
+
     fn purge_finished(&self, cutoff_ms: i64, limit: usize) -> Result<Purged> {
         // Retention works on this node's copy only (see docs/cluster.md).
         self.shared.replica.purge_finished(cutoff_ms, limit)

@@ -200,8 +200,12 @@ pub(super) async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<
             payload = crate::store::entry::encode(&live);
         }
         if payload.len() > max_payload {
-            // One change the log cannot take in one entry. Refuse it (and
-            // what was built on it) without stepping down: the log is fine.
+            // One change the log cannot take in one entry. The hub checks
+            // every request's own content before building its change
+            // (`hub/admit.rs`), so only what the hub adds to a change (a
+            // great many tasks scheduled or released by one request) can
+            // get here. Refuse it (and what was built on it) without
+            // stepping down: the log is fine.
             let e = Error::Storage {
                 fault: StorageFault::TooLarge,
                 detail: format!(
@@ -209,7 +213,7 @@ pub(super) async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<
                     payload.len()
                 ),
             };
-            tracing::warn!(error = %e, "change refused");
+            tracing::error!(error = %e, "a change larger than one log entry was refused");
             let (epoch, _) = fail_group(&shared, live, e, started);
             // What was queued behind it was built on it and fails too, but
             // for its own caller that is no fault of its own: a retryable

@@ -407,6 +407,13 @@ impl Store for FileStore {
         self.shared.ids.may_contain(task_id)
     }
 
+    fn check_change(&self, task_id: &str) -> Result<()> {
+        match &self.shared.faults {
+            Some(faults) => faults.check_change(task_id),
+            None => Ok(()),
+        }
+    }
+
     fn list_tasks(&self, filter: &ListFilter) -> Result<TaskListing> {
         self.caught_up()?;
         self.copy.list_tasks(filter)

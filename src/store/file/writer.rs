@@ -28,8 +28,9 @@ const MAX_EXTEND: u64 = 8 << 20;
 const MAX_GROUP: usize = 4096;
 /// A group stops growing once its events hold this many bytes: records
 /// stay far below what a record's length field and a scan take (one
-/// change is bounded by the request and frame size limits).
-const MAX_GROUP_BYTES: usize = 64 << 20;
+/// change is checked against [`crate::store::MAX_CHANGE_BYTES`] before
+/// it is built).
+const MAX_GROUP_BYTES: usize = crate::store::MAX_CHANGE_BYTES;
 
 /// About how many bytes a batch adds to a record.
 fn batch_bytes(b: &Batch) -> usize {

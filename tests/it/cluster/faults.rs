@@ -298,10 +298,9 @@ async fn a_change_too_large_for_the_log_is_refused_and_the_leader_stays() {
 }
 
 /// One oversized report among many valid ones, sent at the same moment:
-/// the oversized one gets `invalid_message`; no valid one does. A valid
-/// report that was queued behind the refused one (and built on it) gets a
-/// retryable `storage_unavailable`, and is taken when sent again, as a
-/// sidecar does with that error.
+/// the oversized one gets `invalid_message`; every valid one is taken the
+/// first time (no error of any kind, not even a retryable one): the
+/// oversized change is refused before it joins a group commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_oversized_report_among_valid_ones_fails_alone() {
     const VALID: usize = 8;
@@ -353,31 +352,24 @@ async fn one_oversized_report_among_valid_ones_fails_alone() {
                 let report = json!({"type": "task_complete", "task_id": task,
                                     "generation": generation, "result": {"ok": true}});
                 sc.send(report.clone()).await;
-                let deadline = Instant::now() + DEADLINE;
-                let mut resent = 0;
-                loop {
-                    let v = sc.recv().await;
-                    match v["type"].as_str() {
-                        Some("task_ack") => {
-                            assert_eq!(v["status"], "complete", "{v}");
-                            return (task, resent);
-                        }
-                        Some("error") if v["error"] == "storage_unavailable" => {
-                            assert!(Instant::now() < deadline, "never taken: {v}");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            sc.send(report.clone()).await;
-                            resent += 1;
-                        }
-                        _ => panic!("valid report of {task}: {v}"),
-                    }
-                }
+                let v = sc.recv().await;
+                assert_eq!(v["type"], "task_ack", "valid report of {task}: {v}");
+                assert_eq!(v["status"], "complete", "{v}");
+                task
             })
         })
         .collect();
     let err = big.recv_type("error").await;
     assert_eq!(err["error"], "invalid_message", "{err}");
+    assert!(
+        err["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("too large"),
+        "{err}"
+    );
     for v in valid {
-        let (task, _resent) = tokio::time::timeout(DEADLINE, v).await.unwrap().unwrap();
+        let task = tokio::time::timeout(DEADLINE, v).await.unwrap().unwrap();
         assert_eq!(client.task(&task).await.state(), pb::task::State::Completed);
     }
     flooding.store(false, Ordering::Relaxed);
@@ -388,4 +380,13 @@ async fn one_oversized_report_among_valid_ones_fails_alone() {
         client.task(&big_task).await.state(),
         pb::task::State::Running
     );
+    // A push too large for the log is refused alone too, before it is built.
+    let mut req = pinned("nobody", &"d".repeat(700_000));
+    req.queue_if_offline = true;
+    let err = client.push_task(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("too large"), "{err:?}");
+    let mut req = pinned("nobody", "small");
+    req.queue_if_offline = true;
+    assert!(client.push(req).await.created);
 }
