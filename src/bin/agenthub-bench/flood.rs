@@ -1,7 +1,8 @@
-//! The `output-flood` group: does one agent flooding `task_output` slow
-//! another agent's push round trip? Sequential pushes to a quiet agent are
-//! timed without, then with, a second agent sending 10 MB/s of output for
-//! its running task, on the same hub.
+//! The `output-flood` group: does one agent flooding the hub slow another
+//! agent's push round trip? Sequential pushes to a quiet agent are timed
+//! without, then with, a second agent flooding for its running task, on
+//! the same hub: 10 MB/s of `task_output` (paced), or 1 MB `task_progress`
+//! frames as fast as the hub reads them (every one a durable event).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,6 +26,17 @@ const FLOOD_BYTES_PER_S: u64 = 10 * 1024 * 1024;
 const CHUNK: usize = 4096;
 /// Pacing tick of the flood.
 const TICK: Duration = Duration::from_millis(10);
+/// Bytes of one flooding `task_progress` frame's progress.
+const PROGRESS_BYTES: usize = 1_000_000;
+
+/// What the second agent floods the hub with.
+#[derive(Clone, Copy)]
+pub enum Flood {
+    /// 10 MB/s of `task_output`, paced.
+    Output,
+    /// 1 MB `task_progress` frames, unpaced: the hub's backpressure paces them.
+    Progress,
+}
 
 /// Sequential push → accept ack round trips on `ws`'s agent; returns samples.
 async fn round_trips(
@@ -58,18 +70,27 @@ async fn round_trips(
     Ok(lat)
 }
 
-pub async fn run(ctx: &Ctx, name: &str) -> Result<Metrics> {
+pub async fn run(ctx: &Ctx, name: &str, kind: Flood) -> Result<Metrics> {
     let s = &ctx.sizes;
     let agents = ["quiet".to_string(), "flood".to_string()];
     let dir = ctx.fresh_dir(name)?;
     let tokens = issue_tokens(&dir, &agents)?;
-    let hub = Hub::start(&ctx.agenthub, &dir, &tokens.admin, &ctx.log(name), &[]).await?;
+    // Every flooded progress frame is a stored event of 1 MB: keep the
+    // newest 1,000 only, or the phase fills the disk (about 50 MB/s).
+    let args: &[&str] = match kind {
+        Flood::Output => &[],
+        Flood::Progress => &["--event-retention", "1000"],
+    };
+    let hub = Hub::start(&ctx.agenthub, &dir, &tokens.admin, &ctx.log(name), args).await?;
     let result = async {
         let mut client = connect(&hub.grpc_addr, &hub.admin).await?;
         let mut quiet = sidecar(&hub.ws_addr, "quiet", &tokens.agents[0].1, 1).await?;
         let warm = s.push_warmup.min(500);
         round_trips(&mut client, &mut quiet, "quiet", "warm", warm).await?;
-        let n = s.push_measured.min(5000);
+        let n = match kind {
+            Flood::Output => s.push_measured.min(5000),
+            Flood::Progress => s.push_measured.min(1000),
+        };
         let before = round_trips(&mut client, &mut quiet, "quiet", "calm", n)
             .await?
             .sorted();
@@ -99,6 +120,18 @@ pub async fn run(ctx: &Ctx, name: &str) -> Result<Metrics> {
         let flooder = tokio::spawn({
             let (stop, sent) = (stop.clone(), sent.clone());
             async move {
+                if let Flood::Progress = kind {
+                    let frame = serde_json::json!({
+                        "type": "task_progress", "task_id": "flood-task", "generation": generation,
+                        "progress": "p".repeat(PROGRESS_BYTES),
+                    })
+                    .to_string();
+                    while !stop.load(Ordering::Relaxed) {
+                        flood.send(Message::text(frame.clone())).await?;
+                        sent.fetch_add(PROGRESS_BYTES as u64, Ordering::Relaxed);
+                    }
+                    return Ok(());
+                }
                 let frame = serde_json::json!({
                     "type": "task_output", "task_id": "flood-task", "generation": generation,
                     "stream": "stdout", "data": "o".repeat(CHUNK),

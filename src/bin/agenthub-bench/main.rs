@@ -592,8 +592,11 @@ async fn run_group(
         }
         "output-flood" => {
             let t = now_ns();
-            let out = flood::run(ctx, &name("hub-output-flood")).await;
+            let out = flood::run(ctx, &name("hub-output-flood"), flood::Flood::Output).await;
             rec.write(r("hub_output_flood", "agenthub", None), out, t)?;
+            let t = now_ns();
+            let out = flood::run(ctx, &name("hub-progress-flood"), flood::Flood::Progress).await;
+            rec.write(r("hub_progress_flood", "agenthub", None), out, t)?;
         }
         "js-cluster" => {
             let t = now_ns();

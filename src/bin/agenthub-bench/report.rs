@@ -455,6 +455,16 @@ fn targets(d: &Data) -> Vec<Target> {
             unit: "µs",
         },
         Target {
+            what: "push round trip p50 while another agent floods 1 MB task_progress frames"
+                .into(),
+            phase: ("hub_progress_flood", None),
+            hub: metric("hub_progress_flood", None, "push_p50_flood_us"),
+            base: Some(metric("hub_progress_flood", None, "push_p50_calm_us")),
+            base_label: "the same without the flood, same hub".into(),
+            bound: (true, 2.0),
+            unit: "µs",
+        },
+        Target {
             what: "cluster: push round trip p50, through the leader".into(),
             phase: ("cluster_push_seq", None),
             hub: metric("cluster_push_seq", None, "push_to_accept_ack_p50_us"),
