@@ -332,7 +332,7 @@ impl TokenVerifier {
             }
         }
         self.counters.lookups.inc();
-        let Some(record) = self.store.find_token(&hash)? else {
+        let Some(record) = self.find_token(&hash)? else {
             self.lock_unknown().remember(hash);
             return Err(Error::Unauthenticated);
         };
@@ -351,6 +351,20 @@ impl TokenVerifier {
         }
         cache.insert(hash, (principal.clone(), Instant::now()));
         Ok(principal)
+    }
+
+    /// The store's look-up of `hash`, off the tokio worker it is called
+    /// on: callers are synchronous (the gRPC interceptor among them), so
+    /// on the multi-threaded runtime the worker hands its other tasks to
+    /// the others while it reads (`block_in_place`).
+    fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>> {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        match Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(RuntimeFlavor::MultiThread) => {
+                tokio::task::block_in_place(|| self.store.find_token(hash))
+            }
+            _ => self.store.find_token(hash),
+        }
     }
 
     /// Parse `Bearer <token>` and verify it.

@@ -35,8 +35,10 @@ use crate::store::file::FileStore;
 use crate::store::sqlite::output::OutputStore;
 use crate::store::{Batch, Store};
 
-/// Most bytes of sidecar reports received and not yet committed, across all
-/// sessions. A session waits for room before it reads its next frame.
+/// Most bytes of sidecar reports and pushes received and not yet committed,
+/// across all sessions and calls: this bounds what waits in the store's
+/// queue. A session waits for room before it reads its next frame; a push
+/// waits for room before its change is built.
 pub const MAX_REPORT_BYTES_IN_FLIGHT: usize = 64 * 1024 * 1024;
 
 /// Longest caller-supplied task id.
@@ -423,10 +425,11 @@ impl Hub {
     /// Create a task (or return the identical existing one).
     pub async fn push_task(&self, req: PushRequest) -> Result<PushOutcome> {
         validate_push(&req)?;
-        self.admit(
-            req.task_id.as_deref().unwrap_or_default(),
-            admit::push_bytes(&req),
-        )?;
+        let bytes = admit::push_bytes(&req);
+        self.admit(req.task_id.as_deref().unwrap_or_default(), bytes)?;
+        // Pushes share the room for writes in flight with reports: what
+        // waits for the store is bounded whoever sends it.
+        let _room = self.report_room(bytes).await;
         let max_attempts = match req.max_attempts {
             0 => self.config.default_max_attempts,
             n => n,
