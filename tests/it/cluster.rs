@@ -1,6 +1,7 @@
 //! Cluster mode (SPEC §9): hub nodes as processes on a 3-node NATS
 //! JetStream cluster.
 
+pub mod creds;
 pub mod edge;
 pub mod failover;
 pub mod faults;

@@ -1,18 +1,24 @@
 //! Authenticate at the edge: a follower verifies tokens itself and carries
 //! the principal to the leader, never the token; and a cluster on NATS
-//! with TLS and user credentials.
+//! with TLS and a user and password, and on NATS in operator mode with a
+//! creds file.
 
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
 
+use super::creds::Operator;
 use super::hubs::{HubCluster, DEADLINE};
 use super::nats::NatsCluster;
-use crate::helpers::{pinned, ClientExt};
+use super::ready::serving;
+use crate::helpers::{kind, pinned, take_events, ClientExt};
 use crate::security::lab::{self, Ca};
 use agenthub::pb;
+use agenthub::pb::task_event::Kind as K;
 
 /// A message the spy saw: its subject, and its headers and payload.
 type Seen = (String, Vec<u8>);
@@ -167,4 +173,103 @@ async fn a_cluster_runs_on_nats_with_tls_and_user_credentials() {
         .await
         .unwrap();
     assert_eq!(task, pushed.task_id);
+}
+
+/// A cluster on NATS servers in operator mode (decentralized JWT
+/// authentication: an operator, an account with JetStream, a user), through
+/// `--nats-creds`: every node reports SERVING under one leader, a push
+/// through one node reaches a sidecar on another and a watch on the third
+/// sees it complete. A node whose user belongs to an account the servers
+/// do not know never serves and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_runs_on_nats_with_a_creds_file() {
+    let operator = Operator::new();
+    let account = operator.account("agenthub", true);
+    let stranger = operator.account("stranger", true);
+    let dir = tempfile::tempdir().unwrap();
+    let creds = lab::write(dir.path(), "agenthub.creds", &account.user_creds("hub"));
+    let stranger_creds = lab::write(dir.path(), "stranger.creds", &stranger.user_creds("hub"));
+    let nats = NatsCluster::start_with(&operator.server_conf(&[&account])).await;
+    // Without a user JWT, or with one of an account the servers do not know,
+    // nothing gets in.
+    let refused = async_nats::connect(nats.urls()[0].as_str()).await;
+    assert!(refused.is_err(), "connected without credentials");
+    let refused = async_nats::ConnectOptions::with_credentials_file(&stranger_creds)
+        .await
+        .unwrap()
+        .connect(nats.urls()[0].as_str())
+        .await;
+    assert!(
+        refused.is_err(),
+        "connected as a user of an unknown account"
+    );
+
+    let creds_arg = creds.display().to_string();
+    let c = HubCluster::start_on(nats, 3, &["--nats-creds", &creds_arg]).await;
+    for i in 0..3 {
+        serving(c.node(i)).await;
+    }
+    let leader = c.leader().await;
+    let (agent_node, push_node) = ((leader + 1) % 3, (leader + 2) % 3);
+    let mut client = c.client(push_node).await;
+    let issued = client
+        .issue_token(pb::IssueTokenRequest {
+            role: "agent".into(),
+            agent_id: "creds-agent".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut sc = c.identify(agent_node, "creds-agent", &issued.token).await;
+    let mut watch = c.client(leader).await.watch_after(0).await;
+    let pushed = client
+        .push(pinned("creds-agent", "over a creds file"))
+        .await;
+    let (task, generation) = tokio::time::timeout(DEADLINE, sc.next_assign())
+        .await
+        .unwrap();
+    assert_eq!(task, pushed.task_id);
+    sc.accept(&task, generation).await;
+    sc.complete(&task, generation, json!({"ok": true})).await;
+    let events = take_events(&mut watch, 4).await;
+    let kinds: Vec<_> = events.iter().map(kind).collect();
+    assert_eq!(kinds, [K::Created, K::Assigned, K::Accepted, K::Completed]);
+    assert!(events.iter().all(|e| e.task_id == task));
+
+    // A fourth node as a user of the unknown account: NATS refuses it, so
+    // it never opens its listeners (prints no addresses); it says why and
+    // keeps trying.
+    let stranger_arg = stranger_creds.display().to_string();
+    let urls = c.nats.url_list();
+    let mut stranger = tokio::process::Command::new(env!("CARGO_BIN_EXE_agenthub"))
+        .args(["serve", "--print-addrs", "--ws-addr", "127.0.0.1:0"])
+        .args(["--grpc-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("stranger"))
+        .args(["--nats", &urls, "--node-id", "stranger"])
+        .args(["--nats-creds", &stranger_arg])
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(stranger.stdout.take().unwrap()).lines();
+    let mut stderr = BufReader::new(stranger.stderr.take().unwrap()).lines();
+    let expected = [
+        "authorization violation",
+        "cannot set up the log in NATS yet; retrying",
+    ];
+    let mut said: Vec<String> = Vec::new();
+    let saying = async {
+        while !expected.iter().all(|e| said.iter().any(|l| l.contains(e))) {
+            tokio::select! {
+                line = stderr.next_line() => said.push(line.unwrap().expect("the node runs on")),
+                line = stdout.next_line() => panic!("a node NATS refused printed {line:?}"),
+            }
+        }
+    };
+    let said_it = tokio::time::timeout(DEADLINE, saying).await.is_ok();
+    assert!(said_it, "the refused node said: {said:#?}");
+    assert!(stranger.try_wait().unwrap().is_none(), "{said:#?}");
 }

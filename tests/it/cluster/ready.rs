@@ -32,7 +32,7 @@ fn issue(urls: &str, args: &[&str]) -> String {
 
 /// Wait until the node's gRPC health answers SERVING (polled as a load
 /// balancer would).
-async fn serving(node: &HubProcess) {
+pub async fn serving(node: &HubProcess) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let endpoint = format!("http://{}", node.grpc_addr);
     loop {
