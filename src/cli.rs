@@ -161,6 +161,9 @@ pub struct ServeArgs {
     /// Messages queued per sidecar before it is disconnected as too slow.
     #[arg(long, env = "AGENTHUB_OUTBOUND_QUEUE", default_value_t = config::DEFAULT_OUTBOUND_QUEUE)]
     pub outbound_queue: usize,
+    /// Bytes a second one sidecar's frames are read at, at most (0: no limit).
+    #[arg(long, env = "AGENTHUB_SIDECAR_BYTES_PER_S", default_value_t = config::DEFAULT_SIDECAR_BYTES_PER_S)]
+    pub sidecar_bytes_per_s: u64,
     /// Keep only the newest N events (0 = keep all).
     #[arg(long, env = "AGENTHUB_EVENT_RETENTION", default_value_t = 0)]
     pub event_retention: u64,
@@ -228,6 +231,7 @@ impl ServeArgs {
         c.default_max_attempts = self.max_attempts;
         c.max_message_bytes = self.max_message_bytes;
         c.outbound_queue = self.outbound_queue;
+        c.sidecar_bytes_per_s = self.sidecar_bytes_per_s;
         c.event_retention = (self.event_retention > 0).then_some(self.event_retention);
         c.finished_cache = self.finished_cache;
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {

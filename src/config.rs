@@ -15,6 +15,9 @@ pub const DEFAULT_DATA_DIR: &str = "./agenthub-data";
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_IDENTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_OUTBOUND_QUEUE: usize = 1024;
+/// Bytes a second one sidecar's frames are read at, at most (after a burst
+/// of one second's worth).
+pub const DEFAULT_SIDECAR_BYTES_PER_S: u64 = 16 << 20;
 pub const DEFAULT_WS_PING_INTERVAL: Duration = Duration::from_secs(20);
 pub const DEFAULT_WS_PING_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DEFAULT_ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -67,6 +70,10 @@ pub struct Config {
     pub identify_timeout: Duration,
     /// Messages queued for one sidecar; a sidecar that lets it fill is disconnected.
     pub outbound_queue: usize,
+    /// One sidecar's frames are read at most this many bytes a second, on
+    /// average (0: no limit): beyond it its socket is left unread, so one
+    /// peer's volume cannot take the log's time from the others.
+    pub sidecar_bytes_per_s: u64,
     /// The hub pings every sidecar this often...
     pub ws_ping_interval: Duration,
     /// ...and closes a socket silent for `ws_ping_interval + ws_ping_timeout`.
@@ -142,6 +149,7 @@ impl Config {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             identify_timeout: DEFAULT_IDENTIFY_TIMEOUT,
             outbound_queue: DEFAULT_OUTBOUND_QUEUE,
+            sidecar_bytes_per_s: DEFAULT_SIDECAR_BYTES_PER_S,
             ws_ping_interval: DEFAULT_WS_PING_INTERVAL,
             ws_ping_timeout: DEFAULT_WS_PING_TIMEOUT,
             ws_write_timeout: DEFAULT_WS_WRITE_TIMEOUT,

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub tokens: crate::auth::VerifierCounters,
     pub reports: Counter,
     pub ws_connections: Counter,
+    /// Times a sidecar's socket was left unread for its byte rate.
+    pub ws_paced: Counter,
     pub storage_faults: Counter,
     /// WebSocket sessions whose task is still running.
     pub ws_sessions_open: Gauge<i64, AtomicI64>,
@@ -93,6 +95,7 @@ impl Metrics {
             tokens: Default::default(),
             reports: Counter::default(),
             ws_connections: Counter::default(),
+            ws_paced: Counter::default(),
             storage_faults: Counter::default(),
             ws_sessions_open: Gauge::default(),
             reclaims: Family::default(),
@@ -130,6 +133,11 @@ impl Metrics {
             "agenthub_ws_connections",
             "WebSocket connections accepted",
             m.ws_connections.clone(),
+        );
+        r.register(
+            "agenthub_ws_paced",
+            "Times a sidecar's socket was left unread because its frames came faster than --sidecar-bytes-per-s",
+            m.ws_paced.clone(),
         );
         r.register(
             "agenthub_ws_sessions_open",

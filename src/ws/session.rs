@@ -101,6 +101,37 @@ impl InFlight {
     }
 }
 
+/// A sidecar's byte rate: frames are read at most `rate` bytes a second on
+/// average, after a burst of one second's worth (a token bucket on
+/// `tokio::time`). Its debt is paid by not reading the socket.
+struct Pace {
+    rate: f64,
+    credit: f64,
+    at: tokio::time::Instant,
+}
+
+impl Pace {
+    fn new(bytes_per_s: u64) -> Option<Pace> {
+        (bytes_per_s > 0).then(|| Pace {
+            rate: bytes_per_s as f64,
+            credit: bytes_per_s as f64,
+            at: tokio::time::Instant::now(),
+        })
+    }
+
+    /// Charge a frame of `bytes`; how long to leave the socket unread.
+    fn charge(&mut self, bytes: usize) -> Duration {
+        let now = tokio::time::Instant::now();
+        let earned = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.credit = (self.credit + earned).min(self.rate) - bytes as f64;
+        self.at = now;
+        match self.credit < 0.0 {
+            true => Duration::from_secs_f64(-self.credit / self.rate),
+            false => Duration::ZERO,
+        }
+    }
+}
+
 /// Shared between the hub's handle, the reader and the writer.
 #[derive(Default)]
 struct SessionCtl {
@@ -237,6 +268,7 @@ async fn run_in_span(
     // The peer sent its close frame (or the connection is gone).
     let mut peer_closed = false;
     let mut in_flight = InFlight::default();
+    let mut pace = Pace::new(cfg.sidecar_bytes_per_s);
     loop {
         let frame = tokio::select! {
             frame = stream.next() => frame,
@@ -279,6 +311,28 @@ async fn run_in_span(
                 break;
             }
         };
+        // A sidecar past its byte rate: its socket is left unread for a
+        // while (TCP pushes back), so its volume cannot take the log's time
+        // from everyone else's writes.
+        if let Some(wait) = pace
+            .as_mut()
+            .filter(|_| agent_id.is_some())
+            .map(|p| p.charge(text.len()))
+            .filter(|w| !w.is_zero())
+        {
+            hub.metrics().ws_paced.inc();
+            // Boxed: rarely awaited, and a session's future is held by
+            // every idle sidecar.
+            let closed = Box::pin(async {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => false,
+                    _ = ctl.closed() => true,
+                }
+            });
+            if closed.await {
+                break;
+            }
+        }
         // Boxed while the drain is awaited: a parsed message is large, and
         // what lives across an await sizes every session's future.
         let parsed = protocol::parse(&text).map(Box::new);
@@ -490,4 +544,29 @@ async fn write_loop(
         reason: reason.into(),
     };
     send_bounded(&mut sink, Message::Close(Some(frame)), timing.write_timeout).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(d: Duration) -> f64 {
+        (d.as_secs_f64() * 1e6).round() / 1e6
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pace_allows_a_second_of_burst_then_the_rate() {
+        let mut pace = Pace::new(1000).unwrap();
+        assert_eq!(secs(pace.charge(600)), 0.0);
+        assert_eq!(secs(pace.charge(400)), 0.0);
+        // In debt by 500 bytes: half a second unread.
+        assert_eq!(secs(pace.charge(500)), 0.5);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(secs(pace.charge(100)), 0.1);
+        // Credit never grows past one second's worth.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(secs(pace.charge(1000)), 0.0);
+        assert_eq!(secs(pace.charge(1)), 0.001);
+        assert!(Pace::new(0).is_none());
+    }
 }

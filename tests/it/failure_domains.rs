@@ -573,7 +573,7 @@ async fn a_sidecar_flooding_progress_is_slowed_and_others_keep_working() {
     assert_eq!(id, flood_task);
     flood.accept(&id, g).await;
     let data = "x".repeat(1_000_000);
-    let frame = json!({"type": "task_progress", "task_id": id, "generation": g, "progress": data})
+    let frame = json!({"type": "task_progress", "task_id": id, "generation": g, "progress": &data})
         .to_string();
     let flood_for = std::time::Duration::from_secs(30);
     let flooding = tokio::spawn(async move {
@@ -616,7 +616,16 @@ async fn a_sidecar_flooding_progress_is_slowed_and_others_keep_working() {
         "only {} round trips during the flood",
         busy_ms.len()
     );
-    // The flooder was slowed to what the hub stores, and it is still served.
+    // The flooder was slowed to its byte rate (a second's burst, then the
+    // rate; the socket buffers hold some frames more), and it is still served.
+    let rate = agenthub::config::DEFAULT_SIDECAR_BYTES_PER_S as f64;
+    let most = ((flood_for.as_secs_f64() + 1.0) * rate / data.len() as f64) as u64 + 64;
+    assert!(
+        sent <= most,
+        "{sent} frames of 1 MB taken in {flood_for:?} (at most {most})"
+    );
+    let metrics = Http::new(hub.ws_addr).get_text("/metrics").await.1;
+    assert!(metric(&metrics, "agenthub_ws_paced_total").unwrap_or(0.0) > 0.0);
     let health = Http::new(hub.ws_addr).get_text("/health").await.0;
     assert_eq!(health, 200);
 }

@@ -455,8 +455,7 @@ fn targets(d: &Data) -> Vec<Target> {
             unit: "µs",
         },
         Target {
-            what: "push round trip p50 while another agent floods 1 MB task_progress frames"
-                .into(),
+            what: "push round trip p50 while another agent floods 1 MB task_progress frames".into(),
             phase: ("hub_progress_flood", None),
             hub: metric("hub_progress_flood", None, "push_p50_flood_us"),
             base: Some(metric("hub_progress_flood", None, "push_p50_calm_us")),
