@@ -115,6 +115,10 @@ pub struct ServeArgs {
     /// Cluster mode: the leader lease; a leader silent this long is replaced.
     #[arg(long, env = "AGENTHUB_LEASE", value_parser = parse_duration, default_value = "3s")]
     pub lease: Duration,
+    /// Cluster mode: calls forwarded by followers that the leader answers at
+    /// once (watch streams included); one more gets UNAVAILABLE.
+    #[arg(long, env = "AGENTHUB_MAX_FORWARDED_CALLS", default_value_t = crate::cluster::DEFAULT_MAX_FORWARDED_CALLS)]
+    pub max_forwarded_calls: usize,
     #[arg(long, env = "AGENTHUB_WS_ADDR", default_value = config::DEFAULT_WS_ADDR)]
     pub ws_addr: SocketAddr,
     #[arg(long, env = "AGENTHUB_GRPC_ADDR", default_value = config::DEFAULT_GRPC_ADDR)]

@@ -86,6 +86,7 @@ async fn serve(args: agenthub::cli::ServeArgs) -> Result<()> {
                 .ok_or_else(|| anyhow!("--nats needs --node-id NAME (unique in the cluster)"))?;
             let mut options = args.nats.options(&node_id).expect("--nats is set");
             options.lease = args.lease;
+            options.max_forwarded_calls = args.max_forwarded_calls.max(1);
             Server::build_cluster(config.clone(), options).await?
         }
         None => build_single(&args, config.clone()).await?,

@@ -61,6 +61,9 @@ pub fn agent_in_subject(leadership: &str) -> String {
     format!("agenthub.agent.in.{}", leadership.replace('/', "."))
 }
 
+/// Forwarded calls a leader answers at once, by default.
+pub const DEFAULT_MAX_FORWARDED_CALLS: usize = 4096;
+
 /// `agenthub serve --nats ...` settings.
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
@@ -78,6 +81,9 @@ pub struct ClusterOptions {
     /// Client certificate and key for NATS servers that require one.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// While leading: forwarded calls answered at once (streams included);
+    /// one more is refused with `UNAVAILABLE`.
+    pub max_forwarded_calls: usize,
 }
 
 impl ClusterOptions {
@@ -93,6 +99,7 @@ impl ClusterOptions {
             password: None,
             token: None,
             tls_ca: None,
+            max_forwarded_calls: DEFAULT_MAX_FORWARDED_CALLS,
             tls_cert: None,
             tls_key: None,
         }

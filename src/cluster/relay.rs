@@ -49,6 +49,9 @@ const HDR_PIECE: &str = "Agenthub-Piece";
 /// Reports of one relayed session the leader queues for its hub; past
 /// that, one is answered `storage_unavailable` (kept and sent again).
 const MAX_QUEUED_REPORTS: usize = 64;
+/// Messages the leader queues for one node's sidecars. A session whose
+/// message finds it full is closed, as a sidecar that stops reading is.
+const MAX_QUEUED_TO_NODE: usize = 8192;
 
 /// How long an identify waits for the leader's answer.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -445,7 +448,7 @@ pub struct RemoteLink {
     id: u64,
     session: u64,
     incarnation: String,
-    out: mpsc::UnboundedSender<(HeaderMap, Bytes)>,
+    out: mpsc::Sender<(HeaderMap, Bytes)>,
     gone: std::sync::atomic::AtomicBool,
 }
 
@@ -454,11 +457,34 @@ impl RemoteLink {
         if self.gone.load(Ordering::Acquire) {
             return false;
         }
+        match self.out.try_send((self.headers(kind), payload)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // The node's queue is full: close this session, as a
+                // sidecar that stops reading is (the close waits for room;
+                // the node then says "closed" and the hub lets it go).
+                self.gone.store(true, Ordering::Release);
+                tracing::warn!(
+                    session = self.session,
+                    "the queue to this session's node is full; closing the session"
+                );
+                let (out, h) = (self.out.clone(), self.headers("close"));
+                tokio::spawn(async move {
+                    let why = Bytes::from(CloseReason::QueueFull.as_str());
+                    let _ = out.send((h, why)).await;
+                });
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    fn headers(&self, kind: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(HDR_INCARNATION, self.incarnation.as_str());
         h.insert(HDR_SESSION, self.session.to_string().as_str());
         h.insert(HDR_KIND, kind);
-        self.out.send((h, payload)).is_ok()
+        h
     }
 }
 
@@ -491,7 +517,7 @@ struct IntakeState {
     /// "node/incarnation/session" → session.
     sessions: HashMap<String, RemoteSession>,
     /// Per node: a publisher of its messages (in order).
-    outs: HashMap<String, mpsc::UnboundedSender<(HeaderMap, Bytes)>>,
+    outs: HashMap<String, mpsc::Sender<(HeaderMap, Bytes)>>,
     /// Per node incarnation: last heartbeat.
     alive: HashMap<String, Instant>,
 }
@@ -590,17 +616,13 @@ fn sweep_dead_nodes(node: &Node, hub: &Arc<Hub>, state: &Mutex<IntakeState>) {
     }
 }
 
-fn out_for(
-    node: &Node,
-    state: &mut IntakeState,
-    target: &str,
-) -> mpsc::UnboundedSender<(HeaderMap, Bytes)> {
+fn out_for(node: &Node, state: &mut IntakeState, target: &str) -> mpsc::Sender<(HeaderMap, Bytes)> {
     if let Some(tx) = state.outs.get(target) {
         if !tx.is_closed() {
             return tx.clone();
         }
     }
-    let (tx, mut rx) = mpsc::unbounded_channel::<(HeaderMap, Bytes)>();
+    let (tx, mut rx) = mpsc::channel::<(HeaderMap, Bytes)>(MAX_QUEUED_TO_NODE);
     let client = node.client.clone();
     let subject = agent_out_subject(target);
     tokio::spawn(async move {
@@ -727,7 +749,7 @@ async fn on_agent_message(
                     h.insert(HDR_INCARNATION, incarnation.as_str());
                     h.insert(HDR_SESSION, session.to_string().as_str());
                     h.insert(HDR_KIND, "close");
-                    let _ = out.send((h, Bytes::from(CloseReason::LeaderChanged.as_str())));
+                    let _ = out.try_send((h, Bytes::from(CloseReason::LeaderChanged.as_str())));
                 }
             }
         }

@@ -563,11 +563,22 @@ where
         let Ok(mut sub) = node.client.subscribe(rpc_subject(&leadership)).await else {
             continue;
         };
+        let most = node.options.max_forwarded_calls;
+        let slots = Arc::new(tokio::sync::Semaphore::new(most));
         loop {
             tokio::select! {
                 msg = sub.next() => {
                     let Some(msg) = msg else { break };
-                    tokio::spawn(answer(node.clone(), svc.clone(), msg));
+                    match slots.clone().try_acquire_owned() {
+                        Ok(slot) => {
+                            let answering = answer(node.clone(), svc.clone(), msg);
+                            tokio::spawn(async move {
+                                answering.await;
+                                drop(slot);
+                            });
+                        }
+                        Err(_) => refuse_busy(&node, msg, most).await,
+                    }
                 }
                 changed = leader.changed() => {
                     if changed.is_err() || !leader.borrow().is_self {
@@ -577,6 +588,45 @@ where
             }
         }
         let _ = sub.unsubscribe().await;
+    }
+}
+
+/// Answer a forwarded call with `UNAVAILABLE` without running it: a
+/// trailers-only gRPC response, then the end.
+async fn refuse_busy(node: &Node, msg: async_nats::Message, most: usize) {
+    let Some(reply) = msg.reply else { return };
+    tracing::warn!(
+        "{most} forwarded calls are running (--max-forwarded-calls); one more is refused"
+    );
+    let mut grpc = http::HeaderMap::new();
+    grpc.insert(
+        "content-type",
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    grpc.insert("grpc-status", http::HeaderValue::from_static("14"));
+    grpc.insert(
+        "grpc-message",
+        http::HeaderValue::from_static("the leader is answering too many forwarded calls; retry"),
+    );
+    let mut head = HeaderMap::new();
+    head.insert(HDR_KIND, "head");
+    head.insert(HDR_NODE, node.node_id());
+    head.insert(HDR_STATUS, "200");
+    carry(&grpc, &mut head);
+    let mut end = HeaderMap::new();
+    end.insert(HDR_KIND, "end");
+    end.insert(HDR_NODE, node.node_id());
+    end.insert(HDR_SEQ, "1");
+    for (h, kind) in [(head, "head"), (end, "end")] {
+        if node
+            .client
+            .publish_with_headers(reply.clone(), h, Bytes::new())
+            .await
+            .is_err()
+        {
+            tracing::debug!(kind, "could not refuse a forwarded call");
+            return;
+        }
     }
 }
 

@@ -158,3 +158,52 @@ async fn a_killed_follower_frees_its_forwarded_watches_on_the_leader() {
     );
     drop(open);
 }
+
+/// A leader answers at most `--max-forwarded-calls` forwarded calls at
+/// once (streams included): one more is refused with `UNAVAILABLE`, calls
+/// made on the leader itself go on, and a slot given back (a stream ended
+/// by its client) takes the next forwarded call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_answers_at_most_max_forwarded_calls_and_refuses_one_more() {
+    const MOST: usize = 3;
+    let c = HubCluster::start(3, &["--max-forwarded-calls", "3"]).await;
+    let leader = c.leader().await;
+    let via = (leader + 1) % 3;
+    let mut through = c.client(via).await;
+    let mut open = Vec::new();
+    for _ in 0..MOST {
+        let mut s = through
+            .watch_agents(pb::ListAgentsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        // The first list comes from the leader: the call holds a slot now.
+        tokio::time::timeout(DEADLINE, s.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        open.push(s);
+    }
+    let mut req = pinned("nobody", "one more");
+    req.queue_if_offline = true;
+    let err = through.push_task(req.clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("too many forwarded calls"),
+        "{err:?}"
+    );
+    // The leader's own callers are not forwarded: unaffected.
+    let direct = c.client(leader).await.push_task(req.clone()).await.unwrap();
+    assert!(direct.into_inner().created);
+
+    drop(open.pop());
+    let pushed = crate::helpers::eventually(|| {
+        let mut through = through.clone();
+        let req = req.clone();
+        async move { through.push_task(req).await.ok() }
+    })
+    .await
+    .into_inner();
+    assert!(pushed.created);
+}
