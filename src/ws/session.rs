@@ -233,14 +233,24 @@ async fn run_in_span(
 ) {
     hub.metrics().ws_connections.inc();
     let _open = OpenGuard::new(hub.clone());
-    let cfg = hub.config().clone();
-    let timing = Timing {
-        ping_interval: cfg.ws_ping_interval,
-        ping_timeout: cfg.ws_ping_timeout,
-        write_timeout: cfg.ws_write_timeout,
-        close_timeout: cfg.ws_close_timeout,
+    // Only what the session needs: a clone of the whole configuration
+    // would live in every session's future.
+    let (timing, outbound_queue, identify_timeout, bytes_per_s) = {
+        let cfg = hub.config();
+        let timing = Timing {
+            ping_interval: cfg.ws_ping_interval,
+            ping_timeout: cfg.ws_ping_timeout,
+            write_timeout: cfg.ws_write_timeout,
+            close_timeout: cfg.ws_close_timeout,
+        };
+        (
+            timing,
+            cfg.outbound_queue,
+            cfg.identify_timeout,
+            cfg.sidecar_bytes_per_s,
+        )
     };
-    let (tx, out_rx) = mpsc::channel(cfg.outbound_queue);
+    let (tx, out_rx) = mpsc::channel(outbound_queue);
     let ctl = Arc::new(SessionCtl::default());
     let link = Arc::new(WsLink {
         id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
@@ -260,7 +270,7 @@ async fn run_in_span(
         timing,
     ));
 
-    let identify_deadline = tokio::time::sleep(cfg.identify_timeout);
+    let identify_deadline = tokio::time::sleep(identify_timeout);
     tokio::pin!(identify_deadline);
     let mut agent_id: Option<String> = None;
     // Cluster mode: the session's messages go to the leader through the relay.
@@ -268,7 +278,7 @@ async fn run_in_span(
     // The peer sent its close frame (or the connection is gone).
     let mut peer_closed = false;
     let mut in_flight = InFlight::default();
-    let mut pace = Pace::new(cfg.sidecar_bytes_per_s);
+    let mut pace = Pace::new(bytes_per_s);
     loop {
         let frame = tokio::select! {
             frame = stream.next() => frame,
