@@ -2,6 +2,7 @@
 //! applies them to the SQLite copy in large batches (retrying with backoff
 //! when the copy fails), then removes the segments the copy holds.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{mpsc, Arc};
@@ -224,10 +225,21 @@ fn apply(
         position: Some(last),
         ..Batch::default()
     };
+    // A task changed by several records is written once: its final row,
+    // checked against the row before the first change (as one entry does).
+    let mut at: HashMap<String, usize> = HashMap::new();
     for (index, entry) in &records {
         let (events, rows) = entry::decode(&index.to_string(), entry)?;
         batch.events.extend(events);
-        batch.tasks.extend(rows);
+        for w in rows {
+            match at.get(w.task.task_id.as_str()) {
+                Some(&i) => batch.tasks[i].task = w.task,
+                None => {
+                    at.insert(w.task.task_id.clone(), batch.tasks.len());
+                    batch.tasks.push(w);
+                }
+            }
+        }
     }
     let (done_tx, done_rx) = mpsc::channel();
     batch.then(move |r| {
