@@ -12,8 +12,8 @@ use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::error::{Error, Result};
+use crate::event::EncodedEvent;
 use crate::model::{EventFilter, Seq};
-use crate::pb::wire::EncodedEvent;
 use crate::store::Store;
 
 /// Events read from the store per catch-up query.

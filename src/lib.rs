@@ -38,6 +38,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod event;
 pub mod grpc;
 pub mod grpc_limits;
 pub mod http;

@@ -12,8 +12,8 @@
 
 use super::{Hub, PushRequest};
 use crate::error::{Error, Result, StorageFault};
+use crate::event::payload_len;
 use crate::link::FromAgent;
-use crate::pb::wire::payload_len;
 
 /// What the hub adds to any change besides the request's content: event
 /// heads, ids, counters, timestamps.

@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{Batch, TaskWrite};
 use crate::error::{Error, Result};
+use crate::event::EncodedEvent;
 use crate::model::{EventKind, Seq, Task};
-use crate::pb::wire::EncodedEvent;
 
 #[derive(Serialize, Deserialize)]
 struct Head {

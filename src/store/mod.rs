@@ -21,8 +21,8 @@ pub mod sqlite;
 use std::sync::Arc;
 
 use crate::error::Result;
+use crate::event::EncodedEvent;
 use crate::model::{Seq, Task, TokenRecord};
-use crate::pb::wire::EncodedEvent;
 
 pub use faults::Faults;
 

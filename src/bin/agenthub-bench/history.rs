@@ -13,9 +13,9 @@ use rand::Rng;
 use serde_json::json;
 
 use agenthub::client::connect;
+use agenthub::event::EncodedEvent;
 use agenthub::model::{EventKind, Priority, Task, TaskEvent, TaskState};
 use agenthub::pb;
-use agenthub::pb::wire::EncodedEvent;
 use agenthub::store::sqlite::SqliteStore;
 use agenthub::store::{Batch, Store, TaskWrite};
 

@@ -12,8 +12,8 @@ use super::{demote, not_leader, wait_head, Part, Shared, APPLY_TIMEOUT};
 use crate::bus::EventBus;
 use crate::cluster::block_on;
 use crate::error::{Error, Result};
+use crate::event::EncodedEvent;
 use crate::model::{Seq, Task, TokenRecord};
-use crate::pb::wire::EncodedEvent;
 use crate::store::{Batch, CommitStats, ListFilter, Loaded, Purged, Store, TaskListing};
 
 /// Called when this node loses the right to append (with the reason).

@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
+use crate::event::EncodedEvent;
 use crate::link::{Link, ToAgent};
 use crate::model::{EventKind, Generation, JsonObject, Seq, Task, TaskEvent};
-use crate::pb::wire::EncodedEvent;
 use crate::store::{Batch, TaskWrite};
 
 use super::{count_in, Core};

@@ -16,8 +16,8 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::event;
 use crate::model::{JsonObject, Priority, Seq, Task, TaskState};
-use crate::pb::wire;
 use crate::store::{ListFilter, Purged, TaskListing};
 
 /// Schema version this code writes (`PRAGMA user_version`).
@@ -167,7 +167,7 @@ fn event_field(conn: &Connection, seq: Seq, field: &str) -> Result<Option<serde_
         .query_row(params![seq as i64], |r| r.get(0))
         .optional()?;
     let Some(body) = body else { return Ok(None) };
-    wire::payload_field(&body, field).map_err(|e| Error::storage(e.to_string()))
+    event::payload_field(&body, field).map_err(|e| Error::storage(e.to_string()))
 }
 
 /// A row as read: `task_id, last_seq, created_seq, body`.

@@ -8,8 +8,8 @@ use rusqlite::params;
 
 use super::{history, lock, tokens, SqliteStore};
 use crate::error::{Error, Result};
+use crate::event::EncodedEvent;
 use crate::model::{EventKind, Seq, Task, TokenRecord};
-use crate::pb::wire::EncodedEvent;
 use crate::store::{Batch, CommitStats, ListFilter, Loaded, Purged, Store, TaskListing};
 
 /// A page of events read back stops once it holds this many bytes.

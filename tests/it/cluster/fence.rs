@@ -5,8 +5,8 @@ use std::sync::Arc;
 use agenthub::cluster::log::ClusterStore;
 use agenthub::cluster::{ClusterOptions, Node};
 use agenthub::error::{Error, StorageFault};
+use agenthub::event::EncodedEvent;
 use agenthub::model::{EventKind, Seq, Task, TaskEvent, TaskState};
-use agenthub::pb::wire::EncodedEvent;
 use agenthub::store::{Batch, Store, TaskWrite};
 use serde_json::json;
 
