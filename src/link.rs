@@ -49,6 +49,23 @@ pub enum FromAgent {
     Output(Output),
 }
 
+impl FromAgent {
+    /// The report about one task this message is, if it is one.
+    pub fn report(&self) -> Option<&Report> {
+        match self {
+            FromAgent::Accepted(r)
+            | FromAgent::Progress(r)
+            | FromAgent::Complete(r)
+            | FromAgent::Failed(r)
+            | FromAgent::Rejected(r)
+            | FromAgent::Recovering(r)
+            | FromAgent::StateReport(r)
+            | FromAgent::WakeResult(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
 /// The `task_output` message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Output {

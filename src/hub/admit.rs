@@ -59,16 +59,8 @@ pub(super) fn push_bytes(req: &PushRequest) -> usize {
 /// Bytes a report's own content takes in the log: its payload in the
 /// event, and a failure's error again in the task's row.
 pub(super) fn report_bytes(msg: &FromAgent) -> usize {
-    let r = match msg {
-        FromAgent::Accepted(r)
-        | FromAgent::Progress(r)
-        | FromAgent::Complete(r)
-        | FromAgent::Failed(r)
-        | FromAgent::Rejected(r)
-        | FromAgent::Recovering(r)
-        | FromAgent::StateReport(r)
-        | FromAgent::WakeResult(r) => r,
-        _ => return 0,
+    let Some(r) = msg.report() else {
+        return 0;
     };
     let row = match msg {
         FromAgent::Failed(_) => r

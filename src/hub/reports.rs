@@ -563,15 +563,5 @@ fn with_task(mut reply: ToAgent, task_id: Option<&str>) -> ToAgent {
 
 /// The task a sidecar message is about, if any.
 pub(crate) fn report_task_id(msg: &FromAgent) -> Option<&str> {
-    match msg {
-        FromAgent::Accepted(r)
-        | FromAgent::Progress(r)
-        | FromAgent::Complete(r)
-        | FromAgent::Failed(r)
-        | FromAgent::Rejected(r)
-        | FromAgent::Recovering(r)
-        | FromAgent::StateReport(r)
-        | FromAgent::WakeResult(r) => Some(&r.task_id),
-        _ => None,
-    }
+    msg.report().map(|r| r.task_id.as_str())
 }
