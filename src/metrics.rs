@@ -69,6 +69,8 @@ pub struct Metrics {
     pub output_watched: Gauge<i64, AtomicI64>,
     /// Cluster mode: 1 on the node that leads, 0 on the others.
     pub cluster_leader: Gauge<i64, AtomicI64>,
+    /// Cluster mode: leaderships seen since start.
+    pub cluster_leaderships: Gauge<i64, AtomicI64>,
     pub finished_stored: Gauge<i64, AtomicI64>,
     pub data_dir_bytes: Gauge<i64, AtomicI64>,
     pub retention_purged_tasks: Counter,
@@ -109,6 +111,7 @@ impl Metrics {
             timers: Gauge::default(),
             output_watched: Gauge::default(),
             cluster_leader: Gauge::default(),
+            cluster_leaderships: Gauge::default(),
             finished_stored: Gauge::default(),
             data_dir_bytes: Gauge::default(),
             retention_purged_tasks: Counter::default(),
@@ -194,6 +197,11 @@ impl Metrics {
             "agenthub_cluster_leader",
             "Cluster mode: 1 on the leading node (its task and agent gauges are the cluster's), 0 on the others",
             m.cluster_leader.clone(),
+        );
+        r.register(
+            "agenthub_cluster_leaderships",
+            "Cluster mode: leaderships (terms) this node has seen since it started; a rise is a change of leader",
+            m.cluster_leaderships.clone(),
         );
         r.register(
             "agenthub_tasks_in_memory",

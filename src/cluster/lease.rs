@@ -108,15 +108,10 @@ pub async fn run(node: Arc<Node>, store: Arc<ClusterStore>, hub: Weak<Hub>) {
                 match kv.entry(KEY).await {
                     Ok(Some(e)) if e.operation == kv::Operation::Put => {
                         let value = String::from_utf8_lossy(&e.value).into_owned();
-                        node.leader.send_if_modified(|v| {
-                            let next = LeaderView {
-                                leader: Some(holder(&value)),
-                                leadership: Some(value.clone()),
-                                is_self: false,
-                            };
-                            let changed = *v != next;
-                            *v = next;
-                            changed
+                        node.see_leader(LeaderView {
+                            leader: Some(holder(&value)),
+                            leadership: Some(value.clone()),
+                            is_self: false,
                         });
                     }
                     Ok(_) => {
@@ -150,7 +145,7 @@ async fn try_lead(node: &Node, store: &ClusterStore, kv: &kv::Store) -> Option<(
     match tokio::time::timeout(node.options.lease / 2, store.promote(&value)).await {
         Ok(Ok(term)) => {
             tracing::info!(node_id = node.node_id(), term, "elected leader");
-            node.leader.send_replace(LeaderView {
+            node.see_leader(LeaderView {
                 leader: Some(node.node_id().to_string()),
                 leadership: Some(value.clone()),
                 is_self: true,

@@ -213,6 +213,8 @@ pub struct Node {
     pub copy_ok: watch::Sender<bool>,
     /// Ready to serve (see [`Node::not_ready`]), kept by [`track_ready`].
     pub ready: watch::Sender<bool>,
+    /// Leaderships (lease values) this node has seen since it started.
+    pub leaderships: std::sync::atomic::AtomicU64,
 }
 
 impl Node {
@@ -229,6 +231,7 @@ impl Node {
             applied_term: watch::Sender::new(None),
             copy_ok: watch::Sender::new(true),
             ready: watch::Sender::new(false),
+            leaderships: Default::default(),
         }))
     }
 
@@ -287,6 +290,20 @@ impl Node {
         matches!(ready, Ok(Ok(_)))
     }
 
+    /// Who leads now, as the lease says (counted when it is a leadership
+    /// this node had not seen).
+    pub fn see_leader(&self, next: LeaderView) {
+        self.leader.send_if_modified(|v| {
+            if next.leadership.is_some() && v.leadership != next.leadership {
+                self.leaderships
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            let changed = *v != next;
+            *v = next;
+            changed
+        });
+    }
+
     /// This node does not lead, and who does is unknown until the lease is
     /// read again.
     pub fn forget_leader(&self) {
@@ -328,6 +345,12 @@ impl crate::hub::Cluster for Member {
 
     fn not_ready(&self, writable: bool) -> Option<&'static str> {
         self.node.not_ready(writable)
+    }
+
+    fn leaderships(&self) -> u64 {
+        self.node
+            .leaderships
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

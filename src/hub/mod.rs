@@ -140,6 +140,8 @@ pub trait Cluster: std::any::Any + Send + Sync {
     /// Why this node cannot serve now (`None`: it can), given whether its
     /// hub takes writes.
     fn not_ready(&self, writable: bool) -> Option<&'static str>;
+    /// Leaderships this node has seen since it started.
+    fn leaderships(&self) -> u64;
 }
 
 /// The hub core. Cheap to share: `Arc<Hub>`.
@@ -917,6 +919,7 @@ impl Hub {
         metrics::gauge_set(&m.data_dir_bytes, self.store.disk_bytes());
         if let Some(node) = self.cluster() {
             metrics::gauge_set(&m.cluster_leader, u64::from(node.is_leader()));
+            metrics::gauge_set(&m.cluster_leaderships, node.leaderships());
         }
         let mut out = String::new();
         m.render(&mut out);
