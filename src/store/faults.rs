@@ -19,6 +19,7 @@ pub struct Faults {
     injected: AtomicU64,
     discard: AtomicBool,
     refuse_change: Mutex<Option<String>>,
+    fail_copy: AtomicBool,
 }
 
 impl Faults {
@@ -104,6 +105,23 @@ impl Faults {
                 )))
             }
             _ => Ok(()),
+        }
+    }
+
+    /// Fail every apply of the log to the single node's query copy (as a
+    /// full disk does) until called with `false`.
+    pub fn fail_copy(&self, fail: bool) {
+        self.fail_copy.store(fail, Ordering::SeqCst);
+    }
+
+    /// Called before the copy applies records: the injected failure, if any.
+    pub fn before_copy(&self) -> Result<(), Error> {
+        match self.fail_copy.load(Ordering::SeqCst) {
+            true => Err(Error::Storage {
+                fault: StorageFault::Full,
+                detail: "injected fault (query copy)".into(),
+            }),
+            false => Ok(()),
         }
     }
 

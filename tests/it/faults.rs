@@ -149,6 +149,86 @@ async fn degraded_hub_refuses_writes_serves_reads_and_recovers_without_restart()
     assert!(metric(&text, "agenthub_storage_faults_total").unwrap() >= 1.0);
 }
 
+/// The copy shares the disk with the log: a full disk stops it applying
+/// before the log's next append fails. The rebuild after that failure does
+/// not wait for the copy: the durable records it lacks are laid over it in
+/// memory, so reads go on (live tasks, a task the copy never got, one
+/// finished in a record the copy never got), and once space returns both
+/// catch up.
+#[tokio::test]
+async fn a_full_disk_that_stops_the_copy_first_still_keeps_reads() {
+    let (hub, faults) = TestHub::start_with_faults(|_| {}).await;
+    let mut client = hub.client().await;
+    let http = Http::new(hub.ws_addr);
+    for i in 0..3 {
+        let req = with_id(
+            scheduled("in the copy", &[], pb::Priority::Normal),
+            &format!("c-{i}"),
+        );
+        client.push(req).await;
+    }
+    client.task("c-0").await; // read-your-writes: the copy holds them
+    faults.fail_copy(true);
+    // Durable in the log only: two new tasks, one of them cancelled.
+    for id in ["l-0", "l-1"] {
+        let req = with_id(scheduled("only in the log", &[], pb::Priority::Normal), id);
+        client.push(req).await;
+    }
+    client
+        .cancel_task(pb::CancelTaskRequest {
+            task_id: "l-1".into(),
+        })
+        .await
+        .unwrap();
+    client
+        .cancel_task(pb::CancelTaskRequest {
+            task_id: "c-2".into(),
+        })
+        .await
+        .unwrap();
+    faults.fail_next(1);
+    let err = client
+        .push_task(with_id(scheduled("lost", &[], pb::Priority::Normal), "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(http.get("/health").await.0, 503);
+    // Reads go on, as of every acknowledged change.
+    let live = client.task("l-0").await;
+    assert_eq!(
+        (live.description.as_str(), live.state()),
+        ("only in the log", pb::task::State::Queued)
+    );
+    assert_eq!(client.task("c-0").await.state(), pb::task::State::Queued);
+    let (code, body) = http.get("/health").await;
+    assert_eq!((code, &body["tasks_queued"]), (503, &json!(3)), "{body}");
+
+    faults.fail_copy(false);
+    let r = push_when_recovered(
+        &client,
+        with_id(scheduled("room again", &[], pb::Priority::Normal), "after"),
+    )
+    .await;
+    assert!(r.created);
+    assert_eq!(http.get("/health").await.0, 200);
+    for (id, state) in [
+        ("c-0", pb::task::State::Queued),
+        ("c-2", pb::task::State::Cancelled),
+        ("l-0", pb::task::State::Queued),
+        ("l-1", pb::task::State::Cancelled),
+        ("after", pb::task::State::Queued),
+    ] {
+        assert_eq!(client.task(id).await.state(), state, "{id}");
+    }
+    let err = client
+        .get_task(pb::GetTaskRequest {
+            task_id: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+}
+
 #[tokio::test]
 async fn a_report_that_cannot_be_stored_gets_storage_unavailable_and_is_taken_on_resend() {
     let (hub, faults) = TestHub::start_with_faults(|_| {}).await;

@@ -29,7 +29,7 @@ const APPLY_DELAY: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Reads durable records back from the log, in order.
-struct Reader {
+pub(super) struct Reader {
     /// The open segment: its base and file, and the offset of the next record.
     at: Option<(u64, File, u64)>,
     /// Index of the next record to read.
@@ -37,8 +37,18 @@ struct Reader {
 }
 
 impl Reader {
+    /// A reader whose first record is `next`.
+    pub(super) fn from(next: u64) -> Reader {
+        Reader { at: None, next }
+    }
+
     /// Records from `self.next` up to `upto`, at most about `max_bytes`.
-    fn read(&mut self, shared: &Shared, upto: u64, max_bytes: usize) -> Result<Vec<(u64, Bytes)>> {
+    pub(super) fn read(
+        &mut self,
+        shared: &Shared,
+        upto: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Bytes)>> {
         let mut out = Vec::new();
         let mut bytes = 0;
         while self.next <= upto && bytes < max_bytes {
@@ -216,6 +226,9 @@ fn apply(
     upto: u64,
     epoch: u64,
 ) -> Result<u64> {
+    if let Some(faults) = &shared.faults {
+        faults.before_copy()?;
+    }
     let records = reader.read(shared, upto, MAX_APPLY_BYTES)?;
     let Some(last) = records.last().map(|r| r.0) else {
         return Err(Error::storage("no record read"));

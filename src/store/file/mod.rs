@@ -30,6 +30,7 @@
 mod applier;
 pub mod filter;
 pub mod offline;
+mod overlay;
 pub mod segment;
 mod writer;
 
@@ -387,8 +388,16 @@ impl Store for FileStore {
     }
 
     fn load(&self) -> Result<Loaded> {
-        self.caught_up()?;
-        let mut loaded = self.copy.load()?;
+        // A copy that fails to apply (a full disk stops it with the log)
+        // is not waited for: the records it lacks are laid over it.
+        let stuck = {
+            let st = lock(&self.shared.state);
+            st.applied < st.durable_index && st.copy_error.is_some()
+        };
+        let mut loaded = match stuck || self.caught_up().is_err() {
+            true => overlay::load(&self.shared, &self.copy)?,
+            false => self.copy.load()?,
+        };
         // The copy holds every record durable now: ids created from here
         // on go into the filter as they are submitted.
         self.fill_filter(loaded.state_counts.iter().sum());

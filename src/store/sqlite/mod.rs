@@ -25,7 +25,7 @@ mod read;
 mod tokens;
 mod writer;
 
-use super::{Batch, CommitStats, Faults};
+use super::{Batch, CommitStats, Faults, Loaded};
 use crate::error::{Error, Result};
 use crate::model::Seq;
 use writer::writer_loop;
@@ -237,6 +237,24 @@ impl SqliteStore {
                 )
                 .optional()?;
             Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
+        })
+    }
+
+    /// [`Store::load`] and [`SqliteStore::log_position`] as of one moment
+    /// (one read transaction), for laying the records the copy lacks over it.
+    pub fn load_with_position(&self) -> Result<(Loaded, Seq)> {
+        self.with_reader_mut(|conn| {
+            let tx = conn.transaction()?;
+            let loaded = read::load_in(&tx)?;
+            let v: Option<String> = tx
+                .query_row(
+                    "SELECT value FROM meta WHERE key = 'log_position'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            tx.finish()?;
+            Ok((loaded, v.and_then(|v| v.parse().ok()).unwrap_or(0)))
         })
     }
 

@@ -28,17 +28,7 @@ impl Store for SqliteStore {
     }
 
     fn load(&self) -> Result<Loaded> {
-        self.with_reader(|conn| {
-            let tasks = history::load_live(conn)?;
-            let last_seq: Option<u64> =
-                conn.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
-            Ok(Loaded {
-                dependency_states: history::dependency_states(conn, &tasks)?,
-                tasks,
-                last_seq: last_seq.unwrap_or(0).max(history::purged_upto(conn)?),
-                state_counts: history::state_counts(conn)?,
-            })
-        })
+        self.with_reader(load_in)
     }
 
     fn get_task(&self, task_id: &str) -> Result<Option<Task>> {
@@ -168,4 +158,16 @@ impl Store for SqliteStore {
             let _ = handle.join();
         }
     }
+}
+
+/// Everything the hub keeps in memory, as `conn` sees the store.
+pub(super) fn load_in(conn: &rusqlite::Connection) -> Result<Loaded> {
+    let tasks = history::load_live(conn)?;
+    let last_seq: Option<u64> = conn.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
+    Ok(Loaded {
+        dependency_states: history::dependency_states(conn, &tasks)?,
+        tasks,
+        last_seq: last_seq.unwrap_or(0).max(history::purged_upto(conn)?),
+        state_counts: history::state_counts(conn)?,
+    })
 }
