@@ -261,6 +261,13 @@ impl FileStore {
 
     /// Wait until the copy holds every record durable now.
     fn caught_up(&self) -> Result<()> {
+        self.wait_for_copy(false)
+    }
+
+    /// [`FileStore::caught_up`]; with `stop_on_error`, also give up as
+    /// soon as the copy fails to apply (a rebuild lays the log over it
+    /// instead of waiting for its retries).
+    fn wait_for_copy(&self, stop_on_error: bool) -> Result<()> {
         let mut st = lock(&self.shared.state);
         let target = st.durable_index;
         if st.applied >= target {
@@ -274,7 +281,7 @@ impl FileStore {
                 break Ok(());
             }
             let now = Instant::now();
-            if now >= deadline {
+            if now >= deadline || (stop_on_error && st.copy_error.is_some()) {
                 let why = st
                     .copy_error
                     .as_ref()
@@ -390,11 +397,7 @@ impl Store for FileStore {
     fn load(&self) -> Result<Loaded> {
         // A copy that fails to apply (a full disk stops it with the log)
         // is not waited for: the records it lacks are laid over it.
-        let stuck = {
-            let st = lock(&self.shared.state);
-            st.applied < st.durable_index && st.copy_error.is_some()
-        };
-        let mut loaded = match stuck || self.caught_up().is_err() {
+        let mut loaded = match self.wait_for_copy(true).is_err() {
             true => overlay::load(&self.shared, &self.copy)?,
             false => self.copy.load()?,
         };
