@@ -534,17 +534,9 @@ fn end_attempt_on_report(
 }
 
 /// Reports that change stored state (refused while the store is degraded).
+/// Every report about one task but a wake result (no event of its own).
 fn is_durable_report(msg: &FromAgent) -> bool {
-    matches!(
-        msg,
-        FromAgent::Accepted(_)
-            | FromAgent::Progress(_)
-            | FromAgent::Complete(_)
-            | FromAgent::Failed(_)
-            | FromAgent::Rejected(_)
-            | FromAgent::Recovering(_)
-            | FromAgent::StateReport(_)
-    )
+    msg.report().is_some() && !matches!(msg, FromAgent::WakeResult(_))
 }
 
 /// Name the task in an error reply that does not name one yet.
