@@ -17,6 +17,12 @@ use agenthub::store::sqlite::SqliteStore;
 use agenthub::store::Store;
 use agenthub::Server;
 
+/// mimalloc instead of glibc's malloc: the hub allocates a request's buffers on
+/// one thread and frees them on another (a tokio worker builds a commit, the
+/// log thread drops it), which glibc serves under its arenas' locks.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
