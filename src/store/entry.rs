@@ -10,6 +10,7 @@
 //! the one it holds.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -20,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::event::EncodedEvent;
 use crate::model::{EventKind, Seq, Task};
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Head {
     events: Vec<EventHead>,
     /// Every task row the entry changes, each once, with its final content.
@@ -28,7 +29,7 @@ struct Head {
     rows: Vec<Row>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct EventHead {
     seq: Seq,
     task_id: String,
@@ -38,9 +39,33 @@ struct EventHead {
     len: u32,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Row {
     task: Task,
+    expected: Option<Seq>,
+}
+
+/// What [`encode`] writes: the [`Head`] borrowed from the group, so the
+/// writer clones no task and no id to encode it.
+#[derive(Serialize)]
+struct HeadOut<'a> {
+    events: Vec<EventHeadOut<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    rows: Vec<RowOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct EventHeadOut<'a> {
+    seq: Seq,
+    task_id: &'a str,
+    agent_id: &'a str,
+    kind: EventKind,
+    len: u32,
+}
+
+#[derive(Serialize)]
+struct RowOut<'a> {
+    task: &'a Task,
     expected: Option<Seq>,
 }
 
@@ -53,44 +78,67 @@ where
     I::IntoIter: Clone,
 {
     let group = group.into_iter();
-    let mut rows: Vec<Row> = Vec::new();
-    let mut at: HashMap<&str, usize> = HashMap::new();
+    let mut rows: Vec<RowOut<'a>> = Vec::new();
+    // Most groups change a few tasks: a scan finds a row faster than a
+    // hash of its id would.
+    let mut at: Option<HashMap<&str, usize>> = None;
     for w in group.clone().flat_map(|b| &b.tasks) {
-        match at.get(w.task.task_id.as_str()) {
-            Some(&i) => rows[i].task = w.task.clone(),
+        let id = w.task.task_id.as_str();
+        let found = match &at {
+            Some(at) => at.get(id).copied(),
+            None => rows.iter().position(|r| r.task.task_id == id),
+        };
+        match found {
+            Some(i) => rows[i].task = &w.task,
             None => {
-                at.insert(w.task.task_id.as_str(), rows.len());
-                rows.push(Row {
-                    task: w.task.clone(),
+                if let Some(at) = &mut at {
+                    at.insert(id, rows.len());
+                }
+                rows.push(RowOut {
+                    task: &w.task,
                     expected: w.expected_last_seq,
                 });
+                if at.is_none() && rows.len() == SCAN_ROWS {
+                    at = Some(
+                        rows.iter()
+                            .enumerate()
+                            .map(|(i, r)| (r.task.task_id.as_str(), i))
+                            .collect(),
+                    );
+                }
             }
         }
     }
     let events: Vec<&Arc<EncodedEvent>> = group.flat_map(|b| &b.events).collect();
-    let head = Head {
+    let head = HeadOut {
         events: events
             .iter()
-            .map(|ev| EventHead {
+            .map(|ev| EventHeadOut {
                 seq: ev.seq,
-                task_id: ev.task_id.clone(),
-                agent_id: ev.agent_id.clone(),
+                task_id: &ev.task_id,
+                agent_id: &ev.agent_id,
                 kind: ev.kind,
                 len: ev.proto().len() as u32,
             })
             .collect(),
         rows,
     };
-    let json = serde_json::to_vec(&head).expect("entry head serializes");
     let tail: usize = events.iter().map(|ev| ev.proto().len()).sum();
-    let mut buf = BytesMut::with_capacity(4 + json.len() + tail);
-    buf.put_u32(json.len() as u32);
-    buf.put_slice(&json);
+    let mut buf =
+        BytesMut::with_capacity(4 + 256 * (head.events.len() + head.rows.len()) + tail).writer();
+    buf.write_all(&[0; 4]).expect("writes to memory");
+    serde_json::to_writer(&mut buf, &head).expect("entry head serializes");
+    let mut buf = buf.into_inner();
+    let n = (buf.len() - 4) as u32;
+    buf[..4].copy_from_slice(&n.to_be_bytes());
     for ev in events {
         buf.put_slice(ev.proto());
     }
     buf.freeze()
 }
+
+/// Up to this many rows an entry's rows are found by a scan.
+const SCAN_ROWS: usize = 16;
 
 /// The events and task rows of an entry; `at` names it in errors.
 pub fn decode(at: &str, payload: &Bytes) -> Result<(Vec<Arc<EncodedEvent>>, Vec<TaskWrite>)> {
@@ -129,4 +177,63 @@ pub fn decode(at: &str, payload: &Bytes) -> Result<(Vec<Arc<EncodedEvent>>, Vec<
         })
         .collect();
     Ok((events, rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: &str, last_seq: Seq) -> Task {
+        serde_json::from_value(serde_json::json!({
+            "task_id": id, "agent_id": "a-1", "metadata": {"k": [1, 2]},
+            "state": "RUNNING", "generation": 2, "attempts": 1, "max_attempts": 3,
+            "priority": "NORMAL", "result": null, "error": null,
+            "created_at_ms": 1, "updated_at_ms": 2, "last_seq": last_seq,
+        }))
+        .unwrap()
+    }
+
+    fn batch(seqs: std::ops::Range<Seq>, tasks: usize, expected: Option<Seq>) -> Batch {
+        let mut b = Batch::default();
+        for seq in seqs {
+            let id = format!("t-{}", seq as usize % tasks);
+            b.tasks.push(TaskWrite {
+                task: task(&id, seq),
+                expected_last_seq: expected,
+            });
+            b.events.push(Arc::new(EncodedEvent::stored(
+                seq,
+                id,
+                "a-1".into(),
+                EventKind::Progress,
+                Bytes::from(vec![seq as u8; 3]),
+            )));
+        }
+        b
+    }
+
+    /// Rows are kept once per task with their last content and the first
+    /// write's expectation, below and above the scan's limit.
+    #[test]
+    fn a_group_round_trips_with_one_row_per_task() {
+        for tasks in [3, SCAN_ROWS, SCAN_ROWS + 5] {
+            let group = [batch(1..41, tasks, Some(7)), batch(41..61, tasks, None)];
+            let (events, rows) = decode("t", &encode(&group)).unwrap();
+            assert_eq!(events.len(), 60);
+            for (i, ev) in events.iter().enumerate() {
+                assert_eq!(ev.seq, i as Seq + 1);
+                assert_eq!(ev.task_id, format!("t-{}", (i + 1) % tasks));
+                assert_eq!(ev.proto().as_ref(), &[(i + 1) as u8; 3]);
+            }
+            assert_eq!(rows.len(), tasks);
+            for (k, row) in rows.iter().enumerate() {
+                let id = format!("t-{}", (k + 1) % tasks);
+                let last = (1..61)
+                    .rev()
+                    .find(|s| s % tasks as Seq == (k + 1) as Seq % tasks as Seq);
+                assert_eq!(row.task, task(&id, last.unwrap()));
+                assert_eq!(row.expected_last_seq, Some(7), "{id}");
+            }
+        }
+    }
 }
