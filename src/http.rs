@@ -76,8 +76,14 @@ async fn ws_upgrade(
         .max_frame_size(max)
         .on_upgrade(move |socket| {
             let token = st.sessions.token();
+            let start = Box::new(crate::ws::session::Start {
+                socket,
+                hub: st.hub,
+                shutdown: st.shutdown,
+                admission,
+            });
             async move {
-                crate::ws::session::run(socket, st.hub, st.shutdown, admission).await;
+                crate::ws::session::run(start).await;
                 drop(token);
             }
         })

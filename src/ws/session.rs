@@ -5,6 +5,7 @@
 //! aborts it when a write hangs) before it returns, so no task outlives the
 //! session and the TCP connection is closed when it returns.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
 use crate::hub::Hub;
@@ -133,13 +134,94 @@ impl Pace {
 }
 
 /// Shared between the hub's handle, the reader and the writer.
-#[derive(Default)]
 struct SessionCtl {
     close: Mutex<Option<CloseReason>>,
     notify: Notify,
+    /// The queue to the writer (bounded: full means the peer stopped
+    /// reading). A deque behind the session's own lock rather than a tokio
+    /// channel, whose padded state and first block of slots cost an idle
+    /// session about 800 bytes.
+    out: Mutex<Outbox>,
+    out_ready: Notify,
+    out_cap: usize,
+}
+
+#[derive(Default)]
+struct Outbox {
+    /// Boxed: an idle session keeps the deque's slots, which should be
+    /// pointers, not whole messages.
+    queue: VecDeque<Box<ToAgent>>,
+    /// The writer takes no more messages.
+    closed: bool,
+    /// Every handle on the session is gone: nothing more will come.
+    senders_gone: bool,
+}
+
+/// Why a message was not queued.
+enum Refused {
+    Full,
+    Closed,
 }
 
 impl SessionCtl {
+    fn new(out_cap: usize) -> SessionCtl {
+        SessionCtl {
+            close: Mutex::default(),
+            notify: Notify::new(),
+            out: Mutex::default(),
+            out_ready: Notify::new(),
+            out_cap,
+        }
+    }
+
+    fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.out.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, msg: ToAgent) -> Result<(), Refused> {
+        let mut out = self.outbox();
+        if out.closed {
+            return Err(Refused::Closed);
+        }
+        if out.queue.len() >= self.out_cap {
+            return Err(Refused::Full);
+        }
+        out.queue.push_back(Box::new(msg));
+        drop(out);
+        self.out_ready.notify_one();
+        Ok(())
+    }
+
+    fn try_pop(&self) -> Option<Box<ToAgent>> {
+        let mut out = self.outbox();
+        let msg = out.queue.pop_front();
+        if out.queue.is_empty() && out.queue.capacity() > SHRINK_ABOVE {
+            out.queue.shrink_to(SHRINK_ABOVE);
+        }
+        msg
+    }
+
+    /// The next message; `None` once every handle is gone and the queue
+    /// is empty. One consumer (the writer): `notify_one` keeps a wake-up
+    /// for it when it is not waiting, and the queue is read before every wait.
+    async fn pop(&self) -> Option<Box<ToAgent>> {
+        loop {
+            let ready = self.out_ready.notified();
+            if let Some(msg) = self.try_pop() {
+                return Some(msg);
+            }
+            if self.outbox().senders_gone {
+                return None;
+            }
+            ready.await;
+        }
+    }
+
+    /// Take no more messages (those queued can still be popped).
+    fn stop_taking(&self) {
+        self.outbox().closed = true;
+    }
+
     fn close_reason(&self) -> Option<CloseReason> {
         *self.close.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -169,11 +251,15 @@ impl SessionCtl {
 /// The hub's handle on one WebSocket session.
 pub struct WsLink {
     id: u64,
-    /// Bounded queue to the writer task; full means the peer stopped reading.
-    /// Boxed: the channel allocates its slots in blocks, and an idle
-    /// session should hold pointers, not whole messages.
-    tx: mpsc::Sender<Box<ToAgent>>,
+    /// Its queue to the writer task is in here.
     ctl: Arc<SessionCtl>,
+}
+
+impl Drop for WsLink {
+    fn drop(&mut self) {
+        self.ctl.outbox().senders_gone = true;
+        self.ctl.out_ready.notify_one();
+    }
 }
 
 impl AgentLink for WsLink {
@@ -182,14 +268,14 @@ impl AgentLink for WsLink {
     }
 
     fn send(&self, msg: ToAgent) -> bool {
-        match self.tx.try_send(Box::new(msg)) {
+        match self.ctl.push(msg) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(Refused::Full) => {
                 tracing::warn!(session = self.id, "outbound queue full; disconnecting");
                 self.ctl.request_close(CloseReason::QueueFull);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(Refused::Closed) => false,
         }
     }
 
@@ -209,28 +295,34 @@ struct Timing {
     close_timeout: Duration,
 }
 
-/// Drive one upgraded socket until it closes, in a `sidecar` span whose
-/// `agent_id` is filled in once the socket identifies.
-pub async fn run(
-    socket: WebSocket,
-    hub: Arc<Hub>,
-    shutdown: watch::Receiver<bool>,
-    admission: Admission,
-) {
-    let node_id = hub.cluster_node().map(|n| n.node_id().to_string());
-    let span = crate::telemetry::sidecar_span(None, node_id.as_deref());
-    run_in_span(socket, hub, shutdown, admission, span.clone())
-        .instrument(span)
-        .await
+/// What a session starts from. Boxed by the caller: a future keeps its
+/// arguments for as long as it runs, beside the locals they move into, so
+/// passed by value the socket alone (368 bytes) would sit in every idle
+/// session's future once per layer that passes it on.
+pub struct Start {
+    pub socket: WebSocket,
+    pub hub: Arc<Hub>,
+    pub shutdown: watch::Receiver<bool>,
+    pub admission: Admission,
 }
 
-async fn run_in_span(
-    socket: WebSocket,
-    hub: Arc<Hub>,
-    mut shutdown: watch::Receiver<bool>,
-    mut admission: Admission,
-    span: tracing::Span,
-) {
+/// Drive one upgraded socket until it closes, in a `sidecar` span whose
+/// `agent_id` is filled in once the socket identifies.
+pub async fn run(start: Box<Start>) {
+    let span = {
+        let node_id = start.hub.cluster_node().map(|n| n.node_id().to_string());
+        crate::telemetry::sidecar_span(None, node_id.as_deref())
+    };
+    run_in_span(start, span.clone()).instrument(span).await
+}
+
+async fn run_in_span(start: Box<Start>, span: tracing::Span) {
+    let Start {
+        socket,
+        hub,
+        mut shutdown,
+        mut admission,
+    } = *start;
     hub.metrics().ws_connections.inc();
     let _open = OpenGuard::new(hub.clone());
     // Only what the session needs: a clone of the whole configuration
@@ -250,11 +342,9 @@ async fn run_in_span(
             cfg.sidecar_bytes_per_s,
         )
     };
-    let (tx, out_rx) = mpsc::channel(outbound_queue);
-    let ctl = Arc::new(SessionCtl::default());
+    let ctl = Arc::new(SessionCtl::new(outbound_queue));
     let link = Arc::new(WsLink {
         id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
-        tx,
         ctl: ctl.clone(),
     });
     let session_id = link.id;
@@ -262,16 +352,15 @@ async fn run_in_span(
     let dyn_link: Link = link.clone();
     let (sink, mut stream) = socket.split();
     let last_seen = Arc::new(AtomicI64::new(now_ms()));
-    let mut writer = tokio::spawn(write_loop(
+    let mut writer = tokio::spawn(write_loop(Box::new(WriterStart {
         sink,
-        out_rx,
-        ctl.clone(),
-        last_seen.clone(),
+        ctl: ctl.clone(),
+        last_seen: last_seen.clone(),
         timing,
-    ));
+    })));
 
-    let identify_deadline = tokio::time::sleep(identify_timeout);
-    tokio::pin!(identify_deadline);
+    // Boxed: a timer is 112 bytes, held by every session for its life.
+    let mut identify_deadline = Box::pin(tokio::time::sleep(identify_timeout));
     let mut agent_id: Option<String> = None;
     // Cluster mode: the session's messages go to the leader through the relay.
     let mut relayed = false;
@@ -478,6 +567,18 @@ async fn send_bounded(
 
 /// Most frames written with one flush.
 const WRITE_BATCH: usize = 64;
+/// An emptied outbound queue keeps at most this many slots.
+const SHRINK_ABOVE: usize = 8;
+
+/// Whichever way the writer ends, its queue takes no more messages (they
+/// would wait for nobody): `send` then answers false, as to a closed session.
+struct StopTaking(Arc<SessionCtl>);
+
+impl Drop for StopTaking {
+    fn drop(&mut self) {
+        self.0.stop_taking();
+    }
+}
 
 /// Feed `msgs` and flush once, within the write timeout. False: the peer is
 /// gone or stuck.
@@ -496,31 +597,42 @@ async fn write_all(
     matches!(tokio::time::timeout(timeout, write).await, Ok(Ok(())))
 }
 
-/// Returns true if it ended with a close frame sent (a clean close).
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    mut out: mpsc::Receiver<Box<ToAgent>>,
+/// What a session's writer starts from (boxed, as [`Start`]).
+struct WriterStart {
+    sink: SplitSink<WebSocket, Message>,
     ctl: Arc<SessionCtl>,
     last_seen: Arc<AtomicI64>,
     timing: Timing,
-) -> bool {
+}
+
+/// Returns true if it ended with a close frame sent (a clean close).
+async fn write_loop(start: Box<WriterStart>) -> bool {
+    let WriterStart {
+        mut sink,
+        ctl,
+        last_seen,
+        timing,
+    } = *start;
+    let _stop = StopTaking(ctl.clone());
     let mut ping = tokio::time::interval(timing.ping_interval);
     ping.tick().await;
     let silent_limit = (timing.ping_interval + timing.ping_timeout).as_millis() as i64;
     loop {
         tokio::select! {
-            msg = out.recv() => match msg {
+            msg = ctl.pop() => match msg {
                 Some(msg) => {
                     // Everything queued goes out with one flush (one write
                     // syscall under load instead of one per frame).
                     let mut batch = vec![*msg];
                     while batch.len() < WRITE_BATCH {
-                        match out.try_recv() {
-                            Ok(m) => batch.push(*m),
-                            Err(_) => break,
+                        match ctl.try_pop() {
+                            Some(m) => batch.push(*m),
+                            None => break,
                         }
                     }
-                    if !write_all(&mut sink, batch, timing.write_timeout).await {
+                    // Boxed here and below: an idle session's writer holds
+                    // only what its select waits on, not a write's timer.
+                    if !Box::pin(write_all(&mut sink, batch, timing.write_timeout)).await {
                         ctl.request_close(CloseReason::Normal);
                         return false;
                     }
@@ -532,7 +644,7 @@ async fn write_loop(
                     ctl.request_close(CloseReason::PingTimeout);
                     break;
                 }
-                if !send_bounded(&mut sink, Message::Ping(Default::default()), timing.write_timeout).await {
+                if !Box::pin(send_bounded(&mut sink, Message::Ping(Default::default()), timing.write_timeout)).await {
                     ctl.request_close(CloseReason::Normal);
                     return false;
                 }
@@ -540,9 +652,18 @@ async fn write_loop(
             _ = ctl.closed() => break,
         }
     }
-    // Flush what was queued before the close was asked for (e.g. `session_replaced`).
-    out.close();
-    while let Ok(msg) = out.try_recv() {
+    Box::pin(close_out(sink, ctl, timing)).await
+}
+
+/// Flush what was queued before the close was asked for (e.g.
+/// `session_replaced`), then send the close frame.
+async fn close_out(
+    mut sink: SplitSink<WebSocket, Message>,
+    ctl: Arc<SessionCtl>,
+    timing: Timing,
+) -> bool {
+    ctl.stop_taking();
+    while let Some(msg) = ctl.try_pop() {
         let text = protocol::encode(&msg);
         if !send_bounded(&mut sink, Message::Text(text.into()), timing.write_timeout).await {
             return false;
