@@ -19,7 +19,7 @@
 //! sessions of a node that stops sending heartbeats for a lease.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -46,9 +46,15 @@ const HDR_MORE: &str = "Agenthub-More";
 /// On every piece of a message sent in pieces: its index, from 0.
 const HDR_PIECE: &str = "Agenthub-Piece";
 
-/// Reports of one relayed session the leader queues for its hub; past
-/// that, one is answered `storage_unavailable` (kept and sent again).
-const MAX_QUEUED_REPORTS: usize = 64;
+/// Reports of one relayed session the leader queues for its hub, and their
+/// bytes (at least one report): a direct session's bounds
+/// ([`crate::ws::session::MAX_REPORTS_IN_FLIGHT`]). Past them, a report is
+/// answered `storage_unavailable` (kept and sent again). The intake reads
+/// every session's messages in one loop, so a burst of one session (a
+/// sidecar answering many assignments at once) is queued before its worker
+/// runs: the bound must hold a busy sidecar's burst, not only a flood.
+const MAX_QUEUED_REPORTS: usize = crate::ws::session::MAX_REPORTS_IN_FLIGHT;
+const MAX_QUEUED_REPORT_BYTES: usize = crate::ws::session::MAX_REPORT_BYTES_IN_FLIGHT;
 /// Messages the leader queues for one node's sidecars. A session whose
 /// message finds it full is closed, as a sidecar that stops reading is.
 const MAX_QUEUED_TO_NODE: usize = 8192;
@@ -509,7 +515,9 @@ static NEXT_REMOTE_ID: AtomicU64 = AtomicU64::new(1 << 62);
 struct RemoteSession {
     agent_id: String,
     link: Arc<RemoteLink>,
-    frames: mpsc::Sender<FromAgent>,
+    frames: mpsc::Sender<(FromAgent, usize)>,
+    /// Bytes of the reports in `frames`.
+    queued_bytes: Arc<AtomicUsize>,
     node: String,
 }
 
@@ -687,11 +695,13 @@ async fn on_agent_message(
                     match hub.identify_as(principal, &ident, &dyn_link) {
                         Ok(agent_id) => {
                             let (tx, rx) = mpsc::channel(MAX_QUEUED_REPORTS);
+                            let queued_bytes = Arc::new(AtomicUsize::new(0));
                             tokio::spawn(report_worker(
                                 Arc::downgrade(hub),
                                 agent_id.clone(),
                                 dyn_link,
                                 rx,
+                                queued_bytes.clone(),
                             ));
                             let old = state.lock().expect("intake").sessions.insert(
                                 key,
@@ -699,6 +709,7 @@ async fn on_agent_message(
                                     agent_id: agent_id.clone(),
                                     link,
                                     frames: tx,
+                                    queued_bytes,
                                     node: from.clone(),
                                 },
                             );
@@ -722,10 +733,21 @@ async fn on_agent_message(
                 .expect("intake")
                 .sessions
                 .get(&key)
-                .map(|s| (s.frames.clone(), s.link.clone()));
+                .map(|s| (s.frames.clone(), s.link.clone(), s.queued_bytes.clone()));
             match (sender, protocol::parse(&text)) {
-                (Some((tx, link)), Ok(report)) => {
-                    if let Err(mpsc::error::TrySendError::Full(report)) = tx.try_send(report) {
+                (Some((tx, link, queued)), Ok(report)) => {
+                    let len = text.len();
+                    let before = queued.fetch_add(len, Ordering::AcqRel);
+                    let refused = if before > 0 && before + len > MAX_QUEUED_REPORT_BYTES {
+                        Some(report)
+                    } else {
+                        match tx.try_send((report, len)) {
+                            Err(mpsc::error::TrySendError::Full((report, _))) => Some(report),
+                            _ => None,
+                        }
+                    };
+                    if let Some(report) = refused {
+                        queued.fetch_sub(len, Ordering::AcqRel);
                         // Bounded, like a direct session: the sidecar keeps
                         // the report and sends it again.
                         let task = crate::hub::report_task_id(&report);
@@ -733,8 +755,9 @@ async fn on_agent_message(
                             "storage_unavailable",
                             task,
                             Some(format!(
-                                "the leader has {MAX_QUEUED_REPORTS} reports of this session \
-                                 waiting; send it again"
+                                "the leader has {MAX_QUEUED_REPORTS} reports or \
+                                 {MAX_QUEUED_REPORT_BYTES} bytes of this session waiting; \
+                                 send it again"
                             )),
                         ));
                     }
@@ -769,11 +792,13 @@ async fn report_worker(
     hub: Weak<Hub>,
     agent_id: String,
     link: Link,
-    mut rx: mpsc::Receiver<FromAgent>,
+    mut rx: mpsc::Receiver<(FromAgent, usize)>,
+    queued_bytes: Arc<AtomicUsize>,
 ) {
-    while let Some(report) = rx.recv().await {
+    while let Some((report, len)) = rx.recv().await {
         let Some(hub) = hub.upgrade() else { return };
         hub.report(&agent_id, &link, report, None).await;
+        queued_bytes.fetch_sub(len, Ordering::AcqRel);
     }
 }
 

@@ -217,3 +217,57 @@ async fn a_repush_of_a_long_finished_id_through_a_follower_answers_created_false
     }
     assert_eq!(c.health(leader).await["status"], "ok");
 }
+
+/// A busy sidecar relayed through a follower answers each of many
+/// assignments with `task_accepted` and `task_complete` at once, without
+/// waiting for acks: the leader takes the burst and acks every report.
+/// (A queue of 64 reports per relayed session refused part of such a burst
+/// with `storage_unavailable`: the tasks stayed RUNNING.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_sidecar_answering_a_burst_of_assignments_gets_every_report_acked() {
+    const TASKS: usize = 200;
+    let c = HubCluster::start(3, &[]).await;
+    let leader = c.leader().await;
+    let follower = (leader + 1) % 3;
+    let token = c.agent_token("busy");
+    let mut sc = crate::helpers::Sidecar::send_identify(
+        &c.ws_url(follower),
+        "busy",
+        &token,
+        json!({"max_concurrency": TASKS}),
+    )
+    .await;
+    assert_eq!(sc.recv_type("identified").await["agent_id"], "busy");
+    let client = c.client(follower).await;
+    let mut pushes = tokio::task::JoinSet::new();
+    for i in 0..TASKS {
+        let mut client = client.clone();
+        pushes.spawn(async move { client.push(pinned("busy", &format!("burst {i}"))).await });
+    }
+    let mut ids = Vec::new();
+    while let Some(r) = pushes.join_next().await {
+        ids.push(r.unwrap().task_id);
+    }
+    let (mut accepted, mut completed) = (0, 0);
+    while completed < TASKS {
+        let v = sc.recv().await;
+        match v["type"].as_str().unwrap() {
+            "task_assign" => {
+                let (id, generation) = (v["task_id"].clone(), v["generation"].clone());
+                sc.send(json!({"type": "task_accepted", "task_id": id, "generation": generation}))
+                    .await;
+                sc.send(json!({"type": "task_complete", "task_id": id, "generation": generation, "result": {}}))
+                    .await;
+            }
+            "task_ack" if v["status"] == "accepted" => accepted += 1,
+            "task_ack" if v["status"] == "complete" => completed += 1,
+            "error" => panic!("a report was refused: {v}"),
+            _ => {}
+        }
+    }
+    assert_eq!(accepted, TASKS);
+    let mut reader = c.client(leader).await;
+    for id in &ids {
+        assert_eq!(reader.task(id).await.state(), pb::task::State::Completed, "{id}");
+    }
+}
