@@ -277,32 +277,56 @@ async fn push_pipelined(
                         done += 1;
                         window.add_permits(1);
                     }
+                    // A report refused would leave its task in the window
+                    // for good: say why instead of timing out.
+                    ("error", _) => bail!("the hub answered a report with an error: {text}"),
                     _ => {}
                 }
             }
             Ok::<_, anyhow::Error>(now_ns())
         })
     };
+    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let orchestrator = async {
         for i in 0..count {
             window.acquire().await?.forget();
+            if errors.load(Ordering::Relaxed) > 0 {
+                // A failed push never leaves the window: stop here.
+                break;
+            }
             let mut c = client.clone();
             let req = push_request(agent, format!("{prefix}q-{i}"), &meta);
-            let errors = errors.clone();
+            let (errors, first_error) = (errors.clone(), first_error.clone());
             tokio::spawn(async move {
-                if c.push_task(req).await.is_err() {
+                if let Err(e) = c.push_task(req).await {
                     errors.fetch_add(1, Ordering::Relaxed);
+                    first_error.lock().unwrap().get_or_insert(e.to_string());
                 }
             });
         }
         Ok::<_, anyhow::Error>(())
     };
-    tokio::time::timeout(limit, orchestrator)
-        .await
-        .context("pipelined push timed out")??;
-    let t1 = tokio::time::timeout(limit, side)
-        .await
-        .context("pipelined push timed out")???;
+    // The sidecar's end fails as soon as the hub refuses a report: the
+    // pushes waiting for its window would otherwise wait out the limit.
+    let t1 = tokio::time::timeout(limit, async {
+        tokio::pin!(orchestrator);
+        let mut pushed = false;
+        let mut side = side;
+        loop {
+            tokio::select! {
+                r = &mut orchestrator, if !pushed => {
+                    r?;
+                    pushed = true;
+                }
+                r = &mut side => return r?,
+            }
+        }
+    })
+    .await
+    .with_context(|| match first_error.lock().unwrap().clone() {
+        Some(e) => format!("pipelined push stalled: a PushTask failed with {e}"),
+        None => "pipelined push timed out".to_string(),
+    })??;
     let cpu_us = cpu.used_us()?;
     let errors = errors.load(Ordering::Relaxed);
     if errors > 0 {
