@@ -10,7 +10,6 @@
 //! the one it holds.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -77,6 +76,16 @@ where
     I: IntoIterator<Item = &'a Batch>,
     I::IntoIter: Clone,
 {
+    encode_after(group, 0).freeze()
+}
+
+/// [`encode`]'s entry after `room` zero bytes (the log file's record head
+/// goes there).
+pub fn encode_after<'a, I>(group: I, room: usize) -> BytesMut
+where
+    I: IntoIterator<Item = &'a Batch>,
+    I::IntoIter: Clone,
+{
     let group = group.into_iter();
     let mut rows: Vec<RowOut<'a>> = Vec::new();
     // Most groups change a few tasks: a scan finds a row faster than a
@@ -124,17 +133,18 @@ where
         rows,
     };
     let tail: usize = events.iter().map(|ev| ev.proto().len()).sum();
-    let mut buf =
-        BytesMut::with_capacity(4 + 256 * (head.events.len() + head.rows.len()) + tail).writer();
-    buf.write_all(&[0; 4]).expect("writes to memory");
+    let capacity = room + 4 + 256 * (head.events.len() + head.rows.len()) + tail;
+    let mut buf = BytesMut::with_capacity(capacity);
+    buf.put_bytes(0, room + 4);
+    let mut buf = buf.writer();
     serde_json::to_writer(&mut buf, &head).expect("entry head serializes");
     let mut buf = buf.into_inner();
-    let n = (buf.len() - 4) as u32;
-    buf[..4].copy_from_slice(&n.to_be_bytes());
+    let n = (buf.len() - room - 4) as u32;
+    buf[room..room + 4].copy_from_slice(&n.to_be_bytes());
     for ev in events {
         buf.put_slice(ev.proto());
     }
-    buf.freeze()
+    buf
 }
 
 /// Up to this many rows an entry's rows are found by a scan.

@@ -6,8 +6,9 @@
 //! [entry](super::entry), appends it as one record to the current
 //! [segment](segment) and syncs the file once (`fdatasync`: the blocks
 //! were written with zeros ahead of time, so the sync flushes data, not
-//! file metadata). Then the batches' callbacks run. Nothing else is on
-//! the acknowledgement path.
+//! file metadata). Then the group is handed to the runtime in one piece
+//! ([`Completer`](super::complete::Completer)), where the batches'
+//! callbacks run. Nothing else is on the acknowledgement path.
 //!
 //! **The copy.** An applier thread reads durable records back from the log
 //! and applies many at once to `agenthub.db` (the cluster's followers use
@@ -43,6 +44,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::complete::Completer;
 use super::sqlite::SqliteStore;
 use super::{Batch, CommitStats, Faults, ListFilter, Loaded, Purged, Store, TaskListing};
 use crate::error::{Error, Result, StorageFault};
@@ -235,10 +237,11 @@ impl FileStore {
         let mut threads = Vec::new();
         {
             let shared = shared.clone();
+            let completer = Completer::new();
             threads.push(
                 std::thread::Builder::new()
                     .name("agenthub-log".into())
-                    .spawn(move || writer_loop(writer, rx, shared))
+                    .spawn(move || writer_loop(writer, rx, shared, completer))
                     .map_err(|e| Error::storage(e.to_string()))?,
             );
         }

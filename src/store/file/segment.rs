@@ -97,16 +97,23 @@ pub struct RecordHead {
 
 /// The bytes of one record.
 pub fn encode_record(index: u64, last_seq: Seq, entry: &[u8]) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(RECORD_HEAD + entry.len());
-    buf.extend_from_slice(RECORD_MAGIC);
-    buf.extend_from_slice(&(entry.len() as u32).to_le_bytes());
-    buf.extend_from_slice(&[0; 4]);
-    buf.extend_from_slice(&index.to_le_bytes());
-    buf.extend_from_slice(&last_seq.to_le_bytes());
-    buf.extend_from_slice(entry);
+    let mut buf = vec![0; RECORD_HEAD + entry.len()];
+    buf[RECORD_HEAD..].copy_from_slice(entry);
+    seal_record(&mut buf, index, last_seq);
+    buf
+}
+
+/// Make `buf` a record: its entry is `buf[RECORD_HEAD..]`, and its first
+/// [`RECORD_HEAD`] bytes get the record's head (so an entry encoded after
+/// that much room is written without a copy).
+pub fn seal_record(buf: &mut [u8], index: u64, last_seq: Seq) {
+    let len = (buf.len() - RECORD_HEAD) as u32;
+    buf[..4].copy_from_slice(RECORD_MAGIC);
+    buf[4..8].copy_from_slice(&len.to_le_bytes());
+    buf[12..20].copy_from_slice(&index.to_le_bytes());
+    buf[20..28].copy_from_slice(&last_seq.to_le_bytes());
     let crc = crc32fast::hash(&buf[12..]);
     buf[8..12].copy_from_slice(&crc.to_le_bytes());
-    buf
 }
 
 /// What the bytes at one offset hold.

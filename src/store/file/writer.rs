@@ -11,10 +11,11 @@ use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use super::applier::APPLY_RECORDS;
-use super::segment::{self, Header, HEADER_LEN};
+use super::segment::{self, Header, HEADER_LEN, RECORD_HEAD};
 use super::{lock, open_rw, Msg, Shared};
 use crate::error::{Error, Result, StorageFault};
 use crate::model::Seq;
+use crate::store::complete::Completer;
 use crate::store::{entry, Batch, Faults, Poison};
 
 /// A segment is closed once it holds this many bytes (a larger record
@@ -105,24 +106,24 @@ impl Writer {
     }
 
     /// Append one record and sync it: the record is durable on `Ok`.
-    fn append(&mut self, entry: &[u8], last_seq: Seq, shared: &Shared) -> Result<()> {
-        if entry.len() > segment::MAX_ENTRY {
+    /// `record`: the entry after [`RECORD_HEAD`] bytes of room for the
+    /// record's head.
+    fn append(&mut self, record: &mut [u8], last_seq: Seq, shared: &Shared) -> Result<()> {
+        let entry_len = record.len() - RECORD_HEAD;
+        if entry_len > segment::MAX_ENTRY {
             // Never write a record the log could not read back.
             return Err(Error::Storage {
                 fault: StorageFault::TooLarge,
-                detail: format!(
-                    "a group of {} bytes is more than one record holds",
-                    entry.len()
-                ),
+                detail: format!("a group of {entry_len} bytes is more than one record holds"),
             });
         }
-        let record = segment::encode_record(self.next_index, last_seq, entry);
+        segment::seal_record(record, self.next_index, last_seq);
         let len = record.len() as u64;
         if self.end > HEADER_LEN && self.end + len > self.segment_bytes {
             self.roll(shared)?;
         }
         let end = self.end + len;
-        let written = self.write(&record, end);
+        let written = self.write(record, end);
         if let Err(e) = written {
             self.dirty = self.dirty.max(end);
             return Err(segment::io_err("append to the log", e));
@@ -186,7 +187,12 @@ impl Writer {
     }
 }
 
-pub(super) fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Msg>, shared: Arc<Shared>) {
+pub(super) fn writer_loop(
+    mut w: Writer,
+    rx: mpsc::Receiver<Msg>,
+    shared: Arc<Shared>,
+    completer: Completer,
+) {
     // Batches of this epoch or older fail unwritten (the failure rule of
     // `store`), with the error that poisoned it.
     let mut poisoned = Poison::default();
@@ -257,9 +263,20 @@ pub(super) fn writer_loop(mut w: Writer, rx: mpsc::Receiver<Msg>, shared: Arc<Sh
         }
         drop(live);
         let poison = poisoned.outcome();
-        for (batch, stale) in group.into_iter().zip(stale) {
-            batch.complete(if stale { &poison } else { &result });
-        }
+        completer.hand_over(
+            group
+                .into_iter()
+                .zip(stale)
+                .map(|(batch, stale)| {
+                    let r = if stale {
+                        poison.clone()
+                    } else {
+                        result.clone()
+                    };
+                    (batch, r)
+                })
+                .collect(),
+        );
     }
     lock(&shared.state).closing = true;
     shared.durable_cv.notify_all();
@@ -287,6 +304,6 @@ fn commit(w: &mut Writer, live: &[&Batch], shared: &Shared) -> Result<()> {
         w.last_seq = prev;
         return Ok(());
     }
-    let entry = entry::encode(live.iter().copied());
-    w.append(&entry, prev, shared)
+    let mut record = entry::encode_after(live.iter().copied(), RECORD_HEAD);
+    w.append(&mut record, prev, shared)
 }

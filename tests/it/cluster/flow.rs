@@ -268,6 +268,10 @@ async fn a_relayed_sidecar_answering_a_burst_of_assignments_gets_every_report_ac
     assert_eq!(accepted, TASKS);
     let mut reader = c.client(leader).await;
     for id in &ids {
-        assert_eq!(reader.task(id).await.state(), pb::task::State::Completed, "{id}");
+        assert_eq!(
+            reader.task(id).await.state(),
+            pb::task::State::Completed,
+            "{id}"
+        );
     }
 }
