@@ -9,6 +9,7 @@
 //! rebuilds the same task records, and the copy checks each row against
 //! the one it holds.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -20,51 +21,29 @@ use crate::error::{Error, Result};
 use crate::event::EncodedEvent;
 use crate::model::{EventKind, Seq, Task};
 
-#[derive(Deserialize)]
-struct Head {
-    events: Vec<EventHead>,
+/// The entry's head. Borrowed when it is written (the writer clones no task
+/// and no id to encode a group), owned when it is read back.
+#[derive(Serialize, Deserialize)]
+struct Head<'a> {
+    events: Vec<EventHead<'a>>,
     /// Every task row the entry changes, each once, with its final content.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    rows: Vec<Row>,
+    rows: Vec<Row<'a>>,
 }
 
-#[derive(Deserialize)]
-struct EventHead {
+#[derive(Serialize, Deserialize)]
+struct EventHead<'a> {
     seq: Seq,
-    task_id: String,
-    agent_id: String,
+    task_id: Cow<'a, str>,
+    agent_id: Cow<'a, str>,
     kind: EventKind,
     /// Length of the encoded event in the entry's tail.
     len: u32,
 }
 
-#[derive(Deserialize)]
-struct Row {
-    task: Task,
-    expected: Option<Seq>,
-}
-
-/// What [`encode`] writes: the [`Head`] borrowed from the group, so the
-/// writer clones no task and no id to encode it.
-#[derive(Serialize)]
-struct HeadOut<'a> {
-    events: Vec<EventHeadOut<'a>>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    rows: Vec<RowOut<'a>>,
-}
-
-#[derive(Serialize)]
-struct EventHeadOut<'a> {
-    seq: Seq,
-    task_id: &'a str,
-    agent_id: &'a str,
-    kind: EventKind,
-    len: u32,
-}
-
-#[derive(Serialize)]
-struct RowOut<'a> {
-    task: &'a Task,
+#[derive(Serialize, Deserialize)]
+struct Row<'a> {
+    task: Cow<'a, Task>,
     expected: Option<Seq>,
 }
 
@@ -87,45 +66,28 @@ where
     I::IntoIter: Clone,
 {
     let group = group.into_iter();
-    let mut rows: Vec<RowOut<'a>> = Vec::new();
-    // Most groups change a few tasks: a scan finds a row faster than a
-    // hash of its id would.
-    let mut at: Option<HashMap<&str, usize>> = None;
+    let mut rows: Vec<Row<'a>> = Vec::new();
+    let mut at: HashMap<&str, usize> = HashMap::new();
     for w in group.clone().flat_map(|b| &b.tasks) {
-        let id = w.task.task_id.as_str();
-        let found = match &at {
-            Some(at) => at.get(id).copied(),
-            None => rows.iter().position(|r| r.task.task_id == id),
-        };
-        match found {
-            Some(i) => rows[i].task = &w.task,
+        match at.get(w.task.task_id.as_str()) {
+            Some(&i) => rows[i].task = Cow::Borrowed(&w.task),
             None => {
-                if let Some(at) = &mut at {
-                    at.insert(id, rows.len());
-                }
-                rows.push(RowOut {
-                    task: &w.task,
+                at.insert(w.task.task_id.as_str(), rows.len());
+                rows.push(Row {
+                    task: Cow::Borrowed(&w.task),
                     expected: w.expected_last_seq,
                 });
-                if at.is_none() && rows.len() == SCAN_ROWS {
-                    at = Some(
-                        rows.iter()
-                            .enumerate()
-                            .map(|(i, r)| (r.task.task_id.as_str(), i))
-                            .collect(),
-                    );
-                }
             }
         }
     }
     let events: Vec<&Arc<EncodedEvent>> = group.flat_map(|b| &b.events).collect();
-    let head = HeadOut {
+    let head = Head {
         events: events
             .iter()
-            .map(|ev| EventHeadOut {
+            .map(|ev| EventHead {
                 seq: ev.seq,
-                task_id: &ev.task_id,
-                agent_id: &ev.agent_id,
+                task_id: Cow::Borrowed(&ev.task_id),
+                agent_id: Cow::Borrowed(&ev.agent_id),
                 kind: ev.kind,
                 len: ev.proto().len() as u32,
             })
@@ -146,9 +108,6 @@ where
     }
     buf
 }
-
-/// Up to this many rows an entry's rows are found by a scan.
-const SCAN_ROWS: usize = 16;
 
 /// The events and task rows of an entry; `at` names it in errors.
 pub fn decode(at: &str, payload: &Bytes) -> Result<(Vec<Arc<EncodedEvent>>, Vec<TaskWrite>)> {
@@ -172,8 +131,8 @@ pub fn decode(at: &str, payload: &Bytes) -> Result<(Vec<Arc<EncodedEvent>>, Vec<
         offset = end;
         events.push(Arc::new(EncodedEvent::stored(
             ev.seq,
-            ev.task_id,
-            ev.agent_id,
+            ev.task_id.into_owned(),
+            ev.agent_id.into_owned(),
             ev.kind,
             proto,
         )));
@@ -182,7 +141,7 @@ pub fn decode(at: &str, payload: &Bytes) -> Result<(Vec<Arc<EncodedEvent>>, Vec<
         .rows
         .into_iter()
         .map(|r| TaskWrite {
-            task: r.task,
+            task: r.task.into_owned(),
             expected_last_seq: r.expected,
         })
         .collect();
@@ -223,10 +182,10 @@ mod tests {
     }
 
     /// Rows are kept once per task with their last content and the first
-    /// write's expectation, below and above the scan's limit.
+    /// write's expectation.
     #[test]
     fn a_group_round_trips_with_one_row_per_task() {
-        for tasks in [3, SCAN_ROWS, SCAN_ROWS + 5] {
+        for tasks in [3, 16, 21] {
             let group = [batch(1..41, tasks, Some(7)), batch(41..61, tasks, None)];
             let (events, rows) = decode("t", &encode(&group)).unwrap();
             assert_eq!(events.len(), 60);
