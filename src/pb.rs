@@ -51,7 +51,7 @@ pub mod wire {
 ///
 /// Written straight from the model (no intermediate `prost_types::Struct`
 /// with its cloned keys and strings): this runs once per event on the
-/// store's writer thread. The bytes decode as the same message.
+/// log's commit. The bytes decode as the same message.
 pub fn encode_event(e: &model::TaskEvent) -> prost::bytes::Bytes {
     direct::encode_event(e).into()
 }

@@ -13,7 +13,6 @@
 //! built on the state the failed commit would have made. The hub then
 //! rebuilds its state from the store and continues with a newer epoch.
 
-pub mod complete;
 pub mod entry;
 pub mod faults;
 pub mod file;

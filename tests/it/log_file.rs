@@ -9,8 +9,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use agenthub::client::{connect, HubClient};
+use agenthub::event::EncodedEvent;
 use agenthub::pb;
 use agenthub::store::file::{segment, FileStore};
+use agenthub::store::{Batch, Store};
 use serde_json::json;
 
 use crate::helpers::*;
@@ -384,4 +386,108 @@ async fn segments_roll_and_those_the_copy_holds_are_removed() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// A batch of one progress event at `seq`; its callback records where and
+/// in which order it ran.
+fn progress_batch(seq: u64, ran: &Arc<Mutex<Vec<(u64, std::thread::ThreadId)>>>) -> Batch {
+    let event = agenthub::model::TaskEvent {
+        seq,
+        task_id: format!("t-{seq}"),
+        agent_id: "a-1".into(),
+        kind: agenthub::model::EventKind::Progress,
+        generation: 1,
+        payload: Default::default(),
+        timestamp_ms: 1,
+        state: agenthub::model::TaskState::Running,
+    };
+    let mut b = Batch {
+        epoch: 1,
+        events: vec![Arc::new(EncodedEvent::new(event))],
+        ..Batch::default()
+    };
+    let ran = ran.clone();
+    b.then(move |r| {
+        r.as_ref().unwrap();
+        ran.lock().unwrap().push((seq, std::thread::current().id()));
+    });
+    b
+}
+
+/// On a runtime, batches queued while no commit runs go out as one group,
+/// committed and completed on the runtime's own thread (where the replies
+/// are awaited), in order; nothing waits on a thread of the log's.
+#[tokio::test]
+async fn batches_queued_together_commit_as_one_group_on_the_thread_that_awaits_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = FileStore::open(tmp.path(), None).unwrap();
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    for seq in 1..=100 {
+        store.submit(progress_batch(seq, &ran));
+    }
+    let mut last = Batch::default();
+    last.then(move |_| {
+        let _ = done_tx.send(());
+    });
+    store.submit(last);
+    done.await.unwrap();
+    let here = std::thread::current().id();
+    let ran = ran.lock().unwrap().clone();
+    assert_eq!(
+        ran.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (1..=100).collect::<Vec<_>>()
+    );
+    assert!(
+        ran.iter().all(|(_, t)| *t == here),
+        "a callback ran elsewhere"
+    );
+    let stats = store.commit_stats();
+    assert_eq!((stats.commits, stats.batches), (1, 101));
+    assert_eq!(store.durable_seq(), 100);
+    store.close();
+}
+
+/// Without a runtime (the offline tools) a thread of the log's leads, and
+/// closing the store commits everything still queued first.
+#[test]
+fn without_a_runtime_the_log_commits_on_its_own_thread_and_close_finishes_the_queue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = FileStore::open(tmp.path(), None).unwrap();
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    for seq in 1..=100 {
+        store.submit(progress_batch(seq, &ran));
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut marker = Batch::default();
+    marker.then(move |_| tx.send(()).unwrap());
+    store.submit(marker);
+    rx.recv_timeout(std::time::Duration::from_secs(30))
+        .expect("nothing committed the queued batches");
+    let here = std::thread::current().id();
+    assert!(ran.lock().unwrap().iter().all(|(_, t)| *t != here));
+    // Queued right before close: close commits them.
+    for seq in 101..=200 {
+        store.submit(progress_batch(seq, &ran));
+    }
+    store.close();
+    assert_eq!(
+        ran.lock()
+            .unwrap()
+            .iter()
+            .map(|(s, _)| *s)
+            .collect::<Vec<_>>(),
+        (1..=200).collect::<Vec<_>>()
+    );
+    // A closed store takes nothing more: the batch fails at once.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut late = Batch::default();
+    late.then(move |r| tx.send(r.is_err()).unwrap());
+    store.submit(late);
+    assert!(rx.recv().unwrap(), "a batch after close was taken");
+    // Reopened, the log holds all of them.
+    let store = FileStore::open(tmp.path(), None).unwrap();
+    assert_eq!(store.durable_seq(), 200);
+    assert_eq!(store.read_events(0, 1000).unwrap().len(), 200);
+    store.close();
 }

@@ -1,14 +1,13 @@
 //! The single node's store: an append-only log file is the record, and a
 //! SQLite copy applied from it serves every read.
 //!
-//! **Writes.** One writer thread takes every batch queued while the last
-//! append was in flight (group commit), encodes them as one
-//! [entry](super::entry), appends it as one record to the current
-//! [segment](segment) and syncs the file once (`fdatasync`: the blocks
-//! were written with zeros ahead of time, so the sync flushes data, not
-//! file metadata). Then the group is handed to the runtime in one piece
-//! ([`Completer`](super::complete::Completer)), where the batches'
-//! callbacks run. Nothing else is on the acknowledgement path.
+//! **Writes.** A leader on the hub's runtime ([`writer::Log`]) takes every
+//! batch queued while the last append was in flight (group commit),
+//! encodes them as one [entry](super::entry), appends it as one record to
+//! the current [segment](segment), syncs the file once (`fdatasync`: the
+//! blocks were written with zeros ahead of time, so the sync flushes data,
+//! not file metadata), and runs the batches' callbacks on the same thread.
+//! Nothing else is on the acknowledgement path.
 //!
 //! **The copy.** An applier thread reads durable records back from the log
 //! and applies many at once to `agenthub.db` (the cluster's followers use
@@ -40,11 +39,10 @@ pub use offline::{backup, check, Report};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::complete::Completer;
 use super::sqlite::SqliteStore;
 use super::{Batch, CommitStats, Faults, ListFilter, Loaded, Purged, Store, TaskListing};
 use crate::error::{Error, Result, StorageFault};
@@ -52,7 +50,7 @@ use crate::event::EncodedEvent;
 use crate::model::{Seq, Task, TokenRecord};
 use applier::applier_loop;
 use segment::Tail;
-use writer::{writer_loop, Writer};
+use writer::{Log, Writer};
 
 /// How long a read waits for the copy to reach the log before it fails.
 const READ_WAIT: Duration = Duration::from_secs(10);
@@ -96,17 +94,11 @@ pub(super) struct State {
     pub(super) applier_idle: bool,
 }
 
-pub(super) enum Msg {
-    Batch(Batch),
-    /// Make sure the log takes writes again (see [`Store::probe`]).
-    Probe(mpsc::Sender<Result<()>>),
-}
-
 /// The embedded store: log file plus SQLite copy.
 pub struct FileStore {
     copy: Arc<SqliteStore>,
     shared: Arc<Shared>,
-    tx: Mutex<Option<mpsc::Sender<Msg>>>,
+    log: Arc<Log>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -233,18 +225,8 @@ impl FileStore {
             dir: ldir.clone(),
             ids: filter::Ids::default(),
         });
-        let (tx, rx) = mpsc::channel();
-        let mut threads = Vec::new();
-        {
-            let shared = shared.clone();
-            let completer = Completer::new();
-            threads.push(
-                std::thread::Builder::new()
-                    .name("agenthub-log".into())
-                    .spawn(move || writer_loop(writer, rx, shared, completer))
-                    .map_err(|e| Error::storage(e.to_string()))?,
-            );
-        }
+        let (log, log_thread) = Log::start(writer, shared.clone())?;
+        let mut threads: Vec<JoinHandle<()>> = log_thread.into_iter().collect();
         {
             let (shared, copy) = (shared.clone(), copy.clone());
             threads.push(
@@ -257,7 +239,7 @@ impl FileStore {
         Ok(FileStore {
             copy,
             shared,
-            tx: Mutex::new(Some(tx)),
+            log,
             threads: Mutex::new(threads),
         })
     }
@@ -387,14 +369,7 @@ impl Store for FileStore {
                 self.shared.ids.insert(&w.task.task_id);
             }
         }
-        let tx = lock(&self.tx);
-        let unsent = match tx.as_ref() {
-            Some(tx) => tx.send(Msg::Batch(batch)).err().map(|e| e.0),
-            None => Some(Msg::Batch(batch)),
-        };
-        if let Some(Msg::Batch(batch)) = unsent {
-            batch.complete(&Err(Error::ShuttingDown));
-        }
+        self.log.submit(batch);
     }
 
     fn load(&self) -> Result<Loaded> {
@@ -461,14 +436,7 @@ impl Store for FileStore {
     }
 
     fn probe(&self) -> Result<()> {
-        let (reply, answer) = mpsc::channel();
-        match lock(&self.tx).as_ref() {
-            Some(tx) => tx
-                .send(Msg::Probe(reply))
-                .map_err(|_| Error::ShuttingDown)?,
-            None => return Err(Error::ShuttingDown),
-        }
-        answer.recv().map_err(|_| Error::ShuttingDown)?
+        self.log.probe()
     }
 
     fn event_count(&self) -> u64 {
@@ -503,7 +471,7 @@ impl Store for FileStore {
     }
 
     fn close(&self) {
-        drop(lock(&self.tx).take());
+        self.log.close();
         let threads: Vec<_> = lock(&self.threads).drain(..).collect();
         for t in threads {
             let _ = t.join();

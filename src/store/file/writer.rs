@@ -1,21 +1,21 @@
-//! The log's writer thread: group commit, one record and one sync per
-//! group, segments extended with zeros ahead of their records and rolled
+//! The log's writer: group commit led on the runtime, one record and one
+//! sync per group, segments extended with zeros ahead of their records and rolled
 //! at [`SEGMENT_BYTES`]; the failure rule of [`crate::store`] (a failed
 //! append poisons its write epoch).
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use super::applier::APPLY_RECORDS;
 use super::segment::{self, Header, HEADER_LEN, RECORD_HEAD};
-use super::{lock, open_rw, Msg, Shared};
+use super::{lock, open_rw, Shared};
 use crate::error::{Error, Result, StorageFault};
 use crate::model::Seq;
-use crate::store::complete::Completer;
 use crate::store::{entry, Batch, Faults, Poison};
 
 /// A segment is closed once it holds this many bytes (a larger record
@@ -187,54 +187,178 @@ impl Writer {
     }
 }
 
-pub(super) fn writer_loop(
-    mut w: Writer,
-    rx: mpsc::Receiver<Msg>,
+/// The log's queue and its leader. A batch is queued; whoever finds no
+/// leader scheduled schedules one: a task on the runtime the store was
+/// opened in (the offline tools, with no runtime, have a thread). The
+/// leader takes every batch queued so far as one group, appends and syncs
+/// it on its own thread, runs the group's callbacks there, and goes on
+/// until the queue is empty. Batches queued during a sync form the next
+/// group.
+///
+/// On the runtime, a request's commit thus runs on the worker that made
+/// it, where its reply is awaited: no hand-off to a thread of the log's
+/// and no wake-up back (each costs a context switch, and on a virtual
+/// machine often an interrupt to another CPU). The worker is held for the
+/// sync, as a log thread would be; other workers take the runtime's other
+/// tasks meanwhile, and the batches they queue join the next group.
+pub(super) struct Log {
+    queue: Mutex<Queue>,
+    /// Wakes the offline leader thread.
+    queued: Condvar,
+    /// The writer, held by the leader for a whole run of groups.
+    lead: Mutex<Lead>,
     shared: Arc<Shared>,
-    completer: Completer,
-) {
-    // Batches of this epoch or older fail unwritten (the failure rule of
-    // `store`), with the error that poisoned it.
-    let mut poisoned = Poison::default();
-    let mut carry: Option<Msg> = None;
-    loop {
-        let first = match carry.take() {
-            Some(m) => m,
-            None => match rx.recv() {
-                Ok(m) => m,
-                Err(_) => break,
-            },
-        };
-        let mut group = match first {
-            Msg::Probe(reply) => {
-                let r = match shared.faults.as_deref().map(Faults::before_probe) {
-                    Some(Err(e)) => Err(e),
-                    _ => w.probe(),
-                };
-                let _ = reply.send(r);
-                continue;
-            }
-            Msg::Batch(b) => vec![b],
-        };
-        let mut bytes = batch_bytes(&group[0]);
-        while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
-            match rx.try_recv() {
-                Ok(Msg::Batch(b)) => {
-                    bytes += batch_bytes(&b);
-                    group.push(b);
-                }
-                Ok(m) => {
-                    carry = Some(m);
-                    break;
-                }
-                Err(_) => break,
-            }
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+struct Queue {
+    batches: VecDeque<Batch>,
+    /// A leader is scheduled or running: it will take what is queued.
+    scheduled: bool,
+    closed: bool,
+}
+
+struct Lead {
+    w: Writer,
+    /// Batches of this epoch or older fail unwritten (the failure rule of
+    /// `store`), with the error that poisoned it.
+    poisoned: Poison,
+}
+
+impl Log {
+    /// The log for `w`, led on the current runtime if there is one, else
+    /// on a thread of its own (returned).
+    pub(super) fn start(
+        w: Writer,
+        shared: Arc<Shared>,
+    ) -> Result<(Arc<Log>, Option<std::thread::JoinHandle<()>>)> {
+        let log = Arc::new(Log {
+            queue: Mutex::new(Queue {
+                batches: VecDeque::new(),
+                scheduled: false,
+                closed: false,
+            }),
+            queued: Condvar::new(),
+            lead: Mutex::new(Lead {
+                w,
+                poisoned: Poison::default(),
+            }),
+            shared,
+            runtime: tokio::runtime::Handle::try_current().ok(),
+        });
+        if log.runtime.is_some() {
+            return Ok((log, None));
         }
-        let (stale, live) = poisoned.split(&group);
+        let thread = {
+            let log = log.clone();
+            std::thread::Builder::new()
+                .name("agenthub-log".into())
+                .spawn(move || log.offline_leader())
+                .map_err(|e| Error::storage(e.to_string()))?
+        };
+        Ok((log, Some(thread)))
+    }
+
+    /// Queue a batch; it commits after every batch queued before it.
+    pub(super) fn submit(self: &Arc<Self>, batch: Batch) {
+        let mut q = lock(&self.queue);
+        if q.closed {
+            drop(q);
+            batch.complete(&Err(Error::ShuttingDown));
+            return;
+        }
+        q.batches.push_back(batch);
+        if q.scheduled {
+            return;
+        }
+        q.scheduled = true;
+        drop(q);
+        match &self.runtime {
+            Some(rt) => {
+                let log = self.clone();
+                drop(rt.spawn(async move { log.lead() }));
+            }
+            None => self.queued.notify_one(),
+        }
+    }
+
+    /// Commit groups until the queue is empty.
+    fn lead(&self) {
+        let mut lead = lock(&self.lead);
+        while let Some(group) = self.next_group() {
+            lead.commit_group(group, &self.shared);
+        }
+    }
+
+    /// The batches queued so far, up to a group's bounds; `None` (and no
+    /// leader scheduled) once the queue is empty.
+    fn next_group(&self) -> Option<Vec<Batch>> {
+        let mut q = lock(&self.queue);
+        if q.batches.is_empty() {
+            q.scheduled = false;
+            return None;
+        }
+        let mut group = Vec::with_capacity(q.batches.len().min(MAX_GROUP));
+        let mut bytes = 0;
+        while group.len() < MAX_GROUP && (group.is_empty() || bytes < MAX_GROUP_BYTES) {
+            let Some(b) = q.batches.pop_front() else {
+                break;
+            };
+            bytes += batch_bytes(&b);
+            group.push(b);
+        }
+        Some(group)
+    }
+
+    /// The leader when there is no runtime.
+    fn offline_leader(&self) {
+        loop {
+            {
+                let mut q = lock(&self.queue);
+                while q.batches.is_empty() && !q.closed {
+                    q = self.queued.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+                if q.batches.is_empty() {
+                    return;
+                }
+            }
+            self.lead();
+        }
+    }
+
+    /// Make sure the log takes writes again (see [`crate::store::Store::probe`]).
+    pub(super) fn probe(&self) -> Result<()> {
+        if lock(&self.queue).closed {
+            return Err(Error::ShuttingDown);
+        }
+        if let Some(Err(e)) = self.shared.faults.as_deref().map(Faults::before_probe) {
+            return Err(e);
+        }
+        lock(&self.lead).w.probe()
+    }
+
+    /// Take no more batches, commit every queued one, and tell the applier
+    /// the writer has stopped.
+    pub(super) fn close(&self) {
+        lock(&self.queue).closed = true;
+        self.queued.notify_all();
+        // A leader scheduled on a runtime that no longer runs it leaves
+        // its batches here: they commit now.
+        self.lead();
+        lock(&self.shared.state).closing = true;
+        self.shared.durable_cv.notify_all();
+    }
+}
+
+impl Lead {
+    /// Commit one group and run its callbacks, in order.
+    fn commit_group(&mut self, group: Vec<Batch>, shared: &Shared) {
+        let w = &mut self.w;
+        let (stale, live) = self.poisoned.split(&group);
         let writes = live.iter().any(|b| b.has_writes());
         let started = Instant::now();
         let result = if writes {
-            commit(&mut w, &live, &shared)
+            commit(w, &live, shared)
         } else {
             Ok(())
         };
@@ -255,31 +379,18 @@ pub(super) fn writer_loop(
             Err(e) => {
                 tracing::error!(error = %e, "append to the log failed; queued changes of this epoch are dropped");
                 let epoch = live.iter().map(|b| b.epoch).max().unwrap_or(0);
-                poisoned.record(epoch, e.clone());
+                self.poisoned.record(epoch, e.clone());
             }
         }
         if writes {
             lock(&shared.commits).record(started.elapsed(), live.len(), result.is_ok());
         }
         drop(live);
-        let poison = poisoned.outcome();
-        completer.hand_over(
-            group
-                .into_iter()
-                .zip(stale)
-                .map(|(batch, stale)| {
-                    let r = if stale {
-                        poison.clone()
-                    } else {
-                        result.clone()
-                    };
-                    (batch, r)
-                })
-                .collect(),
-        );
+        let poison = self.poisoned.outcome();
+        for (batch, stale) in group.into_iter().zip(stale) {
+            batch.complete(if stale { &poison } else { &result });
+        }
     }
-    lock(&shared.state).closing = true;
-    shared.durable_cv.notify_all();
 }
 
 /// Append the live batches of a group as one record. The log takes events
