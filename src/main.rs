@@ -19,7 +19,7 @@ use agenthub::Server;
 
 /// mimalloc instead of glibc's malloc: the hub allocates a request's buffers on
 /// one thread and frees them on another (a tokio worker builds a commit, the
-/// log's commit drops it, often on another worker), which glibc serves under its arenas' locks.
+/// log's commit drops it, often on another thread), which glibc serves under its arenas' locks.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -414,37 +414,48 @@ fn progress_batch(seq: u64, ran: &Arc<Mutex<Vec<(u64, std::thread::ThreadId)>>>)
     b
 }
 
-/// On a runtime, batches queued while no commit runs go out as one group,
-/// committed and completed on the runtime's own thread (where the replies
-/// are awaited), in order; nothing waits on a thread of the log's.
+/// On a runtime, a lone batch (a quiet hub) commits and completes on the
+/// thread that awaits it, with no hand-off; batches queued together (a
+/// busy hub) go out as one group; every callback runs in order.
 #[tokio::test]
-async fn batches_queued_together_commit_as_one_group_on_the_thread_that_awaits_them() {
+async fn a_lone_batch_commits_where_it_is_awaited_and_queued_ones_as_one_group() {
     let tmp = tempfile::tempdir().unwrap();
     let store = FileStore::open(tmp.path(), None).unwrap();
     let ran = Arc::new(Mutex::new(Vec::new()));
-    let (done_tx, done) = tokio::sync::oneshot::channel();
-    for seq in 1..=100 {
+    let here = std::thread::current().id();
+    let marker = |store: &FileStore| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut b = Batch::default();
+        b.then(move |_| {
+            let _ = tx.send(());
+        });
+        store.submit(b);
+        rx
+    };
+    // One at a time: each on this thread.
+    for seq in 1..=20 {
+        store.submit(progress_batch(seq, &ran));
+        tokio::task::yield_now().await;
+        assert_eq!(ran.lock().unwrap().len() as u64, seq, "batch {seq} waits");
+    }
+    assert!(ran.lock().unwrap().iter().all(|(_, t)| *t == here));
+    assert_eq!(store.commit_stats().commits, 20);
+    // A burst: one group.
+    for seq in 21..=120 {
         store.submit(progress_batch(seq, &ran));
     }
-    let mut last = Batch::default();
-    last.then(move |_| {
-        let _ = done_tx.send(());
-    });
-    store.submit(last);
-    done.await.unwrap();
-    let here = std::thread::current().id();
-    let ran = ran.lock().unwrap().clone();
+    marker(&store).await.unwrap();
     assert_eq!(
-        ran.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
-        (1..=100).collect::<Vec<_>>()
-    );
-    assert!(
-        ran.iter().all(|(_, t)| *t == here),
-        "a callback ran elsewhere"
+        ran.lock()
+            .unwrap()
+            .iter()
+            .map(|(s, _)| *s)
+            .collect::<Vec<_>>(),
+        (1..=120).collect::<Vec<_>>()
     );
     let stats = store.commit_stats();
-    assert_eq!((stats.commits, stats.batches), (1, 101));
-    assert_eq!(store.durable_seq(), 100);
+    assert_eq!((stats.commits, stats.batches), (21, 121));
+    assert_eq!(store.durable_seq(), 120);
     store.close();
 }
 

@@ -1,13 +1,14 @@
 //! The single node's store: an append-only log file is the record, and a
 //! SQLite copy applied from it serves every read.
 //!
-//! **Writes.** A leader on the hub's runtime ([`writer::Log`]) takes every
-//! batch queued while the last append was in flight (group commit),
-//! encodes them as one [entry](super::entry), appends it as one record to
-//! the current [segment](segment), syncs the file once (`fdatasync`: the
-//! blocks were written with zeros ahead of time, so the sync flushes data,
-//! not file metadata), and runs the batches' callbacks on the same thread.
-//! Nothing else is on the acknowledgement path.
+//! **Writes.** A leader ([`writer::Log`]: the worker that queued a lone
+//! batch, or the log's thread once several wait) takes every batch queued
+//! while the last append was in flight (group commit), encodes them as
+//! one [entry](super::entry), appends it as one record to the current
+//! [segment](segment), syncs the file once (`fdatasync`: the blocks were
+//! written with zeros ahead of time, so the sync flushes data, not file
+//! metadata), and runs the batches' callbacks on its thread. Nothing else
+//! is on the acknowledgement path.
 //!
 //! **The copy.** An applier thread reads durable records back from the log
 //! and applies many at once to `agenthub.db` (the cluster's followers use
@@ -226,7 +227,7 @@ impl FileStore {
             ids: filter::Ids::default(),
         });
         let (log, log_thread) = Log::start(writer, shared.clone())?;
-        let mut threads: Vec<JoinHandle<()>> = log_thread.into_iter().collect();
+        let mut threads = vec![log_thread];
         {
             let (shared, copy) = (shared.clone(), copy.clone());
             threads.push(

@@ -1,5 +1,5 @@
-//! The log's writer: group commit led on the runtime, one record and one
-//! sync per group, segments extended with zeros ahead of their records and rolled
+//! The log's writer: group commit, led where the load puts it, one record
+//! and one sync per group, segments extended with zeros ahead of their records and rolled
 //! at [`SEGMENT_BYTES`]; the failure rule of [`crate::store`] (a failed
 //! append poisons its write epoch).
 
@@ -187,23 +187,26 @@ impl Writer {
     }
 }
 
-/// The log's queue and its leader. A batch is queued; whoever finds no
-/// leader scheduled schedules one: a task on the runtime the store was
-/// opened in (the offline tools, with no runtime, have a thread). The
-/// leader takes every batch queued so far as one group, appends and syncs
-/// it on its own thread, runs the group's callbacks there, and goes on
-/// until the queue is empty. Batches queued during a sync form the next
-/// group.
+/// The log's queue and its leaders. A batch is queued; whoever finds no
+/// leader scheduled schedules one. The leader takes every batch queued so
+/// far as one group, appends and syncs it, runs the group's callbacks, and
+/// goes on until the queue is empty. Batches queued during a sync form
+/// the next group.
 ///
-/// On the runtime, a request's commit thus runs on the worker that made
-/// it, where its reply is awaited: no hand-off to a thread of the log's
-/// and no wake-up back (each costs a context switch, and on a virtual
-/// machine often an interrupt to another CPU). The worker is held for the
-/// sync, as a log thread would be; other workers take the runtime's other
-/// tasks meanwhile, and the batches they queue join the next group.
+/// Who leads depends on the load. On the runtime the store was opened in,
+/// the first leader is a task, on the worker that queued the batch: while
+/// it finds one batch at a time (a quiet hub: one request's round trip),
+/// it commits in place, and the request's reply is sent from where it is
+/// awaited, with no hand-off to a thread and no wake-up back (each costs
+/// a context switch, on a virtual machine often an interrupt to another
+/// CPU). Once it finds several batches waiting (a busy hub), it hands the
+/// lead to the log's thread, which then leads until the queue is empty:
+/// the workers go on parsing and building the next group instead of one
+/// of them waiting for the disk, at one wake-up per group. The offline
+/// tools (no runtime) always lead on the thread.
 pub(super) struct Log {
     queue: Mutex<Queue>,
-    /// Wakes the offline leader thread.
+    /// Wakes the log's thread when it is handed the lead.
     queued: Condvar,
     /// The writer, held by the leader for a whole run of groups.
     lead: Mutex<Lead>,
@@ -215,7 +218,18 @@ struct Queue {
     batches: VecDeque<Batch>,
     /// A leader is scheduled or running: it will take what is queued.
     scheduled: bool,
+    /// That leader is the log's thread.
+    on_thread: bool,
     closed: bool,
+}
+
+/// What a leader takes next.
+enum Next {
+    Group(Vec<Batch>),
+    /// Several batches wait: the lead goes to the log's thread.
+    Busy,
+    /// Nothing is queued: no leader is scheduled any more.
+    Empty,
 }
 
 struct Lead {
@@ -226,16 +240,16 @@ struct Lead {
 }
 
 impl Log {
-    /// The log for `w`, led on the current runtime if there is one, else
-    /// on a thread of its own (returned).
+    /// The log for `w` and its thread.
     pub(super) fn start(
         w: Writer,
         shared: Arc<Shared>,
-    ) -> Result<(Arc<Log>, Option<std::thread::JoinHandle<()>>)> {
+    ) -> Result<(Arc<Log>, std::thread::JoinHandle<()>)> {
         let log = Arc::new(Log {
             queue: Mutex::new(Queue {
                 batches: VecDeque::new(),
                 scheduled: false,
+                on_thread: false,
                 closed: false,
             }),
             queued: Condvar::new(),
@@ -246,17 +260,14 @@ impl Log {
             shared,
             runtime: tokio::runtime::Handle::try_current().ok(),
         });
-        if log.runtime.is_some() {
-            return Ok((log, None));
-        }
         let thread = {
             let log = log.clone();
             std::thread::Builder::new()
                 .name("agenthub-log".into())
-                .spawn(move || log.offline_leader())
+                .spawn(move || log.thread())
                 .map_err(|e| Error::storage(e.to_string()))?
         };
-        Ok((log, Some(thread)))
+        Ok((log, thread))
     }
 
     /// Queue a batch; it commits after every batch queued before it.
@@ -272,31 +283,48 @@ impl Log {
             return;
         }
         q.scheduled = true;
-        drop(q);
         match &self.runtime {
             Some(rt) => {
+                drop(q);
                 let log = self.clone();
-                drop(rt.spawn(async move { log.lead() }));
+                drop(rt.spawn(async move { log.lead(false) }));
             }
-            None => self.queued.notify_one(),
+            None => {
+                q.on_thread = true;
+                drop(q);
+                self.queued.notify_one();
+            }
         }
     }
 
-    /// Commit groups until the queue is empty.
-    fn lead(&self) {
+    /// Commit groups until the queue is empty, or (`!on_thread`) until
+    /// several batches wait: then the log's thread is handed the lead.
+    fn lead(&self, on_thread: bool) {
         let mut lead = lock(&self.lead);
-        while let Some(group) = self.next_group() {
-            lead.commit_group(group, &self.shared);
+        loop {
+            match self.next(on_thread) {
+                Next::Group(group) => lead.commit_group(group, &self.shared),
+                Next::Busy => {
+                    drop(lead);
+                    self.queued.notify_one();
+                    return;
+                }
+                Next::Empty => return,
+            }
         }
     }
 
-    /// The batches queued so far, up to a group's bounds; `None` (and no
-    /// leader scheduled) once the queue is empty.
-    fn next_group(&self) -> Option<Vec<Batch>> {
+    /// The batches queued so far, up to a group's bounds.
+    fn next(&self, on_thread: bool) -> Next {
         let mut q = lock(&self.queue);
         if q.batches.is_empty() {
             q.scheduled = false;
-            return None;
+            q.on_thread = false;
+            return Next::Empty;
+        }
+        if !on_thread && q.batches.len() > 1 {
+            q.on_thread = true;
+            return Next::Busy;
         }
         let mut group = Vec::with_capacity(q.batches.len().min(MAX_GROUP));
         let mut bytes = 0;
@@ -307,22 +335,22 @@ impl Log {
             bytes += batch_bytes(&b);
             group.push(b);
         }
-        Some(group)
+        Next::Group(group)
     }
 
-    /// The leader when there is no runtime.
-    fn offline_leader(&self) {
+    /// The log's thread: leads when handed the lead, until closed.
+    fn thread(&self) {
         loop {
             {
                 let mut q = lock(&self.queue);
-                while q.batches.is_empty() && !q.closed {
+                while !q.on_thread && !q.closed {
                     q = self.queued.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
-                if q.batches.is_empty() {
+                if !q.on_thread && q.closed {
                     return;
                 }
             }
-            self.lead();
+            self.lead(true);
         }
     }
 
@@ -344,7 +372,7 @@ impl Log {
         self.queued.notify_all();
         // A leader scheduled on a runtime that no longer runs it leaves
         // its batches here: they commit now.
-        self.lead();
+        self.lead(true);
         lock(&self.shared.state).closing = true;
         self.shared.durable_cv.notify_all();
     }
