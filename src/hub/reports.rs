@@ -45,7 +45,7 @@ impl Hub {
         let agent = core
             .agents
             .entry(agent_id.clone())
-            .or_insert_with(|| Agent::new(&agent_id));
+            .or_insert_with(|| Box::new(Agent::new(&agent_id)));
         if let Some(old) = agent.session.replace(session.clone()) {
             if old.id() != session.id() {
                 old.send(ToAgent::error("session_replaced", None, None));

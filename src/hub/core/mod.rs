@@ -106,7 +106,9 @@ pub(crate) struct Core {
     /// How many finished tasks the cache keeps (`Config::finished_cache`).
     pub finished_cap: usize,
     pub queue: BTreeSet<QueueKey>,
-    pub agents: HashMap<String, Agent>,
+    /// Boxed: the map's table has up to twice as many slots as agents, and
+    /// an agent's record is about 400 bytes (one per sidecar, idle or not).
+    pub agents: HashMap<String, Box<Agent>>,
     pub last_seq: Seq,
     pub timers: BTreeSet<TimerEntry>,
     /// The armed timers of each task, so that they go with it when it
@@ -214,7 +216,7 @@ impl Core {
                 if let Some(a) = &task.agent_id {
                     self.agents
                         .entry(a.clone())
-                        .or_insert_with(|| Agent::new(a))
+                        .or_insert_with(|| Box::new(Agent::new(a)))
                         .active
                         .insert(task.task_id.clone());
                 }
