@@ -414,6 +414,11 @@ fn progress_batch(seq: u64, ran: &Arc<Mutex<Vec<(u64, std::thread::ThreadId)>>>)
     b
 }
 
+/// The seqs of the batches whose callbacks ran, in the order they ran.
+fn seqs_run(ran: &Mutex<Vec<(u64, std::thread::ThreadId)>>) -> Vec<u64> {
+    ran.lock().unwrap().iter().map(|(s, _)| *s).collect()
+}
+
 /// On a runtime, a lone batch (a quiet hub) commits and completes on the
 /// thread that awaits it, with no hand-off; batches queued together (a
 /// busy hub) go out as one group; every callback runs in order.
@@ -445,14 +450,7 @@ async fn a_lone_batch_commits_where_it_is_awaited_and_queued_ones_as_one_group()
         store.submit(progress_batch(seq, &ran));
     }
     marker(&store).await.unwrap();
-    assert_eq!(
-        ran.lock()
-            .unwrap()
-            .iter()
-            .map(|(s, _)| *s)
-            .collect::<Vec<_>>(),
-        (1..=120).collect::<Vec<_>>()
-    );
+    assert_eq!(seqs_run(&ran), (1..=120).collect::<Vec<_>>());
     let stats = store.commit_stats();
     assert_eq!((stats.commits, stats.batches), (21, 121));
     assert_eq!(store.durable_seq(), 120);
@@ -482,14 +480,7 @@ fn without_a_runtime_the_log_commits_on_its_own_thread_and_close_finishes_the_qu
         store.submit(progress_batch(seq, &ran));
     }
     store.close();
-    assert_eq!(
-        ran.lock()
-            .unwrap()
-            .iter()
-            .map(|(s, _)| *s)
-            .collect::<Vec<_>>(),
-        (1..=200).collect::<Vec<_>>()
-    );
+    assert_eq!(seqs_run(&ran), (1..=200).collect::<Vec<_>>());
     // A closed store takes nothing more: the batch fails at once.
     let (tx, rx) = std::sync::mpsc::channel();
     let mut late = Batch::default();
