@@ -310,16 +310,46 @@ fn targets(d: &Data) -> Vec<Target> {
             hub: metric("hub_push_pipelined", None, "tasks_per_s"),
             base: Some(metric("nats_rr_pipelined", None, "msgs_per_s")),
             base_label: "NATS core request-reply, 64 in flight".into(),
-            bound: (false, 0.25),
+            bound: (false, 0.12),
             unit: "/s",
         },
         Target {
             what: "hub CPU per pipelined task".into(),
             phase: ("hub_push_pipelined", None),
             hub: metric("hub_push_pipelined", None, "server_cpu_us_per_task"),
-            base: None,
-            base_label: "absolute bound (µs)".into(),
-            bound: (true, 50.0),
+            base: Some(metric(
+                "hub_bound_pipelined",
+                None,
+                "server_cpu_us_per_task",
+            )),
+            base_label: "the hub without storage (`hub-bound`), the same".into(),
+            bound: (true, 1.3),
+            unit: "µs",
+        },
+        Target {
+            what: "hub CPU per pipelined task".into(),
+            phase: ("hub_push_pipelined", None),
+            hub: metric("hub_push_pipelined", None, "server_cpu_us_per_task"),
+            base: Some(Box::new(|d, rep| {
+                let unary = d.get(rep, "grpc_echo_pipelined", None, "server_cpu_us_per_op")?;
+                let echo = d.get(rep, "ws_echo_pipelined", None, "server_cpu_us_per_op")?;
+                Some(unary + 5.0 * echo)
+            })),
+            base_label: "tonic echo + 5 × WS echo, CPU per op, pipelined".into(),
+            bound: (true, 2.0),
+            unit: "µs",
+        },
+        Target {
+            what: "hub CPU per sequential task".into(),
+            phase: ("hub_push_seq", None),
+            hub: metric("hub_push_seq", None, "server_cpu_us_per_task"),
+            base: Some(Box::new(|d, rep| {
+                let unary = d.get(rep, "grpc_echo_seq", None, "server_cpu_us_per_op")?;
+                let echo = d.get(rep, "ws_echo_seq", None, "server_cpu_us_per_op")?;
+                Some(unary + 5.0 * echo)
+            })),
+            base_label: "tonic echo + 5 × WS echo, CPU per op, sequential".into(),
+            bound: (true, 2.0),
             unit: "µs",
         },
         Target {
@@ -350,7 +380,7 @@ fn targets(d: &Data) -> Vec<Target> {
             }),
             base: None,
             base_label: "absolute bound (KiB)".into(),
-            bound: (true, 10.0),
+            bound: (true, 7.0),
             unit: "KiB",
         },
         Target {
@@ -379,7 +409,7 @@ fn targets(d: &Data) -> Vec<Target> {
             hub: metric("hub_ingest", None, "events_per_s"),
             base: Some(metric("js_ingest", None, "events_per_s")),
             base_label: "JetStream ingest with PubAck, 100 publishers".into(),
-            bound: (false, 1.0),
+            bound: (false, 38.0),
             unit: "events/s",
         },
         Target {
@@ -482,7 +512,7 @@ fn targets(d: &Data) -> Vec<Target> {
             hub: metric("cluster_push_pipelined", None, "tasks_per_s"),
             base: Some(metric("js_cluster_roundtrip_pipelined", None, "msgs_per_s")),
             base_label: "JetStream R3 durable round trips, 64 in flight".into(),
-            bound: (false, 2.0),
+            bound: (false, 1.2),
             unit: "/s",
         },
         Target {
@@ -509,7 +539,7 @@ fn targets(d: &Data) -> Vec<Target> {
             hub: metric("hub_replay", None, "events_per_s"),
             base: Some(metric("js_replay", None, "events_per_s")),
             base_label: "JetStream ordered consumer replay".into(),
-            bound: (false, 1.0),
+            bound: (false, 2.6),
             unit: "events/s",
         },
     ]
