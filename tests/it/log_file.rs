@@ -493,3 +493,50 @@ fn without_a_runtime_the_log_commits_on_its_own_thread_and_close_finishes_the_qu
     assert_eq!(store.read_events(0, 1000).unwrap().len(), 200);
     store.close();
 }
+
+/// A batch whose callback panics (a bug) loses its own group's callbacks,
+/// but the log goes on: the next batch commits, on a worker and on the
+/// log's thread alike, and seqs continue.
+#[tokio::test]
+async fn a_leader_that_panics_is_replaced_and_the_log_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = FileStore::open(tmp.path(), None).unwrap();
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let panicking = |seq| {
+        let mut b = progress_batch(seq, &Arc::new(Mutex::new(Vec::new())));
+        b.then(|_| panic!("a callback's bug"));
+        b
+    };
+    let committed = |store: &FileStore| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut b = Batch::default();
+        b.then(move |r| {
+            let _ = tx.send(r.is_ok());
+        });
+        store.submit(b);
+        tokio::time::timeout(std::time::Duration::from_secs(10), rx)
+    };
+    // A lone batch: its leader is a task on this runtime, which panics.
+    store.submit(panicking(1));
+    tokio::task::yield_now().await;
+    assert_eq!(store.durable_seq(), 1);
+    store.submit(progress_batch(2, &ran));
+    assert!(committed(&store).await.expect("the log stalled").unwrap());
+    // A burst: the log's thread leads, and panics in its group's callbacks
+    // (the callbacks after the panicking one are lost with it).
+    for seq in 3..=10 {
+        store.submit(if seq == 5 {
+            panicking(seq)
+        } else {
+            progress_batch(seq, &ran)
+        });
+    }
+    while store.durable_seq() < 10 {
+        tokio::task::yield_now().await;
+    }
+    store.submit(progress_batch(11, &ran));
+    assert!(committed(&store).await.expect("the log stalled").unwrap());
+    assert_eq!(store.durable_seq(), 11);
+    assert!(seqs_run(&ran).contains(&11));
+    store.close();
+}

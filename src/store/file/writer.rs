@@ -232,6 +232,25 @@ enum Next {
     Empty,
 }
 
+/// A leader that panicked (a bug in a callback: the group it held is lost,
+/// its waiters see the store shut) hands what is still queued to the
+/// log's thread, or leaves no leader scheduled, so the next change is
+/// committed instead of waiting forever for a leader that is gone.
+struct Stopped<'a>(&'a Log);
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let mut q = lock(&self.0.queue);
+        q.on_thread = !q.batches.is_empty();
+        q.scheduled = q.on_thread;
+        drop(q);
+        self.0.queued.notify_one();
+    }
+}
+
 struct Lead {
     w: Writer,
     /// Batches of this epoch or older fail unwritten (the failure rule of
@@ -300,6 +319,7 @@ impl Log {
     /// Commit groups until the queue is empty, or (`!on_thread`) until
     /// several batches wait: then the log's thread is handed the lead.
     fn lead(&self, on_thread: bool) {
+        let _stopped = Stopped(self);
         let mut lead = lock(&self.lead);
         loop {
             match self.next(on_thread) {
@@ -350,7 +370,9 @@ impl Log {
                     return;
                 }
             }
-            self.lead(true);
+            // A leader that panics (a callback's bug) is replaced, not
+            // waited for: see `Stopped`.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.lead(true)));
         }
     }
 
