@@ -267,6 +267,28 @@ fn metric(phase: &'static str, param: Option<u64>, m: &'static str) -> Figure {
     Box::new(move |d, rep| d.get(rep, phase, param, m))
 }
 
+/// The protocol's CPU floor per task: one tonic echo (the push) plus five
+/// WebSocket echoes (the frames a task takes: `task_assign`,
+/// `task_accepted` and its ack, `task_complete` and its ack), CPU per op,
+/// in the `mode` (`seq` or `pipelined`) phases.
+fn protocol_cpu(mode: &'static str) -> Figure {
+    Box::new(move |d, rep| {
+        let unary = d.get(
+            rep,
+            &format!("grpc_echo_{mode}"),
+            None,
+            "server_cpu_us_per_op",
+        )?;
+        let echo = d.get(
+            rep,
+            &format!("ws_echo_{mode}"),
+            None,
+            "server_cpu_us_per_op",
+        )?;
+        Some(unary + 5.0 * echo)
+    })
+}
+
 fn targets(d: &Data) -> Vec<Target> {
     let fan = d.max_param("hub_fanout").unwrap_or(100);
     // The 10k row (1k with quick sizes), and the 100k row.
@@ -330,11 +352,7 @@ fn targets(d: &Data) -> Vec<Target> {
             what: "hub CPU per pipelined task".into(),
             phase: ("hub_push_pipelined", None),
             hub: metric("hub_push_pipelined", None, "server_cpu_us_per_task"),
-            base: Some(Box::new(|d, rep| {
-                let unary = d.get(rep, "grpc_echo_pipelined", None, "server_cpu_us_per_op")?;
-                let echo = d.get(rep, "ws_echo_pipelined", None, "server_cpu_us_per_op")?;
-                Some(unary + 5.0 * echo)
-            })),
+            base: Some(protocol_cpu("pipelined")),
             base_label: "tonic echo + 5 × WS echo, CPU per op, pipelined".into(),
             bound: (true, 2.0),
             unit: "µs",
@@ -343,11 +361,7 @@ fn targets(d: &Data) -> Vec<Target> {
             what: "hub CPU per sequential task".into(),
             phase: ("hub_push_seq", None),
             hub: metric("hub_push_seq", None, "server_cpu_us_per_task"),
-            base: Some(Box::new(|d, rep| {
-                let unary = d.get(rep, "grpc_echo_seq", None, "server_cpu_us_per_op")?;
-                let echo = d.get(rep, "ws_echo_seq", None, "server_cpu_us_per_op")?;
-                Some(unary + 5.0 * echo)
-            })),
+            base: Some(protocol_cpu("seq")),
             base_label: "tonic echo + 5 × WS echo, CPU per op, sequential".into(),
             bound: (true, 2.0),
             unit: "µs",
