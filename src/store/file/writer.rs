@@ -1,7 +1,7 @@
 //! The log's writer: group commit, led where the load puts it, one record
-//! and one sync per group, segments extended with zeros ahead of their records and rolled
-//! at [`SEGMENT_BYTES`]; the failure rule of [`crate::store`] (a failed
-//! append poisons its write epoch).
+//! and one sync per group, segments extended with zeros ahead of their
+//! records and rolled at [`SEGMENT_BYTES`]; the failure rule of
+//! [`crate::store`] (a failed append poisons its write epoch).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -216,11 +216,19 @@ pub(super) struct Log {
 
 struct Queue {
     batches: VecDeque<Batch>,
-    /// A leader is scheduled or running: it will take what is queued.
-    scheduled: bool,
-    /// That leader is the log's thread.
-    on_thread: bool,
+    /// Who will take what is queued.
+    leader: Leader,
     closed: bool,
+}
+
+/// The leader scheduled or running, if any.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Leader {
+    None,
+    /// A task on the runtime.
+    Task,
+    /// The log's thread.
+    Thread,
 }
 
 /// What a leader takes next.
@@ -244,8 +252,11 @@ impl Drop for Stopped<'_> {
             return;
         }
         let mut q = lock(&self.0.queue);
-        q.on_thread = !q.batches.is_empty();
-        q.scheduled = q.on_thread;
+        q.leader = if q.batches.is_empty() {
+            Leader::None
+        } else {
+            Leader::Thread
+        };
         drop(q);
         self.0.queued.notify_one();
     }
@@ -267,8 +278,7 @@ impl Log {
         let log = Arc::new(Log {
             queue: Mutex::new(Queue {
                 batches: VecDeque::new(),
-                scheduled: false,
-                on_thread: false,
+                leader: Leader::None,
                 closed: false,
             }),
             queued: Condvar::new(),
@@ -298,18 +308,18 @@ impl Log {
             return;
         }
         q.batches.push_back(batch);
-        if q.scheduled {
+        if q.leader != Leader::None {
             return;
         }
-        q.scheduled = true;
         match &self.runtime {
             Some(rt) => {
+                q.leader = Leader::Task;
                 drop(q);
                 let log = self.clone();
                 drop(rt.spawn(async move { log.lead(false) }));
             }
             None => {
-                q.on_thread = true;
+                q.leader = Leader::Thread;
                 drop(q);
                 self.queued.notify_one();
             }
@@ -338,12 +348,11 @@ impl Log {
     fn next(&self, on_thread: bool) -> Next {
         let mut q = lock(&self.queue);
         if q.batches.is_empty() {
-            q.scheduled = false;
-            q.on_thread = false;
+            q.leader = Leader::None;
             return Next::Empty;
         }
         if !on_thread && q.batches.len() > 1 {
-            q.on_thread = true;
+            q.leader = Leader::Thread;
             return Next::Busy;
         }
         let mut group = Vec::with_capacity(q.batches.len().min(MAX_GROUP));
@@ -363,11 +372,11 @@ impl Log {
         loop {
             {
                 let mut q = lock(&self.queue);
-                while !q.on_thread && !q.closed {
+                while q.leader != Leader::Thread && !q.closed {
                     q = self.queued.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
-                if !q.on_thread && q.closed {
-                    return;
+                if q.leader != Leader::Thread {
+                    return; // Closed, and nothing handed to it.
                 }
             }
             // A leader that panics (a callback's bug) is replaced, not
