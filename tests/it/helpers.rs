@@ -448,7 +448,33 @@ impl HubProcess {
         grpc_addr: SocketAddr,
         extra: &[&str],
     ) -> HubProcess {
+        Self::spawn_logged(dir, ws_addr, grpc_addr, extra, None).await
+    }
+
+    /// [`HubProcess::spawn_at`] with the process's log (at `info`, unless
+    /// `AGENTHUB_TEST_HUB_LOG` says otherwise) appended to `log` instead of
+    /// the test's stderr: a failing test can show its own nodes' logs.
+    pub async fn spawn_logged(
+        dir: &Path,
+        ws_addr: SocketAddr,
+        grpc_addr: SocketAddr,
+        extra: &[&str],
+        log: Option<&Path>,
+    ) -> HubProcess {
         use tokio::io::AsyncBufReadExt;
+        let (stderr, level) = match log {
+            Some(path) => (
+                Stdio::from(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .unwrap(),
+                ),
+                "info",
+            ),
+            None => (Stdio::inherit(), "warn"),
+        };
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agenthub"))
             .arg("serve")
             .arg("--ws-addr")
@@ -462,11 +488,11 @@ impl HubProcess {
             // AGENTHUB_TEST_HUB_LOG=info (or a filter) to see a hub process's log.
             .env(
                 "RUST_LOG",
-                std::env::var("AGENTHUB_TEST_HUB_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("AGENTHUB_TEST_HUB_LOG").unwrap_or_else(|_| level.into()),
             )
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .unwrap();

@@ -95,7 +95,10 @@ async fn push_burst(
                     break;
                 }
             }
-            assert!(Instant::now() < deadline, "push {id} never acked");
+            if Instant::now() >= deadline {
+                let why = c.read().await.diagnose().await;
+                panic!("push {id} never acked{why}");
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -184,7 +187,9 @@ async fn wait_finished(c: &HubCluster, ids: &[String]) {
         if open == 0 {
             return;
         }
-        assert!(Instant::now() < deadline, "{open} tasks never finished");
+        if Instant::now() >= deadline {
+            panic!("{open} tasks never finished{}", c.diagnose().await);
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

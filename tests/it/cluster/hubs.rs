@@ -102,12 +102,60 @@ impl HubCluster {
         self.tmp.path().join(Self::node_id(i))
     }
 
+    /// Node `i`'s log (every run of it, appended).
+    pub fn log_path(&self, i: usize) -> PathBuf {
+        self.tmp.path().join(format!("{}.log", Self::node_id(i)))
+    }
+
     async fn spawn_node(&self, i: usize) -> HubProcess {
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        self.spawn_node_at(i, any, any).await
+    }
+
+    async fn spawn_node_at(
+        &self,
+        i: usize,
+        ws: std::net::SocketAddr,
+        grpc: std::net::SocketAddr,
+    ) -> HubProcess {
         let urls = self.nats.url_list();
         let id = Self::node_id(i);
         let mut args: Vec<&str> = vec!["--nats", &urls, "--node-id", &id];
         args.extend(self.extra.iter().map(String::as_str));
-        HubProcess::spawn(&self.data_dir(i), &args).await
+        let log = self.log_path(i);
+        HubProcess::spawn_logged(&self.data_dir(i), ws, grpc, &args, Some(&log)).await
+    }
+
+    /// What a failing test shows: each hub node's `/health` and the last
+    /// lines of its log, and the last lines of each NATS server's log.
+    pub async fn diagnose(&self) -> String {
+        let mut out = String::new();
+        for i in 0..self.nodes.len() {
+            let health = match &self.nodes[i] {
+                Some(p) => {
+                    let http = Http::new(p.ws_addr);
+                    match tokio::time::timeout(Duration::from_secs(2), http.get("/health")).await {
+                        Ok((_, v)) => v.to_string(),
+                        Err(_) => "no answer".into(),
+                    }
+                }
+                None => "not running".into(),
+            };
+            let text = std::fs::read_to_string(self.log_path(i)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+            out.push_str(&format!(
+                "\n--- hub {} /health: {health}\n{tail}\n",
+                Self::node_id(i)
+            ));
+        }
+        for i in 0..3 {
+            out.push_str(&format!(
+                "\n--- nats server {i}\n{}\n",
+                self.nats.log_tail(i)
+            ));
+        }
+        out
     }
 
     pub fn node(&self, i: usize) -> &HubProcess {
@@ -174,11 +222,7 @@ impl HubCluster {
         ws: std::net::SocketAddr,
         grpc: std::net::SocketAddr,
     ) {
-        let urls = self.nats.url_list();
-        let id = Self::node_id(i);
-        let mut args: Vec<&str> = vec!["--nats", &urls, "--node-id", &id];
-        args.extend(self.extra.iter().map(String::as_str));
-        let p = HubProcess::spawn_at(&self.data_dir(i), ws, grpc, &args).await;
+        let p = self.spawn_node_at(i, ws, grpc).await;
         self.nodes[i] = Some(p);
     }
 
