@@ -20,6 +20,8 @@ pub struct Faults {
     discard: AtomicBool,
     refuse_change: Mutex<Option<String>>,
     fail_copy: AtomicBool,
+    lose_deliveries: AtomicBool,
+    lost: AtomicU64,
 }
 
 impl Faults {
@@ -123,6 +125,29 @@ impl Faults {
             }),
             false => Ok(()),
         }
+    }
+
+    /// Make a cluster follower's consumer go quiet for good when it
+    /// delivers while this is set (until called with `false`): it delivers
+    /// nothing more and reports no error, as a consumer does whose NATS
+    /// server went away while it was being recreated.
+    pub fn lose_deliveries(&self, lose: bool) {
+        self.lose_deliveries.store(lose, Ordering::SeqCst);
+    }
+
+    /// Called for each message a follower's consumer delivers: true when it
+    /// is to be lost ([`Faults::lose_deliveries`]).
+    pub fn delivery_lost(&self) -> bool {
+        let lost = self.lose_deliveries.load(Ordering::SeqCst);
+        if lost {
+            self.lost.fetch_add(1, Ordering::SeqCst);
+        }
+        lost
+    }
+
+    /// Deliveries lost by injection so far.
+    pub fn lost_deliveries(&self) -> u64 {
+        self.lost.load(Ordering::SeqCst)
     }
 
     /// Called by a probe: fails while `fail_all` is set.

@@ -20,6 +20,12 @@ use crate::store::{Batch, Store};
 const MAX_APPLY: usize = 1000;
 /// How long a catch-up waits for the consumer before reading directly.
 const CATCH_UP_WAIT: Duration = Duration::from_millis(500);
+/// How long the follower waits for a delivery before it asks the stream
+/// whether it is missing something: a consumer can stop delivering without
+/// an error (seen when its NATS server goes away while it is recreated),
+/// and a follower that trusted it would stay behind for good. Idle, this
+/// is one small request a second.
+const STALL_CHECK: Duration = Duration::from_secs(1);
 
 /// One stream message, however it was read.
 struct Entry {
@@ -53,7 +59,7 @@ impl Entry {
 impl ClusterStore {
     /// Wait until the local copy holds everything the log holds now.
     pub async fn catch_up(&self) -> Result<Seq> {
-        let last = self.stream_last_seq().await?;
+        let last = stream_last_seq(&self.shared.node.js).await?;
         if self.wait_head(last, CATCH_UP_WAIT).await.is_ok() {
             return Ok(last);
         }
@@ -108,21 +114,6 @@ impl ClusterStore {
                 }
             }
         }
-    }
-
-    async fn stream_last_seq(&self) -> Result<Seq> {
-        let stream = self
-            .shared
-            .node
-            .js
-            .get_stream(STREAM)
-            .await
-            .map_err(|e| nats_err("cannot read the log stream", e))?;
-        let info = stream
-            .get_info()
-            .await
-            .map_err(|e| nats_err("cannot read the log stream", e))?;
-        Ok(info.state.last_sequence)
     }
 
     pub(super) async fn wait_head(&self, seq: Seq, limit: Duration) -> Result<()> {
@@ -194,29 +185,72 @@ async fn follow_once(shared: &Arc<Shared>, after: Seq) -> Result<()> {
         .await
         .map_err(|e| nats_err("log consumer", e))?;
     let mut pending: Vec<Entry> = Vec::new();
+    // The stream's last seq at the previous quiet check: an entry that was
+    // in the stream a whole check ago and is still not applied was not
+    // delivered, and will not be.
+    let mut seen_last: Option<Seq> = None;
+    // Injected fault: this consumer went quiet for good.
+    let mut quiet = false;
     loop {
         let first = tokio::select! {
             m = messages.next() => m,
             _ = shared.refollow.notified() => {
                 return Err(Error::storage("the consumer stalled; starting a new one"));
             }
+            _ = tokio::time::sleep(STALL_CHECK) => {
+                let head = *shared.head.borrow();
+                if seen_last.is_some_and(|last| last > head) {
+                    return Err(Error::storage(format!(
+                        "the consumer delivered nothing for {STALL_CHECK:?} while the log \
+                         holds entries past seq {head}; starting a new one"
+                    )));
+                }
+                // Not answered (NATS away): nothing learned, ask again next time.
+                seen_last = stream_last_seq(&shared.node.js).await.ok();
+                continue;
+            }
         };
+        seen_last = None;
         let first = match first {
             Some(m) => m.map_err(|e| nats_err("log consumer", e))?,
             None => return Ok(()),
         };
-        pending.push(Entry::of(&first)?);
+        quiet |= lost(shared);
+        if !quiet {
+            pending.push(Entry::of(&first)?);
+        }
         // Take whatever else has already arrived, to apply it in one commit.
         while pending.len() < MAX_APPLY {
             match futures_util::FutureExt::now_or_never(messages.next()) {
                 Some(Some(m)) => {
-                    pending.push(Entry::of(&m.map_err(|e| nats_err("log consumer", e))?)?)
+                    let m = m.map_err(|e| nats_err("log consumer", e))?;
+                    quiet |= lost(shared);
+                    if !quiet {
+                        pending.push(Entry::of(&m)?);
+                    }
                 }
                 _ => break,
             }
         }
-        apply(shared, std::mem::take(&mut pending)).await?;
+        if !pending.is_empty() {
+            apply(shared, std::mem::take(&mut pending)).await?;
+        }
     }
+}
+
+/// An injected fault: the consumer's delivery is lost, and the consumer
+/// delivers nothing more.
+fn lost(shared: &Shared) -> bool {
+    shared.faults.as_ref().is_some_and(|f| f.delivery_lost())
+}
+
+/// The stream's last seq as the stream's leader has it (one request).
+async fn stream_last_seq(js: &jetstream::Context) -> Result<Seq> {
+    let stream = js
+        .get_stream(STREAM)
+        .await
+        .map_err(|e| nats_err("cannot read the log stream", e))?;
+    Ok(stream.cached_info().state.last_sequence)
 }
 
 /// Apply stream messages to the local copy, then publish their events.

@@ -100,6 +100,9 @@ struct Shared {
     /// fails only itself (the local store's failure rule), and its retry
     /// is a new epoch.
     apply_epoch: AtomicU64,
+    /// Fault injection (tests, fault drills): the copy's, and the consumer's
+    /// deliveries.
+    faults: Option<Arc<crate::store::Faults>>,
 }
 
 impl Shared {

@@ -92,7 +92,7 @@ impl ClusterStore {
                 Err(e) => return Err(e),
             }
         };
-        let replica = SqliteStore::open_replica_with_faults(dir, &log_id, faults)?;
+        let replica = SqliteStore::open_replica_with_faults(dir, &log_id, faults.clone())?;
         let start = replica.log_position()?;
         let shared = Arc::new(Shared {
             node: node.clone(),
@@ -110,6 +110,7 @@ impl ClusterStore {
             token_kv,
             stats: Mutex::new(CommitStats::default()),
             log_id,
+            faults,
         });
         follow_tokens(shared.clone()).await?;
         tokio::spawn(follow(shared.clone(), start));

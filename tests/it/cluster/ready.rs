@@ -222,3 +222,38 @@ async fn a_copy_whose_apply_fails_once_catches_up_without_a_restart() {
     }
     assert_eq!(faults.injected(), 1);
 }
+
+/// A follower whose consumer goes quiet without an error (seen when its
+/// NATS server goes away while the consumer is being recreated) notices
+/// that the log holds entries it was never given, and follows with a new
+/// consumer: it catches up without a restart and without a catch-up asked
+/// of it. Without that check it stayed behind for good (and, not ready,
+/// held every call made to it until the call's wait for a leader ran out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_whose_consumer_goes_quiet_catches_up_without_a_restart() {
+    let nats = NatsCluster::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let writer = open(&nats, tmp.path(), "w").await;
+    let faults = Arc::new(Faults::default());
+    let node = Node::connect(ClusterOptions::new(&nats.url_list(), "f"))
+        .await
+        .unwrap();
+    let follower =
+        ClusterStore::open_with_faults(node, &tmp.path().join("f"), Some(faults.clone()))
+            .await
+            .unwrap();
+    writer.promote("w/1").await.unwrap();
+    let base = writer.durable_seq();
+
+    faults.lose_deliveries(true);
+    commit(&writer, created(base + 1, "task-q1")).await.unwrap();
+    eventually(|| async { (faults.lost_deliveries() >= 1).then_some(()) }).await;
+    faults.lose_deliveries(false);
+    // Delivered to the quiet consumer, which drops it too.
+    commit(&writer, created(base + 2, "task-q2")).await.unwrap();
+
+    eventually(|| async { (follower.durable_seq() == base + 2).then_some(()) }).await;
+    for id in ["task-q1", "task-q2"] {
+        assert!(follower.get_task(id).unwrap().is_some(), "{id}");
+    }
+}
