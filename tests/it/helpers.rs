@@ -497,12 +497,19 @@ impl HubProcess {
             .spawn()
             .unwrap();
         let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        // A hub that exits before it prints its addresses: say why (its log).
+        let exited = |what: &str| {
+            let why = log
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .unwrap_or_else(|| "(its log is on stderr)".into());
+            panic!("{what}; the hub's log:\n{why}")
+        };
         loop {
-            let line = tokio::time::timeout(WAIT, lines.next_line())
-                .await
-                .expect("hub prints its addresses")
-                .unwrap()
-                .expect("hub stdout open (did the bind fail?)");
+            let line = match tokio::time::timeout(WAIT, lines.next_line()).await {
+                Ok(Ok(Some(line))) => line,
+                Ok(_) => exited("the hub exited before it printed its addresses"),
+                Err(_) => exited("the hub did not print its addresses"),
+            };
             if let Some(rest) = line.strip_prefix("ws=") {
                 let (ws, grpc) = rest.split_once(" grpc=").unwrap();
                 return HubProcess {
