@@ -22,6 +22,7 @@ pub struct Faults {
     fail_copy: AtomicBool,
     lose_deliveries: AtomicBool,
     lost: AtomicU64,
+    fail_catch_ups: AtomicU64,
 }
 
 impl Faults {
@@ -143,6 +144,27 @@ impl Faults {
             self.lost.fetch_add(1, Ordering::SeqCst);
         }
         lost
+    }
+
+    /// Fail the next `n` catch-ups of a cluster node's copy with the log
+    /// (as a request to a settling NATS cluster times out).
+    pub fn fail_catch_ups(&self, n: u64) {
+        self.fail_catch_ups.store(n, Ordering::SeqCst);
+    }
+
+    /// Called before a catch-up: the injected failure, if any.
+    pub fn before_catch_up(&self) -> Result<(), Error> {
+        let failed = self
+            .fail_catch_ups
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failed {
+            self.injected.fetch_add(1, Ordering::SeqCst);
+            return Err(Error::storage(
+                "injected fault (catch-up: request timed out)",
+            ));
+        }
+        Ok(())
     }
 
     /// Deliveries lost by injection so far.

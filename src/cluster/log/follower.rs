@@ -59,6 +59,9 @@ impl Entry {
 impl ClusterStore {
     /// Wait until the local copy holds everything the log holds now.
     pub async fn catch_up(&self) -> Result<Seq> {
+        if let Some(f) = &self.shared.faults {
+            f.before_catch_up()?;
+        }
         let last = stream_last_seq(&self.shared.node.js).await?;
         if self.wait_head(last, CATCH_UP_WAIT).await.is_ok() {
             return Ok(last);

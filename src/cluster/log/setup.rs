@@ -117,7 +117,18 @@ impl ClusterStore {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer(shared.clone(), rx));
         let store = Arc::new(ClusterStore { shared, tx });
-        store.catch_up().await?;
+        // Retried as the setup is: a request to a settling cluster can time out.
+        loop {
+            match store.catch_up().await {
+                Ok(_) => break,
+                Err(e) if Instant::now() < give_up => {
+                    tracing::warn!(error = %e, "cannot catch up with the log yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
         store.note_last_term().await;
         Ok(store)
     }

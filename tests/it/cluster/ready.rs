@@ -257,3 +257,28 @@ async fn a_follower_whose_consumer_goes_quiet_catches_up_without_a_restart() {
         assert!(follower.get_task(id).unwrap().is_some(), "{id}");
     }
 }
+
+/// A node whose first catch-ups with the log fail while it starts (a
+/// request to a settling NATS cluster times out) retries them, as it does
+/// the rest of its setup, instead of exiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_catch_up_fails_while_it_starts_retries_it() {
+    let nats = NatsCluster::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let writer = open(&nats, tmp.path(), "w").await;
+    writer.promote("w/1").await.unwrap();
+    let base = writer.durable_seq();
+    commit(&writer, created(base + 1, "task-s1")).await.unwrap();
+
+    let faults = Arc::new(Faults::default());
+    faults.fail_catch_ups(2);
+    let node = Node::connect(ClusterOptions::new(&nats.url_list(), "s"))
+        .await
+        .unwrap();
+    let started = ClusterStore::open_with_faults(node, &tmp.path().join("s"), Some(faults.clone()))
+        .await
+        .unwrap();
+    assert_eq!(faults.injected(), 2);
+    assert!(started.durable_seq() > base);
+    assert!(started.get_task("task-s1").unwrap().is_some());
+}
