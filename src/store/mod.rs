@@ -77,7 +77,8 @@ impl Batch {
 }
 
 /// The failure rule as a writer keeps it: the newest poisoned epoch and
-/// the error that poisoned it (both store writers use it).
+/// the error that poisoned it (every writer uses it: the log file's, the
+/// SQLite store's and the cluster's).
 #[derive(Default)]
 pub struct Poison {
     epoch: u64,
@@ -87,10 +88,7 @@ pub struct Poison {
 impl Poison {
     /// Which batches of `group` fail unwritten (poisoned), and the others.
     pub fn split<'a>(&self, group: &'a [Batch]) -> (Vec<bool>, Vec<&'a Batch>) {
-        let stale: Vec<bool> = group
-            .iter()
-            .map(|b| self.error.is_some() && b.epoch <= self.epoch)
-            .collect();
+        let stale: Vec<bool> = group.iter().map(|b| self.poisons(b)).collect();
         let live = group
             .iter()
             .zip(&stale)
@@ -98,6 +96,11 @@ impl Poison {
             .map(|(b, _)| b)
             .collect();
         (stale, live)
+    }
+
+    /// Whether `b` fails unwritten: it was built on a change that failed.
+    pub fn poisons(&self, b: &Batch) -> bool {
+        self.error.is_some() && b.epoch <= self.epoch
     }
 
     /// A commit of batches up to `epoch` failed with `e`.

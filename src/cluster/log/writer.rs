@@ -16,7 +16,7 @@ use super::{
 use crate::cluster::{nats_err, EVENT_SUBJECT, TERM_SUBJECT};
 use crate::error::{Error, Result, StorageFault};
 use crate::model::Seq;
-use crate::store::{Batch, Store};
+use crate::store::{Batch, Poison, Store};
 
 /// Most bytes in one append, about (NATS takes messages up to 1 MiB by
 /// default). One batch larger than this still goes alone.
@@ -83,7 +83,7 @@ impl ClusterStore {
 /// The leader's writer: groups queued batches into appends.
 pub(super) async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Batch>) {
     // Batches of this epoch or older fail unwritten (the store's failure rule).
-    let mut poisoned: Option<(u64, Error)> = None;
+    let mut poisoned = Poison::default();
     // Sent, waiting for the log's answer and then the local copy:
     // completed in order. At most MAX_IN_FLIGHT appends are pending.
     let window = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
@@ -158,11 +158,10 @@ pub(super) async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<
             size += append_size(&next);
             group.push(next);
         }
-        let (mut live, stale): (Vec<Batch>, Vec<Batch>) = group
-            .into_iter()
-            .partition(|b| !matches!(&poisoned, Some((e, _)) if b.epoch <= *e));
-        if let Some((_, e)) = &poisoned {
-            let err = Err(e.clone());
+        let (mut live, stale): (Vec<Batch>, Vec<Batch>) =
+            group.into_iter().partition(|b| !poisoned.poisons(b));
+        if !stale.is_empty() {
+            let err = poisoned.outcome();
             for b in stale {
                 b.complete(&err);
             }
@@ -175,7 +174,7 @@ pub(super) async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<
         let Part::Leader { term } = part else {
             let err = not_leader(&shared);
             let epoch = live.iter().map(|b| b.epoch).max().unwrap_or(0);
-            poisoned = Some((epoch, err.clone()));
+            poisoned.record(epoch, err.clone());
             for b in live {
                 b.complete(&Err(err.clone()));
             }
@@ -219,7 +218,7 @@ pub(super) async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<
             // for its own caller that is no fault of its own: a retryable
             // error (UNAVAILABLE, `storage_unavailable`: sidecars keep the
             // report and send it again), never the refused change's.
-            poisoned = Some((
+            poisoned.record(
                 epoch,
                 Error::Storage {
                     fault: StorageFault::Other,
@@ -227,7 +226,7 @@ pub(super) async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<
                              send it again"
                         .into(),
                 },
-            ));
+            );
             continue;
         }
         let (after, after_event) = match sent {
@@ -257,7 +256,8 @@ pub(super) async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<
             Err(e) => {
                 tracing::error!(error = %e, "append to the log failed");
                 step_down_after(&shared, &e);
-                poisoned = Some(fail_group(&shared, live, e, started));
+                let (epoch, e) = fail_group(&shared, live, e, started);
+                poisoned.record(epoch, e);
             }
         }
     }
