@@ -190,37 +190,77 @@ async fn fresh_clusters_serve_as_soon_as_they_report_serving() {
     }
 }
 
+/// Node `id`'s store on `nats`, in `dir/id`, with `faults` injected.
+async fn open_with_faults(
+    nats: &NatsCluster,
+    dir: &std::path::Path,
+    id: &str,
+    faults: &Arc<Faults>,
+) -> Arc<ClusterStore> {
+    let node = Node::connect(ClusterOptions::new(&nats.url_list(), id))
+        .await
+        .unwrap();
+    ClusterStore::open_with_faults(node, &dir.join(id), Some(faults.clone()))
+        .await
+        .unwrap()
+}
+
+/// A leading writer and a follower with faults injected, on a fresh NATS
+/// cluster; `base`: the writer's last seq once it leads.
+struct Pair {
+    _nats: NatsCluster,
+    _tmp: tempfile::TempDir,
+    writer: Arc<ClusterStore>,
+    follower: Arc<ClusterStore>,
+    faults: Arc<Faults>,
+    base: u64,
+}
+
+impl Pair {
+    async fn start() -> Pair {
+        let nats = NatsCluster::start().await;
+        let tmp = tempfile::tempdir().unwrap();
+        let writer = open(&nats, tmp.path(), "w").await;
+        let faults = Arc::new(Faults::default());
+        let follower = open_with_faults(&nats, tmp.path(), "f", &faults).await;
+        writer.promote("w/1").await.unwrap();
+        let base = writer.durable_seq();
+        Pair {
+            _nats: nats,
+            _tmp: tmp,
+            writer,
+            follower,
+            faults,
+            base,
+        }
+    }
+}
+
 /// A follower whose local copy fails to apply an entry (a transient local
 /// fault: SQLITE_BUSY, a full disk) retries with backoff and catches up
 /// with everything appended since, without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_whose_apply_fails_once_catches_up_without_a_restart() {
-    let nats = NatsCluster::start().await;
-    let tmp = tempfile::tempdir().unwrap();
-    let writer = open(&nats, tmp.path(), "w").await;
-    let faults = Arc::new(Faults::default());
-    let node = Node::connect(ClusterOptions::new(&nats.url_list(), "f"))
+    let p = Pair::start().await;
+
+    p.faults.fail_next(1);
+    commit(&p.writer, created(p.base + 1, "task-f1"))
         .await
         .unwrap();
-    let follower =
-        ClusterStore::open_with_faults(node, &tmp.path().join("f"), Some(faults.clone()))
-            .await
-            .unwrap();
-    writer.promote("w/1").await.unwrap();
-    let base = writer.durable_seq();
-
-    faults.fail_next(1);
-    commit(&writer, created(base + 1, "task-f1")).await.unwrap();
-    eventually(|| async { (faults.injected() == 1).then_some(()) }).await;
-    commit(&writer, created(base + 2, "task-f2")).await.unwrap();
-    commit(&writer, created(base + 3, "task-f3")).await.unwrap();
+    eventually(|| async { (p.faults.injected() == 1).then_some(()) }).await;
+    commit(&p.writer, created(p.base + 2, "task-f2"))
+        .await
+        .unwrap();
+    commit(&p.writer, created(p.base + 3, "task-f3"))
+        .await
+        .unwrap();
 
     // The follower's own following (no catch-up asked of it) gets there.
-    eventually(|| async { (follower.durable_seq() == base + 3).then_some(()) }).await;
+    eventually(|| async { (p.follower.durable_seq() == p.base + 3).then_some(()) }).await;
     for id in ["task-f1", "task-f2", "task-f3"] {
-        assert!(follower.get_task(id).unwrap().is_some(), "{id}");
+        assert!(p.follower.get_task(id).unwrap().is_some(), "{id}");
     }
-    assert_eq!(faults.injected(), 1);
+    assert_eq!(p.faults.injected(), 1);
 }
 
 /// A follower whose consumer goes quiet without an error (seen when its
@@ -231,30 +271,22 @@ async fn a_copy_whose_apply_fails_once_catches_up_without_a_restart() {
 /// held every call made to it until the call's wait for a leader ran out).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_whose_consumer_goes_quiet_catches_up_without_a_restart() {
-    let nats = NatsCluster::start().await;
-    let tmp = tempfile::tempdir().unwrap();
-    let writer = open(&nats, tmp.path(), "w").await;
-    let faults = Arc::new(Faults::default());
-    let node = Node::connect(ClusterOptions::new(&nats.url_list(), "f"))
+    let p = Pair::start().await;
+
+    p.faults.lose_deliveries(true);
+    commit(&p.writer, created(p.base + 1, "task-q1"))
         .await
         .unwrap();
-    let follower =
-        ClusterStore::open_with_faults(node, &tmp.path().join("f"), Some(faults.clone()))
-            .await
-            .unwrap();
-    writer.promote("w/1").await.unwrap();
-    let base = writer.durable_seq();
-
-    faults.lose_deliveries(true);
-    commit(&writer, created(base + 1, "task-q1")).await.unwrap();
-    eventually(|| async { (faults.lost_deliveries() >= 1).then_some(()) }).await;
-    faults.lose_deliveries(false);
+    eventually(|| async { (p.faults.lost_deliveries() >= 1).then_some(()) }).await;
+    p.faults.lose_deliveries(false);
     // Delivered to the quiet consumer, which drops it too.
-    commit(&writer, created(base + 2, "task-q2")).await.unwrap();
+    commit(&p.writer, created(p.base + 2, "task-q2"))
+        .await
+        .unwrap();
 
-    eventually(|| async { (follower.durable_seq() == base + 2).then_some(()) }).await;
+    eventually(|| async { (p.follower.durable_seq() == p.base + 2).then_some(()) }).await;
     for id in ["task-q1", "task-q2"] {
-        assert!(follower.get_task(id).unwrap().is_some(), "{id}");
+        assert!(p.follower.get_task(id).unwrap().is_some(), "{id}");
     }
 }
 
@@ -272,12 +304,7 @@ async fn a_node_whose_catch_up_fails_while_it_starts_retries_it() {
 
     let faults = Arc::new(Faults::default());
     faults.fail_catch_ups(2);
-    let node = Node::connect(ClusterOptions::new(&nats.url_list(), "s"))
-        .await
-        .unwrap();
-    let started = ClusterStore::open_with_faults(node, &tmp.path().join("s"), Some(faults.clone()))
-        .await
-        .unwrap();
+    let started = open_with_faults(&nats, tmp.path(), "s", &faults).await;
     assert_eq!(faults.injected(), 2);
     assert!(started.durable_seq() > base);
     assert!(started.get_task("task-s1").unwrap().is_some());
