@@ -62,6 +62,28 @@ async fn setup(node: &Node) -> Result<(String, kv::Store)> {
     Ok((log_id, token_kv))
 }
 
+/// Run `attempt` until it succeeds, with backoff (100 ms doubling to 2 s),
+/// or until `give_up` passes: a NATS cluster that is starting or electing
+/// may time out the first requests.
+pub(super) async fn retrying<T, F, Fut>(give_up: Instant, what: &str, mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() < give_up => {
+                tracing::warn!(error = %e, "{what}; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 impl ClusterStore {
     /// Create (or find) the stream and token bucket, open the local copy in
     /// `dir`, and start following the log. Returns once the copy has caught
@@ -77,21 +99,11 @@ impl ClusterStore {
         dir: &std::path::Path,
         faults: Option<Arc<crate::store::Faults>>,
     ) -> Result<Arc<ClusterStore>> {
-        // A NATS cluster that is starting (or electing) may time out the
-        // first requests: retry for a while before giving up.
         let give_up = Instant::now() + SETUP_TIMEOUT;
-        let mut backoff = Duration::from_millis(100);
-        let (log_id, token_kv) = loop {
-            match setup(&node).await {
-                Ok(v) => break v,
-                Err(e) if Instant::now() < give_up => {
-                    tracing::warn!(error = %e, "cannot set up the log in NATS yet; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let (log_id, token_kv) = retrying(give_up, "cannot set up the log in NATS yet", || {
+            setup(&node)
+        })
+        .await?;
         let replica = SqliteStore::open_replica_with_faults(dir, &log_id, faults.clone())?;
         let start = replica.log_position()?;
         let shared = Arc::new(Shared {
@@ -117,18 +129,10 @@ impl ClusterStore {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer(shared.clone(), rx));
         let store = Arc::new(ClusterStore { shared, tx });
-        // Retried as the setup is: a request to a settling cluster can time out.
-        loop {
-            match store.catch_up().await {
-                Ok(_) => break,
-                Err(e) if Instant::now() < give_up => {
-                    tracing::warn!(error = %e, "cannot catch up with the log yet; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        retrying(give_up, "cannot catch up with the log yet", || {
+            store.catch_up()
+        })
+        .await?;
         store.note_last_term().await;
         Ok(store)
     }

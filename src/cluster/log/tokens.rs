@@ -12,10 +12,10 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::setup::SETUP_TIMEOUT;
+use super::setup::{retrying, SETUP_TIMEOUT};
 use super::Shared;
 use crate::cluster::{block_on, nats_err, TOKEN_BUCKET};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::TokenRecord;
 
 /// A token as kept in the token bucket (the record's hash is not serialized
@@ -87,24 +87,15 @@ pub(super) async fn follow_tokens(shared: Arc<Shared>) -> Result<()> {
     // watch's own replay of them ends with a marker we cannot see here).
     // Retried like the rest of the setup: a starting cluster may time out.
     let give_up = Instant::now() + SETUP_TIMEOUT;
-    let (mut watch, tokens) = loop {
-        let attempt = async {
-            let watch = shared
-                .token_kv
-                .watch_with_history(">")
-                .await
-                .map_err(|e| nats_err("token bucket", e))?;
-            Ok::<_, Error>((watch, read_tokens(&shared.token_kv).await?))
-        };
-        match attempt.await {
-            Ok(v) => break v,
-            Err(e) if Instant::now() < give_up => {
-                tracing::warn!(error = %e, "cannot read the token bucket yet; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    };
+    let (mut watch, tokens) = retrying(give_up, "cannot read the token bucket yet", || async {
+        let watch = shared
+            .token_kv
+            .watch_with_history(">")
+            .await
+            .map_err(|e| nats_err("token bucket", e))?;
+        Ok((watch, read_tokens(&shared.token_kv).await?))
+    })
+    .await?;
     for t in tokens {
         shared
             .tokens
