@@ -290,15 +290,56 @@ fn nats_server_bin() -> PathBuf {
     bin
 }
 
-/// `count` distinct free ports on 127.0.0.1 (all held until all are picked).
+/// Lowest port [`free_ports`] picks.
+const FIRST_PORT: u16 = 10_000;
+
+/// `count` distinct free ports on 127.0.0.1 (all held until all are
+/// picked), below the kernel's range of ephemeral ports: a killed node's
+/// ports stay free until it restarts on them, and a port in that range can
+/// meanwhile become the source port of any outgoing connection on the
+/// machine (seen: a restart failing "address already in use").
 fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..count)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
+    let below = ephemeral_ports_start();
+    let span = u64::from(below - FIRST_PORT);
+    let random = {
+        use std::hash::{BuildHasher, Hasher};
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    };
+    let mut port = FIRST_PORT + (random % span) as u16;
+    let mut listeners = Vec::with_capacity(count);
+    for _ in 0..span {
+        if listeners.len() == count {
+            break;
+        }
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            listeners.push(l);
+        }
+        port = if port + 1 >= below {
+            FIRST_PORT
+        } else {
+            port + 1
+        };
+    }
+    assert_eq!(
+        listeners.len(),
+        count,
+        "no {count} free ports below {below}"
+    );
     listeners
         .iter()
         .map(|l| l.local_addr().unwrap().port())
         .collect()
+}
+
+/// The first port the kernel hands out as a source port (32768 if unknown).
+fn ephemeral_ports_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .filter(|&p| p > FIRST_PORT + 1_000)
+        .unwrap_or(32_768)
 }
 
 /// Is the node behind this monitoring port JetStream-healthy with a meta
