@@ -13,6 +13,7 @@
 //! built on the state the failed commit would have made. The hub then
 //! rebuilds its state from the store and continues with a newer epoch.
 
+pub mod copy;
 pub mod entry;
 pub mod faults;
 pub mod file;

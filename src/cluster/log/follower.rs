@@ -2,7 +2,6 @@
 //! log, in order, to the local copy and then to the node's event bus; a
 //! catch-up reads what it misses directly.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +13,6 @@ use super::{demote, term_leadership, wait_head, ClusterStore, Part, Shared, HDR_
 use crate::cluster::{nats_err, STREAM, TERM_SUBJECT};
 use crate::error::{Error, Result};
 use crate::model::Seq;
-use crate::store::{Batch, Store};
 
 /// Most stream messages applied to the local copy in one commit.
 const MAX_APPLY: usize = 1000;
@@ -260,18 +258,13 @@ async fn stream_last_seq(js: &jetstream::Context) -> Result<Seq> {
 async fn apply(shared: &Arc<Shared>, entries: Vec<Entry>) -> Result<()> {
     let _one = shared.apply_lock.lock().await;
     let head = *shared.head.borrow();
-    let mut batch = Batch::default();
-    let mut last = head;
-    // Event seqs run on without holes across appends (term entries are
-    // not events); an append the copy already holds is skipped whole.
-    let mut last_event = shared.replica.durable_seq();
+    let mut changes = shared.copy.changes();
     let mut term = None;
     for msg in entries {
         let seq = msg.seq;
-        if seq <= last {
+        if seq <= changes.position().unwrap_or(head) {
             continue;
         }
-        last = seq;
         if msg.subject == TERM_SUBJECT {
             let by = msg.node;
             let part = *shared.part.lock().expect("part");
@@ -281,33 +274,16 @@ async fn apply(shared: &Arc<Shared>, entries: Vec<Entry>) -> Result<()> {
                 }
             }
             term = term_leadership(&msg.payload).or(term);
+            changes.pass(seq);
             continue;
         }
-        let (events, rows) = crate::store::entry::decode(&seq.to_string(), &msg.payload)?;
-        match events.last() {
-            Some(ev) if ev.seq <= last_event => continue,
-            Some(ev) => last_event = ev.seq,
-            None => {}
-        }
-        batch.events.extend(events);
-        batch.tasks.extend(rows);
+        changes.entry(seq, &msg.payload)?;
     }
-    if last == head {
+    let Some(last) = changes.position() else {
         return Ok(());
-    }
-    batch.position = Some(last);
-    batch.epoch = shared.apply_epoch.fetch_add(1, Ordering::Relaxed);
-    let events = batch.events.clone();
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    batch.then(move |r| {
-        let _ = done_tx.send(r.clone());
-    });
-    shared.replica.submit(batch);
-    let applied = done_rx
-        .await
-        .map_err(|_| Error::storage("local copy closed"))
-        .and_then(|r| r);
-    if let Err(e) = applied {
+    };
+    let events = changes.events().to_vec();
+    if let Err(e) = shared.copy.apply(changes).done().await {
         shared.node.copy_ok.send_replace(false);
         return Err(e);
     }

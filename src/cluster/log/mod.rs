@@ -50,7 +50,7 @@ use super::Node;
 use crate::bus::EventBus;
 use crate::error::{Error, Result, StorageFault};
 use crate::model::Seq;
-use crate::store::sqlite::SqliteStore;
+use crate::store::copy::Copy;
 use crate::store::CommitStats;
 
 pub use store::{ClusterStore, OnDeposed};
@@ -80,7 +80,9 @@ enum Part {
 struct Shared {
     node: Arc<Node>,
     rt: tokio::runtime::Handle,
-    replica: SqliteStore,
+    /// The local copy and its applier (shared with the log file's, see
+    /// [`crate::store::copy`]).
+    copy: Copy,
     /// Highest stream seq applied to the local copy (term entries included).
     head: watch::Sender<Seq>,
     /// Stream seq of the last append this node sent.
@@ -96,10 +98,6 @@ struct Shared {
     apply_lock: tokio::sync::Mutex<()>,
     /// Ask the follower to start a new consumer (its current one stalled).
     refollow: tokio::sync::Notify,
-    /// Write epoch of the next apply to the local copy: one failed apply
-    /// fails only itself (the local store's failure rule), and its retry
-    /// is a new epoch.
-    apply_epoch: AtomicU64,
     /// Fault injection (tests, fault drills): the copy's, and the consumer's
     /// deliveries.
     faults: Option<Arc<crate::store::Faults>>,

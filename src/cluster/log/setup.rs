@@ -15,6 +15,7 @@ use super::writer::writer;
 use super::{ClusterStore, Part, Shared};
 use crate::cluster::{nats_err, Node, STREAM};
 use crate::error::{Error, Result};
+use crate::store::copy::Copy;
 use crate::store::sqlite::SqliteStore;
 use crate::store::CommitStats;
 
@@ -111,8 +112,7 @@ impl ClusterStore {
             rt: tokio::runtime::Handle::current(),
             apply_lock: tokio::sync::Mutex::new(()),
             refollow: tokio::sync::Notify::new(),
-            apply_epoch: AtomicU64::new(1),
-            replica,
+            copy: Copy::new(Arc::new(replica)),
             head: watch::Sender::new(start),
             sent: AtomicU64::new(0),
             part: Mutex::new(Part::Follower),

@@ -59,15 +59,15 @@ impl Store for ClusterStore {
     }
 
     fn load(&self) -> Result<Loaded> {
-        self.shared.replica.load()
+        self.shared.copy.store().load()
     }
 
     fn get_task(&self, task_id: &str) -> Result<Option<Task>> {
-        self.shared.replica.get_task(task_id)
+        self.shared.copy.store().get_task(task_id)
     }
 
     fn list_tasks(&self, filter: &ListFilter) -> Result<TaskListing> {
-        self.shared.replica.list_tasks(filter)
+        self.shared.copy.store().list_tasks(filter)
     }
 
     fn max_change_bytes(&self) -> usize {
@@ -77,23 +77,23 @@ impl Store for ClusterStore {
 
     fn purge_finished(&self, cutoff_ms: i64, limit: usize) -> Result<Purged> {
         // Retention works on this node's copy only (see docs/cluster.md).
-        self.shared.replica.purge_finished(cutoff_ms, limit)
+        self.shared.copy.store().purge_finished(cutoff_ms, limit)
     }
 
     fn disk_bytes(&self) -> u64 {
-        self.shared.replica.disk_bytes()
+        self.shared.copy.store().disk_bytes()
     }
 
     fn read_events(&self, after: Seq, limit: usize) -> Result<Vec<EncodedEvent>> {
-        self.shared.replica.read_events(after, limit)
+        self.shared.copy.store().read_events(after, limit)
     }
 
     fn first_retained_seq(&self) -> Seq {
-        self.shared.replica.first_retained_seq()
+        self.shared.copy.store().first_retained_seq()
     }
 
     fn durable_seq(&self) -> Seq {
-        self.shared.replica.durable_seq()
+        self.shared.copy.store().durable_seq()
     }
 
     fn log_id(&self) -> String {
@@ -123,7 +123,7 @@ impl Store for ClusterStore {
     }
 
     fn event_count(&self) -> u64 {
-        self.shared.replica.event_count()
+        self.shared.copy.store().event_count()
     }
 
     fn commit_stats(&self) -> CommitStats {
@@ -151,6 +151,6 @@ impl Store for ClusterStore {
     }
 
     fn close(&self) {
-        self.shared.replica.close();
+        self.shared.copy.store().close();
     }
 }

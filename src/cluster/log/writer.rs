@@ -232,7 +232,7 @@ pub(super) async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<
         let (after, after_event) = match sent {
             Some((t, at, ev)) if t == term => (at, ev),
             // The term entry is applied: the copy holds every event before it.
-            _ => (term, shared.replica.durable_seq()),
+            _ => (term, shared.copy.store().durable_seq()),
         };
         let last_event = live
             .iter()

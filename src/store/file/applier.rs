@@ -2,10 +2,9 @@
 //! applies them to the SQLite copy in large batches (retrying with backoff
 //! when the copy fails), then removes the segments the copy holds.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,8 +12,8 @@ use bytes::Bytes;
 use super::segment::{self, Parsed, HEADER_LEN, RECORD_HEAD};
 use super::{lock, Shared};
 use crate::error::{Error, Result, StorageFault};
+use crate::store::copy::Copy;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{entry, Batch, Store};
 
 /// Most bytes of records the copy applies in one transaction.
 const MAX_APPLY_BYTES: usize = 8 << 20;
@@ -138,12 +137,12 @@ fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> Result<usize> {
 }
 
 pub(super) fn applier_loop(shared: Arc<Shared>, copy: Arc<SqliteStore>) {
+    let copy = Copy::new(copy);
     let applied = lock(&shared.state).applied;
     let mut reader = Reader {
         at: None,
         next: applied + 1,
     };
-    let mut epoch: u64 = 1;
     let mut backoff = Duration::from_millis(20);
     loop {
         let upto = {
@@ -178,7 +177,7 @@ pub(super) fn applier_loop(shared: Arc<Shared>, copy: Arc<SqliteStore>) {
             }
             st.durable_index
         };
-        match apply(&shared, &copy, &mut reader, upto, epoch) {
+        match apply(&shared, &copy, &mut reader, upto) {
             Ok(last) => {
                 backoff = Duration::from_millis(20);
                 let mut st = lock(&shared.state);
@@ -188,7 +187,7 @@ pub(super) fn applier_loop(shared: Arc<Shared>, copy: Arc<SqliteStore>) {
                 drop(st);
                 shared.applied_cv.notify_all();
                 if drop_first {
-                    remove_applied_segments(&shared, &copy, last);
+                    remove_applied_segments(&shared, copy.store(), last);
                 }
             }
             Err(e) => {
@@ -209,7 +208,6 @@ pub(super) fn applier_loop(shared: Arc<Shared>, copy: Arc<SqliteStore>) {
                     );
                     break;
                 }
-                epoch += 1;
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
@@ -219,49 +217,18 @@ pub(super) fn applier_loop(shared: Arc<Shared>, copy: Arc<SqliteStore>) {
 
 /// Apply records up to `upto` (at most [`MAX_APPLY_BYTES`] of them) to the
 /// copy in one commit: the index of the last one applied.
-fn apply(
-    shared: &Shared,
-    copy: &SqliteStore,
-    reader: &mut Reader,
-    upto: u64,
-    epoch: u64,
-) -> Result<u64> {
+fn apply(shared: &Shared, copy: &Copy, reader: &mut Reader, upto: u64) -> Result<u64> {
     if let Some(faults) = &shared.faults {
         faults.before_copy()?;
     }
-    let records = reader.read(shared, upto, MAX_APPLY_BYTES)?;
-    let Some(last) = records.last().map(|r| r.0) else {
-        return Err(Error::storage("no record read"));
-    };
-    let mut batch = Batch {
-        epoch,
-        position: Some(last),
-        ..Batch::default()
-    };
-    // A task changed by several records is written once: its final row,
-    // checked against the row before the first change (as one entry does).
-    let mut at: HashMap<String, usize> = HashMap::new();
-    for (index, entry) in &records {
-        let (events, rows) = entry::decode(&index.to_string(), entry)?;
-        batch.events.extend(events);
-        for w in rows {
-            match at.get(w.task.task_id.as_str()) {
-                Some(&i) => batch.tasks[i].task = w.task,
-                None => {
-                    at.insert(w.task.task_id.clone(), batch.tasks.len());
-                    batch.tasks.push(w);
-                }
-            }
-        }
+    let mut changes = copy.changes();
+    for (index, entry) in reader.read(shared, upto, MAX_APPLY_BYTES)? {
+        changes.entry(index, &entry)?;
     }
-    let (done_tx, done_rx) = mpsc::channel();
-    batch.then(move |r| {
-        let _ = done_tx.send(r.clone());
-    });
-    copy.submit(batch);
-    done_rx
-        .recv()
-        .map_err(|_| Error::storage("the query copy closed"))??;
+    let last = changes
+        .position()
+        .ok_or_else(|| Error::storage("no record read"))?;
+    copy.apply(changes).wait()?;
     Ok(last)
 }
 
