@@ -27,12 +27,14 @@
 //! **Files.** This one holds what the parts share: the node's part (leader
 //! or follower), the state the writer, the follower and the store handle
 //! share, and stepping down. `setup.rs` creates the stream and the token
-//! bucket and opens the store; `writer.rs` is the leader's appends;
-//! `follower.rs` applies the log to the local copy; `tokens.rs` is the
-//! token bucket and its cache; `store.rs` is the
-//! [`Store`](crate::store::Store) the hub uses.
+//! bucket and opens the store; `retry.rs` is how a start-up step is
+//! retried; `writer.rs` is the leader's appends; `follower.rs` reads the
+//! log into the local copy (through [`crate::store::copy`], the applier the
+//! single node's log file uses too); `tokens.rs` is the token bucket and
+//! its cache; `store.rs` is the [`Store`](crate::store::Store) the hub uses.
 
 mod follower;
+mod retry;
 mod setup;
 mod store;
 mod tokens;

@@ -4,12 +4,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_nats::jetstream::{kv, stream};
 use tokio::sync::{mpsc, watch};
 
 use super::follower::follow;
+use super::retry::{retrying, SETUP_TIMEOUT};
 use super::tokens::{follow_tokens, token_bucket};
 use super::writer::writer;
 use super::{ClusterStore, Part, Shared};
@@ -18,9 +19,6 @@ use crate::error::{Error, Result};
 use crate::store::copy::Copy;
 use crate::store::sqlite::SqliteStore;
 use crate::store::CommitStats;
-
-/// How long a node retries setting up the stream and buckets at start.
-pub(super) const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Create (or find) the log stream and the token bucket: the log's id and the bucket.
 async fn setup(node: &Node) -> Result<(String, kv::Store)> {
@@ -61,28 +59,6 @@ async fn setup(node: &Node) -> Result<(String, kv::Store)> {
         })?;
     let token_kv = token_bucket(&node.js, opts.replicas).await?;
     Ok((log_id, token_kv))
-}
-
-/// Run `attempt` until it succeeds, with backoff (100 ms doubling to 2 s),
-/// or until `give_up` passes: a NATS cluster that is starting or electing
-/// may time out the first requests.
-pub(super) async fn retrying<T, F, Fut>(give_up: Instant, what: &str, mut attempt: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T>>,
-{
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match attempt().await {
-            Ok(v) => return Ok(v),
-            Err(e) if Instant::now() < give_up => {
-                tracing::warn!(error = %e, "{what}; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 impl ClusterStore {

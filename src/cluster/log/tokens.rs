@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::setup::{retrying, SETUP_TIMEOUT};
+use super::retry::{retrying, SETUP_TIMEOUT};
 use super::Shared;
 use crate::cluster::{block_on, nats_err, TOKEN_BUCKET};
 use crate::error::Result;
@@ -208,21 +208,12 @@ impl TokenAdmin {
     pub async fn connect(options: &crate::cluster::ClusterOptions) -> Result<TokenAdmin> {
         let client = options.connect().await?;
         let js = jetstream::new(client);
-        // A NATS cluster that is starting may time out the first requests
-        // (as for a node's own setup): retry a while before giving up.
         let give_up = Instant::now() + TOKEN_ADMIN_SETUP_TIMEOUT;
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match token_bucket(&js, options.replicas).await {
-                Ok(kv) => return Ok(TokenAdmin { kv }),
-                Err(e) if Instant::now() < give_up => {
-                    tracing::debug!(error = %e, "cannot open the token bucket yet; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let kv = retrying(give_up, "cannot open the token bucket yet", || {
+            token_bucket(&js, options.replicas)
+        })
+        .await?;
+        Ok(TokenAdmin { kv })
     }
 
     pub async fn insert(&self, token: &TokenRecord) -> Result<()> {
