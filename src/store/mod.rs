@@ -1,8 +1,23 @@
 //! Durable state behind the hub: task records updated by compare-and-set, an
 //! append-only event log with a global `seq`, and tokens.
 //!
-//! The hub is the only writer. It hands the store [`Batch`]es in `seq` order;
-//! the store commits them (grouping concurrent batches into one transaction),
+//! **One design for both modes: a log, and a copy applied from it.** The
+//! hub writes to the log alone; a group commit is one log entry
+//! ([`entry`]: the group's events and the final row of each task it
+//! changed). Reads that are not live state come from a SQLite copy that
+//! [`copy`] applies from the log, in large batches, off the
+//! acknowledgement path, with the same code in both modes:
+//!
+//! - one node: [`file::FileStore`], the log an append-only file of
+//!   checksummed segments, the copy `agenthub.db`;
+//! - a cluster: `cluster::log::ClusterStore`, the log a JetStream stream
+//!   appended to by the leader, a copy on every node.
+//!
+//! [`sqlite`] is the copy's store; the offline tools (`agenthub check`,
+//! `backup`, `token`) read it directly.
+//!
+//! The hub hands the store [`Batch`]es in `seq` order;
+//! the store commits them (grouping concurrent batches into one commit),
 //! then runs their callbacks, in the same order, with the outcome. A backend
 //! may be asynchronous and its commits may fail or conflict (the log checks
 //! that each event's `seq` is the next one): the hub applies nothing it has
@@ -10,8 +25,9 @@
 //!
 //! **Failure rule.** Once a commit fails, every batch of that write epoch or
 //! an older one that is still queued fails too, unwritten: those batches were
-//! built on the state the failed commit would have made. The hub then
-//! rebuilds its state from the store and continues with a newer epoch.
+//! built on the state the failed commit would have made ([`Poison`], kept by
+//! every writer). The hub then rebuilds its state from the store and
+//! continues with a newer epoch (`hub/commit.rs`).
 
 pub mod copy;
 pub mod entry;
