@@ -446,6 +446,14 @@ pub(crate) fn pieces(mut data: bytes::Bytes, max: usize) -> Vec<bytes::Bytes> {
     out
 }
 
+/// A NATS message header's value, or "" when it is absent.
+pub(crate) fn nats_header<'a>(h: &'a Option<async_nats::HeaderMap>, name: &str) -> &'a str {
+    h.as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str())
+        .unwrap_or("")
+}
+
 /// A NATS error as a storage error.
 pub(crate) fn nats_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::storage(format!("{what}: {e}"))

@@ -25,8 +25,6 @@
 mod intake;
 mod node;
 
-use async_nats::HeaderMap;
-
 pub use intake::RemoteLink;
 pub use node::Relay;
 
@@ -38,10 +36,3 @@ pub(super) const HDR_KIND: &str = "Agenthub-Kind";
 pub(super) const HDR_MORE: &str = "Agenthub-More";
 /// On every piece of a message sent in pieces: its index, from 0.
 pub(super) const HDR_PIECE: &str = "Agenthub-Piece";
-
-pub(super) fn header<'a>(h: &'a Option<HeaderMap>, name: &str) -> &'a str {
-    h.as_ref()
-        .and_then(|h| h.get(name))
-        .map(|v| v.as_str())
-        .unwrap_or("")
-}

@@ -11,7 +11,8 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 
 use super::intake::intake;
-use super::{header, HDR_INCARNATION, HDR_KIND, HDR_MORE, HDR_NODE, HDR_PIECE, HDR_SESSION};
+use super::{HDR_INCARNATION, HDR_KIND, HDR_MORE, HDR_NODE, HDR_PIECE, HDR_SESSION};
+use crate::cluster::nats_header as header;
 use crate::cluster::{
     agent_in_subject, agent_out_subject, encode_principal, Node, HDR_PRINCIPAL, NODE_ALIVE_SUBJECT,
 };
