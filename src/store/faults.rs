@@ -23,6 +23,7 @@ pub struct Faults {
     lose_deliveries: AtomicBool,
     lost: AtomicU64,
     fail_catch_ups: AtomicU64,
+    follow_failures: AtomicU64,
 }
 
 impl Faults {
@@ -170,6 +171,17 @@ impl Faults {
     /// Deliveries lost by injection so far.
     pub fn lost_deliveries(&self) -> u64 {
         self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Called when a cluster node's following of the log fails (and is
+    /// retried after a pause): counted, for tests to see.
+    pub fn note_follow_failure(&self) {
+        self.follow_failures.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Failures of a cluster node's following of the log so far.
+    pub fn follow_failures(&self) -> u64 {
+        self.follow_failures.load(Ordering::SeqCst)
     }
 
     /// Called by a probe: fails while `fail_all` is set.

@@ -66,7 +66,7 @@ impl ClusterStore {
         }
         // The consumer is behind or stalled (its NATS server went away):
         // read what is missing directly, and have it start afresh.
-        self.shared.refollow.notify_one();
+        refollow(&self.shared);
         let stream = self
             .shared
             .node
@@ -140,16 +140,34 @@ pub(super) async fn follow(shared: Arc<Shared>, start: Seq) {
     loop {
         let before = *shared.head.borrow();
         match follow_once(&shared, from).await {
-            Ok(()) => {}
-            Err(e) if stuck >= STUCK_LOUD => tracing::error!(
-                error = %e,
-                after_seq = before,
-                failures = stuck + 1,
-                "the local copy cannot apply the log past this seq; this node is not ready \
-                 until it can (a local fault that persists, or an entry no node can apply)"
-            ),
+            Ok(Ended::Asked) => {
+                // A new consumer at once, from what the copy holds: not a
+                // failure, and no pause (a node that wins the lease waits
+                // for this consumer to bring its term entry).
+                tracing::debug!(
+                    after_seq = *shared.head.borrow(),
+                    "following the log afresh"
+                );
+                from = *shared.head.borrow();
+                continue;
+            }
+            Ok(Ended::Closed) => {}
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "following the log failed; resuming")
+                if let Some(f) = &shared.faults {
+                    f.note_follow_failure();
+                }
+                if stuck >= STUCK_LOUD {
+                    tracing::error!(
+                        error = %e,
+                        after_seq = before,
+                        failures = stuck + 1,
+                        "the local copy cannot apply the log past this seq; this node is not \
+                         ready until it can (a local fault that persists, or an entry no node \
+                         can apply)"
+                    );
+                } else {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "following the log failed; resuming");
+                }
             }
         }
         from = *shared.head.borrow();
@@ -164,7 +182,24 @@ pub(super) async fn follow(shared: Arc<Shared>, start: Seq) {
     }
 }
 
-async fn follow_once(shared: &Arc<Shared>, after: Seq) -> Result<()> {
+/// Why a consumer ended without an error.
+enum Ended {
+    /// A new one was asked for ([`refollow`]).
+    Asked,
+    /// Its stream of messages ended.
+    Closed,
+}
+
+/// Ask the follower for a new consumer, from what the copy holds. Only the
+/// consumer running now (or the next one, if none runs) is replaced: a
+/// request is never held against a consumer started after it.
+pub(super) fn refollow(shared: &Shared) {
+    shared.refollow.send_modify(|n| *n = n.wrapping_add(1));
+}
+
+async fn follow_once(shared: &Arc<Shared>, after: Seq) -> Result<Ended> {
+    // Requests made from here on are for this consumer.
+    let mut asked = shared.refollow.subscribe();
     let stream = shared
         .node
         .js
@@ -195,9 +230,7 @@ async fn follow_once(shared: &Arc<Shared>, after: Seq) -> Result<()> {
     loop {
         let first = tokio::select! {
             m = messages.next() => m,
-            _ = shared.refollow.notified() => {
-                return Err(Error::storage("the consumer stalled; starting a new one"));
-            }
+            _ = asked.changed() => return Ok(Ended::Asked),
             _ = tokio::time::sleep(STALL_CHECK) => {
                 let head = *shared.head.borrow();
                 if seen_last.is_some_and(|last| last > head) {
@@ -214,7 +247,7 @@ async fn follow_once(shared: &Arc<Shared>, after: Seq) -> Result<()> {
         seen_last = None;
         let first = match first {
             Some(m) => m.map_err(|e| nats_err("log consumer", e))?,
-            None => return Ok(()),
+            None => return Ok(Ended::Closed),
         };
         quiet |= lost(shared);
         if !quiet {

@@ -98,8 +98,9 @@ struct Shared {
     log_id: String,
     /// One applier at a time (the consumer, or a catch-up reading directly).
     apply_lock: tokio::sync::Mutex<()>,
-    /// Ask the follower to start a new consumer (its current one stalled).
-    refollow: tokio::sync::Notify,
+    /// Requests for the follower to start a new consumer (its current one
+    /// stalled), counted: see [`follower::refollow`].
+    refollow: watch::Sender<u64>,
     /// Fault injection (tests, fault drills): the copy's, and the consumer's
     /// deliveries.
     faults: Option<Arc<crate::store::Faults>>,

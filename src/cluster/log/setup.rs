@@ -87,7 +87,7 @@ impl ClusterStore {
             node: node.clone(),
             rt: tokio::runtime::Handle::current(),
             apply_lock: tokio::sync::Mutex::new(()),
-            refollow: tokio::sync::Notify::new(),
+            refollow: watch::Sender::new(0),
             copy: Copy::new(Arc::new(replica)),
             head: watch::Sender::new(start),
             sent: AtomicU64::new(0),

@@ -114,7 +114,7 @@ impl Store for ClusterStore {
                 wait_head(&shared, sent, APPLY_TIMEOUT).await
             });
             if let Err(e) = caught_up {
-                self.shared.refollow.notify_one();
+                super::follower::refollow(&self.shared);
                 demote(&self.shared, "the local copy of the log stopped following");
                 return Err(e);
             }

@@ -290,6 +290,45 @@ async fn a_follower_whose_consumer_goes_quiet_catches_up_without_a_restart() {
     }
 }
 
+/// A follower asked again and again to catch up while its consumer
+/// delivers nothing (as happens when each node that wins the lease catches
+/// up before it fences the log, while NATS recovers from a lost server)
+/// keeps following: each request replaces the consumer of the moment at
+/// once, and is neither a failure nor held against the next consumer.
+/// Before, each request ended the consumer as a failure, the pauses between
+/// consumers grew to 5 s, and a request made during a pause ended the next
+/// consumer at its start: the lease winners, each waiting for its own copy
+/// to bring its term entry, timed out one after another and the cluster
+/// went minutes without a leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_asked_to_catch_up_again_and_again_keeps_following() {
+    let p = Pair::start().await;
+
+    p.faults.lose_deliveries(true);
+    for i in 1..=4 {
+        commit(&p.writer, created(p.base + i, &format!("task-c{i}")))
+            .await
+            .unwrap();
+        // Read directly, and a new consumer asked for.
+        p.follower.catch_up().await.unwrap();
+        assert_eq!(p.follower.durable_seq(), p.base + i);
+    }
+    p.faults.lose_deliveries(false);
+    // Appended after the last catch-up: only the follower's consumer brings it.
+    commit(&p.writer, created(p.base + 5, "task-c5"))
+        .await
+        .unwrap();
+
+    eventually(|| async { (p.follower.durable_seq() == p.base + 5).then_some(()) }).await;
+    assert!(p.follower.get_task("task-c5").unwrap().is_some());
+    assert!(p.faults.lost_deliveries() >= 1);
+    assert_eq!(
+        p.faults.follow_failures(),
+        0,
+        "a requested consumer counted as a failure"
+    );
+}
+
 /// A node whose first catch-ups with the log fail while it starts (a
 /// request to a settling NATS cluster times out) retries them, as it does
 /// the rest of its setup, instead of exiting.
