@@ -13,6 +13,7 @@ use super::{demote, term_leadership, wait_head, ClusterStore, Part, Shared, HDR_
 use crate::cluster::{nats_err, STREAM, TERM_SUBJECT};
 use crate::error::{Error, Result};
 use crate::model::Seq;
+use crate::store::Store;
 
 /// Most stream messages applied to the local copy in one commit.
 const MAX_APPLY: usize = 1000;
@@ -293,6 +294,10 @@ async fn apply(shared: &Arc<Shared>, entries: Vec<Entry>) -> Result<()> {
     let head = *shared.head.borrow();
     let mut changes = shared.copy.changes();
     let mut term = None;
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let seqs: Vec<(Seq, &str)> = entries.iter().map(|e| (e.seq, e.node.as_str())).collect();
+        tracing::debug!(head, held_event = shared.copy.store().durable_seq(), entries = ?seqs, "apply");
+    }
     for msg in entries {
         let seq = msg.seq;
         if seq <= changes.position().unwrap_or(head) {

@@ -245,7 +245,17 @@ pub(super) async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<
                 fault: StorageFault::Conflict,
                 detail: format!("event seq {seq} where the log expects {}", after_event + 1),
             }),
-            _ => send_append(&shared, term, after, payload).await,
+            _ => {
+                tracing::debug!(
+                    term,
+                    after,
+                    first_event = ?first_event,
+                    last_event,
+                    rows = live.iter().map(|b| b.tasks.len()).sum::<usize>(),
+                    "append"
+                );
+                send_append(&shared, term, after, payload).await
+            }
         };
         match outcome {
             Ok(ack) => {

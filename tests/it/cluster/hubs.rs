@@ -142,6 +142,11 @@ impl HubCluster {
                 None => "not running".into(),
             };
             let text = std::fs::read_to_string(self.log_path(i)).unwrap_or_default();
+            // The whole log, for a failure that needs more than its tail.
+            if let Some(dir) = std::env::var_os("AGENTHUB_TEST_KEEP_LOGS") {
+                let to = std::path::Path::new(&dir).join(format!("{}.log", Self::node_id(i)));
+                let _ = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(to, &text));
+            }
             let lines: Vec<&str> = text.lines().collect();
             let tail = lines[lines.len().saturating_sub(60)..].join("\n");
             out.push_str(&format!(
