@@ -28,7 +28,14 @@ impl Store for SqliteStore {
     }
 
     fn load(&self) -> Result<Loaded> {
-        self.with_reader(load_in)
+        // One read transaction: the live tasks as of the seq it reports
+        // (the copy may be applied meanwhile).
+        self.with_reader_mut(|conn| {
+            let tx = conn.transaction()?;
+            let loaded = load_in(&tx)?;
+            tx.finish()?;
+            Ok(loaded)
+        })
     }
 
     fn get_task(&self, task_id: &str) -> Result<Option<Task>> {
@@ -160,7 +167,9 @@ impl Store for SqliteStore {
     }
 }
 
-/// Everything the hub keeps in memory, as `conn` sees the store.
+/// Everything the hub keeps in memory, as `conn` sees the store: call it
+/// inside one read transaction, so that the live tasks are those of the
+/// seq it reports.
 pub(super) fn load_in(conn: &rusqlite::Connection) -> Result<Loaded> {
     let tasks = history::load_live(conn)?;
     let last_seq: Option<u64> = conn.query_row("SELECT MAX(seq) FROM events", [], |r| r.get(0))?;
@@ -170,4 +179,92 @@ pub(super) fn load_in(conn: &rusqlite::Connection) -> Result<Loaded> {
         last_seq: last_seq.unwrap_or(0).max(history::purged_upto(conn)?),
         state_counts: history::state_counts(conn)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use crate::event::EncodedEvent;
+    use crate::model::{EventKind, Seq, Task};
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::{Batch, Store, TaskWrite};
+
+    fn running(seq: Seq) -> Task {
+        serde_json::from_value(serde_json::json!({
+            "task_id": "task-1", "agent_id": "a-1", "metadata": {},
+            "state": "RUNNING", "generation": 1, "attempts": 1, "max_attempts": 3,
+            "priority": "NORMAL", "result": null, "error": null,
+            "created_at_ms": 1, "updated_at_ms": seq, "last_seq": seq, "created_seq": 1,
+        }))
+        .expect("task")
+    }
+
+    /// One event of task-1 at `seq`, with its row.
+    fn change(seq: Seq) -> Batch {
+        Batch {
+            epoch: seq,
+            tasks: vec![TaskWrite {
+                task: running(seq),
+                expected_last_seq: (seq > 1).then_some(seq - 1),
+            }],
+            events: vec![Arc::new(EncodedEvent::stored(
+                seq,
+                "task-1".into(),
+                "a-1".into(),
+                if seq == 1 {
+                    EventKind::Created
+                } else {
+                    EventKind::Progress
+                },
+                Bytes::from_static(b"event"),
+            ))],
+            position: Some(seq),
+            ..Batch::default()
+        }
+    }
+
+    /// What the hub rebuilds from is one moment of the store: every live
+    /// task as of the last seq it reports. A load that read the tasks and
+    /// the last seq at two moments, while a copy was being applied, gave
+    /// the hub a task older than its seq: its next change of that task
+    /// expected a `last_seq` the log no longer held, and no copy could
+    /// apply that entry.
+    #[test]
+    fn a_load_while_changes_commit_is_one_moment_of_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(SqliteStore::open_replica(dir.path(), "log-1").expect("open"));
+        let done = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (store, done) = (store.clone(), done.clone());
+            std::thread::spawn(move || {
+                for seq in 1..=3_000 {
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    let mut b = change(seq);
+                    b.then(move |r| {
+                        let _ = tx.send(r.is_ok());
+                    });
+                    store.submit(b);
+                    assert!(rx.recv().expect("outcome"), "commit {seq}");
+                }
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        let mut loads = 0;
+        while !done.load(Ordering::SeqCst) {
+            let loaded = store.load().expect("load");
+            loads += 1;
+            if let Some(t) = loaded.tasks.first() {
+                assert_eq!(
+                    t.last_seq, loaded.last_seq,
+                    "load {loads}: the task is older than the seq the load reports"
+                );
+            }
+        }
+        writer.join().expect("writer");
+        assert!(loads > 10, "only {loads} loads ran beside the commits");
+    }
 }
