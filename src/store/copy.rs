@@ -31,15 +31,15 @@ use crate::event::EncodedEvent;
 use crate::model::Seq;
 
 /// Applies log entries to a SQLite copy.
-pub struct Copy {
+pub struct Applier {
     store: Arc<SqliteStore>,
     /// Write epoch of the next commit.
     next_epoch: AtomicU64,
 }
 
-impl Copy {
-    pub fn new(store: Arc<SqliteStore>) -> Copy {
-        Copy {
+impl Applier {
+    pub fn new(store: Arc<SqliteStore>) -> Applier {
+        Applier {
             store,
             next_epoch: AtomicU64::new(1),
         }
@@ -170,7 +170,7 @@ mod tests {
     #[test]
     fn an_entry_the_copy_holds_changes_nothing_and_a_pass_moves_the_position() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let copy = Copy::new(Arc::new(
+        let copy = Applier::new(Arc::new(
             SqliteStore::open_replica(dir.path(), "log-1").expect("open"),
         ));
         let mut first = copy.changes();

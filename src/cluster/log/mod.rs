@@ -52,7 +52,7 @@ use super::Node;
 use crate::bus::EventBus;
 use crate::error::{Error, Result, StorageFault};
 use crate::model::Seq;
-use crate::store::copy::Copy;
+use crate::store::copy::Applier;
 use crate::store::CommitStats;
 
 pub use store::{ClusterStore, OnDeposed};
@@ -84,7 +84,7 @@ struct Shared {
     rt: tokio::runtime::Handle,
     /// The local copy and its applier (shared with the log file's, see
     /// [`crate::store::copy`]).
-    copy: Copy,
+    copy: Applier,
     /// Highest stream seq applied to the local copy (term entries included).
     head: watch::Sender<Seq>,
     /// Stream seq of the last append this node sent.

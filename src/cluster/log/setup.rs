@@ -16,7 +16,7 @@ use super::writer::writer;
 use super::{ClusterStore, Part, Shared};
 use crate::cluster::{nats_err, Node, STREAM};
 use crate::error::{Error, Result};
-use crate::store::copy::Copy;
+use crate::store::copy::Applier;
 use crate::store::sqlite::SqliteStore;
 use crate::store::CommitStats;
 
@@ -88,7 +88,7 @@ impl ClusterStore {
             rt: tokio::runtime::Handle::current(),
             apply_lock: tokio::sync::Mutex::new(()),
             refollow: watch::Sender::new(0),
-            copy: Copy::new(Arc::new(replica)),
+            copy: Applier::new(Arc::new(replica)),
             head: watch::Sender::new(start),
             sent: AtomicU64::new(0),
             part: Mutex::new(Part::Follower),

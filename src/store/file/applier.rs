@@ -12,7 +12,7 @@ use bytes::Bytes;
 use super::segment::{self, Parsed, HEADER_LEN, RECORD_HEAD};
 use super::{lock, Shared};
 use crate::error::{Error, Result, StorageFault};
-use crate::store::copy::Copy;
+use crate::store::copy::Applier;
 use crate::store::sqlite::SqliteStore;
 
 /// Most bytes of records the copy applies in one transaction.
@@ -137,7 +137,7 @@ fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> Result<usize> {
 }
 
 pub(super) fn applier_loop(shared: Arc<Shared>, copy: Arc<SqliteStore>) {
-    let copy = Copy::new(copy);
+    let copy = Applier::new(copy);
     let applied = lock(&shared.state).applied;
     let mut reader = Reader {
         at: None,
@@ -217,7 +217,7 @@ pub(super) fn applier_loop(shared: Arc<Shared>, copy: Arc<SqliteStore>) {
 
 /// Apply records up to `upto` (at most [`MAX_APPLY_BYTES`] of them) to the
 /// copy in one commit: the index of the last one applied.
-fn apply(shared: &Shared, copy: &Copy, reader: &mut Reader, upto: u64) -> Result<u64> {
+fn apply(shared: &Shared, copy: &Applier, reader: &mut Reader, upto: u64) -> Result<u64> {
     if let Some(faults) = &shared.faults {
         faults.before_copy()?;
     }
