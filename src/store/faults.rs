@@ -24,6 +24,7 @@ pub struct Faults {
     lost: AtomicU64,
     fail_catch_ups: AtomicU64,
     follow_failures: AtomicU64,
+    stalls: AtomicU64,
 }
 
 impl Faults {
@@ -182,6 +183,17 @@ impl Faults {
     /// Failures of a cluster node's following of the log so far.
     pub fn follow_failures(&self) -> u64 {
         self.follow_failures.load(Ordering::SeqCst)
+    }
+
+    /// Called when a cluster node finds its consumer quiet while the log
+    /// holds entries the copy lacks (one of the failures counted above).
+    pub fn note_stall(&self) {
+        self.stalls.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Quiet consumers found so far.
+    pub fn stalls(&self) -> u64 {
+        self.stalls.load(Ordering::SeqCst)
     }
 
     /// Called by a probe: fails while `fail_all` is set.

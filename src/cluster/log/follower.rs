@@ -235,6 +235,9 @@ async fn follow_once(shared: &Arc<Shared>, after: Seq) -> Result<Ended> {
             _ = tokio::time::sleep(STALL_CHECK) => {
                 let head = *shared.head.borrow();
                 if seen_last.is_some_and(|last| last > head) {
+                    if let Some(f) = &shared.faults {
+                        f.note_stall();
+                    }
                     return Err(Error::storage(format!(
                         "the consumer delivered nothing for {STALL_CHECK:?} while the log \
                          holds entries past seq {head}; starting a new one"
