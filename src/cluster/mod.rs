@@ -196,6 +196,16 @@ pub struct LeaderView {
     pub is_self: bool,
 }
 
+/// Wait until this node leads: the leadership (lease value) it leads
+/// under, or `None` once the node is gone.
+pub(crate) async fn next_leadership(leader: &mut watch::Receiver<LeaderView>) -> Option<String> {
+    let view = leader
+        .wait_for(|v| v.is_self && v.leadership.is_some())
+        .await
+        .ok()?;
+    view.leadership.clone()
+}
+
 /// What every part of a cluster node shares.
 pub struct Node {
     pub options: ClusterOptions,

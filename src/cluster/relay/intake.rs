@@ -119,12 +119,8 @@ struct IntakeState {
 pub(super) async fn intake(node: Arc<Node>, hub: Weak<Hub>) {
     let mut leader = node.leader.subscribe();
     loop {
-        let leadership = match leader.wait_for(|v| v.is_self).await {
-            Ok(view) => view.leadership.clone(),
-            Err(_) => return,
-        };
-        let Some(leadership) = leadership else {
-            continue;
+        let Some(leadership) = crate::cluster::next_leadership(&mut leader).await else {
+            return;
         };
         let state = Arc::new(Mutex::new(IntakeState {
             sessions: HashMap::new(),

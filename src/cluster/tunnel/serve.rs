@@ -34,12 +34,8 @@ where
 {
     let mut leader = node.leader.subscribe();
     loop {
-        let leadership = match leader.wait_for(|v| v.is_self).await {
-            Ok(view) => view.leadership.clone(),
-            Err(_) => return,
-        };
-        let Some(leadership) = leadership else {
-            continue;
+        let Some(leadership) = crate::cluster::next_leadership(&mut leader).await else {
+            return;
         };
         // Calls that arrive before this node's hub takes writes wait in
         // the subscription, and then in `answer` for the node to be ready.
