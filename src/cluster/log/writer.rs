@@ -25,7 +25,7 @@ const MAX_APPEND_BYTES: usize = 512 * 1024;
 /// append is out, everything queued behind it goes out together in the
 /// next. JetStream's cost is per message (replication, a sync on every
 /// server), so fewer, larger appends carry more tasks on the same CPU:
-/// pipelined push through the leader ran 22 % faster with one than with
+/// pipelined push through the leader ran 12 % faster with one than with
 /// two (docs/benchmarks.md).
 const MAX_IN_FLIGHT: usize = 1;
 
