@@ -20,9 +20,12 @@
 //! **Following.** One ordered consumer per node applies every entry, in
 //! order, to the local SQLite copy (which serves reads, history and watch
 //! catch-up, and records how far into the stream it is) and then to the
-//! node's event bus. The leader's appends become visible the same way: a
+//! node's event bus. The leader's appends become visible the same way. A
 //! batch's callbacks (acks, replies) run once the stream acknowledged it
-//! *and* the local copy holds it.
+//! (stored on a majority of the NATS servers): the local copy follows off
+//! that path, and this node's reads of the copy wait until it holds every
+//! append acknowledged to this node (read-your-writes). A copy that stops
+//! following makes the leader step down.
 //!
 //! **Files.** This one holds what the parts share: the node's part (leader
 //! or follower), the state the writer, the follower and the store handle
@@ -89,6 +92,10 @@ struct Shared {
     head: watch::Sender<Seq>,
     /// Stream seq of the last append this node sent.
     sent: AtomicU64,
+    /// Stream seq of the last append the log acknowledged to this node: its
+    /// batches are complete, and this node's reads of the copy wait for it
+    /// (read-your-writes).
+    acked: watch::Sender<Seq>,
     part: Mutex<Part>,
     bus: Mutex<Option<Arc<EventBus>>>,
     on_deposed: Mutex<Option<OnDeposed>>,

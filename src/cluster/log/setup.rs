@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use super::follower::follow;
 use super::retry::{retrying, SETUP_TIMEOUT};
 use super::tokens::{follow_tokens, token_bucket};
-use super::writer::writer;
+use super::writer::{watch_copy, writer};
 use super::{ClusterStore, Part, Shared};
 use crate::cluster::{nats_err, Node, STREAM};
 use crate::error::{Error, Result};
@@ -91,6 +91,7 @@ impl ClusterStore {
             copy: Applier::new(Arc::new(replica)),
             head: watch::Sender::new(start),
             sent: AtomicU64::new(0),
+            acked: watch::Sender::new(0),
             part: Mutex::new(Part::Follower),
             bus: Mutex::new(None),
             on_deposed: Mutex::new(None),
@@ -104,6 +105,7 @@ impl ClusterStore {
         tokio::spawn(follow(shared.clone(), start));
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer(shared.clone(), rx));
+        tokio::spawn(watch_copy(shared.clone()));
         let store = Arc::new(ClusterStore { shared, tx });
         retrying(give_up, "cannot catch up with the log yet", || {
             store.catch_up()

@@ -49,6 +49,19 @@ impl ClusterStore {
     pub fn head(&self) -> Seq {
         *self.shared.head.borrow()
     }
+
+    /// Wait until the local copy holds every append the log acknowledged
+    /// to this node: a read sees every change acknowledged before it began.
+    fn caught_up(&self) -> Result<()> {
+        let acked = *self.shared.acked.borrow();
+        if self.head() >= acked {
+            return Ok(());
+        }
+        let shared = self.shared.clone();
+        block_on(&self.shared.rt, async move {
+            wait_head(&shared, acked, APPLY_TIMEOUT).await
+        })
+    }
 }
 
 impl Store for ClusterStore {
@@ -63,10 +76,12 @@ impl Store for ClusterStore {
     }
 
     fn get_task(&self, task_id: &str) -> Result<Option<Task>> {
+        self.caught_up()?;
         self.shared.copy.store().get_task(task_id)
     }
 
     fn list_tasks(&self, filter: &ListFilter) -> Result<TaskListing> {
+        self.caught_up()?;
         self.shared.copy.store().list_tasks(filter)
     }
 
@@ -85,6 +100,7 @@ impl Store for ClusterStore {
     }
 
     fn read_events(&self, after: Seq, limit: usize) -> Result<Vec<EncodedEvent>> {
+        self.caught_up()?;
         self.shared.copy.store().read_events(after, limit)
     }
 

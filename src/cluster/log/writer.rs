@@ -1,6 +1,7 @@
 //! The leader's writer: becoming the writer (the term entry), grouping
 //! queued batches into appends fenced on the entry before, pipelining them,
-//! and completing each batch once the log took it and the local copy holds it.
+//! completing each batch once the log took it, and watching that the local
+//! copy follows.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -101,18 +102,32 @@ pub(super) async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<
     let completer = shared.clone();
     tokio::spawn(async move {
         while let Some((pending, group, started, permit)) = done_rx.recv().await {
+            let barrier = matches!(pending, Pending::Barrier(_));
             let appended = match pending {
                 Pending::Barrier(seq) => Ok(seq),
                 Pending::Append(ack) => ack.await,
             };
             drop(permit);
             let r = match appended {
-                Ok(last) => {
+                // A barrier completes once the copy holds what came before it.
+                Ok(last) if barrier => {
                     let r = wait_head(&completer, last, APPLY_TIMEOUT).await;
                     if r.is_err() {
                         demote(&completer, "the local copy of the log stopped following");
                     }
                     r
+                }
+                // Stored by the log: complete now; the copy follows (reads
+                // wait for it, `watch_copy` sees that it does).
+                Ok(last) => {
+                    completer.acked.send_if_modified(|a| {
+                        let newer = last > *a;
+                        if newer {
+                            *a = last;
+                        }
+                        newer
+                    });
+                    Ok(())
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "append to the log failed");
@@ -274,6 +289,20 @@ pub(super) async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<
                 let (epoch, e) = fail_group(&shared, live, e, started);
                 poisoned.record(epoch, e);
             }
+        }
+    }
+}
+
+/// Watch that the local copy follows this node's acknowledged appends: one
+/// that does not hold an append [`APPLY_TIMEOUT`] after the log took it
+/// has stopped following, and this node steps down (its reads would wait
+/// for it, and a new leader needs a copy that holds the log).
+pub(super) async fn watch_copy(shared: Arc<Shared>) {
+    let mut acked = shared.acked.subscribe();
+    while acked.changed().await.is_ok() {
+        let target = *acked.borrow_and_update();
+        if wait_head(&shared, target, APPLY_TIMEOUT).await.is_err() {
+            demote(&shared, "the local copy of the log stopped following");
         }
     }
 }

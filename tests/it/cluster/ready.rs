@@ -350,3 +350,42 @@ async fn a_node_whose_catch_up_fails_while_it_starts_retries_it() {
     assert!(started.durable_seq() > base);
     assert!(started.get_task("task-s1").unwrap().is_some());
 }
+
+/// The leader acknowledges a change once the log has stored it, without
+/// waiting for its own copy: the copy is applied off the acknowledgement
+/// path. Its reads still see every change acknowledged to it before they
+/// began (they wait for the copy), and a copy that stops following makes
+/// it step down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_acknowledges_before_its_copy_applies_and_reads_its_writes() {
+    let nats = NatsCluster::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let faults = Arc::new(Faults::default());
+    let writer = open_with_faults(&nats, tmp.path(), "w", &faults).await;
+    writer.promote("w/1").await.unwrap();
+    let base = writer.durable_seq();
+
+    // Every commit of the copy takes 2 s: the change is acknowledged before.
+    faults.set_delay(Duration::from_secs(2));
+    commit(&writer, created(base + 1, "task-r1")).await.unwrap();
+    assert_eq!(writer.durable_seq(), base, "the copy was on the ack path");
+    // A read waits until the copy holds it.
+    assert!(writer.get_task("task-r1").unwrap().is_some());
+    assert_eq!(writer.durable_seq(), base + 1);
+    assert_eq!(writer.read_events(base, 10).unwrap().len(), 1);
+    faults.set_delay(Duration::ZERO);
+
+    // A copy that cannot apply what the log acknowledged: the leader steps
+    // down (after the copy's timeout) and appends nothing more.
+    faults.fail_all(agenthub::error::StorageFault::Io);
+    commit(&writer, created(base + 2, "task-r2")).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while writer.is_leader() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still leading with a copy that does not follow"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(commit(&writer, created(base + 3, "task-r3")).await.is_err());
+}
