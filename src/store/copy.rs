@@ -25,7 +25,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::sqlite::SqliteStore;
-use super::{entry, Batch, Store};
+use super::{entry, Batch, Store, TaskWrite};
 use crate::error::{Error, Result};
 use crate::event::EncodedEvent;
 use crate::model::Seq;
@@ -88,16 +88,23 @@ impl Changes {
     /// and its rows). `position` names it in errors.
     pub fn entry(&mut self, position: Seq, body: &Bytes) -> Result<()> {
         let (events, rows) = entry::decode(&position.to_string(), body)?;
+        self.decoded(position, events, rows);
+        Ok(())
+    }
+
+    /// [`Changes::entry`] for an entry already decoded (or never encoded:
+    /// the log file's writer hands over what it appended). `rows` may
+    /// change a task more than once: the copy's writer keeps the last.
+    pub fn decoded(&mut self, position: Seq, events: Vec<Arc<EncodedEvent>>, rows: Vec<TaskWrite>) {
         self.batch.position = Some(position);
         match events.last() {
             // Held already: the rows were written with those events.
-            Some(ev) if ev.seq <= self.last_event => return Ok(()),
+            Some(ev) if ev.seq <= self.last_event => return,
             Some(ev) => self.last_event = ev.seq,
             None => {}
         }
         self.batch.events.extend(events);
         self.batch.tasks.extend(rows);
-        Ok(())
     }
 
     /// Add an entry that holds nothing for the copy: the position moves on.
@@ -138,7 +145,6 @@ fn closed() -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::TaskWrite;
 
     /// An entry as a log holds it: one CREATED event of `task` at `seq`,
     /// with the task's row.

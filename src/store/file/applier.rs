@@ -1,7 +1,10 @@
-//! The applier thread: reads durable records back from the log and
-//! applies them to the SQLite copy in large batches (retrying with backoff
-//! when the copy fails), then removes the segments the copy holds.
+//! The applier thread: applies durable records to the SQLite copy in
+//! large batches (retrying with backoff when the copy fails), then removes
+//! the segments the copy holds. It takes records as the writer had them in
+//! memory ([`Fresh`]: no read back, no decoding) while they are kept, and
+//! reads the others back from the log.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -12,8 +15,10 @@ use bytes::Bytes;
 use super::segment::{self, Parsed, HEADER_LEN, RECORD_HEAD};
 use super::{lock, Shared};
 use crate::error::{Error, Result, StorageFault};
+use crate::event::EncodedEvent;
 use crate::store::copy::Applier;
 use crate::store::sqlite::SqliteStore;
+use crate::store::{Batch, TaskWrite};
 
 /// Most bytes of records the copy applies in one transaction.
 const MAX_APPLY_BYTES: usize = 8 << 20;
@@ -27,18 +32,132 @@ const APPLY_DELAY: Duration = Duration::from_millis(10);
 /// The longest pause between two tries of a copy that failed to apply.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// Most bytes of fresh records kept for the applier (estimated as
+/// [`Fresh`] counts them): a copy that falls further behind reads the log.
+const FRESH_BYTES: usize = 32 << 20;
+
+/// A durable record as the writer had it in memory.
+pub(super) struct Fresh {
+    index: u64,
+    events: Vec<Arc<EncodedEvent>>,
+    rows: Vec<TaskWrite>,
+    /// The record's segment (its base) and the offset right after it.
+    at: (u64, u64),
+    bytes: usize,
+}
+
+impl Fresh {
+    /// The events and rows of `batches`, appended as record `index`.
+    pub(super) fn take<'a>(
+        index: u64,
+        at: (u64, u64),
+        batches: impl Iterator<Item = &'a mut Batch>,
+    ) -> Fresh {
+        let mut f = Fresh {
+            index,
+            events: Vec::new(),
+            rows: Vec::new(),
+            at,
+            bytes: 0,
+        };
+        for b in batches {
+            f.bytes +=
+                b.events.iter().map(|e| e.proto().len() + 64).sum::<usize>() + b.tasks.len() * 512;
+            f.events.append(&mut b.events);
+            f.rows.append(&mut b.tasks);
+        }
+        f
+    }
+}
+
+/// Fresh records in index order, at most `limit` bytes of them
+/// ([`FRESH_BYTES`]).
+pub(super) struct FreshRecords {
+    records: VecDeque<Fresh>,
+    bytes: usize,
+    pub(super) limit: usize,
+}
+
+impl Default for FreshRecords {
+    fn default() -> Self {
+        FreshRecords {
+            records: VecDeque::new(),
+            bytes: 0,
+            limit: FRESH_BYTES,
+        }
+    }
+}
+
+impl FreshRecords {
+    /// Keep `f` unless that would pass the bound (the applier reads it
+    /// from the log then).
+    pub(super) fn push(&mut self, f: Fresh) {
+        if self.bytes + f.bytes <= self.limit {
+            self.bytes += f.bytes;
+            self.records.push_back(f);
+        }
+    }
+
+    /// The fresh records from `next` on, consecutive, up to `upto` and
+    /// about `max_bytes`; records before `next` are dropped (the copy holds
+    /// them). Empty when record `next` is not here.
+    fn take(&mut self, next: u64, upto: u64, max_bytes: usize) -> Vec<Fresh> {
+        while self.records.front().is_some_and(|f| f.index < next) {
+            let f = self.records.pop_front().expect("front");
+            self.bytes -= f.bytes;
+        }
+        let mut out: Vec<Fresh> = Vec::new();
+        let mut bytes = 0;
+        while let Some(f) = self.records.front() {
+            let want = out.last().map_or(next, |l| l.index + 1);
+            if f.index != want || f.index > upto || (bytes > 0 && bytes + f.bytes > max_bytes) {
+                break;
+            }
+            let f = self.records.pop_front().expect("front");
+            self.bytes -= f.bytes;
+            bytes += f.bytes;
+            out.push(f);
+        }
+        out
+    }
+
+    /// The index of the first fresh record at or after `next`.
+    fn first_from(&self, next: u64) -> Option<u64> {
+        self.records.iter().map(|f| f.index).find(|i| *i >= next)
+    }
+}
+
 /// Reads durable records back from the log, in order.
 pub(super) struct Reader {
     /// The open segment: its base and file, and the offset of the next record.
     at: Option<(u64, File, u64)>,
     /// Index of the next record to read.
     next: u64,
+    /// Where record `next` starts, when known and its segment is not open.
+    hint: Option<(u64, u64)>,
 }
 
 impl Reader {
     /// A reader whose first record is `next`.
     pub(super) fn from(next: u64) -> Reader {
-        Reader { at: None, next }
+        Reader {
+            at: None,
+            next,
+            hint: None,
+        }
+    }
+
+    /// Record `index`, which ends at `at` (segment base, offset), was
+    /// applied without reading it: read on after it.
+    fn passed(&mut self, index: u64, at: (u64, u64)) {
+        self.next = index + 1;
+        match &mut self.at {
+            Some((base, _, offset)) if *base == at.0 => *offset = at.1,
+            _ => {
+                self.at = None;
+                self.hint = Some(at);
+            }
+        }
     }
 
     /// Records from `self.next` up to `upto`, at most about `max_bytes`.
@@ -68,7 +187,11 @@ impl Reader {
                     drop(st);
                     let f = File::open(&path)
                         .map_err(|e| segment::io_err(&format!("open {}", path.display()), e))?;
-                    self.at.insert((base, f, HEADER_LEN))
+                    let start = match self.hint.take() {
+                        Some((b, offset)) if b == base => offset,
+                        _ => HEADER_LEN,
+                    };
+                    self.at.insert((base, f, start))
                 }
             };
             let mut head = [0u8; RECORD_HEAD];
@@ -139,10 +262,7 @@ fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> Result<usize> {
 pub(super) fn applier_loop(shared: Arc<Shared>, copy: Arc<SqliteStore>) {
     let copy = Applier::new(copy);
     let applied = lock(&shared.state).applied;
-    let mut reader = Reader {
-        at: None,
-        next: applied + 1,
-    };
+    let mut reader = Reader::from(applied + 1);
     let mut backoff = Duration::from_millis(20);
     loop {
         let upto = {
@@ -195,10 +315,8 @@ pub(super) fn applier_loop(shared: Arc<Shared>, copy: Arc<SqliteStore>) {
                 let closing = {
                     let mut st = lock(&shared.state);
                     st.copy_error = Some(e);
-                    reader = Reader {
-                        at: None,
-                        next: st.applied + 1,
-                    };
+                    st.copy_failures += 1;
+                    reader = Reader::from(st.applied + 1);
                     st.closing
                 };
                 shared.applied_cv.notify_all();
@@ -222,8 +340,27 @@ fn apply(shared: &Shared, copy: &Applier, reader: &mut Reader, upto: u64) -> Res
         faults.before_copy()?;
     }
     let mut changes = copy.changes();
-    for (index, entry) in reader.read(shared, upto, MAX_APPLY_BYTES)? {
-        changes.entry(index, &entry)?;
+    let mut bytes = 0;
+    while reader.next <= upto && bytes < MAX_APPLY_BYTES {
+        let (fresh, first_fresh) = {
+            let mut st = lock(&shared.state);
+            let fresh = st.fresh.take(reader.next, upto, MAX_APPLY_BYTES - bytes);
+            (fresh, st.fresh.first_from(reader.next))
+        };
+        if fresh.is_empty() {
+            // Read the log up to the next fresh record.
+            let until = first_fresh.map_or(upto, |i| (i - 1).min(upto));
+            for (index, entry) in reader.read(shared, until, MAX_APPLY_BYTES - bytes)? {
+                bytes += entry.len();
+                changes.entry(index, &entry)?;
+            }
+            continue;
+        }
+        for f in fresh {
+            bytes += f.bytes;
+            reader.passed(f.index, f.at);
+            changes.decoded(f.index, f.events, f.rows);
+        }
     }
     let last = changes
         .position()

@@ -87,12 +87,18 @@ pub(super) struct State {
     pub(super) segments: Vec<(u64, PathBuf)>,
     /// Why the copy could not apply lately (cleared when it does).
     pub(super) copy_error: Option<Error>,
+    /// Applies of the copy that failed since the store opened.
+    pub(super) copy_failures: u64,
     /// The writer has stopped: the applier finishes and stops too.
     pub(super) closing: bool,
     /// Reads waiting for the copy (it applies at once while there are).
     pub(super) readers: usize,
     /// The applier waits for a record to be durable.
     pub(super) applier_idle: bool,
+    /// Durable records the copy does not hold yet, as the writer had them
+    /// in memory: the applier takes them from here instead of reading the
+    /// log back and decoding it (a record not here is read from the log).
+    fresh: applier::FreshRecords,
 }
 
 /// The embedded store: log file plus SQLite copy.
@@ -213,9 +219,11 @@ impl FileStore {
                         .collect()
                 },
                 copy_error: None,
+                copy_failures: 0,
                 closing: false,
                 readers: 0,
                 applier_idle: false,
+                fresh: Default::default(),
             }),
             applied_cv: Condvar::new(),
             durable_cv: Condvar::new(),
@@ -243,6 +251,20 @@ impl FileStore {
             log,
             threads: Mutex::new(threads),
         })
+    }
+
+    /// Keep at most `bytes` of durable records in memory for the applier
+    /// (tests: a small bound makes it read most records back from the log).
+    #[doc(hidden)]
+    pub fn keep_fresh_bytes(&self, bytes: usize) {
+        lock(&self.shared.state).fresh.limit = bytes;
+    }
+
+    /// Applies of the copy that failed since the store opened (each is
+    /// retried from the log).
+    #[doc(hidden)]
+    pub fn copy_failures(&self) -> u64 {
+        lock(&self.shared.state).copy_failures
     }
 
     /// Wait until the copy holds every record durable now.

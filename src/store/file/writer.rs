@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use super::applier::APPLY_RECORDS;
+use super::applier::{Fresh, APPLY_RECORDS};
 use super::segment::{self, Header, HEADER_LEN, RECORD_HEAD};
 use super::{lock, open_rw, Shared};
 use crate::error::{Error, Result, StorageFault};
@@ -416,16 +416,28 @@ impl Lead {
         let (stale, live) = self.poisoned.split(&group);
         let writes = live.iter().any(|b| b.has_writes());
         let started = Instant::now();
+        let before = w.next_index;
         let result = if writes {
             commit(w, &live, shared)
         } else {
             Ok(())
         };
+        drop(live);
+        let mut group = group;
         match &result {
             Ok(()) if writes => {
                 shared.durable_seq.store(w.last_seq, Ordering::Release);
+                // What the record holds, for the applier: the callbacks
+                // need neither the events nor the rows.
+                let fresh = (w.next_index > before).then(|| {
+                    let live = group.iter_mut().zip(&stale).filter(|(_, s)| !**s);
+                    Fresh::take(before, (w.base, w.end), live.map(|(b, _)| b))
+                });
                 let mut st = lock(&shared.state);
                 st.durable_index = w.next_index - 1;
+                if let Some(fresh) = fresh {
+                    st.fresh.push(fresh);
+                }
                 // Wake the applier only when it waits for any record or
                 // enough have gathered (it also wakes by itself).
                 let wake = st.applier_idle || st.durable_index - st.applied == APPLY_RECORDS;
@@ -437,14 +449,20 @@ impl Lead {
             Ok(()) => {}
             Err(e) => {
                 tracing::error!(error = %e, "append to the log failed; queued changes of this epoch are dropped");
-                let epoch = live.iter().map(|b| b.epoch).max().unwrap_or(0);
+                let epoch = group
+                    .iter()
+                    .zip(&stale)
+                    .filter(|(_, s)| !**s)
+                    .map(|(b, _)| b.epoch)
+                    .max()
+                    .unwrap_or(0);
                 self.poisoned.record(epoch, e.clone());
             }
         }
         if writes {
-            lock(&shared.commits).record(started.elapsed(), live.len(), result.is_ok());
+            let n = stale.iter().filter(|s| !**s).count();
+            lock(&shared.commits).record(started.elapsed(), n, result.is_ok());
         }
-        drop(live);
         let poison = self.poisoned.outcome();
         for (batch, stale) in group.into_iter().zip(stale) {
             batch.complete(if stale { &poison } else { &result });
