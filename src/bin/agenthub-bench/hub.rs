@@ -158,8 +158,10 @@ pub async fn push_measured(
         let mut to_ack = Samples::with_capacity(s.push_measured);
         let mut to_response = Samples::with_capacity(s.push_measured);
         let mut cpu = None;
+        let mut commits0 = None;
         for i in 0..s.push_warmup + s.push_measured {
             if i == s.push_warmup {
+                commits0 = store_commits(&hub.ws_addr).await;
                 cpu = Some(CpuMeter::start_all(cpu_pids)?);
             }
             let task_id = format!("{prefix}s-{i}");
@@ -191,7 +193,15 @@ pub async fn push_measured(
             wait_ack(&mut ws, &task_id, "complete").await?;
         }
         let cpu_us = cpu.context("no measured pushes")?.used_us()?;
+        let commits = match (commits0, store_commits(&hub.ws_addr).await) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
         let mut seq = Metrics::default();
+        if let Some(n) = commits {
+            // Group commits (one durable append each) per task, sequential.
+            seq.put("commits_per_task", n as f64 / s.push_measured as f64);
+        }
         seq.put("count", s.push_measured as f64);
         to_ack.sorted().put(&mut seq, "push_to_accept_ack");
         to_assign.sorted().put(&mut seq, "push_to_assign");
@@ -231,6 +241,21 @@ pub async fn push_measured(
     }
     .await;
     result
+}
+
+/// The hub's group commits so far (`agenthub_store_commit_seconds_count`
+/// on `/metrics`); `None` if it cannot be read.
+async fn store_commits(http_addr: &str) -> Option<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(http_addr).await.ok()?;
+    let req = format!("GET /metrics HTTP/1.1\r\nHost: {http_addr}\r\nConnection: close\r\n\r\n");
+    conn.write_all(req.as_bytes()).await.ok()?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await.ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("agenthub_store_commit_seconds_count "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
 }
 
 /// `ctx.sizes.push_pipelined` pushes with `ctx.sizes.inflight` tasks in flight.

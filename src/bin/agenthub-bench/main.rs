@@ -655,7 +655,7 @@ fn failed<T>(e: &str) -> Result<T> {
 async fn fsync_floor(ctx: &Ctx, name: &str) -> Result<Metrics> {
     let dir = ctx.fresh_dir(name)?;
     let count = ctx.sizes.fsync;
-    let lat = tokio::task::spawn_blocking(move || {
+    let (lat, log_sync) = tokio::task::spawn_blocking(move || {
         let mut f = std::fs::File::create(dir.join("fsync.bin"))?;
         let block = [b'x'; PAYLOAD_BYTES];
         let mut lat = Samples::with_capacity(count);
@@ -665,7 +665,25 @@ async fn fsync_floor(ctx: &Ctx, name: &str) -> Result<Metrics> {
             f.sync_all()?;
             lat.push(now_ns() - t0);
         }
-        Ok::<_, anyhow::Error>(lat)
+        // The hub log's own durable append: a record written into blocks
+        // that already exist (zero-filled ahead), then `fdatasync`. Its
+        // CPU (this thread's, kernel time included) is what every
+        // commit costs the hub at least.
+        use std::os::unix::fs::FileExt;
+        let g = std::fs::File::create(dir.join("log.bin"))?;
+        let span = (count * PAYLOAD_BYTES) as u64;
+        g.write_all_at(&vec![0u8; span as usize], 0)?;
+        g.sync_all()?;
+        let cpu0 = thread_cpu_ns();
+        let mut log = Samples::with_capacity(count);
+        for i in 0..count {
+            let t0 = now_ns();
+            g.write_all_at(&block, (i * PAYLOAD_BYTES) as u64)?;
+            g.sync_data()?;
+            log.push(now_ns() - t0);
+        }
+        let cpu_us = (thread_cpu_ns() - cpu0) as f64 / 1e3 / count as f64;
+        Ok::<_, anyhow::Error>((lat, (log, cpu_us)))
     })
     .await??;
     ctx.remove_dir(name);
@@ -674,7 +692,18 @@ async fn fsync_floor(ctx: &Ctx, name: &str) -> Result<Metrics> {
     let lat = lat.sorted();
     m.put("p50_us", lat.pct_us(0.50));
     m.put("p99_us", lat.pct_us(0.99));
+    m.put("log_append_p50_us", log_sync.0.sorted().pct_us(0.50));
+    m.put("log_append_cpu_us", log_sync.1);
     Ok(m)
+}
+
+/// CPU time of the calling thread (user and system), in nanoseconds: the
+/// first field of `/proc/thread-self/schedstat` (time on a CPU).
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Which echo server a floor phase runs against.
