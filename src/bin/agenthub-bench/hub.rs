@@ -236,7 +236,8 @@ pub async fn push_measured(
 
         // Pipelined: a task leaves the window when its `task_complete` is acked.
         let ws = sidecar(&hub.ws_addr, &agent, &tokens[0].1, 256).await?;
-        let piped = push_pipelined(ctx, cpu_pids, &mut client, ws, &agent, prefix).await?;
+        let piped =
+            push_pipelined(ctx, cpu_pids, &mut client, ws, &agent, prefix, &hub.ws_addr).await?;
         Ok::<_, anyhow::Error>((seq, piped))
     }
     .await;
@@ -266,8 +267,10 @@ async fn push_pipelined(
     ws: ws::Ws,
     agent: &str,
     prefix: &str,
+    http_addr: &str,
 ) -> Result<Metrics> {
     let (count, inflight, limit) = (ctx.sizes.push_pipelined, ctx.sizes.inflight, ctx.limit);
+    let commits0 = store_commits(http_addr).await;
     let meta = metadata();
     let window = Arc::new(Semaphore::new(inflight));
     let errors = Arc::new(AtomicU64::new(0));
@@ -358,6 +361,13 @@ async fn push_pipelined(
         bail!("{errors} PushTask calls failed");
     }
     let mut m = Metrics::default();
+    if let (Some(a), Some(b)) = (commits0, store_commits(http_addr).await) {
+        // Group commits per task: each carries many tasks' changes.
+        m.put(
+            "commits_per_task",
+            b.saturating_sub(a) as f64 / count as f64,
+        );
+    }
     m.put("count", count as f64);
     m.put("inflight", inflight as f64);
     m.put("tasks_per_s", count as f64 / ((t1 - t0) as f64 / 1e9));

@@ -367,6 +367,20 @@ fn targets(d: &Data) -> Vec<Target> {
             unit: "µs",
         },
         Target {
+            what: "hub CPU per pipelined task".into(),
+            phase: ("hub_push_pipelined", None),
+            hub: metric("hub_push_pipelined", None, "server_cpu_us_per_task"),
+            base: Some(Box::new(|d, rep| {
+                let bound = d.get(rep, "hub_bound_pipelined", None, "server_cpu_us_per_task")?;
+                let commits = d.get(rep, "hub_push_pipelined", None, "commits_per_task")?;
+                let append = d.get(rep, "fsync", None, "log_append_cpu_us")?;
+                Some(bound + commits * append)
+            })),
+            base_label: "the storage floor: `hub-bound`'s + the hub's commits per task × CPU of one durable append (pwrite + fdatasync), pipelined".into(),
+            bound: NO_GOAL,
+            unit: "µs",
+        },
+        Target {
             what: "hub CPU per sequential task".into(),
             phase: ("hub_push_seq", None),
             hub: metric("hub_push_seq", None, "server_cpu_us_per_task"),
