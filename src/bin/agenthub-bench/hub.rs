@@ -193,15 +193,8 @@ pub async fn push_measured(
             wait_ack(&mut ws, &task_id, "complete").await?;
         }
         let cpu_us = cpu.context("no measured pushes")?.used_us()?;
-        let commits = match (commits0, store_commits(&hub.ws_addr).await) {
-            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-            _ => None,
-        };
         let mut seq = Metrics::default();
-        if let Some(n) = commits {
-            // Group commits (one durable append each) per task, sequential.
-            seq.put("commits_per_task", n as f64 / s.push_measured as f64);
-        }
+        put_commits_per_task(&mut seq, &hub.ws_addr, commits0, s.push_measured).await;
         seq.put("count", s.push_measured as f64);
         to_ack.sorted().put(&mut seq, "push_to_accept_ack");
         to_assign.sorted().put(&mut seq, "push_to_assign");
@@ -257,6 +250,18 @@ async fn store_commits(http_addr: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix("agenthub_store_commit_seconds_count "))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map(|v| v as u64)
+}
+
+/// `commits_per_task`: the hub's group commits (one durable append each)
+/// since `before` ([`store_commits`] then), per task of `tasks`; left out
+/// when `/metrics` cannot be read.
+async fn put_commits_per_task(m: &mut Metrics, http_addr: &str, before: Option<u64>, tasks: usize) {
+    if let (Some(a), Some(b)) = (before, store_commits(http_addr).await) {
+        m.put(
+            "commits_per_task",
+            b.saturating_sub(a) as f64 / tasks as f64,
+        );
+    }
 }
 
 /// `ctx.sizes.push_pipelined` pushes with `ctx.sizes.inflight` tasks in flight.
@@ -361,13 +366,7 @@ async fn push_pipelined(
         bail!("{errors} PushTask calls failed");
     }
     let mut m = Metrics::default();
-    if let (Some(a), Some(b)) = (commits0, store_commits(http_addr).await) {
-        // Group commits per task: each carries many tasks' changes.
-        m.put(
-            "commits_per_task",
-            b.saturating_sub(a) as f64 / count as f64,
-        );
-    }
+    put_commits_per_task(&mut m, http_addr, commits0, count).await;
     m.put("count", count as f64);
     m.put("inflight", inflight as f64);
     m.put("tasks_per_s", count as f64 / ((t1 - t0) as f64 / 1e9));

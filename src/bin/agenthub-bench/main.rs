@@ -671,8 +671,7 @@ async fn fsync_floor(ctx: &Ctx, name: &str) -> Result<Metrics> {
         // commit costs the hub at least.
         use std::os::unix::fs::FileExt;
         let g = std::fs::File::create(dir.join("log.bin"))?;
-        let span = (count * PAYLOAD_BYTES) as u64;
-        g.write_all_at(&vec![0u8; span as usize], 0)?;
+        g.write_all_at(&vec![0u8; count * PAYLOAD_BYTES], 0)?;
         g.sync_all()?;
         let cpu0 = thread_cpu_ns();
         let mut log = Samples::with_capacity(count);

@@ -289,6 +289,29 @@ fn protocol_cpu(mode: &'static str) -> Figure {
     })
 }
 
+/// Hub CPU per task of the `hub-push` phase `phase` (`hub_push_seq`,
+/// `hub_push_pipelined`) against its storage floor: `hub-bound`'s CPU per
+/// task in the same mode plus the hub's commits per task times the CPU of
+/// one durable append. Reported, no goal.
+fn storage_floor_target(phase: &'static str, bound_phase: &'static str, mode: &str) -> Target {
+    Target {
+        what: format!("hub CPU per {mode} task"),
+        phase: (phase, None),
+        hub: metric(phase, None, "server_cpu_us_per_task"),
+        base: Some(Box::new(move |d, rep| {
+            let bound = d.get(rep, bound_phase, None, "server_cpu_us_per_task")?;
+            let commits = d.get(rep, phase, None, "commits_per_task")?;
+            let append = d.get(rep, "fsync", None, "log_append_cpu_us")?;
+            Some(bound + commits * append)
+        })),
+        base_label: format!(
+            "the storage floor: `hub-bound`'s + the hub's commits per task × CPU of one durable append (pwrite + fdatasync), {mode}"
+        ),
+        bound: NO_GOAL,
+        unit: "µs",
+    }
+}
+
 fn targets(d: &Data) -> Vec<Target> {
     let fan = d.max_param("hub_fanout").unwrap_or(100);
     // The 10k row (1k with quick sizes), and the 100k row.
@@ -366,34 +389,8 @@ fn targets(d: &Data) -> Vec<Target> {
             bound: (true, 2.0),
             unit: "µs",
         },
-        Target {
-            what: "hub CPU per pipelined task".into(),
-            phase: ("hub_push_pipelined", None),
-            hub: metric("hub_push_pipelined", None, "server_cpu_us_per_task"),
-            base: Some(Box::new(|d, rep| {
-                let bound = d.get(rep, "hub_bound_pipelined", None, "server_cpu_us_per_task")?;
-                let commits = d.get(rep, "hub_push_pipelined", None, "commits_per_task")?;
-                let append = d.get(rep, "fsync", None, "log_append_cpu_us")?;
-                Some(bound + commits * append)
-            })),
-            base_label: "the storage floor: `hub-bound`'s + the hub's commits per task × CPU of one durable append (pwrite + fdatasync), pipelined".into(),
-            bound: NO_GOAL,
-            unit: "µs",
-        },
-        Target {
-            what: "hub CPU per sequential task".into(),
-            phase: ("hub_push_seq", None),
-            hub: metric("hub_push_seq", None, "server_cpu_us_per_task"),
-            base: Some(Box::new(|d, rep| {
-                let bound = d.get(rep, "hub_bound_seq", None, "server_cpu_us_per_task")?;
-                let commits = d.get(rep, "hub_push_seq", None, "commits_per_task")?;
-                let append = d.get(rep, "fsync", None, "log_append_cpu_us")?;
-                Some(bound + commits * append)
-            })),
-            base_label: "the storage floor: `hub-bound`'s + the hub's commits per task × CPU of one durable append (pwrite + fdatasync), sequential".into(),
-            bound: NO_GOAL,
-            unit: "µs",
-        },
+        storage_floor_target("hub_push_pipelined", "hub_bound_pipelined", "pipelined"),
+        storage_floor_target("hub_push_seq", "hub_bound_seq", "sequential"),
         Target {
             what: "pipelined push, 64 in flight".into(),
             phase: ("hub_push_pipelined", None),

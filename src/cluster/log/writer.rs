@@ -120,13 +120,7 @@ pub(super) async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<
                 // Stored by the log: complete now; the copy follows (reads
                 // wait for it, `watch_copy` sees that it does).
                 Ok(last) => {
-                    completer.acked.send_if_modified(|a| {
-                        let newer = last > *a;
-                        if newer {
-                            *a = last;
-                        }
-                        newer
-                    });
+                    completer.acked.send_modify(|a| *a = (*a).max(last));
                     Ok(())
                 }
                 Err(e) => {

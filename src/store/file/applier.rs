@@ -32,8 +32,8 @@ const APPLY_DELAY: Duration = Duration::from_millis(10);
 /// The longest pause between two tries of a copy that failed to apply.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Most bytes of fresh records kept for the applier (estimated as
-/// [`Fresh`] counts them): a copy that falls further behind reads the log.
+/// Most bytes of fresh records kept for the applier (estimated as the
+/// writer sizes a group): a copy that falls further behind reads the log.
 const FRESH_BYTES: usize = 32 << 20;
 
 /// A durable record as the writer had it in memory.
@@ -61,8 +61,7 @@ impl Fresh {
             bytes: 0,
         };
         for b in batches {
-            f.bytes +=
-                b.events.iter().map(|e| e.proto().len() + 64).sum::<usize>() + b.tasks.len() * 512;
+            f.bytes += super::writer::batch_bytes(b);
             f.events.append(&mut b.events);
             f.rows.append(&mut b.tasks);
         }

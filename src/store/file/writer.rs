@@ -34,7 +34,7 @@ const MAX_GROUP: usize = 4096;
 const MAX_GROUP_BYTES: usize = crate::store::MAX_CHANGE_BYTES;
 
 /// About how many bytes a batch adds to a record.
-fn batch_bytes(b: &Batch) -> usize {
+pub(super) fn batch_bytes(b: &Batch) -> usize {
     b.events.iter().map(|e| e.proto().len() + 64).sum::<usize>() + b.tasks.len() * 512
 }
 
@@ -422,6 +422,7 @@ impl Lead {
         } else {
             Ok(())
         };
+        let (live_count, live_epoch) = (live.len(), live.iter().map(|b| b.epoch).max());
         drop(live);
         let mut group = group;
         match &result {
@@ -449,19 +450,11 @@ impl Lead {
             Ok(()) => {}
             Err(e) => {
                 tracing::error!(error = %e, "append to the log failed; queued changes of this epoch are dropped");
-                let epoch = group
-                    .iter()
-                    .zip(&stale)
-                    .filter(|(_, s)| !**s)
-                    .map(|(b, _)| b.epoch)
-                    .max()
-                    .unwrap_or(0);
-                self.poisoned.record(epoch, e.clone());
+                self.poisoned.record(live_epoch.unwrap_or(0), e.clone());
             }
         }
         if writes {
-            let n = stale.iter().filter(|s| !**s).count();
-            lock(&shared.commits).record(started.elapsed(), n, result.is_ok());
+            lock(&shared.commits).record(started.elapsed(), live_count, result.is_ok());
         }
         let poison = self.poisoned.outcome();
         for (batch, stale) in group.into_iter().zip(stale) {
