@@ -91,7 +91,7 @@ struct RunArgs {
     quick: bool,
     /// Only these groups (comma-separated): fsync, echo, grpc-echo, nats-rr, js-roundtrip,
     /// hub-push, hub-bound, fanout, ingest, replay, connections, history, output-flood, js-cluster,
-    /// cluster.
+    /// cluster; and `hub-ingest` (the hub's side of `ingest` alone, for comparing builds).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Longest time one measured loop may take, in seconds.
@@ -129,6 +129,10 @@ const GROUPS: &[&str] = &[
     "js-cluster",
     "cluster",
 ];
+
+/// Groups run only when named in `--only`, for comparing two builds: one
+/// side of a group without its baseline.
+const HUB_ONLY_GROUPS: &[&str] = &["hub-ingest"];
 
 /// Workload sizes.
 pub struct Sizes {
@@ -270,8 +274,12 @@ fn main() -> Result<()> {
 
 async fn run(args: RunArgs) -> Result<()> {
     for g in &args.only {
-        if !GROUPS.contains(&g.as_str()) {
-            bail!("unknown group `{g}` (one of {})", GROUPS.join(", "));
+        if !GROUPS.contains(&g.as_str()) && !HUB_ONLY_GROUPS.contains(&g.as_str()) {
+            bail!(
+                "unknown group `{g}` (one of {}, {})",
+                GROUPS.join(", "),
+                HUB_ONLY_GROUPS.join(", ")
+            );
         }
     }
     if args.connections.contains(&0) {
@@ -284,6 +292,12 @@ async fn run(args: RunArgs) -> Result<()> {
         .iter()
         .copied()
         .filter(|g| args.only.is_empty() || args.only.iter().any(|o| o == g))
+        .chain(
+            HUB_ONLY_GROUPS
+                .iter()
+                .copied()
+                .filter(|g| args.only.iter().any(|o| o == g)),
+        )
         .collect();
     let stamp = utc_stamp();
     std::fs::create_dir_all(&args.out)?;
@@ -536,6 +550,11 @@ async fn run_group(
             let t = now_ns();
             let out = nats::ingest(ctx, &name("js-ingest")).await;
             rec.write(r("js_ingest", "jetstream", None), out, t)?;
+            let t = now_ns();
+            let out = hub::ingest(ctx, &name("hub-ingest")).await;
+            rec.write(r("hub_ingest", "agenthub", None), out, t)?;
+        }
+        "hub-ingest" => {
             let t = now_ns();
             let out = hub::ingest(ctx, &name("hub-ingest")).await;
             rec.write(r("hub_ingest", "agenthub", None), out, t)?;
