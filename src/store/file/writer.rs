@@ -302,6 +302,18 @@ impl Log {
     /// Queue a batch; it commits after every batch queued before it.
     pub(super) fn submit(self: &Arc<Self>, batch: Batch) {
         let mut q = lock(&self.queue);
+        if q.leader != Leader::None {
+            // The batch waits for the group being appended: encode its
+            // events meanwhile, on the thread that built them (their
+            // payloads are in its cache, and their sources are freed where
+            // they were allocated), not on the one that appends the next
+            // group. A batch that starts a group is encoded by its leader.
+            drop(q);
+            for ev in &batch.events {
+                ev.proto();
+            }
+            q = lock(&self.queue);
+        }
         if q.closed {
             drop(q);
             batch.complete(&Err(Error::ShuttingDown));
