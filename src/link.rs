@@ -142,7 +142,7 @@ pub enum ToAgent {
     TaskAssign {
         task_id: String,
         description: String,
-        metadata: JsonObject,
+        metadata: std::sync::Arc<JsonObject>,
         generation: Generation,
         assigned_at: i64,
         /// The W3C trace context the task was pushed with, if any (the

@@ -173,8 +173,9 @@ pub struct Task {
     /// Stored in the task's CREATED event, not in its row (see `store`).
     #[serde(default)]
     pub description: String,
+    /// Shared, not copied, by the task's row snapshots and assignments.
     #[serde(default)]
-    pub metadata: JsonObject,
+    pub metadata: std::sync::Arc<JsonObject>,
     pub state: TaskState,
     pub generation: Generation,
     pub attempts: u32,

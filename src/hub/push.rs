@@ -145,7 +145,7 @@ impl Hub {
                 agent_id: req.agent_id.clone(),
                 pinned: req.agent_id.is_some(),
                 description: req.description.clone(),
-                metadata: req.metadata.clone(),
+                metadata: std::sync::Arc::new(req.metadata.clone()),
                 state: TaskState::Queued,
                 generation: 0,
                 attempts: 0,
@@ -259,7 +259,7 @@ fn same_request(task: &Task, req: &PushRequest, max_attempts: u32) -> bool {
     task.pinned == req.agent_id.is_some()
         && (!task.pinned || task.agent_id == req.agent_id)
         && task.description == req.description
-        && task.metadata == req.metadata
+        && *task.metadata == req.metadata
         && task.needed_capabilities == req.needed_capabilities
         && task.priority == req.priority
         && task.max_attempts == max_attempts

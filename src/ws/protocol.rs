@@ -287,7 +287,7 @@ mod tests {
         let v: Value = serde_json::from_str(&encode(&ToAgent::TaskAssign {
             task_id: "t1".into(),
             description: "d".into(),
-            metadata: JsonObject::new(),
+            metadata: Default::default(),
             generation: 1,
             assigned_at: 7,
             traceparent: None,
