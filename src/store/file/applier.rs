@@ -61,7 +61,7 @@ impl Fresh {
             bytes: 0,
         };
         for b in batches {
-            f.bytes += super::writer::batch_bytes(b);
+            f.bytes += segment::batch_bytes(b);
             f.events.append(&mut b.events);
             f.rows.append(&mut b.tasks);
         }

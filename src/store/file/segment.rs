@@ -95,6 +95,12 @@ pub struct RecordHead {
     pub last_seq: Seq,
 }
 
+/// About how many bytes a batch adds to a record (the writer bounds its
+/// groups with it, the applier the records it keeps in memory).
+pub fn batch_bytes(b: &crate::store::Batch) -> usize {
+    b.events.iter().map(|e| e.proto().len() + 64).sum::<usize>() + b.tasks.len() * 512
+}
+
 /// The bytes of one record.
 pub fn encode_record(index: u64, last_seq: Seq, entry: &[u8]) -> Vec<u8> {
     let mut buf = vec![0; RECORD_HEAD + entry.len()];

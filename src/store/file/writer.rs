@@ -33,11 +33,6 @@ const MAX_GROUP: usize = 4096;
 /// it is built).
 const MAX_GROUP_BYTES: usize = crate::store::MAX_CHANGE_BYTES;
 
-/// About how many bytes a batch adds to a record.
-pub(super) fn batch_bytes(b: &Batch) -> usize {
-    b.events.iter().map(|e| e.proto().len() + 64).sum::<usize>() + b.tasks.len() * 512
-}
-
 /// The writer's end of the log.
 pub(super) struct Writer {
     pub(super) dir: PathBuf,
@@ -373,7 +368,7 @@ impl Log {
             let Some(b) = q.batches.pop_front() else {
                 break;
             };
-            bytes += batch_bytes(&b);
+            bytes += segment::batch_bytes(&b);
             group.push(b);
         }
         Next::Group(group)
