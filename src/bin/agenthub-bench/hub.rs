@@ -240,12 +240,10 @@ pub async fn push_measured(
 /// The hub's group commits so far (`agenthub_store_commit_seconds_count`
 /// on `/metrics`); `None` if it cannot be read.
 async fn store_commits(http_addr: &str) -> Option<u64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(http_addr).await.ok()?;
-    let req = format!("GET /metrics HTTP/1.1\r\nHost: {http_addr}\r\nConnection: close\r\n\r\n");
-    conn.write_all(req.as_bytes()).await.ok()?;
-    let mut body = String::new();
-    conn.read_to_string(&mut body).await.ok()?;
+    let (status, body) = crate::procs::http_get(http_addr, "/metrics").await.ok()?;
+    if status != 200 {
+        return None;
+    }
     body.lines()
         .find_map(|l| l.strip_prefix("agenthub_store_commit_seconds_count "))
         .and_then(|v| v.trim().parse::<f64>().ok())

@@ -546,15 +546,12 @@ async fn run_group(
                 rec.write(r("hub_fanout", "agenthub", Some(n as u64)), out, t)?;
             }
         }
-        "ingest" => {
-            let t = now_ns();
-            let out = nats::ingest(ctx, &name("js-ingest")).await;
-            rec.write(r("js_ingest", "jetstream", None), out, t)?;
-            let t = now_ns();
-            let out = hub::ingest(ctx, &name("hub-ingest")).await;
-            rec.write(r("hub_ingest", "agenthub", None), out, t)?;
-        }
-        "hub-ingest" => {
+        "ingest" | "hub-ingest" => {
+            if group == "ingest" {
+                let t = now_ns();
+                let out = nats::ingest(ctx, &name("js-ingest")).await;
+                rec.write(r("js_ingest", "jetstream", None), out, t)?;
+            }
             let t = now_ns();
             let out = hub::ingest(ctx, &name("hub-ingest")).await;
             rec.write(r("hub_ingest", "agenthub", None), out, t)?;
