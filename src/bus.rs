@@ -20,6 +20,10 @@ use crate::store::Store;
 const CATCH_UP_PAGE: usize = 2048;
 /// Events queued per watcher between its task and its gRPC stream.
 const WATCHER_QUEUE: usize = 256;
+/// Most events handed to the stream at once: a catch-up page, or a burst
+/// of live events, goes in chunks (one hand-off and one wake-up per chunk,
+/// not per event). The queue holds `WATCHER_QUEUE / CHUNK` chunks.
+const CHUNK: usize = 32;
 
 /// Most bytes of encoded events the live buffer holds. An event that would
 /// take it past this goes out as a [`Live::Stored`] notice instead, and
@@ -52,8 +56,8 @@ pub struct EventBus {
     watchers: Arc<AtomicUsize>,
 }
 
-/// What a watcher's stream yields.
-pub type WatchItem = Result<Queued>;
+/// What a watcher's stream yields: events in order, a chunk at a time.
+pub type WatchItem = Result<Vec<Queued>>;
 
 /// Most bytes of large events queued for one watcher's stream (at least
 /// one event): a slow reader of large events holds this much, not its
@@ -142,7 +146,7 @@ impl EventBus {
             }
             None => head,
         };
-        let (out, rx) = mpsc::channel(WATCHER_QUEUE);
+        let (out, rx) = mpsc::channel(WATCHER_QUEUE / CHUNK);
         let guard = WatcherGuard::new(self.watchers.clone());
         tokio::spawn(async move {
             let _guard = guard;
@@ -151,6 +155,7 @@ impl EventBus {
                 filter,
                 cursor,
                 out,
+                chunk: Vec::with_capacity(CHUNK),
                 room: Arc::new(tokio::sync::Semaphore::new(MAX_WATCHER_QUEUE_BYTES / 1024)),
             };
             if let Err(e) = w.run(live).await {
@@ -193,6 +198,8 @@ struct Watcher {
     /// Last seq handled (sent or filtered out).
     cursor: Seq,
     out: mpsc::Sender<WatchItem>,
+    /// Events offered and not yet handed to the stream.
+    chunk: Vec<Queued>,
     /// Room in the queue to the stream, in KiB of events.
     room: Arc<tokio::sync::Semaphore>,
 }
@@ -209,52 +216,85 @@ impl Watcher {
                     // The client went away: end now, not at the next matching event.
                     _ = self.out.closed() => return Ok(()),
                 };
-                match next {
-                    Ok(Live::Event(ev)) => {
-                        if !self.offer(ev).await {
-                            return Ok(());
-                        }
-                    }
+                let ev = match next {
+                    Ok(Live::Event(ev)) => ev,
                     // Too large for the live buffer: from the store.
                     Ok(Live::Stored) => break,
                     // Fell behind the live buffer: read the missed part from the store.
                     Err(broadcast::error::RecvError::Lagged(_)) => break,
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                };
+                // The rest of a burst goes in the same chunk.
+                let mut from_store = false;
+                let mut next = Some(ev);
+                while let Some(ev) = next.take() {
+                    if !self.offer(ev).await {
+                        return Ok(());
+                    }
+                    if self.chunk.len() >= CHUNK {
+                        break;
+                    }
+                    match live.try_recv() {
+                        Ok(Live::Event(ev)) => next = Some(ev),
+                        Ok(Live::Stored) | Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                            from_store = true;
+                        }
+                        Err(broadcast::error::TryRecvError::Empty) => {}
+                        Err(broadcast::error::TryRecvError::Closed) => {
+                            self.flush().await;
+                            return Ok(());
+                        }
+                    }
+                }
+                if !self.flush().await {
+                    return Ok(());
+                }
+                if from_store {
+                    break;
                 }
             }
         }
     }
 
     /// Send every stored event after the cursor. False: the client went away.
+    /// The next page is read while this one is sent.
     async fn catch_up(&mut self) -> Result<bool> {
+        let mut reading = self.read_page(self.cursor);
         loop {
-            let store = self.store.clone();
-            let after = self.cursor;
-            let page = tokio::task::spawn_blocking(move || {
-                let page = store.read_events(after, CATCH_UP_PAGE)?;
-                // Pruned under our feet: the stream would have a hole.
-                if page
-                    .first()
-                    .is_some_and(|e| Some(e.seq) != after.checked_add(1))
-                {
-                    check_retained(&*store, after)?;
-                }
-                Ok::<_, Error>(page)
-            })
-            .await
-            .map_err(|e| Error::storage(e.to_string()))??;
-            if page.is_empty() {
+            let page = reading.await.map_err(|e| Error::storage(e.to_string()))??;
+            let Some(last) = page.last().map(|ev| ev.seq) else {
                 return Ok(true);
-            }
+            };
+            reading = self.read_page(last);
             for ev in page {
                 if !self.offer(Arc::new(ev)).await {
                     return Ok(false);
                 }
             }
+            if !self.flush().await {
+                return Ok(false);
+            }
         }
     }
 
-    /// Send `ev` if it is new and matches. False: the client went away.
+    /// Read the stored events after `after`, one page, on a blocking thread.
+    fn read_page(&self, after: Seq) -> tokio::task::JoinHandle<Result<Vec<EncodedEvent>>> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let page = store.read_events(after, CATCH_UP_PAGE)?;
+            // Pruned under our feet: the stream would have a hole.
+            if page
+                .first()
+                .is_some_and(|e| Some(e.seq) != after.checked_add(1))
+            {
+                check_retained(&*store, after)?;
+            }
+            Ok(page)
+        })
+    }
+
+    /// Add `ev` to the chunk if it is new and matches; a full chunk goes
+    /// to the stream. False: the client went away.
     async fn offer(&mut self, ev: Arc<EncodedEvent>) -> bool {
         if ev.seq <= self.cursor {
             return true;
@@ -269,18 +309,33 @@ impl Watcher {
         let room = if len < LARGE_EVENT_BYTES {
             None
         } else {
+            // What waits in the chunk goes first: it may hold the room this
+            // event waits for.
+            if !self.flush().await {
+                return false;
+            }
             let kib = len.div_ceil(1024).min(MAX_WATCHER_QUEUE_BYTES / 1024) as u32;
             tokio::select! {
                 room = self.room.clone().acquire_many_owned(kib) => room.ok(),
                 _ = self.out.closed() => return false,
             }
         };
-        self.out
-            .send(Ok(Queued {
-                event: ev,
-                _room: room,
-            }))
-            .await
-            .is_ok()
+        self.chunk.push(Queued {
+            event: ev,
+            _room: room,
+        });
+        if self.chunk.len() >= CHUNK {
+            return self.flush().await;
+        }
+        true
+    }
+
+    /// Hand the chunk to the stream. False: the client went away.
+    async fn flush(&mut self) -> bool {
+        if self.chunk.is_empty() {
+            return true;
+        }
+        let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(CHUNK));
+        self.out.send(Ok(chunk)).await.is_ok()
     }
 }

@@ -186,9 +186,15 @@ impl TaskHub for TaskHubService {
         let rx = self.hub.watch(r.after_seq, r.log_id.as_deref(), filter)?;
         let mut shutdown = self.shutdown.clone();
         let stream = ReceiverStream::new(rx)
-            .map(|item| match item {
-                Ok(ev) => Ok(EventBytes(ev.proto().clone())),
-                Err(e) => Err(Status::from(e)),
+            .flat_map(|item| {
+                let out: Vec<Result<EventBytes, Status>> = match item {
+                    Ok(chunk) => chunk
+                        .iter()
+                        .map(|ev| Ok(EventBytes(ev.proto().clone())))
+                        .collect(),
+                    Err(e) => vec![Err(Status::from(e))],
+                };
+                futures_util::stream::iter(out)
             })
             .take_until(async move {
                 let _ = shutdown.wait_for(|s| *s).await;
