@@ -224,15 +224,13 @@ impl Watcher {
                     Err(broadcast::error::RecvError::Lagged(_)) => break,
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 };
-                // The rest of a burst goes in the same chunk.
+                // The rest of a burst goes in the same chunk (`offer` hands
+                // over each chunk that fills).
                 let mut from_store = false;
                 let mut next = Some(ev);
                 while let Some(ev) = next.take() {
                     if !self.offer(ev).await {
                         return Ok(());
-                    }
-                    if self.chunk.len() >= CHUNK {
-                        break;
                     }
                     match live.try_recv() {
                         Ok(Live::Event(ev)) => next = Some(ev),
