@@ -155,7 +155,7 @@ impl EventBus {
                 filter,
                 cursor,
                 out,
-                chunk: Vec::with_capacity(CHUNK),
+                chunk: Vec::new(),
                 room: Arc::new(tokio::sync::Semaphore::new(MAX_WATCHER_QUEUE_BYTES / 1024)),
             };
             if let Err(e) = w.run(live).await {
@@ -226,24 +226,23 @@ impl Watcher {
                 };
                 // The rest of a burst goes in the same chunk (`offer` hands
                 // over each chunk that fills).
-                let mut from_store = false;
-                let mut next = Some(ev);
-                while let Some(ev) = next.take() {
+                let mut ev = ev;
+                let from_store = loop {
                     if !self.offer(ev).await {
                         return Ok(());
                     }
                     match live.try_recv() {
-                        Ok(Live::Event(ev)) => next = Some(ev),
+                        Ok(Live::Event(next)) => ev = next,
+                        Err(broadcast::error::TryRecvError::Empty) => break false,
                         Ok(Live::Stored) | Err(broadcast::error::TryRecvError::Lagged(_)) => {
-                            from_store = true;
+                            break true
                         }
-                        Err(broadcast::error::TryRecvError::Empty) => {}
                         Err(broadcast::error::TryRecvError::Closed) => {
                             self.flush().await;
                             return Ok(());
                         }
                     }
-                }
+                };
                 if !self.flush().await {
                     return Ok(());
                 }
@@ -265,6 +264,10 @@ impl Watcher {
             };
             reading = self.read_page(last);
             for ev in page {
+                if self.chunk.capacity() == 0 {
+                    // A page fills whole chunks: no growing on the way.
+                    self.chunk.reserve(CHUNK);
+                }
                 if !self.offer(Arc::new(ev)).await {
                     return Ok(false);
                 }
@@ -333,7 +336,8 @@ impl Watcher {
         if self.chunk.is_empty() {
             return true;
         }
-        let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(CHUNK));
+        // Taken, not replaced: a lone live event allocates for itself alone.
+        let chunk = std::mem::take(&mut self.chunk);
         self.out.send(Ok(chunk)).await.is_ok()
     }
 }

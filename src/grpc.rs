@@ -187,14 +187,16 @@ impl TaskHub for TaskHubService {
         let mut shutdown = self.shutdown.clone();
         let stream = ReceiverStream::new(rx)
             .flat_map(|item| {
-                let out: Vec<Result<EventBytes, Status>> = match item {
-                    Ok(chunk) => chunk
-                        .iter()
-                        .map(|ev| Ok(EventBytes(ev.proto().clone())))
-                        .collect(),
-                    Err(e) => vec![Err(Status::from(e))],
+                // A chunk's events one by one (each frees its room as it is
+                // taken), or the error that ends the stream.
+                let (chunk, end) = match item {
+                    Ok(chunk) => (chunk, None),
+                    Err(e) => (Vec::new(), Some(Err(Status::from(e)))),
                 };
-                futures_util::stream::iter(out)
+                let events = chunk
+                    .into_iter()
+                    .map(|ev| Ok(EventBytes(ev.proto().clone())));
+                futures_util::stream::iter(events.chain(end))
             })
             .take_until(async move {
                 let _ = shutdown.wait_for(|s| *s).await;

@@ -221,6 +221,37 @@ async fn stalled_watcher_does_not_block_the_hub_and_later_gets_everything() {
 }
 
 #[tokio::test]
+async fn a_watcher_that_stops_reading_through_a_burst_of_large_events_gets_them_all_in_order() {
+    let hub = TestHub::start().await;
+    let mut sc = hub.sidecar("big").await;
+    let mut client = hub.client().await;
+    // Live from the start and not read while the burst is stored: its queue
+    // and its room for large events (8 MiB) fill, the rest of the burst
+    // waits in the live buffer, and reaches the watcher at once when the
+    // reader starts: more large events than the room holds in one go.
+    let mut stalled = hub.client().await.watch_after(0).await;
+    let id = client.push(pinned("big", "t")).await.task_id;
+    let (_, g) = sc.next_assign().await;
+    sc.accept(&id, g).await;
+    let pad = "x".repeat(600 * 1024);
+    let burst = 40u64;
+    for i in 0..burst {
+        sc.send(json!({"type": "task_progress", "task_id": id, "progress": {"i": i, "pad": pad}}))
+            .await;
+    }
+    // Acknowledged: every report before it is stored.
+    sc.complete(&id, g, json!(null)).await;
+    let want = 3 + burst + 1; // CREATED, ASSIGNED, ACCEPTED, the burst, COMPLETED
+    let evs = take_events(&mut stalled, want as usize).await;
+    let seqs: Vec<u64> = evs.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=want).collect::<Vec<u64>>());
+    assert_eq!(
+        kind(&evs[want as usize - 1]),
+        pb::task_event::Kind::Completed
+    );
+}
+
+#[tokio::test]
 async fn cursor_older_than_retention_is_out_of_range() {
     let hub = TestHub::start_with(|c| c.event_retention = Some(10)).await;
     let mut sc = hub.sidecar("r").await;
