@@ -398,18 +398,28 @@ async fn a_three_node_nats_cluster_starts_with_jetstream() {
         .await
         .unwrap();
     let js = jetstream::new(client.clone());
-    let mut stream = js
-        .create_stream(stream::Config {
-            name: "SELFTEST".into(),
-            subjects: vec!["selftest.>".into()],
-            num_replicas: 3,
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    // A new R3 stream takes writes once its replicas have elected a leader.
+    // JetStream answers its API once the servers have elected a meta
+    // leader: on a loaded machine the first request may time out.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut stream = loop {
+        let created = js
+            .create_stream(stream::Config {
+                name: "SELFTEST".into(),
+                subjects: vec!["selftest.>".into()],
+                num_replicas: 3,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await;
+        match created {
+            Ok(stream) => break stream,
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "no stream within 30 s: {e}"
+            ),
+        }
+    };
+    // A new R3 stream takes writes once its replicas have elected a leader.
     while stream
         .info()
         .await
