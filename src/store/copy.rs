@@ -157,10 +157,7 @@ mod tests {
         }))
         .expect("task");
         let batch = Batch {
-            tasks: vec![TaskWrite {
-                task: row,
-                expected_last_seq: None,
-            }],
+            tasks: vec![TaskWrite::new(row, None)],
             events: vec![Arc::new(EncodedEvent::stored(
                 seq,
                 task.into(),

@@ -33,6 +33,7 @@ pub mod copy;
 pub mod entry;
 pub mod faults;
 pub mod file;
+pub mod row;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -54,6 +55,33 @@ pub struct TaskWrite {
     pub task: Task,
     /// `last_seq` of the stored record this write replaces; `None` for a new task.
     pub expected_last_seq: Option<Seq>,
+    /// The row's body ([`row::body`]), encoded once: by the log's writer,
+    /// or read from the log; the copy stores it as it is.
+    body: std::sync::OnceLock<String>,
+}
+
+impl TaskWrite {
+    pub fn new(task: Task, expected_last_seq: Option<Seq>) -> TaskWrite {
+        TaskWrite {
+            task,
+            expected_last_seq,
+            body: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// A write read back from a log, with the body it carried.
+    pub fn with_body(task: Task, expected_last_seq: Option<Seq>, body: String) -> TaskWrite {
+        TaskWrite {
+            task,
+            expected_last_seq,
+            body: body.into(),
+        }
+    }
+
+    /// The row's JSON body, encoded on first use.
+    pub fn body(&self) -> &str {
+        self.body.get_or_init(|| row::body(&self.task))
+    }
 }
 
 /// Changes that become durable together.

@@ -104,7 +104,7 @@ pub async fn prepare(ctx: &Ctx, n: usize) -> Result<String> {
                 batch.events.push(event(created + 3, &task, EventKind::Completed, json!({"task_id": task.task_id, "generation": 1, "result": result}), TaskState::Completed));
                 seq += 4;
                 task.result = Some(json!(result));
-                batch.tasks.push(TaskWrite { task, expected_last_seq: None });
+                batch.tasks.push(TaskWrite::new(task, None));
             }
             let tx = done_tx.clone();
             batch.then(move |r| {

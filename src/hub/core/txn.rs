@@ -128,10 +128,9 @@ impl Core {
         txn.batch.epoch = self.epoch;
         for (id, expected) in txn.touched.drain(..) {
             if let Some(task) = self.tasks.get(&id) {
-                txn.batch.tasks.push(TaskWrite {
-                    task: task.row_copy(),
-                    expected_last_seq: expected,
-                });
+                txn.batch
+                    .tasks
+                    .push(TaskWrite::new(task.row_copy(), expected));
             }
         }
         self.evict_finished(durable);

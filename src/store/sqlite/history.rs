@@ -13,53 +13,14 @@
 //! incremental vacuum.
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
-use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::event;
-use crate::model::{JsonObject, Priority, Seq, Task, TaskState};
-use crate::store::{ListFilter, Purged, TaskListing};
+use crate::model::{Seq, Task, TaskState};
+use crate::store::{ListFilter, Purged, TaskListing, TaskWrite};
 
 /// Schema version this code writes (`PRAGMA user_version`).
 const SCHEMA_VERSION: i64 = 1;
-
-/// The row's JSON: the task without its description and result (in its
-/// events), without what the row's columns hold (`task_id`, `last_seq`,
-/// `created_seq`), and without empty fields.
-#[derive(Serialize)]
-struct RowBody<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    agent_id: &'a Option<String>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pinned: bool,
-    #[serde(skip_serializing_if = "JsonObject::is_empty")]
-    metadata: &'a JsonObject,
-    state: TaskState,
-    generation: u64,
-    attempts: u32,
-    max_attempts: u32,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    needed_capabilities: &'a [String],
-    priority: Priority,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: &'a Option<serde_json::Value>,
-    created_at_ms: i64,
-    updated_at_ms: i64,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    depends_on: &'a [String],
-    #[serde(skip_serializing_if = "is_zero_u64")]
-    queue_ttl_ms: u64,
-    #[serde(skip_serializing_if = "is_zero_i64")]
-    deadline_ms: i64,
-}
-
-fn is_zero_u64(n: &u64) -> bool {
-    *n == 0
-}
-
-fn is_zero_i64(n: &i64) -> bool {
-    *n == 0
-}
 
 /// The stable number of a state in the `state` column (the proto's values).
 pub fn state_code(s: TaskState) -> i64 {
@@ -118,25 +79,9 @@ const UPDATE_TASK: &str = "UPDATE tasks SET last_seq = ?2, body = ?3, state = ?4
 
 /// Write one task row (insert, or compare-and-set update on `last_seq`).
 /// Returns the number of rows changed (1 on success).
-pub fn write_task(tx: &Transaction<'_>, t: &Task, expected: Option<Seq>) -> Result<usize> {
-    let body = serde_json::to_string(&RowBody {
-        agent_id: &t.agent_id,
-        pinned: t.pinned,
-        metadata: &t.metadata,
-        state: t.state,
-        generation: t.generation,
-        attempts: t.attempts,
-        max_attempts: t.max_attempts,
-        needed_capabilities: &t.needed_capabilities,
-        priority: t.priority,
-        error: &t.error,
-        created_at_ms: t.created_at_ms,
-        updated_at_ms: t.updated_at_ms,
-        depends_on: &t.depends_on,
-        queue_ttl_ms: t.queue_ttl_ms,
-        deadline_ms: t.deadline_ms,
-    })
-    .map_err(|e| Error::storage(e.to_string()))?;
+pub fn write_task(tx: &Transaction<'_>, w: &TaskWrite, expected: Option<Seq>) -> Result<usize> {
+    let t = &w.task;
+    let body = w.body();
     let finished = t.state.is_final().then_some(t.updated_at_ms);
     let (last, created, state) = (t.last_seq as i64, t.created_seq as i64, state_code(t.state));
     let row: [&dyn rusqlite::ToSql; 7] = [
@@ -192,11 +137,12 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
 
 /// A task from its row, with its description and result from its events.
 fn task_from_row(conn: &Connection, row: &Row) -> Result<Task> {
-    let mut task: Task =
-        serde_json::from_str(&row.body).map_err(|e| Error::storage(e.to_string()))?;
-    task.task_id = row.task_id.clone();
-    task.last_seq = row.last_seq as Seq;
-    task.created_seq = row.created_seq as Seq;
+    let mut task = crate::store::row::task(
+        &row.task_id,
+        row.last_seq as Seq,
+        row.created_seq as Seq,
+        &row.body,
+    )?;
     if task.description.is_empty() && task.created_seq > 0 {
         if let Some(serde_json::Value::String(d)) =
             event_field(conn, task.created_seq, "description")?

@@ -207,10 +207,7 @@ mod tests {
     fn change(seq: Seq) -> Batch {
         Batch {
             epoch: seq,
-            tasks: vec![TaskWrite {
-                task: running(seq),
-                expected_last_seq: (seq > 1).then_some(seq - 1),
-            }],
+            tasks: vec![TaskWrite::new(running(seq), (seq > 1).then_some(seq - 1))],
             events: vec![Arc::new(EncodedEvent::stored(
                 seq,
                 "task-1".into(),

@@ -2,7 +2,7 @@
 //! queued while a commit was in flight into one transaction (group commit),
 //! fails the batches of a poisoned epoch, and prunes old events.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -143,11 +143,10 @@ fn write_group(
         // A task changed by several batches of the group is written once, with
         // its final state, checked against the state before the first change.
         for (w, expected) in coalesce(group).into_values() {
-            let t = &w.task;
-            if history::write_task(&tx, t, expected)? != 1 {
+            if history::write_task(&tx, w, expected)? != 1 {
                 return Err(Error::Storage {
                     fault: crate::error::StorageFault::Conflict,
-                    detail: format!("compare-and-set failed for task {}", t.task_id),
+                    detail: format!("compare-and-set failed for task {}", w.task.task_id),
                 });
             }
         }
@@ -158,7 +157,7 @@ fn write_group(
 
 /// The last write of each task in the group, with the first write's expectation.
 fn coalesce<'a>(group: &[&'a Batch]) -> HashMap<&'a str, (&'a TaskWrite, Option<Seq>)> {
-    let mut out: HashMap<&str, (&TaskWrite, Option<Seq>)> = HashMap::new();
+    let mut out: HashMap<&str, (&TaskWrite, Option<Seq>)> = HashMap::default();
     for w in group.iter().flat_map(|b| &b.tasks) {
         out.entry(w.task.task_id.as_str())
             .and_modify(|e| e.0 = w)

@@ -34,10 +34,7 @@ pub fn created(seq: Seq, task_id: &str) -> Batch {
     };
     Batch {
         epoch: 1,
-        tasks: vec![TaskWrite {
-            task,
-            expected_last_seq: None,
-        }],
+        tasks: vec![TaskWrite::new(task, None)],
         events: vec![Arc::new(EncodedEvent::new(event))],
         ..Batch::default()
     }
