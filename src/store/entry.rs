@@ -248,6 +248,44 @@ fn string(buf: &mut &[u8]) -> std::result::Result<String, String> {
     Ok(s.to_owned())
 }
 
+/// [`encode`] as versions before the binary head wrote it: a JSON head
+/// (tests of reading old logs).
+#[cfg(test)]
+pub(crate) fn encode_json(group: &[Batch]) -> Bytes {
+    let mut rows: Vec<Row> = Vec::new();
+    for w in group.iter().flat_map(|b| &b.tasks) {
+        match rows.iter_mut().find(|r| r.task.task_id == w.task.task_id) {
+            Some(r) => r.task = Cow::Borrowed(&w.task),
+            None => rows.push(Row {
+                task: Cow::Borrowed(&w.task),
+                expected: w.expected_last_seq,
+            }),
+        }
+    }
+    let events: Vec<&Arc<EncodedEvent>> = group.iter().flat_map(|b| &b.events).collect();
+    let head = Head {
+        events: events
+            .iter()
+            .map(|ev| EventHead {
+                seq: ev.seq,
+                task_id: Cow::Borrowed(&ev.task_id),
+                agent_id: Cow::Borrowed(&ev.agent_id),
+                kind: ev.kind,
+                len: ev.proto().len() as u32,
+            })
+            .collect(),
+        rows,
+    };
+    let head = serde_json::to_vec(&head).unwrap();
+    let mut buf = BytesMut::new();
+    buf.put_u32(head.len() as u32);
+    buf.put_slice(&head);
+    for ev in events {
+        buf.put_slice(ev.proto());
+    }
+    buf.freeze()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,42 +339,6 @@ mod tests {
                 assert_eq!(row.expected_last_seq, Some(7), "{id}");
             }
         }
-    }
-
-    /// The entry's head as entries written before the binary head held it.
-    fn encode_json(group: &[Batch]) -> Bytes {
-        let mut rows: Vec<Row> = Vec::new();
-        for w in group.iter().flat_map(|b| &b.tasks) {
-            match rows.iter_mut().find(|r| r.task.task_id == w.task.task_id) {
-                Some(r) => r.task = Cow::Borrowed(&w.task),
-                None => rows.push(Row {
-                    task: Cow::Borrowed(&w.task),
-                    expected: w.expected_last_seq,
-                }),
-            }
-        }
-        let events: Vec<&Arc<EncodedEvent>> = group.iter().flat_map(|b| &b.events).collect();
-        let head = Head {
-            events: events
-                .iter()
-                .map(|ev| EventHead {
-                    seq: ev.seq,
-                    task_id: Cow::Borrowed(&ev.task_id),
-                    agent_id: Cow::Borrowed(&ev.agent_id),
-                    kind: ev.kind,
-                    len: ev.proto().len() as u32,
-                })
-                .collect(),
-            rows,
-        };
-        let head = serde_json::to_vec(&head).unwrap();
-        let mut buf = BytesMut::new();
-        buf.put_u32(head.len() as u32);
-        buf.put_slice(&head);
-        for ev in events {
-            buf.put_slice(ev.proto());
-        }
-        buf.freeze()
     }
 
     /// A log written before the binary head is read as it was, and gives

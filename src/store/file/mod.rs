@@ -506,3 +506,113 @@ impl Store for FileStore {
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+    use crate::model::{EventKind, TaskEvent, TaskState};
+    use crate::store::{entry, TaskWrite};
+
+    /// The CREATED event of `task_id` at `seq`, with its row.
+    fn created(seq: Seq, task_id: &str, description: &str) -> Batch {
+        let task: Task = serde_json::from_value(serde_json::json!({
+            "task_id": task_id, "agent_id": null, "metadata": {"team": "a"},
+            "state": "QUEUED", "generation": 0, "attempts": 0, "max_attempts": 3,
+            "priority": "HIGH", "result": null, "error": null,
+            "created_at_ms": 7, "updated_at_ms": 7, "last_seq": seq, "created_seq": seq,
+        }))
+        .expect("task");
+        let event = TaskEvent {
+            seq,
+            task_id: task_id.into(),
+            agent_id: String::new(),
+            kind: EventKind::Created,
+            generation: 0,
+            payload: serde_json::from_value(serde_json::json!({ "description": description }))
+                .expect("payload"),
+            timestamp_ms: 7,
+            state: TaskState::Queued,
+        };
+        Batch {
+            tasks: vec![TaskWrite::new(task, None)],
+            events: vec![Arc::new(EncodedEvent::new(event))],
+            ..Batch::default()
+        }
+    }
+
+    fn commit(store: &FileStore, mut batch: Batch) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        batch.then(move |r| {
+            let _ = tx.send(r.is_ok());
+        });
+        store.submit(batch);
+        assert!(rx.recv().expect("outcome"), "commit");
+    }
+
+    fn check(store: &FileStore, task_id: &str, description: &str) {
+        let t = store.get_task(task_id).expect("read").expect(task_id);
+        assert_eq!(
+            (
+                t.description.as_str(),
+                t.state,
+                t.priority,
+                t.metadata.get("team")
+            ),
+            (
+                description,
+                TaskState::Queued,
+                crate::model::Priority::High,
+                Some(&serde_json::json!("a"))
+            ),
+            "{task_id}"
+        );
+    }
+
+    /// A log record an earlier version wrote (its entry has a JSON head)
+    /// and whose copy never applied it (the hub stopped first) is applied
+    /// on the next start, and the log goes on after it.
+    #[test]
+    fn a_record_with_a_json_head_from_an_earlier_version_is_applied_on_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = FileStore::open(dir.path(), None).expect("open");
+        commit(&store, created(1, "t-1", "written by this version"));
+        store.close();
+        drop(store);
+
+        let (_, path) = segment::list(&log_dir(dir.path()))
+            .expect("list")
+            .last()
+            .cloned()
+            .expect("a segment");
+        let scan = segment::scan(&path).expect("scan");
+        assert_eq!(scan.last_index, 1);
+        let old = entry::encode_json(&[created(2, "t-2", "written before")]);
+        assert_eq!(old[4], b'{', "a JSON head");
+        let record = segment::encode_record(2, 2, &old);
+        let f = open_rw(&path).expect("open the segment");
+        f.write_all_at(&record, scan.end).expect("append");
+        f.sync_all().expect("sync");
+        drop(f);
+
+        let store = FileStore::open(dir.path(), None).expect("reopen");
+        assert_eq!(store.durable_seq(), 2);
+        check(&store, "t-1", "written by this version");
+        check(&store, "t-2", "written before");
+        commit(&store, created(3, "t-3", "after the old record"));
+        store.close();
+        drop(store);
+
+        let store = FileStore::open(dir.path(), None).expect("reopen again");
+        for (id, d) in [
+            ("t-1", "written by this version"),
+            ("t-2", "written before"),
+            ("t-3", "after the old record"),
+        ] {
+            check(&store, id, d);
+        }
+        assert_eq!(store.event_count(), 3);
+        store.close();
+    }
+}
