@@ -117,6 +117,15 @@ impl Changes {
         self.batch.position
     }
 
+    /// The ids of the tasks the commit creates.
+    pub fn new_task_ids(&self) -> impl Iterator<Item = &str> {
+        self.batch
+            .tasks
+            .iter()
+            .filter(|w| w.expected_last_seq.is_none())
+            .map(|w| w.task.task_id.as_str())
+    }
+
     /// The events the commit adds, in order.
     pub fn events(&self) -> &[Arc<EncodedEvent>] {
         &self.batch.events

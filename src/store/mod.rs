@@ -33,6 +33,7 @@ pub mod copy;
 pub mod entry;
 pub mod faults;
 pub mod file;
+pub mod ids;
 pub mod row;
 pub mod sqlite;
 

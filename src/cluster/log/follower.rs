@@ -320,6 +320,9 @@ async fn apply(shared: &Arc<Shared>, entries: Vec<Entry>) -> Result<()> {
         }
         changes.entry(seq, &msg.payload)?;
     }
+    for id in changes.new_task_ids() {
+        shared.ids.insert(id);
+    }
     let Some(last) = changes.position() else {
         return Ok(());
     };

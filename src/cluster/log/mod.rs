@@ -111,6 +111,10 @@ struct Shared {
     /// Fault injection (tests, fault drills): the copy's, and the consumer's
     /// deliveries.
     faults: Option<Arc<crate::store::Faults>>,
+    /// Which task ids the log may hold (a push with a new id is not a read
+    /// of the copy): filled from the copy at the first load, then with
+    /// every id this node submits or applies.
+    ids: crate::store::ids::Ids,
 }
 
 impl Shared {

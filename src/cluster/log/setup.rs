@@ -100,6 +100,7 @@ impl ClusterStore {
             stats: Mutex::new(CommitStats::default()),
             log_id,
             faults,
+            ids: Default::default(),
         });
         follow_tokens(shared.clone()).await?;
         tokio::spawn(follow(shared.clone(), start));

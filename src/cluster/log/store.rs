@@ -66,13 +66,28 @@ impl ClusterStore {
 
 impl Store for ClusterStore {
     fn submit(&self, batch: Batch) {
+        for w in &batch.tasks {
+            if w.expected_last_seq.is_none() {
+                self.shared.ids.insert(&w.task.task_id);
+            }
+        }
         if let Err(mpsc::error::SendError(batch)) = self.tx.send(batch) {
             batch.complete(&Err(Error::ShuttingDown));
         }
     }
 
     fn load(&self) -> Result<Loaded> {
-        self.shared.copy.store().load()
+        let loaded = self.shared.copy.store().load()?;
+        // Ids applied or submitted from here on go in as they come.
+        self.shared.ids.fill_from(
+            loaded.state_counts.iter().sum(),
+            self.shared.copy.store().clone(),
+        );
+        Ok(loaded)
+    }
+
+    fn may_hold_task(&self, task_id: &str) -> bool {
+        self.shared.ids.may_contain(task_id)
     }
 
     fn get_task(&self, task_id: &str) -> Result<Option<Task>> {

@@ -29,7 +29,6 @@
 //! start with the segment and offset; `agenthub check` names it too.
 
 mod applier;
-pub mod filter;
 pub mod offline;
 mod overlay;
 pub mod segment;
@@ -74,8 +73,8 @@ pub(super) struct Shared {
     pub(super) faults: Option<Arc<Faults>>,
     pub(super) log_id: String,
     pub(super) dir: PathBuf,
-    /// Task ids that may be stored (see [`filter`]).
-    pub(super) ids: filter::Ids,
+    /// Task ids that may be stored (see [`crate::store::ids`]).
+    pub(super) ids: crate::store::ids::Ids,
 }
 
 pub(super) struct State {
@@ -232,7 +231,7 @@ impl FileStore {
             faults,
             log_id,
             dir: ldir.clone(),
-            ids: filter::Ids::default(),
+            ids: Default::default(),
         });
         let (log, log_thread) = Log::start(writer, shared.clone())?;
         let mut threads = vec![log_thread];
@@ -308,21 +307,6 @@ impl FileStore {
         };
         st.readers -= 1;
         out
-    }
-
-    /// Load every stored task id into the id filter (sized for `stored`),
-    /// off the caller's thread; once, at the first load.
-    fn fill_filter(&self, stored: u64) {
-        let Some(filter) = self.shared.ids.install(stored) else {
-            return;
-        };
-        let copy = self.copy.clone();
-        let _ = std::thread::Builder::new()
-            .name("agenthub-ids".into())
-            .spawn(move || match copy.for_each_task_id(|id| filter.insert(id)) {
-                Ok(()) => filter.set_ready(),
-                Err(e) => tracing::warn!(error = %e, "could not read the stored task ids; every unknown id is looked up"),
-            });
     }
 
     /// Bytes of the log's segments.
@@ -404,7 +388,9 @@ impl Store for FileStore {
         };
         // The copy holds every record durable now: ids created from here
         // on go into the filter as they are submitted.
-        self.fill_filter(loaded.state_counts.iter().sum());
+        self.shared
+            .ids
+            .fill_from(loaded.state_counts.iter().sum(), self.copy.clone());
         loaded.last_seq = loaded
             .last_seq
             .max(self.shared.durable_seq.load(Ordering::Acquire));

@@ -218,6 +218,41 @@ async fn a_repush_of_a_long_finished_id_through_a_follower_answers_created_false
     assert_eq!(c.health(leader).await["status"], "ok");
 }
 
+/// A re-push after the leader that stored the first push is gone: the new
+/// leader never took that push itself, yet its id filter holds the id (it
+/// applied it from the log), so the store decides the id exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repush_after_a_failover_finds_the_id_the_old_leader_stored() {
+    let mut c = HubCluster::start(3, &["--finished-cache", "4"]).await;
+    let first = c.leader().await;
+    let mut pusher = c.client(first).await;
+    let req = |i: usize| pb::PushTaskRequest {
+        task_id: format!("kept-{i}"),
+        description: format!("kept {i}"),
+        needed_capabilities: vec!["nobody-has-this".into()],
+        ..Default::default()
+    };
+    for i in 0..20 {
+        let id = pusher.push(req(i)).await.task_id;
+        pusher
+            .cancel_task(pb::CancelTaskRequest { task_id: id })
+            .await
+            .unwrap();
+    }
+    c.kill(first);
+    let second = c.leader().await;
+    assert_ne!(second, first);
+    let mut next = c.client(second).await;
+    let again = next.push(req(0)).await;
+    assert!(!again.created);
+    assert_eq!(again.state, pb::task::State::Cancelled as i32);
+    let mut other = req(1);
+    other.description = "not the same".into();
+    let err = next.push_task(other).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+    assert!(next.push(req(100)).await.created);
+}
+
 /// A busy sidecar relayed through a follower answers each of many
 /// assignments with `task_accepted` and `task_complete` at once, without
 /// waiting for acks: the leader takes the burst and acks every report.

@@ -1,4 +1,4 @@
-//! Which task ids may be stored: a Bloom filter, so that a `PushTask` with
+//! Which task ids may be stored (both modes' stores keep one): a Bloom filter, so that a `PushTask` with
 //! a new caller-chosen id (the common case) is not a store read. "No" is
 //! certain and "maybe" is looked up: the store decides, the filter only
 //! saves reads.
@@ -101,9 +101,25 @@ impl Ids {
         f.is_none_or(|f| f.may_contain(id))
     }
 
+    /// Size the filter for `stored` ids and load every task id `copy`
+    /// holds into it, off the caller's thread (ids inserted meanwhile go in
+    /// as they come; until it is done every id is a "maybe"). Once: later
+    /// calls do nothing.
+    pub fn fill_from(&self, stored: u64, copy: Arc<crate::store::sqlite::SqliteStore>) {
+        let Some(filter) = self.install(stored) else {
+            return;
+        };
+        let _ = std::thread::Builder::new()
+            .name("agenthub-ids".into())
+            .spawn(move || match copy.for_each_task_id(|id| filter.insert(id)) {
+                Ok(()) => filter.set_ready(),
+                Err(e) => tracing::warn!(error = %e, "could not read the stored task ids; every unknown id is looked up"),
+            });
+    }
+
     /// Size the filter for `stored` ids, once: the filter to fill, or
     /// `None` if it already was.
-    pub fn install(&self, stored: u64) -> Option<Arc<IdFilter>> {
+    fn install(&self, stored: u64) -> Option<Arc<IdFilter>> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if inner.0.is_some() {
             return None;
