@@ -117,13 +117,9 @@ impl Changes {
         self.batch.position
     }
 
-    /// The ids of the tasks the commit creates.
-    pub fn new_task_ids(&self) -> impl Iterator<Item = &str> {
-        self.batch
-            .tasks
-            .iter()
-            .filter(|w| w.expected_last_seq.is_none())
-            .map(|w| w.task.task_id.as_str())
+    /// The task rows the commit writes, in order.
+    pub fn tasks(&self) -> &[TaskWrite] {
+        &self.batch.tasks
     }
 
     /// The events the commit adds, in order.

@@ -91,6 +91,13 @@ impl Ids {
         }
     }
 
+    /// Insert the ids of the tasks `writes` create.
+    pub fn insert_created(&self, writes: &[crate::store::TaskWrite]) {
+        for w in writes.iter().filter(|w| w.expected_last_seq.is_none()) {
+            self.insert(&w.task.task_id);
+        }
+    }
+
     pub fn may_contain(&self, id: &str) -> bool {
         let f = self
             .inner

@@ -320,9 +320,7 @@ async fn apply(shared: &Arc<Shared>, entries: Vec<Entry>) -> Result<()> {
         }
         changes.entry(seq, &msg.payload)?;
     }
-    for id in changes.new_task_ids() {
-        shared.ids.insert(id);
-    }
+    shared.ids.insert_created(changes.tasks());
     let Some(last) = changes.position() else {
         return Ok(());
     };

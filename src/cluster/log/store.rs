@@ -66,11 +66,7 @@ impl ClusterStore {
 
 impl Store for ClusterStore {
     fn submit(&self, batch: Batch) {
-        for w in &batch.tasks {
-            if w.expected_last_seq.is_none() {
-                self.shared.ids.insert(&w.task.task_id);
-            }
-        }
+        self.shared.ids.insert_created(&batch.tasks);
         if let Err(mpsc::error::SendError(batch)) = self.tx.send(batch) {
             batch.complete(&Err(Error::ShuttingDown));
         }

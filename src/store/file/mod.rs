@@ -371,11 +371,7 @@ pub(super) fn open_rw(path: &Path) -> Result<File> {
 
 impl Store for FileStore {
     fn submit(&self, batch: Batch) {
-        for w in &batch.tasks {
-            if w.expected_last_seq.is_none() {
-                self.shared.ids.insert(&w.task.task_id);
-            }
-        }
+        self.shared.ids.insert_created(&batch.tasks);
         self.log.submit(batch);
     }
 
